@@ -1,0 +1,303 @@
+/*
+ * protocol.h - what walletd and walletctl share: the method table, the error
+ * codes, the limits and the amount helpers.
+ *
+ * The wire protocol is MessagePack-RPC over a SOCK_STREAM Unix socket:
+ *   request      [0, msgid, method, params]   params = [map] or []
+ *   response     [1, msgid, error, result]    exactly one of error/result nil
+ *   notification [2, method, params]          never answered
+ * An error is a map {code: str, message: str, ...details}; the details each
+ * code carries are listed beside it below.
+ */
+#ifndef WALLETD_PROTOCOL_H
+#define WALLETD_PROTOCOL_H
+
+#include <stddef.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <string.h>
+
+#define WALLETD_VERSION "0.1.0"
+#define WALLETD_API 1
+
+/* Limits.  Those marked (config) are defaults that walletd.conf can change. */
+#define MAX_FRAME_DEFAULT   (16u << 20) /* (config) max_frame, bytes */
+#define WALLET_ID_MAX       64          /* 1-64 of A-Za-z0-9._:- */
+#define REF_MAX             128         /* charge / top-up reference */
+#define TEXT_MAX            4096        /* reason, description, actor: bytes */
+#define HISTORY_LIMIT_MAX   1000
+#define RATE_LIST_LIMIT_MAX 10000
+#define BATCH_ITEMS_MAX     1000        /* (config) charge_batch_max */
+#define EMAILS_MAX          8           /* alert_emails per wallet */
+
+/* Roles, as bits.  admin may call everything. */
+#define ROLE_ADMIN    1u
+#define ROLE_CLIENT   2u
+#define ROLE_PAYMENTS 4u
+#define R_A   ROLE_ADMIN
+#define R_AC  (ROLE_ADMIN | ROLE_CLIENT)
+#define R_AP  (ROLE_ADMIN | ROLE_PAYMENTS)
+#define R_ALL (ROLE_ADMIN | ROLE_CLIENT | ROLE_PAYMENTS)
+
+/* Method flags. */
+#define MF_WRITE 1u /* changes the store: runs in the group-commit writer */
+#define MF_SLOW  2u /* long read: runs on a helper thread, off the event loop */
+
+/*
+ * The method table: one row per method.  walletd dispatches and checks roles
+ * from it, walletctl parses arguments and prints help from it, stats counts by
+ * it.  Columns: enum id, wire name, roles, flags, params, summary.
+ *
+ * params, for walletctl: space-separated `name[:type]`; a leading `?` marks
+ * an optional one.  Required params may be given in order as positional
+ * arguments; any param may be given as `--name value` (`-` for `_`; a list
+ * also repeated in the singular, `--alert-email a --alert-email b`).
+ * Types: s string (default), a amount, n amount or `none` (nil), i integer,
+ * l list of strings, c CSV file of rows, f file of numbers (`-` = stdin),
+ * F output file passed as a descriptor (SCM_RIGHTS), not a map entry.
+ */
+#define WALLETD_METHODS(X) \
+X(M_PING, "ping", R_ALL, 0, "", \
+  "Check that walletd answers; returns its version and API level.") \
+X(M_WALLET_CREATE, "wallet.create", R_A, MF_WRITE, \
+  "wallet currency ?plan ?threshold:a ?alert_emails:l", \
+  "Create a wallet with a zero balance in one currency.") \
+X(M_WALLET_GET, "wallet.get", R_AC, 0, "wallet", \
+  "Show a wallet: balance, plan, threshold, alert e-mails, status.") \
+X(M_BALANCE, "balance", R_AC, 0, "wallet", \
+  "Show a wallet's balance and currency.") \
+X(M_WALLET_UPDATE, "wallet.update", R_A, MF_WRITE, \
+  "wallet ?plan ?threshold:n ?alert_emails:l ?status", \
+  "Change a wallet's plan, threshold (none = off), alert e-mails or status (active|frozen).") \
+X(M_WALLET_LIST, "wallet.list", R_A, 0, "?page:i ?limit:i", \
+  "List wallets, a page at a time.") \
+X(M_RATE_SET, "rate.set", R_A, MF_WRITE, \
+  "plan channel prefix price:a currency ?route", \
+  "Set the price of a message on a channel to a number prefix (and route).") \
+X(M_RATE_DELETE, "rate.delete", R_A, MF_WRITE, "plan channel prefix ?route", \
+  "Delete one rate.") \
+X(M_RATE_LIST, "rate.list", R_A, 0, "?plan ?channel ?page:i ?limit:i", \
+  "List rates, a page at a time.") \
+X(M_RATE_LOOKUP, "rate.lookup", R_AC, 0, "channel to ?plan ?wallet ?route", \
+  "Show the rate that would apply to a message (longest prefix, cheapest route).") \
+X(M_RATE_IMPORT, "rate.import", R_A, MF_WRITE, "rows:c ?mode", \
+  "Load a CSV rate card (plan,channel,prefix,route,price,currency) in one commit; mode replace|upsert.") \
+X(M_FX_SET, "fx.set", R_A, MF_WRITE, "base quote rate", \
+  "Set an exchange rate: 1 base = rate quote.") \
+X(M_FX_LIST, "fx.list", R_A, 0, "", "List exchange rates.") \
+X(M_CHARGE, "charge", R_AC, MF_WRITE, \
+  "wallet channel to ref ?route ?segments:i ?text ?description", \
+  "Charge one message; idempotent on ref.") \
+X(M_CHARGE_BATCH, "charge.batch", R_AC, MF_WRITE, "items:c", \
+  "Charge many messages in one commit; each item succeeds or fails alone.") \
+X(M_PRECHECK, "precheck", R_AC, 0, \
+  "wallet channel recipients:f ?segments:i ?text", \
+  "Price a campaign and say whether the balance covers it; changes nothing.") \
+X(M_QUOTE, "quote", R_AC, 0, "channel to amount:a ?wallet ?plan ?currency", \
+  "How many messages an amount buys.") \
+X(M_TOPUP_CREATE, "topup.create", R_AC, MF_WRITE, "wallet amount:a", \
+  "Start a top-up: a reference and a checkout URL.") \
+X(M_TOPUP_CONFIRM, "topup.confirm", R_AP, MF_WRITE, \
+  "ref amount:a provider provider_ref ?currency", \
+  "Record a gateway's payment: credits the wallet once.") \
+X(M_TOPUP_CANCEL, "topup.cancel", R_AP, MF_WRITE, "ref", \
+  "Cancel a pending top-up.") \
+X(M_TOPUP_GET, "topup.get", R_ALL, 0, "ref", "Show a top-up.") \
+X(M_TOPUP_LIST, "topup.list", R_A, 0, "wallet ?status", \
+  "List a wallet's top-ups.") \
+X(M_CREDIT, "credit", R_A, MF_WRITE, "wallet amount:a reason ?actor", \
+  "Add money by hand (manual_credit).") \
+X(M_DEBIT, "debit", R_A, MF_WRITE, "wallet amount:a reason ?actor", \
+  "Take money by hand (manual_debit); never below zero.") \
+X(M_REFUND, "refund", R_AC, MF_WRITE, \
+  "wallet ?txn:i ?ref ?reason ?actor", \
+  "Refund a charge (by txn id or ref), exactly once.") \
+X(M_HISTORY, "history", R_AC, 0, \
+  "wallet ?page:i ?before_id:i ?limit:i ?type:l ?since ?until", \
+  "A wallet's transactions, newest first.") \
+X(M_NOTIFICATIONS, "notifications", R_AC, 0, "wallet", \
+  "A wallet's low-balance notifications and their e-mail state.") \
+X(M_VERIFY, "verify", R_A, MF_SLOW, "", \
+  "Check that every balance equals the sum of its transactions.") \
+X(M_BACKUP, "backup", R_A, MF_SLOW, "file:F", \
+  "Write a consistent, compacted copy of the store into FILE.") \
+X(M_STATS, "stats", R_A, 0, "", \
+  "Counters: requests, errors, commits, batch sizes, latency, store size.")
+
+enum method_id {
+#define X(id, name, roles, flags, params, summary) id,
+	WALLETD_METHODS(X)
+#undef X
+	M__COUNT
+};
+
+struct method_info {
+	const char *name;
+	unsigned roles;
+	unsigned flags;
+	const char *params;
+	const char *summary;
+};
+
+static const struct method_info method_table[M__COUNT] = {
+#define X(id, name, roles, flags, params, summary) \
+	[id] = { name, roles, flags, params, summary },
+	WALLETD_METHODS(X)
+#undef X
+};
+
+/* Returns the method called name (len bytes), or -1. */
+static inline int
+method_find(const char *name, size_t len)
+{
+	for (int i = 0; i < M__COUNT; i++)
+		if (strlen(method_table[i].name) == len &&
+		    memcmp(method_table[i].name, name, len) == 0)
+			return i;
+	return -1;
+}
+
+/*
+ * Error codes.  Values are explicit and append-only: never renumber, never
+ * reuse.  Each carries code and message, plus the details named here.
+ */
+#define WALLETD_ERRORS(X) \
+X(E_MALFORMED_REQUEST,    1, "malformed_request")    /* frame undecodable; connection closed */ \
+X(E_FRAME_TOO_LARGE,      2, "frame_too_large")      /* over max_frame; connection closed */ \
+X(E_UNKNOWN_METHOD,       3, "unknown_method")       \
+X(E_INVALID_ARGUMENT,     4, "invalid_argument")     /* field: the param at fault */ \
+X(E_PERMISSION_DENIED,    5, "permission_denied")    \
+X(E_UNKNOWN_WALLET,       6, "unknown_wallet")       \
+X(E_WALLET_EXISTS,        7, "wallet_exists")        \
+X(E_WALLET_FROZEN,        8, "wallet_frozen")        \
+X(E_INSUFFICIENT_BALANCE, 9, "insufficient_balance") /* required, available, currency */ \
+X(E_NO_RATE,             10, "no_rate")              \
+X(E_NO_FX_RATE,          11, "no_fx_rate")           \
+X(E_IDEMPOTENCY_CONFLICT,12, "idempotency_conflict") /* txn: the original id */ \
+X(E_ALREADY_REFUNDED,    13, "already_refunded")     /* refund: the first refund */ \
+X(E_NOT_REFUNDABLE,      14, "not_refundable")       \
+X(E_UNKNOWN_TXN,         15, "unknown_txn")          \
+X(E_UNKNOWN_TOPUP,       16, "unknown_topup")        \
+X(E_STORAGE_FULL,        17, "storage_full")         \
+X(E_TOO_MANY_CONNECTIONS,18, "too_many_connections") \
+X(E_BUSY,                19, "busy")                 /* a limit reached; retry later */ \
+X(E_INTERNAL,            20, "internal")             /* a bug in walletd; logged loudly */
+
+enum error_code {
+	E_OK = 0,
+#define X(id, value, name) id = value,
+	WALLETD_ERRORS(X)
+#undef X
+	E__COUNT
+};
+
+static const char *const error_names[E__COUNT] = {
+	[E_OK] = "ok",
+#define X(id, value, name) [id] = name,
+	WALLETD_ERRORS(X)
+#undef X
+};
+
+/* Returns the wire name of code, or "internal" for a value out of range. */
+static inline const char *
+error_name(int code)
+{
+	if (code < 0 || code >= E__COUNT || error_names[code] == NULL)
+		return "internal";
+	return error_names[code];
+}
+
+/* Returns the code called name, or -1. */
+static inline int
+error_find(const char *name, size_t len)
+{
+	for (int i = 1; i < E__COUNT; i++)
+		if (strlen(error_names[i]) == len &&
+		    memcmp(error_names[i], name, len) == 0)
+			return i;
+	return -1;
+}
+
+/* walletctl's exit codes. */
+#define EXIT_OK           0 /* success */
+#define EXIT_ERROR        1 /* walletd answered with an error */
+#define EXIT_USAGE        2 /* bad command line */
+#define EXIT_CONNECT      3 /* cannot reach walletd */
+#define EXIT_INSUFFICIENT 4 /* the answer was insufficient_balance */
+
+/*
+ * Money.  Amounts inside are int64 micro-units (6 decimal places).  On the
+ * wire they are decimal strings: -?[0-9]+(\.[0-9]{1,6})?
+ */
+#define MICRO 1000000LL
+
+/*
+ * Parses the n bytes at s as an amount.  Returns 0 and sets *out, or -1 for
+ * anything outside the grammar (floats, exponents, spaces, 7+ decimals) or
+ * beyond int64.
+ */
+static inline int
+amount_parse(const char *s, size_t n, int64_t *out)
+{
+	size_t i = 0, digits = 0, decimals = 0;
+	int64_t whole = 0, frac = 0;
+	int neg = 0;
+
+	if (i < n && s[i] == '-') {
+		neg = 1;
+		i++;
+	}
+	for (; i < n && s[i] >= '0' && s[i] <= '9'; i++, digits++)
+		if (__builtin_mul_overflow(whole, 10, &whole) ||
+		    __builtin_add_overflow(whole, s[i] - '0', &whole))
+			return -1;
+	if (digits == 0)
+		return -1;
+	if (i < n && s[i] == '.') {
+		for (i++; i < n && s[i] >= '0' && s[i] <= '9'; i++) {
+			if (++decimals > 6)
+				return -1;
+			frac = frac * 10 + (s[i] - '0');
+		}
+		if (decimals == 0)
+			return -1;
+	}
+	if (i != n)
+		return -1;
+	for (; decimals < 6; decimals++)
+		frac *= 10;
+	if (__builtin_mul_overflow(whole, MICRO, &whole) ||
+	    __builtin_add_overflow(whole, frac, &whole))
+		return -1;
+	*out = neg ? -whole : whole;
+	return 0;
+}
+
+/*
+ * Formats v into buf (at least 32 bytes) as the shortest exact decimal, with
+ * at least min_decimals decimals (0 on the wire, 2 for people).  Returns buf.
+ */
+static inline char *
+amount_format(int64_t v, char *buf, int min_decimals)
+{
+	uint64_t mag = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+	char frac[8];
+	int keep = 6;
+	char *p = buf;
+
+	if (v < 0)
+		*p++ = '-';
+	p += snprintf(p, 24, "%llu", (unsigned long long)(mag / MICRO));
+	snprintf(frac, sizeof(frac), "%06llu", (unsigned long long)(mag % MICRO));
+	while (keep > min_decimals && frac[keep - 1] == '0')
+		keep--;
+	if (keep > 0) {
+		*p++ = '.';
+		memcpy(p, frac, (size_t)keep);
+		p += keep;
+	}
+	*p = '\0';
+	return buf;
+}
+
+#endif /* WALLETD_PROTOCOL_H */

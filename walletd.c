@@ -1,0 +1,5222 @@
+/*
+ * walletd - prepaid wallets for SMS and WhatsApp messaging platforms.
+ *
+ * One process: an epoll event loop on a Unix socket speaking MessagePack-RPC
+ * (protocol.h), a writer thread that runs every mutating request ready in
+ * one turn of the loop in one LMDB write transaction - each request in its
+ * own nested transaction, so a failing one leaves no trace - and answers them
+ * after one durable commit (group commit), and an alert thread that e-mails
+ * low-balance notifications over SMTP.
+ *
+ * Sections, in the order data flows:
+ *   1. config and logging
+ *   2. utilities: money, text, time
+ *   3. store
+ *   4. methods
+ *   5. protocol and connections
+ *   6. event loop, writer and helper threads
+ *   7. alert thread
+ *   8. main
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/file.h>
+#include <sys/random.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <lmdb.h>
+#include <msgpack.h>
+
+#include "protocol.h"
+
+/* ====================================================================== */
+/* 1. Config and logging                                                  */
+/* ====================================================================== */
+
+#define ID_LIST_MAX 32
+
+struct config {
+	char store[PATH_MAX];
+	char socket[PATH_MAX];
+	char socket_group[64];
+	unsigned max_connections;
+	size_t max_frame;
+	size_t max_output;
+	unsigned idle_timeout;
+	unsigned batch_max;
+	size_t batch_bytes;
+	unsigned charge_batch_max;
+	size_t map_size;
+	size_t map_size_max;
+	char admin_users[256], admin_groups[256];
+	char client_users[256], client_groups[256];
+	char payments_users[256], payments_groups[256];
+	char topup_url[512];
+	unsigned topup_ttl;
+	char smtp_url[256];
+	char smtp_user[128];
+	char smtp_password_file[PATH_MAX];
+	char smtp_from[256];
+	unsigned smtp_timeout;
+	unsigned alert_interval;
+	unsigned alert_max_attempts;
+	unsigned alert_remind;
+	unsigned log_level;
+};
+
+enum { CF_STR, CF_UINT, CF_SIZE };
+
+struct config_key {
+	const char *name;
+	int type;
+	size_t offset;
+	size_t size;
+	int reloadable;
+	const char *help;
+};
+
+#define CK(name, type, reload, help) \
+	{ #name, type, offsetof(struct config, name), \
+	  sizeof(((struct config *)0)->name), reload, help }
+
+/* Every key of walletd.conf; walletd -h prints this table. */
+static const struct config_key config_keys[] = {
+	CK(store, CF_STR, 0, "store directory (LMDB environment)"),
+	CK(socket, CF_STR, 0, "Unix socket path"),
+	CK(socket_group, CF_STR, 0, "group owning the socket (mode 0660)"),
+	CK(max_connections, CF_UINT, 1, "connections at once; beyond: too_many_connections"),
+	CK(max_frame, CF_SIZE, 1, "largest request frame, bytes"),
+	CK(max_output, CF_SIZE, 1, "unread answers a client may leave, bytes; beyond: cut off"),
+	CK(idle_timeout, CF_UINT, 1, "seconds before an idle connection is closed (0 = never)"),
+	CK(batch_max, CF_UINT, 1, "most requests in one commit"),
+	CK(batch_bytes, CF_SIZE, 1, "most request bytes in one commit"),
+	CK(charge_batch_max, CF_UINT, 1, "most items in one charge.batch"),
+	CK(map_size, CF_SIZE, 0, "initial LMDB map size, bytes"),
+	CK(map_size_max, CF_SIZE, 1, "the map grows up to this; beyond: storage_full"),
+	CK(admin_users, CF_STR, 1, "users (names or uids) with the admin role"),
+	CK(admin_groups, CF_STR, 1, "groups (names or gids) with the admin role"),
+	CK(client_users, CF_STR, 1, "users with the client role"),
+	CK(client_groups, CF_STR, 1, "groups with the client role"),
+	CK(payments_users, CF_STR, 1, "users with the payments role"),
+	CK(payments_groups, CF_STR, 1, "groups with the payments role"),
+	CK(topup_url, CF_STR, 1, "checkout URL template: {ref} {amount} {currency} {wallet}"),
+	CK(topup_ttl, CF_UINT, 1, "seconds before a pending top-up expires"),
+	CK(smtp_url, CF_STR, 1, "smtp://host:port (STARTTLS if offered) or smtps://host:port; empty = no e-mail"),
+	CK(smtp_user, CF_STR, 1, "SMTP user name"),
+	CK(smtp_password_file, CF_STR, 1, "file holding the SMTP password"),
+	CK(smtp_from, CF_STR, 1, "From address of alert e-mails"),
+	CK(smtp_timeout, CF_UINT, 1, "seconds an SMTP delivery may take"),
+	CK(alert_interval, CF_UINT, 1, "seconds between alert runs"),
+	CK(alert_max_attempts, CF_UINT, 1, "delivery attempts before a notification is failed"),
+	CK(alert_remind, CF_UINT, 1, "seconds between reminders while below threshold (0 = off)"),
+	CK(log_level, CF_UINT, 1, "0 errors, 1 warnings, 2 info, 3 debug"),
+};
+
+static void
+config_defaults(struct config *cf)
+{
+	memset(cf, 0, sizeof(*cf));
+	strcpy(cf->store, "/var/lib/walletd");
+	strcpy(cf->socket, "/run/walletd/walletd.sock");
+	cf->max_connections = 10240;
+	cf->max_frame = MAX_FRAME_DEFAULT;
+	cf->max_output = 64u << 20;
+	cf->idle_timeout = 3600;
+	cf->batch_max = 4096;
+	cf->batch_bytes = 32u << 20;
+	cf->charge_batch_max = BATCH_ITEMS_MAX;
+	cf->map_size = 64u << 20;
+	cf->map_size_max = (size_t)1 << 40;
+	strcpy(cf->topup_url, "https://pay.example.com/checkout?ref={ref}&amount={amount}&currency={currency}");
+	cf->topup_ttl = 86400;
+	strcpy(cf->smtp_from, "walletd@localhost");
+	cf->smtp_timeout = 20;
+	cf->alert_interval = 60;
+	cf->alert_max_attempts = 8;
+	cf->log_level = 2;
+}
+
+static struct config config;
+
+enum { L_ERR, L_WARN, L_INFO, L_DEBUG };
+static const char *const level_names[] = { "error", "warning", "info", "debug" };
+
+/* Logs one line to stderr: what walletd found itself. */
+static void __attribute__((format(printf, 2, 3)))
+log_x(int level, const char *fmt, ...)
+{
+	char line[1024];
+	va_list ap;
+
+	if ((unsigned)level > config.log_level)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "walletd: %s: %s\n", level_names[level], line);
+}
+
+/* Logs one error line to stderr with strerror(errno) appended. */
+static void __attribute__((format(printf, 1, 2)))
+log_p(const char *fmt, ...)
+{
+	char line[1024];
+	int saved = errno;
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "walletd: error: %s: %s\n", line, strerror(saved));
+	errno = saved;
+}
+
+/* Parses "64M", "1G", "4096" into *out.  Returns 0, or -1. */
+static int
+parse_size(const char *s, size_t *out)
+{
+	char *end;
+	unsigned long long v;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		return -1;
+	switch (*end) {
+	case 'k': case 'K': v <<= 10; end++; break;
+	case 'm': case 'M': v <<= 20; end++; break;
+	case 'g': case 'G': v <<= 30; end++; break;
+	case 't': case 'T': v <<= 40; end++; break;
+	}
+	if (*end != '\0')
+		return -1;
+	*out = (size_t)v;
+	return 0;
+}
+
+/* Sets one key of cf from text.  Returns 0, or -1 with a message logged. */
+static int
+config_set(struct config *cf, const char *key, const char *value)
+{
+	for (size_t i = 0; i < sizeof(config_keys) / sizeof(config_keys[0]); i++) {
+		const struct config_key *k = &config_keys[i];
+		char *field = (char *)cf + k->offset;
+		size_t size;
+
+		if (strcmp(k->name, key) != 0)
+			continue;
+		switch (k->type) {
+		case CF_STR:
+			if (strlen(value) >= k->size)
+				goto bad;
+			strcpy(field, value);
+			return 0;
+		case CF_UINT:
+			if (parse_size(value, &size) != 0 || size > UINT_MAX)
+				goto bad;
+			*(unsigned *)field = (unsigned)size;
+			return 0;
+		case CF_SIZE:
+			if (parse_size(value, &size) != 0)
+				goto bad;
+			*(size_t *)field = size;
+			return 0;
+		}
+	}
+	log_x(L_ERR, "unknown config key '%s'", key);
+	return -1;
+bad:
+	log_x(L_ERR, "bad value for config key '%s': '%s'", key, value);
+	return -1;
+}
+
+/* Reads a key = value file into cf.  Returns 0, or -1 with a message logged. */
+static int
+config_load(struct config *cf, const char *path)
+{
+	char line[1024];
+	int lineno = 0, rc = 0;
+	FILE *f = fopen(path, "r");
+
+	if (f == NULL) {
+		log_p("cannot open config %s", path);
+		return -1;
+	}
+	while (fgets(line, sizeof(line), f) != NULL) {
+		char *key = line, *eq, *value, *end;
+
+		lineno++;
+		while (isspace((unsigned char)*key))
+			key++;
+		if (*key == '#' || *key == '\0')
+			continue;
+		if ((eq = strchr(key, '=')) == NULL) {
+			log_x(L_ERR, "%s:%d: expected key = value", path, lineno);
+			rc = -1;
+			continue;
+		}
+		value = eq + 1;
+		for (end = eq; end > key && isspace((unsigned char)end[-1]); end--)
+			;
+		*end = '\0';
+		while (isspace((unsigned char)*value))
+			value++;
+		for (end = value + strlen(value); end > value && isspace((unsigned char)end[-1]); end--)
+			;
+		*end = '\0';
+		if (config_set(cf, key, value) != 0)
+			rc = -1;
+	}
+	fclose(f);
+	return rc;
+}
+
+/* ====================================================================== */
+/* 2. Utilities: money, text, time                                        */
+/* ====================================================================== */
+
+typedef __int128 i128;
+#define FX_SCALE 1000000000000LL /* FX rates: 12 decimal places */
+
+/* A byte string that is not NUL-terminated: msgpack hands them out. */
+struct str {
+	const char *p;
+	size_t n;
+};
+
+/*
+ * Divides n by d (d > 0), rounding half away from zero.  Returns 0 and sets
+ * *out, or -1 if the quotient leaves int64.
+ */
+static int
+div_round(i128 n, i128 d, int64_t *out)
+{
+	i128 q = n / d, r = n % d;
+
+	if (r < 0)
+		r = -r;
+	if (2 * r >= d)
+		q += n < 0 ? -1 : 1;
+	if (q > INT64_MAX || q < INT64_MIN)
+		return -1;
+	*out = (int64_t)q;
+	return 0;
+}
+
+/*
+ * Converts amount (micro-units) with a rate (FX_SCALE units): multiplied when
+ * direct, divided when inverse; rounded once, half away from zero.  Returns
+ * 0, or -1 on overflow.
+ */
+static int
+fx_apply(int64_t amount, i128 rate, int inverse, int64_t *out)
+{
+	i128 n;
+
+	if (rate <= 0)
+		return -1;
+	if (inverse) {
+		if (__builtin_mul_overflow((i128)amount, (i128)FX_SCALE, &n))
+			return -1;
+		return div_round(n, rate, out);
+	}
+	if (__builtin_mul_overflow((i128)amount, rate, &n))
+		return -1;
+	return div_round(n, FX_SCALE, out);
+}
+
+/*
+ * Parses a positive FX rate with up to 12 decimals and at most 15 integer
+ * digits.  Returns 0 and sets *out (FX_SCALE units), or -1.
+ */
+static int
+fx_rate_parse(const char *s, size_t n, i128 *out)
+{
+	size_t i = 0, digits = 0, decimals = 0;
+	i128 v = 0;
+
+	for (; i < n && isdigit((unsigned char)s[i]); i++)
+		if (++digits > 15)
+			return -1;
+		else
+			v = v * 10 + (s[i] - '0');
+	if (digits == 0)
+		return -1;
+	if (i < n && s[i] == '.') {
+		for (i++; i < n && isdigit((unsigned char)s[i]); i++) {
+			if (++decimals > 12)
+				return -1;
+			v = v * 10 + (s[i] - '0');
+		}
+		if (decimals == 0)
+			return -1;
+	}
+	if (i != n)
+		return -1;
+	for (; decimals < 12; decimals++)
+		v *= 10;
+	if (v <= 0)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+/* Formats an FX rate into buf (at least 48 bytes), shortest exact decimal. */
+static char *
+fx_rate_format(i128 v, char *buf)
+{
+	unsigned long long whole = (unsigned long long)(v / FX_SCALE);
+	unsigned long long frac = (unsigned long long)(v % FX_SCALE);
+	int len = snprintf(buf, 48, "%llu.%012llu", whole, frac);
+
+	while (buf[len - 1] == '0')
+		buf[--len] = '\0';
+	if (buf[len - 1] == '.')
+		buf[--len] = '\0';
+	return buf;
+}
+
+/*
+ * Decodes one UTF-8 code point from s[*i..n).  Returns it and advances *i,
+ * or returns -1 for an invalid, overlong or surrogate sequence.
+ */
+static int32_t
+utf8_next(const unsigned char *s, size_t n, size_t *i)
+{
+	unsigned char c = s[*i];
+	int32_t cp;
+	int more;
+
+	if (c < 0x80) {
+		(*i)++;
+		return c;
+	} else if (c >= 0xc2 && c <= 0xdf) {
+		cp = c & 0x1f, more = 1;
+	} else if (c >= 0xe0 && c <= 0xef) {
+		cp = c & 0x0f, more = 2;
+	} else if (c >= 0xf0 && c <= 0xf4) {
+		cp = c & 0x07, more = 3;
+	} else {
+		return -1;
+	}
+	if (*i + (size_t)more >= n)
+		return -1;
+	for (int k = 1; k <= more; k++) {
+		if ((s[*i + k] & 0xc0) != 0x80)
+			return -1;
+		cp = (cp << 6) | (s[*i + k] & 0x3f);
+	}
+	if ((more == 2 && cp < 0x800) || (more == 3 && (cp < 0x10000 || cp > 0x10ffff)) ||
+	    (cp >= 0xd800 && cp <= 0xdfff))
+		return -1;
+	*i += (size_t)more + 1;
+	return cp;
+}
+
+/* GSM 03.38 default alphabet (one septet) and extension table (two). */
+static const char *const gsm_basic =
+	"@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+	"¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
+static const char *const gsm_extension = "\f^{}\\[~]|€";
+
+/* Septets per code point below 0x400, and for the euro sign; built once. */
+static unsigned char gsm_table[0x400];
+
+static void __attribute__((constructor))
+gsm_init(void)
+{
+	const char *sets[2] = { gsm_basic, gsm_extension };
+
+	for (int k = 0; k < 2; k++) {
+		size_t i = 0, n = strlen(sets[k]);
+
+		while (i < n) {
+			int32_t cp = utf8_next((const unsigned char *)sets[k], n, &i);
+
+			if (cp >= 0 && cp < 0x400)
+				gsm_table[cp] = (unsigned char)(k + 1);
+		}
+	}
+}
+
+/* Septets cp takes in GSM 7-bit (1, or 2 in the extension table), or 0. */
+static int
+gsm_septets(int32_t cp)
+{
+	if (cp == 0x20ac) /* the euro sign, in the extension table */
+		return 2;
+	return cp >= 0 && cp < 0x400 ? gsm_table[cp] : 0;
+}
+
+/*
+ * Counts the SMS parts of a UTF-8 text the way handsets do: GSM 7-bit
+ * (160 septets, 153 per part when split) if every character has a septet
+ * code, else UCS-2 (70 units, 67 per part); parts fill greedily and never
+ * split an escape pair or a surrogate pair.  Returns 0 and sets *parts, or -1
+ * for invalid UTF-8.
+ */
+static int
+sms_segments(const char *text, size_t n, uint32_t *parts)
+{
+	const unsigned char *s = (const unsigned char *)text;
+	uint32_t total = 0, used = 0, count = 1;
+	int gsm = 1;
+	size_t i = 0;
+
+	while (i < n) {
+		int32_t cp = utf8_next(s, n, &i);
+
+		if (cp < 0)
+			return -1;
+		if (gsm && gsm_septets(cp) == 0)
+			gsm = 0;
+	}
+	for (int pass = 0; pass < 2; pass++) {
+		uint32_t cap = gsm ? (pass ? 153 : 160) : (pass ? 67 : 70);
+
+		total = used = 0, count = 1;
+		for (i = 0; i < n;) {
+			int32_t cp = utf8_next(s, n, &i);
+			uint32_t w = gsm ? (uint32_t)gsm_septets(cp) : (cp > 0xffff ? 2 : 1);
+
+			total += w;
+			if (used + w > cap)
+				count++, used = w;
+			else
+				used += w;
+		}
+		if (pass == 0 && total <= cap) {
+			*parts = 1;
+			return 0;
+		}
+	}
+	*parts = count;
+	return 0;
+}
+
+/* Returns 1 if s is valid UTF-8. */
+static int
+utf8_valid(const char *text, size_t n)
+{
+	size_t i = 0;
+
+	while (i < n)
+		if (utf8_next((const unsigned char *)text, n, &i) < 0)
+			return 0;
+	return 1;
+}
+
+/* Returns 1 if s is a wallet id: 1-64 of A-Za-z0-9._:- */
+static int
+valid_wallet_id(struct str s)
+{
+	if (s.n == 0 || s.n > WALLET_ID_MAX)
+		return 0;
+	for (size_t i = 0; i < s.n; i++)
+		if (!isalnum((unsigned char)s.p[i]) && !strchr("._:-", s.p[i]))
+			return 0;
+	return 1;
+}
+
+/* Returns 1 if s is 1-64 printable ASCII characters without commas (names). */
+static int
+valid_name(struct str s, size_t max)
+{
+	if (s.n == 0 || s.n > max)
+		return 0;
+	for (size_t i = 0; i < s.n; i++)
+		if (s.p[i] <= ' ' || s.p[i] > '~' || s.p[i] == ',')
+			return 0;
+	return 1;
+}
+
+/* Returns 1 if s is a currency code: 3 upper-case letters. */
+static int
+valid_currency(struct str s)
+{
+	return s.n == 3 && s.p[0] >= 'A' && s.p[0] <= 'Z' && s.p[1] >= 'A' &&
+	    s.p[1] <= 'Z' && s.p[2] >= 'A' && s.p[2] <= 'Z';
+}
+
+/*
+ * Checks an E.164 destination (optional +, 1-15 digits) and copies its digits
+ * into out (16 bytes).  Returns the digit count, or 0 if invalid.
+ */
+static size_t
+e164_digits(struct str s, char *out)
+{
+	size_t i = 0, n = 0;
+
+	if (s.n > 0 && s.p[0] == '+')
+		i = 1;
+	for (; i < s.n; i++) {
+		if (!isdigit((unsigned char)s.p[i]) || n == 15)
+			return 0;
+		out[n++] = s.p[i];
+	}
+	out[n] = '\0';
+	return n;
+}
+
+/* Returns 1 if s looks like an e-mail address: local@domain, no spaces. */
+static int
+valid_email(struct str s)
+{
+	const char *at = memchr(s.p, '@', s.n);
+
+	return valid_name(s, 254) && at != NULL && at != s.p &&
+	    at < s.p + s.n - 1 && memchr(at + 1, '@', (size_t)(s.p + s.n - at - 1)) == NULL;
+}
+
+/* The wall clock, in seconds since the epoch. */
+static int64_t
+now_seconds(void)
+{
+	return (int64_t)time(NULL);
+}
+
+static uint64_t
+now_micros(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* Formats t as RFC 3339 UTC (2026-05-02T12:00:01Z) into buf (>= 32 bytes). */
+static char *
+time_format(int64_t t, char *buf)
+{
+	struct tm tm;
+	time_t tt = (time_t)t;
+
+	gmtime_r(&tt, &tm);
+	strftime(buf, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
+	return buf;
+}
+
+/*
+ * Parses RFC 3339 (2026-05-02T12:00:01Z, fractions ignored, or an offset
+ * +03:00) or a plain date 2026-05-02.  Returns 0 and sets *out, or -1.
+ */
+static int
+time_parse(struct str s, int64_t *out)
+{
+	char buf[40], *p;
+	struct tm tm;
+	long offset = 0;
+
+	if (s.n >= sizeof(buf) || s.n < 10)
+		return -1;
+	memcpy(buf, s.p, s.n);
+	buf[s.n] = '\0';
+	memset(&tm, 0, sizeof(tm));
+	if ((p = strptime(buf, "%Y-%m-%d", &tm)) == NULL)
+		return -1;
+	if (*p == 'T' || *p == 't' || *p == ' ') {
+		if ((p = strptime(p + 1, "%H:%M:%S", &tm)) == NULL)
+			return -1;
+		if (*p == '.')
+			for (p++; isdigit((unsigned char)*p); p++)
+				;
+		if (*p == 'Z' || *p == 'z') {
+			p++;
+		} else if ((*p == '+' || *p == '-') && isdigit((unsigned char)p[1]) &&
+		    isdigit((unsigned char)p[2]) && p[3] == ':' &&
+		    isdigit((unsigned char)p[4]) && isdigit((unsigned char)p[5])) {
+			offset = ((p[1] - '0') * 10 + (p[2] - '0')) * 3600 +
+			    ((p[4] - '0') * 10 + (p[5] - '0')) * 60;
+			if (*p == '+')
+				offset = -offset;
+			p += 6;
+		} else {
+			return -1;
+		}
+	}
+	if (*p != '\0')
+		return -1;
+	*out = (int64_t)timegm(&tm) + offset;
+	return 0;
+}
+
+/* Writes a big-endian u64 into 8 bytes at p. */
+static void
+be64_put(unsigned char *p, uint64_t v)
+{
+	for (int i = 7; i >= 0; i--, v >>= 8)
+		p[i] = (unsigned char)v;
+}
+
+static uint64_t
+be64_get(const unsigned char *p)
+{
+	uint64_t v = 0;
+
+	for (int i = 0; i < 8; i++)
+		v = v << 8 | p[i];
+	return v;
+}
+
+/* ====================================================================== */
+/* 3. Store                                                               */
+/* ====================================================================== */
+
+/*
+ * The LMDB environment holds these databases:
+ *   meta     "wallet_seq" -> u64: the next wallet number; "version" -> u32
+ *   wallets  wallet id -> struct wallet (the emails tail is variable)
+ *   txns     u64 id (MDB_INTEGERKEY) -> the transaction, a msgpack map: the
+ *            append-only log, ids increasing across the store
+ *   hist     BE64 wallet number . BE64 seq -> struct hist: a wallet's
+ *            transactions in order, seq 0..txn_count-1, so any page is a
+ *            direct seek
+ *   refs     BE64 wallet number . ref -> u64 txn id . fingerprint: idempotency
+ *   refunds  u64 charge id -> u64 refund id
+ *   rates    plan \0 channel \0 prefix \0 route -> struct rate_val
+ *   fx       BASEQUOTE (6 bytes) -> struct fx_val
+ *   topups   ref -> struct topup
+ *   notes    BE64 wallet number . BE64 seq -> struct note
+ *   alertq   the keys of notes whose e-mail is still to be sent
+ * Numbers inside values are host-endian: a store lives on one host.
+ */
+#define STORE_VERSION 1
+#define EMAILS_BYTES 1024
+
+#define WF_FROZEN    1u
+#define WF_THRESHOLD 2u
+
+struct wallet {
+	int64_t balance;
+	int64_t threshold;        /* when WF_THRESHOLD */
+	int64_t created_at;
+	uint64_t number;          /* key prefix of its hist, refs, notes */
+	uint64_t txn_count;
+	uint64_t note_count;
+	uint32_t flags;
+	char currency[4];
+	char plan[WALLET_ID_MAX + 1];
+	char emails[EMAILS_BYTES]; /* comma-separated; stored up to its NUL */
+};
+
+struct hist {
+	uint64_t id;
+	int64_t amount;
+	int64_t balance_after;
+	int64_t created_at;
+	uint32_t type;
+	uint32_t pad;
+};
+
+struct rate_val {
+	int64_t price;
+	char currency[4];
+};
+
+struct fx_val {
+	i128 rate;
+	int64_t updated_at;
+};
+
+enum topup_status { TS_PENDING, TS_PAID, TS_CANCELLED, TS_EXPIRED };
+static const char *const topup_status_names[] = { "pending", "paid", "cancelled", "expired" };
+
+struct topup {
+	char ref[32];
+	char wallet[WALLET_ID_MAX + 1];
+	char currency[4];
+	int64_t amount;
+	int64_t created_at;
+	int64_t expires_at;
+	int64_t paid_at;
+	int64_t paid_amount;      /* what the gateway reported, in paid_currency */
+	int64_t credited;         /* what the wallet got, in currency */
+	uint64_t txn_id;
+	uint32_t status;          /* TS_*; TS_EXPIRED is derived on read */
+	uint32_t late;
+	char paid_currency[4];
+	char provider[64];
+	char provider_ref[REF_MAX + 1];
+	char checkout_url[1024];
+};
+
+enum note_state { NS_PENDING, NS_SENT, NS_FAILED, NS_NO_RECIPIENT };
+static const char *const note_state_names[] = { "pending", "sent", "failed", "no_recipient" };
+
+struct note {
+	uint64_t txn_id;
+	int64_t created_at;
+	int64_t balance;
+	int64_t threshold;
+	int64_t next_attempt;
+	int64_t sent_at;
+	uint32_t state;
+	uint32_t attempts;
+	uint32_t reminder;
+	char currency[4];
+	char wallet[WALLET_ID_MAX + 1];
+	char last_error[256];
+	char emails[EMAILS_BYTES];
+};
+
+enum txn_type {
+	T_CREDIT = 1, T_SMS_CHARGE, T_WHATSAPP_CHARGE, T_MANUAL_CREDIT,
+	T_MANUAL_DEBIT, T_REFUND, T__COUNT
+};
+static const char *const txn_type_names[T__COUNT] = {
+	[T_CREDIT] = "credit", [T_SMS_CHARGE] = "sms_charge",
+	[T_WHATSAPP_CHARGE] = "whatsapp_charge", [T_MANUAL_CREDIT] = "manual_credit",
+	[T_MANUAL_DEBIT] = "manual_debit", [T_REFUND] = "refund",
+};
+
+/* A transaction being written; strings borrowed from the request. */
+struct txn {
+	uint64_t id;
+	int type;
+	struct str wallet;
+	int64_t amount;
+	int64_t balance_after;
+	const char *currency;
+	char description[600];
+	int64_t created_at;
+	struct str ref, channel, route, provider, provider_ref;
+	char to[18];
+	uint32_t segments;
+	int64_t price;
+	const char *price_currency; /* NULL: no price fields */
+	uint64_t refund_of;
+	int has_actor;
+	uint32_t actor_uid;
+	struct str actor;
+	int64_t paid_amount;
+	const char *paid_currency;  /* NULL unless a top-up was converted */
+};
+
+static struct store {
+	MDB_env *env;
+	MDB_dbi meta, wallets, txns, hist, refs, refunds, rates, fx, topups, notes, alertq;
+	pthread_rwlock_t maplock; /* readers: txns; writer: resizing the map */
+	size_t map_size;
+	int lock_fd;
+} store;
+
+/* Opens (creating) the store in dir.  Returns 0, or -1 with a message logged. */
+static int
+store_open(const char *dir)
+{
+	struct { MDB_dbi *dbi; const char *name; unsigned flags; } dbs[] = {
+		{ &store.meta, "meta", 0 }, { &store.wallets, "wallets", 0 },
+		{ &store.txns, "txns", MDB_INTEGERKEY }, { &store.hist, "hist", 0 },
+		{ &store.refs, "refs", 0 }, { &store.refunds, "refunds", MDB_INTEGERKEY },
+		{ &store.rates, "rates", 0 }, { &store.fx, "fx", 0 },
+		{ &store.topups, "topups", 0 }, { &store.notes, "notes", 0 },
+		{ &store.alertq, "alertq", 0 },
+	};
+	char path[PATH_MAX + 32];
+	pthread_rwlockattr_t attr;
+	MDB_envinfo info;
+	MDB_txn *txn;
+	struct stat st;
+	int rc;
+
+	if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+		log_p("cannot create store directory %s", dir);
+		return -1;
+	}
+	snprintf(path, sizeof(path), "%s/walletd.lock", dir);
+	if ((store.lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600)) < 0) {
+		log_p("cannot open %s", path);
+		return -1;
+	}
+	if (flock(store.lock_fd, LOCK_EX | LOCK_NB) != 0) {
+		log_x(L_ERR, "store %s is in use by another walletd", dir);
+		return -1;
+	}
+	snprintf(path, sizeof(path), "%s/data.mdb", dir);
+	store.map_size = config.map_size;
+	if (stat(path, &st) == 0 && (size_t)st.st_size > store.map_size)
+		store.map_size = (size_t)st.st_size;
+	if ((rc = mdb_env_create(&store.env)) != 0 ||
+	    (rc = mdb_env_set_maxdbs(store.env, 16)) != 0 ||
+	    (rc = mdb_env_set_maxreaders(store.env, 256)) != 0 ||
+	    (rc = mdb_env_set_mapsize(store.env, store.map_size)) != 0 ||
+	    (rc = mdb_env_open(store.env, dir, MDB_NOTLS, 0600)) != 0) {
+		log_x(L_ERR, "cannot open store %s: %s", dir, mdb_strerror(rc));
+		return -1;
+	}
+	mdb_env_info(store.env, &info);
+	store.map_size = info.me_mapsize;
+	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
+		goto fail;
+	for (size_t i = 0; i < sizeof(dbs) / sizeof(dbs[0]); i++)
+		if ((rc = mdb_dbi_open(txn, dbs[i].name, dbs[i].flags | MDB_CREATE, dbs[i].dbi)) != 0) {
+			mdb_txn_abort(txn);
+			goto fail;
+		}
+	{
+		uint32_t version = STORE_VERSION;
+		MDB_val k = { 7, "version" }, v = { sizeof(version), &version };
+
+		if ((rc = mdb_put(txn, store.meta, &k, &v, 0)) != 0) {
+			mdb_txn_abort(txn);
+			goto fail;
+		}
+	}
+	if ((rc = mdb_txn_commit(txn)) != 0)
+		goto fail;
+	pthread_rwlockattr_init(&attr);
+	pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+	pthread_rwlock_init(&store.maplock, &attr);
+	return 0;
+fail:
+	log_x(L_ERR, "cannot initialise store %s: %s", dir, mdb_strerror(rc));
+	return -1;
+}
+
+/*
+ * Doubles the map, up to map_size_max.  Called by the writer with no write
+ * transaction open; waits for readers to leave.  Returns 0, or -1 if the
+ * map is already at its maximum or cannot grow.
+ */
+static int
+store_grow(void)
+{
+	size_t next = store.map_size * 2;
+	int rc;
+
+	if (next > config.map_size_max)
+		next = config.map_size_max;
+	if (next <= store.map_size)
+		return -1;
+	pthread_rwlock_wrlock(&store.maplock);
+	rc = mdb_env_set_mapsize(store.env, next);
+	pthread_rwlock_unlock(&store.maplock);
+	if (rc != 0) {
+		log_x(L_ERR, "cannot grow the map to %zu bytes: %s", next, mdb_strerror(rc));
+		return -1;
+	}
+	log_x(L_INFO, "map grown from %zu to %zu bytes", store.map_size, next);
+	store.map_size = next;
+	return 0;
+}
+
+/* Reads wallet id into *w.  Returns 0, MDB_NOTFOUND or an LMDB error. */
+static int
+wallet_get(MDB_txn *txn, struct str id, struct wallet *w)
+{
+	MDB_val k = { id.n, (void *)id.p }, v;
+	int rc;
+
+	if (id.n == 0 || (rc = mdb_get(txn, store.wallets, &k, &v)) != 0)
+		return id.n == 0 ? MDB_NOTFOUND : rc;
+	memset(w, 0, sizeof(*w));
+	memcpy(w, v.mv_data, v.mv_size < sizeof(*w) ? v.mv_size : sizeof(*w));
+	w->emails[EMAILS_BYTES - 1] = '\0';
+	return 0;
+}
+
+static int
+wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
+{
+	MDB_val k = { id.n, (void *)id.p };
+	MDB_val v = { offsetof(struct wallet, emails) + strlen(w->emails) + 1, (void *)w };
+
+	return mdb_put(txn, store.wallets, &k, &v, 0);
+}
+
+/* Builds the 16-byte key BE64(a) . BE64(b) into key. */
+static MDB_val
+key_pair(unsigned char key[16], uint64_t a, uint64_t b)
+{
+	be64_put(key, a);
+	be64_put(key + 8, b);
+	return (MDB_val){ 16, key };
+}
+
+/* Writes the msgpack map header of n fields in 3 bytes (map16), always. */
+static void
+pack_map16(msgpack_packer *pk, unsigned n)
+{
+	unsigned char h[3] = { 0xde, (unsigned char)(n >> 8), (unsigned char)n };
+
+	pk->callback(pk->data, (const char *)h, 3);
+}
+
+static void
+pack_cstr(msgpack_packer *pk, const char *s)
+{
+	msgpack_pack_str_with_body(pk, s, strlen(s));
+}
+
+static void
+pack_sstr(msgpack_packer *pk, struct str s)
+{
+	msgpack_pack_str_with_body(pk, s.p, s.n);
+}
+
+static void
+pack_amount(msgpack_packer *pk, int64_t v)
+{
+	char buf[32];
+
+	pack_cstr(pk, amount_format(v, buf, 0));
+}
+
+static void
+pack_time(msgpack_packer *pk, int64_t t)
+{
+	char buf[32];
+
+	pack_cstr(pk, time_format(t, buf));
+}
+
+/* Packs key k, then the NUL-terminated v or the amount. */
+#define KV_STR(pk, k, v)    (pack_cstr(pk, k), pack_cstr(pk, v))
+#define KV_SSTR(pk, k, v)   (pack_cstr(pk, k), pack_sstr(pk, v))
+#define KV_AMOUNT(pk, k, v) (pack_cstr(pk, k), pack_amount(pk, v))
+#define KV_U64(pk, k, v)    (pack_cstr(pk, k), msgpack_pack_uint64(pk, v))
+#define KV_TIME(pk, k, v)   (pack_cstr(pk, k), pack_time(pk, v))
+
+/* Packs a transaction as stored: a map16 with every field that applies. */
+static void
+txn_pack(msgpack_packer *pk, const struct txn *t)
+{
+	unsigned n = 8;
+
+	if (t->ref.n)
+		n++;
+	if (t->channel.n)
+		n += 6; /* channel, to, route, segments, price, price_currency */
+	if (t->refund_of)
+		n++;
+	if (t->has_actor)
+		n++;
+	if (t->provider.n)
+		n += 2;
+	if (t->paid_currency)
+		n += 2;
+	pack_map16(pk, n);
+	KV_U64(pk, "id", t->id);
+	KV_SSTR(pk, "wallet", t->wallet);
+	KV_STR(pk, "type", txn_type_names[t->type]);
+	KV_AMOUNT(pk, "amount", t->amount);
+	KV_AMOUNT(pk, "balance_after", t->balance_after);
+	KV_STR(pk, "currency", t->currency);
+	KV_STR(pk, "description", t->description);
+	KV_TIME(pk, "created_at", t->created_at);
+	if (t->ref.n)
+		KV_SSTR(pk, "ref", t->ref);
+	if (t->channel.n) {
+		KV_SSTR(pk, "channel", t->channel);
+		KV_STR(pk, "to", t->to);
+		KV_SSTR(pk, "route", t->route);
+		KV_U64(pk, "segments", t->segments);
+		KV_AMOUNT(pk, "price", t->price);
+		KV_STR(pk, "price_currency", t->price_currency);
+	}
+	if (t->refund_of)
+		KV_U64(pk, "refund_of", t->refund_of);
+	if (t->has_actor) {
+		pack_cstr(pk, "actor");
+		msgpack_pack_map(pk, t->actor.n ? 2 : 1);
+		KV_U64(pk, "uid", t->actor_uid);
+		if (t->actor.n)
+			KV_SSTR(pk, "name", t->actor);
+	}
+	if (t->provider.n) {
+		KV_SSTR(pk, "provider", t->provider);
+		KV_SSTR(pk, "provider_ref", t->provider_ref);
+	}
+	if (t->paid_currency) {
+		KV_AMOUNT(pk, "paid_amount", t->paid_amount);
+		KV_STR(pk, "paid_currency", t->paid_currency);
+	}
+}
+
+/*
+ * Appends t to the log and to wallet w's history: gives t its id, sets
+ * balance_after from w->balance (already changed by the caller) and counts
+ * it in w.  The caller writes w.  scratch receives the packed record, left
+ * there for the answer.  Returns 0 or an LMDB error.
+ */
+static int
+txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scratch)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	unsigned char hkey[16];
+	struct hist h;
+	msgpack_packer pk;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, store.txns, &cur)) != 0)
+		return rc;
+	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+	mdb_cursor_close(cur);
+	if (rc == MDB_NOTFOUND)
+		t->id = 1;
+	else if (rc == 0)
+		t->id = *(uint64_t *)k.mv_data + 1;
+	else
+		return rc;
+	t->balance_after = w->balance;
+	t->created_at = now_seconds();
+	msgpack_sbuffer_clear(scratch);
+	msgpack_packer_init(&pk, scratch, msgpack_sbuffer_write);
+	txn_pack(&pk, t);
+	k = (MDB_val){ sizeof(t->id), &t->id };
+	v = (MDB_val){ scratch->size, scratch->data };
+	if ((rc = mdb_put(txn, store.txns, &k, &v, MDB_APPEND)) != 0)
+		return rc;
+	memset(&h, 0, sizeof(h));
+	h.id = t->id;
+	h.amount = t->amount;
+	h.balance_after = t->balance_after;
+	h.created_at = t->created_at;
+	h.type = (uint32_t)t->type;
+	k = key_pair(hkey, w->number, w->txn_count);
+	v = (MDB_val){ sizeof(h), &h };
+	if ((rc = mdb_put(txn, store.hist, &k, &v, 0)) != 0)
+		return rc;
+	w->txn_count++;
+	return 0;
+}
+
+/* Reads transaction id's packed record into *raw.  0, MDB_NOTFOUND or error. */
+static int
+txn_get(MDB_txn *txn, uint64_t id, MDB_val *raw)
+{
+	MDB_val k = { sizeof(id), &id };
+
+	return mdb_get(txn, store.txns, &k, raw);
+}
+
+/* Returns field name of map o, or NULL. */
+static const msgpack_object *
+map_get(const msgpack_object *o, const char *name)
+{
+	size_t len = strlen(name);
+
+	if (o == NULL || o->type != MSGPACK_OBJECT_MAP)
+		return NULL;
+	for (uint32_t i = 0; i < o->via.map.size; i++) {
+		const msgpack_object *k = &o->via.map.ptr[i].key;
+
+		if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == len &&
+		    memcmp(k->via.str.ptr, name, len) == 0)
+			return &o->via.map.ptr[i].val;
+	}
+	return NULL;
+}
+
+/*
+ * Looks up the FX rate from -> to: the direct pair, else its inverse.
+ * Returns 0 and sets *rate and *inverse, or MDB_NOTFOUND, or an LMDB error.
+ */
+static int
+fx_get(MDB_txn *txn, const char *from, const char *to, i128 *rate, int *inverse)
+{
+	char key[6];
+	MDB_val k = { 6, key }, v;
+	struct fx_val fv;
+	int rc;
+
+	for (int inv = 0; inv < 2; inv++) {
+		memcpy(key, inv ? to : from, 3);
+		memcpy(key + 3, inv ? from : to, 3);
+		rc = mdb_get(txn, store.fx, &k, &v);
+		if (rc == 0) {
+			memcpy(&fv, v.mv_data, sizeof(fv));
+			*rate = fv.rate;
+			*inverse = inv;
+			return 0;
+		}
+		if (rc != MDB_NOTFOUND)
+			return rc;
+	}
+	return MDB_NOTFOUND;
+}
+
+/*
+ * Converts amount from one currency into another, rounding once, half away
+ * from zero.  Returns E_OK, E_NO_FX_RATE, E_INVALID_ARGUMENT on overflow, or
+ * -rc for an LMDB error rc.
+ */
+static int
+fx_convert(MDB_txn *txn, int64_t amount, const char *from, const char *to, int64_t *out)
+{
+	i128 rate;
+	int inverse, rc;
+
+	if (memcmp(from, to, 3) == 0) {
+		*out = amount;
+		return E_OK;
+	}
+	if ((rc = fx_get(txn, from, to, &rate, &inverse)) != 0)
+		return rc == MDB_NOTFOUND ? E_NO_FX_RATE : -rc;
+	return fx_apply(amount, rate, inverse, out) == 0 ? E_OK : E_INVALID_ARGUMENT;
+}
+
+/* Builds the rate key plan\0channel\0prefix\0route into buf; returns its size. */
+static size_t
+rate_key(char *buf, struct str plan, struct str channel, const char *prefix,
+    size_t prefix_len, struct str route)
+{
+	size_t n = 0;
+
+	memcpy(buf + n, plan.p, plan.n), n += plan.n, buf[n++] = '\0';
+	memcpy(buf + n, channel.p, channel.n), n += channel.n, buf[n++] = '\0';
+	memcpy(buf + n, prefix, prefix_len), n += prefix_len, buf[n++] = '\0';
+	memcpy(buf + n, route.p, route.n), n += route.n;
+	return n;
+}
+#define RATE_KEY_MAX (WALLET_ID_MAX * 3 + 16 + 4)
+
+/* The rate chosen for one message. */
+struct rate_hit {
+	char prefix[16];
+	char route[WALLET_ID_MAX + 1];
+	char currency[4];
+	int64_t price;  /* per segment, in currency */
+	int64_t cost;   /* price x segments, converted into the target currency */
+};
+
+/*
+ * Finds the rate for a message to digits in plan/channel: the longest prefix
+ * that has a rate (for route, when route.p is set), and among its routes the
+ * cheapest cost of segments converted into target (ties: route name
+ * ascending).  target NULL means the first route's currency.  Costs
+ * ~15 seeks at worst, never a scan.  Returns E_OK, E_NO_RATE, E_NO_FX_RATE,
+ * E_INVALID_ARGUMENT (overflow), or -rc for an LMDB error.
+ */
+static int
+rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
+    size_t ndigits, struct str route, const char *target, uint32_t segments,
+    struct rate_hit *hit)
+{
+	char key[RATE_KEY_MAX], first_currency[4];
+	MDB_cursor *cur;
+	int rc, result = E_NO_RATE;
+
+	if ((rc = mdb_cursor_open(txn, store.rates, &cur)) != 0)
+		return -rc;
+	for (size_t len = ndigits; len > 0 && result == E_NO_RATE; len--) {
+		size_t klen = rate_key(key, plan, channel, digits, len, (struct str){ "", 0 });
+		MDB_val k = { klen, key }, v;
+		int found = 0;
+
+		if (route.p != NULL) {
+			klen = rate_key(key, plan, channel, digits, len, route);
+			k = (MDB_val){ klen, key };
+			rc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY);
+		} else {
+			rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+		}
+		for (; rc == 0; rc = route.p ? MDB_NOTFOUND : mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+			struct rate_val rv;
+			size_t route_len = k.mv_size - klen;
+			int64_t cost, total;
+			int conv;
+
+			if (route.p == NULL && (k.mv_size < klen || memcmp(k.mv_data, key, klen) != 0))
+				break;
+			memcpy(&rv, v.mv_data, sizeof(rv));
+			if (!found && target == NULL)
+				target = memcpy(first_currency, rv.currency, 4);
+			found = 1;
+			if (__builtin_mul_overflow(rv.price, (int64_t)segments, &total)) {
+				result = result == E_OK ? E_OK : E_INVALID_ARGUMENT;
+				continue;
+			}
+			conv = fx_convert(txn, total, rv.currency, target, &cost);
+			if (conv < 0) {
+				mdb_cursor_close(cur);
+				return conv;
+			}
+			if (conv != E_OK) {
+				if (result != E_OK)
+					result = conv;
+				continue;
+			}
+			if (result == E_OK && cost >= hit->cost)
+				continue;
+			result = E_OK;
+			hit->cost = cost;
+			hit->price = rv.price;
+			memcpy(hit->currency, rv.currency, 4);
+			memcpy(hit->prefix, digits, len);
+			hit->prefix[len] = '\0';
+			route_len = route.p ? route.n : route_len;
+			memcpy(hit->route, (char *)k.mv_data + k.mv_size - route_len, route_len);
+			hit->route[route_len] = '\0';
+		}
+		if (rc != 0 && rc != MDB_NOTFOUND) {
+			mdb_cursor_close(cur);
+			return -rc;
+		}
+	}
+	mdb_cursor_close(cur);
+	return result;
+}
+
+/* ====================================================================== */
+/* 4. Methods                                                             */
+/* ====================================================================== */
+
+/* One method call: its transaction, params, where its result goes, and its
+ * error when it fails. */
+struct call {
+	MDB_txn *txn;               /* read txn, or the request's nested write txn */
+	const msgpack_object *params; /* the params map, or NULL */
+	msgpack_packer *pk;         /* the result is packed here */
+	uid_t uid;                  /* the peer, for actor */
+	int fd;                     /* descriptor passed with the request, or -1 */
+	int code;                   /* the error */
+	const char *field;
+	char message[512];
+	int64_t required, available;
+	char currency[4];
+	uint64_t conflict_txn;
+	MDB_val refund_raw;         /* already_refunded: the first refund */
+	int alert;                  /* a notification was recorded */
+	int mdb_rc;                 /* the first LMDB error met */
+};
+
+/* Per-thread room to pack a record before storing it. */
+static _Thread_local msgpack_sbuffer scratch;
+
+/* Records error code with a message (and the param at fault); returns code. */
+static int __attribute__((format(printf, 4, 5)))
+fail(struct call *c, int code, const char *field, const char *fmt, ...)
+{
+	va_list ap;
+
+	c->code = code;
+	c->field = field;
+	va_start(ap, fmt);
+	vsnprintf(c->message, sizeof(c->message), fmt, ap);
+	va_end(ap);
+	return code;
+}
+
+/*
+ * The one place that maps LMDB and system errors to our codes: a full map
+ * or disk is storage_full, anything else internal (and logged loudly).
+ * Returns the code.
+ */
+static int
+store_error(struct call *c, int rc)
+{
+	if (rc < 0)
+		rc = -rc;
+	if (c->mdb_rc == 0)
+		c->mdb_rc = rc;
+	if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT || rc == MDB_TXN_FULL)
+		return fail(c, E_STORAGE_FULL, NULL, "The store is full: %s", mdb_strerror(rc));
+	log_x(L_ERR, "store error: %s", mdb_strerror(rc));
+	return fail(c, E_INTERNAL, NULL, "Internal error: %s", mdb_strerror(rc));
+}
+
+/* Returns param name of the call, or NULL when absent. */
+static const msgpack_object *
+param(struct call *c, const char *name)
+{
+	return map_get(c->params, name);
+}
+
+/*
+ * Reads string param name into *s (s->p NULL when absent or nil).  Returns
+ * E_OK, or E_INVALID_ARGUMENT when required and missing, not a string, or
+ * longer than max bytes.
+ */
+static int
+p_str(struct call *c, const char *name, int required, size_t max, struct str *s)
+{
+	const msgpack_object *o = param(c, name);
+
+	s->p = NULL;
+	s->n = 0;
+	if (o == NULL || o->type == MSGPACK_OBJECT_NIL)
+		return required ? fail(c, E_INVALID_ARGUMENT, name, "%s is required", name) : E_OK;
+	if (o->type != MSGPACK_OBJECT_STR)
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must be a string", name);
+	if (o->via.str.size > max)
+		return fail(c, E_INVALID_ARGUMENT, name, "%s is longer than %zu bytes", name, max);
+	s->p = o->via.str.size ? o->via.str.ptr : "";
+	s->n = o->via.str.size;
+	return E_OK;
+}
+
+/* Reads a free text param (reason, description, actor): valid UTF-8. */
+static int
+p_text(struct call *c, const char *name, int required, struct str *s)
+{
+	int rc = p_str(c, name, required, TEXT_MAX, s);
+
+	if (rc == E_OK && s->p && !utf8_valid(s->p, s->n))
+		return fail(c, E_INVALID_ARGUMENT, name, "%s is not valid UTF-8", name);
+	return rc;
+}
+
+/* Reads the wallet id param (required). */
+static int
+p_wallet(struct call *c, struct str *s)
+{
+	int rc = p_str(c, "wallet", 1, WALLET_ID_MAX, s);
+
+	if (rc == E_OK && !valid_wallet_id(*s))
+		return fail(c, E_INVALID_ARGUMENT, "wallet",
+		    "wallet must be 1-64 of A-Za-z0-9._:-");
+	return rc;
+}
+
+/* Reads a name param (plan, route, provider): printable, no commas. */
+static int
+p_name(struct call *c, const char *name, int required, int allow_empty, struct str *s)
+{
+	int rc = p_str(c, name, required, WALLET_ID_MAX, s);
+
+	if (rc == E_OK && s->p && !(allow_empty && s->n == 0) && !valid_name(*s, WALLET_ID_MAX))
+		return fail(c, E_INVALID_ARGUMENT, name,
+		    "%s must be 1-64 printable characters without spaces or commas", name);
+	return rc;
+}
+
+static int
+p_currency(struct call *c, const char *name, int required, struct str *s)
+{
+	int rc = p_str(c, name, required, 3, s);
+
+	if (rc == E_OK && s->p && !valid_currency(*s))
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must be 3 upper-case letters", name);
+	return rc;
+}
+
+/*
+ * Reads an amount param: a decimal string or a msgpack integer of whole
+ * units.  *present is 0 when absent, -1 when nil, 1 when set.  positive
+ * rejects zero and negatives; otherwise negatives are rejected unless
+ * signed_ok.  Returns E_OK or E_INVALID_ARGUMENT.
+ */
+static int
+p_amount(struct call *c, const char *name, int required, int positive, int64_t *v, int *present)
+{
+	const msgpack_object *o = param(c, name);
+	int64_t x;
+
+	*present = 0;
+	if (o == NULL || o->type == MSGPACK_OBJECT_NIL) {
+		*present = o ? -1 : 0;
+		return required ? fail(c, E_INVALID_ARGUMENT, name, "%s is required", name) : E_OK;
+	}
+	if (o->type == MSGPACK_OBJECT_STR) {
+		if (amount_parse(o->via.str.ptr, o->via.str.size, &x) != 0)
+			return fail(c, E_INVALID_ARGUMENT, name,
+			    "%s must be a decimal like \"12.50\" with at most 6 decimals, within range", name);
+	} else if (o->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+		if (o->via.u64 > (uint64_t)(INT64_MAX / MICRO))
+			return fail(c, E_INVALID_ARGUMENT, name, "%s is out of range", name);
+		x = (int64_t)o->via.u64 * MICRO;
+	} else if (o->type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
+		if (o->via.i64 < INT64_MIN / MICRO)
+			return fail(c, E_INVALID_ARGUMENT, name, "%s is out of range", name);
+		x = o->via.i64 * MICRO;
+	} else {
+		return fail(c, E_INVALID_ARGUMENT, name,
+		    "%s must be a decimal string (floats are not accepted)", name);
+	}
+	if (positive && x <= 0)
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must be positive", name);
+	if (x < 0)
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must not be negative", name);
+	*v = x;
+	*present = 1;
+	return E_OK;
+}
+
+/* Reads an unsigned integer param in [min, max]; *v keeps its default if absent. */
+static int
+p_uint(struct call *c, const char *name, int required, uint64_t min, uint64_t max, uint64_t *v)
+{
+	const msgpack_object *o = param(c, name);
+
+	if (o == NULL || o->type == MSGPACK_OBJECT_NIL)
+		return required ? fail(c, E_INVALID_ARGUMENT, name, "%s is required", name) : E_OK;
+	if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.u64 < min || o->via.u64 > max)
+		return fail(c, E_INVALID_ARGUMENT, name,
+		    "%s must be an integer from %" PRIu64 " to %" PRIu64, name, min, max);
+	*v = o->via.u64;
+	return E_OK;
+}
+
+/* Reads channel: "sms" or "whatsapp". */
+static int
+p_channel(struct call *c, struct str *s)
+{
+	int rc = p_str(c, "channel", 1, 16, s);
+
+	if (rc == E_OK && !(s->n == 3 && memcmp(s->p, "sms", 3) == 0) &&
+	    !(s->n == 8 && memcmp(s->p, "whatsapp", 8) == 0))
+		return fail(c, E_INVALID_ARGUMENT, "channel", "channel must be sms or whatsapp");
+	return rc;
+}
+
+/* Reads destination param name into digits (16 bytes); returns the count via *n. */
+static int
+p_e164(struct call *c, const char *name, char *digits, size_t *n)
+{
+	struct str s;
+	int rc = p_str(c, name, 1, 32, &s);
+
+	if (rc != E_OK)
+		return rc;
+	if ((*n = e164_digits(s, digits)) == 0)
+		return fail(c, E_INVALID_ARGUMENT, name,
+		    "%s must be an E.164 number: optional + then 1-15 digits", name);
+	return E_OK;
+}
+
+/*
+ * Reads alert_emails: a list of up to EMAILS_MAX addresses (or nil / an
+ * empty list for none) joined with commas into out.  *present as p_amount.
+ */
+static int
+p_emails(struct call *c, char out[EMAILS_BYTES], int *present)
+{
+	const msgpack_object *o = param(c, "alert_emails");
+	size_t n = 0;
+
+	out[0] = '\0';
+	*present = o == NULL ? 0 : 1;
+	if (o == NULL || o->type == MSGPACK_OBJECT_NIL)
+		return E_OK;
+	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size > EMAILS_MAX)
+		return fail(c, E_INVALID_ARGUMENT, "alert_emails",
+		    "alert_emails must be a list of at most %d addresses", EMAILS_MAX);
+	for (uint32_t i = 0; i < o->via.array.size; i++) {
+		const msgpack_object *e = &o->via.array.ptr[i];
+		struct str s;
+
+		if (e->type != MSGPACK_OBJECT_STR)
+			return fail(c, E_INVALID_ARGUMENT, "alert_emails", "alert_emails must hold strings");
+		s = (struct str){ e->via.str.ptr, e->via.str.size };
+		if (!valid_email(s) || n + s.n + 2 > EMAILS_BYTES)
+			return fail(c, E_INVALID_ARGUMENT, "alert_emails",
+			    "'%.*s' is not an e-mail address", (int)(s.n > 100 ? 100 : s.n), s.p);
+		if (n)
+			out[n++] = ',';
+		memcpy(out + n, s.p, s.n);
+		n += s.n;
+		out[n] = '\0';
+	}
+	return E_OK;
+}
+
+/* Loads the wallet named by the wallet param; unknown_wallet if none. */
+static int
+load_wallet(struct call *c, struct str id, struct wallet *w)
+{
+	int rc = wallet_get(c->txn, id, w);
+
+	if (rc == MDB_NOTFOUND)
+		return fail(c, E_UNKNOWN_WALLET, "wallet", "No wallet '%.*s'", (int)id.n, id.p);
+	return rc ? store_error(c, rc) : E_OK;
+}
+
+/* Packs a wallet as the methods answer it. */
+static void
+wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w)
+{
+	int n = 0;
+
+	msgpack_pack_map(pk, 8);
+	KV_SSTR(pk, "wallet", id);
+	KV_STR(pk, "currency", w->currency);
+	KV_AMOUNT(pk, "balance", w->balance);
+	KV_STR(pk, "plan", w->plan);
+	pack_cstr(pk, "threshold");
+	if (w->flags & WF_THRESHOLD)
+		pack_amount(pk, w->threshold);
+	else
+		msgpack_pack_nil(pk);
+	pack_cstr(pk, "alert_emails");
+	for (const char *p = w->emails; *p; p++)
+		n += *p == ',';
+	msgpack_pack_array(pk, w->emails[0] ? (size_t)n + 1 : 0);
+	for (const char *p = w->emails; *p;) {
+		size_t len = strcspn(p, ",");
+
+		msgpack_pack_str_with_body(pk, p, len);
+		p += len + (p[len] == ',');
+	}
+	KV_STR(pk, "status", w->flags & WF_FROZEN ? "frozen" : "active");
+	KV_TIME(pk, "created_at", w->created_at);
+}
+
+/*
+ * Writes the answer for a stored transaction raw: its map plus `replayed`.
+ * The stored map always has a map16 header (txn_pack), so one more field
+ * is a header rewrite, not a decode.
+ */
+static void
+pack_txn_answer(msgpack_packer *pk, const void *raw, size_t len, int replayed)
+{
+	const unsigned char *p = raw;
+
+	pack_map16(pk, ((unsigned)p[1] << 8 | p[2]) + 1);
+	pk->callback(pk->data, (const char *)p + 3, len - 3);
+	pack_cstr(pk, "replayed");
+	if (replayed)
+		msgpack_pack_true(pk);
+	else
+		msgpack_pack_false(pk);
+}
+
+/*
+ * Records a low-balance notification when a change of balance from `before`
+ * to w->balance crossed w's threshold downwards.  Same commit as the change;
+ * the alert thread sends it.  Returns 0 or an LMDB error.
+ */
+static int
+note_on_crossing(struct call *c, struct str id, struct wallet *w, int64_t before, uint64_t txn_id)
+{
+	unsigned char key[16];
+	struct note n;
+	MDB_val k, v;
+	int rc;
+
+	if (!(w->flags & WF_THRESHOLD) || before < w->threshold || w->balance >= w->threshold)
+		return 0;
+	memset(&n, 0, sizeof(n));
+	n.txn_id = txn_id;
+	n.created_at = n.next_attempt = now_seconds();
+	n.balance = w->balance;
+	n.threshold = w->threshold;
+	n.state = w->emails[0] ? NS_PENDING : NS_NO_RECIPIENT;
+	memcpy(n.currency, w->currency, 4);
+	memcpy(n.wallet, id.p, id.n);
+	strcpy(n.emails, w->emails);
+	k = key_pair(key, w->number, w->note_count++);
+	v = (MDB_val){ sizeof(n), &n };
+	if ((rc = mdb_put(c->txn, store.notes, &k, &v, 0)) != 0)
+		return rc;
+	if (n.state == NS_PENDING) {
+		v = (MDB_val){ 1, "" };
+		if ((rc = mdb_put(c->txn, store.alertq, &k, &v, 0)) != 0)
+			return rc;
+		c->alert = 1;
+	}
+	return 0;
+}
+
+static int
+m_ping(struct call *c)
+{
+	msgpack_pack_map(c->pk, 2);
+	KV_STR(c->pk, "version", WALLETD_VERSION);
+	pack_cstr(c->pk, "api");
+	msgpack_pack_int(c->pk, WALLETD_API);
+	return E_OK;
+}
+
+/* Reads threshold (nil clears) into w. */
+static int
+p_threshold(struct call *c, struct wallet *w)
+{
+	int present, rc = p_amount(c, "threshold", 0, 0, &w->threshold, &present);
+
+	if (rc == E_OK && present == 1)
+		w->flags |= WF_THRESHOLD;
+	else if (rc == E_OK && present == -1)
+		w->flags &= ~WF_THRESHOLD;
+	return rc;
+}
+
+static int
+m_wallet_create(struct call *c)
+{
+	struct str id, currency, plan;
+	struct wallet w;
+	MDB_val k = { 10, "wallet_seq" }, v;
+	uint64_t seq = 1;
+	int rc, present;
+
+	memset(&w, 0, sizeof(w));
+	if ((rc = p_wallet(c, &id)) || (rc = p_currency(c, "currency", 1, &currency)) ||
+	    (rc = p_name(c, "plan", 0, 0, &plan)) || (rc = p_threshold(c, &w)) ||
+	    (rc = p_emails(c, w.emails, &present)))
+		return rc;
+	if ((rc = wallet_get(c->txn, id, &w)) == 0)
+		return fail(c, E_WALLET_EXISTS, "wallet", "Wallet '%.*s' exists", (int)id.n, id.p);
+	if (rc != MDB_NOTFOUND)
+		return store_error(c, rc);
+	if ((rc = mdb_get(c->txn, store.meta, &k, &v)) == 0)
+		memcpy(&seq, v.mv_data, sizeof(seq));
+	else if (rc != MDB_NOTFOUND)
+		return store_error(c, rc);
+	w.number = seq++;
+	v = (MDB_val){ sizeof(seq), &seq };
+	if ((rc = mdb_put(c->txn, store.meta, &k, &v, 0)) != 0)
+		return store_error(c, rc);
+	memcpy(w.currency, currency.p, 3);
+	if (plan.p)
+		memcpy(w.plan, plan.p, plan.n);
+	else
+		strcpy(w.plan, "default");
+	w.created_at = now_seconds();
+	if ((rc = wallet_put(c->txn, id, &w)) != 0)
+		return store_error(c, rc);
+	wallet_pack(c->pk, id, &w);
+	return E_OK;
+}
+
+static int
+m_wallet_get(struct call *c)
+{
+	struct str id;
+	struct wallet w;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = load_wallet(c, id, &w)))
+		return rc;
+	wallet_pack(c->pk, id, &w);
+	return E_OK;
+}
+
+static int
+m_balance(struct call *c)
+{
+	struct str id;
+	struct wallet w;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = load_wallet(c, id, &w)))
+		return rc;
+	msgpack_pack_map(c->pk, 2);
+	KV_AMOUNT(c->pk, "balance", w.balance);
+	KV_STR(c->pk, "currency", w.currency);
+	return E_OK;
+}
+
+static int
+m_wallet_update(struct call *c)
+{
+	struct str id, plan, status;
+	struct wallet w;
+	char emails[EMAILS_BYTES];
+	int rc, present;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_name(c, "plan", 0, 0, &plan)) ||
+	    (rc = p_str(c, "status", 0, 16, &status)) || (rc = p_emails(c, emails, &present)))
+		return rc;
+	if (status.p && !(status.n == 6 && memcmp(status.p, "active", 6) == 0) &&
+	    !(status.n == 6 && memcmp(status.p, "frozen", 6) == 0))
+		return fail(c, E_INVALID_ARGUMENT, "status", "status must be active or frozen");
+	if ((rc = load_wallet(c, id, &w)) || (rc = p_threshold(c, &w)))
+		return rc;
+	if (plan.p) {
+		memset(w.plan, 0, sizeof(w.plan));
+		memcpy(w.plan, plan.p, plan.n);
+	}
+	if (present)
+		strcpy(w.emails, emails);
+	if (status.p && status.p[0] == 'f')
+		w.flags |= WF_FROZEN;
+	else if (status.p)
+		w.flags &= ~WF_FROZEN;
+	if ((rc = wallet_put(c->txn, id, &w)) != 0)
+		return store_error(c, rc);
+	wallet_pack(c->pk, id, &w);
+	return E_OK;
+}
+
+/* Reads page (default 0) and limit (default def, at most max). */
+static int
+p_page(struct call *c, uint64_t def, uint64_t max, uint64_t *page, uint64_t *limit)
+{
+	int rc;
+
+	*page = 0;
+	*limit = def;
+	if ((rc = p_uint(c, "page", 0, 0, UINT32_MAX, page)) ||
+	    (rc = p_uint(c, "limit", 0, 1, max, limit)))
+		return rc;
+	return E_OK;
+}
+
+static int
+m_wallet_list(struct call *c)
+{
+	uint64_t page, limit, skip, count = 0;
+	MDB_cursor *cur;
+	MDB_stat st;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = p_page(c, 100, HISTORY_LIMIT_MAX, &page, &limit)))
+		return rc;
+	if ((rc = mdb_stat(c->txn, store.wallets, &st)) ||
+	    (rc = mdb_cursor_open(c->txn, store.wallets, &cur)))
+		return store_error(c, rc);
+	skip = page * limit;
+	msgpack_pack_map(c->pk, 4);
+	pack_cstr(c->pk, "wallets");
+	msgpack_pack_array(c->pk, skip >= st.ms_entries ? 0 :
+	    (st.ms_entries - skip < limit ? st.ms_entries - skip : limit));
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && count < skip + limit;
+	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT), count++) {
+		struct wallet w;
+
+		if (count < skip)
+			continue;
+		memset(&w, 0, sizeof(w));
+		memcpy(&w, v.mv_data, v.mv_size < sizeof(w) ? v.mv_size : sizeof(w));
+		wallet_pack(c->pk, (struct str){ k.mv_data, k.mv_size }, &w);
+	}
+	mdb_cursor_close(cur);
+	KV_U64(c->pk, "total", st.ms_entries);
+	KV_U64(c->pk, "page", page);
+	KV_U64(c->pk, "limit", limit);
+	return E_OK;
+}
+
+/* Fills the actor of t from the peer and the actor param. */
+static int
+p_actor(struct call *c, struct txn *t)
+{
+	int rc = p_text(c, "actor", 0, &t->actor);
+
+	if (rc == E_OK && t->actor.n > WALLET_ID_MAX * 2)
+		return fail(c, E_INVALID_ARGUMENT, "actor", "actor is longer than 128 bytes");
+	t->has_actor = 1;
+	t->actor_uid = (uint32_t)c->uid;
+	return rc;
+}
+
+/* Writes insufficient_balance: required and available in currency. */
+static int
+fail_insufficient(struct call *c, int64_t required, int64_t available, const char *currency)
+{
+	char r[32], a[32];
+
+	c->required = required;
+	c->available = available;
+	memcpy(c->currency, currency, 4);
+	return fail(c, E_INSUFFICIENT_BALANCE, NULL,
+	    "Insufficient balance. Required: %s %s, available: %s %s",
+	    amount_format(required, r, 0), currency, amount_format(available, a, 0), currency);
+}
+
+/* credit and debit: a manual change by staff. */
+static int
+manual_change(struct call *c, int type)
+{
+	struct str id, reason;
+	struct wallet w;
+	struct txn t;
+	int64_t amount, before;
+	int rc, present;
+
+	memset(&t, 0, sizeof(t));
+	if ((rc = p_wallet(c, &id)) || (rc = p_amount(c, "amount", 1, 1, &amount, &present)) ||
+	    (rc = p_text(c, "reason", 1, &reason)) || (rc = p_actor(c, &t)))
+		return rc;
+	if (reason.n == 0)
+		return fail(c, E_INVALID_ARGUMENT, "reason", "reason must not be empty");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	before = w.balance;
+	if (type == T_MANUAL_DEBIT) {
+		if (w.flags & WF_FROZEN)
+			return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
+		if (amount > w.balance)
+			return fail_insufficient(c, amount, w.balance, w.currency);
+		w.balance -= amount;
+		t.amount = -amount;
+	} else {
+		if (__builtin_add_overflow(w.balance, amount, &w.balance))
+			return fail(c, E_INVALID_ARGUMENT, "amount", "amount would overflow the balance");
+		t.amount = amount;
+	}
+	t.type = type;
+	t.wallet = id;
+	t.currency = w.currency;
+	snprintf(t.description, sizeof(t.description), "%.*s", (int)reason.n, reason.p);
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)) ||
+	    (rc = note_on_crossing(c, id, &w, before, t.id)) ||
+	    (rc = wallet_put(c->txn, id, &w)))
+		return store_error(c, rc);
+	c->pk->callback(c->pk->data, scratch.data, scratch.size);
+	return E_OK;
+}
+
+static int m_credit(struct call *c) { return manual_change(c, T_MANUAL_CREDIT); }
+static int m_debit(struct call *c) { return manual_change(c, T_MANUAL_DEBIT); }
+
+/* Packs the error of c as the wire's error map. */
+static void
+pack_error(msgpack_packer *pk, const struct call *c)
+{
+	char a[32];
+	int n = 2 + (c->field != NULL);
+
+	if (c->code == E_INSUFFICIENT_BALANCE)
+		n += 3;
+	if (c->code == E_IDEMPOTENCY_CONFLICT)
+		n++;
+	if (c->code == E_ALREADY_REFUNDED && c->refund_raw.mv_size)
+		n++;
+	msgpack_pack_map(pk, (size_t)n);
+	KV_STR(pk, "code", error_name(c->code));
+	KV_STR(pk, "message", c->message);
+	if (c->field)
+		KV_STR(pk, "field", c->field);
+	if (c->code == E_INSUFFICIENT_BALANCE) {
+		KV_STR(pk, "required", amount_format(c->required, a, 0));
+		KV_STR(pk, "available", amount_format(c->available, a, 0));
+		KV_STR(pk, "currency", c->currency);
+	}
+	if (c->code == E_IDEMPOTENCY_CONFLICT)
+		KV_U64(pk, "txn", c->conflict_txn);
+	if (c->code == E_ALREADY_REFUNDED && c->refund_raw.mv_size) {
+		pack_cstr(pk, "refund");
+		pk->callback(pk->data, c->refund_raw.mv_data, c->refund_raw.mv_size);
+	}
+}
+
+static int
+m_rate_set(struct call *c)
+{
+	struct str plan, channel, prefix, route, currency;
+	char key[RATE_KEY_MAX], digits[16];
+	struct rate_val rv;
+	MDB_val k, v;
+	int rc, present;
+
+	memset(&rv, 0, sizeof(rv));
+	if ((rc = p_name(c, "plan", 1, 0, &plan)) || (rc = p_channel(c, &channel)) ||
+	    (rc = p_str(c, "prefix", 1, 15, &prefix)) || (rc = p_name(c, "route", 0, 1, &route)) ||
+	    (rc = p_amount(c, "price", 1, 1, &rv.price, &present)) ||
+	    (rc = p_currency(c, "currency", 1, &currency)))
+		return rc;
+	if (prefix.n == 0 || e164_digits(prefix, digits) != prefix.n)
+		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits");
+	if (route.p == NULL)
+		route = (struct str){ "", 0 };
+	memcpy(rv.currency, currency.p, 3);
+	k = (MDB_val){ rate_key(key, plan, channel, digits, prefix.n, route), key };
+	v = (MDB_val){ sizeof(rv), &rv };
+	if ((rc = mdb_put(c->txn, store.rates, &k, &v, 0)) != 0)
+		return store_error(c, rc);
+	msgpack_pack_map(c->pk, 6);
+	KV_SSTR(c->pk, "plan", plan);
+	KV_SSTR(c->pk, "channel", channel);
+	KV_SSTR(c->pk, "prefix", prefix);
+	KV_SSTR(c->pk, "route", route);
+	KV_AMOUNT(c->pk, "price", rv.price);
+	KV_STR(c->pk, "currency", rv.currency);
+	return E_OK;
+}
+
+static int
+m_rate_delete(struct call *c)
+{
+	struct str plan, channel, prefix, route;
+	char key[RATE_KEY_MAX], digits[16];
+	MDB_val k;
+	int rc;
+
+	if ((rc = p_name(c, "plan", 1, 0, &plan)) || (rc = p_channel(c, &channel)) ||
+	    (rc = p_str(c, "prefix", 1, 15, &prefix)) || (rc = p_name(c, "route", 0, 1, &route)))
+		return rc;
+	if (prefix.n == 0 || e164_digits(prefix, digits) != prefix.n)
+		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits");
+	if (route.p == NULL)
+		route = (struct str){ "", 0 };
+	k = (MDB_val){ rate_key(key, plan, channel, digits, prefix.n, route), key };
+	rc = mdb_del(c->txn, store.rates, &k, NULL);
+	if (rc == MDB_NOTFOUND)
+		return fail(c, E_NO_RATE, "prefix", "No such rate");
+	if (rc)
+		return store_error(c, rc);
+	msgpack_pack_map(c->pk, 1);
+	pack_cstr(c->pk, "deleted");
+	msgpack_pack_true(c->pk);
+	return E_OK;
+}
+
+/* Packs the rate stored under key k (plan\0channel\0prefix\0route) as a map. */
+static void
+rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
+{
+	const char *p = k.mv_data, *end = p + k.mv_size;
+	const char *names[4] = { "plan", "channel", "prefix", "route" };
+	struct rate_val rv;
+
+	memcpy(&rv, v.mv_data, sizeof(rv));
+	msgpack_pack_map(pk, 6);
+	for (int i = 0; i < 4; i++) {
+		const char *nul = i < 3 ? memchr(p, '\0', (size_t)(end - p)) : end;
+
+		pack_cstr(pk, names[i]);
+		msgpack_pack_str_with_body(pk, p, (size_t)(nul - p));
+		p = nul + 1;
+	}
+	KV_AMOUNT(pk, "price", rv.price);
+	KV_STR(pk, "currency", rv.currency);
+}
+
+static int
+m_rate_list(struct call *c)
+{
+	struct str plan, channel;
+	uint64_t page, limit, matched = 0, packed = 0;
+	char start[RATE_KEY_MAX];
+	size_t slen = 0;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	msgpack_sbuffer rows;
+	msgpack_packer rpk;
+	int rc;
+
+	if ((rc = p_name(c, "plan", 0, 0, &plan)) || (rc = p_str(c, "channel", 0, 16, &channel)) ||
+	    (rc = p_page(c, 1000, RATE_LIST_LIMIT_MAX, &page, &limit)))
+		return rc;
+	if (plan.p) {
+		memcpy(start, plan.p, plan.n);
+		start[plan.n] = '\0';
+		slen = plan.n + 1;
+		if (channel.p) {
+			memcpy(start + slen, channel.p, channel.n);
+			start[slen + channel.n] = '\0';
+			slen += channel.n + 1;
+		}
+	}
+	if ((rc = mdb_cursor_open(c->txn, store.rates, &cur)))
+		return store_error(c, rc);
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
+	k = (MDB_val){ slen, start };
+	for (rc = mdb_cursor_get(cur, &k, &v, slen ? MDB_SET_RANGE : MDB_FIRST); rc == 0;
+	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (slen && (k.mv_size < slen || memcmp(k.mv_data, start, slen) != 0))
+			break;
+		if (!plan.p && channel.p) {
+			const char *ch = memchr(k.mv_data, '\0', k.mv_size);
+
+			if (ch == NULL || (size_t)((const char *)k.mv_data + k.mv_size - ch) <= channel.n + 1 ||
+			    memcmp(ch + 1, channel.p, channel.n) != 0 || ch[1 + channel.n] != '\0')
+				continue;
+		}
+		if (matched++ >= page * limit && packed < limit) {
+			rate_pack(&rpk, k, v);
+			packed++;
+		}
+	}
+	mdb_cursor_close(cur);
+	msgpack_pack_map(c->pk, 4);
+	pack_cstr(c->pk, "rates");
+	msgpack_pack_array(c->pk, packed);
+	c->pk->callback(c->pk->data, rows.data, rows.size);
+	msgpack_sbuffer_destroy(&rows);
+	KV_U64(c->pk, "total", matched);
+	KV_U64(c->pk, "page", page);
+	KV_U64(c->pk, "limit", limit);
+	return E_OK;
+}
+
+/*
+ * Finds the rate for one message and maps failures to errors naming `to`.
+ * target is the currency costs are compared (and converted) in.
+ */
+static int
+find_rate(struct call *c, struct str plan, struct str channel, const char *digits,
+    size_t n, struct str route, const char *target, uint32_t segments, struct rate_hit *hit)
+{
+	int rc = rate_find(c->txn, plan, channel, digits, n, route, target, segments, hit);
+
+	switch (rc) {
+	case E_OK:
+		return E_OK;
+	case E_NO_RATE:
+		return fail(c, E_NO_RATE, "to", "No %.*s rate for +%s in plan '%.*s'%s%.*s",
+		    (int)channel.n, channel.p, digits, (int)plan.n, plan.p,
+		    route.p ? " on route " : "", (int)route.n, route.p ? route.p : "");
+	case E_NO_FX_RATE:
+		return fail(c, E_NO_FX_RATE, "to", "No exchange rate to price +%s in %s", digits,
+		    target ? target : "the wallet's currency");
+	case E_INVALID_ARGUMENT:
+		return fail(c, E_INVALID_ARGUMENT, "segments", "The price of this message is out of range");
+	default:
+		return store_error(c, rc);
+	}
+}
+
+static int
+m_rate_lookup(struct call *c)
+{
+	struct str channel, plan, wid, route;
+	char digits[16];
+	size_t n;
+	struct wallet w;
+	struct rate_hit hit;
+	int rc;
+
+	if ((rc = p_channel(c, &channel)) || (rc = p_e164(c, "to", digits, &n)) ||
+	    (rc = p_name(c, "plan", 0, 0, &plan)) || (rc = p_str(c, "wallet", 0, WALLET_ID_MAX, &wid)) ||
+	    (rc = p_name(c, "route", 0, 1, &route)))
+		return rc;
+	if (wid.p) {
+		if ((rc = load_wallet(c, wid, &w)))
+			return rc;
+		if (!plan.p)
+			plan = (struct str){ w.plan, strlen(w.plan) };
+	} else if (!plan.p) {
+		plan = (struct str){ "default", 7 };
+	}
+	if ((rc = find_rate(c, plan, channel, digits, n, route, wid.p ? w.currency : NULL, 1, &hit)))
+		return rc;
+	msgpack_pack_map(c->pk, wid.p ? 8 : 6);
+	KV_SSTR(c->pk, "plan", plan);
+	KV_SSTR(c->pk, "channel", channel);
+	KV_STR(c->pk, "prefix", hit.prefix);
+	KV_STR(c->pk, "route", hit.route);
+	KV_AMOUNT(c->pk, "price", hit.price);
+	KV_STR(c->pk, "currency", hit.currency);
+	if (wid.p) {
+		KV_AMOUNT(c->pk, "cost", hit.cost);
+		KV_STR(c->pk, "cost_currency", w.currency);
+	}
+	return E_OK;
+}
+
+/* Deletes every rate of plan (all channels).  Returns 0 or an LMDB error. */
+static int
+rate_delete_plan(MDB_txn *txn, struct str plan)
+{
+	char start[WALLET_ID_MAX + 1];
+	MDB_cursor *cur;
+	MDB_val k = { plan.n + 1, start }, v;
+	int rc;
+
+	memcpy(start, plan.p, plan.n);
+	start[plan.n] = '\0';
+	if ((rc = mdb_cursor_open(txn, store.rates, &cur)))
+		return rc;
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
+	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (k.mv_size < plan.n + 1 || memcmp(k.mv_data, start, plan.n + 1) != 0)
+			break;
+		if ((rc = mdb_cursor_del(cur, 0)))
+			break;
+	}
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+static int
+m_rate_import(struct call *c)
+{
+	const msgpack_object *rows = param(c, "rows"), *saved = c->params;
+	struct str mode;
+	msgpack_sbuffer rejected;
+	msgpack_packer rpk;
+	uint32_t nrejected = 0, loaded = 0;
+	char (*plans)[WALLET_ID_MAX + 1] = NULL;
+	size_t nplans = 0;
+	int rc, replace;
+
+	if ((rc = p_str(c, "mode", 0, 16, &mode)))
+		return rc;
+	replace = !mode.p || (mode.n == 7 && memcmp(mode.p, "replace", 7) == 0);
+	if (mode.p && !replace && !(mode.n == 6 && memcmp(mode.p, "upsert", 6) == 0))
+		return fail(c, E_INVALID_ARGUMENT, "mode", "mode must be replace or upsert");
+	if (rows == NULL || rows->type != MSGPACK_OBJECT_ARRAY)
+		return fail(c, E_INVALID_ARGUMENT, "rows", "rows must be a list of rate maps");
+	msgpack_sbuffer_init(&rejected);
+	msgpack_packer_init(&rpk, &rejected, msgpack_sbuffer_write);
+	if (replace && (plans = calloc(rows->via.array.size + 1, sizeof(*plans))) == NULL) {
+		msgpack_sbuffer_destroy(&rejected);
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	}
+	/* Pass 0 validates and, in replace mode, empties the plans named; pass 1 writes. */
+	for (int pass = 0; pass < 2 && rc == E_OK; pass++) {
+		for (uint32_t i = 0; i < rows->via.array.size; i++) {
+			msgpack_object *row = &rows->via.array.ptr[i];
+			struct call rowcall = *c;
+			struct str plan;
+			size_t j;
+
+			rowcall.params = row;
+			rowcall.pk = &rpk;
+			if (row->type != MSGPACK_OBJECT_MAP)
+				rc = fail(&rowcall, E_INVALID_ARGUMENT, "rows", "a row must be a map");
+			else if ((rc = p_name(&rowcall, "plan", 1, 0, &plan)) == E_OK && pass == 1) {
+				msgpack_sbuffer sink;
+				msgpack_packer spk;
+
+				msgpack_sbuffer_init(&sink);
+				msgpack_packer_init(&spk, &sink, msgpack_sbuffer_write);
+				rowcall.pk = &spk;
+				rc = m_rate_set(&rowcall);
+				msgpack_sbuffer_destroy(&sink);
+				if (rc == E_OK)
+					loaded++;
+			}
+			if (rc != E_OK && rowcall.mdb_rc) {
+				c->mdb_rc = rowcall.mdb_rc;
+				rc = store_error(c, rowcall.mdb_rc);
+				break;
+			}
+			if (rc != E_OK && pass == 1) {
+				msgpack_pack_map(&rpk, 2);
+				KV_U64(&rpk, "row", (uint64_t)i + 1);
+				pack_cstr(&rpk, "error");
+				pack_error(&rpk, &rowcall);
+				nrejected++;
+			}
+			if (rc != E_OK || pass == 1 || !replace) {
+				rc = E_OK;
+				continue;
+			}
+			for (j = 0; j < nplans; j++)
+				if (strlen(plans[j]) == plan.n && memcmp(plans[j], plan.p, plan.n) == 0)
+					break;
+			if (j == nplans) {
+				memcpy(plans[nplans], plan.p, plan.n);
+				plans[nplans++][plan.n] = '\0';
+				if ((rc = rate_delete_plan(c->txn, plan)))
+					rc = store_error(c, rc);
+			}
+		}
+	}
+	c->params = saved;
+	free(plans);
+	if (rc == E_OK) {
+		msgpack_pack_map(c->pk, 2);
+		pack_cstr(c->pk, "loaded");
+		msgpack_pack_uint32(c->pk, loaded);
+		pack_cstr(c->pk, "rejected");
+		msgpack_pack_array(c->pk, nrejected);
+		c->pk->callback(c->pk->data, rejected.data, rejected.size);
+	}
+	msgpack_sbuffer_destroy(&rejected);
+	return rc;
+}
+
+/* Packs one FX pair. */
+static void
+fx_pack(msgpack_packer *pk, const char *pair, const struct fx_val *fv)
+{
+	char buf[48];
+
+	msgpack_pack_map(pk, 4);
+	pack_cstr(pk, "base");
+	msgpack_pack_str_with_body(pk, pair, 3);
+	pack_cstr(pk, "quote");
+	msgpack_pack_str_with_body(pk, pair + 3, 3);
+	KV_STR(pk, "rate", fx_rate_format(fv->rate, buf));
+	KV_TIME(pk, "updated_at", fv->updated_at);
+}
+
+static int
+m_fx_set(struct call *c)
+{
+	struct str base, quote, rate;
+	struct fx_val fv;
+	char pair[6];
+	MDB_val k = { 6, pair }, v = { sizeof(fv), &fv };
+	int rc;
+
+	memset(&fv, 0, sizeof(fv));
+	if ((rc = p_currency(c, "base", 1, &base)) || (rc = p_currency(c, "quote", 1, &quote)) ||
+	    (rc = p_str(c, "rate", 1, 40, &rate)))
+		return rc;
+	if (memcmp(base.p, quote.p, 3) == 0)
+		return fail(c, E_INVALID_ARGUMENT, "quote", "base and quote must differ");
+	if (fx_rate_parse(rate.p, rate.n, &fv.rate) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "rate",
+		    "rate must be a positive decimal string with at most 12 decimals");
+	fv.updated_at = now_seconds();
+	memcpy(pair, base.p, 3);
+	memcpy(pair + 3, quote.p, 3);
+	if ((rc = mdb_put(c->txn, store.fx, &k, &v, 0)))
+		return store_error(c, rc);
+	fx_pack(c->pk, pair, &fv);
+	return E_OK;
+}
+
+static int
+m_fx_list(struct call *c)
+{
+	MDB_cursor *cur;
+	MDB_stat st;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_stat(c->txn, store.fx, &st)) || (rc = mdb_cursor_open(c->txn, store.fx, &cur)))
+		return store_error(c, rc);
+	msgpack_pack_map(c->pk, 1);
+	pack_cstr(c->pk, "rates");
+	msgpack_pack_array(c->pk, st.ms_entries);
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct fx_val fv;
+
+		memcpy(&fv, v.mv_data, sizeof(fv));
+		fx_pack(c->pk, k.mv_data, &fv);
+	}
+	mdb_cursor_close(cur);
+	return E_OK;
+}
+
+/*
+ * Reads segments or text for a message on channel: text is counted as SMS
+ * parts (WhatsApp: one unit); neither is 1; both is invalid_argument.
+ */
+static int
+p_segments(struct call *c, struct str channel, uint32_t *segments)
+{
+	struct str text;
+	uint64_t seg = 0;
+	int rc;
+
+	if ((rc = p_str(c, "text", 0, 64 * 1024, &text)) || (rc = p_uint(c, "segments", 0, 1, 1000, &seg)))
+		return rc;
+	if (text.p && seg)
+		return fail(c, E_INVALID_ARGUMENT, "text", "give segments or text, not both");
+	*segments = seg ? (uint32_t)seg : 1;
+	if (text.p == NULL)
+		return E_OK;
+	if (channel.p[0] == 'w') {
+		if (!utf8_valid(text.p, text.n))
+			return fail(c, E_INVALID_ARGUMENT, "text", "text is not valid UTF-8");
+		return E_OK;
+	}
+	if (sms_segments(text.p, text.n, segments) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "text", "text is not valid UTF-8");
+	if (*segments > 1000)
+		return fail(c, E_INVALID_ARGUMENT, "text", "text is longer than 1000 SMS parts");
+	return E_OK;
+}
+
+/*
+ * Charges one message described by c->params against its wallet, in c->txn:
+ * idempotent on (wallet, ref); checks frozen, rate, FX and balance; appends
+ * the transaction; records a notification on a threshold crossing.  Packs
+ * the transaction plus `replayed`.  Returns E_OK or the error.
+ */
+static int
+charge_one(struct call *c)
+{
+	struct str id, channel, ref, route, desc;
+	char digits[16], fingerprint[64 + WALLET_ID_MAX];
+	unsigned char refkey[8 + REF_MAX];
+	size_t ndigits, flen;
+	uint32_t segments;
+	struct wallet w;
+	struct rate_hit hit;
+	struct txn t;
+	MDB_val k, v;
+	int64_t before;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_channel(c, &channel)) ||
+	    (rc = p_e164(c, "to", digits, &ndigits)) || (rc = p_str(c, "ref", 1, REF_MAX, &ref)) ||
+	    (rc = p_name(c, "route", 0, 1, &route)) || (rc = p_segments(c, channel, &segments)) ||
+	    (rc = p_text(c, "description", 0, &desc)))
+		return rc;
+	if (ref.n == 0)
+		return fail(c, E_INVALID_ARGUMENT, "ref", "ref must not be empty");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+
+	/* Idempotency: the same ref with the same message is the same charge. */
+	flen = (size_t)snprintf(fingerprint, sizeof(fingerprint), "%.*s|%s|%c%.*s|%u",
+	    (int)channel.n, channel.p, digits, route.p ? '=' : '*',
+	    (int)route.n, route.p ? route.p : "", segments);
+	be64_put(refkey, w.number);
+	memcpy(refkey + 8, ref.p, ref.n);
+	k = (MDB_val){ 8 + ref.n, refkey };
+	if ((rc = mdb_get(c->txn, store.refs, &k, &v)) == 0) {
+		uint64_t orig;
+		MDB_val raw;
+
+		memcpy(&orig, v.mv_data, 8);
+		if (v.mv_size != 8 + flen || memcmp((char *)v.mv_data + 8, fingerprint, flen) != 0) {
+			c->conflict_txn = orig;
+			return fail(c, E_IDEMPOTENCY_CONFLICT, "ref",
+			    "ref '%.*s' was used for a different message (txn %" PRIu64 ")",
+			    (int)ref.n, ref.p, orig);
+		}
+		if ((rc = txn_get(c->txn, orig, &raw)))
+			return store_error(c, rc);
+		pack_txn_answer(c->pk, raw.mv_data, raw.mv_size, 1);
+		return E_OK;
+	} else if (rc != MDB_NOTFOUND) {
+		return store_error(c, rc);
+	}
+
+	if (w.flags & WF_FROZEN)
+		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
+	if ((rc = find_rate(c, (struct str){ w.plan, strlen(w.plan) }, channel, digits, ndigits,
+	    route, w.currency, segments, &hit)))
+		return rc;
+	if (hit.cost > w.balance) {
+		int64_t required, available;
+
+		required = hit.price * (int64_t)segments; /* checked in rate_find */
+		rc = fx_convert(c->txn, w.balance, w.currency, hit.currency, &available);
+		if (rc < 0)
+			return store_error(c, rc);
+		if (rc != E_OK)
+			available = 0;
+		return fail_insufficient(c, required, available, hit.currency);
+	}
+	before = w.balance;
+	w.balance -= hit.cost;
+
+	memset(&t, 0, sizeof(t));
+	t.type = channel.p[0] == 's' ? T_SMS_CHARGE : T_WHATSAPP_CHARGE;
+	t.wallet = id;
+	t.amount = -hit.cost;
+	t.currency = w.currency;
+	t.ref = ref;
+	t.channel = channel;
+	snprintf(t.to, sizeof(t.to), "+%s", digits);
+	t.route = (struct str){ hit.route, strlen(hit.route) };
+	t.segments = segments;
+	t.price = hit.price;
+	t.price_currency = hit.currency;
+	if (desc.p)
+		snprintf(t.description, sizeof(t.description), "%.*s", (int)desc.n, desc.p);
+	else
+		snprintf(t.description, sizeof(t.description), "%s to %s%s%s (%u seg)",
+		    t.type == T_SMS_CHARGE ? "SMS" : "WhatsApp", t.to,
+		    hit.route[0] ? " via " : "", hit.route, segments);
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
+		return store_error(c, rc);
+	{
+		char val[8 + sizeof(fingerprint)];
+
+		memcpy(val, &t.id, 8);
+		memcpy(val + 8, fingerprint, flen);
+		v = (MDB_val){ 8 + flen, val };
+		if ((rc = mdb_put(c->txn, store.refs, &k, &v, 0)))
+			return store_error(c, rc);
+	}
+	if ((rc = note_on_crossing(c, id, &w, before, t.id)) || (rc = wallet_put(c->txn, id, &w)))
+		return store_error(c, rc);
+	pack_txn_answer(c->pk, scratch.data, scratch.size, 0);
+	return E_OK;
+}
+
+static int
+m_charge(struct call *c)
+{
+	return charge_one(c);
+}
+
+/*
+ * charge.batch: each item charged as by charge, in order, each in its own
+ * nested transaction inside this request's, so one item's error fails only
+ * that item.  A storage error fails the whole request (the writer grows the
+ * map and runs it again).
+ */
+static int
+m_charge_batch(struct call *c)
+{
+	const msgpack_object *items = param(c, "items"), *saved = c->params;
+	MDB_txn *parent = c->txn;
+	int rc = E_OK;
+
+	if (items == NULL || items->type != MSGPACK_OBJECT_ARRAY)
+		return fail(c, E_INVALID_ARGUMENT, "items", "items must be a list of charges");
+	if (items->via.array.size > config.charge_batch_max)
+		return fail(c, E_INVALID_ARGUMENT, "items", "at most %u items per batch",
+		    config.charge_batch_max);
+	msgpack_pack_map(c->pk, 1);
+	pack_cstr(c->pk, "results");
+	msgpack_pack_array(c->pk, items->via.array.size);
+	for (uint32_t i = 0; i < items->via.array.size; i++) {
+		struct call item = *c;
+		MDB_txn *child;
+
+		item.params = &items->via.array.ptr[i];
+		if ((rc = mdb_txn_begin(store.env, parent, 0, &child))) {
+			rc = store_error(c, rc);
+			break;
+		}
+		item.txn = child;
+		if (item.params->type != MSGPACK_OBJECT_MAP)
+			rc = fail(&item, E_INVALID_ARGUMENT, "items", "each item must be a map");
+		else
+			rc = charge_one(&item);
+		if (rc == E_OK && (rc = mdb_txn_commit(child)) != 0) {
+			rc = store_error(&item, rc);
+			child = NULL;
+		}
+		if (rc != E_OK) {
+			if (child)
+				mdb_txn_abort(child);
+			if (item.mdb_rc) {
+				c->mdb_rc = item.mdb_rc;
+				rc = store_error(c, item.mdb_rc);
+				break;
+			}
+			msgpack_pack_map(c->pk, 1);
+			pack_cstr(c->pk, "error");
+			pack_error(c->pk, &item);
+			rc = E_OK;
+		}
+		c->alert |= item.alert;
+	}
+	c->txn = parent;
+	c->params = saved;
+	return rc;
+}
+
+/* One line of a precheck's breakdown: the messages priced at one prefix and route. */
+struct price_group {
+	struct rate_hit hit;
+	uint64_t count;
+	uint64_t hash;
+};
+
+/* A small open-addressing table of price groups. */
+struct group_table {
+	struct price_group *groups;
+	uint32_t *slots;    /* index + 1 into groups, 0 = empty */
+	size_t n, cap;      /* groups used, slots (a power of 2) */
+};
+
+static uint64_t
+hash_bytes(uint64_t h, const char *p, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ (unsigned char)p[i]) * 0x100000001b3ull;
+	return h;
+}
+
+/* Returns the group for hit, adding it.  NULL when out of memory. */
+static struct price_group *
+group_find(struct group_table *t, const struct rate_hit *hit)
+{
+	uint64_t h = hash_bytes(hash_bytes(0xcbf29ce484222325ull, hit->prefix, strlen(hit->prefix) + 1),
+	    hit->route, strlen(hit->route));
+	size_t i;
+
+	if ((t->n + 1) * 2 > t->cap) {
+		size_t cap = t->cap ? t->cap * 2 : 64;
+		uint32_t *slots = calloc(cap, sizeof(*slots));
+		struct price_group *groups = realloc(t->groups, cap / 2 * sizeof(*groups));
+
+		if (slots == NULL || groups == NULL) {
+			free(slots);
+			if (groups)
+				t->groups = groups;
+			return NULL;
+		}
+		t->groups = groups;
+		for (size_t g = 0; g < t->n; g++) {
+			for (i = groups[g].hash & (cap - 1); slots[i]; i = (i + 1) & (cap - 1))
+				;
+			slots[i] = (uint32_t)g + 1;
+		}
+		free(t->slots);
+		t->slots = slots;
+		t->cap = cap;
+	}
+	for (i = h & (t->cap - 1); t->slots[i]; i = (i + 1) & (t->cap - 1)) {
+		struct price_group *g = &t->groups[t->slots[i] - 1];
+
+		if (g->hash == h && strcmp(g->hit.prefix, hit->prefix) == 0 &&
+		    strcmp(g->hit.route, hit->route) == 0)
+			return g;
+	}
+	t->groups[t->n] = (struct price_group){ *hit, 0, h };
+	t->slots[i] = (uint32_t)++t->n;
+	return &t->groups[t->n - 1];
+}
+
+/*
+ * precheck: prices a campaign without changing anything.  Recipients are
+ * numbers or {to, count} groups; each number costs what charge would take
+ * (the same per-message rounding), so a campaign that passes is never short.
+ */
+static int
+m_precheck(struct call *c)
+{
+	const msgpack_object *rec = param(c, "recipients");
+	struct str id, channel;
+	struct wallet w;
+	struct group_table groups = { 0 };
+	msgpack_sbuffer unpriced, invalid;
+	msgpack_packer upk, ipk;
+	uint32_t segments, nunpriced = 0, ninvalid = 0;
+	int64_t required = 0;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_channel(c, &channel)) ||
+	    (rc = p_segments(c, channel, &segments)))
+		return rc;
+	if (rec == NULL || rec->type != MSGPACK_OBJECT_ARRAY)
+		return fail(c, E_INVALID_ARGUMENT, "recipients", "recipients must be a list");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	msgpack_sbuffer_init(&unpriced);
+	msgpack_sbuffer_init(&invalid);
+	msgpack_packer_init(&upk, &unpriced, msgpack_sbuffer_write);
+	msgpack_packer_init(&ipk, &invalid, msgpack_sbuffer_write);
+	for (uint32_t i = 0; i < rec->via.array.size && rc == E_OK; i++) {
+		const msgpack_object *r = &rec->via.array.ptr[i], *to = r;
+		uint64_t count = 1;
+		char digits[16];
+		size_t n = 0;
+		struct rate_hit hit;
+		struct price_group *g;
+		int64_t sub;
+
+		if (r->type == MSGPACK_OBJECT_MAP) {
+			const msgpack_object *co = map_get(r, "count");
+
+			to = map_get(r, "to");
+			if (co && (co->type != MSGPACK_OBJECT_POSITIVE_INTEGER || co->via.u64 > UINT32_MAX)) {
+				rc = fail(c, E_INVALID_ARGUMENT, "recipients", "count must be a positive integer");
+				break;
+			}
+			count = co ? co->via.u64 : 1;
+		}
+		if (to && to->type == MSGPACK_OBJECT_STR)
+			n = e164_digits((struct str){ to->via.str.ptr, to->via.str.size }, digits);
+		if (n == 0) {
+			if (to && to->type == MSGPACK_OBJECT_STR)
+				msgpack_pack_str_with_body(&ipk, to->via.str.ptr, to->via.str.size > 64 ? 64 : to->via.str.size);
+			else
+				msgpack_pack_nil(&ipk);
+			ninvalid++;
+			continue;
+		}
+		if (count == 0)
+			continue;
+		rc = rate_find(c->txn, (struct str){ w.plan, strlen(w.plan) }, channel, digits, n,
+		    (struct str){ NULL, 0 }, w.currency, segments, &hit);
+		if (rc < 0) {
+			rc = store_error(c, rc);
+			break;
+		}
+		if (rc != E_OK) {
+			char plus[17] = "+";
+
+			pack_cstr(&upk, strcat(plus, digits));
+			nunpriced++;
+			rc = E_OK;
+			continue;
+		}
+		if ((g = group_find(&groups, &hit)) == NULL) {
+			rc = fail(c, E_BUSY, NULL, "Out of memory");
+			break;
+		}
+		g->count += count;
+		if (__builtin_mul_overflow(hit.cost, (int64_t)count, &sub) ||
+		    __builtin_add_overflow(required, sub, &required))
+			rc = fail(c, E_INVALID_ARGUMENT, "recipients", "the campaign's cost is out of range");
+	}
+	if (rc == E_OK) {
+		msgpack_packer *pk = c->pk;
+
+		msgpack_pack_map(pk, 7);
+		pack_cstr(pk, "sufficient");
+		if (required <= w.balance)
+			msgpack_pack_true(pk);
+		else
+			msgpack_pack_false(pk);
+		KV_AMOUNT(pk, "required", required);
+		KV_AMOUNT(pk, "available", w.balance);
+		KV_STR(pk, "currency", w.currency);
+		pack_cstr(pk, "breakdown");
+		msgpack_pack_array(pk, groups.n);
+		for (size_t i = 0; i < groups.n; i++) {
+			const struct price_group *g = &groups.groups[i];
+
+			msgpack_pack_map(pk, 7);
+			KV_STR(pk, "prefix", g->hit.prefix);
+			KV_STR(pk, "route", g->hit.route);
+			KV_U64(pk, "count", g->count);
+			KV_AMOUNT(pk, "unit_price", g->hit.price);
+			KV_STR(pk, "price_currency", g->hit.currency);
+			KV_AMOUNT(pk, "unit_cost", g->hit.cost);
+			KV_AMOUNT(pk, "subtotal", g->hit.cost * (int64_t)g->count);
+		}
+		pack_cstr(pk, "unpriced");
+		msgpack_pack_array(pk, nunpriced);
+		pk->callback(pk->data, unpriced.data, unpriced.size);
+		pack_cstr(pk, "invalid");
+		msgpack_pack_array(pk, ninvalid);
+		pk->callback(pk->data, invalid.data, invalid.size);
+	}
+	free(groups.groups);
+	free(groups.slots);
+	msgpack_sbuffer_destroy(&unpriced);
+	msgpack_sbuffer_destroy(&invalid);
+	return rc;
+}
+
+/* quote: how many one-segment messages an amount buys. */
+static int
+m_quote(struct call *c)
+{
+	struct str channel, wid, plan, currency;
+	char digits[16], cur[4] = "";
+	size_t n;
+	int64_t amount;
+	struct wallet w;
+	struct rate_hit hit;
+	int rc, present;
+
+	if ((rc = p_channel(c, &channel)) || (rc = p_e164(c, "to", digits, &n)) ||
+	    (rc = p_amount(c, "amount", 1, 1, &amount, &present)) ||
+	    (rc = p_str(c, "wallet", 0, WALLET_ID_MAX, &wid)) || (rc = p_name(c, "plan", 0, 0, &plan)) ||
+	    (rc = p_currency(c, "currency", 0, &currency)))
+		return rc;
+	if (wid.p) {
+		if ((rc = load_wallet(c, wid, &w)))
+			return rc;
+		if (!plan.p)
+			plan = (struct str){ w.plan, strlen(w.plan) };
+		memcpy(cur, w.currency, 4);
+	} else if (!plan.p) {
+		return fail(c, E_INVALID_ARGUMENT, "wallet", "give a wallet or a plan");
+	}
+	if (currency.p)
+		memcpy(cur, currency.p, 3), cur[3] = '\0';
+	if (!cur[0])
+		return fail(c, E_INVALID_ARGUMENT, "currency", "currency is required with a plan");
+	if ((rc = find_rate(c, plan, channel, digits, n, (struct str){ NULL, 0 }, cur, 1, &hit)))
+		return rc;
+	msgpack_pack_map(c->pk, 5);
+	KV_U64(c->pk, "messages", hit.cost > 0 ? (uint64_t)(amount / hit.cost) : 0);
+	KV_AMOUNT(c->pk, "unit_cost", hit.cost);
+	KV_STR(c->pk, "currency", cur);
+	KV_STR(c->pk, "prefix", hit.prefix);
+	KV_STR(c->pk, "route", hit.route);
+	return E_OK;
+}
+
+/* Reads the u64 field name of a decoded map, or 0. */
+static uint64_t
+obj_u64(const msgpack_object *map, const char *name)
+{
+	const msgpack_object *o = map_get(map, name);
+
+	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
+}
+
+/* Compares the string field name of a decoded map with s. */
+static int
+obj_str_eq(const msgpack_object *map, const char *name, struct str s)
+{
+	const msgpack_object *o = map_get(map, name);
+
+	return o && o->type == MSGPACK_OBJECT_STR && o->via.str.size == s.n &&
+	    memcmp(o->via.str.ptr, s.p, s.n) == 0;
+}
+
+/* refund: gives back exactly what a charge took, at most once. */
+static int
+m_refund(struct call *c)
+{
+	struct str id, ref, reason;
+	uint64_t charge_id = 0;
+	struct wallet w;
+	struct txn t;
+	MDB_val k, v, raw;
+	msgpack_unpacked orig;
+	const msgpack_object *type, *amount_o, *to, *chan;
+	int64_t amount;
+	int rc;
+
+	memset(&t, 0, sizeof(t));
+	if ((rc = p_wallet(c, &id)) || (rc = p_uint(c, "txn", 0, 1, UINT64_MAX, &charge_id)) ||
+	    (rc = p_str(c, "ref", 0, REF_MAX, &ref)) || (rc = p_text(c, "reason", 0, &reason)) ||
+	    (rc = p_actor(c, &t)))
+		return rc;
+	if (!charge_id == !ref.p)
+		return fail(c, E_INVALID_ARGUMENT, "txn", "give txn or ref, one of them");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	if (ref.p) {
+		unsigned char refkey[8 + REF_MAX];
+
+		be64_put(refkey, w.number);
+		memcpy(refkey + 8, ref.p, ref.n);
+		k = (MDB_val){ 8 + ref.n, refkey };
+		if ((rc = mdb_get(c->txn, store.refs, &k, &v)) == MDB_NOTFOUND)
+			return fail(c, E_UNKNOWN_TXN, "ref", "No charge with ref '%.*s' in this wallet",
+			    (int)ref.n, ref.p);
+		if (rc)
+			return store_error(c, rc);
+		memcpy(&charge_id, v.mv_data, 8);
+	}
+	if ((rc = txn_get(c->txn, charge_id, &raw)) == MDB_NOTFOUND)
+		return fail(c, E_UNKNOWN_TXN, "txn", "No transaction %" PRIu64, charge_id);
+	if (rc)
+		return store_error(c, rc);
+	msgpack_unpacked_init(&orig);
+	if (msgpack_unpack_next(&orig, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS) {
+		msgpack_unpacked_destroy(&orig);
+		log_x(L_ERR, "transaction %" PRIu64 " does not decode", charge_id);
+		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " is unreadable", charge_id);
+	}
+	if (!obj_str_eq(&orig.data, "wallet", id)) {
+		msgpack_unpacked_destroy(&orig);
+		return fail(c, E_UNKNOWN_TXN, "txn", "No transaction %" PRIu64 " in this wallet", charge_id);
+	}
+	type = map_get(&orig.data, "type");
+	amount_o = map_get(&orig.data, "amount");
+	to = map_get(&orig.data, "to");
+	chan = map_get(&orig.data, "channel");
+	if (!obj_str_eq(&orig.data, "type", (struct str){ "sms_charge", 10 }) &&
+	    !obj_str_eq(&orig.data, "type", (struct str){ "whatsapp_charge", 15 })) {
+		rc = fail(c, E_NOT_REFUNDABLE, "txn", "Transaction %" PRIu64 " is a %.*s, not a charge",
+		    charge_id, type ? (int)type->via.str.size : 0, type ? type->via.str.ptr : "");
+		msgpack_unpacked_destroy(&orig);
+		return rc;
+	}
+	if (amount_o == NULL || amount_o->type != MSGPACK_OBJECT_STR ||
+	    amount_parse(amount_o->via.str.ptr, amount_o->via.str.size, &amount) != 0) {
+		msgpack_unpacked_destroy(&orig);
+		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " has no amount", charge_id);
+	}
+	k = (MDB_val){ sizeof(charge_id), &charge_id };
+	if ((rc = mdb_get(c->txn, store.refunds, &k, &v)) == 0) {
+		uint64_t first;
+
+		memcpy(&first, v.mv_data, 8);
+		msgpack_unpacked_destroy(&orig);
+		if (txn_get(c->txn, first, &c->refund_raw) != 0)
+			c->refund_raw.mv_size = 0;
+		return fail(c, E_ALREADY_REFUNDED, "txn", "Charge %" PRIu64 " was refunded by transaction %" PRIu64,
+		    charge_id, first);
+	} else if (rc != MDB_NOTFOUND) {
+		msgpack_unpacked_destroy(&orig);
+		return store_error(c, rc);
+	}
+	t.type = T_REFUND;
+	t.wallet = id;
+	t.amount = -amount;
+	t.currency = w.currency;
+	t.refund_of = charge_id;
+	snprintf(t.description, sizeof(t.description), "Refund of %s to %.*s (txn %" PRIu64 ")%s%.*s",
+	    chan && chan->type == MSGPACK_OBJECT_STR && chan->via.str.size && chan->via.str.ptr[0] == 'w' ?
+	    "WhatsApp" : "SMS", to && to->type == MSGPACK_OBJECT_STR ? (int)to->via.str.size : 0,
+	    to && to->type == MSGPACK_OBJECT_STR ? to->via.str.ptr : "", charge_id,
+	    reason.n ? ": " : "", (int)reason.n, reason.p ? reason.p : "");
+	msgpack_unpacked_destroy(&orig);
+	if (__builtin_add_overflow(w.balance, t.amount, &w.balance))
+		return fail(c, E_INVALID_ARGUMENT, "txn", "the refund would overflow the balance");
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
+		return store_error(c, rc);
+	v = (MDB_val){ sizeof(t.id), &t.id };
+	if ((rc = mdb_put(c->txn, store.refunds, &k, &v, 0)) || (rc = wallet_put(c->txn, id, &w)))
+		return store_error(c, rc);
+	c->pk->callback(c->pk->data, scratch.data, scratch.size);
+	return E_OK;
+}
+
+/* Reads the hist entry seq of wallet number into *h.  0, MDB_NOTFOUND or error. */
+static int
+hist_get(MDB_txn *txn, uint64_t number, uint64_t seq, struct hist *h)
+{
+	unsigned char key[16];
+	MDB_val k = key_pair(key, number, seq), v;
+	int rc = mdb_get(txn, store.hist, &k, &v);
+
+	if (rc == 0)
+		memcpy(h, v.mv_data, sizeof(*h));
+	return rc;
+}
+
+/*
+ * history: newest first.  Unfiltered, a page is a direct seek by seq:
+ * O(limit) however long the history; before_id is a binary search.  With
+ * type/since/until filters the wallet's index (not its records) is scanned
+ * to count `total`.
+ */
+static int
+m_history(struct call *c)
+{
+	const msgpack_object *types = param(c, "type");
+	struct str id, since_s, until_s;
+	uint64_t page = 0, limit = 20, before_id = 0, total = 0, packed = 0, skip;
+	int64_t since = INT64_MIN, until = INT64_MAX;
+	unsigned typemask = 0;
+	int filtered, rc;
+	uint64_t top;
+	struct wallet w;
+	msgpack_sbuffer rows;
+	msgpack_packer rpk;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_page(c, 20, HISTORY_LIMIT_MAX, &page, &limit)) ||
+	    (rc = p_uint(c, "before_id", 0, 1, UINT64_MAX, &before_id)) ||
+	    (rc = p_str(c, "since", 0, 40, &since_s)) || (rc = p_str(c, "until", 0, 40, &until_s)))
+		return rc;
+	if (since_s.p && time_parse(since_s, &since) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "since", "since must be an RFC 3339 time");
+	if (until_s.p && time_parse(until_s, &until) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "until", "until must be an RFC 3339 time");
+	if (types && types->type != MSGPACK_OBJECT_NIL) {
+		uint32_t n = types->type == MSGPACK_OBJECT_ARRAY ? types->via.array.size : 1;
+		const msgpack_object *list = types->type == MSGPACK_OBJECT_ARRAY ? types->via.array.ptr : types;
+
+		for (uint32_t i = 0; i < n; i++) {
+			int t;
+
+			for (t = 1; t < T__COUNT; t++)
+				if (list[i].type == MSGPACK_OBJECT_STR &&
+				    list[i].via.str.size == strlen(txn_type_names[t]) &&
+				    memcmp(list[i].via.str.ptr, txn_type_names[t], list[i].via.str.size) == 0)
+					break;
+			if (t == T__COUNT)
+				return fail(c, E_INVALID_ARGUMENT, "type",
+				    "type must be one of credit, sms_charge, whatsapp_charge, manual_credit, manual_debit, refund");
+			typemask |= 1u << t;
+		}
+	}
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	filtered = typemask || since_s.p || until_s.p;
+
+	/* top: one past the newest seq to consider. */
+	top = w.txn_count;
+	if (before_id) {
+		uint64_t lo = 0, hi = w.txn_count;
+
+		while (lo < hi) {
+			uint64_t mid = lo + (hi - lo) / 2;
+			struct hist h;
+
+			if ((rc = hist_get(c->txn, w.number, mid, &h)))
+				return store_error(c, rc);
+			if (h.id < before_id)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		top = lo;
+	}
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
+	skip = before_id ? 0 : page * limit;
+	if (!filtered) {
+		total = w.txn_count;
+		for (uint64_t seq = top > skip ? top - skip : 0; seq > 0 && packed < limit; seq--, packed++) {
+			struct hist h;
+			MDB_val raw;
+
+			if ((rc = hist_get(c->txn, w.number, seq - 1, &h)) || (rc = txn_get(c->txn, h.id, &raw)))
+				break;
+			rpk.callback(rpk.data, raw.mv_data, raw.mv_size);
+		}
+	} else {
+		unsigned char key[16];
+		MDB_cursor *cur;
+		MDB_val k = key_pair(key, w.number, w.txn_count), v;
+		uint64_t matched = 0;
+
+		if ((rc = mdb_cursor_open(c->txn, store.hist, &cur)) == 0) {
+			rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+			rc = rc == 0 ? mdb_cursor_get(cur, &k, &v, MDB_PREV) :
+			    mdb_cursor_get(cur, &k, &v, MDB_LAST);
+			for (; rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_PREV)) {
+				struct hist h;
+
+				if (be64_get(k.mv_data) != w.number)
+					break;
+				memcpy(&h, v.mv_data, sizeof(h));
+				if ((typemask && !(typemask & (1u << h.type))) || h.created_at < since ||
+				    h.created_at >= until)
+					continue;
+				total++;
+				if (be64_get((unsigned char *)k.mv_data + 8) >= top || matched++ < skip ||
+				    packed >= limit)
+					continue;
+				{
+					MDB_val raw;
+
+					if ((rc = txn_get(c->txn, h.id, &raw)))
+						break;
+					rpk.callback(rpk.data, raw.mv_data, raw.mv_size);
+					packed++;
+				}
+			}
+			mdb_cursor_close(cur);
+		}
+	}
+	if (rc != 0 && rc != MDB_NOTFOUND) {
+		msgpack_sbuffer_destroy(&rows);
+		return store_error(c, rc);
+	}
+	msgpack_pack_map(c->pk, 4);
+	pack_cstr(c->pk, "transactions");
+	msgpack_pack_array(c->pk, packed);
+	c->pk->callback(c->pk->data, rows.data, rows.size);
+	msgpack_sbuffer_destroy(&rows);
+	KV_U64(c->pk, "total", total);
+	KV_U64(c->pk, "page", page);
+	KV_U64(c->pk, "limit", limit);
+	return E_OK;
+}
+
+/* Packs a notification. */
+static void
+note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)
+{
+	int fields = 10 + (n->sent_at != 0) + (n->last_error[0] != '\0');
+
+	msgpack_pack_map(pk, (size_t)fields);
+	KV_U64(pk, "id", seq + 1);
+	KV_STR(pk, "wallet", n->wallet);
+	KV_U64(pk, "txn", n->txn_id);
+	KV_TIME(pk, "created_at", n->created_at);
+	KV_AMOUNT(pk, "balance", n->balance);
+	KV_AMOUNT(pk, "threshold", n->threshold);
+	KV_STR(pk, "currency", n->currency);
+	KV_STR(pk, "email_state", note_state_names[n->state]);
+	KV_U64(pk, "attempts", n->attempts);
+	KV_STR(pk, "emails", n->emails);
+	if (n->sent_at)
+		KV_TIME(pk, "sent_at", n->sent_at);
+	if (n->last_error[0])
+		KV_STR(pk, "last_error", n->last_error);
+}
+
+/* notifications: a wallet's low-balance notifications, newest first (100). */
+static int
+m_notifications(struct call *c)
+{
+	struct str id;
+	struct wallet w;
+	uint64_t count;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = load_wallet(c, id, &w)))
+		return rc;
+	count = w.note_count < 100 ? w.note_count : 100;
+	msgpack_pack_map(c->pk, 2);
+	pack_cstr(c->pk, "notifications");
+	msgpack_pack_array(c->pk, count);
+	for (uint64_t i = 0; i < count; i++) {
+		unsigned char key[16];
+		uint64_t seq = w.note_count - 1 - i;
+		MDB_val k = key_pair(key, w.number, seq), v;
+		struct note n;
+
+		memset(&n, 0, sizeof(n));
+		if ((rc = mdb_get(c->txn, store.notes, &k, &v)) == 0)
+			memcpy(&n, v.mv_data, v.mv_size < sizeof(n) ? v.mv_size : sizeof(n));
+		note_pack(c->pk, seq, &n);
+	}
+	KV_U64(c->pk, "total", w.note_count);
+	return E_OK;
+}
+
+/* Copies what a top-up URL template needs, URL-encoded, into out. */
+static void
+url_encode_append(char *out, size_t cap, const char *s)
+{
+	size_t n = strlen(out);
+
+	for (; *s && n + 4 < cap; s++) {
+		if (isalnum((unsigned char)*s) || strchr("-._~", *s))
+			out[n++] = *s;
+		else
+			n += (size_t)snprintf(out + n, cap - n, "%%%02X", (unsigned char)*s);
+	}
+	out[n] = '\0';
+}
+
+/* Expands config.topup_url for tp into tp->checkout_url. */
+static void
+topup_url(struct topup *tp)
+{
+	char amount[32];
+	const char *p = config.topup_url;
+	size_t cap = sizeof(tp->checkout_url);
+
+	tp->checkout_url[0] = '\0';
+	amount_format(tp->amount, amount, 2);
+	while (*p) {
+		const char *value = NULL;
+		size_t skip = 0, n;
+
+		if (strncmp(p, "{ref}", 5) == 0)
+			value = tp->ref, skip = 5;
+		else if (strncmp(p, "{amount}", 8) == 0)
+			value = amount, skip = 8;
+		else if (strncmp(p, "{currency}", 10) == 0)
+			value = tp->currency, skip = 10;
+		else if (strncmp(p, "{wallet}", 8) == 0)
+			value = tp->wallet, skip = 8;
+		if (value) {
+			url_encode_append(tp->checkout_url, cap, value);
+			p += skip;
+			continue;
+		}
+		n = strlen(tp->checkout_url);
+		if (n + 1 < cap) {
+			tp->checkout_url[n] = *p;
+			tp->checkout_url[n + 1] = '\0';
+		}
+		p++;
+	}
+}
+
+/* Packs a top-up; a pending one past expires_at shows as expired. */
+static void
+topup_pack(msgpack_packer *pk, const struct topup *tp)
+{
+	uint32_t status = tp->status;
+	int n = 9;
+
+	if (status == TS_PENDING && now_seconds() >= tp->expires_at)
+		status = TS_EXPIRED;
+	if (tp->status == TS_PAID)
+		n += 7;
+	msgpack_pack_map(pk, (size_t)n);
+	KV_STR(pk, "ref", tp->ref);
+	KV_STR(pk, "wallet", tp->wallet);
+	KV_AMOUNT(pk, "amount", tp->amount);
+	KV_STR(pk, "currency", tp->currency);
+	KV_STR(pk, "status", topup_status_names[status]);
+	KV_STR(pk, "checkout_url", tp->checkout_url);
+	KV_TIME(pk, "created_at", tp->created_at);
+	KV_TIME(pk, "expires_at", tp->expires_at);
+	pack_cstr(pk, "late");
+	if (tp->late)
+		msgpack_pack_true(pk);
+	else
+		msgpack_pack_false(pk);
+	if (tp->status == TS_PAID) {
+		KV_TIME(pk, "paid_at", tp->paid_at);
+		KV_AMOUNT(pk, "paid_amount", tp->paid_amount);
+		KV_STR(pk, "paid_currency", tp->paid_currency);
+		KV_AMOUNT(pk, "credited", tp->credited);
+		KV_STR(pk, "provider", tp->provider);
+		KV_STR(pk, "provider_ref", tp->provider_ref);
+		KV_U64(pk, "txn", tp->txn_id);
+	}
+}
+
+/* Loads the top-up named by the ref param. */
+static int
+load_topup(struct call *c, struct topup *tp, struct str *ref)
+{
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = p_str(c, "ref", 1, sizeof(tp->ref) - 1, ref)))
+		return rc;
+	k = (MDB_val){ ref->n, (void *)ref->p };
+	if (ref->n == 0 || (rc = mdb_get(c->txn, store.topups, &k, &v)) == MDB_NOTFOUND)
+		return fail(c, E_UNKNOWN_TOPUP, "ref", "No top-up '%.*s'", (int)ref->n, ref->p);
+	if (rc)
+		return store_error(c, rc);
+	memset(tp, 0, sizeof(*tp));
+	memcpy(tp, v.mv_data, v.mv_size < sizeof(*tp) ? v.mv_size : sizeof(*tp));
+	return E_OK;
+}
+
+static int
+topup_put(struct call *c, const struct topup *tp)
+{
+	MDB_val k = { strlen(tp->ref), (void *)tp->ref }, v = { sizeof(*tp), (void *)tp };
+	int rc = mdb_put(c->txn, store.topups, &k, &v, 0);
+
+	return rc ? store_error(c, rc) : E_OK;
+}
+
+static int
+m_topup_create(struct call *c)
+{
+	struct str id;
+	struct wallet w;
+	struct topup tp;
+	unsigned char rnd[12];
+	int rc, present;
+
+	memset(&tp, 0, sizeof(tp));
+	if ((rc = p_wallet(c, &id)) || (rc = p_amount(c, "amount", 1, 1, &tp.amount, &present)) ||
+	    (rc = load_wallet(c, id, &w)))
+		return rc;
+	if (w.flags & WF_FROZEN)
+		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
+	if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd))
+		return fail(c, E_INTERNAL, NULL, "No randomness for a reference");
+	strcpy(tp.ref, "tp_");
+	for (size_t i = 0; i < sizeof(rnd); i++)
+		snprintf(tp.ref + 3 + 2 * i, 3, "%02x", rnd[i]);
+	memcpy(tp.wallet, id.p, id.n);
+	memcpy(tp.currency, w.currency, 4);
+	tp.created_at = now_seconds();
+	tp.expires_at = tp.created_at + config.topup_ttl;
+	tp.status = TS_PENDING;
+	topup_url(&tp);
+	if ((rc = topup_put(c, &tp)))
+		return rc;
+	topup_pack(c->pk, &tp);
+	return E_OK;
+}
+
+/*
+ * topup.confirm: credits what the gateway says was paid, once, in the same
+ * commit that marks the top-up paid.  A later confirm answers the first.  A
+ * cancelled or expired top-up is still credited (the customer paid), flagged
+ * late for staff.
+ */
+static int
+m_topup_confirm(struct call *c)
+{
+	struct str ref, provider, provider_ref, currency;
+	struct topup tp;
+	struct wallet w;
+	struct txn t;
+	int64_t paid, credited;
+	MDB_val raw;
+	int rc, present;
+
+	memset(&t, 0, sizeof(t));
+	if ((rc = load_topup(c, &tp, &ref)) || (rc = p_amount(c, "amount", 1, 1, &paid, &present)) ||
+	    (rc = p_name(c, "provider", 1, 0, &provider)) ||
+	    (rc = p_str(c, "provider_ref", 1, REF_MAX, &provider_ref)) ||
+	    (rc = p_currency(c, "currency", 0, &currency)))
+		return rc;
+	if (tp.status == TS_PAID) {
+		if ((rc = txn_get(c->txn, tp.txn_id, &raw)))
+			return store_error(c, rc);
+		msgpack_pack_map(c->pk, 3);
+		pack_cstr(c->pk, "topup");
+		topup_pack(c->pk, &tp);
+		pack_cstr(c->pk, "transaction");
+		c->pk->callback(c->pk->data, raw.mv_data, raw.mv_size);
+		pack_cstr(c->pk, "replayed");
+		msgpack_pack_true(c->pk);
+		return E_OK;
+	}
+	if ((rc = load_wallet(c, (struct str){ tp.wallet, strlen(tp.wallet) }, &w)))
+		return rc;
+	if (currency.p == NULL)
+		currency = (struct str){ w.currency, 3 };
+	rc = fx_convert(c->txn, paid, (char[4]){ currency.p[0], currency.p[1], currency.p[2], 0 },
+	    w.currency, &credited);
+	if (rc < 0)
+		return store_error(c, rc);
+	if (rc == E_NO_FX_RATE)
+		return fail(c, E_NO_FX_RATE, "currency", "No exchange rate from %.3s to %s", currency.p, w.currency);
+	if (rc != E_OK || credited <= 0 || __builtin_add_overflow(w.balance, credited, &w.balance))
+		return fail(c, E_INVALID_ARGUMENT, "amount", "amount is out of range");
+	tp.late = tp.status == TS_CANCELLED || now_seconds() >= tp.expires_at;
+	tp.status = TS_PAID;
+	tp.paid_at = now_seconds();
+	tp.paid_amount = paid;
+	memcpy(tp.paid_currency, currency.p, 3);
+	tp.credited = credited;
+	snprintf(tp.provider, sizeof(tp.provider), "%.*s", (int)provider.n, provider.p);
+	snprintf(tp.provider_ref, sizeof(tp.provider_ref), "%.*s", (int)provider_ref.n, provider_ref.p);
+
+	t.type = T_CREDIT;
+	t.wallet = (struct str){ tp.wallet, strlen(tp.wallet) };
+	t.amount = credited;
+	t.currency = w.currency;
+	t.ref = ref;
+	t.provider = provider;
+	t.provider_ref = provider_ref;
+	t.has_actor = 1;
+	t.actor_uid = (uint32_t)c->uid;
+	if (memcmp(currency.p, w.currency, 3) != 0) {
+		t.paid_amount = paid;
+		t.paid_currency = tp.paid_currency;
+	}
+	snprintf(t.description, sizeof(t.description), "Top up via %c%.*s", toupper((unsigned char)provider.p[0]),
+	    (int)provider.n - 1, provider.p + 1);
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)) ||
+	    (rc = wallet_put(c->txn, t.wallet, &w)))
+		return store_error(c, rc);
+	tp.txn_id = t.id;
+	if ((rc = topup_put(c, &tp)))
+		return rc;
+	msgpack_pack_map(c->pk, 3);
+	pack_cstr(c->pk, "topup");
+	topup_pack(c->pk, &tp);
+	pack_cstr(c->pk, "transaction");
+	c->pk->callback(c->pk->data, scratch.data, scratch.size);
+	pack_cstr(c->pk, "replayed");
+	msgpack_pack_false(c->pk);
+	return E_OK;
+}
+
+static int
+m_topup_cancel(struct call *c)
+{
+	struct str ref;
+	struct topup tp;
+	int rc;
+
+	if ((rc = load_topup(c, &tp, &ref)))
+		return rc;
+	if (tp.status == TS_PAID)
+		return fail(c, E_INVALID_ARGUMENT, "ref", "Top-up '%s' is already paid", tp.ref);
+	tp.status = TS_CANCELLED;
+	if ((rc = topup_put(c, &tp)))
+		return rc;
+	topup_pack(c->pk, &tp);
+	return E_OK;
+}
+
+static int
+m_topup_get(struct call *c)
+{
+	struct str ref;
+	struct topup tp;
+	int rc;
+
+	if ((rc = load_topup(c, &tp, &ref)))
+		return rc;
+	topup_pack(c->pk, &tp);
+	return E_OK;
+}
+
+/* topup.list: a wallet's top-ups (all top-ups are scanned: an admin view). */
+static int
+m_topup_list(struct call *c)
+{
+	struct str id, status;
+	struct wallet w;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	msgpack_sbuffer rows;
+	msgpack_packer rpk;
+	uint32_t n = 0;
+	int rc, want = -1;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "status", 0, 16, &status)) ||
+	    (rc = load_wallet(c, id, &w)))
+		return rc;
+	for (int s = 0; status.p && s < 4; s++)
+		if (strlen(topup_status_names[s]) == status.n && memcmp(topup_status_names[s], status.p, status.n) == 0)
+			want = s;
+	if (status.p && want < 0)
+		return fail(c, E_INVALID_ARGUMENT, "status", "status must be pending, paid, cancelled or expired");
+	if ((rc = mdb_cursor_open(c->txn, store.topups, &cur)))
+		return store_error(c, rc);
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct topup tp;
+		int shown;
+
+		memset(&tp, 0, sizeof(tp));
+		memcpy(&tp, v.mv_data, v.mv_size < sizeof(tp) ? v.mv_size : sizeof(tp));
+		shown = tp.status == TS_PENDING && now_seconds() >= tp.expires_at ? TS_EXPIRED : (int)tp.status;
+		if (strlen(tp.wallet) != id.n || memcmp(tp.wallet, id.p, id.n) != 0 || (want >= 0 && shown != want))
+			continue;
+		topup_pack(&rpk, &tp);
+		n++;
+	}
+	mdb_cursor_close(cur);
+	msgpack_pack_map(c->pk, 1);
+	pack_cstr(c->pk, "topups");
+	msgpack_pack_array(c->pk, n);
+	c->pk->callback(c->pk->data, rows.data, rows.size);
+	msgpack_sbuffer_destroy(&rows);
+	return E_OK;
+}
+
+/* Appends one breach to the verify report. */
+static void
+verify_breach(msgpack_packer *pk, uint32_t *n, struct str wallet, uint64_t txn, const char *problem)
+{
+	msgpack_pack_map(pk, 3);
+	KV_SSTR(pk, "wallet", wallet);
+	KV_U64(pk, "txn", txn);
+	KV_STR(pk, "problem", problem);
+	(*n)++;
+}
+
+/*
+ * verify: for every wallet, walks its history index and its log records:
+ * the running sum must equal every balance_after and the balance, and every
+ * record must agree with its index entry.  Costs a pass over the store; runs
+ * on a helper thread.
+ */
+static int
+m_verify(struct call *c)
+{
+	MDB_cursor *wc;
+	MDB_val k, v;
+	MDB_stat st;
+	msgpack_sbuffer rows;
+	msgpack_packer rpk;
+	uint64_t wallets = 0, txns = 0;
+	uint32_t breaches = 0;
+	int rc;
+
+	if ((rc = mdb_cursor_open(c->txn, store.wallets, &wc)))
+		return store_error(c, rc);
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
+	for (rc = mdb_cursor_get(wc, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(wc, &k, &v, MDB_NEXT)) {
+		struct str id = { k.mv_data, k.mv_size };
+		struct wallet w;
+		int64_t sum = 0;
+		char problem[200];
+
+		memset(&w, 0, sizeof(w));
+		memcpy(&w, v.mv_data, v.mv_size < sizeof(w) ? v.mv_size : sizeof(w));
+		wallets++;
+		for (uint64_t seq = 0; seq < w.txn_count; seq++) {
+			struct hist h;
+			MDB_val raw;
+			msgpack_unpacked rec;
+			const msgpack_object *a, *b;
+			int64_t amount = 0, after = 0;
+
+			txns++;
+			if (hist_get(c->txn, w.number, seq, &h) != 0) {
+				verify_breach(&rpk, &breaches, id, 0, "history index entry missing");
+				break;
+			}
+			if (__builtin_add_overflow(sum, h.amount, &sum))
+				verify_breach(&rpk, &breaches, id, h.id, "running sum overflows");
+			if (h.balance_after != sum) {
+				snprintf(problem, sizeof(problem), "balance_after %" PRId64 " != running sum %" PRId64 " (micro-units)",
+				    h.balance_after, sum);
+				verify_breach(&rpk, &breaches, id, h.id, problem);
+			}
+			if (h.balance_after < 0)
+				verify_breach(&rpk, &breaches, id, h.id, "balance below zero");
+			if (txn_get(c->txn, h.id, &raw) != 0) {
+				verify_breach(&rpk, &breaches, id, h.id, "log record missing");
+				continue;
+			}
+			msgpack_unpacked_init(&rec);
+			if (msgpack_unpack_next(&rec, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS ||
+			    !obj_str_eq(&rec.data, "wallet", id) || obj_u64(&rec.data, "id") != h.id ||
+			    (a = map_get(&rec.data, "amount")) == NULL || a->type != MSGPACK_OBJECT_STR ||
+			    (b = map_get(&rec.data, "balance_after")) == NULL || b->type != MSGPACK_OBJECT_STR ||
+			    amount_parse(a->via.str.ptr, a->via.str.size, &amount) != 0 ||
+			    amount_parse(b->via.str.ptr, b->via.str.size, &after) != 0 ||
+			    amount != h.amount || after != h.balance_after)
+				verify_breach(&rpk, &breaches, id, h.id, "log record disagrees with the history index");
+			msgpack_unpacked_destroy(&rec);
+		}
+		if (sum != w.balance) {
+			char b1[32], b2[32];
+
+			snprintf(problem, sizeof(problem), "balance %s != sum of transactions %s",
+			    amount_format(w.balance, b1, 0), amount_format(sum, b2, 0));
+			verify_breach(&rpk, &breaches, id, 0, problem);
+		}
+	}
+	mdb_cursor_close(wc);
+	if (rc != MDB_NOTFOUND) {
+		msgpack_sbuffer_destroy(&rows);
+		return store_error(c, rc);
+	}
+	if ((rc = mdb_stat(c->txn, store.txns, &st)) == 0 && st.ms_entries != txns)
+		verify_breach(&rpk, &breaches, (struct str){ "", 0 }, 0,
+		    "the log holds transactions that no wallet's history lists");
+	msgpack_pack_map(c->pk, 4);
+	pack_cstr(c->pk, "ok");
+	if (breaches == 0)
+		msgpack_pack_true(c->pk);
+	else
+		msgpack_pack_false(c->pk);
+	KV_U64(c->pk, "wallets", wallets);
+	KV_U64(c->pk, "transactions", txns);
+	pack_cstr(c->pk, "breaches");
+	msgpack_pack_array(c->pk, breaches);
+	c->pk->callback(c->pk->data, rows.data, rows.size);
+	msgpack_sbuffer_destroy(&rows);
+	return E_OK;
+}
+
+/* backup: a compacted, consistent copy into the descriptor the caller passed. */
+static int
+m_backup(struct call *c)
+{
+	struct stat st;
+	int rc;
+
+	if (c->fd < 0)
+		return fail(c, E_INVALID_ARGUMENT, "file",
+		    "backup needs a file descriptor passed with the request (SCM_RIGHTS)");
+	if (fstat(c->fd, &st) != 0 || !S_ISREG(st.st_mode))
+		return fail(c, E_INVALID_ARGUMENT, "file", "the descriptor passed is not a regular file");
+	if ((rc = mdb_env_copyfd2(store.env, c->fd, MDB_CP_COMPACT)) != 0)
+		return fail(c, E_INTERNAL, "file", "backup failed: %s", mdb_strerror(rc));
+	fstat(c->fd, &st);
+	msgpack_pack_map(c->pk, 1);
+	KV_U64(c->pk, "bytes", (uint64_t)st.st_size);
+	return E_OK;
+}
+
+static int m_stats(struct call *c);
+
+typedef int (*method_fn)(struct call *);
+
+/* The handlers, in the order of the method table. */
+static const method_fn method_fns[M__COUNT] = {
+	[M_PING] = m_ping, [M_WALLET_CREATE] = m_wallet_create,
+	[M_WALLET_GET] = m_wallet_get, [M_BALANCE] = m_balance,
+	[M_WALLET_UPDATE] = m_wallet_update, [M_WALLET_LIST] = m_wallet_list,
+	[M_RATE_SET] = m_rate_set, [M_RATE_DELETE] = m_rate_delete,
+	[M_RATE_LIST] = m_rate_list, [M_RATE_LOOKUP] = m_rate_lookup,
+	[M_RATE_IMPORT] = m_rate_import, [M_FX_SET] = m_fx_set, [M_FX_LIST] = m_fx_list,
+	[M_CHARGE] = m_charge, [M_CHARGE_BATCH] = m_charge_batch,
+	[M_PRECHECK] = m_precheck, [M_QUOTE] = m_quote,
+	[M_TOPUP_CREATE] = m_topup_create, [M_TOPUP_CONFIRM] = m_topup_confirm,
+	[M_TOPUP_CANCEL] = m_topup_cancel, [M_TOPUP_GET] = m_topup_get,
+	[M_TOPUP_LIST] = m_topup_list, [M_CREDIT] = m_credit, [M_DEBIT] = m_debit,
+	[M_REFUND] = m_refund, [M_HISTORY] = m_history,
+	[M_NOTIFICATIONS] = m_notifications, [M_VERIFY] = m_verify,
+	[M_BACKUP] = m_backup, [M_STATS] = m_stats,
+};
+
+/* ====================================================================== */
+/* 5. Protocol and connections                                            */
+/* ====================================================================== */
+
+#define READ_CHUNK    (64u << 10)
+#define INFLIGHT_MAX  4096  /* requests of one connection in flight before it is not read */
+#define LAT_RING      65536
+
+enum { RQ_WAITING, RQ_WRITER, RQ_SLOW, RQ_DONE };
+
+/* One request, from its frame to its answer. */
+struct req {
+	struct req *next;         /* in its connection's FIFO */
+	struct req *qnext;        /* in the writer's queue, or the done list */
+	struct conn *conn;
+	msgpack_unpacked msg;     /* owns the decoded frame */
+	const msgpack_object *params;
+	int method;               /* -1 when answered at decode time */
+	int state;                /* RQ_* */
+	int code;                 /* the answer's error code, E_OK on success */
+	int fd;                   /* descriptor passed with it, or -1 */
+	int alert;
+	int full;                 /* met a full map the writer could not grow */
+	uid_t uid;
+	uint32_t msgid;
+	int has_msgid;
+	size_t bytes;
+	uint64_t t0;
+	msgpack_sbuffer out;      /* the answer frame */
+};
+
+struct buf {
+	char *p;
+	size_t len, off, cap;
+};
+
+struct conn {
+	int fd;
+	uid_t uid;
+	gid_t gid;
+	unsigned roles;
+	msgpack_unpacker up;
+	struct buf out;
+	struct req *head, *tail;  /* requests in order; answers leave from head */
+	struct req *first_wait;   /* the first not yet dispatched */
+	unsigned inflight;        /* with the writer or a helper */
+	unsigned nslow;           /* with a helper */
+	int passed_fd;
+	int closing;              /* answer what is queued, then close */
+	int dead;                 /* socket closed; freed when inflight is 0 */
+	int dirty;
+	unsigned events;          /* registered with epoll */
+	uint64_t last_active;
+	struct conn *dirty_next;
+	struct conn *prev, *next;
+};
+
+/* The process state. */
+static struct server {
+	int listen_fd, epoll_fd, event_fd, signal_fd;
+	const char *config_path;
+	unsigned nconns;
+	struct conn *conns;
+	struct conn *dirty;
+	MDB_txn *rtxn;            /* the event loop's read transaction, reset between uses */
+	pthread_mutex_t lock;     /* guards the queues below and the writer's stats */
+	pthread_cond_t cond;
+	struct req *wq_head, *wq_tail;     /* for the writer */
+	struct req *done_head, *done_tail; /* answered by the writer or a helper */
+	struct req *pend_head, *pend_tail; /* event loop: for the writer at the end of this turn */
+	int stopping;
+	pthread_t writer;
+	uid_t self_uid;
+	uid_t role_uids[3][ID_LIST_MAX];
+	gid_t role_gids[3][ID_LIST_MAX];
+	int role_nuids[3], role_ngids[3];
+} srv;
+
+static struct stats {
+	uint64_t requests[M__COUNT], errors[M__COUNT], codes[E__COUNT];
+	uint64_t commits, committed, batch_max, commit_us, failed_commits, map_grows;
+	uint64_t conns_total, conns_refused, conns_dropped;
+	uint32_t lat[LAT_RING];
+	uint64_t lat_n;
+	int64_t started;
+} stats;
+
+/* Parses a list of user or group names / ids into ids.  Returns the count. */
+static int
+roles_parse(const char *list, int groups, unsigned *ids, const char *key)
+{
+	char copy[256], *save = NULL;
+	int n = 0;
+
+	snprintf(copy, sizeof(copy), "%s", list);
+	for (char *tok = strtok_r(copy, ", \t", &save); tok && n < ID_LIST_MAX;
+	    tok = strtok_r(NULL, ", \t", &save)) {
+		char *end;
+		unsigned long v = strtoul(tok, &end, 10);
+
+		if (*end != '\0') {
+			struct passwd *pw = groups ? NULL : getpwnam(tok);
+			struct group *gr = groups ? getgrnam(tok) : NULL;
+
+			if (pw == NULL && gr == NULL) {
+				log_x(L_WARN, "%s: no such %s '%s'", key, groups ? "group" : "user", tok);
+				continue;
+			}
+			v = groups ? gr->gr_gid : pw->pw_uid;
+		}
+		ids[n++] = (unsigned)v;
+	}
+	return n;
+}
+
+/* Resolves the role lists of the config into ids. */
+static void
+roles_load(void)
+{
+	const char *users[3] = { config.admin_users, config.client_users, config.payments_users };
+	const char *groups[3] = { config.admin_groups, config.client_groups, config.payments_groups };
+
+	for (int i = 0; i < 3; i++) {
+		srv.role_nuids[i] = roles_parse(users[i], 0, srv.role_uids[i], "role users");
+		srv.role_ngids[i] = roles_parse(groups[i], 1, srv.role_gids[i], "role groups");
+	}
+}
+
+/* The roles of a peer: root and walletd's own uid are admin; else the config's lists. */
+static unsigned
+roles_of(uid_t uid, gid_t gid)
+{
+	gid_t groups[64];
+	int ngroups = 64;
+	unsigned roles = 0;
+	struct passwd *pw;
+
+	if (uid == 0 || uid == srv.self_uid)
+		return ROLE_ADMIN;
+	groups[0] = gid;
+	if ((pw = getpwuid(uid)) == NULL || getgrouplist(pw->pw_name, gid, groups, &ngroups) < 0)
+		ngroups = 1;
+	for (int r = 0; r < 3; r++) {
+		for (int i = 0; i < srv.role_nuids[r]; i++)
+			if (srv.role_uids[r][i] == uid)
+				roles |= 1u << r;
+		for (int i = 0; i < srv.role_ngids[r]; i++)
+			for (int g = 0; g < ngroups; g++)
+				if (srv.role_gids[r][i] == groups[g])
+					roles |= 1u << r;
+	}
+	return roles;
+}
+
+/* Writes a response header [1, msgid, into out. */
+static void
+pack_response_head(msgpack_packer *pk, const struct req *r)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_int(pk, 1);
+	if (r->has_msgid)
+		msgpack_pack_uint32(pk, r->msgid);
+	else
+		msgpack_pack_nil(pk);
+}
+
+/*
+ * Runs request r in txn: its answer frame is left in r->out, its error code
+ * in r->code.  Returns the first LMDB error the method met (MDB_MAP_FULL
+ * tells the writer to grow the map and run the batch again), or 0.
+ */
+static int
+req_execute(struct req *r, MDB_txn *txn)
+{
+	struct call c;
+	msgpack_packer pk;
+	size_t mark;
+
+	memset(&c, 0, sizeof(c));
+	c.txn = txn;
+	c.params = r->params;
+	c.uid = r->uid;
+	c.fd = r->fd;
+	msgpack_sbuffer_clear(&r->out);
+	msgpack_packer_init(&pk, &r->out, msgpack_sbuffer_write);
+	pack_response_head(&pk, r);
+	mark = r->out.size;
+	msgpack_pack_nil(&pk);
+	c.pk = &pk;
+	r->code = method_fns[r->method](&c);
+	if (r->code != E_OK) {
+		r->out.size = mark;
+		pack_error(&pk, &c);
+		msgpack_pack_nil(&pk);
+	}
+	r->alert = c.alert;
+	return c.mdb_rc;
+}
+
+/* Answers r with an error made outside any method. */
+static void __attribute__((format(printf, 4, 5)))
+req_error(struct req *r, int code, const char *field, const char *fmt, ...)
+{
+	struct call c;
+	msgpack_packer pk;
+	va_list ap;
+
+	memset(&c, 0, sizeof(c));
+	c.code = code;
+	c.field = field;
+	va_start(ap, fmt);
+	vsnprintf(c.message, sizeof(c.message), fmt, ap);
+	va_end(ap);
+	msgpack_sbuffer_clear(&r->out);
+	msgpack_packer_init(&pk, &r->out, msgpack_sbuffer_write);
+	pack_response_head(&pk, r);
+	pack_error(&pk, &c);
+	msgpack_pack_nil(&pk);
+	r->code = code;
+	r->state = RQ_DONE;
+}
+
+/* Answers r with the error LMDB code rc maps to. */
+static void
+req_store_error(struct req *r, int rc)
+{
+	struct call c;
+
+	memset(&c, 0, sizeof(c));
+	store_error(&c, rc);
+	req_error(r, c.code, NULL, "%s", c.message);
+}
+
+static struct req *
+req_new(struct conn *c)
+{
+	struct req *r = calloc(1, sizeof(*r));
+
+	if (r == NULL)
+		return NULL;
+	r->conn = c;
+	r->uid = c->uid;
+	r->fd = -1;
+	r->method = -1;
+	r->t0 = now_micros();
+	msgpack_sbuffer_init(&r->out);
+	return r;
+}
+
+static void
+req_free(struct req *r)
+{
+	msgpack_unpacked_destroy(&r->msg);
+	msgpack_sbuffer_destroy(&r->out);
+	if (r->fd >= 0)
+		close(r->fd);
+	free(r);
+}
+
+/* Counts a finished request in the stats. */
+static void
+stats_count(const struct req *r)
+{
+	if (r->method >= 0) {
+		stats.requests[r->method]++;
+		if (r->code != E_OK)
+			stats.errors[r->method]++;
+	}
+	if (r->code > 0 && r->code < E__COUNT)
+		stats.codes[r->code]++;
+	stats.lat[stats.lat_n++ % LAT_RING] = (uint32_t)(now_micros() - r->t0);
+}
+
+static void
+conn_mark_dirty(struct conn *c)
+{
+	if (!c->dirty) {
+		c->dirty = 1;
+		c->dirty_next = srv.dirty;
+		srv.dirty = c;
+	}
+}
+
+/* Appends n bytes to the connection's output. Returns 0, or -1 out of memory. */
+static int
+buf_append(struct buf *b, const void *p, size_t n)
+{
+	if (b->len + n > b->cap) {
+		size_t cap = b->cap ? b->cap : 4096;
+		char *q;
+
+		while (cap < b->len + n)
+			cap *= 2;
+		if ((q = realloc(b->p, cap)) == NULL)
+			return -1;
+		b->p = q;
+		b->cap = cap;
+	}
+	memcpy(b->p + b->len, p, n);
+	b->len += n;
+	return 0;
+}
+
+/* Puts r at the tail of c's queue. */
+static void
+conn_queue(struct conn *c, struct req *r)
+{
+	if (c->tail)
+		c->tail->next = r;
+	else
+		c->head = r;
+	c->tail = r;
+	if (c->first_wait == NULL)
+		c->first_wait = r;
+	conn_mark_dirty(c);
+}
+
+/*
+ * Decodes the frame in msg (taking it over) into a request at the tail of
+ * c's queue.  Frames that are not well-formed requests are answered here.
+ */
+static void
+conn_frame(struct conn *c, msgpack_unpacked *msg, size_t bytes)
+{
+	struct req *r = req_new(c);
+	const msgpack_object *o, *m, *params;
+	int method;
+
+	if (r == NULL) {
+		msgpack_unpacked_destroy(msg);
+		c->closing = 1;
+		return;
+	}
+	r->msg = *msg;
+	msg->zone = NULL;
+	r->bytes = bytes;
+	o = &r->msg.data;
+	if (o->type == MSGPACK_OBJECT_ARRAY && o->via.array.size == 3 &&
+	    o->via.array.ptr[0].type == MSGPACK_OBJECT_POSITIVE_INTEGER && o->via.array.ptr[0].via.u64 == 2) {
+		req_free(r); /* a notification: never answered */
+		return;
+	}
+	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 4 ||
+	    o->via.array.ptr[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.array.ptr[0].via.u64 != 0) {
+		req_error(r, E_MALFORMED_REQUEST, NULL, "Not a request: expected [0, msgid, method, params]");
+		goto queue;
+	}
+	if (o->via.array.ptr[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.array.ptr[1].via.u64 > UINT32_MAX) {
+		req_error(r, E_MALFORMED_REQUEST, NULL, "msgid must be a uint32");
+		goto queue;
+	}
+	r->msgid = (uint32_t)o->via.array.ptr[1].via.u64;
+	r->has_msgid = 1;
+	m = &o->via.array.ptr[2];
+	if (m->type != MSGPACK_OBJECT_STR && m->type != MSGPACK_OBJECT_BIN) {
+		req_error(r, E_MALFORMED_REQUEST, NULL, "method must be a string");
+		goto queue;
+	}
+	method = m->type == MSGPACK_OBJECT_STR ? method_find(m->via.str.ptr, m->via.str.size) :
+	    method_find(m->via.bin.ptr, m->via.bin.size);
+	if (method < 0) {
+		req_error(r, E_UNKNOWN_METHOD, NULL, "Unknown method '%.*s'",
+		    (int)(m->via.str.size > 64 ? 64 : m->via.str.size), m->via.str.ptr);
+		goto queue;
+	}
+	r->method = method;
+	params = &o->via.array.ptr[3];
+	if (params->type != MSGPACK_OBJECT_ARRAY || params->via.array.size > 1 ||
+	    (params->via.array.size == 1 && params->via.array.ptr[0].type != MSGPACK_OBJECT_MAP &&
+	    params->via.array.ptr[0].type != MSGPACK_OBJECT_NIL)) {
+		req_error(r, E_INVALID_ARGUMENT, "params", "params must be [] or [map]");
+		goto queue;
+	}
+	if (params->via.array.size == 1 && params->via.array.ptr[0].type == MSGPACK_OBJECT_MAP)
+		r->params = &params->via.array.ptr[0];
+	if (!(method_table[method].roles & c->roles)) {
+		req_error(r, E_PERMISSION_DENIED, NULL, "uid %u may not call %s",
+		    (unsigned)c->uid, method_table[method].name);
+		goto queue;
+	}
+	if (method == M_BACKUP) {
+		r->fd = c->passed_fd;
+		c->passed_fd = -1;
+	}
+queue:
+	conn_queue(c, r);
+}
+
+/* Tells epoll what c waits for: input unless it is closing or too far
+ * behind, output while answers wait. */
+static void
+conn_events(struct conn *c)
+{
+	unsigned want = 0;
+	struct epoll_event ev;
+
+	if (c->dead)
+		return;
+	if (!c->closing && c->inflight < INFLIGHT_MAX && c->out.len - c->out.off < config.max_output / 2)
+		want |= EPOLLIN;
+	if (c->out.len > c->out.off)
+		want |= EPOLLOUT;
+	if (want == c->events)
+		return;
+	ev.events = want;
+	ev.data.ptr = c;
+	epoll_ctl(srv.epoll_fd, EPOLL_CTL_MOD, c->fd, &ev);
+	c->events = want;
+}
+
+/* Frees c once nothing refers to it. */
+static void
+conn_free(struct conn *c)
+{
+	while (c->head) {
+		struct req *r = c->head;
+
+		c->head = r->next;
+		req_free(r);
+	}
+	msgpack_unpacker_destroy(&c->up);
+	free(c->out.p);
+	if (c->passed_fd >= 0)
+		close(c->passed_fd);
+	free(c);
+}
+
+/*
+ * Closes c's socket now.  Its requests with the writer or a helper still
+ * complete (and commit); c is freed when the last one comes back.
+ */
+static void
+conn_close(struct conn *c)
+{
+	if (c->dead)
+		return;
+	epoll_ctl(srv.epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
+	close(c->fd);
+	c->dead = 1;
+	srv.nconns--;
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		srv.conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	if (c->inflight == 0 && !c->dirty)
+		conn_free(c);
+}
+
+/* Writes what c's output holds; cuts off a client that lets too much pile up. */
+static void
+conn_flush(struct conn *c)
+{
+	while (c->out.len > c->out.off) {
+		ssize_t n = send(c->fd, c->out.p + c->out.off, c->out.len - c->out.off, MSG_NOSIGNAL);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			break;
+		if (n <= 0) {
+			conn_close(c);
+			return;
+		}
+		c->out.off += (size_t)n;
+		c->last_active = now_micros();
+	}
+	if (c->out.off == c->out.len) {
+		c->out.off = c->out.len = 0;
+		if (c->out.cap > (1u << 20)) {
+			free(c->out.p);
+			c->out.p = NULL;
+			c->out.cap = 0;
+		}
+	} else if (c->out.len - c->out.off > config.max_output) {
+		log_x(L_WARN, "uid %u left %zu bytes of answers unread: connection cut off",
+		    (unsigned)c->uid, c->out.len - c->out.off);
+		stats.conns_dropped++;
+		conn_close(c);
+		return;
+	}
+	if (c->closing && c->head == NULL && c->out.len == 0) {
+		conn_close(c);
+		return;
+	}
+	conn_events(c);
+}
+
+static void writer_submit(struct req *r);
+static void slow_start(struct req *r);
+
+/* Runs a read in the event loop's read transaction. */
+static void
+req_run_read(struct req *r)
+{
+	int rc;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	rc = srv.rtxn ? mdb_txn_renew(srv.rtxn) : mdb_txn_begin(store.env, NULL, MDB_RDONLY, &srv.rtxn);
+	if (rc == 0) {
+		req_execute(r, srv.rtxn);
+		mdb_txn_reset(srv.rtxn);
+	} else {
+		req_store_error(r, rc);
+	}
+	pthread_rwlock_unlock(&store.maplock);
+	r->state = RQ_DONE;
+}
+
+/*
+ * Moves c's requests along: answers leave in order from the head; the next
+ * waiting request is dispatched when its turn allows - a read with nothing
+ * before it runs now, in the loop; a write, or a read behind a write of its
+ * own connection (so it sees that write), goes to the writer; a slow one to a
+ * helper, alone.
+ */
+static void
+conn_pump(struct conn *c)
+{
+	for (;;) {
+		struct req *r;
+		unsigned flags;
+
+		while ((r = c->head) && r->state == RQ_DONE) {
+			if (!c->dead && buf_append(&c->out, r->out.data, r->out.size) != 0)
+				c->closing = 1;
+			c->head = r->next;
+			if (c->head == NULL)
+				c->tail = NULL;
+			if (c->first_wait == r)
+				c->first_wait = r->next;
+			req_free(r);
+		}
+		if ((r = c->first_wait) == NULL)
+			break;
+		if (r->state == RQ_DONE) {
+			c->first_wait = r->next;
+			continue;
+		}
+		flags = method_table[r->method].flags;
+		if (r != c->head && (c->nslow || (flags & MF_SLOW)))
+			break;
+		c->first_wait = r->next;
+		if (flags & MF_SLOW) {
+			r->state = RQ_SLOW;
+			c->inflight++;
+			c->nslow++;
+			slow_start(r);
+		} else if ((flags & MF_WRITE) || r != c->head) {
+			r->state = RQ_WRITER;
+			c->inflight++;
+			writer_submit(r);
+		} else {
+			req_run_read(r);
+			stats_count(r);
+		}
+	}
+}
+
+/* Reads what c sent and decodes every whole frame in it. */
+static void
+conn_read(struct conn *c)
+{
+	for (int rounds = 0; rounds < 4 && !c->closing && !c->dead; rounds++) {
+		char cbuf[CMSG_SPACE(sizeof(int))];
+		struct iovec iov;
+		struct msghdr mh;
+		struct cmsghdr *cm;
+		msgpack_unpacked msg;
+		msgpack_unpack_return ret;
+		ssize_t n;
+
+		if (!msgpack_unpacker_reserve_buffer(&c->up, READ_CHUNK)) {
+			c->closing = 1;
+			break;
+		}
+		iov.iov_base = msgpack_unpacker_buffer(&c->up);
+		iov.iov_len = msgpack_unpacker_buffer_capacity(&c->up);
+		memset(&mh, 0, sizeof(mh));
+		mh.msg_iov = &iov;
+		mh.msg_iovlen = 1;
+		mh.msg_control = cbuf;
+		mh.msg_controllen = sizeof(cbuf);
+		n = recvmsg(c->fd, &mh, MSG_CMSG_CLOEXEC);
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+			break;
+		if (n <= 0) {
+			/* The peer left: its requests still complete, their answers are dropped. */
+			conn_close(c);
+			return;
+		}
+		for (cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+			if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+				if (c->passed_fd >= 0)
+					close(c->passed_fd);
+				memcpy(&c->passed_fd, CMSG_DATA(cm), sizeof(int));
+			}
+		c->last_active = now_micros();
+		msgpack_unpacker_buffer_consumed(&c->up, (size_t)n);
+		msgpack_unpacked_init(&msg);
+		for (;;) {
+			size_t before = c->up.off;
+
+			ret = msgpack_unpacker_next(&c->up, &msg);
+			if (ret != MSGPACK_UNPACK_SUCCESS)
+				break;
+			conn_frame(c, &msg, c->up.off - before);
+		}
+		msgpack_unpacked_destroy(&msg);
+		if (ret == MSGPACK_UNPACK_PARSE_ERROR || ret == MSGPACK_UNPACK_NOMEM_ERROR) {
+			struct req *r = req_new(c);
+
+			if (r) {
+				req_error(r, E_MALFORMED_REQUEST, NULL, "The frame cannot be decoded as MessagePack");
+				conn_queue(c, r);
+			}
+			c->closing = 1;
+			conn_mark_dirty(c);
+			break;
+		}
+		if (c->up.used - c->up.off > config.max_frame) {
+			struct req *r = req_new(c);
+			const unsigned char *p = (const unsigned char *)c->up.buffer + c->up.off;
+
+			if (r) {
+				/* [0, msgid, ...: the msgid, if the head of the frame shows it. */
+				if (p[0] == 0x94 && p[1] == 0x00) {
+					r->has_msgid = 1;
+					if (p[2] < 0x80)
+						r->msgid = p[2];
+					else if (p[2] == 0xcc)
+						r->msgid = p[3];
+					else if (p[2] == 0xcd)
+						r->msgid = (uint32_t)p[3] << 8 | p[4];
+					else if (p[2] == 0xce)
+						r->msgid = (uint32_t)p[3] << 24 | (uint32_t)p[4] << 16 | (uint32_t)p[5] << 8 | p[6];
+					else
+						r->has_msgid = 0;
+				}
+				req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame is larger than %zu bytes", config.max_frame);
+				conn_queue(c, r);
+			}
+			c->closing = 1;
+			conn_mark_dirty(c);
+			break;
+		}
+		if ((size_t)n < iov.iov_len)
+			break;
+	}
+}
+
+/* Accepts every waiting connection. */
+static void
+conn_accept(void)
+{
+	for (;;) {
+		int fd = accept4(srv.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		struct ucred cred;
+		socklen_t len = sizeof(cred);
+		struct epoll_event ev;
+		struct conn *c;
+
+		if (fd < 0) {
+			if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+				log_p("accept");
+			return;
+		}
+		stats.conns_total++;
+		if (srv.nconns >= config.max_connections) {
+			static const char refusal[] = "\x94\x01\xc0\x82\xa4" "code" "\xb4" "too_many_connections"
+			    "\xa7" "message" "\xd9\x1f" "Too many connections; try later" "\xc0";
+
+			if (send(fd, refusal, sizeof(refusal) - 1, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+				log_p("refusing a connection");
+			close(fd);
+			stats.conns_refused++;
+			continue;
+		}
+		if ((c = calloc(1, sizeof(*c))) == NULL ||
+		    !msgpack_unpacker_init(&c->up, READ_CHUNK)) {
+			free(c);
+			close(fd);
+			continue;
+		}
+		c->fd = fd;
+		c->passed_fd = -1;
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+			c->uid = cred.uid;
+			c->gid = cred.gid;
+			c->roles = roles_of(cred.uid, cred.gid);
+		}
+		c->last_active = now_micros();
+		c->events = EPOLLIN;
+		ev.events = EPOLLIN;
+		ev.data.ptr = c;
+		if (epoll_ctl(srv.epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+			log_p("epoll_ctl");
+			msgpack_unpacker_destroy(&c->up);
+			free(c);
+			close(fd);
+			continue;
+		}
+		c->next = srv.conns;
+		if (srv.conns)
+			srv.conns->prev = c;
+		srv.conns = c;
+		srv.nconns++;
+	}
+}
+
+/* ====================================================================== */
+/* 6. Event loop, writer and helper threads                               */
+/* ====================================================================== */
+
+static void alert_wake(void);
+static void alert_config_lock(void);
+static void alert_config_unlock(void);
+
+/* Queues r for the writer; the queue is handed over at the end of the turn. */
+static void
+writer_submit(struct req *r)
+{
+	r->qnext = NULL;
+	if (srv.pend_tail)
+		srv.pend_tail->qnext = r;
+	else
+		srv.pend_head = r;
+	srv.pend_tail = r;
+}
+
+/* Hands what this turn of the loop read to the writer: one lock, one signal. */
+static void
+writer_handover(void)
+{
+	if (srv.pend_head == NULL)
+		return;
+	pthread_mutex_lock(&srv.lock);
+	if (srv.wq_tail)
+		srv.wq_tail->qnext = srv.pend_head;
+	else
+		srv.wq_head = srv.pend_head;
+	srv.wq_tail = srv.pend_tail;
+	pthread_cond_signal(&srv.cond);
+	pthread_mutex_unlock(&srv.lock);
+	srv.pend_head = srv.pend_tail = NULL;
+}
+
+/* Puts answered requests on the done list and wakes the event loop. */
+static void
+done_post(struct req *first, struct req *last)
+{
+	uint64_t one = 1;
+
+	pthread_mutex_lock(&srv.lock);
+	if (srv.done_tail)
+		srv.done_tail->qnext = first;
+	else
+		srv.done_head = first;
+	srv.done_tail = last;
+	pthread_mutex_unlock(&srv.lock);
+	if (write(srv.event_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		log_p("eventfd");
+}
+
+/*
+ * Runs one batch in one write transaction: each request in a nested
+ * transaction (committed into the batch if it succeeds, aborted if not),
+ * then one durable commit.  A full map is grown and the batch run again from
+ * the start; when it cannot grow, the requests that needed room answer
+ * storage_full.  If the commit fails every answer becomes that failure.
+ */
+static void
+writer_run(struct req *batch)
+{
+	uint64_t t0 = now_micros(), n = 0;
+	int rc, alert = 0;
+
+	for (;;) {
+		MDB_txn *parent;
+		int grow = 0;
+
+		if ((rc = mdb_txn_begin(store.env, NULL, 0, &parent)) != 0) {
+			for (struct req *r = batch; r; r = r->qnext)
+				req_store_error(r, rc);
+			break;
+		}
+		for (struct req *r = batch; r; r = r->qnext) {
+			MDB_txn *child;
+			int mrc;
+
+			if (r->full) {
+				req_store_error(r, MDB_MAP_FULL);
+				continue;
+			}
+			if ((rc = mdb_txn_begin(store.env, parent, 0, &child)) != 0) {
+				req_store_error(r, rc);
+				mrc = rc;
+			} else if ((mrc = req_execute(r, child)) == 0 && r->code == E_OK) {
+				if ((mrc = mdb_txn_commit(child)) != 0)
+					req_store_error(r, mrc);
+			} else {
+				mdb_txn_abort(child);
+			}
+			if (mrc == MDB_MAP_FULL) {
+				grow = 1;
+				r->full = 1;
+			}
+		}
+		if (!grow) {
+			if ((rc = mdb_txn_commit(parent)) == 0)
+				break;
+			if (rc != MDB_MAP_FULL) {
+				log_x(L_ERR, "commit failed: %s", mdb_strerror(rc));
+				for (struct req *r = batch; r; r = r->qnext)
+					req_store_error(r, rc);
+				pthread_mutex_lock(&srv.lock);
+				stats.failed_commits++;
+				pthread_mutex_unlock(&srv.lock);
+				goto done;
+			}
+			for (struct req *r = batch; r; r = r->qnext)
+				r->full = 1; /* the commit itself needed room */
+		} else {
+			mdb_txn_abort(parent);
+		}
+		if (store_grow() == 0) {
+			for (struct req *r = batch; r; r = r->qnext)
+				r->full = 0;
+			pthread_mutex_lock(&srv.lock);
+			stats.map_grows++;
+			pthread_mutex_unlock(&srv.lock);
+		}
+	}
+	for (struct req *r = batch; r; r = r->qnext) {
+		alert |= r->alert && r->code == E_OK;
+		n++;
+	}
+	pthread_mutex_lock(&srv.lock);
+	stats.commits++;
+	stats.committed += n;
+	if (n > stats.batch_max)
+		stats.batch_max = n;
+	stats.commit_us += now_micros() - t0;
+	pthread_mutex_unlock(&srv.lock);
+	if (alert)
+		alert_wake();
+done:
+	for (struct req *r = batch; r; r = r->qnext)
+		r->state = RQ_DONE;
+}
+
+/* The writer thread: takes what is queued, up to the batch caps, and runs it. */
+static void *
+writer_main(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		struct req *batch, *last;
+		size_t count = 0, bytes = 0;
+
+		pthread_mutex_lock(&srv.lock);
+		while (srv.wq_head == NULL && !srv.stopping)
+			pthread_cond_wait(&srv.cond, &srv.lock);
+		if (srv.wq_head == NULL) {
+			pthread_mutex_unlock(&srv.lock);
+			return NULL;
+		}
+		batch = last = srv.wq_head;
+		for (;;) {
+			count++;
+			bytes += last->bytes;
+			if (last->qnext == NULL || count >= config.batch_max || bytes >= config.batch_bytes)
+				break;
+			last = last->qnext;
+		}
+		srv.wq_head = last->qnext;
+		if (srv.wq_head == NULL)
+			srv.wq_tail = NULL;
+		last->qnext = NULL;
+		pthread_mutex_unlock(&srv.lock);
+		writer_run(batch);
+		done_post(batch, last);
+	}
+}
+
+/* A helper thread for one slow read (verify, backup), off the event loop. */
+static void *
+slow_main(void *arg)
+{
+	struct req *r = arg;
+	MDB_txn *txn;
+	int rc;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) == 0) {
+		req_execute(r, txn);
+		mdb_txn_abort(txn);
+	} else {
+		req_store_error(r, rc);
+	}
+	pthread_rwlock_unlock(&store.maplock);
+	r->state = RQ_DONE;
+	r->qnext = NULL;
+	done_post(r, r);
+	return NULL;
+}
+
+static void
+slow_start(struct req *r)
+{
+	pthread_t t;
+	pthread_attr_t attr;
+
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&t, &attr, slow_main, r) != 0) {
+		req_error(r, E_BUSY, NULL, "Cannot start a helper thread; retry later");
+		r->qnext = NULL;
+		done_post(r, r);
+	}
+	pthread_attr_destroy(&attr);
+}
+
+/* Takes the answered requests back into their connections. */
+static void
+done_collect(void)
+{
+	uint64_t value;
+	struct req *r, *next;
+
+	if (read(srv.event_fd, &value, sizeof(value)) < 0 && errno != EAGAIN)
+		log_p("eventfd");
+	pthread_mutex_lock(&srv.lock);
+	r = srv.done_head;
+	srv.done_head = srv.done_tail = NULL;
+	pthread_mutex_unlock(&srv.lock);
+	for (; r; r = next) {
+		struct conn *c = r->conn;
+
+		next = r->qnext;
+		r->state = RQ_DONE;
+		c->inflight--;
+		if (method_table[r->method].flags & MF_SLOW)
+			c->nslow--;
+		stats_count(r);
+		conn_mark_dirty(c);
+	}
+}
+
+/* Before sleeping: move every touched connection along, hand the writer its
+ * batch, and write the answers. */
+static void
+before_sleep(void)
+{
+	struct conn *c, *next;
+
+	/* Dispatch first, so the writer starts on this turn's requests while answers go out. */
+	for (c = srv.dirty; c; c = c->dirty_next)
+		conn_pump(c);
+	writer_handover();
+	for (c = srv.dirty, srv.dirty = NULL; c; c = next) {
+		next = c->dirty_next;
+		c->dirty = 0;
+		if (c->dead) {
+			conn_pump(c);
+			if (c->inflight == 0)
+				conn_free(c);
+			continue;
+		}
+		conn_flush(c);
+	}
+}
+
+/* Closes connections idle for longer than idle_timeout. */
+static void
+idle_sweep(void)
+{
+	uint64_t now = now_micros();
+	struct conn *c, *next;
+
+	if (config.idle_timeout == 0)
+		return;
+	for (c = srv.conns; c; c = next) {
+		next = c->next;
+		if (c->inflight == 0 && c->head == NULL &&
+		    now - c->last_active > (uint64_t)config.idle_timeout * 1000000u) {
+			log_x(L_DEBUG, "closing idle connection of uid %u", (unsigned)c->uid);
+			conn_close(c);
+		}
+	}
+}
+
+static int
+compare_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return (x > y) - (x < y);
+}
+
+/* stats: the event loop's counters, the writer's, and the store's size. */
+static int
+m_stats(struct call *c)
+{
+	msgpack_packer *pk = c->pk;
+	uint64_t n = stats.lat_n < LAT_RING ? stats.lat_n : LAT_RING;
+	uint32_t *lat = malloc((n ? n : 1) * sizeof(*lat));
+	double q[5] = { 0.5, 0.9, 0.99, 0.999, 1.0 };
+	const char *qn[5] = { "p50", "p90", "p99", "p999", "max" };
+	int methods = 0, codes = 0;
+	MDB_envinfo info;
+	MDB_stat st;
+	struct stats s;
+
+	if (lat == NULL)
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	pthread_mutex_lock(&srv.lock);
+	s = stats;
+	pthread_mutex_unlock(&srv.lock);
+	memcpy(lat, stats.lat, n * sizeof(*lat));
+	qsort(lat, n, sizeof(*lat), compare_u32);
+	mdb_env_info(store.env, &info);
+	mdb_env_stat(store.env, &st);
+	for (int i = 0; i < M__COUNT; i++)
+		methods += s.requests[i] != 0;
+	for (int i = 1; i < E__COUNT; i++)
+		codes += s.codes[i] != 0;
+
+	msgpack_pack_map(pk, 12);
+	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
+	pack_cstr(pk, "requests");
+	msgpack_pack_map(pk, (size_t)methods);
+	for (int i = 0; i < M__COUNT; i++)
+		if (s.requests[i]) {
+			pack_cstr(pk, method_table[i].name);
+			msgpack_pack_map(pk, 2);
+			KV_U64(pk, "calls", s.requests[i]);
+			KV_U64(pk, "errors", s.errors[i]);
+		}
+	pack_cstr(pk, "errors");
+	msgpack_pack_map(pk, (size_t)codes);
+	for (int i = 1; i < E__COUNT; i++)
+		if (s.codes[i])
+			KV_U64(pk, error_name(i), s.codes[i]);
+	KV_U64(pk, "commits", s.commits);
+	KV_U64(pk, "committed_requests", s.committed);
+	pack_cstr(pk, "mean_batch");
+	msgpack_pack_double(pk, s.commits ? (double)s.committed / (double)s.commits : 0.0);
+	KV_U64(pk, "max_batch", s.batch_max);
+	pack_cstr(pk, "mean_commit_us");
+	msgpack_pack_double(pk, s.commits ? (double)s.commit_us / (double)s.commits : 0.0);
+	pack_cstr(pk, "latency_us");
+	msgpack_pack_map(pk, 6);
+	KV_U64(pk, "samples", n);
+	for (int i = 0; i < 5; i++) {
+		uint64_t idx = n ? (uint64_t)(q[i] * (double)(n - 1) + 0.5) : 0;
+
+		KV_U64(pk, qn[i], n ? lat[idx] : 0);
+	}
+	pack_cstr(pk, "connections");
+	msgpack_pack_map(pk, 4);
+	KV_U64(pk, "open", srv.nconns);
+	KV_U64(pk, "total", s.conns_total);
+	KV_U64(pk, "refused", s.conns_refused);
+	KV_U64(pk, "cut_off", s.conns_dropped);
+	pack_cstr(pk, "store");
+	msgpack_pack_map(pk, 5);
+	KV_U64(pk, "map_size", info.me_mapsize);
+	KV_U64(pk, "map_used", (uint64_t)(info.me_last_pgno + 1) * st.ms_psize);
+	KV_U64(pk, "map_size_max", config.map_size_max);
+	KV_U64(pk, "map_grows", s.map_grows);
+	KV_U64(pk, "failed_commits", s.failed_commits);
+	free(lat);
+	return E_OK;
+}
+
+/* Creates the listening socket, replacing a stale one; refuses if a walletd answers there. */
+static int
+listen_open(const char *path)
+{
+	struct sockaddr_un sa;
+	struct group *gr;
+	int fd;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sun_family = AF_UNIX;
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		log_x(L_ERR, "socket path too long: %s", path);
+		return -1;
+	}
+	strcpy(sa.sun_path, path);
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0) {
+		log_p("socket");
+		return -1;
+	}
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+		log_x(L_ERR, "another walletd is serving %s", path);
+		close(fd);
+		return -1;
+	}
+	close(fd);
+	unlink(path); /* stale, from a crash */
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0) {
+		log_p("socket");
+		return -1;
+	}
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(fd, 1024) != 0) {
+		log_p("cannot listen on %s", path);
+		close(fd);
+		return -1;
+	}
+	if (chmod(path, 0660) != 0)
+		log_p("chmod %s", path);
+	if (config.socket_group[0]) {
+		if ((gr = getgrnam(config.socket_group)) == NULL || chown(path, (uid_t)-1, gr->gr_gid) != 0)
+			log_x(L_WARN, "cannot give %s to group %s", path, config.socket_group);
+	}
+	return fd;
+}
+
+/* SIGHUP: reloads what can change at run time from the config file. */
+static void
+config_reload(void)
+{
+	struct config next;
+
+	if (srv.config_path == NULL) {
+		log_x(L_INFO, "SIGHUP: no config file to reload");
+		return;
+	}
+	next = config;
+	if (config_load(&next, srv.config_path) != 0) {
+		log_x(L_ERR, "SIGHUP: %s has errors; nothing changed", srv.config_path);
+		return;
+	}
+	for (size_t i = 0; i < sizeof(config_keys) / sizeof(config_keys[0]); i++) {
+		const struct config_key *k = &config_keys[i];
+		char *old = (char *)&config + k->offset, *new = (char *)&next + k->offset;
+
+		if (memcmp(old, new, k->size) == 0)
+			continue;
+		if (!k->reloadable) {
+			log_x(L_WARN, "SIGHUP: %s changes only at restart", k->name);
+			continue;
+		}
+		alert_config_lock();
+		memcpy(old, new, k->size);
+		alert_config_unlock();
+		log_x(L_INFO, "SIGHUP: %s changed", k->name);
+	}
+	roles_load();
+	alert_wake();
+}
+
+/* The event loop: until SIGTERM or SIGINT. */
+static void
+loop_run(void)
+{
+	struct epoll_event evs[256];
+	uint64_t last_sweep = now_micros();
+
+	for (;;) {
+		int n = epoll_wait(srv.epoll_fd, evs, 256, 1000);
+
+		if (n < 0 && errno != EINTR) {
+			log_p("epoll_wait");
+			break;
+		}
+		for (int i = 0; i < n; i++) {
+			void *p = evs[i].data.ptr;
+
+			if (p == &srv.listen_fd) {
+				conn_accept();
+			} else if (p == &srv.event_fd) {
+				done_collect();
+			} else if (p == &srv.signal_fd) {
+				struct signalfd_siginfo si;
+
+				if (read(srv.signal_fd, &si, sizeof(si)) != sizeof(si))
+					continue;
+				if (si.ssi_signo == SIGHUP) {
+					config_reload();
+					continue;
+				}
+				log_x(L_INFO, "signal %u: stopping", si.ssi_signo);
+				return;
+			} else {
+				struct conn *c = p;
+
+				if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+					conn_read(c);
+				if (!c->dead && (evs[i].events & EPOLLOUT))
+					conn_mark_dirty(c);
+			}
+		}
+		before_sleep();
+		if (now_micros() - last_sweep > 1000000u) {
+			idle_sweep();
+			last_sweep = now_micros();
+		}
+	}
+}
+
+/*
+ * Stops cleanly: no new connections; the writer finishes what it holds and
+ * commits it; those answers are written (briefly waiting for slow readers).
+ */
+static void
+loop_stop(void)
+{
+	uint64_t deadline;
+
+	epoll_ctl(srv.epoll_fd, EPOLL_CTL_DEL, srv.listen_fd, NULL);
+	close(srv.listen_fd);
+	unlink(config.socket);
+	before_sleep();
+	pthread_mutex_lock(&srv.lock);
+	srv.stopping = 1;
+	pthread_cond_broadcast(&srv.cond);
+	pthread_mutex_unlock(&srv.lock);
+	pthread_join(srv.writer, NULL);
+	deadline = now_micros() + 2000000u;
+	for (;;) {
+		int writing = 0;
+
+		done_collect();
+		for (struct conn *c = srv.conns; c; c = c->next)
+			conn_mark_dirty(c);
+		before_sleep();
+		for (struct conn *c = srv.conns; c; c = c->next)
+			writing |= c->out.len > c->out.off;
+		if (!writing || now_micros() > deadline)
+			break;
+		usleep(10000);
+	}
+}
+
+
+/* ====================================================================== */
+/* 7. Alert thread                                                        */
+/* ====================================================================== */
+
+/*
+ * Sends the e-mails of recorded low-balance notifications.  Three calls:
+ * alert_spawn, alert_wake, alert_stop.  It reads the queue in a read
+ * transaction, talks SMTP with no transaction open, then records each
+ * outcome in a short write transaction of its own.  It never touches a
+ * client connection.
+ */
+static struct alerter {
+	pthread_t thread;
+	pthread_mutex_t lock;     /* guards wake, stop and the config it copies */
+	pthread_cond_t cond;
+	int wake, stop, running;
+} alerter = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+
+static void alert_config_lock(void) { pthread_mutex_lock(&alerter.lock); }
+static void alert_config_unlock(void) { pthread_mutex_unlock(&alerter.lock); }
+
+/* A notification due for an e-mail. */
+struct due {
+	unsigned char key[16];
+	struct note note;
+};
+
+struct payload {
+	const char *data;
+	size_t len, off;
+};
+
+static size_t
+payload_read(char *buf, size_t size, size_t nmemb, void *arg)
+{
+	struct payload *p = arg;
+	size_t n = size * nmemb;
+
+	if (n > p->len - p->off)
+		n = p->len - p->off;
+	memcpy(buf, p->data + p->off, n);
+	p->off += n;
+	return n;
+}
+
+/*
+ * Builds the RFC 5322 message for notification n into buf (cap bytes).
+ */
+static void
+alert_message(const struct config *cf, const struct due *d, char *buf, size_t cap)
+{
+	const struct note *n = &d->note;
+	char date[64], bal[32], thr[32], host[128] = "localhost";
+	time_t now = time(NULL);
+	struct tm tm;
+
+	gethostname(host, sizeof(host) - 1);
+	gmtime_r(&now, &tm);
+	strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S +0000", &tm);
+	amount_format(n->balance, bal, 2);
+	amount_format(n->threshold, thr, 2);
+	snprintf(buf, cap,
+	    "Date: %s\r\n"
+	    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".%u.%s@%s>\r\n"
+	    "From: %s\r\n"
+	    "To: %s\r\n"
+	    "Subject: %sLow balance: %s is at %s %s (threshold %s %s)\r\n"
+	    "MIME-Version: 1.0\r\n"
+	    "Content-Type: text/plain; charset=UTF-8\r\n"
+	    "Content-Transfer-Encoding: 8bit\r\n"
+	    "Auto-Submitted: auto-generated\r\n"
+	    "\r\n"
+	    "Hello,\r\n"
+	    "\r\n"
+	    "The balance of wallet %s is %s %s, below your alert threshold of %s %s.\r\n"
+	    "\r\n"
+	    "Messages are charged from this balance when they are sent; when it runs\r\n"
+	    "out, sending stops. Top up now to keep your SMS and WhatsApp messages\r\n"
+	    "flowing: open Billing, choose Top up, and pay by card or mobile money.\r\n"
+	    "\r\n"
+	    "You receive this e-mail once each time the balance falls below the\r\n"
+	    "threshold. You can change the threshold in your notification settings.\r\n"
+	    "\r\n"
+	    "-- \r\n"
+	    "walletd\r\n",
+	    date, be64_get(d->key), be64_get(d->key + 8), n->reminder, n->wallet, host,
+	    cf->smtp_from, n->emails, n->reminder ? "Reminder: " : "", n->wallet, bal,
+	    n->currency, thr, n->currency, n->wallet, bal, n->currency, thr, n->currency);
+}
+
+/* Sends one notification's e-mail.  Returns 0, or -1 with the reason in err. */
+static int
+alert_send(const struct config *cf, const struct due *d, char *err, size_t errcap)
+{
+	char message[4096], from[300], errbuf[CURL_ERROR_SIZE] = "", password[256] = "";
+	struct curl_slist *rcpt = NULL;
+	struct payload p;
+	CURL *curl;
+	CURLcode res;
+
+	alert_message(cf, d, message, sizeof(message));
+	p = (struct payload){ message, strlen(message), 0 };
+	if ((curl = curl_easy_init()) == NULL) {
+		snprintf(err, errcap, "curl_easy_init failed");
+		return -1;
+	}
+	for (const char *e = d->note.emails; *e;) {
+		size_t len = strcspn(e, ",");
+		char addr[300];
+
+		snprintf(addr, sizeof(addr), "<%.*s>", (int)len, e);
+		rcpt = curl_slist_append(rcpt, addr);
+		e += len + (e[len] == ',');
+	}
+	snprintf(from, sizeof(from), "<%s>", cf->smtp_from);
+	if (cf->smtp_password_file[0]) {
+		FILE *f = fopen(cf->smtp_password_file, "r");
+
+		if (f == NULL || fgets(password, sizeof(password), f) == NULL)
+			log_x(L_WARN, "cannot read smtp_password_file %s", cf->smtp_password_file);
+		if (f)
+			fclose(f);
+		password[strcspn(password, "\r\n")] = '\0';
+	}
+	curl_easy_setopt(curl, CURLOPT_URL, cf->smtp_url);
+	curl_easy_setopt(curl, CURLOPT_MAIL_FROM, from);
+	curl_easy_setopt(curl, CURLOPT_MAIL_RCPT, rcpt);
+	curl_easy_setopt(curl, CURLOPT_READFUNCTION, payload_read);
+	curl_easy_setopt(curl, CURLOPT_READDATA, &p);
+	curl_easy_setopt(curl, CURLOPT_UPLOAD, 1L);
+	curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT, (long)(cf->smtp_timeout < 10 ? cf->smtp_timeout : 10));
+	curl_easy_setopt(curl, CURLOPT_TIMEOUT, (long)cf->smtp_timeout);
+	curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, errbuf);
+	if (strncmp(cf->smtp_url, "smtp://", 7) == 0)
+		curl_easy_setopt(curl, CURLOPT_USE_SSL, (long)CURLUSESSL_TRY);
+	if (cf->smtp_user[0]) {
+		curl_easy_setopt(curl, CURLOPT_USERNAME, cf->smtp_user);
+		curl_easy_setopt(curl, CURLOPT_PASSWORD, password);
+	}
+	res = curl_easy_perform(curl);
+	curl_slist_free_all(rcpt);
+	curl_easy_cleanup(curl);
+	memset(password, 0, sizeof(password));
+	if (res != CURLE_OK) {
+		snprintf(err, errcap, "%s", errbuf[0] ? errbuf : curl_easy_strerror(res));
+		return -1;
+	}
+	return 0;
+}
+
+/* Records the outcome of one delivery in a short write transaction. */
+static void
+alert_record(const struct config *cf, const struct due *d, int ok, const char *err)
+{
+	MDB_txn *txn;
+	MDB_val k = { 16, (void *)d->key }, v;
+	struct note n;
+	int rc, done;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
+		goto out;
+	if ((rc = mdb_get(txn, store.notes, &k, &v)) != 0) {
+		mdb_txn_abort(txn);
+		goto out;
+	}
+	memset(&n, 0, sizeof(n));
+	memcpy(&n, v.mv_data, v.mv_size < sizeof(n) ? v.mv_size : sizeof(n));
+	n.attempts++;
+	if (ok) {
+		n.state = NS_SENT;
+		n.sent_at = now_seconds();
+		n.last_error[0] = '\0';
+		n.reminder = d->note.reminder;
+		done = cf->alert_remind == 0;
+		n.next_attempt = n.sent_at + cf->alert_remind;
+	} else {
+		uint64_t backoff = (uint64_t)(cf->alert_interval ? cf->alert_interval : 1) << (n.attempts < 12 ? n.attempts - 1 : 11);
+
+		snprintf(n.last_error, sizeof(n.last_error), "%s", err);
+		done = n.attempts >= cf->alert_max_attempts && n.state == NS_PENDING;
+		if (done) {
+			n.state = NS_FAILED;
+			log_x(L_ERR, "low-balance e-mail for %s failed after %u attempts: %s", n.wallet, n.attempts, err);
+		}
+		n.next_attempt = now_seconds() + (int64_t)(backoff < 3600 ? backoff : 3600);
+	}
+	v = (MDB_val){ sizeof(n), &n };
+	if ((rc = mdb_put(txn, store.notes, &k, &v, 0)) != 0 ||
+	    (done && (rc = mdb_del(txn, store.alertq, &k, NULL)) != 0 && rc != MDB_NOTFOUND)) {
+		mdb_txn_abort(txn);
+		goto out;
+	}
+	rc = mdb_txn_commit(txn);
+out:
+	pthread_rwlock_unlock(&store.maplock);
+	if (rc != 0)
+		log_x(L_ERR, "cannot record an alert's outcome: %s", mdb_strerror(rc));
+}
+
+/*
+ * Whether a sent notification still calls for a reminder: its wallet is
+ * still below the same threshold.  Drops it from the queue otherwise.
+ */
+static int
+alert_still_low(MDB_txn *txn, const struct note *n)
+{
+	struct wallet w;
+
+	return wallet_get(txn, (struct str){ n->wallet, strlen(n->wallet) }, &w) == 0 &&
+	    (w.flags & WF_THRESHOLD) && w.threshold == n->threshold && w.balance < w.threshold;
+}
+
+/* Removes key from the alert queue. */
+static void
+alert_dequeue(const unsigned char key[16])
+{
+	MDB_txn *txn;
+	MDB_val k = { 16, (void *)key };
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if (mdb_txn_begin(store.env, NULL, 0, &txn) == 0) {
+		mdb_del(txn, store.alertq, &k, NULL);
+		if (mdb_txn_commit(txn) != 0)
+			log_x(L_ERR, "cannot update the alert queue");
+	}
+	pthread_rwlock_unlock(&store.maplock);
+}
+
+/* One run: sends what is due.  Returns seconds until the next is due. */
+static int64_t
+alert_run(const struct config *cf)
+{
+	struct due due[32];
+	unsigned char drop[32][16];
+	int ndue = 0, ndrop = 0;
+	int64_t now = now_seconds(), next = cf->alert_interval;
+	MDB_txn *txn;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) != 0) {
+		pthread_rwlock_unlock(&store.maplock);
+		return next;
+	}
+	if (mdb_cursor_open(txn, store.alertq, &cur) == 0) {
+		for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && ndue < 32 && ndrop < 32;
+		    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+			MDB_val nv;
+			struct due *d = &due[ndue];
+
+			if (k.mv_size != 16 || mdb_get(txn, store.notes, &k, &nv) != 0)
+				continue;
+			memset(&d->note, 0, sizeof(d->note));
+			memcpy(&d->note, nv.mv_data, nv.mv_size < sizeof(d->note) ? nv.mv_size : sizeof(d->note));
+			memcpy(d->key, k.mv_data, 16);
+			if (d->note.next_attempt > now) {
+				if (d->note.next_attempt - now < next)
+					next = d->note.next_attempt - now;
+				continue;
+			}
+			if (d->note.state == NS_SENT) {
+				if (cf->alert_remind == 0 || !alert_still_low(txn, &d->note)) {
+					memcpy(drop[ndrop++], d->key, 16);
+					continue;
+				}
+				d->note.reminder++;
+			}
+			ndue++;
+		}
+		mdb_cursor_close(cur);
+	}
+	mdb_txn_abort(txn);
+	pthread_rwlock_unlock(&store.maplock);
+
+	for (int i = 0; i < ndrop; i++)
+		alert_dequeue(drop[i]);
+	if (cf->smtp_url[0] == '\0')
+		return ndue ? cf->alert_interval : next; /* no SMTP configured: they wait */
+	for (int i = 0; i < ndue; i++) {
+		char err[256] = "";
+		int ok = alert_send(cf, &due[i], err, sizeof(err)) == 0;
+
+		if (ok)
+			log_x(L_INFO, "low-balance e-mail for %s sent to %s", due[i].note.wallet, due[i].note.emails);
+		else
+			log_x(L_WARN, "low-balance e-mail for %s not sent: %s", due[i].note.wallet, err);
+		alert_record(cf, &due[i], ok, err);
+	}
+	return ndue == 32 ? 0 : next;
+}
+
+static void *
+alert_main(void *arg)
+{
+	struct config cf;
+
+	(void)arg;
+	pthread_mutex_lock(&alerter.lock);
+	while (!alerter.stop) {
+		int64_t wait;
+		struct timespec until;
+
+		cf = config;
+		alerter.wake = 0;
+		pthread_mutex_unlock(&alerter.lock);
+		wait = alert_run(&cf);
+		pthread_mutex_lock(&alerter.lock);
+		if (wait < 1)
+			wait = 1;
+		clock_gettime(CLOCK_REALTIME, &until);
+		until.tv_sec += wait;
+		while (!alerter.wake && !alerter.stop)
+			if (pthread_cond_timedwait(&alerter.cond, &alerter.lock, &until) == ETIMEDOUT)
+				break;
+	}
+	pthread_mutex_unlock(&alerter.lock);
+	return NULL;
+}
+
+static int
+alert_spawn(void)
+{
+	if (pthread_create(&alerter.thread, NULL, alert_main, NULL) != 0)
+		return -1;
+	alerter.running = 1;
+	return 0;
+}
+
+/* Wakes the alert thread: a notification was just committed, or the config changed. */
+static void
+alert_wake(void)
+{
+	pthread_mutex_lock(&alerter.lock);
+	alerter.wake = 1;
+	pthread_cond_signal(&alerter.cond);
+	pthread_mutex_unlock(&alerter.lock);
+}
+
+/* Stops the alert thread after its current delivery (bounded by smtp_timeout). */
+static void
+alert_stop(void)
+{
+	if (!alerter.running)
+		return;
+	pthread_mutex_lock(&alerter.lock);
+	alerter.stop = 1;
+	pthread_cond_signal(&alerter.cond);
+	pthread_mutex_unlock(&alerter.lock);
+	pthread_join(alerter.thread, NULL);
+	alerter.running = 0;
+}
+
+/* ====================================================================== */
+/* 8. Main                                                                */
+/* ====================================================================== */
+
+#ifndef WALLETD_NO_MAIN
+static void
+usage(FILE *f)
+{
+	fprintf(f,
+	    "usage: walletd [-c FILE] [-d STORE_DIR] [-s SOCKET_PATH] [-f]\n"
+	    "  -c FILE  read this config file (key = value lines; SIGHUP reloads it)\n"
+	    "  -d DIR   store directory (default /var/lib/walletd)\n"
+	    "  -s PATH  socket path (default /run/walletd/walletd.sock)\n"
+	    "  -f       stay in the foreground\n"
+	    "  -h       this help\n"
+	    "Flags override the config file, which overrides the built-in defaults.\n"
+	    "\nConfig keys (* = reloaded on SIGHUP):\n");
+	for (size_t i = 0; i < sizeof(config_keys) / sizeof(config_keys[0]); i++)
+		fprintf(f, "  %-20s %s %s\n", config_keys[i].name, config_keys[i].reloadable ? "*" : " ",
+		    config_keys[i].help);
+}
+
+/* Raises the open-file limit to what max_connections needs. */
+static void
+raise_nofile(void)
+{
+	struct rlimit rl;
+	rlim_t want = (rlim_t)config.max_connections + 64;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= want)
+		return;
+	rl.rlim_cur = want <= rl.rlim_max ? want : rl.rlim_max;
+	if (rl.rlim_cur < want && geteuid() == 0)
+		rl.rlim_max = rl.rlim_cur = want;
+	if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur < want)
+		log_x(L_WARN, "open-file limit is %llu, below the %llu that max_connections = %u needs",
+		    (unsigned long long)rl.rlim_cur, (unsigned long long)want, config.max_connections);
+}
+
+int
+main(int argc, char **argv)
+{
+	const char *store_dir = NULL, *socket_path = NULL;
+	int foreground = 0, opt;
+	struct epoll_event ev;
+	sigset_t mask;
+
+	config_defaults(&config);
+	while ((opt = getopt(argc, argv, "c:d:s:fh")) != -1) {
+		switch (opt) {
+		case 'c': srv.config_path = optarg; break;
+		case 'd': store_dir = optarg; break;
+		case 's': socket_path = optarg; break;
+		case 'f': foreground = 1; break;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (optind != argc) {
+		usage(stderr);
+		return 2;
+	}
+	if (srv.config_path && config_load(&config, srv.config_path) != 0)
+		return 1;
+	if ((store_dir && config_set(&config, "store", store_dir) != 0) ||
+	    (socket_path && config_set(&config, "socket", socket_path) != 0))
+		return 2;
+	stats.started = now_seconds();
+	srv.self_uid = getuid();
+	roles_load();
+	raise_nofile();
+	curl_global_init(CURL_GLOBAL_DEFAULT);
+	signal(SIGPIPE, SIG_IGN);
+	if (store_open(config.store) != 0)
+		return 1;
+	if ((srv.listen_fd = listen_open(config.socket)) < 0)
+		return 1;
+	if (!foreground && daemon(1, 1) != 0) {
+		log_p("daemon");
+		return 1;
+	}
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGTERM);
+	sigaddset(&mask, SIGINT);
+	sigaddset(&mask, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &mask, NULL); /* before the threads: they inherit it */
+	pthread_mutex_init(&srv.lock, NULL);
+	pthread_cond_init(&srv.cond, NULL);
+	if ((srv.epoll_fd = epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+	    (srv.event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0 ||
+	    (srv.signal_fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC)) < 0) {
+		log_p("cannot set up the event loop");
+		return 1;
+	}
+	ev.events = EPOLLIN;
+	ev.data.ptr = &srv.listen_fd;
+	epoll_ctl(srv.epoll_fd, EPOLL_CTL_ADD, srv.listen_fd, &ev);
+	ev.data.ptr = &srv.event_fd;
+	epoll_ctl(srv.epoll_fd, EPOLL_CTL_ADD, srv.event_fd, &ev);
+	ev.data.ptr = &srv.signal_fd;
+	epoll_ctl(srv.epoll_fd, EPOLL_CTL_ADD, srv.signal_fd, &ev);
+	if (pthread_create(&srv.writer, NULL, writer_main, NULL) != 0 || alert_spawn() != 0) {
+		log_x(L_ERR, "cannot start threads");
+		return 1;
+	}
+	printf("walletd %s ready: socket %s, store %s, pid %d\n", WALLETD_VERSION, config.socket,
+	    config.store, (int)getpid());
+	fflush(stdout);
+	loop_run();
+	loop_stop();
+	alert_stop();
+	if (srv.rtxn)
+		mdb_txn_abort(srv.rtxn);
+	mdb_env_close(store.env);
+	curl_global_cleanup();
+	log_x(L_INFO, "stopped");
+	return 0;
+}
+#endif /* WALLETD_NO_MAIN */
