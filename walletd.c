@@ -1080,7 +1080,7 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 	if (rc == MDB_NOTFOUND)
 		t->id = 1;
 	else if (rc == 0)
-		t->id = *(uint64_t *)k.mv_data + 1;
+		memcpy(&t->id, k.mv_data, sizeof(t->id)), t->id++;
 	else
 		return rc;
 	t->balance_after = w->balance;
@@ -4535,7 +4535,7 @@ m_stats(struct call *c)
 	for (int i = 1; i < E__COUNT; i++)
 		codes += s.codes[i] != 0;
 
-	msgpack_pack_map(pk, 12);
+	msgpack_pack_map(pk, 11);
 	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
 	pack_cstr(pk, "requests");
 	msgpack_pack_map(pk, (size_t)methods);

@@ -1,0 +1,101 @@
+# walletd - prepaid wallets for SMS and WhatsApp platforms.
+#
+#   make           build walletd and walletctl
+#   make run       install what is missing, build, run walletd on ./var/
+#   make test      install what is missing, build, run every test
+#   make install   install binaries, man pages and the systemd unit
+#   make bench     throughput and latency on a temporary store
+#   make fuzz      run the libFuzzer target for FUZZ_SECONDS
+#   make crashtest kill -9 walletd under load, again and again
+
+# ---- configuration -----------------------------------------------------
+CC        ?= cc
+CFLAGS    ?= -O2 -g
+WARN       = -std=c11 -Wall -Wextra -Wshadow -Wformat=2 -Wno-unused-parameter
+prefix    ?= /usr/local
+bindir     = $(prefix)/bin
+sbindir    = $(prefix)/sbin
+mandir     = $(prefix)/share/man
+unitdir   ?= /lib/systemd/system
+DESTDIR   ?=
+# Debian packages: to build, and to test.
+BUILD_PKGS = gcc libc6-dev make pkg-config liblmdb-dev libmsgpack-dev libcurl4-openssl-dev
+TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils nodejs npm
+FUZZ_SECONDS ?= 60
+# Tests build with sanitizers; set SANITIZE= to turn them off.
+SANITIZE  ?= -fsanitize=address,undefined -fno-omit-frame-pointer
+# ------------------------------------------------------------------------
+
+PKG_CFLAGS = $(shell pkg-config --cflags msgpack lmdb libcurl)
+PKG_LIBS   = $(shell pkg-config --libs msgpack lmdb libcurl) -lpthread
+CHECK_LIBS = $(shell pkg-config --libs check)
+PY         = /usr/bin/python3
+
+all: walletd walletctl
+
+walletd: walletd.c protocol.h .deps-build
+	$(CC) $(WARN) $(CFLAGS) $(PKG_CFLAGS) -o $@ walletd.c $(PKG_LIBS)
+
+walletctl: walletctl.c protocol.h .deps-build
+	$(CC) $(WARN) $(CFLAGS) $(PKG_CFLAGS) -o $@ walletctl.c $(PKG_LIBS) -lm
+
+# Installs missing Debian packages (as root), else says what to install.
+define apt_install
+	@missing=""; for p in $(1); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	  else \
+	    echo "missing Debian packages:$$missing"; \
+	    echo "run: sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+endef
+
+.deps-build:
+	$(call apt_install,$(BUILD_PKGS))
+	@touch $@
+
+.deps-test: .deps-build
+	$(call apt_install,$(TEST_PKGS))
+	@touch $@
+
+run: all
+	@mkdir -p var
+	@echo "export WALLETD_SOCKET=$(CURDIR)/var/walletd.sock"
+	./walletd -f -d var/db -s var/walletd.sock
+
+# ---- tests --------------------------------------------------------------
+tests/check_walletd: tests/check_walletd.c walletd.c protocol.h .deps-test
+	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(SANITIZE) $(PKG_CFLAGS) -o $@ tests/check_walletd.c $(PKG_LIBS) $(CHECK_LIBS)
+
+tests/walletd-asan: walletd.c protocol.h .deps-test
+	$(CC) $(WARN) $(CFLAGS) $(SANITIZE) $(PKG_CFLAGS) -o $@ walletd.c $(PKG_LIBS)
+
+test: all tests/check_walletd tests/walletd-asan contrib/node/node_modules
+	./tests/check_walletd
+	WALLETD=$(CURDIR)/tests/walletd-asan WALLETCTL=$(CURDIR)/walletctl $(PY) tests/e2e.py
+
+contrib/node/node_modules: contrib/node/package.json contrib/node/package-lock.json .deps-test
+	cd contrib/node && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# ---- install ------------------------------------------------------------
+install: all
+	install -d $(DESTDIR)$(sbindir) $(DESTDIR)$(bindir) $(DESTDIR)$(mandir)/man8 $(DESTDIR)$(mandir)/man1
+	install -m 755 walletd $(DESTDIR)$(sbindir)/walletd
+	install -m 755 walletctl $(DESTDIR)$(bindir)/walletctl
+	install -m 644 contrib/man/walletd.8 $(DESTDIR)$(mandir)/man8/walletd.8
+	install -m 644 contrib/man/walletctl.1 $(DESTDIR)$(mandir)/man1/walletctl.1
+	install -d $(DESTDIR)$(unitdir)
+	install -m 644 contrib/systemd/walletd.service $(DESTDIR)$(unitdir)/walletd.service
+
+clean:
+	rm -f walletd walletctl tests/check_walletd tests/walletd-asan tests/fuzz_walletd .deps-build .deps-test
+	rm -rf tests/__pycache__ contrib/python/walletd/__pycache__
+
+.PHONY: all run test install clean

@@ -1,0 +1,997 @@
+/*
+ * walletctl - the command-line client of walletd, for people and scripts.
+ *
+ * Every sub-command is a row of the method table in protocol.h: the table
+ * drives argument parsing, `walletctl help` and dispatch.  A few commands
+ * are walletctl's own: help, rate export, bench.
+ *
+ * Exit codes: 0 success, 1 walletd answered an error, 2 usage error,
+ * 3 cannot reach walletd, 4 insufficient_balance.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <msgpack.h>
+
+#include "protocol.h"
+
+static int json_output;
+static const char *socket_path;
+
+static void __attribute__((noreturn, format(printf, 2, 3)))
+die(int code, const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "walletctl: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	exit(code);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Connection                                                             */
+/* ---------------------------------------------------------------------- */
+
+/* Picks the socket: -s, $WALLETD_SOCKET, ./var/walletd.sock, the installed default. */
+static const char *
+socket_pick(void)
+{
+	struct stat st;
+
+	if (socket_path)
+		return socket_path;
+	if (getenv("WALLETD_SOCKET") && *getenv("WALLETD_SOCKET"))
+		return getenv("WALLETD_SOCKET");
+	if (stat("./var/walletd.sock", &st) == 0 && S_ISSOCK(st.st_mode))
+		return "./var/walletd.sock";
+	return "/run/walletd/walletd.sock";
+}
+
+/* Connects to walletd.  Returns the socket, or -1 (errno set). */
+static int
+sock_connect(const char *path)
+{
+	struct sockaddr_un sa;
+	int fd;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sun_family = AF_UNIX;
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	strcpy(sa.sun_path, path);
+	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+		return -1;
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
+		int saved = errno;
+
+		close(fd);
+		errno = saved;
+		return -1;
+	}
+	return fd;
+}
+
+/* Sends all of buf, passing fd_pass (if >= 0) with the first byte. */
+static int
+send_all(int fd, const char *buf, size_t len, int fd_pass)
+{
+	while (len > 0) {
+		struct iovec iov = { (void *)buf, len };
+		struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+		char cbuf[CMSG_SPACE(sizeof(int))];
+		ssize_t n;
+
+		if (fd_pass >= 0) {
+			struct cmsghdr *cm;
+
+			memset(cbuf, 0, sizeof(cbuf));
+			mh.msg_control = cbuf;
+			mh.msg_controllen = sizeof(cbuf);
+			cm = CMSG_FIRSTHDR(&mh);
+			cm->cmsg_level = SOL_SOCKET;
+			cm->cmsg_type = SCM_RIGHTS;
+			cm->cmsg_len = CMSG_LEN(sizeof(int));
+			memcpy(CMSG_DATA(cm), &fd_pass, sizeof(int));
+			fd_pass = -1;
+		}
+		n = sendmsg(fd, &mh, MSG_NOSIGNAL);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -1;
+		buf += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/*
+ * Reads one whole msgpack object from fd through up into *out.
+ * Returns 0, or -1 when the connection ends or the bytes do not decode.
+ */
+static int
+recv_object(int fd, msgpack_unpacker *up, msgpack_unpacked *out)
+{
+	for (;;) {
+		msgpack_unpack_return ret = msgpack_unpacker_next(up, out);
+		ssize_t n;
+
+		if (ret == MSGPACK_UNPACK_SUCCESS)
+			return 0;
+		if (ret != MSGPACK_UNPACK_CONTINUE)
+			return -1;
+		if (!msgpack_unpacker_reserve_buffer(up, 65536))
+			return -1;
+		n = read(fd, msgpack_unpacker_buffer(up), msgpack_unpacker_buffer_capacity(up));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -1;
+		msgpack_unpacker_buffer_consumed(up, (size_t)n);
+	}
+}
+
+/* Packs a request [0, msgid, method, [params]] into sb; params may be NULL. */
+static void
+pack_request(msgpack_sbuffer *sb, uint32_t msgid, const char *method, const msgpack_sbuffer *params)
+{
+	msgpack_packer pk;
+
+	msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+	msgpack_pack_array(&pk, 4);
+	msgpack_pack_int(&pk, 0);
+	msgpack_pack_uint32(&pk, msgid);
+	msgpack_pack_str_with_body(&pk, method, strlen(method));
+	if (params && params->size) {
+		msgpack_pack_array(&pk, 1);
+		msgpack_sbuffer_write(sb, params->data, params->size);
+	} else {
+		msgpack_pack_array(&pk, 0);
+	}
+}
+
+/*
+ * Calls method with params (a packed map, or NULL) on a fresh connection and
+ * leaves the response in *resp.  Exits 3 if walletd cannot be reached.
+ */
+static void
+call(const char *method, const msgpack_sbuffer *params, int fd_pass, msgpack_unpacked *resp)
+{
+	const char *path = socket_pick();
+	msgpack_sbuffer sb;
+	msgpack_unpacker up;
+	int fd = sock_connect(path);
+
+	if (fd < 0)
+		die(EXIT_CONNECT, "cannot connect to walletd at %s: %s", path, strerror(errno));
+	msgpack_sbuffer_init(&sb);
+	pack_request(&sb, 1, method, params);
+	if (send_all(fd, sb.data, sb.size, fd_pass) != 0)
+		die(EXIT_CONNECT, "cannot send to walletd at %s: %s", path, strerror(errno));
+	msgpack_sbuffer_destroy(&sb);
+	msgpack_unpacker_init(&up, 65536);
+	msgpack_unpacked_init(resp);
+	if (recv_object(fd, &up, resp) != 0)
+		die(EXIT_CONNECT, "walletd closed the connection without an answer");
+	msgpack_unpacker_destroy(&up);
+	close(fd);
+}
+
+/* Returns field name of map o, or NULL. */
+static const msgpack_object *
+map_get(const msgpack_object *o, const char *name)
+{
+	size_t len = strlen(name);
+
+	if (o == NULL || o->type != MSGPACK_OBJECT_MAP)
+		return NULL;
+	for (uint32_t i = 0; i < o->via.map.size; i++) {
+		const msgpack_object *k = &o->via.map.ptr[i].key;
+
+		if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == len &&
+		    memcmp(k->via.str.ptr, name, len) == 0)
+			return &o->via.map.ptr[i].val;
+	}
+	return NULL;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Output                                                                 */
+/* ---------------------------------------------------------------------- */
+
+static void
+json_string(FILE *f, const char *s, size_t n)
+{
+	fputc('"', f);
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+
+		if (c == '"' || c == '\\')
+			fprintf(f, "\\%c", c);
+		else if (c == '\n')
+			fputs("\\n", f);
+		else if (c == '\r')
+			fputs("\\r", f);
+		else if (c == '\t')
+			fputs("\\t", f);
+		else if (c < 0x20)
+			fprintf(f, "\\u%04x", c);
+		else
+			fputc(c, f);
+	}
+	fputc('"', f);
+}
+
+/* Prints o as JSON. */
+static void
+json_print(FILE *f, const msgpack_object *o)
+{
+	switch (o->type) {
+	case MSGPACK_OBJECT_NIL: fputs("null", f); break;
+	case MSGPACK_OBJECT_BOOLEAN: fputs(o->via.boolean ? "true" : "false", f); break;
+	case MSGPACK_OBJECT_POSITIVE_INTEGER: fprintf(f, "%" PRIu64, o->via.u64); break;
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER: fprintf(f, "%" PRId64, o->via.i64); break;
+	case MSGPACK_OBJECT_FLOAT32:
+	case MSGPACK_OBJECT_FLOAT64: fprintf(f, "%.17g", o->via.f64); break;
+	case MSGPACK_OBJECT_STR: json_string(f, o->via.str.ptr, o->via.str.size); break;
+	case MSGPACK_OBJECT_BIN: json_string(f, o->via.bin.ptr, o->via.bin.size); break;
+	case MSGPACK_OBJECT_ARRAY:
+		fputc('[', f);
+		for (uint32_t i = 0; i < o->via.array.size; i++) {
+			if (i)
+				fputs(", ", f);
+			json_print(f, &o->via.array.ptr[i]);
+		}
+		fputc(']', f);
+		break;
+	case MSGPACK_OBJECT_MAP:
+		fputc('{', f);
+		for (uint32_t i = 0; i < o->via.map.size; i++) {
+			if (i)
+				fputs(", ", f);
+			if (o->via.map.ptr[i].key.type == MSGPACK_OBJECT_STR)
+				json_print(f, &o->via.map.ptr[i].key);
+			else
+				json_string(f, "?", 1);
+			fputs(": ", f);
+			json_print(f, &o->via.map.ptr[i].val);
+		}
+		fputc('}', f);
+		break;
+	default: fputs("null", f); break;
+	}
+}
+
+/* Keys whose values are amounts: shown with 2+ decimals and thousands separators. */
+static int
+is_amount_key(const char *k, size_t n)
+{
+	static const char *const keys[] = { "balance", "amount", "balance_after", "price", "threshold",
+		"required", "available", "subtotal", "unit_price", "unit_cost", "cost", "credited",
+		"paid_amount", NULL };
+
+	for (int i = 0; keys[i]; i++)
+		if (strlen(keys[i]) == n && memcmp(keys[i], k, n) == 0)
+			return 1;
+	return 0;
+}
+
+/* Formats an amount string for people: 1499.06 -> 1,499.06; 35 -> 35.00. */
+static void
+human_amount(const char *s, size_t n, char *out, size_t cap)
+{
+	char buf[64], raw[64];
+	int64_t v;
+
+	if (n >= sizeof(raw) || (memcpy(raw, s, n), raw[n] = '\0', amount_parse(raw, n, &v)) != 0) {
+		snprintf(out, cap, "%.*s", (int)n, s);
+		return;
+	}
+	amount_format(v, buf, 2);
+	{
+		char *dot = strchr(buf, '.'), *start = buf + (buf[0] == '-');
+		size_t whole = (size_t)(dot - start), o = 0;
+
+		if (buf[0] == '-')
+			out[o++] = '-';
+		for (size_t i = 0; i < whole && o + 2 < cap; i++) {
+			if (i && (whole - i) % 3 == 0)
+				out[o++] = ',';
+			out[o++] = start[i];
+		}
+		snprintf(out + o, cap - o, "%s", dot);
+	}
+}
+
+/* Formats a scalar (or a small nested value) for a table cell. */
+static void
+cell(const msgpack_object *k, const msgpack_object *v, char *out, size_t cap)
+{
+	switch (v->type) {
+	case MSGPACK_OBJECT_NIL: snprintf(out, cap, "-"); break;
+	case MSGPACK_OBJECT_BOOLEAN: snprintf(out, cap, "%s", v->via.boolean ? "yes" : "no"); break;
+	case MSGPACK_OBJECT_POSITIVE_INTEGER: snprintf(out, cap, "%" PRIu64, v->via.u64); break;
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER: snprintf(out, cap, "%" PRId64, v->via.i64); break;
+	case MSGPACK_OBJECT_FLOAT32:
+	case MSGPACK_OBJECT_FLOAT64: snprintf(out, cap, "%.2f", v->via.f64); break;
+	case MSGPACK_OBJECT_STR:
+		if (k && k->type == MSGPACK_OBJECT_STR && is_amount_key(k->via.str.ptr, k->via.str.size))
+			human_amount(v->via.str.ptr, v->via.str.size, out, cap);
+		else
+			snprintf(out, cap, "%.*s", (int)v->via.str.size, v->via.str.ptr);
+		break;
+	default: {
+		char *buf = NULL;
+		size_t len = 0;
+		FILE *f = open_memstream(&buf, &len);
+
+		json_print(f, v);
+		fclose(f);
+		snprintf(out, cap, "%s", buf);
+		free(buf);
+	}
+	}
+}
+
+/* Preferred columns of the lists walletd answers; others show every key. */
+static const struct { const char *list; const char *columns[9]; } list_columns[] = {
+	{ "transactions", { "id", "created_at", "type", "amount", "balance_after", "currency", "description" } },
+	{ "wallets", { "wallet", "currency", "balance", "plan", "threshold", "status" } },
+	{ "rates", { "plan", "channel", "prefix", "route", "price", "currency", "base", "quote", "rate" } },
+	{ "topups", { "ref", "status", "amount", "currency", "created_at", "expires_at", "credited", "late" } },
+	{ "notifications", { "id", "created_at", "balance", "threshold", "currency", "email_state", "attempts", "emails" } },
+	{ "breakdown", { "prefix", "route", "count", "unit_price", "price_currency", "unit_cost", "subtotal" } },
+};
+
+/* Prints a list of maps as an aligned table. */
+static void
+print_table(const char *name, const msgpack_object *list)
+{
+	const char *cols[32];
+	int ncols = 0;
+	size_t width[32];
+	char text[256];
+
+	for (size_t i = 0; i < sizeof(list_columns) / sizeof(list_columns[0]); i++)
+		if (strcmp(list_columns[i].list, name) == 0)
+			for (int c = 0; c < 9 && list_columns[i].columns[c]; c++) {
+				int present = 0;
+
+				for (uint32_t r = 0; r < list->via.array.size && !present; r++)
+					present = map_get(&list->via.array.ptr[r], list_columns[i].columns[c]) != NULL;
+				if (present)
+					cols[ncols++] = list_columns[i].columns[c];
+			}
+	if (ncols == 0)
+		for (uint32_t r = 0; r < list->via.array.size; r++) {
+			const msgpack_object *m = &list->via.array.ptr[r];
+
+			for (uint32_t i = 0; m->type == MSGPACK_OBJECT_MAP && i < m->via.map.size && ncols < 32; i++) {
+				const msgpack_object *k = &m->via.map.ptr[i].key;
+				int seen = 0;
+				char *copy;
+
+				if (k->type != MSGPACK_OBJECT_STR)
+					continue;
+				for (int c = 0; c < ncols; c++)
+					seen |= strlen(cols[c]) == k->via.str.size &&
+					    memcmp(cols[c], k->via.str.ptr, k->via.str.size) == 0;
+				if (!seen && (copy = strndup(k->via.str.ptr, k->via.str.size)))
+					cols[ncols++] = copy;
+			}
+		}
+	for (int c = 0; c < ncols; c++)
+		width[c] = strlen(cols[c]);
+	for (int pass = 0; pass < 2; pass++) {
+		if (pass == 1) {
+			for (int c = 0; c < ncols; c++)
+				printf("%-*s%s", (int)width[c], cols[c], c + 1 < ncols ? "  " : "\n");
+		}
+		for (uint32_t r = 0; r < list->via.array.size; r++) {
+			const msgpack_object *m = &list->via.array.ptr[r];
+
+			for (int c = 0; c < ncols; c++) {
+				const msgpack_object *v = map_get(m, cols[c]);
+				msgpack_object key = { .type = MSGPACK_OBJECT_STR };
+				size_t len;
+
+				key.via.str.ptr = cols[c];
+				key.via.str.size = (uint32_t)strlen(cols[c]);
+				if (v)
+					cell(&key, v, text, sizeof(text));
+				else
+					strcpy(text, "");
+				len = strlen(text);
+				if (pass == 0 && len > width[c])
+					width[c] = len;
+				if (pass == 1) {
+					int right = v && v->type == MSGPACK_OBJECT_STR &&
+					    is_amount_key(cols[c], strlen(cols[c]));
+
+					printf(right ? "%*s%s" : "%-*s%s", (int)width[c], text, c + 1 < ncols ? "  " : "\n");
+				}
+			}
+		}
+	}
+}
+
+/* Prints a result for people: scalars as `key: value`, lists of maps as tables. */
+static void
+print_human(const msgpack_object *o, const char *prefix)
+{
+	char text[1024];
+
+	if (o->type != MSGPACK_OBJECT_MAP) {
+		cell(NULL, o, text, sizeof(text));
+		printf("%s\n", text);
+		return;
+	}
+	for (uint32_t i = 0; i < o->via.map.size; i++) {
+		const msgpack_object *k = &o->via.map.ptr[i].key, *v = &o->via.map.ptr[i].val;
+		char name[128];
+
+		if (k->type != MSGPACK_OBJECT_STR)
+			continue;
+		snprintf(name, sizeof(name), "%s%.*s", prefix, (int)k->via.str.size, k->via.str.ptr);
+		if (v->type == MSGPACK_OBJECT_ARRAY && v->via.array.size > 0 &&
+		    v->via.array.ptr[0].type == MSGPACK_OBJECT_MAP)
+			continue; /* tables after the scalars */
+		if (v->type == MSGPACK_OBJECT_MAP) {
+			char sub[130];
+
+			snprintf(sub, sizeof(sub), "%s.", name);
+			print_human(v, sub);
+			continue;
+		}
+		cell(k, v, text, sizeof(text));
+		printf("%s: %s\n", name, text);
+	}
+	for (uint32_t i = 0; i < o->via.map.size; i++) {
+		const msgpack_object *k = &o->via.map.ptr[i].key, *v = &o->via.map.ptr[i].val;
+		char name[128];
+
+		if (k->type != MSGPACK_OBJECT_STR || v->type != MSGPACK_OBJECT_ARRAY || v->via.array.size == 0 ||
+		    v->via.array.ptr[0].type != MSGPACK_OBJECT_MAP)
+			continue;
+		snprintf(name, sizeof(name), "%.*s", (int)k->via.str.size, k->via.str.ptr);
+		printf("\n%s:\n", name);
+		print_table(name, v);
+	}
+}
+
+/*
+ * Prints the response and returns the exit code: 0, or 1 for an error answer
+ * (4 for insufficient_balance).
+ */
+static int
+print_response(const msgpack_object *resp)
+{
+	const msgpack_object *err, *result;
+
+	if (resp->type != MSGPACK_OBJECT_ARRAY || resp->via.array.size != 4)
+		die(EXIT_ERROR, "walletd sent something that is not a response");
+	err = &resp->via.array.ptr[2];
+	result = &resp->via.array.ptr[3];
+	if (err->type != MSGPACK_OBJECT_NIL) {
+		const msgpack_object *code = map_get(err, "code"), *msg = map_get(err, "message");
+		int insufficient = code && code->type == MSGPACK_OBJECT_STR && code->via.str.size == 20 &&
+		    memcmp(code->via.str.ptr, "insufficient_balance", 20) == 0;
+
+		if (json_output) {
+			json_print(stdout, err);
+			putchar('\n');
+		}
+		fprintf(stderr, "walletctl: %.*s: %.*s\n",
+		    code && code->type == MSGPACK_OBJECT_STR ? (int)code->via.str.size : 5,
+		    code && code->type == MSGPACK_OBJECT_STR ? code->via.str.ptr : "error",
+		    msg && msg->type == MSGPACK_OBJECT_STR ? (int)msg->via.str.size : 0,
+		    msg && msg->type == MSGPACK_OBJECT_STR ? msg->via.str.ptr : "");
+		return insufficient ? EXIT_INSUFFICIENT : EXIT_ERROR;
+	}
+	if (json_output) {
+		json_print(stdout, result);
+		putchar('\n');
+	} else {
+		print_human(result, "");
+	}
+	return EXIT_OK;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Arguments                                                              */
+/* ---------------------------------------------------------------------- */
+
+/* One param of a method, from its spec in the table. */
+struct pspec {
+	char name[32];
+	char type;
+	int optional;
+};
+
+static int
+spec_parse(const char *spec, struct pspec *out, int max)
+{
+	int n = 0;
+
+	while (*spec && n < max) {
+		size_t len = strcspn(spec, " ");
+		const char *colon = memchr(spec, ':', len);
+		struct pspec *p = &out[n++];
+
+		p->optional = spec[0] == '?';
+		snprintf(p->name, sizeof(p->name), "%.*s", (int)((colon ? (size_t)(colon - spec) : len) - (size_t)p->optional),
+		    spec + p->optional);
+		p->type = colon ? colon[1] : 's';
+		spec += len;
+		while (*spec == ' ')
+			spec++;
+	}
+	return n;
+}
+
+/* Reads a whole file (or stdin for "-") into a NUL-terminated buffer. */
+static char *
+slurp(const char *path)
+{
+	FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "r");
+	char *buf = NULL;
+	size_t len = 0, cap = 0, n;
+
+	if (f == NULL)
+		die(EXIT_USAGE, "cannot open %s: %s", path, strerror(errno));
+	do {
+		if (len + 65536 + 1 > cap && (buf = realloc(buf, cap = cap * 2 + 65536 + 1)) == NULL)
+			die(EXIT_ERROR, "out of memory");
+		n = fread(buf + len, 1, 65536, f);
+		len += n;
+	} while (n > 0);
+	buf[len] = '\0';
+	if (f != stdin)
+		fclose(f);
+	return buf;
+}
+
+/* Splits one CSV line (no quotes needed for rate cards; "..." handled simply). */
+static int
+csv_split(char *line, char **fields, int max)
+{
+	int n = 0;
+	char *p = line;
+
+	while (n < max) {
+		if (*p == '"') {
+			char *end = strchr(p + 1, '"');
+
+			fields[n++] = p + 1;
+			if (end == NULL)
+				break;
+			*end = '\0';
+			p = end + 1;
+			if (*p == ',')
+				p++;
+			else
+				break;
+			continue;
+		}
+		fields[n++] = p;
+		p += strcspn(p, ",");
+		if (*p != ',')
+			break;
+		*p++ = '\0';
+	}
+	return n;
+}
+
+/* Keys of CSV rows sent as integers. */
+static int
+csv_int_key(const char *k)
+{
+	return strcmp(k, "segments") == 0;
+}
+
+/* Packs the CSV file at path as a list of maps keyed by its header. */
+static void
+pack_csv(msgpack_packer *pk, const char *path)
+{
+	char *data = slurp(path), *save = NULL, *line;
+	char *header[32], *fields[32];
+	int ncols = 0;
+	uint32_t rows = 0;
+	msgpack_sbuffer body;
+	msgpack_packer bpk;
+
+	msgpack_sbuffer_init(&body);
+	msgpack_packer_init(&bpk, &body, msgpack_sbuffer_write);
+	for (line = strtok_r(data, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		int n;
+
+		line[strcspn(line, "\r")] = '\0';
+		if (*line == '\0' || *line == '#')
+			continue;
+		if (ncols == 0) {
+			ncols = csv_split(line, header, 32);
+			continue;
+		}
+		n = csv_split(line, fields, 32);
+		msgpack_pack_map(&bpk, (size_t)(n < ncols ? n : ncols));
+		for (int i = 0; i < n && i < ncols; i++) {
+			char *end;
+			unsigned long long v;
+
+			msgpack_pack_str_with_body(&bpk, header[i], strlen(header[i]));
+			errno = 0;
+			v = strtoull(fields[i], &end, 10);
+			if (csv_int_key(header[i]) && *fields[i] && *end == '\0' && errno == 0)
+				msgpack_pack_uint64(&bpk, v);
+			else
+				msgpack_pack_str_with_body(&bpk, fields[i], strlen(fields[i]));
+		}
+		rows++;
+	}
+	msgpack_pack_array(pk, rows);
+	msgpack_sbuffer_write(pk->data, body.data, body.size);
+	msgpack_sbuffer_destroy(&body);
+	free(data);
+}
+
+/* Packs a file of numbers (one per line; `number,count` for a group). */
+static void
+pack_numbers(msgpack_packer *pk, const char *path)
+{
+	char *data = slurp(path), *save = NULL, *line;
+	uint32_t n = 0;
+	msgpack_sbuffer body;
+	msgpack_packer bpk;
+
+	msgpack_sbuffer_init(&body);
+	msgpack_packer_init(&bpk, &body, msgpack_sbuffer_write);
+	for (line = strtok_r(data, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		char *comma;
+
+		line[strcspn(line, "\r")] = '\0';
+		while (*line == ' ' || *line == '\t')
+			line++;
+		if (*line == '\0' || *line == '#')
+			continue;
+		if ((comma = strchr(line, ',')) != NULL) {
+			*comma = '\0';
+			msgpack_pack_map(&bpk, 2);
+			msgpack_pack_str_with_body(&bpk, "to", 2);
+			msgpack_pack_str_with_body(&bpk, line, strlen(line));
+			msgpack_pack_str_with_body(&bpk, "count", 5);
+			msgpack_pack_uint64(&bpk, strtoull(comma + 1, NULL, 10));
+		} else {
+			msgpack_pack_str_with_body(&bpk, line, strlen(line));
+		}
+		n++;
+	}
+	msgpack_pack_array(pk, n);
+	msgpack_sbuffer_write(pk->data, body.data, body.size);
+	msgpack_sbuffer_destroy(&body);
+	free(data);
+}
+
+/*
+ * Builds the params map of method m from args (positional values fill the
+ * required params in order; --name value sets any).  *fd_pass receives an
+ * opened output file for type F.  Exits 2 on a usage error.
+ */
+static void
+build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
+{
+	struct pspec ps[16];
+	int np = spec_parse(method_table[m].params, ps, 16);
+	const char *values[16][EMAILS_MAX * 4];
+	int counts[16] = { 0 }, next_positional = 0, entries = 0;
+	msgpack_packer pk;
+
+	for (int i = 0; i < argc; i++) {
+		int p = -1;
+
+		if (strncmp(argv[i], "--", 2) == 0 && argv[i][2]) {
+			char name[64];
+			size_t len;
+
+			snprintf(name, sizeof(name), "%s", argv[i] + 2);
+			for (char *c = name; *c; c++)
+				if (*c == '-')
+					*c = '_';
+			len = strlen(name);
+			for (int j = 0; j < np && p < 0; j++)
+				if (strcmp(ps[j].name, name) == 0 ||
+				    (ps[j].type == 'l' && strlen(ps[j].name) == len + 1 &&
+				    strncmp(ps[j].name, name, len) == 0 && ps[j].name[len] == 's'))
+					p = j;
+			if (p < 0)
+				die(EXIT_USAGE, "%s takes no option --%s (see: walletctl help %s)",
+				    method_table[m].name, argv[i] + 2, method_table[m].name);
+			if (++i >= argc)
+				die(EXIT_USAGE, "--%s needs a value", argv[i - 1] + 2);
+		} else {
+			while (next_positional < np && (ps[next_positional].optional || counts[next_positional]))
+				next_positional++;
+			if (next_positional >= np)
+				die(EXIT_USAGE, "%s: unexpected argument '%s' (see: walletctl help %s)",
+				    method_table[m].name, argv[i], method_table[m].name);
+			p = next_positional;
+		}
+		if (counts[p] && ps[p].type != 'l')
+			die(EXIT_USAGE, "%s given twice", ps[p].name);
+		if (counts[p] >= EMAILS_MAX * 4)
+			die(EXIT_USAGE, "too many values for %s", ps[p].name);
+		values[p][counts[p]++] = argv[i];
+	}
+	for (int j = 0; j < np; j++)
+		if (!ps[j].optional && counts[j] == 0)
+			die(EXIT_USAGE, "%s: missing %s (usage: walletctl %s %s)", method_table[m].name,
+			    ps[j].name, method_table[m].name, method_table[m].params);
+	msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
+	for (int j = 0; j < np; j++)
+		entries += counts[j] > 0 && ps[j].type != 'F';
+	msgpack_pack_map(&pk, (size_t)entries);
+	for (int j = 0; j < np; j++) {
+		const char *v = counts[j] ? values[j][0] : NULL;
+
+		if (!v)
+			continue;
+		if (ps[j].type == 'F') {
+			if ((*fd_pass = open(v, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)) < 0)
+				die(EXIT_USAGE, "cannot create %s: %s", v, strerror(errno));
+			continue;
+		}
+		msgpack_pack_str_with_body(&pk, ps[j].name, strlen(ps[j].name));
+		switch (ps[j].type) {
+		case 'i': {
+			char *end;
+			unsigned long long x;
+
+			errno = 0;
+			x = strtoull(v, &end, 10);
+			if (*v == '\0' || *end != '\0' || errno || *v == '-')
+				die(EXIT_USAGE, "%s must be a whole number, not '%s'", ps[j].name, v);
+			msgpack_pack_uint64(&pk, x);
+			break;
+		}
+		case 'n':
+			if (strcmp(v, "none") == 0)
+				msgpack_pack_nil(&pk);
+			else
+				msgpack_pack_str_with_body(&pk, v, strlen(v));
+			break;
+		case 'l': {
+			const char *items[64];
+			int n = 0;
+			char *copies[EMAILS_MAX * 4];
+
+			for (int k = 0; k < counts[j]; k++) {
+				char *save = NULL;
+
+				copies[k] = strdup(values[j][k]);
+				for (char *t = strtok_r(copies[k], ",", &save); t && n < 64; t = strtok_r(NULL, ",", &save))
+					items[n++] = t;
+			}
+			if (n == 1 && strcmp(items[0], "none") == 0)
+				n = 0;
+			msgpack_pack_array(&pk, (size_t)n);
+			for (int k = 0; k < n; k++)
+				msgpack_pack_str_with_body(&pk, items[k], strlen(items[k]));
+			for (int k = 0; k < counts[j]; k++)
+				free(copies[k]);
+			break;
+		}
+		case 'c':
+			pack_csv(&pk, v);
+			break;
+		case 'f':
+			pack_numbers(&pk, v);
+			break;
+		default:
+			msgpack_pack_str_with_body(&pk, v, strlen(v));
+		}
+	}
+}
+
+/* ---------------------------------------------------------------------- */
+/* Commands                                                               */
+/* ---------------------------------------------------------------------- */
+
+/* The command-line name of method m: "rate.import" -> "rate import". */
+static const char *
+command_name(int m)
+{
+	static char buf[64];
+	char *dot;
+
+	snprintf(buf, sizeof(buf), "%s", method_table[m].name);
+	if ((dot = strchr(buf, '.')) != NULL)
+		*dot = ' ';
+	return buf;
+}
+
+static void
+help_one(int m)
+{
+	struct pspec ps[16];
+	int np = spec_parse(method_table[m].params, ps, 16);
+	const char *roles = method_table[m].roles == R_ALL ? "any role" :
+	    method_table[m].roles == R_AC ? "admin, client" :
+	    method_table[m].roles == R_AP ? "admin, payments" : "admin";
+
+	printf("walletctl %s", command_name(m));
+	for (int i = 0; i < np; i++) {
+		const char *type = ps[i].type == 'a' ? "AMOUNT" : ps[i].type == 'n' ? "AMOUNT|none" :
+		    ps[i].type == 'i' ? "N" : ps[i].type == 'l' ? "A,B,..." : ps[i].type == 'c' ? "FILE.csv" :
+		    ps[i].type == 'f' ? "FILE|-" : ps[i].type == 'F' ? "FILE" : NULL;
+		char upper[32];
+
+		for (size_t k = 0; k <= strlen(ps[i].name); k++)
+			upper[k] = (char)(ps[i].name[k] >= 'a' && ps[i].name[k] <= 'z' ? ps[i].name[k] - 32 : ps[i].name[k]);
+		if (ps[i].optional)
+			printf(" [--%s %s]", ps[i].name, type ? type : upper);
+		else
+			printf(" %s", type && ps[i].type != 'i' && ps[i].type != 'a' ? type : upper);
+	}
+	printf("\n    %s\n    method %s; %s%s.\n", method_table[m].summary, method_table[m].name, roles,
+	    method_table[m].flags & MF_WRITE ? "; changes the store" : "");
+}
+
+static void
+help_all(FILE *f)
+{
+	fprintf(f,
+	    "usage: walletctl [-s SOCKET] [--json] COMMAND [ARGS]\n"
+	    "       walletctl help [COMMAND]\n\n"
+	    "Required arguments may be given in order or as --name VALUE; '_' in a name may be '-'.\n"
+	    "Socket: -s, else $WALLETD_SOCKET, else ./var/walletd.sock, else /run/walletd/walletd.sock.\n"
+	    "Exit codes: 0 success, 1 error answer, 2 usage, 3 cannot connect, 4 insufficient_balance.\n\n"
+	    "Commands:\n");
+	for (int m = 0; m < M__COUNT; m++)
+		fprintf(f, "  %-16s %s\n", command_name(m), method_table[m].summary);
+	fprintf(f, "  %-16s %s\n", "rate export", "Write every rate as CSV (plan,channel,prefix,route,price,currency).");
+}
+
+/* rate export [--plan P] [--channel C]: pages through rate.list into CSV. */
+static int
+cmd_rate_export(int argc, char **argv)
+{
+	const char *plan = NULL, *channel = NULL;
+
+	for (int i = 0; i < argc; i++) {
+		if (strcmp(argv[i], "--plan") == 0 && i + 1 < argc)
+			plan = argv[++i];
+		else if (strcmp(argv[i], "--channel") == 0 && i + 1 < argc)
+			channel = argv[++i];
+		else
+			die(EXIT_USAGE, "usage: walletctl rate export [--plan PLAN] [--channel CHANNEL]");
+	}
+	printf("plan,channel,prefix,route,price,currency\n");
+	for (uint64_t page = 0;; page++) {
+		msgpack_sbuffer sb;
+		msgpack_packer pk;
+		msgpack_unpacked resp;
+		const msgpack_object *result, *rates;
+
+		msgpack_sbuffer_init(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		msgpack_pack_map(&pk, 2 + (plan != NULL) + (channel != NULL));
+		msgpack_pack_str_with_body(&pk, "page", 4);
+		msgpack_pack_uint64(&pk, page);
+		msgpack_pack_str_with_body(&pk, "limit", 5);
+		msgpack_pack_uint64(&pk, RATE_LIST_LIMIT_MAX);
+		if (plan) {
+			msgpack_pack_str_with_body(&pk, "plan", 4);
+			msgpack_pack_str_with_body(&pk, plan, strlen(plan));
+		}
+		if (channel) {
+			msgpack_pack_str_with_body(&pk, "channel", 7);
+			msgpack_pack_str_with_body(&pk, channel, strlen(channel));
+		}
+		call("rate.list", &sb, -1, &resp);
+		msgpack_sbuffer_destroy(&sb);
+		if (resp.data.type != MSGPACK_OBJECT_ARRAY || resp.data.via.array.size != 4 ||
+		    resp.data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL)
+			return print_response(&resp.data);
+		result = &resp.data.via.array.ptr[3];
+		rates = map_get(result, "rates");
+		if (rates == NULL || rates->type != MSGPACK_OBJECT_ARRAY || rates->via.array.size == 0)
+			break;
+		for (uint32_t i = 0; i < rates->via.array.size; i++) {
+			const char *keys[6] = { "plan", "channel", "prefix", "route", "price", "currency" };
+
+			for (int k = 0; k < 6; k++) {
+				const msgpack_object *v = map_get(&rates->via.array.ptr[i], keys[k]);
+
+				printf("%.*s%c", v && v->type == MSGPACK_OBJECT_STR ? (int)v->via.str.size : 0,
+				    v && v->type == MSGPACK_OBJECT_STR ? v->via.str.ptr : "", k < 5 ? ',' : '\n');
+			}
+		}
+		if (rates->via.array.size < RATE_LIST_LIMIT_MAX) {
+			msgpack_unpacked_destroy(&resp);
+			break;
+		}
+		msgpack_unpacked_destroy(&resp);
+	}
+	return EXIT_OK;
+}
+
+int
+main(int argc, char **argv)
+{
+	char name[128];
+	int i = 1, m = -1, used = 0, fd_pass = -1, rc;
+	msgpack_sbuffer params;
+	msgpack_unpacked resp;
+
+	/* Global options, before the command. */
+	for (; i < argc; i++) {
+		if (strcmp(argv[i], "-s") == 0 && i + 1 < argc)
+			socket_path = argv[++i];
+		else if (strcmp(argv[i], "--json") == 0 || strcmp(argv[i], "-j") == 0)
+			json_output = 1;
+		else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+			help_all(stdout);
+			return EXIT_OK;
+		} else
+			break;
+	}
+	if (i >= argc) {
+		help_all(stderr);
+		return EXIT_USAGE;
+	}
+	/* --json may also come after the command. */
+	for (int j = i; j < argc; j++)
+		if (strcmp(argv[j], "--json") == 0) {
+			json_output = 1;
+			memmove(&argv[j], &argv[j + 1], (size_t)(argc - j - 1) * sizeof(*argv));
+			argc--;
+			j--;
+		}
+	if (strcmp(argv[i], "help") == 0) {
+		if (i + 1 >= argc) {
+			help_all(stdout);
+			return EXIT_OK;
+		}
+		snprintf(name, sizeof(name), "%s%s%s", argv[i + 1], i + 2 < argc ? "." : "", i + 2 < argc ? argv[i + 2] : "");
+		if ((m = method_find(name, strlen(name))) < 0 && (m = method_find(argv[i + 1], strlen(argv[i + 1]))) < 0)
+			die(EXIT_USAGE, "no command '%s' (see: walletctl help)", argv[i + 1]);
+		help_one(m);
+		return EXIT_OK;
+	}
+	if (i + 1 < argc && strcmp(argv[i], "rate") == 0 && strcmp(argv[i + 1], "export") == 0)
+		return cmd_rate_export(argc - i - 2, argv + i + 2);
+	if (i + 1 < argc) {
+		snprintf(name, sizeof(name), "%s.%s", argv[i], argv[i + 1]);
+		if ((m = method_find(name, strlen(name))) >= 0)
+			used = 2;
+	}
+	if (m < 0 && (m = method_find(argv[i], strlen(argv[i]))) >= 0)
+		used = 1;
+	if (m < 0)
+		die(EXIT_USAGE, "no command '%s' (see: walletctl help)", argv[i]);
+	msgpack_sbuffer_init(&params);
+	build_params(m, argc - i - used, argv + i + used, &params, &fd_pass);
+	call(method_table[m].name, &params, fd_pass, &resp);
+	rc = print_response(&resp.data);
+	msgpack_unpacked_destroy(&resp);
+	msgpack_sbuffer_destroy(&params);
+	return rc;
+}
