@@ -3952,8 +3952,7 @@ conn_close(struct conn *c)
 		srv.conns = c->next;
 	if (c->next)
 		c->next->prev = c->prev;
-	if (c->inflight == 0 && !c->dirty)
-		conn_free(c);
+	conn_mark_dirty(c); /* freed in before_sleep, never under a caller's feet */
 }
 
 /* Writes what c's output holds; cuts off a client that lets too much pile up. */
@@ -4108,12 +4107,12 @@ conn_read(struct conn *c)
 		msgpack_unpacker_buffer_consumed(&c->up, (size_t)n);
 		msgpack_unpacked_init(&msg);
 		for (;;) {
-			size_t before = c->up.off;
+			size_t bytes = 0;
 
-			ret = msgpack_unpacker_next(&c->up, &msg);
+			ret = msgpack_unpacker_next_with_size(&c->up, &msg, &bytes);
 			if (ret != MSGPACK_UNPACK_SUCCESS)
 				break;
-			conn_frame(c, &msg, c->up.off - before);
+			conn_frame(c, &msg, bytes);
 		}
 		msgpack_unpacked_destroy(&msg);
 		if (ret == MSGPACK_UNPACK_PARSE_ERROR || ret == MSGPACK_UNPACK_NOMEM_ERROR) {
@@ -4127,9 +4126,9 @@ conn_read(struct conn *c)
 			conn_mark_dirty(c);
 			break;
 		}
-		if (c->up.used - c->up.off > config.max_frame) {
+		if (msgpack_unpacker_message_size(&c->up) > config.max_frame) {
 			struct req *r = req_new(c);
-			const unsigned char *p = (const unsigned char *)c->up.buffer + c->up.off;
+			const unsigned char *p = (const unsigned char *)c->up.buffer + c->up.off - c->up.parsed;
 
 			if (r) {
 				/* [0, msgid, ...: the msgid, if the head of the frame shows it. */
@@ -4372,6 +4371,7 @@ writer_main(void *arg)
 			pthread_cond_wait(&srv.cond, &srv.lock);
 		if (srv.wq_head == NULL) {
 			pthread_mutex_unlock(&srv.lock);
+			msgpack_sbuffer_destroy(&scratch);
 			return NULL;
 		}
 		batch = last = srv.wq_head;

@@ -1,0 +1,243 @@
+"""Python client for walletd, the prepaid wallet daemon.
+
+    from walletd import Client, InsufficientBalance
+    with Client() as w:                       # $WALLETD_SOCKET, ./var/walletd.sock, /run/walletd/walletd.sock
+        w.charge(wallet="acme", channel="sms", to="+256712345678", ref="msg-1", text="hi")
+        print(w.balance(wallet="acme"))       # {'balance': Decimal('1499.9906'), 'currency': 'USD'}
+
+Amounts go in as decimal.Decimal (or str / int) and come back as Decimal.
+Every error code is an exception class under WalletdError.
+Needs only Debian's python3-msgpack.
+"""
+import array
+import decimal
+import os
+import socket as _socket
+import stat
+
+import msgpack
+
+__all__ = ["Client", "WalletdError", "ConnectionLost"]
+
+# Keys whose values are amounts (decimal strings on the wire).
+AMOUNT_KEYS = frozenset("""balance amount balance_after price threshold required available
+    subtotal unit_price unit_cost cost credited paid_amount""".split())
+
+
+class WalletdError(Exception):
+    """An error answer from walletd: .code, .message, and the details (e.g. .field)."""
+    code = None
+
+    def __init__(self, message, details=None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        for k, v in self.details.items():
+            if k not in ("code", "message"):
+                setattr(self, k, v)
+
+
+class ConnectionLost(WalletdError, ConnectionError):
+    """walletd cannot be reached, or the connection broke before an answer."""
+    code = "connection_lost"
+
+
+ERROR_CODES = """malformed_request frame_too_large unknown_method invalid_argument
+    permission_denied unknown_wallet wallet_exists wallet_frozen insufficient_balance
+    no_rate no_fx_rate idempotency_conflict already_refunded not_refundable unknown_txn
+    unknown_topup storage_full too_many_connections busy internal""".split()
+
+_ERRORS = {}
+for _code in ERROR_CODES:
+    _name = "".join(p.capitalize() for p in _code.split("_"))
+    _cls = type(_name, (WalletdError,), {"code": _code, "__doc__": "walletd error %s" % _code})
+    _ERRORS[_code] = _cls
+    globals()[_name] = _cls
+    __all__.append(_name)
+
+
+def error_class(code):
+    """The exception class of an error code (WalletdError for an unknown one)."""
+    return _ERRORS.get(code, WalletdError)
+
+
+def _to_wire(value):
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise ValueError("amount must be finite")
+        text = format(value, "f")
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        return text
+    if isinstance(value, float):
+        raise TypeError("pass amounts as decimal.Decimal or str, never float")
+    if isinstance(value, dict):
+        return {k: _to_wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def _from_wire(value, key=None):
+    if isinstance(value, dict):
+        return {k: _from_wire(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_wire(v) for v in value]
+    if key in AMOUNT_KEYS and isinstance(value, str):
+        return decimal.Decimal(value)
+    return value
+
+
+def default_socket():
+    """-s is the caller's; else $WALLETD_SOCKET, ./var/walletd.sock, the installed default."""
+    env = os.environ.get("WALLETD_SOCKET")
+    if env:
+        return env
+    try:
+        if stat.S_ISSOCK(os.stat("var/walletd.sock").st_mode):
+            return "var/walletd.sock"
+    except OSError:
+        pass
+    return "/run/walletd/walletd.sock"
+
+
+# Python method name -> wire method name.
+METHODS = {
+    "ping": "ping", "wallet_create": "wallet.create", "wallet_get": "wallet.get",
+    "balance": "balance", "wallet_update": "wallet.update", "wallet_list": "wallet.list",
+    "rate_set": "rate.set", "rate_delete": "rate.delete", "rate_list": "rate.list",
+    "rate_lookup": "rate.lookup", "rate_import": "rate.import", "fx_set": "fx.set",
+    "fx_list": "fx.list", "charge": "charge", "charge_batch": "charge.batch",
+    "precheck": "precheck", "quote": "quote", "topup_create": "topup.create",
+    "topup_confirm": "topup.confirm", "topup_cancel": "topup.cancel", "topup_get": "topup.get",
+    "topup_list": "topup.list", "credit": "credit", "debit": "debit", "refund": "refund",
+    "history": "history", "notifications": "notifications", "verify": "verify",
+    "stats": "stats",
+}
+
+
+class Client:
+    """One connection to walletd.  Not thread-safe: use one Client per thread."""
+
+    def __init__(self, socket=None, timeout=30.0):
+        self.path = socket or default_socket()
+        self.timeout = timeout
+        self._sock = None
+        self._unpacker = None
+        self._msgid = 0
+
+    # -- connection ---------------------------------------------------------
+    def connect(self):
+        if self._sock is None:
+            s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.path)
+            except OSError as e:
+                s.close()
+                raise ConnectionLost("cannot connect to walletd at %s: %s" % (self.path, e)) from None
+            self._sock = s
+            self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        return self
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self):
+        return self.connect()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- calls --------------------------------------------------------------
+    def _request(self, method, params):
+        self._msgid = (self._msgid + 1) & 0xFFFFFFFF
+        body = [0, self._msgid, method, [_to_wire(params)] if params else []]
+        return self._msgid, msgpack.packb(body, use_bin_type=True)
+
+    def _send(self, data, fds=None):
+        try:
+            if fds:
+                sent = self._sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))])
+                data = data[sent:]
+            self._sock.sendall(data)
+        except OSError as e:
+            self.close()
+            raise ConnectionLost("connection to walletd lost: %s" % e) from None
+
+    def _receive(self):
+        while True:
+            for msg in self._unpacker:
+                return msg
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except OSError as e:
+                self.close()
+                raise ConnectionLost("connection to walletd lost: %s" % e) from None
+            if not chunk:
+                self.close()
+                raise ConnectionLost("walletd closed the connection")
+            self._unpacker.feed(chunk)
+
+    @staticmethod
+    def _result(msg):
+        if not isinstance(msg, list) or len(msg) != 4 or msg[0] != 1:
+            raise WalletdError("not a msgpack-rpc response: %r" % (msg,))
+        if msg[2] is not None:
+            err = msg[2]
+            raise error_class(err.get("code"))(err.get("message", ""), _from_wire(err))
+        return _from_wire(msg[3])
+
+    def call(self, method, _fds=None, **params):
+        """Calls a method by its wire name; returns the result or raises its error."""
+        self.connect()
+        msgid, data = self._request(method, params)
+        self._send(data, _fds)
+        while True:
+            msg = self._receive()
+            if isinstance(msg, list) and len(msg) == 4 and msg[1] in (msgid, None):
+                return self._result(msg)
+
+    def pipeline(self, calls):
+        """Sends every (method, params) at once, then reads the answers, matched by msgid.
+        Returns results in order; an error answer is returned as its exception object."""
+        self.connect()
+        ids, frames = [], []
+        for method, params in calls:
+            msgid, data = self._request(method, params or {})
+            ids.append(msgid)
+            frames.append(data)
+        self._send(b"".join(frames))
+        answers = {}
+        while len(answers) < len(ids):
+            msg = self._receive()
+            answers[msg[1]] = msg
+        out = []
+        for msgid in ids:
+            try:
+                out.append(self._result(answers[msgid]))
+            except WalletdError as e:
+                out.append(e)
+        return out
+
+    def backup(self, path):
+        """Writes a consistent, compacted copy of the store into path (opened here)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            return self.call("backup", _fds=[fd])
+        finally:
+            os.close(fd)
+
+
+def _make(wire):
+    def method(self, **params):
+        return self.call(wire, **params)
+    method.__name__ = wire.replace(".", "_")
+    method.__doc__ = "walletd method %s; keyword arguments are its params." % wire
+    return method
+
+
+for _py, _wire in METHODS.items():
+    setattr(Client, _py, _make(_wire))
