@@ -3554,6 +3554,8 @@ struct conn {
 	unsigned inflight;        /* with the writer or a helper */
 	unsigned nslow;           /* with a helper */
 	int passed_fd;
+	int frame_has_msgid;      /* the frame being received shows its msgid */
+	uint32_t frame_msgid;
 	int closing;              /* answer what is queued, then close */
 	int dead;                 /* socket closed; freed when inflight is 0 */
 	int dirty;
@@ -4065,6 +4067,25 @@ conn_pump(struct conn *c)
 	}
 }
 
+/* Reads the msgid from the head of a frame [0, msgid, ...: 1 if it shows. */
+static int
+frame_msgid(const unsigned char *p, size_t n, uint32_t *msgid)
+{
+	if (n < 3 || p[0] != 0x94 || p[1] != 0x00)
+		return 0;
+	if (p[2] < 0x80)
+		*msgid = p[2];
+	else if (p[2] == 0xcc && n >= 4)
+		*msgid = p[3];
+	else if (p[2] == 0xcd && n >= 5)
+		*msgid = (uint32_t)p[3] << 8 | p[4];
+	else if (p[2] == 0xce && n >= 7)
+		*msgid = (uint32_t)p[3] << 24 | (uint32_t)p[4] << 16 | (uint32_t)p[5] << 8 | p[6];
+	else
+		return 0;
+	return 1;
+}
+
 /* Reads what c sent and decodes every whole frame in it. */
 static void
 conn_read(struct conn *c)
@@ -4109,6 +4130,9 @@ conn_read(struct conn *c)
 		for (;;) {
 			size_t bytes = 0;
 
+			if (c->up.parsed == 0) /* a frame starts here: note its msgid for frame_too_large */
+				c->frame_has_msgid = frame_msgid((unsigned char *)c->up.buffer + c->up.off,
+				    c->up.used - c->up.off, &c->frame_msgid);
 			ret = msgpack_unpacker_next_with_size(&c->up, &msg, &bytes);
 			if (ret != MSGPACK_UNPACK_SUCCESS)
 				break;
@@ -4128,23 +4152,10 @@ conn_read(struct conn *c)
 		}
 		if (msgpack_unpacker_message_size(&c->up) > config.max_frame) {
 			struct req *r = req_new(c);
-			const unsigned char *p = (const unsigned char *)c->up.buffer + c->up.off - c->up.parsed;
 
 			if (r) {
-				/* [0, msgid, ...: the msgid, if the head of the frame shows it. */
-				if (p[0] == 0x94 && p[1] == 0x00) {
-					r->has_msgid = 1;
-					if (p[2] < 0x80)
-						r->msgid = p[2];
-					else if (p[2] == 0xcc)
-						r->msgid = p[3];
-					else if (p[2] == 0xcd)
-						r->msgid = (uint32_t)p[3] << 8 | p[4];
-					else if (p[2] == 0xce)
-						r->msgid = (uint32_t)p[3] << 24 | (uint32_t)p[4] << 16 | (uint32_t)p[5] << 8 | p[6];
-					else
-						r->has_msgid = 0;
-				}
+				r->has_msgid = c->frame_has_msgid;
+				r->msgid = c->frame_msgid;
 				req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame is larger than %zu bytes", config.max_frame);
 				conn_queue(c, r);
 			}
