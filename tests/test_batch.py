@@ -1,0 +1,76 @@
+"""Group commit and charge.batch: each request atomic on its own inside one commit."""
+import decimal
+
+from harness import DaemonTest, request, read_frames
+
+D = decimal.Decimal
+
+
+class GroupCommit(DaemonTest):
+    def test_two_charges_in_one_batch_exceeding_the_balance(self):
+        d = self.d
+        self.seed("0")
+        d.ctl_json("credit", "acme", "0.01", "room for one")
+        s = d.raw()
+        c = {"wallet": "acme", "channel": "sms", "to": "+256712345678"}
+        s.sendall(request(1, "charge", dict(c, ref="a")) + request(2, "charge", dict(c, ref="b")) +
+                  request(3, "balance", {"wallet": "acme"}))
+        f = read_frames(s, 3)
+        self.assertIsNone(f[0][2])
+        self.assertEqual(f[1][2]["code"], "insufficient_balance")
+        self.assertEqual(f[2][3]["balance"], "0.0006")  # the read after the writes sees them
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_a_failing_request_leaves_no_trace_while_neighbours_commit(self):
+        d = self.d
+        self.seed("1")
+        s = d.raw()
+        c = {"wallet": "acme", "channel": "sms", "to": "+256712345678"}
+        s.sendall(request(1, "charge", dict(c, ref="x1")) +
+                  request(2, "charge", dict(c, ref="x2", to="+19995550000")) +   # no_rate
+                  request(3, "refund", {"wallet": "acme", "ref": "nope"}) +       # unknown_txn
+                  request(4, "charge", dict(c, ref="x1", segments=3)) +           # idempotency_conflict
+                  request(5, "charge", dict(c, ref="x3")))
+        f = read_frames(s, 5)
+        self.assertEqual([x[2] and x[2]["code"] for x in f],
+                         [None, "no_rate", "unknown_txn", "idempotency_conflict", None])
+        h = d.ctl_json("history", "acme")
+        self.assertEqual([t.get("ref") for t in h["transactions"]], ["x3", "x1", None])
+        self.assertEqual(f[4][3]["id"], f[0][3]["id"] + 1)  # no id was burnt by the failures
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_charge_batch_mixes_results_in_order(self):
+        d = self.d
+        self.seed("0")
+        d.ctl_json("credit", "acme", "0.02", "room for two")
+        c = {"wallet": "acme", "channel": "sms", "to": "+256712345678"}
+        items = [dict(c, ref="b1"), dict(c, ref="b2", to="bad"), dict(c, ref="b3"), dict(c, ref="b1"),
+                 dict(c, ref="b4"), dict(c, ref="b5", wallet="ghost"), "not a map"]
+        with d.client() as cl:
+            res = cl.charge_batch(items=items)["results"]
+        self.assertEqual(len(res), 7)
+        self.assertEqual(res[0]["ref"], "b1")
+        self.assertEqual(res[1]["error"]["field"], "to")
+        self.assertEqual(res[2]["balance_after"], D("0.0012"))
+        self.assertTrue(res[3]["replayed"])
+        self.assertEqual(res[4]["error"]["code"], "insufficient_balance")
+        self.assertEqual(res[5]["error"]["code"], "unknown_wallet")
+        self.assertEqual(res[6]["error"]["code"], "invalid_argument")
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "0.0012")
+        with d.client() as cl:
+            with self.assertRaises(Exception) as e:
+                cl.charge_batch(items=[dict(c, ref="z%d" % i) for i in range(1001)])
+            self.assertEqual(e.exception.code, "invalid_argument")
+
+    def test_pipelined_writes_share_commits(self):
+        d = self.d
+        self.seed("100")
+        with d.client() as cl:
+            before = cl.stats()["commits"]
+            res = cl.pipeline([("charge", {"wallet": "acme", "channel": "sms", "to": "+256712345678",
+                                           "ref": "p%d" % i}) for i in range(500)])
+            self.assertTrue(all(not isinstance(r, Exception) for r in res))
+            self.assertEqual([r["balance_after"] for r in res][-1], D("100") - D("0.0094") * 500)
+            stats = cl.stats()
+        self.assertLess(stats["commits"] - before, 500)
+        self.assertGreater(stats["max_batch"], 1)
