@@ -1,0 +1,118 @@
+#!/usr/bin/python3
+"""Payment webhook receiver for walletd: Flutterwave and Paystack.
+
+Gateways POST here when a customer pays a checkout that walletd's
+topup.create issued (the top-up ref is the gateway's tx_ref / reference).
+A good signature and a successful payment call topup.confirm, which credits
+the wallet exactly once however often the gateway retries.  A bad signature
+is answered 401 and changes nothing.  A failed attempt changes nothing
+either: the customer may pay again on the same checkout (SPEC 5).
+
+    POST /flutterwave   header verif-hash: the secret hash set in the dashboard
+    POST /paystack      header x-paystack-signature: HMAC-SHA512(secret key, body)
+
+Environment:
+    WALLETD_SOCKET        walletd's socket (run this as a user of the payments role)
+    FLW_SECRET_HASH       Flutterwave: Settings > Webhooks > Secret hash
+    PAYSTACK_SECRET_KEY   Paystack: Settings > API Keys > Secret key
+    WEBHOOK_LISTEN        address:port to listen on (default 127.0.0.1:8081);
+                          put it behind your TLS reverse proxy
+Only Debian's python3 and python3-msgpack are needed.
+"""
+import decimal
+import hashlib
+import hmac
+import json
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import walletd  # noqa: E402
+
+MAX_BODY = 1 << 20
+
+
+def flutterwave(headers, body):
+    """Returns (ok_signature, confirm_params or None)."""
+    secret = os.environ.get("FLW_SECRET_HASH", "")
+    given = headers.get("verif-hash", "")
+    if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+        return False, None
+    event = json.loads(body, parse_float=decimal.Decimal)
+    data = event.get("data") or {}
+    if data.get("status") != "successful":
+        return True, None
+    return True, {"ref": data["tx_ref"], "amount": decimal.Decimal(str(data["amount"])),
+                  "currency": data.get("currency"), "provider": "flutterwave",
+                  "provider_ref": str(data.get("id") or data.get("flw_ref"))}
+
+
+def paystack(headers, body):
+    secret = os.environ.get("PAYSTACK_SECRET_KEY", "")
+    given = headers.get("x-paystack-signature", "")
+    want = hmac.new(secret.encode(), body, hashlib.sha512).hexdigest()
+    if not secret or not hmac.compare_digest(given.encode(), want.encode()):
+        return False, None
+    event = json.loads(body, parse_float=decimal.Decimal)
+    data = event.get("data") or {}
+    if event.get("event") != "charge.success" or data.get("status") != "success":
+        return True, None
+    # Paystack amounts are in the currency's subunit (kobo, pesewas, cents).
+    return True, {"ref": data["reference"], "amount": decimal.Decimal(data["amount"]) / 100,
+                  "currency": data.get("currency"), "provider": "paystack",
+                  "provider_ref": str(data.get("id"))}
+
+
+GATEWAYS = {"/flutterwave": flutterwave, "/paystack": paystack}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def answer(self, status, text):
+        data = (text + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        gateway = GATEWAYS.get(self.path.split("?")[0])
+        if gateway is None:
+            return self.answer(404, "no such webhook")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length <= 0 or length > MAX_BODY:
+            return self.answer(400, "bad body")
+        body = self.rfile.read(length)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
+            good, params = gateway(headers, body)
+        except (ValueError, KeyError, TypeError, decimal.InvalidOperation):
+            return self.answer(400, "cannot read the event")
+        if not good:
+            return self.answer(401, "bad signature")
+        if params is None:
+            return self.answer(200, "ignored")
+        params = {k: v for k, v in params.items() if v is not None}
+        try:
+            with walletd.Client(timeout=10) as w:
+                res = w.topup_confirm(**params)
+        except walletd.ConnectionLost as e:
+            return self.answer(503, "walletd unavailable: %s" % e)  # the gateway retries
+        except walletd.WalletdError as e:
+            # unknown_topup, invalid_argument...: retrying cannot help; staff must look.
+            self.log_message("topup.confirm %s: %s %s", params.get("ref"), e.code, e.message)
+            return self.answer(200, "not credited: %s" % e.code)
+        state = "already credited" if res["replayed"] else "credited"
+        return self.answer(200, "%s %s %s" % (state, res["transaction"]["amount"], res["transaction"]["currency"]))
+
+
+def main():
+    host, _, port = os.environ.get("WEBHOOK_LISTEN", "127.0.0.1:8081").rpartition(":")
+    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    print("webhook receiver on %s:%s" % (host, port), flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
