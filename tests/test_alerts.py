@@ -1,0 +1,123 @@
+"""Low-balance alerts: durable notifications, e-mail through a real SMTP server."""
+import email
+import glob
+import json
+import os
+import subprocess
+import time
+
+from harness import Daemon, DaemonTest, HERE, PY
+from test_topups import free_port
+
+
+class SmtpSink:
+    def __init__(self, port, directory):
+        self.port, self.dir = port, directory
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([PY, os.path.join(HERE, "smtp_sink.py"), str(self.port), self.dir],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.proc.stdout.readline()
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
+
+    def messages(self):
+        out = []
+        for path in sorted(glob.glob(os.path.join(self.dir, "*.json"))):
+            with open(path) as f:
+                out.append(json.load(f))
+        return out
+
+    def wait_for(self, count, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if len(self.messages()) >= count:
+                time.sleep(0.3)  # and no more
+                return self.messages()
+            time.sleep(0.1)
+        return self.messages()
+
+
+class Alerts(DaemonTest):
+    def setUp(self):
+        self.port = free_port()
+        self.config = {"smtp_url": "smtp://127.0.0.1:%d" % self.port, "smtp_from": "billing@platform.example",
+                       "alert_interval": "1", "smtp_timeout": "5"}
+        super().setUp()
+        self.sink = SmtpSink(self.port, os.path.join(self.d.dir, "mail"))
+
+    def tearDown(self):
+        self.sink.stop()
+        super().tearDown()
+
+    def make_wallet(self):
+        d = self.d
+        d.ctl_json("wallet", "create", "acme", "USD", "--threshold", "5",
+                   "--alert-email", "ops@acme.example", "--alert-email", "cfo@acme.example")
+        d.ctl_json("credit", "acme", "5.20", "opening")
+        d.ctl_json("rate", "set", "default", "sms", "1", "1", "USD")
+
+    def charge(self, ref):
+        return self.d.ctl_json("charge", "acme", "sms", "+15550000000", ref)
+
+    def test_one_email_per_crossing_and_rearm(self):
+        self.sink.start()
+        self.make_wallet()
+        self.charge("a")                       # 5.20 -> 4.20: crossing
+        msgs = self.sink.wait_for(1)
+        self.assertEqual(len(msgs), 1)
+        m = email.message_from_string(msgs[0]["data"])
+        self.assertEqual(m["Subject"], "Low balance: acme is at 4.20 USD (threshold 5.00 USD)")
+        self.assertEqual(sorted(msgs[0]["to"]), ["cfo@acme.example", "ops@acme.example"])
+        self.assertEqual(msgs[0]["from"], "billing@platform.example")
+        for h in ("Date", "Message-ID", "From", "To"):
+            self.assertIn(h, m)
+        self.assertIn("4.20 USD", m.get_payload())
+        self.charge("b")                       # 3.20: still below, nothing
+        self.d.ctl_json("debit", "acme", "1", "fee")
+        time.sleep(1.5)
+        self.assertEqual(len(self.sink.messages()), 1)
+        notes = self.d.ctl_json("notifications", "acme")["notifications"]
+        self.assertEqual([(n["email_state"], n["attempts"]) for n in notes], [("sent", 1)])
+        self.d.ctl_json("credit", "acme", "10", "top up")   # 12.20: re-armed
+        self.d.ctl_json("debit", "acme", "8", "x")           # 4.20: second crossing
+        self.assertEqual(len(self.sink.wait_for(2)), 2)
+        self.d.ctl_json("wallet", "update", "acme", "--threshold", "3")  # changing it sends nothing
+        time.sleep(1.2)
+        self.assertEqual(len(self.sink.messages()), 2)
+
+    def test_smtp_down_then_up_delivers_once(self):
+        self.make_wallet()
+        self.charge("a")
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            n = self.d.ctl_json("notifications", "acme")["notifications"][0]
+            if n["attempts"] >= 1:
+                break
+            time.sleep(0.2)
+        self.assertEqual(n["email_state"], "pending")
+        self.assertGreaterEqual(n["attempts"], 1)
+        self.assertTrue(n["last_error"])
+        self.sink.start()
+        self.assertEqual(len(self.sink.wait_for(1, timeout=30)), 1)
+        time.sleep(2)
+        self.assertEqual(len(self.sink.messages()), 1)
+        n = self.d.ctl_json("notifications", "acme")["notifications"][0]
+        self.assertEqual(n["email_state"], "sent")
+        self.assertGreaterEqual(n["attempts"], 2)
+
+    def test_pending_alert_survives_kill_and_is_sent_once(self):
+        self.make_wallet()
+        self.charge("a")
+        self.d.kill()
+        self.sink.start()
+        self.d.start()
+        self.assertEqual(len(self.sink.wait_for(1)), 1)
+        self.d.restart()
+        time.sleep(2)
+        self.assertEqual(len(self.sink.messages()), 1)
