@@ -1164,10 +1164,10 @@ fx_get(MDB_txn *txn, const char *from, const char *to, i128 *rate, int *inverse)
 /*
  * Converts amount from one currency into another, rounding once, half away
  * from zero.  Returns E_OK, E_NO_FX_RATE, E_INVALID_ARGUMENT on overflow, or
- * -rc for an LMDB error rc.
+ * -1 for an LMDB error, left in *err.
  */
 static int
-fx_convert(MDB_txn *txn, int64_t amount, const char *from, const char *to, int64_t *out)
+fx_convert(MDB_txn *txn, int64_t amount, const char *from, const char *to, int64_t *out, int *err)
 {
 	i128 rate;
 	int inverse, rc;
@@ -1176,8 +1176,10 @@ fx_convert(MDB_txn *txn, int64_t amount, const char *from, const char *to, int64
 		*out = amount;
 		return E_OK;
 	}
-	if ((rc = fx_get(txn, from, to, &rate, &inverse)) != 0)
-		return rc == MDB_NOTFOUND ? E_NO_FX_RATE : -rc;
+	if ((rc = fx_get(txn, from, to, &rate, &inverse)) != 0) {
+		*err = rc;
+		return rc == MDB_NOTFOUND ? E_NO_FX_RATE : -1;
+	}
 	return fx_apply(amount, rate, inverse, out) == 0 ? E_OK : E_INVALID_ARGUMENT;
 }
 
@@ -1211,19 +1213,21 @@ struct rate_hit {
  * cheapest cost of segments converted into target (ties: route name
  * ascending).  target NULL means the first route's currency.  Costs
  * ~15 seeks at worst, never a scan.  Returns E_OK, E_NO_RATE, E_NO_FX_RATE,
- * E_INVALID_ARGUMENT (overflow), or -rc for an LMDB error.
+ * E_INVALID_ARGUMENT (overflow), or -1 for an LMDB error, left in *err.
  */
 static int
 rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
     size_t ndigits, struct str route, const char *target, uint32_t segments,
-    struct rate_hit *hit)
+    struct rate_hit *hit, int *err)
 {
 	char key[RATE_KEY_MAX], first_currency[4];
 	MDB_cursor *cur;
 	int rc, result = E_NO_RATE;
 
-	if ((rc = mdb_cursor_open(txn, store.rates, &cur)) != 0)
-		return -rc;
+	if ((rc = mdb_cursor_open(txn, store.rates, &cur)) != 0) {
+		*err = rc;
+		return -1;
+	}
 	for (size_t len = ndigits; len > 0 && result == E_NO_RATE; len--) {
 		size_t klen = rate_key(key, plan, channel, digits, len, (struct str){ "", 0 });
 		MDB_val k = { klen, key }, v;
@@ -1252,7 +1256,7 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 				result = result == E_OK ? E_OK : E_INVALID_ARGUMENT;
 				continue;
 			}
-			conv = fx_convert(txn, total, rv.currency, target, &cost);
+			conv = fx_convert(txn, total, rv.currency, target, &cost, err);
 			if (conv < 0) {
 				mdb_cursor_close(cur);
 				return conv;
@@ -1276,7 +1280,8 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 		}
 		if (rc != 0 && rc != MDB_NOTFOUND) {
 			mdb_cursor_close(cur);
-			return -rc;
+			*err = rc;
+			return -1;
 		}
 	}
 	mdb_cursor_close(cur);
@@ -1331,8 +1336,6 @@ fail(struct call *c, int code, const char *field, const char *fmt, ...)
 static int
 store_error(struct call *c, int rc)
 {
-	if (rc < 0)
-		rc = -rc;
 	if (c->mdb_rc == 0)
 		c->mdb_rc = rc;
 	if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT || rc == MDB_TXN_FULL)
@@ -2057,7 +2060,7 @@ static int
 find_rate(struct call *c, struct str plan, struct str channel, const char *digits,
     size_t n, struct str route, const char *target, uint32_t segments, struct rate_hit *hit)
 {
-	int rc = rate_find(c->txn, plan, channel, digits, n, route, target, segments, hit);
+	int err = 0, rc = rate_find(c->txn, plan, channel, digits, n, route, target, segments, hit, &err);
 
 	switch (rc) {
 	case E_OK:
@@ -2072,7 +2075,7 @@ find_rate(struct call *c, struct str plan, struct str channel, const char *digit
 	case E_INVALID_ARGUMENT:
 		return fail(c, E_INVALID_ARGUMENT, "segments", "The price of this message is out of range");
 	default:
-		return store_error(c, rc);
+		return store_error(c, err);
 	}
 }
 
@@ -2389,9 +2392,11 @@ charge_one(struct call *c)
 		int64_t required, available;
 
 		required = hit.price * (int64_t)segments; /* checked in rate_find */
-		rc = fx_convert(c->txn, w.balance, w.currency, hit.currency, &available);
+		int err = 0;
+
+		rc = fx_convert(c->txn, w.balance, w.currency, hit.currency, &available, &err);
 		if (rc < 0)
-			return store_error(c, rc);
+			return store_error(c, err);
 		if (rc != E_OK)
 			available = 0;
 		return fail_insufficient(c, required, available, hit.currency);
@@ -2622,10 +2627,12 @@ m_precheck(struct call *c)
 		}
 		if (count == 0)
 			continue;
+		int err = 0;
+
 		rc = rate_find(c->txn, (struct str){ w.plan, strlen(w.plan) }, channel, digits, n,
-		    (struct str){ NULL, 0 }, w.currency, segments, &hit);
+		    (struct str){ NULL, 0 }, w.currency, segments, &hit, &err);
 		if (rc < 0) {
-			rc = store_error(c, rc);
+			rc = store_error(c, err);
 			break;
 		}
 		if (rc != E_OK) {
@@ -3205,6 +3212,7 @@ m_topup_confirm(struct call *c)
 	struct wallet w;
 	struct txn t;
 	int64_t paid, credited;
+	int err = 0;
 	MDB_val raw;
 	int rc, present;
 
@@ -3231,9 +3239,9 @@ m_topup_confirm(struct call *c)
 	if (currency.p == NULL)
 		currency = (struct str){ w.currency, 3 };
 	rc = fx_convert(c->txn, paid, (char[4]){ currency.p[0], currency.p[1], currency.p[2], 0 },
-	    w.currency, &credited);
+	    w.currency, &credited, &err);
 	if (rc < 0)
-		return store_error(c, rc);
+		return store_error(c, err);
 	if (rc == E_NO_FX_RATE)
 		return fail(c, E_NO_FX_RATE, "currency", "No exchange rate from %.3s to %s", currency.p, w.currency);
 	if (rc != E_OK || credited <= 0 || __builtin_add_overflow(w.balance, credited, &w.balance))

@@ -98,10 +98,11 @@ class Daemon:
 
     # -- clients ------------------------------------------------------------
     def ctl(self, *args, input=None, user=None):
-        """Runs walletctl; returns the CompletedProcess (no check)."""
+        """Runs walletctl (as user, "name:group", when given); returns the CompletedProcess."""
         cmd = [WALLETCTL, "-s", self.sock] + [str(a) for a in args]
         if user:
-            cmd = ["setpriv", "--reuid=%s" % user, "--regid=%s" % user, "--clear-groups"] + cmd
+            name, _, group = user.partition(":")
+            cmd = ["setpriv", "--reuid=%s" % name, "--regid=%s" % (group or name), "--clear-groups"] + cmd
         return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
 
     def ctl_json(self, *args, expect=0, **kw):

@@ -1,0 +1,211 @@
+"""Operations: access control, config reload, limits, store growth, backup, crashes."""
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+from harness import Daemon, DaemonTest, request, read_frames, walletd, WALLETD, PY, HERE
+
+
+class AccessControl(DaemonTest):
+    config = {"socket_group": "nogroup"}
+
+    def test_roles_from_peer_credentials(self):
+        d = self.d
+        self.seed("1")
+        st = os.stat(d.sock)
+        self.assertEqual(st.st_mode & 0o777, 0o660)
+        nobody = "nobody:nogroup"
+        r = d.ctl("--json", "balance", "acme", user=nobody)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("permission_denied", r.stderr)
+        d.config["client_groups"] = "nogroup"
+        d.write_config()
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        self.assertIn("client_groups changed", d.read_log())
+        r = d.ctl("--json", "charge", "acme", "sms", "+256712345678", "n1", user=nobody)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn('"actor"', d.ctl("--json", "refund", "acme", "--ref", "n1", user=nobody).stdout)
+        for admin_only in (("credit", "acme", "5", "x"), ("wallet", "create", "x", "USD"), ("verify",),
+                           ("rate", "set", "default", "sms", "1", "1", "USD"), ("topup", "confirm", "tp_x", "1", "p", "r")):
+            r = d.ctl("--json", *admin_only, user=nobody)
+            self.assertIn("permission_denied", r.stderr, admin_only)
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "1")
+
+
+class Limits(DaemonTest):
+    config = {"max_connections": "20", "max_output": "1M", "idle_timeout": "2"}
+
+    def test_stalled_and_unread_clients_do_not_slow_others(self):
+        d = self.d
+        self.seed("100")
+        half = d.raw()
+        half.sendall(request(1, "charge", {"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "h"})[:20])
+        deaf = d.raw()
+        deaf.setblocking(False)
+        frame = request(1, "history", {"wallet": "acme", "limit": 1000})
+        try:
+            for _ in range(20000):
+                deaf.send(frame)
+        except BlockingIOError:
+            pass
+        with d.client(timeout=10) as c:
+            for i in range(200):
+                c.charge(wallet="acme", channel="sms", to="+256712345678", ref="n%d" % i)
+        self.assertEqual(d.ctl_json("history", "acme", "--type", "sms_charge")["total"], 200)
+        time.sleep(3)  # idle_timeout closes the half-frame client
+        half.settimeout(5)
+        self.assertEqual(half.recv(100), b"")
+
+    def test_too_many_connections_is_a_clear_refusal(self):
+        d = self.d
+        held = [d.raw() for _ in range(20)]
+        for s in held:
+            s.sendall(request(1, "ping"))
+            read_frames(s, 1)
+        extra = d.raw()
+        f = read_frames(extra, 1)
+        self.assertEqual(f[0][2]["code"], "too_many_connections")
+        held[0].close()
+        time.sleep(0.2)
+        self.assertEqual(d.client().ping()["api"], 1)
+
+
+class StoreGrowth(DaemonTest):
+    config = {"map_size": "256K", "map_size_max": "1M"}
+
+    def test_full_store_answers_storage_full_then_recovers(self):
+        d = self.d
+        self.seed("1000000")
+        codes = set()
+        with d.client() as c:
+            for i in range(20000):
+                try:
+                    c.charge(wallet="acme", channel="sms", to="+256712345678", ref="r%06d" % i,
+                             description="x" * 200)
+                except walletd.StorageFull:
+                    codes.add("storage_full")
+                    break
+        self.assertEqual(codes, {"storage_full"})
+        self.assertTrue(d.ctl_json("verify")["ok"])
+        d.config["map_size_max"] = "64M"
+        d.write_config()
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        with d.client() as c:
+            for j in range(200):
+                c.charge(wallet="acme", channel="sms", to="+256712345678", ref="after%d" % j, description="x" * 200)
+        self.assertTrue(d.ctl_json("verify")["ok"])
+        self.assertGreater(d.ctl_json("stats")["store"]["map_grows"], 0)
+
+
+class Running(DaemonTest):
+    def test_second_instance_is_refused(self):
+        other = Daemon(directory=None)
+        other.config.update({"socket": self.d.sock})
+        other.write_config()
+        r = subprocess.run([WALLETD, "-f", "-c", other.conf], capture_output=True, text=True, timeout=20)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("another walletd", r.stderr)
+        other.config.update({"socket": other.sock, "store": self.d.store})
+        other.write_config()
+        r = subprocess.run([WALLETD, "-f", "-c", other.conf], capture_output=True, text=True, timeout=20)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("in use by another walletd", r.stderr)
+        other.cleanup()
+        self.assertEqual(self.d.client().ping()["api"], 1)
+
+    def test_backup_while_charging_is_consistent(self):
+        d = self.d
+        self.seed("1000")
+        stop = threading.Event()
+
+        def load():
+            with d.client() as c:
+                i = 0
+                while not stop.is_set():
+                    c.charge(wallet="acme", channel="sms", to="+256712345678", ref="bg%d" % i)
+                    i += 1
+        t = threading.Thread(target=load)
+        t.start()
+        time.sleep(0.3)
+        path = os.path.join(d.dir, "backup.mdb")
+        r = d.ctl_json("backup", path)
+        stop.set()
+        t.join()
+        self.assertGreater(r["bytes"], 0)
+        restored = Daemon()
+        os.makedirs(restored.store)
+        shutil.copy(path, os.path.join(restored.store, "data.mdb"))
+        restored.start()
+        try:
+            v = restored.ctl_json("verify")
+            self.assertTrue(v["ok"])
+            self.assertGreater(v["transactions"], 1)
+            self.assertEqual(restored.ctl_json("balance", "acme")["currency"], "USD")
+        finally:
+            restored.stop()
+            restored.cleanup()
+
+    def test_help_lists_every_config_key(self):
+        r = subprocess.run([WALLETD, "-h"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0)
+        for key in ("max_connections", "smtp_url", "map_size_max", "client_groups", "alert_interval"):
+            self.assertIn(key, r.stdout)
+
+
+class CrashTest(DaemonTest):
+    """kill -9 at random moments under load: nothing answered is lost, nothing applied twice."""
+    kills = int(os.environ.get("CRASH_KILLS", "20"))
+
+    def test_sigkill_under_load(self):
+        d = self.d
+        self.seed("1000000")
+        logdir = os.path.join(d.dir, "clients")
+        os.makedirs(logdir)
+        clients = [subprocess.Popen([PY, os.path.join(HERE, "crash_client.py"), d.sock,
+                                     os.path.join(logdir, "c%d.log" % k), "c%d" % k])
+                   for k in range(4)]
+        rnd = random.Random(1234)
+        try:
+            for _ in range(self.kills):
+                time.sleep(rnd.uniform(0.05, 0.4))
+                d.kill()
+                d.start()
+        finally:
+            time.sleep(0.3)
+            for p in clients:
+                p.terminate()
+            for p in clients:
+                p.wait()
+        answered = {}
+        for k in range(4):
+            with open(os.path.join(logdir, "c%d.log" % k)) as f:
+                for line in f:
+                    ref, txn = line.split()
+                    answered[ref] = int(txn)
+        self.assertGreater(len(answered), 20)
+        v = d.ctl_json("verify")
+        self.assertTrue(v["ok"], v)
+        seen = {}
+        page = d.ctl_json("history", "acme", "--type", "sms_charge", "--limit", "1000")
+        total = page["total"]
+        before = None
+        while True:
+            args = ["history", "acme", "--type", "sms_charge", "--limit", "1000"]
+            if before:
+                args += ["--before-id", before]
+            txns = d.ctl_json(*args)["transactions"]
+            if not txns:
+                break
+            for t in txns:
+                self.assertNotIn(t["ref"], seen, "a ref was charged twice")
+                seen[t["ref"]] = t["id"]
+            before = txns[-1]["id"]
+        self.assertEqual(len(seen), total)
+        for ref, txn in answered.items():
+            self.assertEqual(seen.get(ref), txn, "answered charge %s lost" % ref)
