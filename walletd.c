@@ -3735,7 +3735,6 @@ req_error(struct req *r, int code, const char *field, const char *fmt, ...)
 	pack_error(&pk, &c);
 	msgpack_pack_nil(&pk);
 	r->code = code;
-	r->state = RQ_DONE;
 }
 
 /* Answers r with the error LMDB code rc maps to. */
@@ -3900,7 +3899,10 @@ conn_frame(struct conn *c, msgpack_unpacked *msg, size_t bytes)
 		r->fd = c->passed_fd;
 		c->passed_fd = -1;
 	}
+	conn_queue(c, r);
+	return;
 queue:
+	r->state = RQ_DONE; /* answered here */
 	conn_queue(c, r);
 }
 
@@ -4152,6 +4154,7 @@ conn_read(struct conn *c)
 
 			if (r) {
 				req_error(r, E_MALFORMED_REQUEST, NULL, "The frame cannot be decoded as MessagePack");
+				r->state = RQ_DONE;
 				conn_queue(c, r);
 			}
 			c->closing = 1;
@@ -4165,6 +4168,7 @@ conn_read(struct conn *c)
 				r->has_msgid = c->frame_has_msgid;
 				r->msgid = c->frame_msgid;
 				req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame is larger than %zu bytes", config.max_frame);
+				r->state = RQ_DONE;
 				conn_queue(c, r);
 			}
 			c->closing = 1;
@@ -4343,7 +4347,7 @@ writer_run(struct req *batch)
 				pthread_mutex_lock(&srv.lock);
 				stats.failed_commits++;
 				pthread_mutex_unlock(&srv.lock);
-				goto done;
+				return;
 			}
 			for (struct req *r = batch; r; r = r->qnext)
 				r->full = 1; /* the commit itself needed room */
@@ -4371,9 +4375,6 @@ writer_run(struct req *batch)
 	pthread_mutex_unlock(&srv.lock);
 	if (alert)
 		alert_wake();
-done:
-	for (struct req *r = batch; r; r = r->qnext)
-		r->state = RQ_DONE;
 }
 
 /* The writer thread: takes what is queued, up to the batch caps, and runs it. */
@@ -4427,7 +4428,6 @@ slow_main(void *arg)
 		req_store_error(r, rc);
 	}
 	pthread_rwlock_unlock(&store.maplock);
-	r->state = RQ_DONE;
 	r->qnext = NULL;
 	done_post(r, r);
 	return NULL;

@@ -1,0 +1,155 @@
+// Node.js client for walletd, the prepaid wallet daemon.
+//
+//   import { Client, InsufficientBalance } from 'walletd-client';
+//   const w = new Client();                       // $WALLETD_SOCKET, ./var/walletd.sock, /run/walletd/walletd.sock
+//   const t = await w.charge({ wallet: 'acme', channel: 'sms', to: '+256712345678', ref: 'msg-1', text: 'hi' });
+//   console.log(t.balance_after);                  // amounts are decimal strings: "1499.9906"
+//   w.close();
+//
+// Every call returns a promise; calls may be issued without waiting (they are
+// pipelined on one connection and matched by msgid).  Errors reject with a
+// subclass of WalletdError, one per error code.
+import fs from 'node:fs';
+import net from 'node:net';
+import { encode, decodeMultiStream } from '@msgpack/msgpack';
+
+export class WalletdError extends Error {
+  constructor(message, details = {}) {
+    super(message);
+    this.name = this.constructor.name;
+    this.code = details.code ?? this.constructor.code;
+    Object.assign(this, details);
+    this.message = message;
+  }
+}
+
+const errorClass = (code) => {
+  const name = code.split('_').map((p) => p[0].toUpperCase() + p.slice(1)).join('');
+  const cls = { [name]: class extends WalletdError {} }[name];
+  cls.code = code;
+  return cls;
+};
+
+export const ConnectionLost = errorClass('connection_lost');
+export const MalformedRequest = errorClass('malformed_request');
+export const FrameTooLarge = errorClass('frame_too_large');
+export const UnknownMethod = errorClass('unknown_method');
+export const InvalidArgument = errorClass('invalid_argument');
+export const PermissionDenied = errorClass('permission_denied');
+export const UnknownWallet = errorClass('unknown_wallet');
+export const WalletExists = errorClass('wallet_exists');
+export const WalletFrozen = errorClass('wallet_frozen');
+export const InsufficientBalance = errorClass('insufficient_balance');
+export const NoRate = errorClass('no_rate');
+export const NoFxRate = errorClass('no_fx_rate');
+export const IdempotencyConflict = errorClass('idempotency_conflict');
+export const AlreadyRefunded = errorClass('already_refunded');
+export const NotRefundable = errorClass('not_refundable');
+export const UnknownTxn = errorClass('unknown_txn');
+export const UnknownTopup = errorClass('unknown_topup');
+export const StorageFull = errorClass('storage_full');
+export const TooManyConnections = errorClass('too_many_connections');
+export const Busy = errorClass('busy');
+export const Internal = errorClass('internal');
+
+const ERRORS = Object.fromEntries([
+  MalformedRequest, FrameTooLarge, UnknownMethod, InvalidArgument, PermissionDenied, UnknownWallet,
+  WalletExists, WalletFrozen, InsufficientBalance, NoRate, NoFxRate, IdempotencyConflict,
+  AlreadyRefunded, NotRefundable, UnknownTxn, UnknownTopup, StorageFull, TooManyConnections, Busy,
+  Internal,
+].map((c) => [c.code, c]));
+
+export function defaultSocket() {
+  if (process.env.WALLETD_SOCKET) return process.env.WALLETD_SOCKET;
+  try {
+    if (fs.statSync('var/walletd.sock').isSocket()) return 'var/walletd.sock';
+  } catch { /* not there */ }
+  return '/run/walletd/walletd.sock';
+}
+
+// JavaScript method name -> wire method name.
+const METHODS = {
+  ping: 'ping', walletCreate: 'wallet.create', walletGet: 'wallet.get', balance: 'balance',
+  walletUpdate: 'wallet.update', walletList: 'wallet.list', rateSet: 'rate.set',
+  rateDelete: 'rate.delete', rateList: 'rate.list', rateLookup: 'rate.lookup',
+  rateImport: 'rate.import', fxSet: 'fx.set', fxList: 'fx.list', charge: 'charge',
+  chargeBatch: 'charge.batch', precheck: 'precheck', quote: 'quote', topupCreate: 'topup.create',
+  topupConfirm: 'topup.confirm', topupCancel: 'topup.cancel', topupGet: 'topup.get',
+  topupList: 'topup.list', credit: 'credit', debit: 'debit', refund: 'refund', history: 'history',
+  notifications: 'notifications', verify: 'verify', stats: 'stats',
+};
+
+export class Client {
+  constructor({ socket } = {}) {
+    this.path = socket ?? defaultSocket();
+    this.sock = null;
+    this.connecting = null;
+    this.pending = new Map();
+    this.msgid = 0;
+  }
+
+  // Connects if not connected (again after walletd restarted).
+  connect() {
+    if (this.sock) return Promise.resolve(this);
+    if (this.connecting) return this.connecting;
+    this.connecting = new Promise((resolve, reject) => {
+      const sock = net.createConnection(this.path);
+      sock.once('error', (e) => {
+        this.connecting = null;
+        reject(new ConnectionLost(`cannot connect to walletd at ${this.path}: ${e.message}`));
+      });
+      sock.once('connect', () => {
+        this.connecting = null;
+        this.sock = sock;
+        sock.removeAllListeners('error');
+        sock.on('error', () => {});
+        this.#read(sock);
+        resolve(this);
+      });
+    });
+    return this.connecting;
+  }
+
+  async #read(sock) {
+    try {
+      for await (const msg of decodeMultiStream(sock)) {
+        if (!Array.isArray(msg) || msg[0] !== 1) continue;
+        const [, id, err, result] = msg;
+        const p = this.pending.get(id);
+        if (!p) continue;
+        this.pending.delete(id);
+        if (err != null) {
+          const Cls = ERRORS[err.code] ?? WalletdError;
+          p.reject(new Cls(err.message, err));
+        } else {
+          p.resolve(result);
+        }
+      }
+    } catch { /* the connection broke */ }
+    if (this.sock === sock) this.sock = null;
+    sock.destroy();
+    for (const [, p] of this.pending) p.reject(new ConnectionLost('connection to walletd lost'));
+    this.pending.clear();
+  }
+
+  // Calls a method by its wire name with a params object.
+  async call(method, params) {
+    await this.connect();
+    this.msgid = (this.msgid + 1) >>> 0;
+    const id = this.msgid;
+    const frame = encode([0, id, method, params && Object.keys(params).length ? [params] : []]);
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.sock.write(frame);
+    });
+  }
+
+  close() {
+    if (this.sock) this.sock.end();
+    this.sock = null;
+  }
+}
+
+for (const [js, wire] of Object.entries(METHODS)) {
+  Client.prototype[js] = function (params) { return this.call(wire, params); };
+}

@@ -1,0 +1,102 @@
+"""The Python and Node.js bindings against a real daemon."""
+import decimal
+import os
+import subprocess
+
+from harness import DaemonTest, Daemon, ROOT, WALLETD, PY, walletd
+
+D = decimal.Decimal
+
+
+class PythonBinding(DaemonTest):
+    def test_every_method_with_decimals(self):
+        with self.d.client() as w:
+            self.assertEqual(w.ping()["api"], 1)
+            self.assertEqual(w.wallet_create(wallet="acme", currency="USD", threshold=D("5"))["threshold"], D(5))
+            self.assertEqual(w.credit(wallet="acme", amount=D("1500.00"), reason="opening")["balance_after"], D(1500))
+            self.assertEqual(w.debit(wallet="acme", amount="0.5", reason="fee")["amount"], D("-0.5"))
+            w.rate_set(plan="default", channel="sms", prefix="256", price=D("35"), currency="UGX", route="ESMS_UG")
+            self.assertEqual(w.rate_import(rows=[{"plan": "p", "channel": "sms", "prefix": "1", "route": "",
+                                                  "price": "0.01", "currency": "USD"}], mode="upsert")["loaded"], 1)
+            self.assertEqual(w.rate_list(plan="p")["total"], 1)
+            w.rate_delete(plan="p", channel="sms", prefix="1")
+            w.fx_set(base="USD", quote="UGX", rate="3723.40")
+            self.assertEqual(len(w.fx_list()["rates"]), 1)
+            self.assertEqual(w.rate_lookup(wallet="acme", channel="sms", to="+256712345678")["cost"], D("0.0094"))
+            t = w.charge(wallet="acme", channel="sms", to="+256712345678", ref="m-1", text="hello")
+            self.assertEqual(t["balance_after"], D("1499.4906"))
+            res = w.charge_batch(items=[{"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "b%d" % i}
+                                        for i in range(3)])["results"]
+            self.assertEqual(len(res), 3)
+            p = w.precheck(wallet="acme", channel="sms", recipients=["+256712345678"], segments=2)
+            self.assertEqual(p["required"], D("0.0188"))
+            self.assertEqual(w.quote(wallet="acme", channel="sms", to="+256712345678", amount=D("1"))["messages"], 106)
+            self.assertEqual(w.refund(wallet="acme", txn=t["id"])["amount"], D("0.0094"))
+            top = w.topup_create(wallet="acme", amount=D("10"))
+            self.assertFalse(w.topup_confirm(ref=top["ref"], amount="10", provider="flutterwave", provider_ref="1")["replayed"])
+            self.assertEqual(w.topup_get(ref=top["ref"])["status"], "paid")
+            self.assertEqual(len(w.topup_list(wallet="acme")["topups"]), 1)
+            c = w.topup_create(wallet="acme", amount="1")
+            self.assertEqual(w.topup_cancel(ref=c["ref"])["status"], "cancelled")
+            self.assertEqual(w.history(wallet="acme", limit=2)["total"], 8)
+            self.assertEqual(w.wallet_get(wallet="acme")["plan"], "default")
+            self.assertEqual(w.wallet_update(wallet="acme", plan="gold")["plan"], "gold")
+            self.assertEqual(w.wallet_list()["total"], 1)
+            self.assertEqual(w.notifications(wallet="acme")["notifications"], [])
+            self.assertTrue(w.verify()["ok"])
+            self.assertGreater(w.stats()["commits"], 0)
+            b = w.backup(os.path.join(self.d.dir, "copy.mdb"))
+            self.assertGreater(b["bytes"], 0)
+            with self.assertRaises(TypeError):
+                w.credit(wallet="acme", amount=1.5, reason="floats are refused before they leave")
+
+    def test_error_classes(self):
+        self.seed("0")
+        with self.d.client() as w:
+            w.wallet_create(wallet="ug", currency="UGX")
+            w.credit(wallet="ug", amount="10", reason="r")
+            with self.assertRaises(walletd.InsufficientBalance) as e:
+                w.charge(wallet="ug", channel="sms", to="+256712345678", ref="x")
+            self.assertEqual((e.exception.required, e.exception.available, e.exception.currency),
+                             (D(35), D(10), "UGX"))
+            self.assertIsInstance(e.exception, walletd.WalletdError)
+            with self.assertRaises(walletd.UnknownWallet):
+                w.balance(wallet="ghost")
+            with self.assertRaises(walletd.InvalidArgument) as e:
+                w.history(wallet="ug", limit=5000)
+            self.assertEqual(e.exception.field, "limit")
+            with self.assertRaises(walletd.WalletExists):
+                w.wallet_create(wallet="ug", currency="UGX")
+            with self.assertRaises(walletd.UnknownMethod):
+                w.call("no.such")
+        with self.assertRaises(walletd.ConnectionLost):
+            walletd.Client(os.path.join(self.d.dir, "nope.sock")).ping()
+
+    def test_pipelining_1000_and_reconnect_after_restart(self):
+        self.seed("100")
+        w = self.d.client()
+        res = w.pipeline([("charge", {"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "p%d" % i})
+                          for i in range(1000)])
+        self.assertEqual(len({r["id"] for r in res}), 1000)
+        self.assertEqual(w.balance(wallet="acme")["balance"], D("90.6"))
+        self.d.kill()
+        with self.assertRaises(walletd.ConnectionLost):
+            w.ping()
+        self.d.start()
+        self.assertEqual(w.balance(wallet="acme")["balance"], D("90.6"))
+        w.close()
+
+    def test_send_service_example_runs(self):
+        r = subprocess.run([PY, os.path.join(ROOT, "contrib", "examples", "send_service.py")],
+                           env=dict(os.environ, WALLETD_SOCKET=self.d.sock), capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("refunded", r.stdout)
+        self.assertTrue(self.d.ctl_json("verify")["ok"])
+
+
+class NodeBinding(DaemonTest):
+    def test_node_client_suite(self):
+        r = subprocess.run(["node", "--test", "test/"], cwd=os.path.join(ROOT, "contrib", "node"),
+                           env=dict(os.environ, WALLETD=WALLETD), capture_output=True, text=True, timeout=300)
+        self.assertEqual(r.returncode, 0, r.stdout[-4000:] + r.stderr[-2000:])
+        self.assertIn("# fail 0", r.stdout)
