@@ -20,7 +20,9 @@ unitdir   ?= /lib/systemd/system
 DESTDIR   ?=
 # Debian packages: to build, and to test.
 BUILD_PKGS = gcc libc6-dev make pkg-config liblmdb-dev libmsgpack-dev libcurl4-openssl-dev
-TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils nodejs npm
+TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils
+# Node.js and npm: Debian's, unless a node and npm are already on PATH.
+NODE_PKGS  = $(shell command -v node >/dev/null || echo nodejs) $(shell command -v npm >/dev/null || echo npm)
 FUZZ_SECONDS ?= 60
 # Tests build with sanitizers; set SANITIZE= to turn them off.
 SANITIZE  ?= -fsanitize=address,undefined -fno-omit-frame-pointer
@@ -41,7 +43,7 @@ walletctl: walletctl.c protocol.h .deps-build
 
 # Installs missing Debian packages (as root), else says what to install.
 define apt_install
-	@missing=""; for p in $(1); do \
+	@missing=""; for p in $(strip $(1)); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -61,7 +63,7 @@ endef
 	@touch $@
 
 .deps-test: .deps-build
-	$(call apt_install,$(TEST_PKGS))
+	$(call apt_install,$(TEST_PKGS) $(NODE_PKGS))
 	@touch $@
 
 run: all
