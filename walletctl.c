@@ -867,6 +867,7 @@ help_all(FILE *f)
 	for (int m = 0; m < M__COUNT; m++)
 		fprintf(f, "  %-16s %s\n", command_name(m), method_table[m].summary);
 	fprintf(f, "  %-16s %s\n", "rate export", "Write every rate as CSV (plan,channel,prefix,route,price,currency).");
+	fprintf(f, "  %-16s %s\n", "bench", "Load generator with a self-check (walletctl help bench).");
 }
 
 /* rate export [--plan P] [--channel C]: pages through rate.list into CSV. */
@@ -933,6 +934,405 @@ cmd_rate_export(int argc, char **argv)
 	return EXIT_OK;
 }
 
+/* ---------------------------------------------------------------------- */
+/* bench: a load generator speaking the real protocol                     */
+/* ---------------------------------------------------------------------- */
+
+static void
+bench_usage(FILE *f)
+{
+	fprintf(f,
+	    "usage: walletctl bench [-c CONNECTIONS] [-n REQUESTS] [-P PIPELINE] [--batch N]\n"
+	    "                       [--method charge|precheck|balance|history] [--wallets N]\n"
+	    "                       [--recipients N] [--json]\n"
+	    "  Creates its own wallets (bench-RUN-N, plan bench-RUN) with a large balance, so no\n"
+	    "  production wallet is touched, then sends REQUESTS requests over CONNECTIONS\n"
+	    "  connections, PIPELINE in flight on each.  --batch N sends charge.batch of N items.\n"
+	    "  Prints requests/s, charges/s, latency percentiles, errors by code, commits/s and\n"
+	    "  mean batch size (from stats), and checks that the wallets lost exactly what the\n"
+	    "  successful charges cost (exit 1 if not).\n"
+	    "  Defaults: -c 16 -n 100000 -P 1 --method charge --wallets 100 --recipients 100000\n");
+}
+
+struct bench_conn {
+	int fd;
+	msgpack_unpacker up;
+	uint64_t *sent_at;  /* by msgid % depth */
+	uint32_t *wallet_of;
+	uint32_t next_msgid;
+	int inflight;
+};
+
+static uint64_t
+mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return (x > y) - (x < y);
+}
+
+/* Calls method and returns the result object in *resp (exits on error answers). */
+static const msgpack_object *
+bench_call(const char *method, msgpack_sbuffer *params, msgpack_unpacked *resp)
+{
+	call(method, params, -1, resp);
+	if (resp->data.type != MSGPACK_OBJECT_ARRAY || resp->data.via.array.size != 4 ||
+	    resp->data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL) {
+		print_response(&resp->data);
+		die(EXIT_ERROR, "bench: %s failed", method);
+	}
+	return &resp->data.via.array.ptr[3];
+}
+
+static void
+pk_kv(msgpack_packer *pk, const char *k, const char *v)
+{
+	msgpack_pack_str_with_body(pk, k, strlen(k));
+	msgpack_pack_str_with_body(pk, v, strlen(v));
+}
+
+/* A stats counter, or 0. */
+static uint64_t
+stat_u64(const msgpack_object *stats, const char *name)
+{
+	const msgpack_object *o = map_get(stats, name);
+
+	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
+}
+
+/* Packs one charge's params for bench wallet w. */
+static void
+bench_pack_charge(msgpack_packer *pk, const char *run, uint32_t w, uint64_t seq)
+{
+	char wallet[64], ref[64];
+
+	snprintf(wallet, sizeof(wallet), "bench-%s-%u", run, w);
+	snprintf(ref, sizeof(ref), "b%" PRIu64, seq);
+	msgpack_pack_map(pk, 4);
+	pk_kv(pk, "wallet", wallet);
+	pk_kv(pk, "channel", "sms");
+	pk_kv(pk, "to", "+15550000000");
+	pk_kv(pk, "ref", ref);
+}
+
+static int
+cmd_bench(int argc, char **argv)
+{
+	unsigned conns = 16, depth = 1, batch = 0, wallets = 100, recipients = 100000;
+	uint64_t total = 100000, sent = 0, done = 0, ok_charges = 0, errors[E__COUNT] = { 0 }, *lat;
+	const char *method = "charge";
+	char run[16], buf[64];
+	struct bench_conn *bc;
+	struct pollfd *pfd;
+	msgpack_sbuffer sb, precheck_params;
+	msgpack_packer pk;
+	msgpack_unpacked resp;
+	const msgpack_object *res;
+	uint64_t *charged, t0, t1, commits0, reqs0, commits1, reqs1;
+	int json = json_output, failed = 0;
+
+	for (int i = 0; i < argc; i++) {
+		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+
+		if (strcmp(a, "--json") == 0) {
+			json = 1;
+			continue;
+		}
+		if (v == NULL) {
+			bench_usage(stderr);
+			return EXIT_USAGE;
+		}
+		i++;
+		if (strcmp(a, "-c") == 0)
+			conns = (unsigned)atoi(v);
+		else if (strcmp(a, "-n") == 0)
+			total = strtoull(v, NULL, 10);
+		else if (strcmp(a, "-P") == 0)
+			depth = (unsigned)atoi(v);
+		else if (strcmp(a, "--batch") == 0)
+			batch = (unsigned)atoi(v);
+		else if (strcmp(a, "--method") == 0)
+			method = v;
+		else if (strcmp(a, "--wallets") == 0)
+			wallets = (unsigned)atoi(v);
+		else if (strcmp(a, "--recipients") == 0)
+			recipients = (unsigned)atoi(v);
+		else {
+			bench_usage(stderr);
+			return EXIT_USAGE;
+		}
+	}
+	if (conns == 0 || depth == 0 || wallets == 0 || total == 0 ||
+	    (strcmp(method, "charge") && strcmp(method, "precheck") && strcmp(method, "balance") &&
+	    strcmp(method, "history")))
+		die(EXIT_USAGE, "bench: bad options (see: walletctl help bench)");
+	if (batch)
+		method = "charge.batch";
+	snprintf(run, sizeof(run), "%x%04x", (unsigned)time(NULL) & 0xffffff, (unsigned)getpid() & 0xffff);
+
+	/* Set-up: a plan, a rate and wallets of our own. */
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	snprintf(buf, sizeof(buf), "bench-%s", run);
+	msgpack_pack_map(&pk, 6);
+	pk_kv(&pk, "plan", buf);
+	pk_kv(&pk, "channel", "sms");
+	pk_kv(&pk, "prefix", "1");
+	pk_kv(&pk, "route", "");
+	pk_kv(&pk, "price", "0.001");
+	pk_kv(&pk, "currency", "USD");
+	bench_call("rate.set", &sb, &resp);
+	msgpack_unpacked_destroy(&resp);
+	for (unsigned w = 0; w < wallets; w++) {
+		char wallet[64];
+
+		snprintf(wallet, sizeof(wallet), "bench-%s-%u", run, w);
+		msgpack_sbuffer_clear(&sb);
+		msgpack_pack_map(&pk, 3);
+		pk_kv(&pk, "wallet", wallet);
+		pk_kv(&pk, "currency", "USD");
+		pk_kv(&pk, "plan", buf);
+		bench_call("wallet.create", &sb, &resp);
+		msgpack_unpacked_destroy(&resp);
+		msgpack_sbuffer_clear(&sb);
+		msgpack_pack_map(&pk, 3);
+		pk_kv(&pk, "wallet", wallet);
+		pk_kv(&pk, "amount", "1000000000");
+		pk_kv(&pk, "reason", "walletctl bench");
+		bench_call("credit", &sb, &resp);
+		msgpack_unpacked_destroy(&resp);
+	}
+	/* A precheck campaign is packed once and sent as is. */
+	msgpack_sbuffer_init(&precheck_params);
+	if (strcmp(method, "precheck") == 0) {
+		msgpack_packer ppk;
+
+		msgpack_packer_init(&ppk, &precheck_params, msgpack_sbuffer_write);
+		snprintf(buf, sizeof(buf), "bench-%s-0", run);
+		msgpack_pack_map(&ppk, 3);
+		pk_kv(&ppk, "wallet", buf);
+		pk_kv(&ppk, "channel", "sms");
+		msgpack_pack_str_with_body(&ppk, "recipients", 10);
+		msgpack_pack_array(&ppk, recipients);
+		for (unsigned r = 0; r < recipients; r++) {
+			snprintf(buf, sizeof(buf), "+1%010u", r * 7919u % 1000000000u);
+			msgpack_pack_str_with_body(&ppk, buf, strlen(buf));
+		}
+	}
+	res = bench_call("stats", NULL, &resp);
+	commits0 = stat_u64(res, "commits");
+	reqs0 = stat_u64(res, "committed_requests");
+	msgpack_unpacked_destroy(&resp);
+
+	bc = calloc(conns, sizeof(*bc));
+	pfd = calloc(conns, sizeof(*pfd));
+	lat = calloc(total, sizeof(*lat));
+	charged = calloc(wallets, sizeof(*charged));
+	if (!bc || !pfd || !lat || !charged)
+		die(EXIT_ERROR, "out of memory");
+	for (unsigned i = 0; i < conns; i++) {
+		if ((bc[i].fd = sock_connect(socket_pick())) < 0)
+			die(EXIT_CONNECT, "bench: cannot connect: %s", strerror(errno));
+		msgpack_unpacker_init(&bc[i].up, 1 << 16);
+		bc[i].sent_at = calloc(depth, sizeof(uint64_t));
+		bc[i].wallet_of = calloc(depth, sizeof(uint32_t));
+		pfd[i].fd = bc[i].fd;
+		pfd[i].events = POLLIN;
+	}
+	t0 = mono_ns();
+	while (done < total) {
+		/* Fill every connection's pipeline. */
+		for (unsigned i = 0; i < conns; i++) {
+			msgpack_sbuffer out;
+			msgpack_packer opk;
+
+			msgpack_sbuffer_init(&out);
+			msgpack_packer_init(&opk, &out, msgpack_sbuffer_write);
+			while (bc[i].inflight < (int)depth && sent < total) {
+				uint32_t id = bc[i].next_msgid++;
+				uint32_t w = (uint32_t)(sent % wallets);
+
+				msgpack_pack_array(&opk, 4);
+				msgpack_pack_int(&opk, 0);
+				msgpack_pack_uint32(&opk, id);
+				msgpack_pack_str_with_body(&opk, method, strlen(method));
+				msgpack_pack_array(&opk, 1);
+				if (strcmp(method, "charge") == 0) {
+					bench_pack_charge(&opk, run, w, sent);
+				} else if (batch) {
+					msgpack_pack_map(&opk, 1);
+					msgpack_pack_str_with_body(&opk, "items", 5);
+					msgpack_pack_array(&opk, batch);
+					for (unsigned k = 0; k < batch; k++)
+						bench_pack_charge(&opk, run, w, sent * batch + k);
+				} else if (strcmp(method, "precheck") == 0) {
+					msgpack_sbuffer_write(&out, precheck_params.data, precheck_params.size);
+				} else {
+					snprintf(buf, sizeof(buf), "bench-%s-%u", run, w);
+					msgpack_pack_map(&opk, strcmp(method, "history") == 0 ? 2 : 1);
+					pk_kv(&opk, "wallet", buf);
+					if (strcmp(method, "history") == 0) {
+						msgpack_pack_str_with_body(&opk, "limit", 5);
+						msgpack_pack_int(&opk, 50);
+					}
+				}
+				bc[i].sent_at[id % depth] = mono_ns();
+				bc[i].wallet_of[id % depth] = w;
+				bc[i].inflight++;
+				sent++;
+			}
+			if (out.size && send_all(bc[i].fd, out.data, out.size, -1) != 0)
+				die(EXIT_CONNECT, "bench: walletd went away");
+			msgpack_sbuffer_destroy(&out);
+		}
+		if (poll(pfd, conns, 10000) <= 0)
+			die(EXIT_ERROR, "bench: no answer for 10 s");
+		for (unsigned i = 0; i < conns; i++) {
+			msgpack_unpacked msg;
+			ssize_t n;
+
+			if (!(pfd[i].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			msgpack_unpacker_reserve_buffer(&bc[i].up, 1 << 16);
+			n = read(bc[i].fd, msgpack_unpacker_buffer(&bc[i].up), msgpack_unpacker_buffer_capacity(&bc[i].up));
+			if (n <= 0)
+				die(EXIT_CONNECT, "bench: walletd closed a connection");
+			msgpack_unpacker_buffer_consumed(&bc[i].up, (size_t)n);
+			msgpack_unpacked_init(&msg);
+			while (msgpack_unpacker_next(&bc[i].up, &msg) == MSGPACK_UNPACK_SUCCESS) {
+				const msgpack_object *o = &msg.data, *err, *result;
+				uint32_t id;
+
+				if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 4)
+					die(EXIT_ERROR, "bench: not a response");
+				id = (uint32_t)o->via.array.ptr[1].via.u64;
+				err = &o->via.array.ptr[2];
+				result = &o->via.array.ptr[3];
+				lat[done++] = mono_ns() - bc[i].sent_at[id % depth];
+				bc[i].inflight--;
+				if (err->type != MSGPACK_OBJECT_NIL) {
+					const msgpack_object *code = map_get(err, "code");
+					int e = code ? error_find(code->via.str.ptr, code->via.str.size) : -1;
+
+					errors[e > 0 ? e : E_INTERNAL]++;
+					continue;
+				}
+				if (strcmp(method, "charge") == 0) {
+					ok_charges++;
+					charged[bc[i].wallet_of[id % depth]]++;
+				} else if (batch) {
+					const msgpack_object *results = map_get(result, "results");
+
+					for (uint32_t k = 0; results && k < results->via.array.size; k++) {
+						const msgpack_object *ie = map_get(&results->via.array.ptr[k], "error");
+
+						if (ie) {
+							const msgpack_object *code = map_get(ie, "code");
+							int e = code ? error_find(code->via.str.ptr, code->via.str.size) : -1;
+
+							errors[e > 0 ? e : E_INTERNAL]++;
+						} else {
+							ok_charges++;
+							charged[bc[i].wallet_of[id % depth]]++;
+						}
+					}
+				}
+			}
+			msgpack_unpacked_destroy(&msg);
+		}
+	}
+	t1 = mono_ns();
+	res = bench_call("stats", NULL, &resp);
+	commits1 = stat_u64(res, "commits");
+	reqs1 = stat_u64(res, "committed_requests");
+	msgpack_unpacked_destroy(&resp);
+
+	/* Self-check: each wallet lost exactly 0.001 per successful charge. */
+	for (unsigned w = 0; w < wallets; w++) {
+		char wallet[64];
+		const msgpack_object *b;
+		int64_t have, want = 1000000000LL * MICRO - (int64_t)charged[w] * 1000;
+
+		snprintf(wallet, sizeof(wallet), "bench-%s-%u", run, w);
+		msgpack_sbuffer_clear(&sb);
+		msgpack_pack_map(&pk, 1);
+		pk_kv(&pk, "wallet", wallet);
+		res = bench_call("balance", &sb, &resp);
+		b = map_get(res, "balance");
+		if (!b || amount_parse(b->via.str.ptr, b->via.str.size, &have) != 0 || have != want) {
+			fprintf(stderr, "bench: self-check FAILED: %s holds %.*s, expected %s\n", wallet,
+			    b ? (int)b->via.str.size : 0, b ? b->via.str.ptr : "", amount_format(want, buf, 0));
+			failed = 1;
+		}
+		msgpack_unpacked_destroy(&resp);
+	}
+	qsort(lat, done, sizeof(*lat), cmp_u64);
+	{
+		double secs = (double)(t1 - t0) / 1e9;
+		double pct[5] = { 0.50, 0.90, 0.99, 0.999, 1.0 };
+		const char *names[5] = { "p50", "p90", "p99", "p999", "max" };
+		double ms[5];
+		uint64_t nerr = 0;
+
+		for (int k = 0; k < 5; k++)
+			ms[k] = (double)lat[(size_t)(pct[k] * (double)(done - 1) + 0.5)] / 1e6;
+		for (int e = 1; e < E__COUNT; e++)
+			nerr += errors[e];
+		if (json) {
+			printf("{\"method\": \"%s\", \"connections\": %u, \"pipeline\": %u, \"batch\": %u, "
+			    "\"requests\": %" PRIu64 ", \"seconds\": %.3f, \"requests_per_s\": %.0f, "
+			    "\"charges_per_s\": %.0f, \"commits_per_s\": %.0f, \"mean_batch\": %.1f, \"latency_ms\": {",
+			    method, conns, depth, batch, done, secs, (double)done / secs, (double)ok_charges / secs,
+			    (double)(commits1 - commits0) / secs,
+			    commits1 > commits0 ? (double)(reqs1 - reqs0) / (double)(commits1 - commits0) : 0.0);
+			for (int k = 0; k < 5; k++)
+				printf("%s\"%s\": %.3f", k ? ", " : "", names[k], ms[k]);
+			printf("}, \"errors\": {");
+			for (int e = 1, first = 1; e < E__COUNT; e++)
+				if (errors[e]) {
+					printf("%s\"%s\": %" PRIu64, first ? "" : ", ", error_name(e), errors[e]);
+					first = 0;
+				}
+			printf("}, \"self_check\": %s}\n", failed ? "false" : "true");
+		} else {
+			printf("%s: %" PRIu64 " requests, %u connections, pipeline %u%s in %.2f s\n", method, done,
+			    conns, depth, batch ? ", batches" : "", secs);
+			printf("  %.0f requests/s, %.0f charges/s\n", (double)done / secs, (double)ok_charges / secs);
+			printf("  latency ms: p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n",
+			    ms[0], ms[1], ms[2], ms[3], ms[4]);
+			printf("  commits/s %.0f, mean batch %.1f requests\n", (double)(commits1 - commits0) / secs,
+			    commits1 > commits0 ? (double)(reqs1 - reqs0) / (double)(commits1 - commits0) : 0.0);
+			printf("  errors: %" PRIu64, nerr);
+			for (int e = 1; e < E__COUNT; e++)
+				if (errors[e])
+					printf(" %s=%" PRIu64, error_name(e), errors[e]);
+			printf("\n  self-check: %s\n", failed ? "FAILED" : "balances match the answered charges");
+		}
+	}
+	for (unsigned i = 0; i < conns; i++) {
+		close(bc[i].fd);
+		msgpack_unpacker_destroy(&bc[i].up);
+		free(bc[i].sent_at);
+		free(bc[i].wallet_of);
+	}
+	free(bc);
+	free(pfd);
+	free(lat);
+	free(charged);
+	msgpack_sbuffer_destroy(&sb);
+	msgpack_sbuffer_destroy(&precheck_params);
+	return failed ? EXIT_ERROR : EXIT_OK;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -970,12 +1370,18 @@ main(int argc, char **argv)
 			help_all(stdout);
 			return EXIT_OK;
 		}
+		if (strcmp(argv[i + 1], "bench") == 0) {
+			bench_usage(stdout);
+			return EXIT_OK;
+		}
 		snprintf(name, sizeof(name), "%s%s%s", argv[i + 1], i + 2 < argc ? "." : "", i + 2 < argc ? argv[i + 2] : "");
 		if ((m = method_find(name, strlen(name))) < 0 && (m = method_find(argv[i + 1], strlen(argv[i + 1]))) < 0)
 			die(EXIT_USAGE, "no command '%s' (see: walletctl help)", argv[i + 1]);
 		help_one(m);
 		return EXIT_OK;
 	}
+	if (strcmp(argv[i], "bench") == 0)
+		return cmd_bench(argc - i - 1, argv + i + 1);
 	if (i + 1 < argc && strcmp(argv[i], "rate") == 0 && strcmp(argv[i + 1], "export") == 0)
 		return cmd_rate_export(argc - i - 2, argv + i + 2);
 	if (i + 1 < argc) {
