@@ -281,19 +281,24 @@ static inline char *
 amount_format(int64_t v, char *buf, int min_decimals)
 {
 	uint64_t mag = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-	char frac[8];
-	int keep = 6;
+	uint64_t whole = mag / MICRO, frac = mag % MICRO;
+	char digits[24];
+	int n = 0, keep = 6;
 	char *p = buf;
 
 	if (v < 0)
 		*p++ = '-';
-	p += snprintf(p, 24, "%llu", (unsigned long long)(mag / MICRO));
-	snprintf(frac, sizeof(frac), "%06llu", (unsigned long long)(mag % MICRO));
-	while (keep > min_decimals && frac[keep - 1] == '0')
-		keep--;
+	do
+		digits[n++] = (char)('0' + whole % 10);
+	while ((whole /= 10) != 0);
+	while (n > 0)
+		*p++ = digits[--n];
+	for (; keep > min_decimals && frac % 10 == 0 && keep > 0; keep--)
+		frac /= 10;
 	if (keep > 0) {
 		*p++ = '.';
-		memcpy(p, frac, (size_t)keep);
+		for (int i = keep - 1; i >= 0; i--, frac /= 10)
+			p[i] = (char)('0' + frac % 10);
 		p += keep;
 	}
 	*p = '\0';
