@@ -101,3 +101,9 @@ clean:
 	rm -rf tests/__pycache__ contrib/python/walletd/__pycache__
 
 .PHONY: all run test install clean
+
+# ---- benchmarks and robustness (not part of make test) -------------------
+bench: all
+	sh contrib/bench/bench.sh
+
+.PHONY: bench

@@ -943,7 +943,7 @@ bench_usage(FILE *f)
 {
 	fprintf(f,
 	    "usage: walletctl bench [-c CONNECTIONS] [-n REQUESTS] [-P PIPELINE] [--batch N]\n"
-	    "                       [--method charge|precheck|balance|history] [--wallets N]\n"
+	    "                       [--method charge|precheck|balance|history|lookup] [--wallets N]\n"
 	    "                       [--recipients N] [--json]\n"
 	    "  Creates its own wallets (bench-RUN-N, plan bench-RUN) with a large balance, so no\n"
 	    "  production wallet is touched, then sends REQUESTS requests over CONNECTIONS\n"
@@ -1073,12 +1073,16 @@ cmd_bench(int argc, char **argv)
 	}
 	if (conns == 0 || depth == 0 || wallets == 0 || total == 0 ||
 	    (strcmp(method, "charge") && strcmp(method, "precheck") && strcmp(method, "balance") &&
-	    strcmp(method, "history")))
+	    strcmp(method, "history") && strcmp(method, "lookup")))
 		die(EXIT_USAGE, "bench: bad options (see: walletctl help bench)");
 	if (batch)
 		method = "charge.batch";
+	if (strcmp(method, "lookup") == 0)
+		method = "rate.lookup";
 	snprintf(run, sizeof(run), "%x%04x", (unsigned)time(NULL) & 0xffffff, (unsigned)getpid() & 0xffff);
 
+	if ((charged = calloc(wallets, sizeof(*charged))) == NULL)
+		die(EXIT_ERROR, "out of memory");
 	/* Set-up: a plan, a rate and wallets of our own. */
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
@@ -1111,6 +1115,19 @@ cmd_bench(int argc, char **argv)
 		bench_call("credit", &sb, &resp);
 		msgpack_unpacked_destroy(&resp);
 	}
+	/* history pages through a wallet with a history: 200 charges each first. */
+	if (strcmp(method, "history") == 0)
+		for (unsigned w = 0; w < wallets; w++) {
+			msgpack_sbuffer_clear(&sb);
+			msgpack_pack_map(&pk, 1);
+			msgpack_pack_str_with_body(&pk, "items", 5);
+			msgpack_pack_array(&pk, 200);
+			for (unsigned k = 0; k < 200; k++)
+				bench_pack_charge(&pk, run, w, (uint64_t)w * 200 + k + (1ull << 40));
+			bench_call("charge.batch", &sb, &resp);
+			charged[w] += 200;
+			msgpack_unpacked_destroy(&resp);
+		}
 	/* A precheck campaign is packed once and sent as is. */
 	msgpack_sbuffer_init(&precheck_params);
 	if (strcmp(method, "precheck") == 0) {
@@ -1136,8 +1153,7 @@ cmd_bench(int argc, char **argv)
 	bc = calloc(conns, sizeof(*bc));
 	pfd = calloc(conns, sizeof(*pfd));
 	lat = calloc(total, sizeof(*lat));
-	charged = calloc(wallets, sizeof(*charged));
-	if (!bc || !pfd || !lat || !charged)
+	if (!bc || !pfd || !lat)
 		die(EXIT_ERROR, "out of memory");
 	for (unsigned i = 0; i < conns; i++) {
 		if ((bc[i].fd = sock_connect(socket_pick())) < 0)
@@ -1176,6 +1192,13 @@ cmd_bench(int argc, char **argv)
 						bench_pack_charge(&opk, run, w, sent * batch + k);
 				} else if (strcmp(method, "precheck") == 0) {
 					msgpack_sbuffer_write(&out, precheck_params.data, precheck_params.size);
+				} else if (strcmp(method, "rate.lookup") == 0) {
+					snprintf(buf, sizeof(buf), "bench-%s-%u", run, w);
+					msgpack_pack_map(&opk, 3);
+					pk_kv(&opk, "wallet", buf);
+					pk_kv(&opk, "channel", "sms");
+					snprintf(buf, sizeof(buf), "+1%010" PRIu64, sent * 7919u % 10000000000u);
+					pk_kv(&opk, "to", buf);
 				} else {
 					snprintf(buf, sizeof(buf), "bench-%s-%u", run, w);
 					msgpack_pack_map(&opk, strcmp(method, "history") == 0 ? 2 : 1);

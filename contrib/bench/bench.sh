@@ -1,0 +1,43 @@
+#!/bin/sh
+# make bench: a fresh walletd on a temporary store, then one table of
+# throughput and latency.  Run time: about two minutes.
+set -eu
+top=$(cd "$(dirname "$0")/../.." && pwd)
+ctl=$top/walletctl
+py=/usr/bin/python3
+dir=$(mktemp -d /tmp/walletd-bench-XXXXXX)
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT INT TERM
+"$top/walletd" -f -d "$dir/db" -s "$dir/walletd.sock" >"$dir/log" 2>&1 &
+pid=$!
+export WALLETD_SOCKET="$dir/walletd.sock"
+i=0; until "$ctl" ping >/dev/null 2>&1; do i=$((i+1)); [ $i -lt 100 ] || { cat "$dir/log"; exit 1; }; sleep 0.1; done
+
+out=$dir/results.jsonl
+$py "$top/contrib/bench/fsync_floor.py" "$dir" > "$dir/floor.json"
+run() { label=$1; shift; printf '%s\t' "$label" >> "$out"; "$ctl" bench --json "$@" >> "$out"; }
+run "charge -c 1"           -c 1 -n 3000
+run "charge -c 16"          -c 16 -n 60000
+run "charge -c 64"          -c 64 -n 150000
+run "charge -c 64 -P 16"    -c 64 -P 16 -n 400000
+run "charge --batch 1000"   -c 4 --batch 1000 -n 400
+run "history page of 50"    -c 16 -n 50000 --method history --wallets 10
+$py "$top/contrib/bench/rates_csv.py" loaded 100000 > "$dir/rates.csv"
+"$ctl" rate import "$dir/rates.csv" > /dev/null
+run "rate lookup, 100k prefixes" -c 16 -n 100000 --method lookup --wallets 10
+run "precheck 100k recipients" -c 1 -n 20 --method precheck --recipients 100000 --wallets 1
+
+$py - "$out" "$dir/floor.json" <<'PYEOF'
+import json, sys
+rows = [l.split("\t", 1) for l in open(sys.argv[1])]
+floor = json.load(open(sys.argv[2]))
+print("disk fdatasync floor: p50 %.0f us, p99 %.0f us" % (floor["p50_us"], floor["p99_us"]))
+print()
+print("| workload | requests/s | charges/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | commits/s | mean batch | errors | self-check |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+for label, data in rows:
+    r = json.loads(data)
+    l = r["latency_ms"]
+    print("| %s | %.0f | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.0f | %.1f | %s | %s |" % (
+        label, r["requests_per_s"], r["charges_per_s"], l["p50"], l["p90"], l["p99"], l["p999"], l["max"],
+        r["commits_per_s"], r["mean_batch"], sum(r["errors"].values()) or "0", "ok" if r["self_check"] else "FAILED"))
+PYEOF
