@@ -107,3 +107,8 @@ bench: all
 	sh contrib/bench/bench.sh
 
 .PHONY: bench
+
+compare: all
+	sh contrib/bench/compare.sh
+
+.PHONY: compare
