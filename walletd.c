@@ -608,16 +608,22 @@ now_micros(void)
 	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
-/* Formats t as RFC 3339 UTC (2026-05-02T12:00:01Z) into buf (>= 32 bytes). */
+/* Formats t as RFC 3339 UTC (2026-05-02T12:00:01Z) into buf (>= 32 bytes).
+ * The last second formatted is kept per thread: charges come many a second. */
 static char *
 time_format(int64_t t, char *buf)
 {
+	static _Thread_local int64_t last = INT64_MIN;
+	static _Thread_local char text[32];
 	struct tm tm;
 	time_t tt = (time_t)t;
 
-	gmtime_r(&tt, &tm);
-	strftime(buf, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
-	return buf;
+	if (t != last) {
+		gmtime_r(&tt, &tm);
+		strftime(text, sizeof(text), "%Y-%m-%dT%H:%M:%SZ", &tm);
+		last = t;
+	}
+	return memcpy(buf, text, sizeof(text));
 }
 
 /*
