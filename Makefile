@@ -78,9 +78,18 @@ tests/check_walletd: tests/check_walletd.c walletd.c protocol.h .deps-test
 tests/walletd-asan: walletd.c protocol.h .deps-test
 	$(CC) $(WARN) $(CFLAGS) $(SANITIZE) $(PKG_CFLAGS) -o $@ walletd.c $(PKG_LIBS)
 
-test: all tests/check_walletd tests/walletd-asan contrib/node/node_modules
+FUZZ_FLAGS = -max_len=65536 -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=262144
+FUZZ_ENV   = ASAN_OPTIONS=allocator_may_return_null=1
+
+test: all tests/check_walletd tests/walletd-asan tests/fuzz_walletd contrib/node/node_modules
 	./tests/check_walletd
+	mkdir -p var/fuzz-corpus
+	$(FUZZ_ENV) ./tests/fuzz_walletd -max_total_time=15 $(FUZZ_FLAGS) var/fuzz-corpus tests/fuzz-corpus 2>&1 | tail -1
 	WALLETD=$(CURDIR)/tests/walletd-asan WALLETCTL=$(CURDIR)/walletctl $(PY) tests/e2e.py
+
+# The crash test at length: walletd killed with SIGKILL 100 times under load.
+crashtest: all tests/walletd-asan
+	CRASH_KILLS=100 WALLETD=$(CURDIR)/walletd WALLETCTL=$(CURDIR)/walletctl $(PY) tests/e2e.py test_ops.py
 
 contrib/node/node_modules: contrib/node/package.json contrib/node/package-lock.json .deps-test
 	cd contrib/node && npm ci --no-audit --no-fund --loglevel=error
@@ -100,13 +109,23 @@ clean:
 	rm -f walletd walletctl tests/check_walletd tests/walletd-asan tests/fuzz_walletd .deps-build .deps-test
 	rm -rf tests/__pycache__ contrib/python/walletd/__pycache__
 
-.PHONY: all run test install clean
+.PHONY: all run test crashtest install clean
 
 # ---- benchmarks and robustness (not part of make test) -------------------
 bench: all
 	sh contrib/bench/bench.sh
 
 .PHONY: bench
+
+# libFuzzer over the frame decoder and method dispatch (clang).
+tests/fuzz_walletd: tests/fuzz_walletd.c walletd.c protocol.h .deps-test
+	clang $(WARN) -Wno-unused-function -O1 -g -fsanitize=fuzzer,address,undefined $(PKG_CFLAGS) -o $@ tests/fuzz_walletd.c $(PKG_LIBS)
+
+fuzz: tests/fuzz_walletd
+	mkdir -p var/fuzz-corpus
+	$(FUZZ_ENV) ./tests/fuzz_walletd -max_total_time=$(FUZZ_SECONDS) $(FUZZ_FLAGS) var/fuzz-corpus tests/fuzz-corpus
+
+.PHONY: fuzz
 
 compare: all
 	sh contrib/bench/compare.sh
