@@ -130,4 +130,8 @@ fuzz: tests/fuzz_walletd
 compare: all
 	sh contrib/bench/compare.sh
 
-.PHONY: compare
+# 1,000,000 wallets and 10,000,000 transactions; WALLETS=... TXNS=... to scale down.
+bench-scale: all
+	$(PY) contrib/bench/scale.py
+
+.PHONY: compare bench-scale

@@ -25,6 +25,7 @@
 #include <grp.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <pwd.h>
 #include <signal.h>
@@ -694,7 +695,9 @@ be64_get(const unsigned char *p)
 
 /*
  * The LMDB environment holds these databases:
- *   meta     "wallet_seq" -> u64: the next wallet number; "version" -> u32
+ *   meta     "wallet_seq" -> u64: the next wallet number; "version" -> u32;
+ *            "L" plan \0 channel -> u32: the prefix lengths that have rates
+ *            (bit n for length n; set by rate.set, never cleared: a superset)
  *   wallets  wallet id -> struct wallet (the emails tail is variable)
  *   txns     u64 id (MDB_INTEGERKEY) -> the transaction, a msgpack map: the
  *            append-only log, ids increasing across the store
@@ -1212,6 +1215,31 @@ rate_key(char *buf, struct str plan, struct str channel, const char *prefix,
 }
 #define RATE_KEY_MAX (WALLET_ID_MAX * 3 + 16 + 4)
 
+/* Builds the meta key of a plan's prefix lengths into buf; returns its size. */
+static size_t
+rate_lengths_key(char *buf, struct str plan, struct str channel)
+{
+	buf[0] = 'L';
+	memcpy(buf + 1, plan.p, plan.n);
+	buf[1 + plan.n] = '\0';
+	memcpy(buf + 2 + plan.n, channel.p, channel.n);
+	return 2 + plan.n + channel.n;
+}
+
+/* The prefix lengths with rates in plan/channel, as bits; all of them if unknown. */
+static uint32_t
+rate_lengths(MDB_txn *txn, struct str plan, struct str channel)
+{
+	char key[RATE_KEY_MAX];
+	MDB_val k = { rate_lengths_key(key, plan, channel), key }, v;
+	uint32_t bits;
+
+	if (mdb_get(txn, store.meta, &k, &v) != 0 || v.mv_size != sizeof(bits))
+		return UINT32_MAX;
+	memcpy(&bits, v.mv_data, sizeof(bits));
+	return bits;
+}
+
 /* The rate chosen for one message. */
 struct rate_hit {
 	char prefix[16];
@@ -1235,6 +1263,7 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
     struct rate_hit *hit, int *err)
 {
 	char key[RATE_KEY_MAX], first_currency[4];
+	uint32_t lengths = rate_lengths(txn, plan, channel);
 	MDB_cursor *cur;
 	int rc, result = E_NO_RATE;
 
@@ -1247,6 +1276,8 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 		MDB_val k = { klen, key }, v;
 		int found = 0;
 
+		if (!(lengths & (1u << len)))
+			continue; /* no rate has a prefix this long: no seek */
 		if (route.p != NULL) {
 			klen = rate_key(key, plan, channel, digits, len, route);
 			k = (MDB_val){ klen, key };
@@ -1931,6 +1962,7 @@ m_rate_set(struct call *c)
 	struct str plan, channel, prefix, route, currency;
 	char key[RATE_KEY_MAX], digits[16];
 	struct rate_val rv;
+	uint32_t lengths;
 	MDB_val k, v;
 	int rc, present;
 
@@ -1949,6 +1981,16 @@ m_rate_set(struct call *c)
 	v = (MDB_val){ sizeof(rv), &rv };
 	if ((rc = mdb_put(c->txn, store.rates, &k, &v, 0)) != 0)
 		return store_error(c, rc);
+	lengths = rate_lengths(c->txn, plan, channel);
+	if (lengths == UINT32_MAX)
+		lengths = 0;
+	if (!(lengths & (1u << prefix.n))) {
+		lengths |= 1u << prefix.n;
+		k = (MDB_val){ rate_lengths_key(key, plan, channel), key };
+		v = (MDB_val){ sizeof(lengths), &lengths };
+		if ((rc = mdb_put(c->txn, store.meta, &k, &v, 0)) != 0)
+			return store_error(c, rc);
+	}
 	msgpack_pack_map(c->pk, 6);
 	KV_SSTR(c->pk, "plan", plan);
 	KV_SSTR(c->pk, "channel", channel);
@@ -3569,7 +3611,8 @@ struct conn {
 	uid_t uid;
 	gid_t gid;
 	unsigned roles;
-	msgpack_unpacker up;
+	msgpack_unpacker up;      /* while up_ready */
+	int up_ready;
 	struct buf out;
 	struct req *head, *tail;  /* requests in order; answers leave from head */
 	struct req *first_wait;   /* the first not yet dispatched */
@@ -3952,7 +3995,8 @@ conn_free(struct conn *c)
 		c->head = r->next;
 		req_free(r);
 	}
-	msgpack_unpacker_destroy(&c->up);
+	if (c->up_ready)
+		msgpack_unpacker_destroy(&c->up);
 	free(c->out.p);
 	if (c->passed_fd >= 0)
 		close(c->passed_fd);
@@ -4110,10 +4154,16 @@ frame_msgid(const unsigned char *p, size_t n, uint32_t *msgid)
 	return 1;
 }
 
-/* Reads what c sent and decodes every whole frame in it. */
+/*
+ * Reads what c sent and decodes every whole frame in it.  Bytes are read into
+ * one shared buffer and copied into the connection's decoder, which exists
+ * only while a frame is incomplete or being decoded.
+ */
 static void
 conn_read(struct conn *c)
 {
+	static char read_buf[READ_CHUNK];
+
 	for (int rounds = 0; rounds < 4 && !c->closing && !c->dead; rounds++) {
 		char cbuf[CMSG_SPACE(sizeof(int))];
 		struct iovec iov;
@@ -4123,12 +4173,8 @@ conn_read(struct conn *c)
 		msgpack_unpack_return ret;
 		ssize_t n;
 
-		if (!msgpack_unpacker_reserve_buffer(&c->up, READ_CHUNK)) {
-			c->closing = 1;
-			break;
-		}
-		iov.iov_base = msgpack_unpacker_buffer(&c->up);
-		iov.iov_len = msgpack_unpacker_buffer_capacity(&c->up);
+		iov.iov_base = read_buf;
+		iov.iov_len = sizeof(read_buf);
 		memset(&mh, 0, sizeof(mh));
 		mh.msg_iov = &iov;
 		mh.msg_iovlen = 1;
@@ -4149,6 +4195,13 @@ conn_read(struct conn *c)
 				memcpy(&c->passed_fd, CMSG_DATA(cm), sizeof(int));
 			}
 		c->last_active = now_micros();
+		if ((!c->up_ready && !msgpack_unpacker_init(&c->up, (size_t)n)) ||
+		    !msgpack_unpacker_reserve_buffer(&c->up, (size_t)n)) {
+			c->closing = 1;
+			break;
+		}
+		c->up_ready = 1;
+		memcpy(msgpack_unpacker_buffer(&c->up), read_buf, (size_t)n);
 		msgpack_unpacker_buffer_consumed(&c->up, (size_t)n);
 		msgpack_unpacked_init(&msg);
 		for (;;) {
@@ -4192,6 +4245,11 @@ conn_read(struct conn *c)
 		if ((size_t)n < iov.iov_len)
 			break;
 	}
+	/* An idle connection keeps no decoder: 10,000 of them cost only their structs. */
+	if (c->up_ready && c->up.used == c->up.off && c->up.parsed == 0) {
+		msgpack_unpacker_destroy(&c->up);
+		c->up_ready = 0;
+	}
 }
 
 /* Accepts every waiting connection. */
@@ -4221,9 +4279,7 @@ conn_accept(void)
 			stats.conns_refused++;
 			continue;
 		}
-		if ((c = calloc(1, sizeof(*c))) == NULL ||
-		    !msgpack_unpacker_init(&c->up, READ_CHUNK)) {
-			free(c);
+		if ((c = calloc(1, sizeof(*c))) == NULL) {
 			close(fd);
 			continue;
 		}
@@ -4240,7 +4296,6 @@ conn_accept(void)
 		ev.data.ptr = c;
 		if (epoll_ctl(srv.epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
 			log_p("epoll_ctl");
-			msgpack_unpacker_destroy(&c->up);
 			free(c);
 			close(fd);
 			continue;
@@ -4520,6 +4575,7 @@ idle_sweep(void)
 	uint64_t now = now_micros();
 	struct conn *c, *next;
 
+	malloc_trim(0); /* give back what bursts (batches, big frames) left behind */
 	if (config.idle_timeout == 0)
 		return;
 	for (c = srv.conns; c; c = next) {
