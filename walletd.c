@@ -3653,7 +3653,7 @@ static struct server {
 
 static struct stats {
 	uint64_t requests[M__COUNT], errors[M__COUNT], codes[E__COUNT];
-	uint64_t commits, committed, batch_max, commit_us, failed_commits, map_grows;
+	uint64_t commits, committed, batch_max, batch_us, commit_us, failed_commits, map_grows;
 	uint64_t conns_total, conns_refused, conns_dropped;
 	uint32_t lat[LAT_RING];
 	uint64_t lat_n;
@@ -4372,7 +4372,7 @@ done_post(struct req *first, struct req *last)
 static void
 writer_run(struct req *batch)
 {
-	uint64_t t0 = now_micros(), n = 0;
+	uint64_t t0 = now_micros(), n = 0, commit_us = 0;
 	int rc, alert = 0;
 
 	for (;;) {
@@ -4407,7 +4407,11 @@ writer_run(struct req *batch)
 			}
 		}
 		if (!grow) {
-			if ((rc = mdb_txn_commit(parent)) == 0)
+			uint64_t c0 = now_micros();
+
+			rc = mdb_txn_commit(parent);
+			commit_us = now_micros() - c0;
+			if (rc == 0)
 				break;
 			if (rc != MDB_MAP_FULL) {
 				log_x(L_ERR, "commit failed: %s", mdb_strerror(rc));
@@ -4440,7 +4444,8 @@ writer_run(struct req *batch)
 	stats.committed += n;
 	if (n > stats.batch_max)
 		stats.batch_max = n;
-	stats.commit_us += now_micros() - t0;
+	stats.batch_us += now_micros() - t0;
+	stats.commit_us += commit_us;
 	pthread_mutex_unlock(&srv.lock);
 	if (alert)
 		alert_wake();
@@ -4624,7 +4629,7 @@ m_stats(struct call *c)
 	for (int i = 1; i < E__COUNT; i++)
 		codes += s.codes[i] != 0;
 
-	msgpack_pack_map(pk, 11);
+	msgpack_pack_map(pk, 12);
 	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
 	pack_cstr(pk, "requests");
 	msgpack_pack_map(pk, (size_t)methods);
@@ -4645,6 +4650,8 @@ m_stats(struct call *c)
 	pack_cstr(pk, "mean_batch");
 	msgpack_pack_double(pk, s.commits ? (double)s.committed / (double)s.commits : 0.0);
 	KV_U64(pk, "max_batch", s.batch_max);
+	pack_cstr(pk, "mean_batch_us");
+	msgpack_pack_double(pk, s.commits ? (double)s.batch_us / (double)s.commits : 0.0);
 	pack_cstr(pk, "mean_commit_us");
 	msgpack_pack_double(pk, s.commits ? (double)s.commit_us / (double)s.commits : 0.0);
 	pack_cstr(pk, "latency_us");
