@@ -74,3 +74,18 @@ class GroupCommit(DaemonTest):
             stats = cl.stats()
         self.assertLess(stats["commits"] - before, 500)
         self.assertGreater(stats["max_batch"], 1)
+
+
+class Bench(DaemonTest):
+    def test_walletctl_bench_self_check_and_verify(self):
+        d = self.d
+        r = d.ctl("bench", "-n", "2000", "-c", "8", "--wallets", "5")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("self-check: balances match the answered charges", r.stdout)
+        self.assertIn("charges/s", r.stdout)
+        out = d.ctl_json("bench", "-n", "200", "-c", "2", "--batch", "10", "--wallets", "3")
+        self.assertTrue(out["self_check"])
+        self.assertEqual(out["errors"], {})
+        self.assertTrue(d.ctl_json("verify")["ok"])
+        # bench wallets live in their own namespace
+        self.assertTrue(all(w["wallet"].startswith("bench-") for w in d.ctl_json("wallet", "list")["wallets"]))
