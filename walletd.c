@@ -941,6 +941,14 @@ store_grow(void)
 	return 0;
 }
 
+/* Copies a stored record into dst: a shorter one (an older layout) is zero-filled. */
+static void
+record_copy(void *dst, size_t size, MDB_val v)
+{
+	memset(dst, 0, size);
+	memcpy(dst, v.mv_data, v.mv_size < size ? v.mv_size : size);
+}
+
 /* Reads wallet id into *w.  Returns 0, MDB_NOTFOUND or an LMDB error. */
 static int
 wallet_get(MDB_txn *txn, struct str id, struct wallet *w)
@@ -950,8 +958,7 @@ wallet_get(MDB_txn *txn, struct str id, struct wallet *w)
 
 	if (id.n == 0 || (rc = mdb_get(txn, store.wallets, &k, &v)) != 0)
 		return id.n == 0 ? MDB_NOTFOUND : rc;
-	memset(w, 0, sizeof(*w));
-	memcpy(w, v.mv_data, v.mv_size < sizeof(*w) ? v.mv_size : sizeof(*w));
+	record_copy(w, sizeof(*w), v);
 	w->emails[EMAILS_BYTES - 1] = '\0';
 	return 0;
 }
@@ -1017,6 +1024,31 @@ pack_time(msgpack_packer *pk, int64_t t)
 #define KV_AMOUNT(pk, k, v) (pack_cstr(pk, k), pack_amount(pk, v))
 #define KV_U64(pk, k, v)    (pack_cstr(pk, k), msgpack_pack_uint64(pk, v))
 #define KV_TIME(pk, k, v)   (pack_cstr(pk, k), pack_time(pk, v))
+
+/*
+ * Packs key name and a list of n items already packed into rows, then frees
+ * rows: lists are packed aside because their length is known only at the end.
+ */
+static void
+pack_rows(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows)
+{
+	pack_cstr(pk, name);
+	msgpack_pack_array(pk, n);
+	pk->callback(pk->data, rows->data, rows->size);
+	msgpack_sbuffer_destroy(rows);
+}
+
+/* Packs a page of a list: {name: [...], total, page, limit}. */
+static void
+pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
+    uint64_t total, uint64_t page, uint64_t limit)
+{
+	msgpack_pack_map(pk, 4);
+	pack_rows(pk, name, n, rows);
+	KV_U64(pk, "total", total);
+	KV_U64(pk, "page", page);
+	KV_U64(pk, "limit", limit);
+}
 
 /* Packs a transaction as stored: a map16 with every field that applies. */
 static void
@@ -1841,8 +1873,7 @@ m_wallet_list(struct call *c)
 
 		if (count < skip)
 			continue;
-		memset(&w, 0, sizeof(w));
-		memcpy(&w, v.mv_data, v.mv_size < sizeof(w) ? v.mv_size : sizeof(w));
+		record_copy(&w, sizeof(w), v);
 		wallet_pack(c->pk, (struct str){ k.mv_data, k.mv_size }, &w);
 	}
 	mdb_cursor_close(cur);
@@ -2097,14 +2128,7 @@ m_rate_list(struct call *c)
 		}
 	}
 	mdb_cursor_close(cur);
-	msgpack_pack_map(c->pk, 4);
-	pack_cstr(c->pk, "rates");
-	msgpack_pack_array(c->pk, packed);
-	c->pk->callback(c->pk->data, rows.data, rows.size);
-	msgpack_sbuffer_destroy(&rows);
-	KV_U64(c->pk, "total", matched);
-	KV_U64(c->pk, "page", page);
-	KV_U64(c->pk, "limit", limit);
+	pack_page(c->pk, "rates", packed, &rows, matched, page, limit);
 	return E_OK;
 }
 
@@ -2279,11 +2303,10 @@ m_rate_import(struct call *c)
 		msgpack_pack_map(c->pk, 2);
 		pack_cstr(c->pk, "loaded");
 		msgpack_pack_uint32(c->pk, loaded);
-		pack_cstr(c->pk, "rejected");
-		msgpack_pack_array(c->pk, nrejected);
-		c->pk->callback(c->pk->data, rejected.data, rejected.size);
+		pack_rows(c->pk, "rejected", nrejected, &rejected);
+	} else {
+		msgpack_sbuffer_destroy(&rejected);
 	}
-	msgpack_sbuffer_destroy(&rejected);
 	return rc;
 }
 
@@ -2734,17 +2757,14 @@ m_precheck(struct call *c)
 			KV_AMOUNT(pk, "unit_cost", g->hit.cost);
 			KV_AMOUNT(pk, "subtotal", g->hit.cost * (int64_t)g->count);
 		}
-		pack_cstr(pk, "unpriced");
-		msgpack_pack_array(pk, nunpriced);
-		pk->callback(pk->data, unpriced.data, unpriced.size);
-		pack_cstr(pk, "invalid");
-		msgpack_pack_array(pk, ninvalid);
-		pk->callback(pk->data, invalid.data, invalid.size);
+		pack_rows(pk, "unpriced", nunpriced, &unpriced);
+		pack_rows(pk, "invalid", ninvalid, &invalid);
+	} else {
+		msgpack_sbuffer_destroy(&unpriced);
+		msgpack_sbuffer_destroy(&invalid);
 	}
 	free(groups.groups);
 	free(groups.slots);
-	msgpack_sbuffer_destroy(&unpriced);
-	msgpack_sbuffer_destroy(&invalid);
 	return rc;
 }
 
@@ -3043,14 +3063,7 @@ m_history(struct call *c)
 		msgpack_sbuffer_destroy(&rows);
 		return store_error(c, rc);
 	}
-	msgpack_pack_map(c->pk, 4);
-	pack_cstr(c->pk, "transactions");
-	msgpack_pack_array(c->pk, packed);
-	c->pk->callback(c->pk->data, rows.data, rows.size);
-	msgpack_sbuffer_destroy(&rows);
-	KV_U64(c->pk, "total", total);
-	KV_U64(c->pk, "page", page);
-	KV_U64(c->pk, "limit", limit);
+	pack_page(c->pk, "transactions", packed, &rows, total, page, limit);
 	return E_OK;
 }
 
@@ -3100,7 +3113,7 @@ m_notifications(struct call *c)
 
 		memset(&n, 0, sizeof(n));
 		if ((rc = mdb_get(c->txn, store.notes, &k, &v)) == 0)
-			memcpy(&n, v.mv_data, v.mv_size < sizeof(n) ? v.mv_size : sizeof(n));
+			record_copy(&n, sizeof(n), v);
 		note_pack(c->pk, seq, &n);
 	}
 	KV_U64(c->pk, "total", w.note_count);
@@ -3208,8 +3221,7 @@ load_topup(struct call *c, struct topup *tp, struct str *ref)
 		return fail(c, E_UNKNOWN_TOPUP, "ref", "No top-up '%.*s'", (int)ref->n, ref->p);
 	if (rc)
 		return store_error(c, rc);
-	memset(tp, 0, sizeof(*tp));
-	memcpy(tp, v.mv_data, v.mv_size < sizeof(*tp) ? v.mv_size : sizeof(*tp));
+	record_copy(tp, sizeof(*tp), v);
 	return E_OK;
 }
 
@@ -3402,8 +3414,7 @@ m_topup_list(struct call *c)
 		struct topup tp;
 		int shown;
 
-		memset(&tp, 0, sizeof(tp));
-		memcpy(&tp, v.mv_data, v.mv_size < sizeof(tp) ? v.mv_size : sizeof(tp));
+		record_copy(&tp, sizeof(tp), v);
 		shown = tp.status == TS_PENDING && now_seconds() >= tp.expires_at ? TS_EXPIRED : (int)tp.status;
 		if (strlen(tp.wallet) != id.n || memcmp(tp.wallet, id.p, id.n) != 0 || (want >= 0 && shown != want))
 			continue;
@@ -3412,10 +3423,7 @@ m_topup_list(struct call *c)
 	}
 	mdb_cursor_close(cur);
 	msgpack_pack_map(c->pk, 1);
-	pack_cstr(c->pk, "topups");
-	msgpack_pack_array(c->pk, n);
-	c->pk->callback(c->pk->data, rows.data, rows.size);
-	msgpack_sbuffer_destroy(&rows);
+	pack_rows(c->pk, "topups", n, &rows);
 	return E_OK;
 }
 
@@ -3458,8 +3466,7 @@ m_verify(struct call *c)
 		int64_t sum = 0;
 		char problem[200];
 
-		memset(&w, 0, sizeof(w));
-		memcpy(&w, v.mv_data, v.mv_size < sizeof(w) ? v.mv_size : sizeof(w));
+		record_copy(&w, sizeof(w), v);
 		wallets++;
 		for (uint64_t seq = 0; seq < w.txn_count; seq++) {
 			struct hist h;
@@ -3521,10 +3528,7 @@ m_verify(struct call *c)
 		msgpack_pack_false(c->pk);
 	KV_U64(c->pk, "wallets", wallets);
 	KV_U64(c->pk, "transactions", txns);
-	pack_cstr(c->pk, "breaches");
-	msgpack_pack_array(c->pk, breaches);
-	c->pk->callback(c->pk->data, rows.data, rows.size);
-	msgpack_sbuffer_destroy(&rows);
+	pack_rows(c->pk, "breaches", breaches, &rows);
 	return E_OK;
 }
 
@@ -5008,8 +5012,7 @@ alert_record(const struct config *cf, const struct due *d, int ok, const char *e
 		mdb_txn_abort(txn);
 		goto out;
 	}
-	memset(&n, 0, sizeof(n));
-	memcpy(&n, v.mv_data, v.mv_size < sizeof(n) ? v.mv_size : sizeof(n));
+	record_copy(&n, sizeof(n), v);
 	n.attempts++;
 	if (ok) {
 		n.state = NS_SENT;
@@ -5097,8 +5100,7 @@ alert_run(const struct config *cf)
 
 			if (k.mv_size != 16 || mdb_get(txn, store.notes, &k, &nv) != 0)
 				continue;
-			memset(&d->note, 0, sizeof(d->note));
-			memcpy(&d->note, nv.mv_data, nv.mv_size < sizeof(d->note) ? nv.mv_size : sizeof(d->note));
+			record_copy(&d->note, sizeof(d->note), nv);
 			memcpy(d->key, k.mv_data, 16);
 			if (d->note.next_attempt > now) {
 				if (d->note.next_attempt - now < next)
