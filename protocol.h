@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <msgpack.h>
+
 #define WALLETD_VERSION "0.1.0"
 #define WALLETD_API 1
 
@@ -216,6 +218,24 @@ error_find(const char *name, size_t len)
 		    memcmp(error_names[i], name, len) == 0)
 			return i;
 	return -1;
+}
+
+/* Returns the value of key name in map o, or NULL. */
+static inline const msgpack_object *
+map_get(const msgpack_object *o, const char *name)
+{
+	size_t len = strlen(name);
+
+	if (o == NULL || o->type != MSGPACK_OBJECT_MAP)
+		return NULL;
+	for (uint32_t i = 0; i < o->via.map.size; i++) {
+		const msgpack_object *k = &o->via.map.ptr[i].key;
+
+		if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == len &&
+		    memcmp(k->via.str.ptr, name, len) == 0)
+			return &o->via.map.ptr[i].val;
+	}
+	return NULL;
 }
 
 /* walletctl's exit codes. */

@@ -196,24 +196,6 @@ call(const char *method, const msgpack_sbuffer *params, int fd_pass, msgpack_unp
 	close(fd);
 }
 
-/* Returns field name of map o, or NULL. */
-static const msgpack_object *
-map_get(const msgpack_object *o, const char *name)
-{
-	size_t len = strlen(name);
-
-	if (o == NULL || o->type != MSGPACK_OBJECT_MAP)
-		return NULL;
-	for (uint32_t i = 0; i < o->via.map.size; i++) {
-		const msgpack_object *k = &o->via.map.ptr[i].key;
-
-		if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == len &&
-		    memcmp(k->via.str.ptr, name, len) == 0)
-			return &o->via.map.ptr[i].val;
-	}
-	return NULL;
-}
-
 /* ---------------------------------------------------------------------- */
 /* Output                                                                 */
 /* ---------------------------------------------------------------------- */

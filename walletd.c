@@ -1164,24 +1164,6 @@ txn_get(MDB_txn *txn, uint64_t id, MDB_val *raw)
 	return mdb_get(txn, store.txns, &k, raw);
 }
 
-/* Returns field name of map o, or NULL. */
-static const msgpack_object *
-map_get(const msgpack_object *o, const char *name)
-{
-	size_t len = strlen(name);
-
-	if (o == NULL || o->type != MSGPACK_OBJECT_MAP)
-		return NULL;
-	for (uint32_t i = 0; i < o->via.map.size; i++) {
-		const msgpack_object *k = &o->via.map.ptr[i].key;
-
-		if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == len &&
-		    memcmp(k->via.str.ptr, name, len) == 0)
-			return &o->via.map.ptr[i].val;
-	}
-	return NULL;
-}
-
 /*
  * Looks up the FX rate from -> to: the direct pair, else its inverse.
  * Returns 0 and sets *rate and *inverse, or MDB_NOTFOUND, or an LMDB error.
@@ -3266,6 +3248,22 @@ m_topup_create(struct call *c)
 	return E_OK;
 }
 
+/* Packs topup.confirm's answer: the top-up, its credit, whether this was a replay. */
+static void
+confirm_pack(msgpack_packer *pk, const struct topup *tp, const void *txn, size_t len, int replayed)
+{
+	msgpack_pack_map(pk, 3);
+	pack_cstr(pk, "topup");
+	topup_pack(pk, tp);
+	pack_cstr(pk, "transaction");
+	pk->callback(pk->data, txn, len);
+	pack_cstr(pk, "replayed");
+	if (replayed)
+		msgpack_pack_true(pk);
+	else
+		msgpack_pack_false(pk);
+}
+
 /*
  * topup.confirm: credits what the gateway says was paid, once, in the same
  * commit that marks the top-up paid.  A later confirm answers the first.  A
@@ -3293,13 +3291,7 @@ m_topup_confirm(struct call *c)
 	if (tp.status == TS_PAID) {
 		if ((rc = txn_get(c->txn, tp.txn_id, &raw)))
 			return store_error(c, rc);
-		msgpack_pack_map(c->pk, 3);
-		pack_cstr(c->pk, "topup");
-		topup_pack(c->pk, &tp);
-		pack_cstr(c->pk, "transaction");
-		c->pk->callback(c->pk->data, raw.mv_data, raw.mv_size);
-		pack_cstr(c->pk, "replayed");
-		msgpack_pack_true(c->pk);
+		confirm_pack(c->pk, &tp, raw.mv_data, raw.mv_size, 1);
 		return E_OK;
 	}
 	if ((rc = load_wallet(c, (struct str){ tp.wallet, strlen(tp.wallet) }, &w)))
@@ -3344,13 +3336,7 @@ m_topup_confirm(struct call *c)
 	tp.txn_id = t.id;
 	if ((rc = topup_put(c, &tp)))
 		return rc;
-	msgpack_pack_map(c->pk, 3);
-	pack_cstr(c->pk, "topup");
-	topup_pack(c->pk, &tp);
-	pack_cstr(c->pk, "transaction");
-	c->pk->callback(c->pk->data, scratch.data, scratch.size);
-	pack_cstr(c->pk, "replayed");
-	msgpack_pack_false(c->pk);
+	confirm_pack(c->pk, &tp, scratch.data, scratch.size, 0);
 	return E_OK;
 }
 
