@@ -3566,6 +3566,7 @@ static const method_fn method_fns[M__COUNT] = {
 
 #define READ_CHUNK    (64u << 10)
 #define INFLIGHT_MAX  4096  /* requests of one connection in flight before it is not read */
+#define SLOW_READ_BYTES (64u << 10) /* a read this large runs on a helper thread */
 #define LAT_RING      65536
 
 enum { RQ_WAITING, RQ_WRITER, RQ_SLOW, RQ_DONE };
@@ -4079,8 +4080,8 @@ req_run_read(struct req *r)
  * Moves c's requests along: answers leave in order from the head; the next
  * waiting request is dispatched when its turn allows - a read with nothing
  * before it runs now, in the loop; a write, or a read behind a write of its
- * own connection (so it sees that write), goes to the writer; a slow one to a
- * helper, alone.
+ * own connection (so it sees that write), goes to the writer; a slow one
+ * (verify, backup, or a read frame over SLOW_READ_BYTES) to a helper, alone.
  */
 static void
 conn_pump(struct conn *c)
@@ -4106,6 +4107,8 @@ conn_pump(struct conn *c)
 			continue;
 		}
 		flags = method_table[r->method].flags;
+		if (!(flags & MF_WRITE) && r->bytes > SLOW_READ_BYTES)
+			flags |= MF_SLOW; /* a 100,000-number precheck: not on the loop */
 		if (r != c->head && (c->nslow || (flags & MF_SLOW)))
 			break;
 		c->first_wait = r->next;
@@ -4530,10 +4533,10 @@ done_collect(void)
 		struct conn *c = r->conn;
 
 		next = r->qnext;
-		r->state = RQ_DONE;
 		c->inflight--;
-		if (method_table[r->method].flags & MF_SLOW)
+		if (r->state == RQ_SLOW)
 			c->nslow--;
+		r->state = RQ_DONE;
 		stats_count(r);
 		conn_mark_dirty(c);
 	}
