@@ -70,6 +70,7 @@ struct config {
 	unsigned idle_timeout;
 	unsigned batch_max;
 	size_t batch_bytes;
+	unsigned commit_delay;
 	unsigned charge_batch_max;
 	size_t map_size;
 	size_t map_size_max;
@@ -115,6 +116,7 @@ static const struct config_key config_keys[] = {
 	CK(idle_timeout, CF_UINT, 1, "seconds before an idle connection is closed (0 = never)"),
 	CK(batch_max, CF_UINT, 1, "most requests in one commit"),
 	CK(batch_bytes, CF_SIZE, 1, "most request bytes in one commit"),
+	CK(commit_delay, CF_UINT, 1, "microseconds the writer may wait, under load, for a fuller commit (0 = never)"),
 	CK(charge_batch_max, CF_UINT, 1, "most items in one charge.batch"),
 	CK(map_size, CF_SIZE, 0, "initial LMDB map size, bytes"),
 	CK(map_size_max, CF_SIZE, 1, "the map grows up to this; beyond: storage_full"),
@@ -149,6 +151,7 @@ config_defaults(struct config *cf)
 	cf->idle_timeout = 3600;
 	cf->batch_max = 4096;
 	cf->batch_bytes = 32u << 20;
+	cf->commit_delay = 150;
 	cf->charge_batch_max = BATCH_ITEMS_MAX;
 	cf->map_size = 64u << 20;
 	cf->map_size_max = (size_t)1 << 40;
@@ -3632,6 +3635,7 @@ static struct server {
 	pthread_mutex_t lock;     /* guards the queues below and the writer's stats */
 	pthread_cond_t cond;
 	struct req *wq_head, *wq_tail;     /* for the writer */
+	size_t wq_count, pend_count;
 	struct req *done_head, *done_tail; /* answered by the writer or a helper */
 	struct req *pend_head, *pend_tail; /* event loop: for the writer at the end of this turn */
 	int stopping;
@@ -4319,6 +4323,7 @@ writer_submit(struct req *r)
 	else
 		srv.pend_head = r;
 	srv.pend_tail = r;
+	srv.pend_count++;
 }
 
 /* Hands what this turn of the loop read to the writer: one lock, one signal. */
@@ -4333,9 +4338,11 @@ writer_handover(void)
 	else
 		srv.wq_head = srv.pend_head;
 	srv.wq_tail = srv.pend_tail;
+	srv.wq_count += srv.pend_count;
 	pthread_cond_signal(&srv.cond);
 	pthread_mutex_unlock(&srv.lock);
 	srv.pend_head = srv.pend_tail = NULL;
+	srv.pend_count = 0;
 }
 
 /* Puts answered requests on the done list and wakes the event loop. */
@@ -4448,6 +4455,8 @@ writer_run(struct req *batch)
 static void *
 writer_main(void *arg)
 {
+	size_t previous = 0;
+
 	(void)arg;
 	for (;;) {
 		struct req *batch, *last;
@@ -4456,6 +4465,20 @@ writer_main(void *arg)
 		pthread_mutex_lock(&srv.lock);
 		while (srv.wq_head == NULL && !srv.stopping)
 			pthread_cond_wait(&srv.cond, &srv.lock);
+		if (config.commit_delay && previous > 1 && srv.wq_count < previous) {
+			/* Under load: the answers just sent bring requests back within
+			 * microseconds; wait a moment for them to share this commit. */
+			struct timespec until;
+			uint64_t ns;
+
+			clock_gettime(CLOCK_REALTIME, &until);
+			ns = (uint64_t)until.tv_nsec + (uint64_t)config.commit_delay * 1000u;
+			until.tv_sec += (time_t)(ns / 1000000000u);
+			until.tv_nsec = (long)(ns % 1000000000u);
+			while (!srv.stopping && srv.wq_count < previous &&
+			    pthread_cond_timedwait(&srv.cond, &srv.lock, &until) == 0)
+				;
+		}
 		if (srv.wq_head == NULL) {
 			pthread_mutex_unlock(&srv.lock);
 			msgpack_sbuffer_destroy(&scratch);
@@ -4472,6 +4495,8 @@ writer_main(void *arg)
 		srv.wq_head = last->qnext;
 		if (srv.wq_head == NULL)
 			srv.wq_tail = NULL;
+		srv.wq_count -= count;
+		previous = count;
 		last->qnext = NULL;
 		pthread_mutex_unlock(&srv.lock);
 		writer_run(batch);
