@@ -43,7 +43,9 @@ class SmtpSink:
         return self.messages()
 
 
-class Alerts(DaemonTest):
+class AlertBase(DaemonTest):
+    """A daemon with SMTP pointed at a sink of our own (started by each test)."""
+
     def setUp(self):
         self.port = free_port()
         self.config = {"smtp_url": "smtp://127.0.0.1:%d" % self.port, "smtp_from": "billing@platform.example",
@@ -65,6 +67,8 @@ class Alerts(DaemonTest):
     def charge(self, ref):
         return self.d.ctl_json("charge", "acme", "sms", "+15550000000", ref)
 
+
+class Alerts(AlertBase):
     def test_one_email_per_crossing_and_rearm(self):
         self.sink.start()
         self.make_wallet()
@@ -121,3 +125,24 @@ class Alerts(DaemonTest):
         self.d.restart()
         time.sleep(2)
         self.assertEqual(len(self.sink.messages()), 1)
+
+
+class Reminders(AlertBase):
+    def setUp(self):
+        super().setUp()
+        self.d.config["alert_remind"] = "2"
+        self.d.restart()
+
+    def test_reminder_while_still_below_then_none_after_top_up(self):
+        self.sink.start()
+        self.make_wallet()
+        self.charge("a")
+        msgs = self.sink.wait_for(2, timeout=15)
+        self.assertGreaterEqual(len(msgs), 2)
+        second = email.message_from_string(msgs[1]["data"])
+        self.assertTrue(second["Subject"].startswith("Reminder: Low balance: acme"))
+        self.d.ctl_json("credit", "acme", "100", "top up")
+        time.sleep(1)
+        count = len(self.sink.messages())
+        time.sleep(4)
+        self.assertEqual(len(self.sink.messages()), count)
