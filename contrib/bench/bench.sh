@@ -24,7 +24,7 @@ run "history page of 50"    -c 16 -n 50000 --method history --wallets 10
 $py "$top/contrib/bench/rates_csv.py" loaded 100000 > "$dir/rates.csv"
 "$ctl" rate import "$dir/rates.csv" > /dev/null
 run "rate lookup, 100k prefixes" -c 16 -n 100000 --method lookup --wallets 10
-run "precheck 100k recipients" -c 1 -n 20 --method precheck --recipients 100000 --wallets 1
+run "precheck 100k recipients, one-prefix plan" -c 1 -n 20 --method precheck --recipients 100000 --wallets 1
 
 $py - "$out" "$dir/floor.json" <<'PYEOF'
 import json, sys
