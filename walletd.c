@@ -1483,9 +1483,9 @@ p_currency(struct call *c, const char *name, int required, struct str *s)
 
 /*
  * Reads an amount param: a decimal string or a msgpack integer of whole
- * units.  *present is 0 when absent, -1 when nil, 1 when set.  positive
- * rejects zero and negatives; otherwise negatives are rejected unless
- * signed_ok.  Returns E_OK or E_INVALID_ARGUMENT.
+ * units.  *present is 0 when absent, -1 when nil, 1 when set.  Negatives
+ * are always rejected (no param is a signed amount); positive also rejects
+ * zero.  Returns E_OK or E_INVALID_ARGUMENT.
  */
 static int
 p_amount(struct call *c, const char *name, int required, int positive, int64_t *v, int *present)
