@@ -2510,16 +2510,17 @@ m_charge(struct call *c)
 }
 
 /*
- * charge.batch: each item charged as by charge, in order, each in its own
- * nested transaction inside this request's, so one item's error fails only
- * that item.  A storage error fails the whole request (the writer grows the
- * map and runs it again).
+ * charge.batch: each item charged as by charge, in order, in this request's
+ * transaction.  An item needs no nested transaction of its own: charge_one
+ * makes every check before its first write, and a write can fail only with a
+ * store error, which fails the whole request (the writer aborts its nested
+ * transaction, grows the map if it was full, and runs it again).  So an
+ * item's error leaves no trace and fails only that item.
  */
 static int
 m_charge_batch(struct call *c)
 {
 	const msgpack_object *items = param(c, "items"), *saved = c->params;
-	MDB_txn *parent = c->txn;
 	int rc = E_OK;
 
 	if (items == NULL || items->type != MSGPACK_OBJECT_ARRAY)
@@ -2532,25 +2533,13 @@ m_charge_batch(struct call *c)
 	msgpack_pack_array(c->pk, items->via.array.size);
 	for (uint32_t i = 0; i < items->via.array.size; i++) {
 		struct call item = *c;
-		MDB_txn *child;
 
 		item.params = &items->via.array.ptr[i];
-		if ((rc = mdb_txn_begin(store.env, parent, 0, &child))) {
-			rc = store_error(c, rc);
-			break;
-		}
-		item.txn = child;
 		if (item.params->type != MSGPACK_OBJECT_MAP)
 			rc = fail(&item, E_INVALID_ARGUMENT, "items", "each item must be a map");
 		else
 			rc = charge_one(&item);
-		if (rc == E_OK && (rc = mdb_txn_commit(child)) != 0) {
-			rc = store_error(&item, rc);
-			child = NULL;
-		}
 		if (rc != E_OK) {
-			if (child)
-				mdb_txn_abort(child);
 			if (item.mdb_rc) {
 				c->mdb_rc = item.mdb_rc;
 				rc = store_error(c, item.mdb_rc);
@@ -2563,7 +2552,6 @@ m_charge_batch(struct call *c)
 		}
 		c->alert |= item.alert;
 	}
-	c->txn = parent;
 	c->params = saved;
 	return rc;
 }
