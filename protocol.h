@@ -44,6 +44,8 @@
 /* Method flags. */
 #define MF_WRITE 1u /* changes the store: runs in the group-commit writer */
 #define MF_SLOW  2u /* long read: runs on a helper thread, off the event loop */
+#define MF_FLAT  4u /* makes every check before its first write, so the writer runs
+                     * it without a nested transaction of its own (walletd.c) */
 
 /*
  * The method table: one row per method.  walletd dispatches and checks roles
@@ -87,10 +89,10 @@ X(M_RATE_IMPORT, "rate.import", R_A, MF_WRITE, "rows:c ?mode", \
 X(M_FX_SET, "fx.set", R_A, MF_WRITE, "base quote rate", \
   "Set an exchange rate: 1 base = rate quote.") \
 X(M_FX_LIST, "fx.list", R_A, 0, "", "List exchange rates.") \
-X(M_CHARGE, "charge", R_AC, MF_WRITE, \
+X(M_CHARGE, "charge", R_AC, MF_WRITE | MF_FLAT, \
   "wallet channel to ref ?route ?segments:i ?text ?description", \
   "Charge one message; idempotent on ref.") \
-X(M_CHARGE_BATCH, "charge.batch", R_AC, MF_WRITE, "items:c", \
+X(M_CHARGE_BATCH, "charge.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
   "Charge many messages in one commit; each item succeeds or fails alone.") \
 X(M_PRECHECK, "precheck", R_AC, 0, \
   "wallet channel recipients:f ?segments:i ?text", \

@@ -3574,7 +3574,7 @@ struct req {
 	int code;                 /* the answer's error code, E_OK on success */
 	int fd;                   /* descriptor passed with it, or -1 */
 	int alert;
-	int full;                 /* met a full map the writer could not grow */
+	int failed;               /* the store error it met in the writer; 0 = none */
 	uid_t uid;
 	uint32_t msgid;
 	int has_msgid;
@@ -4351,11 +4351,17 @@ done_post(struct req *first, struct req *last)
 }
 
 /*
- * Runs one batch in one write transaction: each request in a nested
- * transaction (committed into the batch if it succeeds, aborted if not),
- * then one durable commit.  A full map is grown and the batch run again from
- * the start; when it cannot grow, the requests that needed room answer
- * storage_full.  If the commit fails every answer becomes that failure.
+ * Runs one batch in one write transaction, then one durable commit.  Each
+ * request stays atomic on its own: most run in a nested transaction,
+ * committed into the batch if they succeed and aborted if not; an MF_FLAT
+ * method (charge, charge.batch) makes every check before its first write, so
+ * when it fails it has written nothing, and it runs in the batch's
+ * transaction directly - a nested transaction per charge cost more than the
+ * charge.  A store error in the middle of any request (a full map, an I/O
+ * error) aborts the whole batch: the map is grown and the batch runs again,
+ * or, when the map cannot grow, the requests that met the error answer it and
+ * the others run again without them.  If the commit fails every answer
+ * becomes that failure.
  */
 static void
 writer_run(struct req *batch)
@@ -4365,36 +4371,38 @@ writer_run(struct req *batch)
 
 	for (;;) {
 		MDB_txn *parent;
-		int grow = 0;
+		int store_failed = 0, map_full = 0;
 
 		if ((rc = mdb_txn_begin(store.env, NULL, 0, &parent)) != 0) {
 			for (struct req *r = batch; r; r = r->qnext)
 				req_store_error(r, rc);
 			break;
 		}
-		for (struct req *r = batch; r; r = r->qnext) {
-			MDB_txn *child;
-			int mrc;
+		for (struct req *r = batch; r && !store_failed; r = r->qnext) {
+			MDB_txn *child = parent;
+			int mrc, flat = method_table[r->method].flags & MF_FLAT;
 
-			if (r->full) {
-				req_store_error(r, MDB_MAP_FULL);
+			if (r->failed) {
+				req_store_error(r, r->failed);
 				continue;
 			}
-			if ((rc = mdb_txn_begin(store.env, parent, 0, &child)) != 0) {
-				req_store_error(r, rc);
-				mrc = rc;
-			} else if ((mrc = req_execute(r, child)) == 0 && r->code == E_OK) {
-				if ((mrc = mdb_txn_commit(child)) != 0)
-					req_store_error(r, mrc);
-			} else {
-				mdb_txn_abort(child);
+			if (!flat && (mrc = mdb_txn_begin(store.env, parent, 0, &child)) != 0) {
+				r->failed = mrc;
+				store_failed = 1;
+				continue;
 			}
-			if (mrc == MDB_MAP_FULL) {
-				grow = 1;
-				r->full = 1;
+			mrc = req_execute(r, child);
+			if (!flat && mrc == 0 && r->code == E_OK)
+				mrc = mdb_txn_commit(child);
+			else if (!flat)
+				mdb_txn_abort(child);
+			if (mrc != 0) {
+				r->failed = mrc;
+				store_failed = 1;
+				map_full |= mrc == MDB_MAP_FULL;
 			}
 		}
-		if (!grow) {
+		if (!store_failed) {
 			uint64_t c0 = now_micros();
 
 			rc = mdb_txn_commit(parent);
@@ -4411,13 +4419,15 @@ writer_run(struct req *batch)
 				return;
 			}
 			for (struct req *r = batch; r; r = r->qnext)
-				r->full = 1; /* the commit itself needed room */
+				r->failed = MDB_MAP_FULL; /* the commit itself needed room */
+			map_full = 1;
 		} else {
 			mdb_txn_abort(parent);
 		}
-		if (store_grow() == 0) {
+		if (map_full && store_grow() == 0) {
 			for (struct req *r = batch; r; r = r->qnext)
-				r->full = 0;
+				if (r->failed == MDB_MAP_FULL)
+					r->failed = 0;
 			pthread_mutex_lock(&srv.lock);
 			stats.map_grows++;
 			pthread_mutex_unlock(&srv.lock);
