@@ -702,11 +702,16 @@ be64_get(const unsigned char *p)
  *            "L" plan \0 channel -> u32: the prefix lengths that have rates
  *            (bit n for length n; set by rate.set, never cleared: a superset)
  *   wallets  wallet id -> struct wallet (the emails tail is variable)
- *   txns     u64 id (MDB_INTEGERKEY) -> the transaction, a msgpack map: the
- *            append-only log, ids increasing across the store
- *   hist     BE64 wallet number . BE64 seq -> struct hist: a wallet's
- *            transactions in order, seq 0..txn_count-1, so any page is a
- *            direct seek
+ *   txns     u64 id (MDB_INTEGERKEY) -> struct txn_head, then the transaction
+ *            as a msgpack map: the append-only log, ids increasing across the
+ *            store.  The head links each transaction to the wallet's one
+ *            before it (prev), so a wallet's history is a chain from
+ *            wallet.last_txn back to 0.
+ *   hist     BE64 wallet number . BE64 seq -> u64 txn id, for every
+ *            HIST_STRIDE-th transaction of a wallet (seq = k * HIST_STRIDE - 1):
+ *            a page starts at most HIST_STRIDE - 1 links from one of these.
+ *            A sparse index: a charge writes one seldom, so it does not dirty
+ *            a history leaf of its own in most commits.
  *   refs     BE64 wallet number . ref -> u64 txn id . fingerprint: idempotency
  *   refunds  u64 charge id -> u64 refund id
  *   rates    plan \0 channel \0 prefix \0 route -> struct rate_val
@@ -724,8 +729,9 @@ be64_get(const unsigned char *p)
  * MDB_WRITEMAP: every commit is durable, and nested transactions need
  * LMDB's own page copies.
  */
-#define STORE_VERSION 1
+#define STORE_VERSION 2
 #define EMAILS_BYTES 1024
+#define HIST_STRIDE 64
 
 #define WF_FROZEN    1u
 #define WF_THRESHOLD 2u
@@ -736,6 +742,7 @@ struct wallet {
 	int64_t created_at;
 	uint64_t number;          /* key prefix of its hist, refs, notes */
 	uint64_t txn_count;
+	uint64_t last_txn;        /* head of its chain of transactions; 0 = none */
 	uint64_t note_count;
 	uint32_t flags;
 	char currency[4];
@@ -743,8 +750,10 @@ struct wallet {
 	char emails[EMAILS_BYTES]; /* comma-separated; stored up to its NUL */
 };
 
-struct hist {
-	uint64_t id;
+/* The fixed head of a stored transaction: what history filters and verify need. */
+struct txn_head {
+	uint64_t prev;            /* the wallet's transaction before this one; 0 = first */
+	uint64_t seq;             /* its place in the wallet's history, from 0 */
 	int64_t amount;
 	int64_t balance_after;
 	int64_t created_at;
@@ -898,9 +907,17 @@ store_open(const char *dir)
 			goto fail;
 		}
 	{
-		uint32_t version = STORE_VERSION;
-		MDB_val k = { 7, "version" }, v = { sizeof(version), &version };
+		uint32_t version = STORE_VERSION, found;
+		MDB_val k = { 7, "version" }, v;
 
+		if (mdb_get(txn, store.meta, &k, &v) == 0 && v.mv_size == sizeof(found) &&
+		    (memcpy(&found, v.mv_data, sizeof(found)), found != version)) {
+			mdb_txn_abort(txn);
+			log_x(L_ERR, "store %s has layout version %u; this walletd reads version %u",
+			    dir, found, version);
+			return -1;
+		}
+		v = (MDB_val){ sizeof(version), &version };
 		if ((rc = mdb_put(txn, store.meta, &k, &v, 0)) != 0) {
 			mdb_txn_abort(txn);
 			goto fail;
@@ -1110,10 +1127,11 @@ txn_pack(msgpack_packer *pk, const struct txn *t)
 }
 
 /*
- * Appends t to the log and to wallet w's history: gives t its id, sets
- * balance_after from w->balance (already changed by the caller) and counts
- * it in w.  The caller writes w.  scratch receives the packed record, left
- * there for the answer.  Returns 0 or an LMDB error.
+ * Appends t to the log and to wallet w's chain: gives t its id, sets
+ * balance_after from w->balance (already changed by the caller), links it
+ * after w->last_txn and counts it in w; every HIST_STRIDE-th one also goes
+ * into the hist index.  The caller writes w.  scratch receives the packed
+ * map, left there for the answer.  Returns 0 or an LMDB error.
  */
 static int
 txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scratch)
@@ -1121,7 +1139,7 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 	MDB_cursor *cur;
 	MDB_val k, v;
 	unsigned char hkey[16];
-	struct hist h;
+	struct txn_head h;
 	msgpack_packer pk;
 	int rc;
 
@@ -1140,31 +1158,87 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 	msgpack_sbuffer_clear(scratch);
 	msgpack_packer_init(&pk, scratch, msgpack_sbuffer_write);
 	txn_pack(&pk, t);
-	k = (MDB_val){ sizeof(t->id), &t->id };
-	v = (MDB_val){ scratch->size, scratch->data };
-	if ((rc = mdb_put(txn, store.txns, &k, &v, MDB_APPEND)) != 0)
-		return rc;
 	memset(&h, 0, sizeof(h));
-	h.id = t->id;
+	h.prev = w->last_txn;
+	h.seq = w->txn_count;
 	h.amount = t->amount;
 	h.balance_after = t->balance_after;
 	h.created_at = t->created_at;
 	h.type = (uint32_t)t->type;
-	k = key_pair(hkey, w->number, w->txn_count);
-	v = (MDB_val){ sizeof(h), &h };
-	if ((rc = mdb_put(txn, store.hist, &k, &v, 0)) != 0)
+	k = (MDB_val){ sizeof(t->id), &t->id };
+	v = (MDB_val){ sizeof(h) + scratch->size, NULL };
+	if ((rc = mdb_put(txn, store.txns, &k, &v, MDB_APPEND | MDB_RESERVE)) != 0)
 		return rc;
+	memcpy(v.mv_data, &h, sizeof(h));
+	memcpy((char *)v.mv_data + sizeof(h), scratch->data, scratch->size);
+	if (w->txn_count % HIST_STRIDE == HIST_STRIDE - 1) {
+		k = key_pair(hkey, w->number, w->txn_count);
+		v = (MDB_val){ sizeof(t->id), &t->id };
+		if ((rc = mdb_put(txn, store.hist, &k, &v, 0)) != 0)
+			return rc;
+	}
+	w->last_txn = t->id;
 	w->txn_count++;
 	return 0;
 }
 
-/* Reads transaction id's packed record into *raw.  0, MDB_NOTFOUND or error. */
+/*
+ * Reads transaction id: its head into *h (if h) and its msgpack map into
+ * *raw (if raw).  Returns 0, MDB_NOTFOUND or an LMDB error.
+ */
+static int
+txn_read(MDB_txn *txn, uint64_t id, struct txn_head *h, MDB_val *raw)
+{
+	MDB_val k = { sizeof(id), &id }, v;
+	int rc = mdb_get(txn, store.txns, &k, &v);
+
+	if (rc != 0)
+		return rc;
+	if (v.mv_size < sizeof(*h))
+		return MDB_CORRUPTED;
+	if (h)
+		memcpy(h, v.mv_data, sizeof(*h));
+	if (raw)
+		*raw = (MDB_val){ v.mv_size - sizeof(*h), (char *)v.mv_data + sizeof(*h) };
+	return 0;
+}
+
+/* Reads transaction id's msgpack map into *raw.  0, MDB_NOTFOUND or error. */
 static int
 txn_get(MDB_txn *txn, uint64_t id, MDB_val *raw)
 {
-	MDB_val k = { sizeof(id), &id };
+	return txn_read(txn, id, NULL, raw);
+}
 
-	return mdb_get(txn, store.txns, &k, raw);
+/*
+ * Finds the id of wallet w's transaction number seq (< w->txn_count): from
+ * the nearest hist entry at or after it, or from w->last_txn, back along
+ * the chain - fewer than HIST_STRIDE links.  Returns 0 or an LMDB error.
+ */
+static int
+wallet_txn_at(MDB_txn *txn, const struct wallet *w, uint64_t seq, uint64_t *id)
+{
+	uint64_t at = seq | (HIST_STRIDE - 1);
+	struct txn_head h;
+	int rc;
+
+	if (at >= w->txn_count) {
+		at = w->txn_count - 1;
+		*id = w->last_txn;
+	} else {
+		unsigned char key[16];
+		MDB_val k = key_pair(key, w->number, at), v;
+
+		if ((rc = mdb_get(txn, store.hist, &k, &v)) != 0)
+			return rc;
+		memcpy(id, v.mv_data, sizeof(*id));
+	}
+	for (; at > seq; at--) {
+		if ((rc = txn_read(txn, *id, &h, NULL)) != 0)
+			return rc;
+		*id = h.prev;
+	}
+	return 0;
 }
 
 /*
@@ -2903,35 +2977,55 @@ m_refund(struct call *c)
 	return E_OK;
 }
 
-/* Reads the hist entry seq of wallet number into *h.  0, MDB_NOTFOUND or error. */
+/*
+ * Finds the newest transaction of w with an id below before_id: a binary
+ * search over the hist index, then fewer than HIST_STRIDE links.  *id is 0
+ * if there is none.  Returns 0 or an LMDB error.
+ */
 static int
-hist_get(MDB_txn *txn, uint64_t number, uint64_t seq, struct hist *h)
+wallet_txn_before(MDB_txn *txn, const struct wallet *w, uint64_t before_id, uint64_t *id)
 {
-	unsigned char key[16];
-	MDB_val k = key_pair(key, number, seq), v;
-	int rc = mdb_get(txn, store.hist, &k, &v);
+	uint64_t lo = 0, hi = w->txn_count / HIST_STRIDE;
+	struct txn_head h;
+	int rc;
 
-	if (rc == 0)
-		memcpy(h, v.mv_data, sizeof(*h));
-	return rc;
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo) / 2, at;
+
+		if ((rc = wallet_txn_at(txn, w, mid * HIST_STRIDE + HIST_STRIDE - 1, &at)) != 0)
+			return rc;
+		if (at < before_id)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	*id = w->last_txn;
+	if (lo < w->txn_count / HIST_STRIDE &&
+	    (rc = wallet_txn_at(txn, w, lo * HIST_STRIDE + HIST_STRIDE - 1, id)) != 0)
+		return rc;
+	while (*id >= before_id) {
+		if ((rc = txn_read(txn, *id, &h, NULL)) != 0)
+			return rc;
+		*id = h.prev;
+	}
+	return 0;
 }
 
 /*
- * history: newest first.  Unfiltered, a page is a direct seek by seq:
- * O(limit) however long the history; before_id is a binary search.  With
- * type/since/until filters the wallet's index (not its records) is scanned
- * to count `total`.
+ * history: newest first.  Unfiltered, a page starts fewer than HIST_STRIDE
+ * links from a hist entry: O(limit) however long the history; before_id is
+ * a binary search.  With type/since/until filters the wallet's chain is
+ * walked (transaction heads only) to count `total`.
  */
 static int
 m_history(struct call *c)
 {
 	const msgpack_object *types = param(c, "type");
 	struct str id, since_s, until_s;
-	uint64_t page = 0, limit = 20, before_id = 0, total = 0, packed = 0, skip;
+	uint64_t page = 0, limit = 20, before_id = 0, total = 0, packed = 0, skip, next = 0;
 	int64_t since = INT64_MIN, until = INT64_MAX;
 	unsigned typemask = 0;
 	int filtered, rc;
-	uint64_t top;
 	struct wallet w;
 	msgpack_sbuffer rows;
 	msgpack_packer rpk;
@@ -2965,74 +3059,40 @@ m_history(struct call *c)
 	if ((rc = load_wallet(c, id, &w)))
 		return rc;
 	filtered = typemask || since_s.p || until_s.p;
+	skip = before_id ? 0 : page * limit;
 
-	/* top: one past the newest seq to consider. */
-	top = w.txn_count;
-	if (before_id) {
-		uint64_t lo = 0, hi = w.txn_count;
-
-		while (lo < hi) {
-			uint64_t mid = lo + (hi - lo) / 2;
-			struct hist h;
-
-			if ((rc = hist_get(c->txn, w.number, mid, &h)))
-				return store_error(c, rc);
-			if (h.id < before_id)
-				lo = mid + 1;
-			else
-				hi = mid;
-		}
-		top = lo;
-	}
+	/* next: the newest transaction this page may show. */
+	if (filtered)
+		next = w.last_txn;
+	else if (before_id)
+		rc = wallet_txn_before(c->txn, &w, before_id, &next);
+	else if (skip < w.txn_count)
+		rc = wallet_txn_at(c->txn, &w, w.txn_count - 1 - skip, &next);
+	if (rc != 0)
+		return store_error(c, rc);
+	total = w.txn_count;
 	msgpack_sbuffer_init(&rows);
 	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
-	skip = before_id ? 0 : page * limit;
-	if (!filtered) {
-		total = w.txn_count;
-		for (uint64_t seq = top > skip ? top - skip : 0; seq > 0 && packed < limit; seq--, packed++) {
-			struct hist h;
-			MDB_val raw;
+	if (filtered)
+		total = 0;
+	for (uint64_t matched = 0; next != 0 && (filtered || packed < limit);) {
+		struct txn_head h;
+		MDB_val raw;
 
-			if ((rc = hist_get(c->txn, w.number, seq - 1, &h)) || (rc = txn_get(c->txn, h.id, &raw)))
-				break;
-			rpk.callback(rpk.data, raw.mv_data, raw.mv_size);
-		}
-	} else {
-		unsigned char key[16];
-		MDB_cursor *cur;
-		MDB_val k = key_pair(key, w.number, w.txn_count), v;
-		uint64_t matched = 0;
-
-		if ((rc = mdb_cursor_open(c->txn, store.hist, &cur)) == 0) {
-			rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-			rc = rc == 0 ? mdb_cursor_get(cur, &k, &v, MDB_PREV) :
-			    mdb_cursor_get(cur, &k, &v, MDB_LAST);
-			for (; rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_PREV)) {
-				struct hist h;
-
-				if (be64_get(k.mv_data) != w.number)
-					break;
-				memcpy(&h, v.mv_data, sizeof(h));
-				if ((typemask && !(typemask & (1u << h.type))) || h.created_at < since ||
-				    h.created_at >= until)
-					continue;
-				total++;
-				if (be64_get((unsigned char *)k.mv_data + 8) >= top || matched++ < skip ||
-				    packed >= limit)
-					continue;
-				{
-					MDB_val raw;
-
-					if ((rc = txn_get(c->txn, h.id, &raw)))
-						break;
-					rpk.callback(rpk.data, raw.mv_data, raw.mv_size);
-					packed++;
-				}
+		if ((rc = txn_read(c->txn, next, &h, &raw)) != 0)
+			break;
+		if (!filtered || (!(typemask && !(typemask & (1u << h.type))) &&
+		    h.created_at >= since && h.created_at < until)) {
+			total += filtered;
+			if ((!before_id || next < before_id) && matched++ >= (filtered ? skip : 0) &&
+			    packed < limit) {
+				rpk.callback(rpk.data, raw.mv_data, raw.mv_size);
+				packed++;
 			}
-			mdb_cursor_close(cur);
 		}
+		next = h.prev;
 	}
-	if (rc != 0 && rc != MDB_NOTFOUND) {
+	if (rc != 0) {
 		msgpack_sbuffer_destroy(&rows);
 		return store_error(c, rc);
 	}
@@ -3416,10 +3476,11 @@ verify_breach(msgpack_packer *pk, uint32_t *n, struct str wallet, uint64_t txn, 
 }
 
 /*
- * verify: for every wallet, walks its history index and its log records:
- * the running sum must equal every balance_after and the balance, and every
- * record must agree with its index entry.  Costs a pass over the store; runs
- * on a helper thread.
+ * verify: for every wallet, walks its chain of transactions from the newest:
+ * each balance_after must be the balance less the amounts after it, the
+ * first must start from zero, every record must agree with its head and the
+ * hist index, and the log must hold no transaction that no wallet lists.
+ * Costs a pass over the store; runs on a helper thread.
  */
 static int
 m_verify(struct call *c)
@@ -3440,52 +3501,59 @@ m_verify(struct call *c)
 	for (rc = mdb_cursor_get(wc, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(wc, &k, &v, MDB_NEXT)) {
 		struct str id = { k.mv_data, k.mv_size };
 		struct wallet w;
-		int64_t sum = 0;
+		int64_t after = 0;
+		uint64_t seq, next;
 		char problem[200];
 
 		record_copy(&w, sizeof(w), v);
 		wallets++;
-		for (uint64_t seq = 0; seq < w.txn_count; seq++) {
-			struct hist h;
+		after = w.balance;
+		for (seq = w.txn_count, next = w.last_txn; next != 0; seq--) {
+			struct txn_head h;
 			MDB_val raw;
 			msgpack_unpacked rec;
 			const msgpack_object *a, *b;
-			int64_t amount = 0, after = 0;
+			int64_t amount = 0, recorded = 0;
+			uint64_t indexed;
 
 			txns++;
-			if (hist_get(c->txn, w.number, seq, &h) != 0) {
-				verify_breach(&rpk, &breaches, id, 0, "history index entry missing");
+			if (seq == 0 || txn_read(c->txn, next, &h, &raw) != 0) {
+				verify_breach(&rpk, &breaches, id, next, "the chain of transactions is broken");
 				break;
 			}
-			if (__builtin_add_overflow(sum, h.amount, &sum))
-				verify_breach(&rpk, &breaches, id, h.id, "running sum overflows");
-			if (h.balance_after != sum) {
+			if (h.seq != seq - 1)
+				verify_breach(&rpk, &breaches, id, next, "transaction out of its place in the history");
+			if (h.balance_after != after) {
 				snprintf(problem, sizeof(problem), "balance_after %" PRId64 " != running sum %" PRId64 " (micro-units)",
-				    h.balance_after, sum);
-				verify_breach(&rpk, &breaches, id, h.id, problem);
+				    h.balance_after, after);
+				verify_breach(&rpk, &breaches, id, next, problem);
 			}
 			if (h.balance_after < 0)
-				verify_breach(&rpk, &breaches, id, h.id, "balance below zero");
-			if (txn_get(c->txn, h.id, &raw) != 0) {
-				verify_breach(&rpk, &breaches, id, h.id, "log record missing");
-				continue;
-			}
+				verify_breach(&rpk, &breaches, id, next, "balance below zero");
+			if (__builtin_sub_overflow(after, h.amount, &after))
+				verify_breach(&rpk, &breaches, id, next, "running sum overflows");
+			if (h.seq % HIST_STRIDE == HIST_STRIDE - 1 &&
+			    (wallet_txn_at(c->txn, &w, h.seq, &indexed) != 0 || indexed != next))
+				verify_breach(&rpk, &breaches, id, next, "the history index disagrees with the chain");
 			msgpack_unpacked_init(&rec);
 			if (msgpack_unpack_next(&rec, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS ||
-			    !obj_str_eq(&rec.data, "wallet", id) || obj_u64(&rec.data, "id") != h.id ||
+			    !obj_str_eq(&rec.data, "wallet", id) || obj_u64(&rec.data, "id") != next ||
 			    (a = map_get(&rec.data, "amount")) == NULL || a->type != MSGPACK_OBJECT_STR ||
 			    (b = map_get(&rec.data, "balance_after")) == NULL || b->type != MSGPACK_OBJECT_STR ||
 			    amount_parse(a->via.str.ptr, a->via.str.size, &amount) != 0 ||
-			    amount_parse(b->via.str.ptr, b->via.str.size, &after) != 0 ||
-			    amount != h.amount || after != h.balance_after)
-				verify_breach(&rpk, &breaches, id, h.id, "log record disagrees with the history index");
+			    amount_parse(b->via.str.ptr, b->via.str.size, &recorded) != 0 ||
+			    amount != h.amount || recorded != h.balance_after)
+				verify_breach(&rpk, &breaches, id, next, "the record disagrees with its head");
 			msgpack_unpacked_destroy(&rec);
+			next = h.prev;
 		}
-		if (sum != w.balance) {
+		if (seq != 0)
+			verify_breach(&rpk, &breaches, id, 0, "the wallet counts more transactions than its chain holds");
+		if (after != 0) {
 			char b1[32], b2[32];
 
 			snprintf(problem, sizeof(problem), "balance %s != sum of transactions %s",
-			    amount_format(w.balance, b1, 0), amount_format(sum, b2, 0));
+			    amount_format(w.balance, b1, 0), amount_format(w.balance - after, b2, 0));
 			verify_breach(&rpk, &breaches, id, 0, problem);
 		}
 	}

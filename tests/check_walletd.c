@@ -569,6 +569,54 @@ START_TEST(history_pages_newest_first)
 }
 END_TEST
 
+/* Every page and every before_id across many HIST_STRIDE blocks gives the right ids. */
+START_TEST(history_pages_across_index_blocks)
+{
+	int n = 3 * HIST_STRIDE + 5;
+
+	ok(run(M_WALLET_CREATE, "wallet", "w", "currency", "USD", NULL));
+	for (int i = 0; i < n; i++)
+		ok(run(M_CREDIT, "wallet", "w", "amount", "1", "reason", "r", NULL));
+	for (int limit = 1; limit <= 13; limit += 6)
+		for (int page = 0; page * limit <= n; page++) {
+			char lbuf[16], pbuf[16];
+			struct answer a;
+			const msgpack_object *txns;
+
+			snprintf(lbuf, sizeof(lbuf), "#%d", limit);
+			snprintf(pbuf, sizeof(pbuf), "#%d", page);
+			a = run(M_HISTORY, "wallet", "w", "page", pbuf, "limit", lbuf, NULL);
+			txns = map_get(&a.result.data, "transactions");
+			for (uint32_t i = 0; i < txns->via.array.size; i++)
+				ck_assert_uint_eq(map_get(&txns->via.array.ptr[i], "id")->via.u64,
+				    (uint64_t)(n - page * limit - (int)i));
+			ck_assert_uint_eq(txns->via.array.size,
+			    (uint32_t)(n - page * limit < limit ? n - page * limit : limit));
+			answer_free(&a);
+		}
+	for (int before = 1; before <= n + 1; before += 7) {
+		char bbuf[16];
+		struct answer a;
+		const msgpack_object *txns;
+
+		snprintf(bbuf, sizeof(bbuf), "#%d", before);
+		a = run(M_HISTORY, "wallet", "w", "before_id", bbuf, "limit", "#3", NULL);
+		txns = map_get(&a.result.data, "transactions");
+		if (before > 1)
+			ck_assert_uint_eq(map_get(&txns->via.array.ptr[0], "id")->via.u64, (uint64_t)before - 1);
+		else
+			ck_assert_uint_eq(txns->via.array.size, 0);
+		answer_free(&a);
+	}
+	{
+		struct answer a = run(M_VERIFY, NULL);
+
+		ck_assert(map_get(&a.result.data, "ok")->via.boolean);
+		answer_free(&a);
+	}
+}
+END_TEST
+
 START_TEST(bad_params_name_their_field)
 {
 	struct answer a;
@@ -630,6 +678,7 @@ store_suite(void)
 	tcase_add_test(tc, charge_same_ref_charges_once);
 	tcase_add_test(tc, refund_is_exact_and_once);
 	tcase_add_test(tc, history_pages_newest_first);
+	tcase_add_test(tc, history_pages_across_index_blocks);
 	tcase_add_test(tc, bad_params_name_their_field);
 	tcase_add_test(tc, verify_is_clean_after_changes);
 	suite_add_tcase(s, tc);
