@@ -114,7 +114,7 @@ static const struct config_key config_keys[] = {
 	CK(max_frame, CF_SIZE, 1, "largest request frame, bytes"),
 	CK(max_output, CF_SIZE, 1, "unread answers a client may leave, bytes; beyond: cut off"),
 	CK(idle_timeout, CF_UINT, 1, "seconds before an idle connection is closed (0 = never)"),
-	CK(batch_max, CF_UINT, 1, "most requests in one commit"),
+	CK(batch_max, CF_UINT, 1, "most requests in one commit (a charge.batch counts its items)"),
 	CK(batch_bytes, CF_SIZE, 1, "most request bytes in one commit"),
 	CK(commit_delay, CF_UINT, 1, "microseconds the writer may wait, under load, for a fuller commit (0 = never)"),
 	CK(charge_batch_max, CF_UINT, 1, "most items in one charge.batch"),
@@ -4517,6 +4517,16 @@ writer_run(struct req *batch)
 		alert_wake();
 }
 
+/* What a request counts for against batch_max: a charge.batch its items. */
+static size_t
+req_weight(const struct req *r)
+{
+	const msgpack_object *items = r->method == M_CHARGE_BATCH ? map_get(r->params, "items") : NULL;
+
+	return items && items->type == MSGPACK_OBJECT_ARRAY && items->via.array.size > 1 ?
+	    items->via.array.size : 1;
+}
+
 /* The writer thread: takes what is queued, up to the batch caps, and runs it. */
 static void *
 writer_main(void *arg)
@@ -4526,7 +4536,7 @@ writer_main(void *arg)
 	(void)arg;
 	for (;;) {
 		struct req *batch, *last;
-		size_t count = 0, bytes = 0;
+		size_t count = 0, bytes = 0, taken = 0;
 
 		pthread_mutex_lock(&srv.lock);
 		while (srv.wq_head == NULL && !srv.stopping)
@@ -4552,7 +4562,8 @@ writer_main(void *arg)
 		}
 		batch = last = srv.wq_head;
 		for (;;) {
-			count++;
+			taken++;
+			count += req_weight(last);
 			bytes += last->bytes;
 			if (last->qnext == NULL || count >= config.batch_max || bytes >= config.batch_bytes)
 				break;
@@ -4561,8 +4572,8 @@ writer_main(void *arg)
 		srv.wq_head = last->qnext;
 		if (srv.wq_head == NULL)
 			srv.wq_tail = NULL;
-		srv.wq_count -= count;
-		previous = count;
+		srv.wq_count -= taken;
+		previous = taken;
 		last->qnext = NULL;
 		pthread_mutex_unlock(&srv.lock);
 		writer_run(batch);
