@@ -6,7 +6,7 @@ import os
 import subprocess
 import time
 
-from harness import Daemon, DaemonTest, HERE, PY
+from harness import DaemonTest, HERE, PY
 from test_topups import free_port
 
 

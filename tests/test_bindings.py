@@ -3,7 +3,7 @@ import decimal
 import os
 import subprocess
 
-from harness import DaemonTest, Daemon, ROOT, WALLETD, PY, walletd
+from harness import DaemonTest, ROOT, WALLETD, PY, walletd
 
 D = decimal.Decimal
 

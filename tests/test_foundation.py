@@ -1,10 +1,8 @@
 """Foundation: wallets and ledger through walletctl, restart, the wire protocol."""
-import os
-import socket
 import subprocess
 import time
 
-from harness import DaemonTest, Daemon, request, read_frames, msgpack, walletd, WALLETCTL
+from harness import DaemonTest, request, read_frames, msgpack, walletd, WALLETCTL
 
 
 class WalletsAndLedger(DaemonTest):

@@ -51,19 +51,24 @@ def rss_anon_kib(pid):
     return 0
 
 
+def start_walletd(d, sock):
+    """Starts walletd on the store in d and waits until it answers."""
+    proc = subprocess.Popen([os.path.join(TOP, "walletd"), "-f", "-d", os.path.join(d, "db"), "-s", sock],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "a"))
+    for _ in range(100):
+        try:
+            walletd.Client(sock).ping()
+            break
+        except walletd.WalletdError:
+            time.sleep(0.1)
+    return proc
+
+
 def main():
     d = tempfile.mkdtemp(prefix="walletd-scale-")
     sock = os.path.join(d, "walletd.sock")
-    proc = subprocess.Popen([os.path.join(TOP, "walletd"), "-f", "-d", os.path.join(d, "db"), "-s", sock],
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"))
+    proc = start_walletd(d, sock)
     try:
-        for _ in range(100):
-            try:
-                walletd.Client(sock).ping()
-                break
-            except walletd.WalletdError:
-                time.sleep(0.1)
-        rows = []
         empty = bench(sock, "-c", "64", "-n", "100000")
         c = walletd.Client(sock, timeout=600)
         c.rate_set(plan="default", channel="sms", prefix="1", price="0.001", currency="USD")
@@ -129,14 +134,7 @@ def main():
         filled_rss = rss_anon_kib(proc.pid)
         proc.terminate()
         proc.wait()
-        proc = subprocess.Popen([os.path.join(TOP, "walletd"), "-f", "-d", os.path.join(d, "db"), "-s", sock],
-                                stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "a"))
-        for _ in range(100):
-            try:
-                walletd.Client(sock).ping()
-                break
-            except walletd.WalletdError:
-                time.sleep(0.1)
+        proc = start_walletd(d, sock)
         resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
         before = rss_anon_kib(proc.pid)
         socks = []
