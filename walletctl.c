@@ -590,54 +590,14 @@ csv_int_key(const char *k)
 	return strcmp(k, "segments") == 0;
 }
 
-/* Packs the CSV file at path as a list of maps keyed by its header. */
+/*
+ * Packs a file (or stdin for "-") as a list: pack_line packs one item for
+ * each line that is not blank or a # comment, and returns 0 if it packed
+ * nothing (a header).
+ */
 static void
-pack_csv(msgpack_packer *pk, const char *path)
-{
-	char *data = slurp(path), *save = NULL, *line;
-	char *header[32], *fields[32];
-	int ncols = 0;
-	uint32_t rows = 0;
-	msgpack_sbuffer body;
-	msgpack_packer bpk;
-
-	msgpack_sbuffer_init(&body);
-	msgpack_packer_init(&bpk, &body, msgpack_sbuffer_write);
-	for (line = strtok_r(data, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-		int n;
-
-		line[strcspn(line, "\r")] = '\0';
-		if (*line == '\0' || *line == '#')
-			continue;
-		if (ncols == 0) {
-			ncols = csv_split(line, header, 32);
-			continue;
-		}
-		n = csv_split(line, fields, 32);
-		msgpack_pack_map(&bpk, (size_t)(n < ncols ? n : ncols));
-		for (int i = 0; i < n && i < ncols; i++) {
-			char *end;
-			unsigned long long v;
-
-			msgpack_pack_str_with_body(&bpk, header[i], strlen(header[i]));
-			errno = 0;
-			v = strtoull(fields[i], &end, 10);
-			if (csv_int_key(header[i]) && *fields[i] && *end == '\0' && errno == 0)
-				msgpack_pack_uint64(&bpk, v);
-			else
-				msgpack_pack_str_with_body(&bpk, fields[i], strlen(fields[i]));
-		}
-		rows++;
-	}
-	msgpack_pack_array(pk, rows);
-	msgpack_sbuffer_write(pk->data, body.data, body.size);
-	msgpack_sbuffer_destroy(&body);
-	free(data);
-}
-
-/* Packs a file of numbers (one per line; `number,count` for a group). */
-static void
-pack_numbers(msgpack_packer *pk, const char *path)
+pack_lines(msgpack_packer *pk, const char *path, int (*pack_line)(msgpack_packer *, char *, void *),
+    void *arg)
 {
 	char *data = slurp(path), *save = NULL, *line;
 	uint32_t n = 0;
@@ -647,29 +607,73 @@ pack_numbers(msgpack_packer *pk, const char *path)
 	msgpack_sbuffer_init(&body);
 	msgpack_packer_init(&bpk, &body, msgpack_sbuffer_write);
 	for (line = strtok_r(data, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-		char *comma;
-
 		line[strcspn(line, "\r")] = '\0';
 		while (*line == ' ' || *line == '\t')
 			line++;
-		if (*line == '\0' || *line == '#')
-			continue;
-		if ((comma = strchr(line, ',')) != NULL) {
-			*comma = '\0';
-			msgpack_pack_map(&bpk, 2);
-			msgpack_pack_str_with_body(&bpk, "to", 2);
-			msgpack_pack_str_with_body(&bpk, line, strlen(line));
-			msgpack_pack_str_with_body(&bpk, "count", 5);
-			msgpack_pack_uint64(&bpk, strtoull(comma + 1, NULL, 10));
-		} else {
-			msgpack_pack_str_with_body(&bpk, line, strlen(line));
-		}
-		n++;
+		if (*line != '\0' && *line != '#')
+			n += (uint32_t)pack_line(&bpk, line, arg);
 	}
 	msgpack_pack_array(pk, n);
 	msgpack_sbuffer_write(pk->data, body.data, body.size);
 	msgpack_sbuffer_destroy(&body);
 	free(data);
+}
+
+/* A CSV file being packed: its header's columns. */
+struct csv {
+	char *header[32];
+	int ncols;
+};
+
+/* Packs one CSV line as a map keyed by the header (the first line). */
+static int
+pack_csv_line(msgpack_packer *pk, char *line, void *arg)
+{
+	struct csv *csv = arg;
+	char *fields[32];
+	int n;
+
+	if (csv->ncols == 0) {
+		csv->ncols = csv_split(line, csv->header, 32);
+		return 0;
+	}
+	n = csv_split(line, fields, 32);
+	if (n > csv->ncols)
+		n = csv->ncols;
+	msgpack_pack_map(pk, (size_t)n);
+	for (int i = 0; i < n; i++) {
+		char *end;
+		unsigned long long v;
+
+		msgpack_pack_str_with_body(pk, csv->header[i], strlen(csv->header[i]));
+		errno = 0;
+		v = strtoull(fields[i], &end, 10);
+		if (csv_int_key(csv->header[i]) && *fields[i] && *end == '\0' && errno == 0)
+			msgpack_pack_uint64(pk, v);
+		else
+			msgpack_pack_str_with_body(pk, fields[i], strlen(fields[i]));
+	}
+	return 1;
+}
+
+/* Packs one line of a numbers file: a number, or `number,count` for a group. */
+static int
+pack_number_line(msgpack_packer *pk, char *line, void *arg)
+{
+	char *comma = strchr(line, ',');
+
+	(void)arg;
+	if (comma == NULL) {
+		msgpack_pack_str_with_body(pk, line, strlen(line));
+		return 1;
+	}
+	*comma = '\0';
+	msgpack_pack_map(pk, 2);
+	msgpack_pack_str_with_body(pk, "to", 2);
+	msgpack_pack_str_with_body(pk, line, strlen(line));
+	msgpack_pack_str_with_body(pk, "count", 5);
+	msgpack_pack_uint64(pk, strtoull(comma + 1, NULL, 10));
+	return 1;
 }
 
 /*
@@ -780,11 +784,14 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 				free(copies[k]);
 			break;
 		}
-		case 'c':
-			pack_csv(&pk, v);
+		case 'c': {
+			struct csv csv = { .ncols = 0 };
+
+			pack_lines(&pk, v, pack_csv_line, &csv);
 			break;
+		}
 		case 'f':
-			pack_numbers(&pk, v);
+			pack_lines(&pk, v, pack_number_line, NULL);
 			break;
 		default:
 			msgpack_pack_str_with_body(&pk, v, strlen(v));

@@ -2577,12 +2577,6 @@ charge_one(struct call *c)
 	return E_OK;
 }
 
-static int
-m_charge(struct call *c)
-{
-	return charge_one(c);
-}
-
 /*
  * charge.batch: each item charged as by charge, in order, in this request's
  * transaction.  An item needs no nested transaction of its own: charge_one
@@ -3609,7 +3603,7 @@ static const method_fn method_fns[M__COUNT] = {
 	[M_RATE_SET] = m_rate_set, [M_RATE_DELETE] = m_rate_delete,
 	[M_RATE_LIST] = m_rate_list, [M_RATE_LOOKUP] = m_rate_lookup,
 	[M_RATE_IMPORT] = m_rate_import, [M_FX_SET] = m_fx_set, [M_FX_LIST] = m_fx_list,
-	[M_CHARGE] = m_charge, [M_CHARGE_BATCH] = m_charge_batch,
+	[M_CHARGE] = charge_one, [M_CHARGE_BATCH] = m_charge_batch,
 	[M_PRECHECK] = m_precheck, [M_QUOTE] = m_quote,
 	[M_TOPUP_CREATE] = m_topup_create, [M_TOPUP_CONFIRM] = m_topup_confirm,
 	[M_TOPUP_CANCEL] = m_topup_cancel, [M_TOPUP_GET] = m_topup_get,
@@ -3706,10 +3700,14 @@ static struct stats {
 	uint64_t requests[M__COUNT], errors[M__COUNT], codes[E__COUNT];
 	uint64_t commits, committed, batch_max, batch_us, commit_us, failed_commits, map_grows;
 	uint64_t conns_total, conns_refused, conns_dropped;
-	uint32_t lat[LAT_RING];
-	uint64_t lat_n;
 	int64_t started;
 } stats;
+
+/* The latencies of the last LAT_RING requests, microseconds (event loop only). */
+static struct latency {
+	uint32_t us[LAT_RING];
+	uint64_t n;
+} latency;
 
 /* Parses a list of user or group names / ids into ids.  Returns the count. */
 static int
@@ -3893,7 +3891,7 @@ stats_count(const struct req *r)
 	}
 	if (r->code > 0 && r->code < E__COUNT)
 		stats.codes[r->code]++;
-	stats.lat[stats.lat_n++ % LAT_RING] = (uint32_t)(now_micros() - r->t0);
+	latency.us[latency.n++ % LAT_RING] = (uint32_t)(now_micros() - r->t0);
 }
 
 static void
@@ -4701,7 +4699,7 @@ static int
 m_stats(struct call *c)
 {
 	msgpack_packer *pk = c->pk;
-	uint64_t n = stats.lat_n < LAT_RING ? stats.lat_n : LAT_RING;
+	uint64_t n = latency.n < LAT_RING ? latency.n : LAT_RING;
 	uint32_t *lat = malloc((n ? n : 1) * sizeof(*lat));
 	double q[5] = { 0.5, 0.9, 0.99, 0.999, 1.0 };
 	const char *qn[5] = { "p50", "p90", "p99", "p999", "max" };
@@ -4715,7 +4713,7 @@ m_stats(struct call *c)
 	pthread_mutex_lock(&srv.lock);
 	s = stats;
 	pthread_mutex_unlock(&srv.lock);
-	memcpy(lat, stats.lat, n * sizeof(*lat));
+	memcpy(lat, latency.us, n * sizeof(*lat));
 	qsort(lat, n, sizeof(*lat), compare_u32);
 	mdb_env_info(store.env, &info);
 	mdb_env_stat(store.env, &st);
