@@ -933,10 +933,12 @@ bench_usage(FILE *f)
 	fprintf(f,
 	    "usage: walletctl bench [-c CONNECTIONS] [-n REQUESTS] [-P PIPELINE] [--batch N]\n"
 	    "                       [--method charge|precheck|balance|history|lookup] [--wallets N]\n"
-	    "                       [--recipients N] [--json]\n"
+	    "                       [--recipients N] [--random-refs] [--json]\n"
 	    "  Creates its own wallets (bench-RUN-N, plan bench-RUN) with a large balance, so no\n"
 	    "  production wallet is touched, then sends REQUESTS requests over CONNECTIONS\n"
 	    "  connections, PIPELINE in flight on each.  --batch N sends charge.batch of N items.\n"
+	    "  Charge refs increase like a sequence's message ids; --random-refs scatters them\n"
+	    "  like UUIDv4s (each then dirties a page of the refs index of its own).\n"
 	    "  Prints requests/s, charges/s, latency percentiles, errors by code, commits/s and\n"
 	    "  mean batch size (from stats), and checks that the wallets lost exactly what the\n"
 	    "  successful charges cost (exit 1 if not).\n"
@@ -998,14 +1000,28 @@ stat_u64(const msgpack_object *stats, const char *name)
 	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
 }
 
-/* Packs one charge's params for bench wallet w. */
+static int bench_random_refs;
+
+/*
+ * Packs one charge's params for bench wallet w.  Its ref is like a send
+ * service's message id: increasing (a sequence, a ULID), or with
+ * --random-refs scattered like a UUIDv4 (splitmix64 of seq).
+ */
 static void
 bench_pack_charge(msgpack_packer *pk, const char *run, uint32_t w, uint64_t seq)
 {
 	char wallet[64], ref[64];
 
 	snprintf(wallet, sizeof(wallet), "bench-%s-%u", run, w);
-	snprintf(ref, sizeof(ref), "b%" PRIu64, seq);
+	if (bench_random_refs) {
+		uint64_t z = seq + 0x9e3779b97f4a7c15u;
+
+		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+		z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+		snprintf(ref, sizeof(ref), "%016" PRIx64 "%08" PRIx64, z ^ (z >> 31), seq);
+	} else {
+		snprintf(ref, sizeof(ref), "b%012" PRIu64, seq);
+	}
 	msgpack_pack_map(pk, 4);
 	pk_kv(pk, "wallet", wallet);
 	pk_kv(pk, "channel", "sms");
@@ -1034,6 +1050,10 @@ cmd_bench(int argc, char **argv)
 
 		if (strcmp(a, "--json") == 0) {
 			json = 1;
+			continue;
+		}
+		if (strcmp(a, "--random-refs") == 0) {
+			bench_random_refs = 1;
 			continue;
 		}
 		if (v == NULL) {

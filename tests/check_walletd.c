@@ -515,6 +515,52 @@ START_TEST(charge_same_ref_charges_once)
 }
 END_TEST
 
+/* A layout-2 store (refs keyed wallet number first) is re-keyed on open: refs still replay. */
+START_TEST(layout_2_refs_are_rekeyed)
+{
+	struct answer a;
+	struct wallet w;
+	unsigned char key[REF_MAX + 8], old[8 + 2];
+	uint32_t two = 2;
+	MDB_txn *txn;
+	MDB_val k, v, vv = { sizeof(two), &two }, vk = { 7, "version" };
+	char val[256];
+
+	seed_wallet("1");
+	ok(run(M_CHARGE, "wallet", "acme", "channel", "sms", "to", "+256712345678", "ref", "m1", NULL));
+	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, 0, &txn), 0);
+	ck_assert_int_eq(wallet_get(txn, (struct str){ "acme", 4 }, &w), 0);
+	k = ref_key(key, (struct str){ "m1", 2 }, w.number);
+	ck_assert_int_eq(mdb_get(txn, store.refs, &k, &v), 0);
+	ck_assert_uint_le(v.mv_size, sizeof(val));
+	memcpy(val, v.mv_data, v.mv_size);
+	v.mv_data = val;
+	ck_assert_int_eq(mdb_del(txn, store.refs, &k, NULL), 0);
+	be64_put(old, w.number);
+	memcpy(old + 8, "m1", 2);
+	k = (MDB_val){ sizeof(old), old };
+	ck_assert_int_eq(mdb_put(txn, store.refs, &k, &v, 0), 0);
+	ck_assert_int_eq(mdb_put(txn, store.meta, &vk, &vv, 0), 0);
+	ck_assert_int_eq(mdb_txn_commit(txn), 0);
+	mdb_env_close(store.env);
+	close(store.lock_fd);
+
+	ck_assert_int_eq(store_open(store_dir), 0);
+	a = run(M_CHARGE, "wallet", "acme", "channel", "sms", "to", "+256712345678", "ref", "m1", NULL);
+	ck_assert_int_eq(a.code, E_OK);
+	ck_assert(map_get(&a.result.data, "replayed")->via.boolean);
+	answer_free(&a);
+	a = run(M_BALANCE, "wallet", "acme", NULL);
+	assert_field(&a, "balance", "0.9906");
+	answer_free(&a);
+	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn), 0);
+	ck_assert_int_eq(mdb_get(txn, store.meta, &vk, &v), 0);
+	memcpy(&two, v.mv_data, sizeof(two));
+	ck_assert_uint_eq(two, STORE_VERSION);
+	mdb_txn_abort(txn);
+}
+END_TEST
+
 START_TEST(refund_is_exact_and_once)
 {
 	struct answer a;
@@ -676,6 +722,7 @@ store_suite(void)
 	tcase_add_test(tc, insufficient_balance_reports_price_currency);
 	tcase_add_test(tc, longest_prefix_and_cheapest_route_win);
 	tcase_add_test(tc, charge_same_ref_charges_once);
+	tcase_add_test(tc, layout_2_refs_are_rekeyed);
 	tcase_add_test(tc, refund_is_exact_and_once);
 	tcase_add_test(tc, history_pages_newest_first);
 	tcase_add_test(tc, history_pages_across_index_blocks);
