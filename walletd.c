@@ -674,6 +674,38 @@ time_parse(struct str s, int64_t *out)
 	return 0;
 }
 
+/*
+ * A bounded text builder for the charge path, where snprintf was a tenth of
+ * the writer's time.  Cuts at cap - 1 bytes and keeps p NUL-terminated.
+ */
+struct text {
+	char *p;
+	size_t n, cap;
+};
+
+static void
+text_add(struct text *t, const char *s, size_t n)
+{
+	if (n > t->cap - 1 - t->n)
+		n = t->cap - 1 - t->n;
+	if (n)
+		memcpy(t->p + t->n, s, n);
+	t->n += n;
+	t->p[t->n] = '\0';
+}
+
+static void
+text_u32(struct text *t, uint32_t v)
+{
+	char d[10];
+	int i = 10;
+
+	do
+		d[--i] = (char)('0' + v % 10);
+	while ((v /= 10) != 0);
+	text_add(t, d + i, (size_t)(10 - i));
+}
+
 /* Writes a big-endian u64 into 8 bytes at p. */
 static void
 be64_put(unsigned char *p, uint64_t v)
@@ -2681,10 +2713,20 @@ charge_one(struct call *c)
 	if ((rc = load_wallet(c, id, &w)))
 		return rc;
 
-	/* Idempotency: the same ref with the same message is the same charge. */
-	flen = (size_t)snprintf(fingerprint, sizeof(fingerprint), "%.*s|%s|%c%.*s|%u",
-	    (int)channel.n, channel.p, digits, route.p ? '=' : '*',
-	    (int)route.n, route.p ? route.p : "", segments);
+	/* Idempotency: the same ref with the same message is the same charge.
+	 * The fingerprint is channel|digits|=route (or * when none was named)|segments. */
+	{
+		struct text f = { fingerprint, 0, sizeof(fingerprint) };
+
+		text_add(&f, channel.p, channel.n);
+		text_add(&f, "|", 1);
+		text_add(&f, digits, ndigits);
+		text_add(&f, route.p ? "|=" : "|*", 2);
+		text_add(&f, route.p, route.n);
+		text_add(&f, "|", 1);
+		text_u32(&f, segments);
+		flen = f.n;
+	}
 	k = ref_key(refkey, ref, w.number);
 	if ((rc = mdb_get(c->txn, store.refs, &k, &v)) == 0) {
 		uint64_t orig;
@@ -2733,17 +2775,31 @@ charge_one(struct call *c)
 	t.currency = w.currency;
 	t.ref = ref;
 	t.channel = channel;
-	snprintf(t.to, sizeof(t.to), "+%s", digits);
+	t.to[0] = '+';
+	memcpy(t.to + 1, digits, ndigits + 1);
 	t.route = (struct str){ hit.route, strlen(hit.route) };
 	t.segments = segments;
 	t.price = hit.price;
 	t.price_currency = hit.currency;
-	if (desc.p)
-		snprintf(t.description, sizeof(t.description), "%.*s", (int)desc.n, desc.p);
-	else
-		snprintf(t.description, sizeof(t.description), "%s to %s%s%s (%u seg)",
-		    t.type == T_SMS_CHARGE ? "SMS" : "WhatsApp", t.to,
-		    hit.route[0] ? " via " : "", hit.route, segments);
+	{
+		/* "SMS to +256712345678 via ESMS_UG (1 seg)" unless the caller gave one */
+		struct text d = { t.description, 0, sizeof(t.description) };
+
+		if (desc.p) {
+			text_add(&d, desc.p, desc.n);
+		} else {
+			text_add(&d, t.type == T_SMS_CHARGE ? "SMS to " : "WhatsApp to ",
+			    t.type == T_SMS_CHARGE ? 7 : 12);
+			text_add(&d, t.to, ndigits + 1);
+			if (t.route.n) {
+				text_add(&d, " via ", 5);
+				text_add(&d, t.route.p, t.route.n);
+			}
+			text_add(&d, " (", 2);
+			text_u32(&d, segments);
+			text_add(&d, " seg)", 5);
+		}
+	}
 	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
 		return store_error(c, rc);
 	{
@@ -3827,6 +3883,8 @@ struct req {
 	msgpack_sbuffer out;      /* the answer frame */
 };
 
+#define ANSWER_ROOM 512
+
 struct buf {
 	char *p;
 	size_t len, off, cap;
@@ -4048,7 +4106,11 @@ req_new(struct conn *c)
 	r->fd = -1;
 	r->method = -1;
 	r->t0 = now_micros();
-	msgpack_sbuffer_init(&r->out);
+	/* Room for a usual answer, allocated on this thread: the writer then packs
+	 * without allocating, and the free comes back to this thread's cache. */
+	r->out.data = malloc(ANSWER_ROOM);
+	r->out.size = 0;
+	r->out.alloc = r->out.data ? ANSWER_ROOM : 0;
 	return r;
 }
 
@@ -4478,8 +4540,18 @@ conn_read(struct conn *c)
 		if ((size_t)n < iov.iov_len)
 			break;
 	}
-	/* An idle connection keeps no decoder: 10,000 of them cost only their structs. */
-	if (c->up_ready && c->up.used == c->up.off && c->up.parsed == 0) {
+}
+
+/*
+ * Drops the decoder of a connection quiet for a second with no partial frame:
+ * 10,000 idle connections cost only their structs, while a busy one keeps
+ * its decoder (three allocations fewer per request).
+ */
+static void
+conn_drop_decoder(struct conn *c, uint64_t now)
+{
+	if (c->up_ready && c->up.used == c->up.off && c->up.parsed == 0 &&
+	    now - c->last_active > 1000000u) {
 		msgpack_unpacker_destroy(&c->up);
 		c->up_ready = 0;
 	}
@@ -4855,6 +4927,8 @@ idle_sweep(void)
 	uint64_t now = now_micros();
 	struct conn *c, *next;
 
+	for (c = srv.conns; c; c = c->next)
+		conn_drop_decoder(c, now);
 	malloc_trim(0); /* give back what bursts (batches, big frames) left behind */
 	if (config.idle_timeout == 0)
 		return;
