@@ -87,7 +87,7 @@ def main():
                 items = []
                 for _ in range(1000):
                     w = whale if seq < WHALE else "w%07d" % (seq * 7919 % WALLETS)
-                    items.append({"wallet": w, "channel": "sms", "to": "+15550000000", "ref": "f%d" % seq})
+                    items.append({"wallet": w, "channel": "sms", "to": "+15550000000", "ref": "f%09d" % seq})
                     seq += 1
                 batch.append(("charge.batch", {"items": items}))
             for r in c.pipeline(batch):
