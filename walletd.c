@@ -2808,7 +2808,12 @@ charge_one(struct call *c)
 		memcpy(val, &t.id, 8);
 		memcpy(val + 8, fingerprint, flen);
 		v = (MDB_val){ 8 + flen, val };
-		if ((rc = mdb_put(c->txn, store.refs, &k, &v, 0)))
+		/* An increasing ref is the last key: appended, it fills its leaf
+		 * instead of splitting it in halves.  KEYEXIST only says it is not
+		 * the last (the ref was looked up above), and changes nothing. */
+		if ((rc = mdb_put(c->txn, store.refs, &k, &v, MDB_APPEND)) == MDB_KEYEXIST)
+			rc = mdb_put(c->txn, store.refs, &k, &v, 0);
+		if (rc)
 			return store_error(c, rc);
 	}
 	if ((rc = note_on_crossing(c, id, &w, before, t.id)) || (rc = wallet_put(c->txn, id, &w)))
