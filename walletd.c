@@ -1083,9 +1083,9 @@ static struct {
 	uint64_t used;         /* LMDB's pages end here, as of the last commit */
 } ahead = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER, .fd = -1 };
 
-/* The end of LMDB's last page; called with ahead.lock held. */
+/* The end of LMDB's last page, as of the last commit. */
 static uint64_t
-ahead_used(void)
+store_used(void)
 {
 	MDB_envinfo info;
 	MDB_stat st;
@@ -1103,7 +1103,7 @@ store_commit(MDB_txn *txn)
 
 	pthread_mutex_lock(&ahead.lock);
 	rc = mdb_txn_commit(txn);
-	ahead.used = ahead_used();
+	ahead.used = store_used();
 	if (ahead.running && (uint64_t)ahead.end < ahead.used + AHEAD_BYTES / 2)
 		pthread_cond_signal(&ahead.cond);
 	pthread_mutex_unlock(&ahead.lock);
@@ -1126,9 +1126,6 @@ ahead_main(void *arg)
 			continue;
 		}
 		at = ahead.end > (off_t)ahead.used ? ahead.end : (off_t)ahead.used;
-		at -= at % AHEAD_STEP;
-		if (at < (off_t)ahead.used)
-			at += AHEAD_STEP;
 		if (pwrite(ahead.fd, zeros, AHEAD_STEP, at) != (ssize_t)AHEAD_STEP) {
 			/* A full disk, say: commits still work, only dearer. */
 			if (!logged++)
@@ -1161,7 +1158,7 @@ ahead_start(const char *dir)
 	}
 	pthread_mutex_lock(&ahead.lock);
 	ahead.end = st.st_size;
-	ahead.used = ahead_used();
+	ahead.used = store_used();
 	ahead.running = pthread_create(&ahead.thread, NULL, ahead_main, NULL) == 0;
 	pthread_mutex_unlock(&ahead.lock);
 }
@@ -2808,12 +2805,7 @@ charge_one(struct call *c)
 		memcpy(val, &t.id, 8);
 		memcpy(val + 8, fingerprint, flen);
 		v = (MDB_val){ 8 + flen, val };
-		/* An increasing ref is the last key: appended, it fills its leaf
-		 * instead of splitting it in halves.  KEYEXIST only says it is not
-		 * the last (the ref was looked up above), and changes nothing. */
-		if ((rc = mdb_put(c->txn, store.refs, &k, &v, MDB_APPEND)) == MDB_KEYEXIST)
-			rc = mdb_put(c->txn, store.refs, &k, &v, 0);
-		if (rc)
+		if ((rc = mdb_put(c->txn, store.refs, &k, &v, 0)))
 			return store_error(c, rc);
 	}
 	if ((rc = note_on_crossing(c, id, &w, before, t.id)) || (rc = wallet_put(c->txn, id, &w)))
@@ -4966,7 +4958,6 @@ m_stats(struct call *c)
 	const char *qn[5] = { "p50", "p90", "p99", "p999", "max" };
 	int methods = 0, codes = 0;
 	MDB_envinfo info;
-	MDB_stat st;
 	struct stats s;
 
 	if (lat == NULL)
@@ -4977,7 +4968,6 @@ m_stats(struct call *c)
 	memcpy(lat, latency.us, n * sizeof(*lat));
 	qsort(lat, n, sizeof(*lat), compare_u32);
 	mdb_env_info(store.env, &info);
-	mdb_env_stat(store.env, &st);
 	for (int i = 0; i < M__COUNT; i++)
 		methods += s.requests[i] != 0;
 	for (int i = 1; i < E__COUNT; i++)
@@ -5025,7 +5015,7 @@ m_stats(struct call *c)
 	pack_cstr(pk, "store");
 	msgpack_pack_map(pk, 5);
 	KV_U64(pk, "map_size", info.me_mapsize);
-	KV_U64(pk, "map_used", (uint64_t)(info.me_last_pgno + 1) * st.ms_psize);
+	KV_U64(pk, "map_used", store_used());
 	KV_U64(pk, "map_size_max", config.map_size_max);
 	KV_U64(pk, "map_grows", s.map_grows);
 	KV_U64(pk, "failed_commits", s.failed_commits);
