@@ -13,11 +13,11 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
-#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -1001,11 +1001,13 @@ stat_u64(const msgpack_object *stats, const char *name)
 }
 
 static int bench_random_refs;
+static uint64_t bench_ref_base;  /* the run's start, microseconds since the epoch */
 
 /*
  * Packs one charge's params for bench wallet w.  Its ref is like a send
- * service's message id: increasing (a sequence, a ULID), or with
- * --random-refs scattered like a UUIDv4 (splitmix64 of seq).
+ * service's message id: increasing, across runs too (the run's start
+ * time, then a sequence, like a ULID), or with --random-refs scattered
+ * like a UUIDv4 (splitmix64 of seq).
  */
 static void
 bench_pack_charge(msgpack_packer *pk, const char *run, uint32_t w, uint64_t seq)
@@ -1020,7 +1022,7 @@ bench_pack_charge(msgpack_packer *pk, const char *run, uint32_t w, uint64_t seq)
 		z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
 		snprintf(ref, sizeof(ref), "%016" PRIx64 "%08" PRIx64, z ^ (z >> 31), seq);
 	} else {
-		snprintf(ref, sizeof(ref), "b%012" PRIu64, seq);
+		snprintf(ref, sizeof(ref), "b%013" PRIx64 "%013" PRIu64, bench_ref_base, seq);
 	}
 	msgpack_pack_map(pk, 4);
 	pk_kv(pk, "wallet", wallet);
@@ -1037,7 +1039,9 @@ cmd_bench(int argc, char **argv)
 	const char *method = "charge";
 	char run[16], buf[64];
 	struct bench_conn *bc;
-	struct pollfd *pfd;
+	struct epoll_event *evs;
+	unsigned *ready, nready;
+	int ep;
 	msgpack_sbuffer sb, precheck_params;
 	msgpack_packer pk;
 	msgpack_unpacked resp;
@@ -1089,6 +1093,12 @@ cmd_bench(int argc, char **argv)
 	if (strcmp(method, "lookup") == 0)
 		method = "rate.lookup";
 	snprintf(run, sizeof(run), "%x%04x", (unsigned)time(NULL) & 0xffffff, (unsigned)getpid() & 0xffff);
+	{
+		struct timespec ts;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		bench_ref_base = (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+	}
 
 	if ((charged = calloc(wallets, sizeof(*charged))) == NULL)
 		die(EXIT_ERROR, "out of memory");
@@ -1160,23 +1170,32 @@ cmd_bench(int argc, char **argv)
 	msgpack_unpacked_destroy(&resp);
 
 	bc = calloc(conns, sizeof(*bc));
-	pfd = calloc(conns, sizeof(*pfd));
+	evs = calloc(conns, sizeof(*evs));
+	ready = calloc(conns, sizeof(*ready));
 	lat = calloc(total, sizeof(*lat));
-	if (!bc || !pfd || !lat)
+	if (!bc || !evs || !ready || !lat)
 		die(EXIT_ERROR, "out of memory");
+	if ((ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
+		die(EXIT_ERROR, "bench: epoll: %s", strerror(errno));
 	for (unsigned i = 0; i < conns; i++) {
 		if ((bc[i].fd = sock_connect(socket_pick())) < 0)
 			die(EXIT_CONNECT, "bench: cannot connect: %s", strerror(errno));
 		msgpack_unpacker_init(&bc[i].up, 1 << 16);
 		bc[i].sent_at = calloc(depth, sizeof(uint64_t));
 		bc[i].wallet_of = calloc(depth, sizeof(uint32_t));
-		pfd[i].fd = bc[i].fd;
-		pfd[i].events = POLLIN;
+		evs[0] = (struct epoll_event){ .events = EPOLLIN, .data.u32 = i };
+		if (epoll_ctl(ep, EPOLL_CTL_ADD, bc[i].fd, &evs[0]) != 0)
+			die(EXIT_ERROR, "bench: epoll: %s", strerror(errno));
+		ready[i] = i;
 	}
+	nready = conns;
 	t0 = mono_ns();
 	while (done < total) {
-		/* Fill every connection's pipeline. */
-		for (unsigned i = 0; i < conns; i++) {
+		int nev;
+
+		/* Fill the pipelines of the connections that just had answers (all, at first). */
+		for (unsigned q = 0; q < nready; q++) {
+			unsigned i = ready[q];
 			msgpack_sbuffer out;
 			msgpack_packer opk;
 
@@ -1226,14 +1245,14 @@ cmd_bench(int argc, char **argv)
 				die(EXIT_CONNECT, "bench: walletd went away");
 			msgpack_sbuffer_destroy(&out);
 		}
-		if (poll(pfd, conns, 10000) <= 0)
+		if ((nev = epoll_wait(ep, evs, (int)conns, 10000)) <= 0)
 			die(EXIT_ERROR, "bench: no answer for 10 s");
-		for (unsigned i = 0; i < conns; i++) {
+		nready = (unsigned)nev;
+		for (unsigned q = 0; q < nready; q++) {
+			unsigned i = ready[q] = evs[q].data.u32;
 			msgpack_unpacked msg;
 			ssize_t n;
 
-			if (!(pfd[i].revents & (POLLIN | POLLHUP | POLLERR)))
-				continue;
 			msgpack_unpacker_reserve_buffer(&bc[i].up, 1 << 16);
 			n = read(bc[i].fd, msgpack_unpacker_buffer(&bc[i].up), msgpack_unpacker_buffer_capacity(&bc[i].up));
 			if (n <= 0)
@@ -1357,7 +1376,9 @@ cmd_bench(int argc, char **argv)
 		free(bc[i].wallet_of);
 	}
 	free(bc);
-	free(pfd);
+	free(evs);
+	free(ready);
+	close(ep);
 	free(lat);
 	free(charged);
 	msgpack_sbuffer_destroy(&sb);
