@@ -734,11 +734,13 @@ be64_get(const unsigned char *p)
  *            "L" plan \0 channel -> u32: the prefix lengths that have rates
  *            (bit n for length n; set by rate.set, never cleared: a superset)
  *   wallets  wallet id -> struct wallet (the emails tail is variable)
- *   txns     u64 id (MDB_INTEGERKEY) -> struct txn_head, then the transaction
- *            as a msgpack map: the append-only log, ids increasing across the
- *            store.  The head links each transaction to the wallet's one
- *            before it (prev), so a wallet's history is a chain from
- *            wallet.last_txn back to 0.
+ *   txns     u64 id (MDB_INTEGERKEY) -> struct txn_head, then the rest of
+ *            the transaction as a msgpack array (txn_pack_stored; layout 3
+ *            stored the whole msgpack map, and such records still read):
+ *            the append-only log, ids increasing across the store.  The
+ *            head links each transaction to the wallet's one before it
+ *            (prev), so a wallet's history is a chain from wallet.last_txn
+ *            back to 0.
  *   hist     BE64 wallet number . BE64 seq -> u64 txn id, for every
  *            HIST_STRIDE-th transaction of a wallet (seq = k * HIST_STRIDE - 1):
  *            a page starts at most HIST_STRIDE - 1 links from one of these.
@@ -762,7 +764,7 @@ be64_get(const unsigned char *p)
  * MDB_WRITEMAP: every commit is durable, and nested transactions need
  * LMDB's own page copies.
  */
-#define STORE_VERSION 3
+#define STORE_VERSION 4
 #define EMAILS_BYTES 1024
 #define HIST_STRIDE 64
 
@@ -1002,14 +1004,15 @@ store_open(const char *dir)
 
 		if (mdb_get(txn, store.meta, &k, &v) == 0 && v.mv_size == sizeof(found) &&
 		    (memcpy(&found, v.mv_data, sizeof(found)), found != version)) {
-			if (found != 2) {
+			if (found != 2 && found != 3) {
 				mdb_txn_abort(txn);
 				log_x(L_ERR, "store %s has layout version %u; this walletd reads version %u",
 				    dir, found, version);
 				return -1;
 			}
-			log_x(L_INFO, "store %s: moving idempotency refs to layout %u", dir, version);
-			if ((rc = store_rekey_refs(txn)) != 0) {
+			if (found == 2)
+				log_x(L_INFO, "store %s: moving idempotency refs to layout %u", dir, version);
+			if (found == 2 && (rc = store_rekey_refs(txn)) != 0) {
 				mdb_txn_abort(txn);
 				goto fail;
 			}
@@ -1342,6 +1345,166 @@ txn_pack(msgpack_packer *pk, const struct txn *t)
 }
 
 /*
+ * Packs a transaction as stored after its head: an array of what the head
+ * and the key do not hold, nil where a field does not apply.  Without the
+ * map's keys, its type, amounts and time a record is about half the size
+ * (the log is most of a commit's pages and of the store).
+ */
+#define TXN_STORED_FIELDS 16
+
+static void
+pack_sstr_or_nil(msgpack_packer *pk, struct str s)
+{
+	if (s.n)
+		pack_sstr(pk, s);
+	else
+		msgpack_pack_nil(pk);
+}
+
+static void
+txn_pack_stored(msgpack_packer *pk, const struct txn *t)
+{
+	msgpack_pack_array(pk, TXN_STORED_FIELDS);
+	pack_sstr(pk, t->wallet);
+	pack_cstr(pk, t->currency);
+	pack_cstr(pk, t->description);
+	pack_sstr_or_nil(pk, t->ref);
+	if (t->channel.n) {
+		pack_sstr(pk, t->channel);
+		pack_cstr(pk, t->to);
+		pack_sstr(pk, t->route);
+		msgpack_pack_uint32(pk, t->segments);
+		msgpack_pack_int64(pk, t->price);
+		pack_cstr(pk, t->price_currency);
+	} else {
+		for (int i = 0; i < 6; i++)
+			msgpack_pack_nil(pk);
+	}
+	if (t->refund_of)
+		msgpack_pack_uint64(pk, t->refund_of);
+	else
+		msgpack_pack_nil(pk);
+	if (t->has_actor) {
+		msgpack_pack_array(pk, 2);
+		msgpack_pack_uint32(pk, t->actor_uid);
+		pack_sstr_or_nil(pk, t->actor);
+	} else {
+		msgpack_pack_nil(pk);
+	}
+	pack_sstr_or_nil(pk, t->provider);
+	pack_sstr_or_nil(pk, t->provider_ref);
+	if (t->paid_currency) {
+		msgpack_pack_int64(pk, t->paid_amount);
+		pack_cstr(pk, t->paid_currency);
+	} else {
+		msgpack_pack_nil(pk);
+		msgpack_pack_nil(pk);
+	}
+}
+
+/* A stored field: a string (nil gives an empty one).  0, or -1 if neither. */
+static int
+stored_str(const msgpack_object *o, struct str *s)
+{
+	if (o->type == MSGPACK_OBJECT_NIL) {
+		*s = (struct str){ NULL, 0 };
+		return 0;
+	}
+	if (o->type != MSGPACK_OBJECT_STR)
+		return -1;
+	*s = (struct str){ o->via.str.ptr, o->via.str.size };
+	return 0;
+}
+
+/* A stored string field copied, NUL-terminated, into buf[size]. */
+static int
+stored_cstr(const msgpack_object *o, char *buf, size_t size)
+{
+	struct str s;
+
+	if (stored_str(o, &s) != 0 || s.n >= size)
+		return -1;
+	memcpy(buf, s.p ? s.p : "", s.n);
+	buf[s.n] = '\0';
+	return 0;
+}
+
+/* A stored integer field (nil gives 0). */
+static int
+stored_int(const msgpack_object *o, int64_t *v)
+{
+	if (o->type == MSGPACK_OBJECT_POSITIVE_INTEGER && o->via.u64 <= INT64_MAX)
+		*v = (int64_t)o->via.u64;
+	else if (o->type == MSGPACK_OBJECT_NEGATIVE_INTEGER)
+		*v = o->via.i64;
+	else if (o->type == MSGPACK_OBJECT_NIL)
+		*v = 0;
+	else
+		return -1;
+	return 0;
+}
+
+/*
+ * Turns stored record p[n] of transaction id, head h, back into the map
+ * txn_pack makes, in out.  Returns 0, or MDB_CORRUPTED if it does not decode.
+ */
+static int
+txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpack_sbuffer *out)
+{
+	char currency[4], price_currency[4], paid_currency[4], to[sizeof(((struct txn *)0)->to)];
+	const msgpack_object *f;
+	msgpack_unpacked u;
+	msgpack_packer pk;
+	struct txn t;
+	int64_t segments = 0, refund_of = 0, uid = 0;
+	int rc = MDB_CORRUPTED;
+
+	memset(&t, 0, sizeof(t));
+	msgpack_unpacked_init(&u);
+	if (msgpack_unpack_next(&u, p, n, NULL) != MSGPACK_UNPACK_SUCCESS ||
+	    u.data.type != MSGPACK_OBJECT_ARRAY || u.data.via.array.size != TXN_STORED_FIELDS ||
+	    h->type == 0 || h->type >= T__COUNT)
+		goto out;
+	f = u.data.via.array.ptr;
+	t.id = id;
+	t.type = (int)h->type;
+	t.amount = h->amount;
+	t.balance_after = h->balance_after;
+	t.created_at = h->created_at;
+	if (stored_str(&f[0], &t.wallet) || stored_cstr(&f[1], currency, sizeof(currency)) ||
+	    stored_cstr(&f[2], t.description, sizeof(t.description)) || stored_str(&f[3], &t.ref) ||
+	    stored_str(&f[4], &t.channel) || stored_cstr(&f[5], to, sizeof(to)) ||
+	    stored_str(&f[6], &t.route) || stored_int(&f[7], &segments) ||
+	    stored_int(&f[8], &t.price) || stored_cstr(&f[9], price_currency, sizeof(price_currency)) ||
+	    stored_int(&f[10], &refund_of) || stored_str(&f[12], &t.provider) ||
+	    stored_str(&f[13], &t.provider_ref) || stored_int(&f[14], &t.paid_amount) ||
+	    stored_cstr(&f[15], paid_currency, sizeof(paid_currency)))
+		goto out;
+	if (f[11].type == MSGPACK_OBJECT_ARRAY) {
+		const msgpack_object *a = f[11].via.array.ptr;
+
+		if (f[11].via.array.size != 2 || stored_int(&a[0], &uid) || stored_str(&a[1], &t.actor))
+			goto out;
+		t.has_actor = 1;
+		t.actor_uid = (uint32_t)uid;
+	} else if (f[11].type != MSGPACK_OBJECT_NIL) {
+		goto out;
+	}
+	memcpy(t.to, to, sizeof(to));
+	t.currency = currency;
+	t.segments = (uint32_t)segments;
+	t.price_currency = t.channel.n ? price_currency : NULL;
+	t.refund_of = (uint64_t)refund_of;
+	t.paid_currency = paid_currency[0] ? paid_currency : NULL;
+	msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
+	txn_pack(&pk, &t);
+	rc = 0;
+out:
+	msgpack_unpacked_destroy(&u);
+	return rc;
+}
+
+/*
  * Appends t to the log and to wallet w's chain: gives t its id, sets
  * balance_after from w->balance (already changed by the caller), links it
  * after w->last_txn and counts it in w; every HIST_STRIDE-th one also goes
@@ -1372,7 +1535,7 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 	t->created_at = now_seconds();
 	msgpack_sbuffer_clear(scratch);
 	msgpack_packer_init(&pk, scratch, msgpack_sbuffer_write);
-	txn_pack(&pk, t);
+	txn_pack_stored(&pk, t);
 	memset(&h, 0, sizeof(h));
 	h.prev = w->last_txn;
 	h.seq = w->txn_count;
@@ -1386,6 +1549,8 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 		return rc;
 	memcpy(v.mv_data, &h, sizeof(h));
 	memcpy((char *)v.mv_data + sizeof(h), scratch->data, scratch->size);
+	msgpack_sbuffer_clear(scratch);
+	txn_pack(&pk, t);
 	if (w->txn_count % HIST_STRIDE == HIST_STRIDE - 1) {
 		k = key_pair(hkey, w->number, w->txn_count);
 		v = (MDB_val){ sizeof(t->id), &t->id };
@@ -1397,24 +1562,42 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 	return 0;
 }
 
+/* Per-thread room for the map of the last record txn_read expanded. */
+static _Thread_local msgpack_sbuffer expanded;
+
 /*
  * Reads transaction id: its head into *h (if h) and its msgpack map into
- * *raw (if raw).  Returns 0, MDB_NOTFOUND or an LMDB error.
+ * *raw (if raw), valid until this thread's next txn_read.  Returns 0,
+ * MDB_NOTFOUND or an LMDB error.
  */
 static int
 txn_read(MDB_txn *txn, uint64_t id, struct txn_head *h, MDB_val *raw)
 {
 	MDB_val k = { sizeof(id), &id }, v;
+	struct txn_head head;
+	const char *p;
+	size_t n;
 	int rc = mdb_get(txn, store.txns, &k, &v);
 
 	if (rc != 0)
 		return rc;
-	if (v.mv_size < sizeof(*h))
+	if (v.mv_size <= sizeof(head))
 		return MDB_CORRUPTED;
+	memcpy(&head, v.mv_data, sizeof(head));
 	if (h)
-		memcpy(h, v.mv_data, sizeof(*h));
-	if (raw)
-		*raw = (MDB_val){ v.mv_size - sizeof(*h), (char *)v.mv_data + sizeof(*h) };
+		*h = head;
+	if (raw == NULL)
+		return 0;
+	p = (const char *)v.mv_data + sizeof(head);
+	n = v.mv_size - sizeof(head);
+	if ((unsigned char)p[0] == 0xde) { /* layout 3: the map itself */
+		*raw = (MDB_val){ n, (void *)p };
+		return 0;
+	}
+	msgpack_sbuffer_clear(&expanded);
+	if ((rc = txn_expand(id, &head, p, n, &expanded)) != 0)
+		return rc;
+	*raw = (MDB_val){ expanded.size, expanded.data };
 	return 0;
 }
 
@@ -3744,10 +3927,12 @@ m_verify(struct call *c)
 			const msgpack_object *a, *b;
 			int64_t amount = 0, recorded = 0;
 			uint64_t indexed;
+			int read_rc = 0;
 
 			txns++;
-			if (seq == 0 || txn_read(c->txn, next, &h, &raw) != 0) {
-				verify_breach(&rpk, &breaches, id, next, "the chain of transactions is broken");
+			if (seq == 0 || (read_rc = txn_read(c->txn, next, &h, &raw)) != 0) {
+				verify_breach(&rpk, &breaches, id, next, read_rc == MDB_CORRUPTED ?
+				    "the record does not decode" : "the chain of transactions is broken");
 				break;
 			}
 			if (h.seq != seq - 1)
@@ -4817,6 +5002,7 @@ writer_main(void *arg)
 		if (srv.wq_head == NULL) {
 			pthread_mutex_unlock(&srv.lock);
 			msgpack_sbuffer_destroy(&scratch);
+			msgpack_sbuffer_destroy(&expanded);
 			return NULL;
 		}
 		batch = last = srv.wq_head;
@@ -4867,6 +5053,7 @@ slow_main(void *arg)
 		req_store_error(r, rc);
 	}
 	pthread_rwlock_unlock(&store.maplock);
+	msgpack_sbuffer_destroy(&expanded);
 	r->qnext = NULL;
 	done_post(r, r);
 	return NULL;
@@ -5673,6 +5860,7 @@ main(int argc, char **argv)
 	loop_stop();
 	alert_stop();
 	ahead_stop();
+	msgpack_sbuffer_destroy(&expanded);
 	if (srv.rtxn)
 		mdb_txn_abort(srv.rtxn);
 	mdb_env_close(store.env);

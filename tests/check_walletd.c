@@ -561,6 +561,104 @@ START_TEST(layout_2_refs_are_rekeyed)
 }
 END_TEST
 
+/* A transaction stored as txn_pack_stored expands to the very map txn_pack makes. */
+START_TEST(stored_records_expand_to_the_map)
+{
+	struct txn t[4];
+	struct txn_head h;
+
+	memset(t, 0, sizeof(t));
+	t[0] = (struct txn){ .id = 7, .type = T_SMS_CHARGE, .wallet = { "acme", 4 }, .amount = -9400,
+		.balance_after = 990600, .currency = "UGX", .created_at = 1764085000,
+		.ref = { "m1", 2 }, .channel = { "sms", 3 }, .to = "+256712345678",
+		.route = { "ESMS_UG", 7 }, .segments = 2, .price = 4700, .price_currency = "UGX" };
+	strcpy(t[0].description, "SMS to +256712345678 via ESMS_UG (2 seg)");
+	t[1] = (struct txn){ .id = 8, .type = T_WHATSAPP_CHARGE, .wallet = { "w-2", 3 }, .amount = -1,
+		.balance_after = 0, .currency = "USD", .created_at = 1, .ref = { "r", 1 },
+		.channel = { "whatsapp", 8 }, .to = "+15550000000", .route = { "", 0 }, .segments = 1,
+		.price = 1, .price_currency = "EUR" };
+	strcpy(t[1].description, "caller's own words, \"quoted\" and \u00e9");
+	t[2] = (struct txn){ .id = UINT64_MAX, .type = T_CREDIT, .wallet = { "acme", 4 },
+		.amount = INT64_MAX, .balance_after = INT64_MAX, .currency = "KES", .created_at = 2,
+		.ref = { "top-1", 5 }, .has_actor = 1, .actor_uid = 1000, .actor = { "ops", 3 },
+		.provider = { "flutterwave", 11 }, .provider_ref = { "FLW-9", 5 },
+		.paid_amount = 5000000, .paid_currency = "USD" };
+	t[3] = (struct txn){ .id = 9, .type = T_REFUND, .wallet = { "acme", 4 }, .amount = 9400,
+		.balance_after = INT64_MIN, .currency = "UGX", .created_at = 3, .refund_of = 7,
+		.has_actor = 1, .actor_uid = 0 };
+	for (int i = 0; i < 4; i++) {
+		msgpack_sbuffer map, stored, out;
+		msgpack_packer pk;
+
+		msgpack_sbuffer_init(&map);
+		msgpack_sbuffer_init(&stored);
+		msgpack_sbuffer_init(&out);
+		msgpack_packer_init(&pk, &map, msgpack_sbuffer_write);
+		txn_pack(&pk, &t[i]);
+		msgpack_packer_init(&pk, &stored, msgpack_sbuffer_write);
+		txn_pack_stored(&pk, &t[i]);
+		ck_assert_uint_lt(stored.size, map.size);
+		memset(&h, 0, sizeof(h));
+		h.type = (uint32_t)t[i].type;
+		h.amount = t[i].amount;
+		h.balance_after = t[i].balance_after;
+		h.created_at = t[i].created_at;
+		ck_assert_int_eq(txn_expand(t[i].id, &h, stored.data, stored.size, &out), 0);
+		ck_assert_uint_eq(out.size, map.size);
+		ck_assert_msg(memcmp(out.data, map.data, map.size) == 0, "variant %d differs", i);
+		ck_assert_int_eq(txn_expand(t[i].id, &h, stored.data, stored.size - 1, &out), MDB_CORRUPTED);
+		msgpack_sbuffer_destroy(&map);
+		msgpack_sbuffer_destroy(&stored);
+		msgpack_sbuffer_destroy(&out);
+	}
+}
+END_TEST
+
+/* A record stored whole as a map (layout 3) still reads: replay, history, verify. */
+START_TEST(layout_3_records_still_read)
+{
+	struct answer a;
+	struct txn_head h;
+	uint64_t id;
+	MDB_txn *txn;
+	MDB_val k, v, raw;
+	char rec[1024];
+
+	seed_wallet("1");
+	a = run(M_CHARGE, "wallet", "acme", "channel", "sms", "to", "+256712345678", "ref", "m1", NULL);
+	ck_assert_int_eq(a.code, E_OK);
+	id = map_get(&a.result.data, "id")->via.u64;
+	answer_free(&a);
+	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, 0, &txn), 0);
+	ck_assert_int_eq(txn_read(txn, id, &h, &raw), 0);
+	ck_assert_uint_le(sizeof(h) + raw.mv_size, sizeof(rec));
+	memcpy(rec, &h, sizeof(h));
+	memcpy(rec + sizeof(h), raw.mv_data, raw.mv_size);
+	k = (MDB_val){ sizeof(id), &id };
+	v = (MDB_val){ sizeof(h) + raw.mv_size, rec };
+	ck_assert_int_eq(mdb_put(txn, store.txns, &k, &v, 0), 0);
+	ck_assert_int_eq(mdb_txn_commit(txn), 0);
+	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn), 0);
+	ck_assert_int_eq(mdb_get(txn, store.txns, &k, &v), 0);
+	ck_assert_uint_eq(((unsigned char *)v.mv_data)[sizeof(h)], 0xde);
+	mdb_txn_abort(txn);
+
+	a = run(M_CHARGE, "wallet", "acme", "channel", "sms", "to", "+256712345678", "ref", "m1", NULL);
+	ck_assert_int_eq(a.code, E_OK);
+	ck_assert(map_get(&a.result.data, "replayed")->via.boolean);
+	ck_assert_uint_eq(map_get(&a.result.data, "id")->via.u64, id);
+	assert_field(&a, "amount", "-0.0094");
+	assert_field(&a, "description", "SMS to +256712345678 via ESMS_UG (1 seg)");
+	answer_free(&a);
+	a = run(M_HISTORY, "wallet", "acme", NULL);
+	ck_assert_uint_eq(map_get(&map_get(&a.result.data, "transactions")->via.array.ptr[0], "id")->via.u64, id);
+	answer_free(&a);
+	a = run(M_VERIFY, NULL);
+	ck_assert(map_get(&a.result.data, "ok")->via.boolean);
+	answer_free(&a);
+}
+END_TEST
+
 START_TEST(refund_is_exact_and_once)
 {
 	struct answer a;
@@ -723,6 +821,8 @@ store_suite(void)
 	tcase_add_test(tc, longest_prefix_and_cheapest_route_win);
 	tcase_add_test(tc, charge_same_ref_charges_once);
 	tcase_add_test(tc, layout_2_refs_are_rekeyed);
+	tcase_add_test(tc, stored_records_expand_to_the_map);
+	tcase_add_test(tc, layout_3_records_still_read);
 	tcase_add_test(tc, refund_is_exact_and_once);
 	tcase_add_test(tc, history_pages_newest_first);
 	tcase_add_test(tc, history_pages_across_index_blocks);
