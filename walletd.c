@@ -1257,12 +1257,14 @@ pack_time(msgpack_packer *pk, int64_t t)
 	pack_cstr(pk, time_format(t, buf));
 }
 
-/* Packs key k, then the NUL-terminated v or the amount. */
-#define KV_STR(pk, k, v)    (pack_cstr(pk, k), pack_cstr(pk, v))
-#define KV_SSTR(pk, k, v)   (pack_cstr(pk, k), pack_sstr(pk, v))
-#define KV_AMOUNT(pk, k, v) (pack_cstr(pk, k), pack_amount(pk, v))
-#define KV_U64(pk, k, v)    (pack_cstr(pk, k), msgpack_pack_uint64(pk, v))
-#define KV_TIME(pk, k, v)   (pack_cstr(pk, k), pack_time(pk, v))
+/* Packs key k, a string literal (its length is known at compile time: a
+ * strlen per key was 8% of a history page), then the value. */
+#define KEY(pk, k)          msgpack_pack_str_with_body(pk, "" k, sizeof(k) - 1)
+#define KV_STR(pk, k, v)    (KEY(pk, k), pack_cstr(pk, v))
+#define KV_SSTR(pk, k, v)   (KEY(pk, k), pack_sstr(pk, v))
+#define KV_AMOUNT(pk, k, v) (KEY(pk, k), pack_amount(pk, v))
+#define KV_U64(pk, k, v)    (KEY(pk, k), msgpack_pack_uint64(pk, v))
+#define KV_TIME(pk, k, v)   (KEY(pk, k), pack_time(pk, v))
 
 /*
  * Packs key name and a list of n items already packed into rows, then frees
@@ -1329,7 +1331,7 @@ txn_pack(msgpack_packer *pk, const struct txn *t)
 	if (t->refund_of)
 		KV_U64(pk, "refund_of", t->refund_of);
 	if (t->has_actor) {
-		pack_cstr(pk, "actor");
+		KEY(pk, "actor");
 		msgpack_pack_map(pk, t->actor.n ? 2 : 1);
 		KV_U64(pk, "uid", t->actor_uid);
 		if (t->actor.n)
@@ -1445,28 +1447,35 @@ stored_int(const msgpack_object *o, int64_t *v)
 	return 0;
 }
 
+/* Per-thread decoding room for txn_expand, kept between records: a history
+ * page expands 50, and a fresh zone each time (msgpack_unpack_next) was an
+ * 8 KiB malloc and free per record. */
+static _Thread_local msgpack_zone *expand_zone;
+
 /*
- * Turns stored record p[n] of transaction id, head h, back into the map
- * txn_pack makes, in out.  Returns 0, or MDB_CORRUPTED if it does not decode.
+ * Packs stored record p[n] of transaction id, head h, as the map txn_pack
+ * makes.  Returns 0, MDB_CORRUPTED if it does not decode (then it packed
+ * nothing), or ENOMEM.
  */
 static int
-txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpack_sbuffer *out)
+txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpack_packer *pk)
 {
 	char currency[4], price_currency[4], paid_currency[4], to[sizeof(((struct txn *)0)->to)];
 	const msgpack_object *f;
-	msgpack_unpacked u;
-	msgpack_packer pk;
+	msgpack_object o;
 	struct txn t;
 	int64_t segments = 0, refund_of = 0, uid = 0;
-	int rc = MDB_CORRUPTED;
+	size_t off = 0;
 
 	memset(&t, 0, sizeof(t));
-	msgpack_unpacked_init(&u);
-	if (msgpack_unpack_next(&u, p, n, NULL) != MSGPACK_UNPACK_SUCCESS ||
-	    u.data.type != MSGPACK_OBJECT_ARRAY || u.data.via.array.size != TXN_STORED_FIELDS ||
+	if (expand_zone == NULL && (expand_zone = msgpack_zone_new(2048)) == NULL)
+		return ENOMEM;
+	msgpack_zone_clear(expand_zone);
+	if (msgpack_unpack(p, n, &off, expand_zone, &o) != MSGPACK_UNPACK_SUCCESS ||
+	    o.type != MSGPACK_OBJECT_ARRAY || o.via.array.size != TXN_STORED_FIELDS ||
 	    h->type == 0 || h->type >= T__COUNT)
-		goto out;
-	f = u.data.via.array.ptr;
+		return MDB_CORRUPTED;
+	f = o.via.array.ptr;
 	t.id = id;
 	t.type = (int)h->type;
 	t.amount = h->amount;
@@ -1480,16 +1489,16 @@ txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpa
 	    stored_int(&f[10], &refund_of) || stored_str(&f[12], &t.provider) ||
 	    stored_str(&f[13], &t.provider_ref) || stored_int(&f[14], &t.paid_amount) ||
 	    stored_cstr(&f[15], paid_currency, sizeof(paid_currency)))
-		goto out;
+		return MDB_CORRUPTED;
 	if (f[11].type == MSGPACK_OBJECT_ARRAY) {
 		const msgpack_object *a = f[11].via.array.ptr;
 
 		if (f[11].via.array.size != 2 || stored_int(&a[0], &uid) || stored_str(&a[1], &t.actor))
-			goto out;
+			return MDB_CORRUPTED;
 		t.has_actor = 1;
 		t.actor_uid = (uint32_t)uid;
 	} else if (f[11].type != MSGPACK_OBJECT_NIL) {
-		goto out;
+		return MDB_CORRUPTED;
 	}
 	memcpy(t.to, to, sizeof(to));
 	t.currency = currency;
@@ -1497,12 +1506,8 @@ txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpa
 	t.price_currency = t.channel.n ? price_currency : NULL;
 	t.refund_of = (uint64_t)refund_of;
 	t.paid_currency = paid_currency[0] ? paid_currency : NULL;
-	msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
-	txn_pack(&pk, &t);
-	rc = 0;
-out:
-	msgpack_unpacked_destroy(&u);
-	return rc;
+	txn_pack(pk, &t);
+	return 0;
 }
 
 /*
@@ -1567,6 +1572,42 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 static _Thread_local msgpack_sbuffer expanded;
 
 /*
+ * Reads transaction id: its head into *h and what follows, the stored
+ * record, into *rec.  Returns 0, MDB_NOTFOUND or an LMDB error.
+ */
+static int
+txn_fetch(MDB_txn *txn, uint64_t id, struct txn_head *h, MDB_val *rec)
+{
+	MDB_val k = { sizeof(id), &id }, v;
+	int rc = mdb_get(txn, store.txns, &k, &v);
+
+	if (rc != 0)
+		return rc;
+	if (v.mv_size <= sizeof(*h))
+		return MDB_CORRUPTED;
+	memcpy(h, v.mv_data, sizeof(*h));
+	*rec = (MDB_val){ v.mv_size - sizeof(*h), (char *)v.mv_data + sizeof(*h) };
+	return 0;
+}
+
+/* A record of layout 3 is the transaction's map itself (a map16). */
+static int
+record_is_map(MDB_val rec)
+{
+	return *(const unsigned char *)rec.mv_data == 0xde;
+}
+
+/* Packs transaction id's map from its head h and stored record rec. */
+static int
+txn_pack_record(msgpack_packer *pk, uint64_t id, const struct txn_head *h, MDB_val rec)
+{
+	if (!record_is_map(rec))
+		return txn_expand(id, h, rec.mv_data, rec.mv_size, pk);
+	pk->callback(pk->data, rec.mv_data, rec.mv_size);
+	return 0;
+}
+
+/*
  * Reads transaction id: its head into *h (if h) and its msgpack map into
  * *raw (if raw), valid until this thread's next txn_read.  Returns 0,
  * MDB_NOTFOUND or an LMDB error.
@@ -1574,32 +1615,38 @@ static _Thread_local msgpack_sbuffer expanded;
 static int
 txn_read(MDB_txn *txn, uint64_t id, struct txn_head *h, MDB_val *raw)
 {
-	MDB_val k = { sizeof(id), &id }, v;
 	struct txn_head head;
-	const char *p;
-	size_t n;
-	int rc = mdb_get(txn, store.txns, &k, &v);
+	msgpack_packer pk;
+	MDB_val rec;
+	int rc;
 
-	if (rc != 0)
+	if ((rc = txn_fetch(txn, id, &head, &rec)) != 0)
 		return rc;
-	if (v.mv_size <= sizeof(head))
-		return MDB_CORRUPTED;
-	memcpy(&head, v.mv_data, sizeof(head));
 	if (h)
 		*h = head;
 	if (raw == NULL)
 		return 0;
-	p = (const char *)v.mv_data + sizeof(head);
-	n = v.mv_size - sizeof(head);
-	if ((unsigned char)p[0] == 0xde) { /* layout 3: the map itself */
-		*raw = (MDB_val){ n, (void *)p };
+	if (record_is_map(rec)) {
+		*raw = rec;
 		return 0;
 	}
 	msgpack_sbuffer_clear(&expanded);
-	if ((rc = txn_expand(id, &head, p, n, &expanded)) != 0)
+	msgpack_packer_init(&pk, &expanded, msgpack_sbuffer_write);
+	if ((rc = txn_expand(id, &head, rec.mv_data, rec.mv_size, &pk)) != 0)
 		return rc;
 	*raw = (MDB_val){ expanded.size, expanded.data };
 	return 0;
+}
+
+/* Frees this thread's room for expanding records, at its end. */
+static void
+expand_free(void)
+{
+	msgpack_sbuffer_destroy(&expanded);
+	msgpack_sbuffer_init(&expanded);
+	if (expand_zone)
+		msgpack_zone_free(expand_zone);
+	expand_zone = NULL;
 }
 
 /* Reads transaction id's msgpack map into *raw.  0, MDB_NOTFOUND or error. */
@@ -2096,12 +2143,12 @@ wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w)
 	KV_STR(pk, "currency", w->currency);
 	KV_AMOUNT(pk, "balance", w->balance);
 	KV_STR(pk, "plan", w->plan);
-	pack_cstr(pk, "threshold");
+	KEY(pk, "threshold");
 	if (w->flags & WF_THRESHOLD)
 		pack_amount(pk, w->threshold);
 	else
 		msgpack_pack_nil(pk);
-	pack_cstr(pk, "alert_emails");
+	KEY(pk, "alert_emails");
 	for (const char *p = w->emails; *p; p++)
 		n += *p == ',';
 	msgpack_pack_array(pk, w->emails[0] ? (size_t)n + 1 : 0);
@@ -2127,7 +2174,7 @@ pack_txn_answer(msgpack_packer *pk, const void *raw, size_t len, int replayed)
 
 	pack_map16(pk, ((unsigned)p[1] << 8 | p[2]) + 1);
 	pk->callback(pk->data, (const char *)p + 3, len - 3);
-	pack_cstr(pk, "replayed");
+	KEY(pk, "replayed");
 	if (replayed)
 		msgpack_pack_true(pk);
 	else
@@ -2176,7 +2223,7 @@ m_ping(struct call *c)
 {
 	msgpack_pack_map(c->pk, 2);
 	KV_STR(c->pk, "version", WALLETD_VERSION);
-	pack_cstr(c->pk, "api");
+	KEY(c->pk, "api");
 	msgpack_pack_int(c->pk, WALLETD_API);
 	return E_OK;
 }
@@ -2322,7 +2369,7 @@ m_wallet_list(struct call *c)
 		return store_error(c, rc);
 	skip = page * limit;
 	msgpack_pack_map(c->pk, 4);
-	pack_cstr(c->pk, "wallets");
+	KEY(c->pk, "wallets");
 	msgpack_pack_array(c->pk, skip >= st.ms_entries ? 0 :
 	    (st.ms_entries - skip < limit ? st.ms_entries - skip : limit));
 	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && count < skip + limit;
@@ -2440,7 +2487,7 @@ pack_error(msgpack_packer *pk, const struct call *c)
 	if (c->code == E_IDEMPOTENCY_CONFLICT)
 		KV_U64(pk, "txn", c->conflict_txn);
 	if (c->code == E_ALREADY_REFUNDED && c->refund_raw.mv_size) {
-		pack_cstr(pk, "refund");
+		KEY(pk, "refund");
 		pk->callback(pk->data, c->refund_raw.mv_data, c->refund_raw.mv_size);
 	}
 }
@@ -2512,7 +2559,7 @@ m_rate_delete(struct call *c)
 	if (rc)
 		return store_error(c, rc);
 	msgpack_pack_map(c->pk, 1);
-	pack_cstr(c->pk, "deleted");
+	KEY(c->pk, "deleted");
 	msgpack_pack_true(c->pk);
 	return E_OK;
 }
@@ -2736,7 +2783,7 @@ m_rate_import(struct call *c)
 			if (rc != E_OK && pass == 1) {
 				msgpack_pack_map(&rpk, 2);
 				KV_U64(&rpk, "row", (uint64_t)i + 1);
-				pack_cstr(&rpk, "error");
+				KEY(&rpk, "error");
 				pack_error(&rpk, &rowcall);
 				nrejected++;
 			}
@@ -2759,7 +2806,7 @@ m_rate_import(struct call *c)
 	free(plans);
 	if (rc == E_OK) {
 		msgpack_pack_map(c->pk, 2);
-		pack_cstr(c->pk, "loaded");
+		KEY(c->pk, "loaded");
 		msgpack_pack_uint32(c->pk, loaded);
 		pack_rows(c->pk, "rejected", nrejected, &rejected);
 	} else {
@@ -2775,9 +2822,9 @@ fx_pack(msgpack_packer *pk, const char *pair, const struct fx_val *fv)
 	char buf[48];
 
 	msgpack_pack_map(pk, 4);
-	pack_cstr(pk, "base");
+	KEY(pk, "base");
 	msgpack_pack_str_with_body(pk, pair, 3);
-	pack_cstr(pk, "quote");
+	KEY(pk, "quote");
 	msgpack_pack_str_with_body(pk, pair + 3, 3);
 	KV_STR(pk, "rate", fx_rate_format(fv->rate, buf));
 	KV_TIME(pk, "updated_at", fv->updated_at);
@@ -2821,7 +2868,7 @@ m_fx_list(struct call *c)
 	if ((rc = mdb_stat(c->txn, store.fx, &st)) || (rc = mdb_cursor_open(c->txn, store.fx, &cur)))
 		return store_error(c, rc);
 	msgpack_pack_map(c->pk, 1);
-	pack_cstr(c->pk, "rates");
+	KEY(c->pk, "rates");
 	msgpack_pack_array(c->pk, st.ms_entries);
 	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
 		struct fx_val fv;
@@ -3018,7 +3065,7 @@ m_charge_batch(struct call *c)
 		return fail(c, E_INVALID_ARGUMENT, "items", "at most %u items per batch",
 		    config.charge_batch_max);
 	msgpack_pack_map(c->pk, 1);
-	pack_cstr(c->pk, "results");
+	KEY(c->pk, "results");
 	msgpack_pack_array(c->pk, items->via.array.size);
 	for (uint32_t i = 0; i < items->via.array.size; i++) {
 		struct call item = *c;
@@ -3035,7 +3082,7 @@ m_charge_batch(struct call *c)
 				break;
 			}
 			msgpack_pack_map(c->pk, 1);
-			pack_cstr(c->pk, "error");
+			KEY(c->pk, "error");
 			pack_error(c->pk, &item);
 			rc = E_OK;
 		}
@@ -3197,7 +3244,7 @@ m_precheck(struct call *c)
 		msgpack_packer *pk = c->pk;
 
 		msgpack_pack_map(pk, 7);
-		pack_cstr(pk, "sufficient");
+		KEY(pk, "sufficient");
 		if (required <= w.balance)
 			msgpack_pack_true(pk);
 		else
@@ -3205,7 +3252,7 @@ m_precheck(struct call *c)
 		KV_AMOUNT(pk, "required", required);
 		KV_AMOUNT(pk, "available", w.balance);
 		KV_STR(pk, "currency", w.currency);
-		pack_cstr(pk, "breakdown");
+		KEY(pk, "breakdown");
 		msgpack_pack_array(pk, groups.n);
 		for (size_t i = 0; i < groups.n; i++) {
 			const struct price_group *g = &groups.groups[i];
@@ -3490,16 +3537,17 @@ m_history(struct call *c)
 		total = 0;
 	for (uint64_t matched = 0; next != 0 && (filtered || packed < limit);) {
 		struct txn_head h;
-		MDB_val raw;
+		MDB_val rec;
 
-		if ((rc = txn_read(c->txn, next, &h, &raw)) != 0)
+		if ((rc = txn_fetch(c->txn, next, &h, &rec)) != 0)
 			break;
 		if (!filtered || (!(typemask && !(typemask & (1u << h.type))) &&
 		    h.created_at >= since && h.created_at < until)) {
 			total += filtered;
 			if ((!before_id || next < before_id) && matched++ >= (filtered ? skip : 0) &&
 			    packed < limit) {
-				rpk.callback(rpk.data, raw.mv_data, raw.mv_size);
+				if ((rc = txn_pack_record(&rpk, next, &h, rec)) != 0)
+					break;
 				packed++;
 			}
 		}
@@ -3549,7 +3597,7 @@ m_notifications(struct call *c)
 		return rc;
 	count = w.note_count < 100 ? w.note_count : 100;
 	msgpack_pack_map(c->pk, 2);
-	pack_cstr(c->pk, "notifications");
+	KEY(c->pk, "notifications");
 	msgpack_pack_array(c->pk, count);
 	for (uint64_t i = 0; i < count; i++) {
 		unsigned char key[16];
@@ -3637,7 +3685,7 @@ topup_pack(msgpack_packer *pk, const struct topup *tp)
 	KV_STR(pk, "checkout_url", tp->checkout_url);
 	KV_TIME(pk, "created_at", tp->created_at);
 	KV_TIME(pk, "expires_at", tp->expires_at);
-	pack_cstr(pk, "late");
+	KEY(pk, "late");
 	if (tp->late)
 		msgpack_pack_true(pk);
 	else
@@ -3717,11 +3765,11 @@ static void
 confirm_pack(msgpack_packer *pk, const struct topup *tp, const void *txn, size_t len, int replayed)
 {
 	msgpack_pack_map(pk, 3);
-	pack_cstr(pk, "topup");
+	KEY(pk, "topup");
 	topup_pack(pk, tp);
-	pack_cstr(pk, "transaction");
+	KEY(pk, "transaction");
 	pk->callback(pk->data, txn, len);
-	pack_cstr(pk, "replayed");
+	KEY(pk, "replayed");
 	if (replayed)
 		msgpack_pack_true(pk);
 	else
@@ -3981,7 +4029,7 @@ m_verify(struct call *c)
 		verify_breach(&rpk, &breaches, (struct str){ "", 0 }, 0,
 		    "the log holds transactions that no wallet's history lists");
 	msgpack_pack_map(c->pk, 4);
-	pack_cstr(c->pk, "ok");
+	KEY(c->pk, "ok");
 	if (breaches == 0)
 		msgpack_pack_true(c->pk);
 	else
@@ -5003,7 +5051,7 @@ writer_main(void *arg)
 		if (srv.wq_head == NULL) {
 			pthread_mutex_unlock(&srv.lock);
 			msgpack_sbuffer_destroy(&scratch);
-			msgpack_sbuffer_destroy(&expanded);
+			expand_free();
 			return NULL;
 		}
 		batch = last = srv.wq_head;
@@ -5054,7 +5102,7 @@ slow_main(void *arg)
 		req_store_error(r, rc);
 	}
 	pthread_rwlock_unlock(&store.maplock);
-	msgpack_sbuffer_destroy(&expanded);
+	expand_free();
 	r->qnext = NULL;
 	done_post(r, r);
 	return NULL;
@@ -5184,7 +5232,7 @@ m_stats(struct call *c)
 
 	msgpack_pack_map(pk, 12);
 	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
-	pack_cstr(pk, "requests");
+	KEY(pk, "requests");
 	msgpack_pack_map(pk, (size_t)methods);
 	for (int i = 0; i < M__COUNT; i++)
 		if (s.requests[i]) {
@@ -5193,35 +5241,35 @@ m_stats(struct call *c)
 			KV_U64(pk, "calls", s.requests[i]);
 			KV_U64(pk, "errors", s.errors[i]);
 		}
-	pack_cstr(pk, "errors");
+	KEY(pk, "errors");
 	msgpack_pack_map(pk, (size_t)codes);
 	for (int i = 1; i < E__COUNT; i++)
 		if (s.codes[i])
-			KV_U64(pk, error_name(i), s.codes[i]);
+			pack_cstr(pk, error_name(i)), msgpack_pack_uint64(pk, s.codes[i]);
 	KV_U64(pk, "commits", s.commits);
 	KV_U64(pk, "committed_requests", s.committed);
-	pack_cstr(pk, "mean_batch");
+	KEY(pk, "mean_batch");
 	msgpack_pack_double(pk, s.commits ? (double)s.committed / (double)s.commits : 0.0);
 	KV_U64(pk, "max_batch", s.batch_max);
-	pack_cstr(pk, "mean_batch_us");
+	KEY(pk, "mean_batch_us");
 	msgpack_pack_double(pk, s.commits ? (double)s.batch_us / (double)s.commits : 0.0);
-	pack_cstr(pk, "mean_commit_us");
+	KEY(pk, "mean_commit_us");
 	msgpack_pack_double(pk, s.commits ? (double)s.commit_us / (double)s.commits : 0.0);
-	pack_cstr(pk, "latency_us");
+	KEY(pk, "latency_us");
 	msgpack_pack_map(pk, 6);
 	KV_U64(pk, "samples", n);
 	for (int i = 0; i < 5; i++) {
 		uint64_t idx = n ? (uint64_t)(q[i] * (double)(n - 1) + 0.5) : 0;
 
-		KV_U64(pk, qn[i], n ? lat[idx] : 0);
+		pack_cstr(pk, qn[i]), msgpack_pack_uint64(pk, n ? lat[idx] : 0);
 	}
-	pack_cstr(pk, "connections");
+	KEY(pk, "connections");
 	msgpack_pack_map(pk, 4);
 	KV_U64(pk, "open", srv.nconns);
 	KV_U64(pk, "total", s.conns_total);
 	KV_U64(pk, "refused", s.conns_refused);
 	KV_U64(pk, "cut_off", s.conns_dropped);
-	pack_cstr(pk, "store");
+	KEY(pk, "store");
 	msgpack_pack_map(pk, 5);
 	KV_U64(pk, "map_size", info.me_mapsize);
 	KV_U64(pk, "map_used", store_used());
@@ -5861,7 +5909,7 @@ main(int argc, char **argv)
 	loop_stop();
 	alert_stop();
 	ahead_stop();
-	msgpack_sbuffer_destroy(&expanded);
+	expand_free();
 	if (srv.rtxn)
 		mdb_txn_abort(srv.rtxn);
 	mdb_env_close(store.env);
