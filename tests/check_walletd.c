@@ -616,14 +616,16 @@ START_TEST(stored_records_expand_to_the_map)
 }
 END_TEST
 
-/* A record stored whole as a map (layout 3) still reads: replay, history, verify. */
+/* A layout-3 store (records stored whole as maps) opens as layout 4 and its
+ * records still read: replay, history, verify. */
 START_TEST(layout_3_records_still_read)
 {
 	struct answer a;
 	struct txn_head h;
 	uint64_t id;
+	uint32_t version = 3;
 	MDB_txn *txn;
-	MDB_val k, v, raw;
+	MDB_val k, v, raw, vk = { 7, "version" }, vv = { sizeof(version), &version };
 	char rec[1024];
 
 	seed_wallet("1");
@@ -639,10 +641,18 @@ START_TEST(layout_3_records_still_read)
 	k = (MDB_val){ sizeof(id), &id };
 	v = (MDB_val){ sizeof(h) + raw.mv_size, rec };
 	ck_assert_int_eq(mdb_put(txn, store.txns, &k, &v, 0), 0);
+	ck_assert_int_eq(mdb_put(txn, store.meta, &vk, &vv, 0), 0);
 	ck_assert_int_eq(mdb_txn_commit(txn), 0);
+	mdb_env_close(store.env);
+	close(store.lock_fd);
+
+	ck_assert_int_eq(store_open(store_dir), 0);
 	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn), 0);
 	ck_assert_int_eq(mdb_get(txn, store.txns, &k, &v), 0);
 	ck_assert_uint_eq(((unsigned char *)v.mv_data)[sizeof(h)], 0xde);
+	ck_assert_int_eq(mdb_get(txn, store.meta, &vk, &v), 0);
+	memcpy(&version, v.mv_data, sizeof(version));
+	ck_assert_uint_eq(version, STORE_VERSION);
 	mdb_txn_abort(txn);
 
 	a = run(M_CHARGE, "wallet", "acme", "channel", "sms", "to", "+256712345678", "ref", "m1", NULL);
@@ -658,6 +668,29 @@ START_TEST(layout_3_records_still_read)
 	a = run(M_VERIFY, NULL);
 	ck_assert(map_get(&a.result.data, "ok")->via.boolean);
 	answer_free(&a);
+}
+END_TEST
+
+/* A store of a layout this walletd does not know is refused, untouched. */
+START_TEST(newer_layout_is_refused)
+{
+	uint32_t version = STORE_VERSION + 1;
+	MDB_txn *txn;
+	MDB_val vk = { 7, "version" }, vv = { sizeof(version), &version };
+
+	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, 0, &txn), 0);
+	ck_assert_int_eq(mdb_put(txn, store.meta, &vk, &vv, 0), 0);
+	ck_assert_int_eq(mdb_txn_commit(txn), 0);
+	mdb_env_close(store.env);
+	close(store.lock_fd);
+	ck_assert_int_eq(store_open(store_dir), -1);
+	/* store_open left the environment open (walletd exits): the version is unchanged */
+	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn), 0);
+	ck_assert_int_eq(mdb_dbi_open(txn, "meta", 0, &store.meta), 0);
+	ck_assert_int_eq(mdb_get(txn, store.meta, &vk, &vv), 0);
+	memcpy(&version, vv.mv_data, sizeof(version));
+	ck_assert_uint_eq(version, STORE_VERSION + 1);
+	mdb_txn_abort(txn);
 }
 END_TEST
 
@@ -825,6 +858,7 @@ store_suite(void)
 	tcase_add_test(tc, layout_2_refs_are_rekeyed);
 	tcase_add_test(tc, stored_records_expand_to_the_map);
 	tcase_add_test(tc, layout_3_records_still_read);
+	tcase_add_test(tc, newer_layout_is_refused);
 	tcase_add_test(tc, refund_is_exact_and_once);
 	tcase_add_test(tc, history_pages_newest_first);
 	tcase_add_test(tc, history_pages_across_index_blocks);
