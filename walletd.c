@@ -1291,11 +1291,15 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
 	KV_U64(pk, "limit", limit);
 }
 
-/* Packs a transaction as stored: a map16 with every field that applies. */
+/*
+ * Packs a transaction as its map: a map16 with every field that applies,
+ * then "replayed" unless replayed is -1 (a charge's answer says whether it
+ * was one).
+ */
 static void
-txn_pack(msgpack_packer *pk, const struct txn *t)
+txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 {
-	unsigned n = 8;
+	unsigned n = 8 + (replayed >= 0);
 
 	if (t->ref.n)
 		n++;
@@ -1344,6 +1348,13 @@ txn_pack(msgpack_packer *pk, const struct txn *t)
 	if (t->paid_currency) {
 		KV_AMOUNT(pk, "paid_amount", t->paid_amount);
 		KV_STR(pk, "paid_currency", t->paid_currency);
+	}
+	if (replayed >= 0) {
+		KEY(pk, "replayed");
+		if (replayed)
+			msgpack_pack_true(pk);
+		else
+			msgpack_pack_false(pk);
 	}
 }
 
@@ -1506,7 +1517,7 @@ txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpa
 	t.price_currency = t.channel.n ? price_currency : NULL;
 	t.refund_of = (uint64_t)refund_of;
 	t.paid_currency = paid_currency[0] ? paid_currency : NULL;
-	txn_pack(pk, &t);
+	txn_pack(pk, &t, -1);
 	return 0;
 }
 
@@ -1514,8 +1525,8 @@ txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpa
  * Appends t to the log and to wallet w's chain: gives t its id, sets
  * balance_after from w->balance (already changed by the caller), links it
  * after w->last_txn and counts it in w; every HIST_STRIDE-th one also goes
- * into the hist index.  The caller writes w.  scratch receives the packed
- * map, left there for the answer.  Returns 0 or an LMDB error.
+ * into the hist index.  The caller writes w.  scratch receives the record
+ * as stored (txn_pack_stored).  Returns 0 or an LMDB error.
  */
 static int
 txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scratch)
@@ -1555,8 +1566,6 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 		return rc;
 	memcpy(v.mv_data, &h, sizeof(h));
 	memcpy((char *)v.mv_data + sizeof(h), scratch->data, scratch->size);
-	msgpack_sbuffer_clear(scratch);
-	txn_pack(&pk, t);
 	if (w->txn_count % HIST_STRIDE == HIST_STRIDE - 1) {
 		k = key_pair(hkey, w->number, w->txn_count);
 		v = (MDB_val){ sizeof(t->id), &t->id };
@@ -2454,7 +2463,7 @@ manual_change(struct call *c, int type)
 	    (rc = note_on_crossing(c, id, &w, before, t.id)) ||
 	    (rc = wallet_put(c->txn, id, &w)))
 		return store_error(c, rc);
-	c->pk->callback(c->pk->data, scratch.data, scratch.size);
+	txn_pack(c->pk, &t, -1);
 	return E_OK;
 }
 
@@ -3041,7 +3050,7 @@ charge_one(struct call *c)
 	}
 	if ((rc = note_on_crossing(c, id, &w, before, t.id)) || (rc = wallet_put(c->txn, id, &w)))
 		return store_error(c, rc);
-	pack_txn_answer(c->pk, scratch.data, scratch.size, 0);
+	txn_pack(c->pk, &t, 0);
 	return E_OK;
 }
 
@@ -3433,7 +3442,7 @@ m_refund(struct call *c)
 	v = (MDB_val){ sizeof(t.id), &t.id };
 	if ((rc = mdb_put(c->txn, store.refunds, &k, &v, 0)) || (rc = wallet_put(c->txn, id, &w)))
 		return store_error(c, rc);
-	c->pk->callback(c->pk->data, scratch.data, scratch.size);
+	txn_pack(c->pk, &t, -1);
 	return E_OK;
 }
 
@@ -3760,20 +3769,24 @@ m_topup_create(struct call *c)
 	return E_OK;
 }
 
-/* Packs topup.confirm's answer: the top-up, its credit, whether this was a replay. */
+/* Packs topup.confirm's answer: the top-up, its credit (t, just made, or on a
+ * replay its stored map raw), whether this was a replay. */
 static void
-confirm_pack(msgpack_packer *pk, const struct topup *tp, const void *txn, size_t len, int replayed)
+confirm_pack(msgpack_packer *pk, const struct topup *tp, const struct txn *t, MDB_val raw)
 {
 	msgpack_pack_map(pk, 3);
 	KEY(pk, "topup");
 	topup_pack(pk, tp);
 	KEY(pk, "transaction");
-	pk->callback(pk->data, txn, len);
-	KEY(pk, "replayed");
-	if (replayed)
-		msgpack_pack_true(pk);
+	if (t)
+		txn_pack(pk, t, -1);
 	else
+		pk->callback(pk->data, raw.mv_data, raw.mv_size);
+	KEY(pk, "replayed");
+	if (t)
 		msgpack_pack_false(pk);
+	else
+		msgpack_pack_true(pk);
 }
 
 /*
@@ -3803,7 +3816,7 @@ m_topup_confirm(struct call *c)
 	if (tp.status == TS_PAID) {
 		if ((rc = txn_get(c->txn, tp.txn_id, &raw)))
 			return store_error(c, rc);
-		confirm_pack(c->pk, &tp, raw.mv_data, raw.mv_size, 1);
+		confirm_pack(c->pk, &tp, NULL, raw);
 		return E_OK;
 	}
 	if ((rc = load_wallet(c, (struct str){ tp.wallet, strlen(tp.wallet) }, &w)))
@@ -3848,7 +3861,7 @@ m_topup_confirm(struct call *c)
 	tp.txn_id = t.id;
 	if ((rc = topup_put(c, &tp)))
 		return rc;
-	confirm_pack(c->pk, &tp, scratch.data, scratch.size, 0);
+	confirm_pack(c->pk, &tp, &t, (MDB_val){ 0, NULL });
 	return E_OK;
 }
 

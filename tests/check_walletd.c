@@ -594,7 +594,7 @@ START_TEST(stored_records_expand_to_the_map)
 		msgpack_sbuffer_init(&stored);
 		msgpack_sbuffer_init(&out);
 		msgpack_packer_init(&pk, &map, msgpack_sbuffer_write);
-		txn_pack(&pk, &t[i]);
+		txn_pack(&pk, &t[i], -1);
 		msgpack_packer_init(&pk, &stored, msgpack_sbuffer_write);
 		txn_pack_stored(&pk, &t[i]);
 		ck_assert_uint_lt(stored.size, map.size);
