@@ -1265,6 +1265,7 @@ pack_time(msgpack_packer *pk, int64_t t)
 #define KV_AMOUNT(pk, k, v) (KEY(pk, k), pack_amount(pk, v))
 #define KV_U64(pk, k, v)    (KEY(pk, k), msgpack_pack_uint64(pk, v))
 #define KV_TIME(pk, k, v)   (KEY(pk, k), pack_time(pk, v))
+#define KV_BOOL(pk, k, v)   (KEY(pk, k), (v) ? msgpack_pack_true(pk) : msgpack_pack_false(pk))
 
 /*
  * Packs key name and a list of n items already packed into rows, then frees
@@ -1349,13 +1350,8 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 		KV_AMOUNT(pk, "paid_amount", t->paid_amount);
 		KV_STR(pk, "paid_currency", t->paid_currency);
 	}
-	if (replayed >= 0) {
-		KEY(pk, "replayed");
-		if (replayed)
-			msgpack_pack_true(pk);
-		else
-			msgpack_pack_false(pk);
-	}
+	if (replayed >= 0)
+		KV_BOOL(pk, "replayed", replayed);
 }
 
 /*
@@ -2183,11 +2179,7 @@ pack_txn_answer(msgpack_packer *pk, const void *raw, size_t len, int replayed)
 
 	pack_map16(pk, ((unsigned)p[1] << 8 | p[2]) + 1);
 	pk->callback(pk->data, (const char *)p + 3, len - 3);
-	KEY(pk, "replayed");
-	if (replayed)
-		msgpack_pack_true(pk);
-	else
-		msgpack_pack_false(pk);
+	KV_BOOL(pk, "replayed", replayed);
 }
 
 /*
@@ -3253,11 +3245,7 @@ m_precheck(struct call *c)
 		msgpack_packer *pk = c->pk;
 
 		msgpack_pack_map(pk, 7);
-		KEY(pk, "sufficient");
-		if (required <= w.balance)
-			msgpack_pack_true(pk);
-		else
-			msgpack_pack_false(pk);
+		KV_BOOL(pk, "sufficient", required <= w.balance);
 		KV_AMOUNT(pk, "required", required);
 		KV_AMOUNT(pk, "available", w.balance);
 		KV_STR(pk, "currency", w.currency);
@@ -3694,11 +3682,7 @@ topup_pack(msgpack_packer *pk, const struct topup *tp)
 	KV_STR(pk, "checkout_url", tp->checkout_url);
 	KV_TIME(pk, "created_at", tp->created_at);
 	KV_TIME(pk, "expires_at", tp->expires_at);
-	KEY(pk, "late");
-	if (tp->late)
-		msgpack_pack_true(pk);
-	else
-		msgpack_pack_false(pk);
+	KV_BOOL(pk, "late", tp->late);
 	if (tp->status == TS_PAID) {
 		KV_TIME(pk, "paid_at", tp->paid_at);
 		KV_AMOUNT(pk, "paid_amount", tp->paid_amount);
@@ -3782,11 +3766,7 @@ confirm_pack(msgpack_packer *pk, const struct topup *tp, const struct txn *t, MD
 		txn_pack(pk, t, -1);
 	else
 		pk->callback(pk->data, raw.mv_data, raw.mv_size);
-	KEY(pk, "replayed");
-	if (t)
-		msgpack_pack_false(pk);
-	else
-		msgpack_pack_true(pk);
+	KV_BOOL(pk, "replayed", t == NULL);
 }
 
 /*
@@ -4042,11 +4022,7 @@ m_verify(struct call *c)
 		verify_breach(&rpk, &breaches, (struct str){ "", 0 }, 0,
 		    "the log holds transactions that no wallet's history lists");
 	msgpack_pack_map(c->pk, 4);
-	KEY(c->pk, "ok");
-	if (breaches == 0)
-		msgpack_pack_true(c->pk);
-	else
-		msgpack_pack_false(c->pk);
+	KV_BOOL(c->pk, "ok", breaches == 0);
 	KV_U64(c->pk, "wallets", wallets);
 	KV_U64(c->pk, "transactions", txns);
 	pack_rows(c->pk, "breaches", breaches, &rows);

@@ -515,15 +515,48 @@ START_TEST(charge_same_ref_charges_once)
 }
 END_TEST
 
+/* Writes layout version v into the store's meta, in txn. */
+static void
+put_version(MDB_txn *txn, uint32_t v)
+{
+	MDB_val k = { 7, "version" }, val = { sizeof(v), &v };
+
+	ck_assert_int_eq(mdb_put(txn, store.meta, &k, &val, 0), 0);
+}
+
+/* Closes the store and opens it again, as a restart does; store_open's result. */
+static int
+store_reopen(void)
+{
+	mdb_env_close(store.env);
+	close(store.lock_fd);
+	return store_open(store_dir);
+}
+
+/* The layout version in the store's meta (also after a refused store_open). */
+static uint32_t
+stored_version(void)
+{
+	MDB_txn *txn;
+	MDB_val k = { 7, "version" }, v;
+	uint32_t version;
+
+	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn), 0);
+	ck_assert_int_eq(mdb_dbi_open(txn, "meta", 0, &store.meta), 0);
+	ck_assert_int_eq(mdb_get(txn, store.meta, &k, &v), 0);
+	memcpy(&version, v.mv_data, sizeof(version));
+	mdb_txn_abort(txn);
+	return version;
+}
+
 /* A layout-2 store (refs keyed wallet number first) is re-keyed on open: refs still replay. */
 START_TEST(layout_2_refs_are_rekeyed)
 {
 	struct answer a;
 	struct wallet w;
 	unsigned char key[REF_MAX + 8], old[8 + 2];
-	uint32_t two = 2;
 	MDB_txn *txn;
-	MDB_val k, v, vv = { sizeof(two), &two }, vk = { 7, "version" };
+	MDB_val k, v;
 	char val[256];
 
 	seed_wallet("1");
@@ -540,12 +573,10 @@ START_TEST(layout_2_refs_are_rekeyed)
 	memcpy(old + 8, "m1", 2);
 	k = (MDB_val){ sizeof(old), old };
 	ck_assert_int_eq(mdb_put(txn, store.refs, &k, &v, 0), 0);
-	ck_assert_int_eq(mdb_put(txn, store.meta, &vk, &vv, 0), 0);
+	put_version(txn, 2);
 	ck_assert_int_eq(mdb_txn_commit(txn), 0);
-	mdb_env_close(store.env);
-	close(store.lock_fd);
 
-	ck_assert_int_eq(store_open(store_dir), 0);
+	ck_assert_int_eq(store_reopen(), 0);
 	a = run(M_CHARGE, "wallet", "acme", "channel", "sms", "to", "+256712345678", "ref", "m1", NULL);
 	ck_assert_int_eq(a.code, E_OK);
 	ck_assert(map_get(&a.result.data, "replayed")->via.boolean);
@@ -553,11 +584,7 @@ START_TEST(layout_2_refs_are_rekeyed)
 	a = run(M_BALANCE, "wallet", "acme", NULL);
 	assert_field(&a, "balance", "0.9906");
 	answer_free(&a);
-	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn), 0);
-	ck_assert_int_eq(mdb_get(txn, store.meta, &vk, &v), 0);
-	memcpy(&two, v.mv_data, sizeof(two));
-	ck_assert_uint_eq(two, STORE_VERSION);
-	mdb_txn_abort(txn);
+	ck_assert_uint_eq(stored_version(), STORE_VERSION);
 }
 END_TEST
 
@@ -623,9 +650,8 @@ START_TEST(layout_3_records_still_read)
 	struct answer a;
 	struct txn_head h;
 	uint64_t id;
-	uint32_t version = 3;
 	MDB_txn *txn;
-	MDB_val k, v, raw, vk = { 7, "version" }, vv = { sizeof(version), &version };
+	MDB_val k, v, raw;
 	char rec[1024];
 
 	seed_wallet("1");
@@ -641,18 +667,14 @@ START_TEST(layout_3_records_still_read)
 	k = (MDB_val){ sizeof(id), &id };
 	v = (MDB_val){ sizeof(h) + raw.mv_size, rec };
 	ck_assert_int_eq(mdb_put(txn, store.txns, &k, &v, 0), 0);
-	ck_assert_int_eq(mdb_put(txn, store.meta, &vk, &vv, 0), 0);
+	put_version(txn, 3);
 	ck_assert_int_eq(mdb_txn_commit(txn), 0);
-	mdb_env_close(store.env);
-	close(store.lock_fd);
 
-	ck_assert_int_eq(store_open(store_dir), 0);
+	ck_assert_int_eq(store_reopen(), 0);
+	ck_assert_uint_eq(stored_version(), STORE_VERSION);
 	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn), 0);
 	ck_assert_int_eq(mdb_get(txn, store.txns, &k, &v), 0);
 	ck_assert_uint_eq(((unsigned char *)v.mv_data)[sizeof(h)], 0xde);
-	ck_assert_int_eq(mdb_get(txn, store.meta, &vk, &v), 0);
-	memcpy(&version, v.mv_data, sizeof(version));
-	ck_assert_uint_eq(version, STORE_VERSION);
 	mdb_txn_abort(txn);
 
 	a = run(M_CHARGE, "wallet", "acme", "channel", "sms", "to", "+256712345678", "ref", "m1", NULL);
@@ -674,23 +696,14 @@ END_TEST
 /* A store of a layout this walletd does not know is refused, untouched. */
 START_TEST(newer_layout_is_refused)
 {
-	uint32_t version = STORE_VERSION + 1;
 	MDB_txn *txn;
-	MDB_val vk = { 7, "version" }, vv = { sizeof(version), &version };
 
 	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, 0, &txn), 0);
-	ck_assert_int_eq(mdb_put(txn, store.meta, &vk, &vv, 0), 0);
+	put_version(txn, STORE_VERSION + 1);
 	ck_assert_int_eq(mdb_txn_commit(txn), 0);
-	mdb_env_close(store.env);
-	close(store.lock_fd);
-	ck_assert_int_eq(store_open(store_dir), -1);
+	ck_assert_int_eq(store_reopen(), -1);
 	/* store_open left the environment open (walletd exits): the version is unchanged */
-	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn), 0);
-	ck_assert_int_eq(mdb_dbi_open(txn, "meta", 0, &store.meta), 0);
-	ck_assert_int_eq(mdb_get(txn, store.meta, &vk, &vv), 0);
-	memcpy(&version, vv.mv_data, sizeof(version));
-	ck_assert_uint_eq(version, STORE_VERSION + 1);
-	mdb_txn_abort(txn);
+	ck_assert_uint_eq(stored_version(), STORE_VERSION + 1);
 }
 END_TEST
 
