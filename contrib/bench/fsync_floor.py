@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+if len(sys.argv) < 2:
+    sys.exit(__doc__)
 path = os.path.join(sys.argv[1], "fsync-floor.tmp")
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
