@@ -4,8 +4,10 @@ import random
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+import unittest
 
 from harness import Daemon, DaemonTest, request, read_frames, walletd, WALLETD, PY, HERE
 
@@ -101,6 +103,49 @@ class StoreGrowth(DaemonTest):
                 c.charge(wallet="acme", channel="sms", to="+256712345678", ref="after%d" % j, description="x" * 200)
         self.assertTrue(d.ctl_json("verify")["ok"])
         self.assertGreater(d.ctl_json("stats")["store"]["map_grows"], 0)
+
+
+class DiskFull(unittest.TestCase):
+    """A real full disk: the store on a 4 MiB tmpfs, filled under load."""
+
+    def setUp(self):
+        self.mnt = tempfile.mkdtemp(prefix="walletd-full-")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", self.mnt],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            os.rmdir(self.mnt)
+            self.skipTest("cannot mount a tmpfs: " + r.stderr.strip())
+        self.addCleanup(os.rmdir, self.mnt)
+        self.addCleanup(subprocess.run, ["umount", self.mnt])
+        self.d = Daemon({"store": os.path.join(self.mnt, "db")})
+        self.addCleanup(self.d.cleanup)
+        self.d.start()
+
+    def tearDown(self):
+        rc = self.d.stop()
+        log = self.d.read_log()
+        self.assertEqual(rc, 0, log[-3000:])
+        self.assertNotIn("AddressSanitizer", log)
+
+    def test_full_disk_answers_storage_full_then_recovers(self):
+        d = self.d
+        out = d.ctl_json("bench", "-n", "40000", "-c", "8", "--wallets", "5")
+        self.assertTrue(out["self_check"])  # balances dropped by exactly the charges answered ok
+        # the disk filled: the failures are all storage_full, none internal
+        self.assertEqual(set(out["errors"]), {"storage_full"}, out["errors"])
+        self.assertGreater(out["errors"]["storage_full"], 1000)
+        self.assertIn("No space left on device", d.read_log())
+        self.assertTrue(d.ctl_json("verify")["ok"])
+        before = d.ctl_json("verify")["transactions"]
+        subprocess.run(["mount", "-o", "remount,size=64m", self.mnt], check=True)
+        out = d.ctl_json("bench", "-n", "3000", "-c", "8", "--wallets", "5")
+        self.assertEqual(out["errors"], {})
+        self.assertTrue(out["self_check"])
+        d.stop()
+        d.start()
+        v = d.ctl_json("verify")
+        self.assertTrue(v["ok"])
+        self.assertGreaterEqual(v["transactions"], before + 3000)
 
 
 class Running(DaemonTest):
