@@ -170,6 +170,64 @@ pack_request(msgpack_sbuffer *sb, uint32_t msgid, const char *method, const msgp
 }
 
 /*
+ * The file walletd writes for us (backup).  It is created beside FILE as
+ * FILE.partial-XXXXXX and renamed over FILE only when walletd answered ok;
+ * otherwise it is removed.  A failed backup leaves no half a file behind and
+ * does not destroy the last good one.
+ */
+static char out_final[4096], out_partial[4096 + 32];
+
+static void
+out_discard(void)
+{
+	if (out_partial[0])
+		unlink(out_partial);
+}
+
+static int
+out_open(const char *path)
+{
+	int fd;
+
+	if (strlen(path) >= sizeof(out_final))
+		die(EXIT_USAGE, "%s: the name is too long", path);
+	strcpy(out_final, path);
+	snprintf(out_partial, sizeof(out_partial), "%s.partial-XXXXXX", path);
+	if ((fd = mkostemp(out_partial, O_CLOEXEC)) < 0) {
+		out_partial[0] = '\0';
+		die(EXIT_USAGE, "cannot create %s: %s", path, strerror(errno));
+	}
+	atexit(out_discard);
+	return fd;
+}
+
+/* After walletd's answer: gives the file its name when the answer is ok. */
+static void
+out_finish(const msgpack_object *resp)
+{
+	char dir[sizeof(out_final)], *slash;
+	int dfd;
+
+	if (out_partial[0] == '\0' || resp->type != MSGPACK_OBJECT_ARRAY ||
+	    resp->via.array.size != 4 || resp->via.array.ptr[2].type != MSGPACK_OBJECT_NIL)
+		return; /* out_discard removes it at exit */
+	if (rename(out_partial, out_final) != 0)
+		die(EXIT_ERROR, "cannot rename %s to %s: %s", out_partial, out_final, strerror(errno));
+	out_partial[0] = '\0';
+	strcpy(dir, out_final);
+	if ((slash = strrchr(dir, '/')) == NULL)
+		strcpy(dir, ".");
+	else if (slash == dir)
+		dir[1] = '\0'; /* "/name": the root */
+	else
+		*slash = '\0';
+	if ((dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
+		fsync(dfd); /* the new name, durable like the file walletd synced */
+		close(dfd);
+	}
+}
+
+/*
  * Calls method with params (a packed map, or NULL) on a fresh connection and
  * leaves the response in *resp.  Exits 3 if walletd cannot be reached.
  */
@@ -740,8 +798,7 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 		if (!v)
 			continue;
 		if (ps[j].type == 'F') {
-			if ((*fd_pass = open(v, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)) < 0)
-				die(EXIT_USAGE, "cannot create %s: %s", v, strerror(errno));
+			*fd_pass = out_open(v);
 			continue;
 		}
 		msgpack_pack_str_with_body(&pk, ps[j].name, strlen(ps[j].name));
@@ -1449,6 +1506,7 @@ main(int argc, char **argv)
 	msgpack_sbuffer_init(&params);
 	build_params(m, argc - i - used, argv + i + used, &params, &fd_pass);
 	call(method_table[m].name, &params, fd_pass, &resp);
+	out_finish(&resp.data);
 	rc = print_response(&resp.data);
 	msgpack_unpacked_destroy(&resp);
 	msgpack_sbuffer_destroy(&params);

@@ -4053,7 +4053,7 @@ m_verify(struct call *c)
 	return E_OK;
 }
 
-/* backup: a compacted, consistent copy into the descriptor the caller passed. */
+/* backup: a compacted, consistent copy into the descriptor the caller passed, synced. */
 static int
 m_backup(struct call *c)
 {
@@ -4065,7 +4065,12 @@ m_backup(struct call *c)
 		    "backup needs a file descriptor passed with the request (SCM_RIGHTS)");
 	if (fstat(c->fd, &st) != 0 || !S_ISREG(st.st_mode))
 		return fail(c, E_INVALID_ARGUMENT, "file", "the descriptor passed is not a regular file");
-	if ((rc = mdb_env_copyfd2(store.env, c->fd, MDB_CP_COMPACT)) != 0)
+	rc = mdb_env_copyfd2(store.env, c->fd, MDB_CP_COMPACT);
+	if (rc == 0 && fdatasync(c->fd) != 0)
+		rc = errno;
+	if (rc == ENOSPC || rc == EDQUOT)
+		return fail(c, E_STORAGE_FULL, "file", "backup failed: %s", mdb_strerror(rc));
+	if (rc != 0)
 		return fail(c, E_INTERNAL, "file", "backup failed: %s", mdb_strerror(rc));
 	fstat(c->fd, &st);
 	msgpack_pack_map(c->pk, 1);

@@ -117,6 +117,9 @@ class DiskFull(unittest.TestCase):
             self.skipTest("cannot mount a tmpfs: " + r.stderr.strip())
         self.addCleanup(os.rmdir, self.mnt)
         self.addCleanup(subprocess.run, ["umount", self.mnt])
+        self.backup = os.path.join(self.mnt, "backup.mdb")
+        with open(self.backup, "wb") as f:
+            f.write(os.urandom(65536))  # the last good backup, before walletd fills the disk
         self.d = Daemon({"store": os.path.join(self.mnt, "db")})
         self.addCleanup(self.d.cleanup)
         self.d.start()
@@ -128,7 +131,9 @@ class DiskFull(unittest.TestCase):
         self.assertNotIn("AddressSanitizer", log)
 
     def test_full_disk_answers_storage_full_then_recovers(self):
-        d = self.d
+        d, backup = self.d, self.backup
+        with open(backup, "rb") as f:
+            good = f.read()
         out = d.ctl_json("bench", "-n", "40000", "-c", "8", "--wallets", "5")
         self.assertTrue(out["self_check"])  # balances dropped by exactly the charges answered ok
         # the disk filled: the failures are all storage_full, none internal
@@ -136,11 +141,25 @@ class DiskFull(unittest.TestCase):
         self.assertGreater(out["errors"]["storage_full"], 1000)
         self.assertIn("No space left on device", d.read_log())
         self.assertTrue(d.ctl_json("verify")["ok"])
+        # a backup onto the full disk fails clearly and keeps the last good one
+        r = d.ctl("backup", backup)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("storage_full", r.stderr)
+        with d.client() as w, self.assertRaises(walletd.StorageFull):
+            w.backup(backup)
+        with open(backup, "rb") as f:
+            self.assertEqual(f.read(), good)
+        self.assertEqual(sorted(os.listdir(self.mnt)), ["backup.mdb", "db"])
         before = d.ctl_json("verify")["transactions"]
         subprocess.run(["mount", "-o", "remount,size=64m", self.mnt], check=True)
         out = d.ctl_json("bench", "-n", "3000", "-c", "8", "--wallets", "5")
         self.assertEqual(out["errors"], {})
         self.assertTrue(out["self_check"])
+        self.assertGreater(d.ctl_json("backup", backup)["bytes"], 0)
+        with open(backup, "rb") as f:
+            f.seek(16)  # after the first page's header: LMDB's magic number
+            self.assertEqual(int.from_bytes(f.read(4), "little"), 0xBEEFC0DE)
+        self.assertEqual(sorted(os.listdir(self.mnt)), ["backup.mdb", "db"])
         d.stop()
         d.start()
         v = d.ctl_json("verify")

@@ -14,6 +14,7 @@ import decimal
 import os
 import socket as _socket
 import stat
+import tempfile
 
 import msgpack
 
@@ -223,12 +224,27 @@ class Client:
         return out
 
     def backup(self, path):
-        """Writes a consistent, compacted copy of the store into path (opened here)."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Writes a consistent, compacted copy of the store into path.
+
+        walletd writes a new file beside path, which takes path's name only
+        once walletd answered ok (as walletctl backup does): a failed backup
+        leaves no partial file behind and keeps the last good one."""
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, partial = tempfile.mkstemp(prefix=os.path.basename(path) + ".partial-", dir=folder)
         try:
-            return self.call("backup", _fds=[fd])
+            result = self.call("backup", _fds=[fd])
+            os.rename(partial, path)
+            partial = None
+            dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            return result
         finally:
             os.close(fd)
+            if partial:
+                os.unlink(partial)
 
 
 def _make(wire):
