@@ -4167,6 +4167,9 @@ struct conn {
 /* The process state. */
 static struct server {
 	int listen_fd, epoll_fd, event_fd, signal_fd;
+	int spare_fd;             /* held for taking a connection when out of descriptors */
+	int accept_paused;        /* the listening socket is out of epoll until the next sweep */
+	int accept_logged;        /* an accept problem was logged since the last sweep */
 	const char *config_path;
 	unsigned nconns;
 	struct conn *conns;
@@ -4185,7 +4188,7 @@ static struct server {
 	uid_t role_uids[3][ID_LIST_MAX];
 	gid_t role_gids[3][ID_LIST_MAX];
 	int role_nuids[3], role_ngids[3];
-} srv;
+} srv = { .spare_fd = -1 };
 
 static struct stats {
 	uint64_t requests[M__COUNT], errors[M__COUNT], codes[E__COUNT];
@@ -4808,6 +4811,56 @@ conn_drop_decoder(struct conn *c, uint64_t now)
 	}
 }
 
+/* Answers a new connection too_many_connections and closes it. */
+static void
+conn_refuse(int fd)
+{
+	static const char refusal[] = "\x94\x01\xc0\x82\xa4" "code" "\xb4" "too_many_connections"
+	    "\xa7" "message" "\xd9\x1f" "Too many connections; try later" "\xc0";
+
+	if (send(fd, refusal, sizeof(refusal) - 1, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+		log_p("refusing a connection");
+	close(fd);
+	stats.conns_refused++;
+}
+
+/*
+ * accept failed with err.  The listening socket stays readable, so the loop
+ * must not simply return to epoll (it spun at 100% CPU, logging 1.8 million
+ * lines in 1.5 s, out of descriptors).  Out of descriptors, the spare one
+ * is closed to take the connection, which is refused like one over
+ * max_connections, and reopened.  Otherwise the listening socket leaves
+ * epoll until the next sweep, within a second.  Logs once a sweep.
+ * Returns 1 when the caller should accept again.
+ */
+static int
+accept_failed(int err)
+{
+	int shed = (err == EMFILE || err == ENFILE) && srv.spare_fd >= 0;
+
+	if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR || err == ECONNABORTED)
+		return 0;
+	if (!srv.accept_logged) {
+		srv.accept_logged = 1;
+		log_x(L_ERR, "cannot accept connections: %s; %s", strerror(err),
+		    shed ? "refusing them (raise the open-file limit)" : "pausing for a second");
+	}
+	if (shed) {
+		int fd;
+
+		close(srv.spare_fd);
+		fd = accept4(srv.listen_fd, NULL, NULL, SOCK_CLOEXEC);
+		err = errno;
+		if (fd >= 0)
+			conn_refuse(fd);
+		srv.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+		return fd >= 0 || err == ECONNABORTED || err == EINTR; /* EAGAIN: none left */
+	}
+	if (!srv.accept_paused && epoll_ctl(srv.epoll_fd, EPOLL_CTL_DEL, srv.listen_fd, NULL) == 0)
+		srv.accept_paused = 1;
+	return 0;
+}
+
 /* Accepts every waiting connection. */
 static void
 conn_accept(void)
@@ -4820,19 +4873,13 @@ conn_accept(void)
 		struct conn *c;
 
 		if (fd < 0) {
-			if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-				log_p("accept");
+			if (accept_failed(errno))
+				continue;
 			return;
 		}
 		stats.conns_total++;
 		if (srv.nconns >= config.max_connections) {
-			static const char refusal[] = "\x94\x01\xc0\x82\xa4" "code" "\xb4" "too_many_connections"
-			    "\xa7" "message" "\xd9\x1f" "Too many connections; try later" "\xc0";
-
-			if (send(fd, refusal, sizeof(refusal) - 1, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
-				log_p("refusing a connection");
-			close(fd);
-			stats.conns_refused++;
+			conn_refuse(fd);
 			continue;
 		}
 		if ((c = calloc(1, sizeof(*c))) == NULL) {
@@ -5201,6 +5248,15 @@ idle_sweep(void)
 
 	for (c = srv.conns; c; c = c->next)
 		conn_drop_decoder(c, now);
+	srv.accept_logged = 0;
+	if (srv.accept_paused) {
+		struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &srv.listen_fd };
+
+		if (epoll_ctl(srv.epoll_fd, EPOLL_CTL_ADD, srv.listen_fd, &ev) == 0)
+			srv.accept_paused = 0;
+		if (srv.spare_fd < 0)
+			srv.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	}
 	malloc_trim(0); /* give back what bursts (batches, big frames) left behind */
 	if (config.idle_timeout == 0)
 		return;
@@ -5434,7 +5490,8 @@ loop_stop(void)
 {
 	uint64_t deadline;
 
-	epoll_ctl(srv.epoll_fd, EPOLL_CTL_DEL, srv.listen_fd, NULL);
+	if (!srv.accept_paused)
+		epoll_ctl(srv.epoll_fd, EPOLL_CTL_DEL, srv.listen_fd, NULL);
 	close(srv.listen_fd);
 	unlink(config.socket);
 	before_sleep();
@@ -5911,6 +5968,7 @@ main(int argc, char **argv)
 	ev.events = EPOLLIN;
 	ev.data.ptr = &srv.listen_fd;
 	epoll_ctl(srv.epoll_fd, EPOLL_CTL_ADD, srv.listen_fd, &ev);
+	srv.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	ev.data.ptr = &srv.event_fd;
 	epoll_ctl(srv.epoll_fd, EPOLL_CTL_ADD, srv.event_fd, &ev);
 	ev.data.ptr = &srv.signal_fd;

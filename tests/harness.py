@@ -36,6 +36,7 @@ class Daemon:
         self.config = {"store": self.store, "socket": self.sock, "log_level": "2"}
         self.config.update(config or {})
         self.proc = None
+        self.wrap = []  # a command walletd runs under, as ["prlimit", "--nofile=40:40"]
 
     def write_config(self):
         with open(self.conf, "w") as f:
@@ -46,7 +47,7 @@ class Daemon:
         self.write_config()
         env = dict(os.environ)
         env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
-        self.proc = subprocess.Popen([WALLETD, "-f", "-c", self.conf], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.wrap + [WALLETD, "-f", "-c", self.conf], stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "a"), env=env)
         if wait:
             deadline = time.time() + 20

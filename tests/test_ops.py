@@ -1,5 +1,7 @@
 """Operations: access control, config reload, limits, store growth, backup, crashes."""
+import grp
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -165,6 +167,43 @@ class DiskFull(unittest.TestCase):
         v = d.ctl_json("verify")
         self.assertTrue(v["ok"])
         self.assertGreaterEqual(v["transactions"], before + 3000)
+
+
+class OutOfDescriptors(unittest.TestCase):
+    """walletd as nobody with 40 descriptors, 60 connections knocking."""
+
+    def test_refuses_without_spinning_then_recovers(self):
+        nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        if subprocess.run(nobody + [WALLETD, "-h"], capture_output=True).returncode != 0:
+            self.skipTest("nobody cannot run %s" % WALLETD)
+        d = Daemon()
+        self.addCleanup(d.cleanup)
+        os.chown(d.dir, pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+        d.wrap = nobody + ["prlimit", "--nofile=40:40"]
+        d.start()
+        held = [d.raw() for _ in range(60)]
+        time.sleep(0.5)
+        cpu = lambda: sum(int(x) for x in open("/proc/%d/stat" % d.proc.pid).read().rsplit(")", 1)[1].split()[11:13])
+        before = cpu()
+        time.sleep(1)
+        # out of descriptors the listening socket stays readable: no spinning on it
+        self.assertLess(cpu() - before, os.sysconf("SC_CLK_TCK") // 2)
+        refused = 0
+        for s in held:
+            s.setblocking(False)
+            try:
+                refused += b"too_many_connections" in s.recv(200)
+            except BlockingIOError:
+                pass  # accepted: it waits for a request
+        self.assertGreater(refused, 10)
+        self.assertLess(refused, 60)
+        self.assertLessEqual(d.read_log().count("cannot accept connections: Too many open files"), 3)
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        self.assertEqual(d.client().ping()["api"], 1)
+        self.assertGreaterEqual(d.ctl_json("stats")["connections"]["refused"], refused)
+        self.assertEqual(d.stop(), 0, d.read_log()[-3000:])
 
 
 class Running(DaemonTest):
