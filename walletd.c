@@ -4768,8 +4768,15 @@ conn_read(struct conn *c)
 		if (ret == MSGPACK_UNPACK_PARSE_ERROR || ret == MSGPACK_UNPACK_NOMEM_ERROR) {
 			struct req *r = req_new(c);
 
-			if (r) {
+			if (ret == MSGPACK_UNPACK_NOMEM_ERROR)
+				log_x(L_WARN, "out of memory decoding a frame of uid %u; closing it", (unsigned)c->uid);
+			if (r && ret == MSGPACK_UNPACK_NOMEM_ERROR) {
+				r->has_msgid = c->frame_has_msgid;
+				r->msgid = c->frame_msgid;
+				req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame needs more memory to decode than walletd could get");
+			} else if (r)
 				req_error(r, E_MALFORMED_REQUEST, NULL, "The frame cannot be decoded as MessagePack");
+			if (r) {
 				r->state = RQ_DONE;
 				conn_queue(c, r);
 			}

@@ -37,6 +37,7 @@ class Daemon:
         self.config.update(config or {})
         self.proc = None
         self.wrap = []  # a command walletd runs under, as ["prlimit", "--nofile=40:40"]
+        self.binary = WALLETD
 
     def write_config(self):
         with open(self.conf, "w") as f:
@@ -47,7 +48,7 @@ class Daemon:
         self.write_config()
         env = dict(os.environ)
         env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
-        self.proc = subprocess.Popen(self.wrap + [WALLETD, "-f", "-c", self.conf], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.wrap + [self.binary, "-f", "-c", self.conf], stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "a"), env=env)
         if wait:
             deadline = time.time() + 20

@@ -11,7 +11,7 @@ import threading
 import time
 import unittest
 
-from harness import Daemon, DaemonTest, request, read_frames, walletd, WALLETD, PY, HERE
+from harness import Daemon, DaemonTest, request, read_frames, walletd, msgpack, WALLETD, PY, HERE
 
 
 class AccessControl(DaemonTest):
@@ -203,6 +203,37 @@ class OutOfDescriptors(unittest.TestCase):
         time.sleep(0.3)
         self.assertEqual(d.client().ping()["api"], 1)
         self.assertGreaterEqual(d.ctl_json("stats")["connections"]["refused"], refused)
+        self.assertEqual(d.stop(), 0, d.read_log()[-3000:])
+
+
+class OutOfMemory(unittest.TestCase):
+    """walletd under a 400 MB address-space limit (the plain build: ASan's shadow needs more)."""
+
+    def test_frame_too_big_to_decode_is_refused_and_walletd_lives(self):
+        d = Daemon()
+        self.addCleanup(d.cleanup)
+        d.binary = os.path.join(HERE, "..", "walletd")
+        d.wrap = ["prlimit", "--as=400000000"]
+        d.start()
+        # 15 million nils: under max_frame (16 MiB), but 360 MB of decoded objects
+        n = 15000000
+        body = (b"\x94" + msgpack.packb(0) + msgpack.packb(7) + msgpack.packb("charge") + b"\x91\x82" +
+                msgpack.packb("wallet") + msgpack.packb("acme") + msgpack.packb("junk") +
+                b"\xdd" + n.to_bytes(4, "big") + b"\xc0" * n)
+        s = d.raw()
+        s.settimeout(30)
+        got = []
+        t = threading.Thread(target=lambda: got.extend(read_frames(s, 1)))
+        t.start()
+        try:
+            s.sendall(body)
+        except OSError:
+            pass  # walletd answered and closed before the whole frame was sent
+        t.join(30)
+        self.assertEqual(got[0][1], 7)
+        self.assertEqual(got[0][2]["code"], "frame_too_large")
+        self.assertIn("out of memory decoding a frame", d.read_log())
+        self.assertEqual(d.client().ping()["api"], 1)
         self.assertEqual(d.stop(), 0, d.read_log()[-3000:])
 
 
