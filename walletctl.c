@@ -243,13 +243,18 @@ call(const char *method, const msgpack_sbuffer *params, int fd_pass, msgpack_unp
 		die(EXIT_CONNECT, "cannot connect to walletd at %s: %s", path, strerror(errno));
 	msgpack_sbuffer_init(&sb);
 	pack_request(&sb, 1, method, params);
-	if (send_all(fd, sb.data, sb.size, fd_pass) != 0)
-		die(EXIT_CONNECT, "cannot send to walletd at %s: %s", path, strerror(errno));
-	msgpack_sbuffer_destroy(&sb);
 	msgpack_unpacker_init(&up, 65536);
 	msgpack_unpacked_init(resp);
-	if (recv_object(fd, &up, resp) != 0)
+	if (send_all(fd, sb.data, sb.size, fd_pass) != 0) {
+		int err = errno;
+
+		/* walletd may have answered first and closed (too_many_connections) */
+		if (recv_object(fd, &up, resp) != 0)
+			die(EXIT_CONNECT, "cannot send to walletd at %s: %s", path, strerror(err));
+	} else if (recv_object(fd, &up, resp) != 0) {
 		die(EXIT_CONNECT, "walletd closed the connection without an answer");
+	}
+	msgpack_sbuffer_destroy(&sb);
 	msgpack_unpacker_destroy(&up);
 	close(fd);
 }

@@ -74,6 +74,11 @@ class Limits(DaemonTest):
         extra = d.raw()
         f = read_frames(extra, 1)
         self.assertEqual(f[0][2]["code"], "too_many_connections")
+        for _ in range(5):  # the binding and walletctl name the refusal too, however the race goes
+            with self.assertRaises(walletd.TooManyConnections):
+                d.client().ping()
+            r = d.ctl("ping")
+            self.assertIn("too_many_connections", r.stderr)
         held[0].close()
         time.sleep(0.2)
         self.assertEqual(d.client().ping()["api"], 1)

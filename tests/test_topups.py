@@ -4,6 +4,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -126,6 +127,33 @@ class Webhooks(DaemonTest):
         h = self.d.ctl_json("history", "acme")
         self.assertEqual([(x["type"], x["amount"], x["provider_ref"]) for x in h["transactions"]],
                          [("credit", "100", "285959875")])
+
+    def test_bad_content_length_is_a_clear_400(self):
+        c = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        c.sendall(b"POST /paystack HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n")
+        self.assertTrue(c.recv(100).startswith(b"HTTP/1.0 400"))
+        c.close()
+
+    def test_walletd_unable_now_asks_the_gateway_to_retry(self):
+        self.seed("0")
+        t = self.d.ctl_json("topup", "create", "acme", "25")
+        self.d.config["max_connections"] = "2"
+        self.d.write_config()
+        self.d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        held = [self.d.raw() for _ in range(2)]  # walletd at its limit refuses the receiver
+        body = json.dumps({"event": "charge.success", "data": {
+            "id": 4100, "reference": t["ref"], "amount": 2500, "currency": "USD", "status": "success"}}).encode()
+        sig = hmac.new(b"sk_test_123", body, hashlib.sha512).hexdigest()
+        status, text = self.post("/paystack", body, {"x-paystack-signature": sig})
+        self.assertEqual((status, text.strip()), (503, "not credited yet: too_many_connections"))
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        self.assertEqual(self.d.ctl_json("topup", "get", t["ref"])["status"], "pending")
+        status, text = self.post("/paystack", body, {"x-paystack-signature": sig})  # the gateway's retry
+        self.assertEqual((status, text.strip()), (200, "credited 25 USD"))
+        self.assertEqual(self.d.ctl_json("balance", "acme")["balance"], "25")
 
     def test_paystack_signature_is_checked(self):
         self.seed("0")

@@ -7,6 +7,8 @@ A good signature and a successful payment call topup.confirm, which credits
 the wallet exactly once however often the gateway retries.  A bad signature
 is answered 401 and changes nothing.  A failed attempt changes nothing
 either: the customer may pay again on the same checkout (SPEC 5).
+When walletd cannot take the credit now (unreachable, a full store, busy),
+the answer is 503 and the gateway sends the event again later.
 
     POST /flutterwave   header verif-hash: the secret hash set in the dashboard
     POST /paystack      header x-paystack-signature: HMAC-SHA512(secret key, body)
@@ -31,6 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import walletd  # noqa: E402
 
 MAX_BODY = 1 << 20
+# walletd's answers that may pass (a full store given room, a busy or restarting
+# walletd): answered 503, so the gateway sends the event again later.
+RETRY_CODES = {"storage_full", "busy", "too_many_connections", "internal"}
 
 
 def flutterwave(headers, body):
@@ -68,6 +73,8 @@ GATEWAYS = {"/flutterwave": flutterwave, "/paystack": paystack}
 
 
 class Handler(BaseHTTPRequestHandler):
+    timeout = 30  # seconds a client may stall; each connection has a thread
+
     def answer(self, status, text):
         data = (text + "\n").encode()
         self.send_response(status)
@@ -80,7 +87,8 @@ class Handler(BaseHTTPRequestHandler):
         gateway = GATEWAYS.get(self.path.split("?")[0])
         if gateway is None:
             return self.answer(404, "no such webhook")
-        length = int(self.headers.get("Content-Length") or 0)
+        length = self.headers.get("Content-Length", "")
+        length = int(length) if length.isdigit() else 0
         if length <= 0 or length > MAX_BODY:
             return self.answer(400, "bad body")
         body = self.rfile.read(length)
@@ -100,6 +108,9 @@ class Handler(BaseHTTPRequestHandler):
         except walletd.ConnectionLost as e:
             return self.answer(503, "walletd unavailable: %s" % e)  # the gateway retries
         except walletd.WalletdError as e:
+            if e.code in RETRY_CODES:
+                self.log_message("topup.confirm %s: %s %s; asking for a retry", params.get("ref"), e.code, e.message)
+                return self.answer(503, "not credited yet: %s" % e.code)
             # unknown_topup, invalid_argument...: retrying cannot help; staff must look.
             self.log_message("topup.confirm %s: %s %s", params.get("ref"), e.code, e.message)
             return self.answer(200, "not credited: %s" % e.code)

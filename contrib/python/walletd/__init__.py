@@ -165,8 +165,24 @@ class Client:
                 data = data[sent:]
             self._sock.sendall(data)
         except OSError as e:
+            refusal = self._refusal()
             self.close()
+            if refusal is not None:
+                raise refusal from None
             raise ConnectionLost("connection to walletd lost: %s" % e) from None
+
+    def _refusal(self):
+        """The error walletd answered before it closed (too_many_connections), if any."""
+        try:
+            self._sock.setblocking(False)
+            self._unpacker.feed(self._sock.recv(1 << 16))
+            for msg in self._unpacker:
+                self._result(msg)
+        except WalletdError as e:
+            return e
+        except OSError:
+            pass
+        return None
 
     def _receive(self):
         while True:
