@@ -4105,7 +4105,7 @@ static const method_fn method_fns[M__COUNT] = {
 /* ====================================================================== */
 
 #define READ_CHUNK    (64u << 10)
-#define INFLIGHT_MAX  4096  /* requests of one connection in flight before it is not read */
+#define QUEUE_MAX     4096  /* requests of one connection queued before it is not read */
 #define SLOW_READ_BYTES (64u << 10) /* a read this large runs on a helper thread */
 #define LAT_RING      65536
 
@@ -4150,9 +4150,11 @@ struct conn {
 	struct buf out;
 	struct req *head, *tail;  /* requests in order; answers leave from head */
 	struct req *first_wait;   /* the first not yet dispatched */
+	unsigned queued;          /* requests in the queue, answered or not */
 	unsigned inflight;        /* with the writer or a helper */
 	unsigned nslow;           /* with a helper */
 	int passed_fd;
+	int decode_paused;        /* whole frames wait in the decoder: the queue is full */
 	int frame_has_msgid;      /* the frame being received shows its msgid */
 	uint32_t frame_msgid;
 	int closing;              /* answer what is queued, then close */
@@ -4431,6 +4433,7 @@ conn_queue(struct conn *c, struct req *r)
 	else
 		c->head = r;
 	c->tail = r;
+	c->queued++;
 	if (c->first_wait == NULL)
 		c->first_wait = r;
 	conn_mark_dirty(c);
@@ -4520,7 +4523,8 @@ conn_events(struct conn *c)
 
 	if (c->dead)
 		return;
-	if (!c->closing && c->inflight < INFLIGHT_MAX && c->out.len - c->out.off < config.max_output / 2)
+	if (!c->closing && !c->decode_paused && c->queued < QUEUE_MAX &&
+	    c->out.len - c->out.off < config.max_output / 2)
 		want |= EPOLLIN;
 	if (c->out.len > c->out.off)
 		want |= EPOLLOUT;
@@ -4650,6 +4654,7 @@ conn_pump(struct conn *c)
 			if (!c->dead && buf_append(&c->out, r->out.data, r->out.size) != 0)
 				c->closing = 1;
 			c->head = r->next;
+			c->queued--;
 			if (c->head == NULL)
 				c->tail = NULL;
 			if (c->first_wait == r)
@@ -4704,6 +4709,69 @@ frame_msgid(const unsigned char *p, size_t n, uint32_t *msgid)
 }
 
 /*
+ * Decodes the whole frames in c's decoder into requests, until QUEUE_MAX
+ * requests of c are queued: then the rest waits in the decoder
+ * (decode_paused) and c is not read until its queue has room again.  Without
+ * the bound, one read of 64 KiB of tiny frames queued ~7,000 requests of
+ * ~4.6 KB each (a msgpack zone per request), whatever was in flight.
+ */
+static void
+conn_decode(struct conn *c)
+{
+	msgpack_unpacked msg;
+	msgpack_unpack_return ret = MSGPACK_UNPACK_CONTINUE;
+
+	c->decode_paused = 0;
+	msgpack_unpacked_init(&msg);
+	for (;;) {
+		size_t bytes = 0;
+
+		if (c->queued >= QUEUE_MAX) {
+			c->decode_paused = c->up.used > c->up.off;
+			break;
+		}
+		if (c->up.parsed == 0) /* a frame starts here: note its msgid for frame_too_large */
+			c->frame_has_msgid = frame_msgid((unsigned char *)c->up.buffer + c->up.off,
+			    c->up.used - c->up.off, &c->frame_msgid);
+		ret = msgpack_unpacker_next_with_size(&c->up, &msg, &bytes);
+		if (ret != MSGPACK_UNPACK_SUCCESS)
+			break;
+		conn_frame(c, &msg, bytes);
+	}
+	msgpack_unpacked_destroy(&msg);
+	if (ret == MSGPACK_UNPACK_PARSE_ERROR || ret == MSGPACK_UNPACK_NOMEM_ERROR) {
+		struct req *r = req_new(c);
+
+		if (ret == MSGPACK_UNPACK_NOMEM_ERROR)
+			log_x(L_WARN, "out of memory decoding a frame of uid %u; closing it", (unsigned)c->uid);
+		if (r && ret == MSGPACK_UNPACK_NOMEM_ERROR) {
+			r->has_msgid = c->frame_has_msgid;
+			r->msgid = c->frame_msgid;
+			req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame needs more memory to decode than walletd could get");
+		} else if (r)
+			req_error(r, E_MALFORMED_REQUEST, NULL, "The frame cannot be decoded as MessagePack");
+		if (r) {
+			r->state = RQ_DONE;
+			conn_queue(c, r);
+		}
+		c->closing = 1;
+		conn_mark_dirty(c);
+	} else if (!c->decode_paused && msgpack_unpacker_message_size(&c->up) > config.max_frame) {
+		struct req *r = req_new(c);
+
+		if (r) {
+			r->has_msgid = c->frame_has_msgid;
+			r->msgid = c->frame_msgid;
+			req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame is larger than %zu bytes", config.max_frame);
+			r->state = RQ_DONE;
+			conn_queue(c, r);
+		}
+		c->closing = 1;
+		conn_mark_dirty(c);
+	}
+}
+
+/*
  * Reads what c sent and decodes every whole frame in it.  Bytes are read into
  * one shared buffer and copied into the connection's decoder, which exists
  * only while a frame is incomplete or being decoded.
@@ -4718,8 +4786,6 @@ conn_read(struct conn *c)
 		struct iovec iov;
 		struct msghdr mh;
 		struct cmsghdr *cm;
-		msgpack_unpacked msg;
-		msgpack_unpack_return ret;
 		ssize_t n;
 
 		iov.iov_base = read_buf;
@@ -4752,52 +4818,9 @@ conn_read(struct conn *c)
 		c->up_ready = 1;
 		memcpy(msgpack_unpacker_buffer(&c->up), read_buf, (size_t)n);
 		msgpack_unpacker_buffer_consumed(&c->up, (size_t)n);
-		msgpack_unpacked_init(&msg);
-		for (;;) {
-			size_t bytes = 0;
-
-			if (c->up.parsed == 0) /* a frame starts here: note its msgid for frame_too_large */
-				c->frame_has_msgid = frame_msgid((unsigned char *)c->up.buffer + c->up.off,
-				    c->up.used - c->up.off, &c->frame_msgid);
-			ret = msgpack_unpacker_next_with_size(&c->up, &msg, &bytes);
-			if (ret != MSGPACK_UNPACK_SUCCESS)
-				break;
-			conn_frame(c, &msg, bytes);
-		}
-		msgpack_unpacked_destroy(&msg);
-		if (ret == MSGPACK_UNPACK_PARSE_ERROR || ret == MSGPACK_UNPACK_NOMEM_ERROR) {
-			struct req *r = req_new(c);
-
-			if (ret == MSGPACK_UNPACK_NOMEM_ERROR)
-				log_x(L_WARN, "out of memory decoding a frame of uid %u; closing it", (unsigned)c->uid);
-			if (r && ret == MSGPACK_UNPACK_NOMEM_ERROR) {
-				r->has_msgid = c->frame_has_msgid;
-				r->msgid = c->frame_msgid;
-				req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame needs more memory to decode than walletd could get");
-			} else if (r)
-				req_error(r, E_MALFORMED_REQUEST, NULL, "The frame cannot be decoded as MessagePack");
-			if (r) {
-				r->state = RQ_DONE;
-				conn_queue(c, r);
-			}
-			c->closing = 1;
-			conn_mark_dirty(c);
+		conn_decode(c);
+		if (c->decode_paused)
 			break;
-		}
-		if (msgpack_unpacker_message_size(&c->up) > config.max_frame) {
-			struct req *r = req_new(c);
-
-			if (r) {
-				r->has_msgid = c->frame_has_msgid;
-				r->msgid = c->frame_msgid;
-				req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame is larger than %zu bytes", config.max_frame);
-				r->state = RQ_DONE;
-				conn_queue(c, r);
-			}
-			c->closing = 1;
-			conn_mark_dirty(c);
-			break;
-		}
 		if ((size_t)n < iov.iov_len)
 			break;
 	}
@@ -5230,8 +5253,13 @@ before_sleep(void)
 	struct conn *c, *next;
 
 	/* Dispatch first, so the writer starts on this turn's requests while answers go out. */
-	for (c = srv.dirty; c; c = c->dirty_next)
+	for (c = srv.dirty; c; c = c->dirty_next) {
 		conn_pump(c);
+		if (c->decode_paused && !c->closing && !c->dead && c->queued < QUEUE_MAX) {
+			conn_decode(c); /* frames read earlier, now that the queue has room */
+			conn_pump(c);
+		}
+	}
 	writer_handover();
 	for (c = srv.dirty, srv.dirty = NULL; c; c = next) {
 		next = c->dirty_next;

@@ -65,6 +65,22 @@ class Limits(DaemonTest):
         half.settimeout(5)
         self.assertEqual(half.recv(100), b"")
 
+    def test_pipeline_deeper_than_the_queue_bound_is_answered_in_order(self):
+        # 100,000 pings behind a write: a connection's queue holds 4,096 requests, the
+        # rest wait undecoded (not ~4.6 KB each) and are decoded as the queue drains
+        d = self.d
+        n = 100000
+        s = d.raw()
+        data = request(0, "wallet.create", {"wallet": "deep", "currency": "USD"}) + b"".join(
+            request(i, "ping") for i in range(1, n + 1))
+        t = threading.Thread(target=s.sendall, args=(data,))
+        t.start()
+        got = read_frames(s, n + 1, timeout=60)
+        t.join()
+        self.assertEqual([m[1] for m in got], list(range(n + 1)))
+        self.assertEqual([m for m in got if m[2] is not None], [])
+        self.assertEqual(d.ctl_json("balance", "deep")["balance"], "0")
+
     def test_too_many_connections_is_a_clear_refusal(self):
         d = self.d
         held = [d.raw() for _ in range(20)]
