@@ -259,6 +259,42 @@ bad:
 	return -1;
 }
 
+/* Below these a key makes no sense: a frame of 0 bytes, an SMTP delivery
+ * with no time limit (curl's 0), an alert run every 0 seconds. */
+static const struct {
+	const char *name;
+	size_t min;
+} config_mins[] = {
+	{ "max_connections", 1 }, { "max_frame", 1024 }, { "max_output", 1u << 20 },
+	{ "batch_max", 1 }, { "batch_bytes", 1024 }, { "charge_batch_max", 1 },
+	{ "map_size", 64u << 10 }, { "map_size_max", 64u << 10 }, { "topup_ttl", 1 },
+	{ "smtp_timeout", 1 }, { "alert_interval", 1 }, { "alert_max_attempts", 1 },
+};
+
+/* Checks cf against config_mins.  Returns 0, or -1 with a message logged. */
+static int
+config_check(const struct config *cf)
+{
+	int rc = 0;
+
+	for (size_t i = 0; i < sizeof(config_mins) / sizeof(config_mins[0]); i++)
+		for (size_t j = 0; j < sizeof(config_keys) / sizeof(config_keys[0]); j++) {
+			const struct config_key *k = &config_keys[j];
+			const char *field = (const char *)cf + k->offset;
+			size_t v;
+
+			if (strcmp(k->name, config_mins[i].name) != 0)
+				continue;
+			v = k->type == CF_UINT ? *(const unsigned *)field : *(const size_t *)field;
+			if (v < config_mins[i].min) {
+				log_x(L_ERR, "config key '%s' must be at least %zu, not %zu", k->name,
+				    config_mins[i].min, v);
+				rc = -1;
+			}
+		}
+	return rc;
+}
+
 /* Reads a key = value file into cf.  Returns 0, or -1 with a message logged. */
 static int
 config_load(struct config *cf, const char *path)
@@ -297,7 +333,7 @@ config_load(struct config *cf, const char *path)
 			rc = -1;
 	}
 	fclose(f);
-	return rc;
+	return config_check(cf) != 0 ? -1 : rc;
 }
 
 /* ====================================================================== */

@@ -306,6 +306,24 @@ class Running(DaemonTest):
             restored.stop()
             restored.cleanup()
 
+    def test_senseless_config_values_are_refused(self):
+        d = self.d
+        d.config.update({"max_frame": "0", "smtp_timeout": "0"})
+        d.write_config()
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        log = d.read_log()
+        self.assertIn("config key 'max_frame' must be at least 1024, not 0", log)
+        self.assertIn("config key 'smtp_timeout' must be at least 1, not 0", log)
+        self.assertIn("has errors; nothing changed", log)
+        self.assertEqual(d.client().ping()["api"], 1)
+        other = Daemon({"batch_max": "0"})
+        other.write_config()
+        r = subprocess.run([WALLETD, "-f", "-c", other.conf], capture_output=True, text=True, timeout=20)
+        other.cleanup()
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("config key 'batch_max' must be at least 1, not 0", r.stderr)
+
     def test_help_lists_every_config_key(self):
         r = subprocess.run([WALLETD, "-h"], capture_output=True, text=True)
         self.assertEqual(r.returncode, 0)
