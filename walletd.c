@@ -1987,6 +1987,8 @@ store_error(struct call *c, int rc)
 		c->mdb_rc = rc;
 	if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT || rc == MDB_TXN_FULL)
 		return fail(c, E_STORAGE_FULL, NULL, "The store is full: %s", mdb_strerror(rc));
+	if (rc == MDB_READERS_FULL)
+		return fail(c, E_BUSY, NULL, "Too many reads at once; retry later");
 	log_x(L_ERR, "store error: %s", mdb_strerror(rc));
 	return fail(c, E_INTERNAL, NULL, "Internal error: %s", mdb_strerror(rc));
 }
@@ -4143,6 +4145,7 @@ static const method_fn method_fns[M__COUNT] = {
 #define READ_CHUNK    (64u << 10)
 #define QUEUE_MAX     4096  /* requests of one connection queued before it is not read */
 #define SLOW_READ_BYTES (64u << 10) /* a read this large runs on a helper thread */
+#define SLOW_MAX      64    /* helper threads at once; each holds one of LMDB's 256 reader slots */
 #define LAT_RING      65536
 
 enum { RQ_WAITING, RQ_WRITER, RQ_SLOW, RQ_DONE };
@@ -4208,6 +4211,8 @@ static struct server {
 	int spare_fd;             /* held for taking a connection when out of descriptors */
 	int accept_paused;        /* the listening socket is out of epoll until the next sweep */
 	int accept_logged;        /* an accept problem was logged since the last sweep */
+	unsigned slow_running;    /* helper threads running */
+	struct req *slow_head, *slow_tail; /* slow requests waiting for a helper */
 	const char *config_path;
 	unsigned nconns;
 	struct conn *conns;
@@ -4652,7 +4657,7 @@ conn_flush(struct conn *c)
 }
 
 static void writer_submit(struct req *r);
-static void slow_start(struct req *r);
+static void slow_submit(struct req *r);
 
 /* Runs a read in the event loop's read transaction. */
 static void
@@ -4713,7 +4718,7 @@ conn_pump(struct conn *c)
 			r->state = RQ_SLOW;
 			c->inflight++;
 			c->nslow++;
-			slow_start(r);
+			slow_submit(r);
 		} else if ((flags & MF_WRITE) || r != c->head) {
 			r->state = RQ_WRITER;
 			c->inflight++;
@@ -5255,6 +5260,26 @@ slow_start(struct req *r)
 	pthread_attr_destroy(&attr);
 }
 
+/*
+ * Runs r on a helper thread, or queues it while SLOW_MAX are running: 300
+ * verifies at once ran out of LMDB's reader slots (39 answered internal).
+ */
+static void
+slow_submit(struct req *r)
+{
+	if (srv.slow_running < SLOW_MAX) {
+		srv.slow_running++;
+		slow_start(r);
+		return;
+	}
+	r->qnext = NULL;
+	if (srv.slow_tail)
+		srv.slow_tail->qnext = r;
+	else
+		srv.slow_head = r;
+	srv.slow_tail = r;
+}
+
 /* Takes the answered requests back into their connections. */
 static void
 done_collect(void)
@@ -5273,11 +5298,20 @@ done_collect(void)
 
 		next = r->qnext;
 		c->inflight--;
-		if (r->state == RQ_SLOW)
+		if (r->state == RQ_SLOW) {
 			c->nslow--;
+			srv.slow_running--;
+		}
 		r->state = RQ_DONE;
 		stats_count(r);
 		conn_mark_dirty(c);
+	}
+	while (srv.slow_head && srv.slow_running < SLOW_MAX) {
+		r = srv.slow_head;
+		if ((srv.slow_head = r->qnext) == NULL)
+			srv.slow_tail = NULL;
+		srv.slow_running++;
+		slow_start(r);
 	}
 }
 

@@ -306,6 +306,17 @@ class Running(DaemonTest):
             restored.stop()
             restored.cleanup()
 
+    def test_300_verifies_at_once_all_answer(self):
+        # each runs on a helper thread holding an LMDB reader slot (256 in all)
+        d = self.d
+        self.assertTrue(d.ctl_json("bench", "-n", "5000", "-c", "8", "--wallets", "5")["self_check"])
+        socks = [d.raw() for _ in range(300)]
+        for s in socks:
+            s.sendall(request(1, "verify"))
+        answers = [read_frames(s, 1, timeout=120)[0] for s in socks]
+        self.assertEqual([a[2] for a in answers if a[2] is not None], [])
+        self.assertTrue(all(a[3]["ok"] for a in answers))
+
     def test_senseless_config_values_are_refused(self):
         d = self.d
         d.config.update({"max_frame": "0", "smtp_timeout": "0"})
