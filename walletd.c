@@ -5306,7 +5306,7 @@ done_collect(void)
 		stats_count(r);
 		conn_mark_dirty(c);
 	}
-	while (srv.slow_head && srv.slow_running < SLOW_MAX) {
+	while (srv.slow_head && srv.slow_running < SLOW_MAX && !srv.stopping) {
 		r = srv.slow_head;
 		if ((srv.slow_head = r->qnext) == NULL)
 			srv.slow_tail = NULL;
@@ -5589,6 +5589,8 @@ loop_run(void)
 /*
  * Stops cleanly: no new connections; the writer finishes what it holds and
  * commits it; those answers are written (briefly waiting for slow readers).
+ * Running helper threads finish first (the store closes after this; a verify
+ * cut off by it crashed walletd on its way out); queued ones never start.
  */
 static void
 loop_stop(void)
@@ -5605,6 +5607,8 @@ loop_stop(void)
 	pthread_cond_broadcast(&srv.cond);
 	pthread_mutex_unlock(&srv.lock);
 	pthread_join(srv.writer, NULL);
+	if (srv.slow_running)
+		log_x(L_INFO, "waiting for %u slow reads to finish", srv.slow_running);
 	deadline = now_micros() + 2000000u;
 	for (;;) {
 		int writing = 0;
@@ -5615,7 +5619,7 @@ loop_stop(void)
 		before_sleep();
 		for (struct conn *c = srv.conns; c; c = c->next)
 			writing |= c->out.len > c->out.off;
-		if (!writing || now_micros() > deadline)
+		if ((!writing || now_micros() > deadline) && srv.slow_running == 0)
 			break;
 		usleep(10000);
 	}

@@ -317,6 +317,18 @@ class Running(DaemonTest):
         self.assertEqual([a[2] for a in answers if a[2] is not None], [])
         self.assertTrue(all(a[3]["ok"] for a in answers))
 
+    def test_sigterm_during_slow_reads_exits_cleanly(self):
+        d = self.d
+        self.assertTrue(d.ctl_json("bench", "-n", "20000", "-c", "8", "--wallets", "5")["self_check"])
+        socks = [d.raw() for _ in range(8)]
+        for s in socks:
+            s.sendall(request(1, "verify"))
+        time.sleep(0.1)  # the verifies are running on helper threads
+        self.assertEqual(d.stop(), 0, d.read_log()[-3000:])
+        self.assertIn("waiting for", d.read_log())
+        answers = [read_frames(s, 1, timeout=30) for s in socks]
+        self.assertTrue(all(a and a[0][3]["ok"] for a in answers), answers)
+
     def test_senseless_config_values_are_refused(self):
         d = self.d
         d.config.update({"max_frame": "0", "smtp_timeout": "0"})
