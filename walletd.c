@@ -5465,6 +5465,7 @@ listen_open(const char *path)
 {
 	struct sockaddr_un sa;
 	struct group *gr;
+	struct stat st;
 	int fd;
 
 	memset(&sa, 0, sizeof(sa));
@@ -5484,6 +5485,11 @@ listen_open(const char *path)
 		return -1;
 	}
 	close(fd);
+	if (lstat(path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+		/* a mistyped -s once pointed at the store's data.mdb, and it was gone */
+		log_x(L_ERR, "%s exists and is not a socket; not replacing it", path);
+		return -1;
+	}
 	unlink(path); /* stale, from a crash */
 	if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)) < 0) {
 		log_p("socket");

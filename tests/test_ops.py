@@ -317,6 +317,19 @@ class Running(DaemonTest):
         self.assertEqual([a[2] for a in answers if a[2] is not None], [])
         self.assertTrue(all(a[3]["ok"] for a in answers))
 
+    def test_a_socket_path_naming_a_file_is_refused_not_deleted(self):
+        d = self.d
+        self.seed("5")
+        d.stop()
+        data = os.path.join(d.store, "data.mdb")
+        size = os.path.getsize(data)
+        r = subprocess.run([WALLETD, "-f", "-d", d.store, "-s", data], capture_output=True, text=True, timeout=20)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("exists and is not a socket; not replacing it", r.stderr)
+        self.assertEqual(os.path.getsize(data), size)  # a typo once deleted the store here
+        d.start()
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "5")
+
     def test_sigterm_during_slow_reads_exits_cleanly(self):
         d = self.d
         self.assertTrue(d.ctl_json("bench", "-n", "20000", "-c", "8", "--wallets", "5")["self_check"])
