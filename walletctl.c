@@ -187,10 +187,17 @@ out_discard(void)
 static int
 out_open(const char *path)
 {
+	char lock[sizeof(out_final) + 16];
+	const char *slash = strrchr(path, '/');
 	int fd;
 
 	if (strlen(path) >= sizeof(out_final))
 		die(EXIT_USAGE, "%s: the name is too long", path);
+	/* Into a store's own directory the copy would replace its data.mdb, and
+	 * what walletd commits after that would be lost at its next start. */
+	snprintf(lock, sizeof(lock), "%.*swalletd.lock", slash ? (int)(slash - path + 1) : 0, path);
+	if (access(lock, F_OK) == 0)
+		die(EXIT_USAGE, "%s is in a walletd store's directory (it holds walletd.lock); back up elsewhere", path);
 	strcpy(out_final, path);
 	snprintf(out_partial, sizeof(out_partial), "%s.partial-XXXXXX", path);
 	if ((fd = mkostemp(out_partial, O_CLOEXEC)) < 0) {

@@ -330,6 +330,20 @@ class Running(DaemonTest):
         d.start()
         self.assertEqual(d.ctl_json("balance", "acme")["balance"], "5")
 
+    def test_backup_into_the_store_directory_is_refused(self):
+        d = self.d
+        self.seed("5")
+        data = os.path.join(d.store, "data.mdb")
+        r = d.ctl("backup", data)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("in a walletd store's directory", r.stderr)
+        with d.client() as w, self.assertRaises(ValueError):
+            w.backup(data)
+        d.ctl_json("credit", "acme", "10", "after")
+        d.stop()
+        d.start()  # the store's own file was left alone: nothing answered is lost
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "15")
+
     def test_sigterm_during_slow_reads_exits_cleanly(self):
         d = self.d
         self.assertTrue(d.ctl_json("bench", "-n", "20000", "-c", "8", "--wallets", "5")["self_check"])

@@ -246,6 +246,9 @@ class Client:
         once walletd answered ok (as walletctl backup does): a failed backup
         leaves no partial file behind and keeps the last good one."""
         folder = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(os.path.join(folder, "walletd.lock")):
+            # the copy would replace the store's own data.mdb: what walletd commits after it is lost
+            raise ValueError("%s is in a walletd store's directory; back up elsewhere" % path)
         fd, partial = tempfile.mkstemp(prefix=os.path.basename(path) + ".partial-", dir=folder)
         try:
             result = self.call("backup", _fds=[fd])
