@@ -1073,11 +1073,12 @@ fail:
 
 /*
  * Doubles the map, up to map_size_max.  Called by the writer with no write
- * transaction open; waits for readers to leave.  Returns 0, or -1 if the
- * map is already at its maximum or cannot grow.
+ * transaction open.  Growing needs every reader gone: with wait it waits for
+ * them, without it gives up at once if one is there.  Returns 0, or -1 if the
+ * map is already at its maximum or did not grow.
  */
 static int
-store_grow(void)
+store_grow(int wait)
 {
 	size_t next = store.map_size * 2;
 	int rc;
@@ -1086,7 +1087,10 @@ store_grow(void)
 		next = config.map_size_max;
 	if (next <= store.map_size)
 		return -1;
-	pthread_rwlock_wrlock(&store.maplock);
+	if (wait)
+		pthread_rwlock_wrlock(&store.maplock);
+	else if (pthread_rwlock_trywrlock(&store.maplock) != 0)
+		return -1;
 	rc = mdb_env_set_mapsize(store.env, next);
 	pthread_rwlock_unlock(&store.maplock);
 	if (rc != 0) {
@@ -4659,13 +4663,18 @@ conn_flush(struct conn *c)
 static void writer_submit(struct req *r);
 static void slow_submit(struct req *r);
 
-/* Runs a read in the event loop's read transaction. */
-static void
+/*
+ * Runs a read in the event loop's read transaction.  Returns -1, having run
+ * nothing, while the writer waits to grow the map: the loop must not wait
+ * with it (behind a backup, say); the caller hands the read to the writer.
+ */
+static int
 req_run_read(struct req *r)
 {
 	int rc;
 
-	pthread_rwlock_rdlock(&store.maplock);
+	if (pthread_rwlock_tryrdlock(&store.maplock) != 0)
+		return -1;
 	rc = srv.rtxn ? mdb_txn_renew(srv.rtxn) : mdb_txn_begin(store.env, NULL, MDB_RDONLY, &srv.rtxn);
 	if (rc == 0) {
 		req_execute(r, srv.rtxn);
@@ -4675,6 +4684,7 @@ req_run_read(struct req *r)
 	}
 	pthread_rwlock_unlock(&store.maplock);
 	r->state = RQ_DONE;
+	return 0;
 }
 
 /*
@@ -4719,12 +4729,11 @@ conn_pump(struct conn *c)
 			c->inflight++;
 			c->nslow++;
 			slow_submit(r);
-		} else if ((flags & MF_WRITE) || r != c->head) {
+		} else if ((flags & MF_WRITE) || r != c->head || req_run_read(r) != 0) {
 			r->state = RQ_WRITER;
 			c->inflight++;
 			writer_submit(r);
 		} else {
-			req_run_read(r);
 			stats_count(r);
 		}
 	}
@@ -5128,7 +5137,7 @@ writer_run(struct req *batch)
 		} else {
 			mdb_txn_abort(parent);
 		}
-		if (map_full && store_grow() == 0) {
+		if (map_full && store_grow(1) == 0) {
 			for (struct req *r = batch; r; r = r->qnext)
 				if (r->failed == MDB_MAP_FULL)
 					r->failed = 0;
@@ -5136,6 +5145,14 @@ writer_run(struct req *batch)
 			stats.map_grows++;
 			pthread_mutex_unlock(&srv.lock);
 		}
+	}
+	/* Half the map used: grow now, if no read is in the way, rather than
+	 * when it is full, when the grow must wait for every read (a backup of
+	 * a large store, say) and the writer with it. */
+	if (rc == 0 && ahead.used > store.map_size / 2 && store_grow(0) == 0) {
+		pthread_mutex_lock(&srv.lock);
+		stats.map_grows++;
+		pthread_mutex_unlock(&srv.lock);
 	}
 	for (struct req *r = batch; r; r = r->qnext) {
 		alert |= r->alert && r->code == E_OK;

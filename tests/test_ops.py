@@ -128,6 +128,25 @@ class StoreGrowth(DaemonTest):
         self.assertGreater(d.ctl_json("stats")["store"]["map_grows"], 0)
 
 
+class EarlyGrowth(DaemonTest):
+    config = {"map_size": "1M"}
+
+    def test_the_map_grows_at_half_not_when_full(self):
+        # a grow waits for every reader (a backup, say); at half, with no reader, it waits for none
+        d = self.d
+        self.seed("1000000")
+        with d.client() as c:
+            for i in range(5000):
+                c.charge(wallet="acme", channel="sms", to="+256712345678", ref="g%d" % i)
+                store = d.ctl_json("stats")["store"] if i % 100 == 99 else None
+                if store and store["map_used"] > (600 << 10):
+                    break
+        self.assertGreater(store["map_used"], 600 << 10)
+        self.assertLess(store["map_used"], 1 << 20)  # far from full, yet
+        self.assertEqual(store["map_size"], 2 << 20)  # already doubled
+        self.assertGreaterEqual(store["map_grows"], 1)
+
+
 class DiskFull(unittest.TestCase):
     """A real full disk: the store on a 4 MiB tmpfs, filled under load."""
 
