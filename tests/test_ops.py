@@ -365,15 +365,16 @@ class Running(DaemonTest):
 
     def test_sigterm_during_slow_reads_exits_cleanly(self):
         d = self.d
-        self.assertTrue(d.ctl_json("bench", "-n", "20000", "-c", "8", "--wallets", "5")["self_check"])
-        socks = [d.raw() for _ in range(8)]
+        self.assertTrue(d.ctl_json("bench", "-n", "5000", "-c", "8", "--wallets", "5")["self_check"])
+        socks = [d.raw() for _ in range(100)]
         for s in socks:
             s.sendall(request(1, "verify"))
-        time.sleep(0.1)  # the verifies are running on helper threads
+        time.sleep(0.05)  # 64 verifies run on helper threads, the rest wait their turn
         self.assertEqual(d.stop(), 0, d.read_log()[-3000:])
         self.assertIn("waiting for", d.read_log())
-        answers = [read_frames(s, 1, timeout=30) for s in socks]
-        self.assertTrue(all(a and a[0][3]["ok"] for a in answers), answers)
+        answered = [a[0] for a in (read_frames(s, 1, timeout=30) for s in socks) if a]
+        self.assertGreater(len(answered), 0)  # those running finished and were answered
+        self.assertTrue(all(a[3]["ok"] for a in answered), answered)
 
     def test_senseless_config_values_are_refused(self):
         d = self.d
