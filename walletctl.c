@@ -175,7 +175,7 @@ pack_request(msgpack_sbuffer *sb, uint32_t msgid, const char *method, const msgp
  * otherwise it is removed.  A failed backup leaves no half a file behind and
  * does not destroy the last good one.
  */
-static char out_final[4096], out_partial[4096 + 32];
+static char out_final[4096], out_partial[4096 + 32], out_dir[4096];
 
 static void
 out_discard(void)
@@ -187,18 +187,24 @@ out_discard(void)
 static int
 out_open(const char *path)
 {
-	char lock[sizeof(out_final) + 16];
-	const char *slash = strrchr(path, '/');
+	char lock[sizeof(out_dir) + 16], *slash;
 	int fd;
 
 	if (strlen(path) >= sizeof(out_final))
 		die(EXIT_USAGE, "%s: the name is too long", path);
+	strcpy(out_final, path);
+	strcpy(out_dir, path);
+	if ((slash = strrchr(out_dir, '/')) == NULL)
+		strcpy(out_dir, ".");
+	else if (slash == out_dir)
+		out_dir[1] = '\0'; /* "/name": the root */
+	else
+		*slash = '\0';
 	/* Into a store's own directory the copy would replace its data.mdb, and
 	 * what walletd commits after that would be lost at its next start. */
-	snprintf(lock, sizeof(lock), "%.*swalletd.lock", slash ? (int)(slash - path + 1) : 0, path);
+	snprintf(lock, sizeof(lock), "%s/walletd.lock", out_dir);
 	if (access(lock, F_OK) == 0)
 		die(EXIT_USAGE, "%s is in a walletd store's directory (it holds walletd.lock); back up elsewhere", path);
-	strcpy(out_final, path);
 	snprintf(out_partial, sizeof(out_partial), "%s.partial-XXXXXX", path);
 	if ((fd = mkostemp(out_partial, O_CLOEXEC)) < 0) {
 		out_partial[0] = '\0';
@@ -212,7 +218,6 @@ out_open(const char *path)
 static void
 out_finish(const msgpack_object *resp)
 {
-	char dir[sizeof(out_final)], *slash;
 	int dfd;
 
 	if (out_partial[0] == '\0' || resp->type != MSGPACK_OBJECT_ARRAY ||
@@ -221,14 +226,7 @@ out_finish(const msgpack_object *resp)
 	if (rename(out_partial, out_final) != 0)
 		die(EXIT_ERROR, "cannot rename %s to %s: %s", out_partial, out_final, strerror(errno));
 	out_partial[0] = '\0';
-	strcpy(dir, out_final);
-	if ((slash = strrchr(dir, '/')) == NULL)
-		strcpy(dir, ".");
-	else if (slash == dir)
-		dir[1] = '\0'; /* "/name": the root */
-	else
-		*slash = '\0';
-	if ((dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
+	if ((dfd = open(out_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) >= 0) {
 		fsync(dfd); /* the new name, durable like the file walletd synced */
 		close(dfd);
 	}

@@ -4789,30 +4789,24 @@ conn_decode(struct conn *c)
 		conn_frame(c, &msg, bytes);
 	}
 	msgpack_unpacked_destroy(&msg);
-	if (ret == MSGPACK_UNPACK_PARSE_ERROR || ret == MSGPACK_UNPACK_NOMEM_ERROR) {
+	if (ret == MSGPACK_UNPACK_PARSE_ERROR || ret == MSGPACK_UNPACK_NOMEM_ERROR ||
+	    (!c->decode_paused && msgpack_unpacker_message_size(&c->up) > config.max_frame)) {
+		/* The frame is answered, then the connection closed. */
 		struct req *r = req_new(c);
 
 		if (ret == MSGPACK_UNPACK_NOMEM_ERROR)
 			log_x(L_WARN, "out of memory decoding a frame of uid %u; closing it", (unsigned)c->uid);
-		if (r && ret == MSGPACK_UNPACK_NOMEM_ERROR) {
-			r->has_msgid = c->frame_has_msgid;
-			r->msgid = c->frame_msgid;
-			req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame needs more memory to decode than walletd could get");
-		} else if (r)
+		if (r && ret == MSGPACK_UNPACK_PARSE_ERROR) {
 			req_error(r, E_MALFORMED_REQUEST, NULL, "The frame cannot be decoded as MessagePack");
-		if (r) {
-			r->state = RQ_DONE;
-			conn_queue(c, r);
-		}
-		c->closing = 1;
-		conn_mark_dirty(c);
-	} else if (!c->decode_paused && msgpack_unpacker_message_size(&c->up) > config.max_frame) {
-		struct req *r = req_new(c);
-
-		if (r) {
+		} else if (r) {
 			r->has_msgid = c->frame_has_msgid;
 			r->msgid = c->frame_msgid;
-			req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame is larger than %zu bytes", config.max_frame);
+			if (ret == MSGPACK_UNPACK_NOMEM_ERROR)
+				req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame needs more memory to decode than walletd could get");
+			else
+				req_error(r, E_FRAME_TOO_LARGE, NULL, "The frame is larger than %zu bytes", config.max_frame);
+		}
+		if (r) {
 			r->state = RQ_DONE;
 			conn_queue(c, r);
 		}
@@ -5080,7 +5074,7 @@ static void
 writer_run(struct req *batch)
 {
 	uint64_t t0 = now_micros(), n = 0, commit_us = 0;
-	int rc, alert = 0;
+	int rc, alert = 0, grows = 0;
 
 	for (;;) {
 		MDB_txn *parent;
@@ -5128,6 +5122,7 @@ writer_run(struct req *batch)
 					req_store_error(r, rc);
 				pthread_mutex_lock(&srv.lock);
 				stats.failed_commits++;
+				stats.map_grows += (uint64_t)grows;
 				pthread_mutex_unlock(&srv.lock);
 				return;
 			}
@@ -5141,24 +5136,20 @@ writer_run(struct req *batch)
 			for (struct req *r = batch; r; r = r->qnext)
 				if (r->failed == MDB_MAP_FULL)
 					r->failed = 0;
-			pthread_mutex_lock(&srv.lock);
-			stats.map_grows++;
-			pthread_mutex_unlock(&srv.lock);
+			grows++;
 		}
 	}
 	/* Half the map used: grow now, if no read is in the way, rather than
 	 * when it is full, when the grow must wait for every read (a backup of
 	 * a large store, say) and the writer with it. */
-	if (rc == 0 && ahead.used > store.map_size / 2 && store_grow(0) == 0) {
-		pthread_mutex_lock(&srv.lock);
-		stats.map_grows++;
-		pthread_mutex_unlock(&srv.lock);
-	}
+	if (rc == 0 && ahead.used > store.map_size / 2 && store_grow(0) == 0)
+		grows++;
 	for (struct req *r = batch; r; r = r->qnext) {
 		alert |= r->alert && r->code == E_OK;
 		n++;
 	}
 	pthread_mutex_lock(&srv.lock);
+	stats.map_grows += (uint64_t)grows;
 	stats.commits++;
 	stats.committed += n;
 	if (n > stats.batch_max)
@@ -5278,23 +5269,34 @@ slow_start(struct req *r)
 }
 
 /*
- * Runs r on a helper thread, or queues it while SLOW_MAX are running: 300
- * verifies at once ran out of LMDB's reader slots (39 answered internal).
+ * Starts queued slow requests on helper threads while fewer than SLOW_MAX
+ * run (none once stopping): 300 verifies at once, each on its own thread,
+ * ran out of LMDB's reader slots (39 answered internal).
  */
+static void
+slow_drain(void)
+{
+	while (srv.slow_head && srv.slow_running < SLOW_MAX && !srv.stopping) {
+		struct req *r = srv.slow_head;
+
+		if ((srv.slow_head = r->qnext) == NULL)
+			srv.slow_tail = NULL;
+		srv.slow_running++;
+		slow_start(r);
+	}
+}
+
+/* Queues r for a helper thread. */
 static void
 slow_submit(struct req *r)
 {
-	if (srv.slow_running < SLOW_MAX) {
-		srv.slow_running++;
-		slow_start(r);
-		return;
-	}
 	r->qnext = NULL;
 	if (srv.slow_tail)
 		srv.slow_tail->qnext = r;
 	else
 		srv.slow_head = r;
 	srv.slow_tail = r;
+	slow_drain();
 }
 
 /* Takes the answered requests back into their connections. */
@@ -5323,13 +5325,7 @@ done_collect(void)
 		stats_count(r);
 		conn_mark_dirty(c);
 	}
-	while (srv.slow_head && srv.slow_running < SLOW_MAX && !srv.stopping) {
-		r = srv.slow_head;
-		if ((srv.slow_head = r->qnext) == NULL)
-			srv.slow_tail = NULL;
-		srv.slow_running++;
-		slow_start(r);
-	}
+	slow_drain();
 }
 
 /* Before sleeping: move every touched connection along, hand the writer its

@@ -325,13 +325,18 @@ class Running(DaemonTest):
             restored.stop()
             restored.cleanup()
 
-    def test_300_verifies_at_once_all_answer(self):
-        # each runs on a helper thread holding an LMDB reader slot (256 in all)
+    def verifies(self, n):
+        """After 5,000 charges, n connections each send a verify; returns them."""
         d = self.d
         self.assertTrue(d.ctl_json("bench", "-n", "5000", "-c", "8", "--wallets", "5")["self_check"])
-        socks = [d.raw() for _ in range(300)]
+        socks = [d.raw() for _ in range(n)]
         for s in socks:
             s.sendall(request(1, "verify"))
+        return socks
+
+    def test_300_verifies_at_once_all_answer(self):
+        # each runs on a helper thread holding an LMDB reader slot (256 in all)
+        socks = self.verifies(300)
         answers = [read_frames(s, 1, timeout=120)[0] for s in socks]
         self.assertEqual([a[2] for a in answers if a[2] is not None], [])
         self.assertTrue(all(a[3]["ok"] for a in answers))
@@ -365,10 +370,7 @@ class Running(DaemonTest):
 
     def test_sigterm_during_slow_reads_exits_cleanly(self):
         d = self.d
-        self.assertTrue(d.ctl_json("bench", "-n", "5000", "-c", "8", "--wallets", "5")["self_check"])
-        socks = [d.raw() for _ in range(100)]
-        for s in socks:
-            s.sendall(request(1, "verify"))
+        socks = self.verifies(100)
         time.sleep(0.05)  # 64 verifies run on helper threads, the rest wait their turn
         self.assertEqual(d.stop(), 0, d.read_log()[-3000:])
         self.assertIn("waiting for", d.read_log())
