@@ -46,6 +46,8 @@
 #define MF_SLOW  2u /* long read: runs on a helper thread, off the event loop */
 #define MF_FLAT  4u /* makes every check before its first write, so the writer runs
                      * it without a nested transaction of its own (walletd.c) */
+#define MF_SCAN  8u /* a read that may visit many records: never in the writer, and
+                     * off the event loop once past its budget (walletd.c) */
 
 /*
  * The method table: one row per method.  walletd dispatches and checks roles
@@ -73,14 +75,14 @@ X(M_BALANCE, "balance", R_AC, 0, "wallet", \
 X(M_WALLET_UPDATE, "wallet.update", R_A, MF_WRITE, \
   "wallet ?plan ?threshold:n ?alert_emails:l ?status", \
   "Change a wallet's plan, threshold (none = off), alert e-mails or status (active|frozen).") \
-X(M_WALLET_LIST, "wallet.list", R_A, 0, "?page:i ?limit:i", \
+X(M_WALLET_LIST, "wallet.list", R_A, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
 X(M_RATE_SET, "rate.set", R_A, MF_WRITE, \
   "plan channel prefix price:a currency ?route", \
   "Set the price of a message on a channel to a number prefix (and route).") \
 X(M_RATE_DELETE, "rate.delete", R_A, MF_WRITE, "plan channel prefix ?route", \
   "Delete one rate.") \
-X(M_RATE_LIST, "rate.list", R_A, 0, "?plan ?channel ?page:i ?limit:i", \
+X(M_RATE_LIST, "rate.list", R_A, MF_SCAN, "?plan ?channel ?page:i ?limit:i", \
   "List rates, a page at a time.") \
 X(M_RATE_LOOKUP, "rate.lookup", R_AC, 0, "channel to ?plan ?wallet ?route", \
   "Show the rate that would apply to a message (longest prefix, cheapest route).") \
@@ -107,7 +109,7 @@ X(M_TOPUP_CONFIRM, "topup.confirm", R_AP, MF_WRITE, \
 X(M_TOPUP_CANCEL, "topup.cancel", R_AP, MF_WRITE, "ref", \
   "Cancel a pending top-up.") \
 X(M_TOPUP_GET, "topup.get", R_ALL, 0, "ref", "Show a top-up.") \
-X(M_TOPUP_LIST, "topup.list", R_A, 0, "wallet ?status", \
+X(M_TOPUP_LIST, "topup.list", R_A, MF_SCAN, "wallet ?status", \
   "List a wallet's top-ups.") \
 X(M_CREDIT, "credit", R_A, MF_WRITE, "wallet amount:a reason ?actor", \
   "Add money by hand (manual_credit).") \
@@ -116,7 +118,7 @@ X(M_DEBIT, "debit", R_A, MF_WRITE, "wallet amount:a reason ?actor", \
 X(M_REFUND, "refund", R_AC, MF_WRITE, \
   "wallet ?txn:i ?ref ?reason ?actor", \
   "Refund a charge (by txn id or ref), exactly once.") \
-X(M_HISTORY, "history", R_AC, 0, \
+X(M_HISTORY, "history", R_AC, MF_SCAN, \
   "wallet ?page:i ?before_id:i ?limit:i ?type:l ?since ?until", \
   "A wallet's transactions, newest first.") \
 X(M_NOTIFICATIONS, "notifications", R_AC, 0, "wallet", \

@@ -1939,7 +1939,25 @@ struct call {
 	MDB_val refund_raw;         /* already_refunded: the first refund */
 	int alert;                  /* a notification was recorded */
 	int mdb_rc;                 /* the first LMDB error met */
+	uint64_t budget;            /* records a scan may visit (see over_budget); 0 = no limit */
 };
+
+/*
+ * What a method returns when it ran out of its budget: a read on the event
+ * loop may visit LOOP_BUDGET records, then stops and runs again on a helper
+ * thread.  A filtered history of a wallet with 500,000 transactions walked
+ * them all on the loop (57 ms, every other client waiting); so did a far
+ * page of wallet.list or rate.list, and every topup.list.
+ */
+#define E_OFF_LOOP  (-1)
+#define LOOP_BUDGET 10000
+
+/* Counts one record visited by a scan; nonzero when the budget is spent. */
+static int
+over_budget(struct call *c)
+{
+	return c->budget && --c->budget == 0;
+}
 
 /* Per-thread room to pack a record before storing it. */
 static _Thread_local msgpack_sbuffer scratch;
@@ -2443,6 +2461,10 @@ m_wallet_list(struct call *c)
 	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT), count++) {
 		struct wallet w;
 
+		if (over_budget(c)) {
+			mdb_cursor_close(cur);
+			return E_OFF_LOOP;
+		}
 		if (count < skip)
 			continue;
 		record_copy(&w, sizeof(w), v);
@@ -2685,6 +2707,11 @@ m_rate_list(struct call *c)
 	k = (MDB_val){ slen, start };
 	for (rc = mdb_cursor_get(cur, &k, &v, slen ? MDB_SET_RANGE : MDB_FIRST); rc == 0;
 	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (over_budget(c)) {
+			mdb_cursor_close(cur);
+			msgpack_sbuffer_destroy(&rows);
+			return E_OFF_LOOP;
+		}
 		if (slen && (k.mv_size < slen || memcmp(k.mv_data, start, slen) != 0))
 			break;
 		if (!plan.p && channel.p) {
@@ -3602,6 +3629,10 @@ m_history(struct call *c)
 		struct txn_head h;
 		MDB_val rec;
 
+		if (over_budget(c)) {
+			msgpack_sbuffer_destroy(&rows);
+			return E_OFF_LOOP;
+		}
 		if ((rc = txn_fetch(c->txn, next, &h, &rec)) != 0)
 			break;
 		if (!filtered || (!(typemask && !(typemask & (1u << h.type))) &&
@@ -3971,6 +4002,11 @@ m_topup_list(struct call *c)
 		struct topup tp;
 		int shown;
 
+		if (over_budget(c)) {
+			mdb_cursor_close(cur);
+			msgpack_sbuffer_destroy(&rows);
+			return E_OFF_LOOP;
+		}
 		record_copy(&tp, sizeof(tp), v);
 		shown = tp.status == TS_PENDING && now_seconds() >= tp.expires_at ? TS_EXPIRED : (int)tp.status;
 		if (strlen(tp.wallet) != id.n || memcmp(tp.wallet, id.p, id.n) != 0 || (want >= 0 && shown != want))
@@ -4241,6 +4277,7 @@ static struct stats {
 	uint64_t requests[M__COUNT], errors[M__COUNT], codes[E__COUNT];
 	uint64_t commits, committed, batch_max, batch_us, commit_us, failed_commits, map_grows;
 	uint64_t conns_total, conns_refused, conns_dropped;
+	uint64_t reads_off_loop;
 	int64_t started;
 } stats;
 
@@ -4335,7 +4372,7 @@ pack_response_head(msgpack_packer *pk, const struct req *r)
  * tells the writer to grow the map and run the batch again), or 0.
  */
 static int
-req_execute(struct req *r, MDB_txn *txn)
+req_execute(struct req *r, MDB_txn *txn, uint64_t budget)
 {
 	struct call c;
 	msgpack_packer pk;
@@ -4346,6 +4383,7 @@ req_execute(struct req *r, MDB_txn *txn)
 	c.params = r->params;
 	c.uid = r->uid;
 	c.fd = r->fd;
+	c.budget = budget;
 	msgpack_sbuffer_clear(&r->out);
 	msgpack_packer_init(&pk, &r->out, msgpack_sbuffer_write);
 	pack_response_head(&pk, r);
@@ -4353,7 +4391,7 @@ req_execute(struct req *r, MDB_txn *txn)
 	msgpack_pack_nil(&pk);
 	c.pk = &pk;
 	r->code = method_fns[r->method](&c);
-	if (r->code != E_OK) {
+	if (r->code != E_OK && r->code != E_OFF_LOOP) {
 		r->out.size = mark;
 		pack_error(&pk, &c);
 		msgpack_pack_nil(&pk);
@@ -4664,9 +4702,11 @@ static void writer_submit(struct req *r);
 static void slow_submit(struct req *r);
 
 /*
- * Runs a read in the event loop's read transaction.  Returns -1, having run
- * nothing, while the writer waits to grow the map: the loop must not wait
- * with it (behind a backup, say); the caller hands the read to the writer.
+ * Runs a read in the event loop's read transaction; returns 0 when it is
+ * answered.  Returns -1, having run nothing, while the writer waits to grow
+ * the map: the loop must not wait with it (behind a backup, say); the caller
+ * hands the read to the writer.  Returns 1 when the read outgrew the loop's
+ * budget: the caller runs it again on a helper.
  */
 static int
 req_run_read(struct req *r)
@@ -4677,12 +4717,16 @@ req_run_read(struct req *r)
 		return -1;
 	rc = srv.rtxn ? mdb_txn_renew(srv.rtxn) : mdb_txn_begin(store.env, NULL, MDB_RDONLY, &srv.rtxn);
 	if (rc == 0) {
-		req_execute(r, srv.rtxn);
+		req_execute(r, srv.rtxn, LOOP_BUDGET);
 		mdb_txn_reset(srv.rtxn);
 	} else {
 		req_store_error(r, rc);
 	}
 	pthread_rwlock_unlock(&store.maplock);
+	if (r->code == E_OFF_LOOP) {
+		stats.reads_off_loop++;
+		return 1;
+	}
 	r->state = RQ_DONE;
 	return 0;
 }
@@ -4692,7 +4736,10 @@ req_run_read(struct req *r)
  * waiting request is dispatched when its turn allows - a read with nothing
  * before it runs now, in the loop; a write, or a read behind a write of its
  * own connection (so it sees that write), goes to the writer; a slow one
- * (verify, backup, or a read frame over SLOW_READ_BYTES) to a helper, alone.
+ * (verify, backup, a read frame over SLOW_READ_BYTES, or a read that outgrew
+ * the loop's budget) to a helper, alone.  A scan (MF_SCAN) never goes to the
+ * writer, where it would hold up every commit: behind a write of its own
+ * connection it waits for that write's answer.
  */
 static void
 conn_pump(struct conn *c)
@@ -4721,20 +4768,28 @@ conn_pump(struct conn *c)
 		flags = method_table[r->method].flags;
 		if (!(flags & MF_WRITE) && r->bytes > SLOW_READ_BYTES)
 			flags |= MF_SLOW; /* a 100,000-number precheck: not on the loop */
-		if (r != c->head && (c->nslow || (flags & MF_SLOW)))
+		if (r != c->head && (c->nslow || (flags & (MF_SLOW | MF_SCAN))))
 			break;
 		c->first_wait = r->next;
+		if (!(flags & (MF_WRITE | MF_SLOW)) && r == c->head) {
+			int ran = req_run_read(r);
+
+			if (ran == 0) {
+				stats_count(r);
+				continue;
+			}
+			if (ran > 0 || (flags & MF_SCAN))
+				flags |= MF_SLOW;
+		}
 		if (flags & MF_SLOW) {
 			r->state = RQ_SLOW;
 			c->inflight++;
 			c->nslow++;
 			slow_submit(r);
-		} else if ((flags & MF_WRITE) || r != c->head || req_run_read(r) != 0) {
+		} else {
 			r->state = RQ_WRITER;
 			c->inflight++;
 			writer_submit(r);
-		} else {
-			stats_count(r);
 		}
 	}
 }
@@ -5098,7 +5153,7 @@ writer_run(struct req *batch)
 				store_failed = 1;
 				continue;
 			}
-			mrc = req_execute(r, child);
+			mrc = req_execute(r, child, 0);
 			if (!flat && mrc == 0 && r->code == E_OK)
 				mrc = mdb_txn_commit(child);
 			else if (!flat)
@@ -5240,7 +5295,7 @@ slow_main(void *arg)
 
 	pthread_rwlock_rdlock(&store.maplock);
 	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) == 0) {
-		req_execute(r, txn);
+		req_execute(r, txn, 0);
 		mdb_txn_abort(txn);
 	} else {
 		req_store_error(r, rc);
@@ -5422,7 +5477,8 @@ m_stats(struct call *c)
 	for (int i = 1; i < E__COUNT; i++)
 		codes += s.codes[i] != 0;
 
-	msgpack_pack_map(pk, 12);
+	msgpack_pack_map(pk, 13);
+	KV_U64(pk, "reads_off_loop", s.reads_off_loop);
 	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
 	KEY(pk, "requests");
 	msgpack_pack_map(pk, (size_t)methods);

@@ -44,7 +44,7 @@ seed_call(int method, ...)
 		conn_frame(&c, &msg, sb.size);
 	msgpack_unpacked_destroy(&msg);
 	if (c.head && c.head->method >= 0 && mdb_txn_begin(store.env, NULL, 0, &txn) == 0) {
-		req_execute(c.head, txn);
+		req_execute(c.head, txn, 0);
 		mdb_txn_commit(txn);
 	}
 	while (c.head) {
@@ -118,7 +118,11 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			continue;
 		if (mdb_txn_begin(store.env, parent, 0, &child) != 0)
 			break;
-		req_execute(r, child);
+		/* a read first with a budget of 3 records, as on the loop, then
+		 * again without one, as on a helper: both paths run */
+		req_execute(r, child, flags & MF_WRITE ? 0 : 3);
+		if (r->code == E_OFF_LOOP)
+			req_execute(r, child, 0);
 		if (r->code == E_OK)
 			mdb_txn_commit(child);
 		else

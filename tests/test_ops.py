@@ -81,6 +81,42 @@ class Limits(DaemonTest):
         self.assertEqual([m for m in got if m[2] is not None], [])
         self.assertEqual(d.ctl_json("balance", "deep")["balance"], "0")
 
+    def test_long_scans_leave_the_event_loop(self):
+        # a filtered history walks the wallet's whole chain: past 10,000 records a read
+        # on the event loop stops and runs again on a helper thread (it used to stall
+        # every client: 103 ms a ping with a 500,000-transaction wallet)
+        d = self.d
+        self.seed("1000")
+        with d.client() as c:
+            for b in range(12):
+                items = [{"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "m%d-%d" % (b, i)}
+                         for i in range(1000)]
+                self.assertTrue(all("error" not in x for x in c.call("charge.batch", items=items)["results"]))
+
+        def moved():
+            return d.ctl_json("stats")["reads_off_loop"]
+
+        base = moved()
+        plain = d.ctl_json("history", "acme", "--page", "2", "--limit", "5")
+        self.assertEqual(moved(), base)  # a page is O(limit): stays on the loop
+        charges = d.ctl_json("history", "acme", "--type", "sms_charge", "--page", "2", "--limit", "5")
+        self.assertEqual(moved(), base + 1)
+        self.assertEqual(charges["total"], 12000)
+        self.assertEqual(charges["transactions"], plain["transactions"])
+        self.assertEqual(d.ctl_json("history", "acme", "--type", "manual_credit")["total"], 1)
+        # pipelined behind a write of its own connection: it sees that write, and what
+        # follows it is answered after it, in order
+        s = d.raw()
+        s.sendall(request(1, "charge", {"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "late"}) +
+                  request(2, "history", {"wallet": "acme", "type": "sms_charge", "limit": 1}) +
+                  request(3, "balance", {"wallet": "acme"}))
+        got = read_frames(s, 3)
+        self.assertEqual([m[1] for m in got], [1, 2, 3])
+        self.assertEqual(got[1][3]["total"], 12001)
+        self.assertEqual(got[1][3]["transactions"][0]["ref"], "late")
+        self.assertEqual(got[2][3]["balance"], got[0][3]["balance_after"])
+        self.assertEqual(moved(), base + 3)
+
     def test_too_many_connections_is_a_clear_refusal(self):
         d = self.d
         held = [d.raw() for _ in range(20)]
