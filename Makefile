@@ -81,7 +81,7 @@ tests/walletd-asan: walletd.c protocol.h .deps-test
 FUZZ_FLAGS = -max_len=65536 -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=262144
 FUZZ_ENV   = ASAN_OPTIONS=allocator_may_return_null=1
 
-test: all tests/check_walletd tests/walletd-asan tests/fuzz_walletd contrib/node/node_modules
+test: all tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults.so contrib/node/node_modules
 	./tests/check_walletd
 	mkdir -p var/fuzz-corpus
 	$(FUZZ_ENV) ./tests/fuzz_walletd -max_total_time=15 $(FUZZ_FLAGS) var/fuzz-corpus tests/fuzz-corpus 2>&1 | tail -1
@@ -106,7 +106,7 @@ install: all
 	install -m 644 contrib/systemd/walletd.service $(DESTDIR)$(unitdir)/walletd.service
 
 clean:
-	rm -f walletd walletctl tests/check_walletd tests/walletd-asan tests/fuzz_walletd .deps-build .deps-test
+	rm -f walletd walletctl tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults.so .deps-build .deps-test
 	rm -rf tests/__pycache__ contrib/python/walletd/__pycache__
 
 .PHONY: all run test crashtest install clean
@@ -118,6 +118,9 @@ bench: all
 .PHONY: bench
 
 # libFuzzer over the frame decoder and method dispatch (clang).
+tests/faults.so: tests/faults.c .deps-test
+	$(CC) $(WARN) -O2 -shared -fPIC -o $@ tests/faults.c -ldl
+
 tests/fuzz_walletd: tests/fuzz_walletd.c walletd.c protocol.h .deps-test
 	clang $(WARN) -Wno-unused-function -O1 -g -fsanitize=fuzzer,address,undefined $(PKG_CFLAGS) -o $@ tests/fuzz_walletd.c $(PKG_LIBS)
 

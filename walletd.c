@@ -923,7 +923,26 @@ static struct store {
 	pthread_rwlock_t maplock; /* readers: txns; writer: resizing the map */
 	size_t map_size;
 	int lock_fd;
+	atomic_int panicked;      /* MDB_PANIC seen: walletd is stopping to reopen it */
 } store;
+
+/*
+ * Once a commit's meta page write fails, LMDB refuses every transaction with
+ * MDB_PANIC until the environment is reopened: walletd answered internal to
+ * every request, pings and balances included, until someone restarted it.
+ * Now it stops as on SIGTERM and exits 1, so that its supervisor (systemd's
+ * Restart=on-failure) restarts it, and the store reopens at its last durable
+ * commit.  Any thread may call this.
+ */
+static void
+store_panic(void)
+{
+	if (atomic_exchange(&store.panicked, 1) == 0) {
+		log_x(L_ERR, "the store had a fatal error (LMDB: MDB_PANIC, a failed write of its meta page); "
+		    "stopping so that a restart reopens it at its last durable commit");
+		kill(getpid(), SIGTERM);
+	}
+}
 
 /*
  * The refs key of (wallet, ref): the ref, then the wallet's number.  Ref
@@ -2005,6 +2024,8 @@ static int
 store_error(struct call *c, int rc)
 {
 	rc = store_errno(rc);
+	if (rc == MDB_PANIC)
+		store_panic();
 	if (c->mdb_rc == 0)
 		c->mdb_rc = rc;
 	if (rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT || rc == MDB_TXN_FULL)
@@ -5172,7 +5193,14 @@ writer_run(struct req *batch)
 			if (rc == 0)
 				break;
 			if (rc != MDB_MAP_FULL) {
+				MDB_txn *probe;
+				int prc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &probe);
+
 				log_x(L_ERR, "commit failed: %s", mdb_strerror(rc));
+				if (prc == 0)
+					mdb_txn_abort(probe);
+				else if (prc == MDB_PANIC)
+					store_panic(); /* now, not at the next request */
 				for (struct req *r = batch; r; r = r->qnext)
 					req_store_error(r, rc);
 				pthread_mutex_lock(&srv.lock);
@@ -6175,6 +6203,6 @@ main(int argc, char **argv)
 	mdb_env_close(store.env);
 	curl_global_cleanup();
 	log_x(L_INFO, "stopped");
-	return 0;
+	return store.panicked ? 1 : 0;
 }
 #endif /* WALLETD_NO_MAIN */

@@ -313,6 +313,39 @@ class OutOfMemory(unittest.TestCase):
         self.assertEqual(d.stop(), 0, d.read_log()[-3000:])
 
 
+class MetaWriteFailure(DaemonTest):
+    """A failed write of LMDB's meta page (tests/faults.so, in the plain build)."""
+
+    def test_walletd_stops_and_a_restart_reopens_the_store(self):
+        d = self.d
+        d.stop()
+        flag = os.path.join(d.dir, "fail-next-meta-write")
+        d.binary = os.path.join(HERE, "..", "walletd")
+        d.wrap = ["env", "LD_PRELOAD=" + os.path.join(HERE, "faults.so"), "WALLETD_FAULT_META_EIO=" + flag]
+        d.start()
+        self.seed("10")
+        charge = {"wallet": "acme", "channel": "sms", "to": "+256712345678"}
+        with d.client() as c:
+            c.charge(ref="m1", **charge)
+            open(flag, "w").close()
+            with self.assertRaises(walletd.WalletdError) as e:
+                c.charge(ref="m2", **charge)
+        self.assertEqual(e.exception.code, "internal")
+        self.assertFalse(os.path.exists(flag))  # the fault happened, once
+        # LMDB refuses every transaction after it (MDB_PANIC): walletd used to stay up
+        # answering internal to everything; it now exits 1 for its supervisor to restart it
+        self.assertEqual(d.proc.wait(20), 1)
+        self.assertIn("the store had a fatal error", d.read_log())
+        d.proc = None
+        d.start()
+        with d.client() as c:
+            self.assertTrue(c.charge(ref="m1", **charge)["replayed"])
+            self.assertFalse(c.charge(ref="m2", **charge)["replayed"])  # not applied, so charged now
+        self.assertEqual([t["ref"] for t in d.ctl_json("history", "acme", "--type", "sms_charge")["transactions"]],
+                         ["m2", "m1"])
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+
 class Running(DaemonTest):
     def test_second_instance_is_refused(self):
         other = Daemon(directory=None)
