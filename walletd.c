@@ -1161,7 +1161,9 @@ store_used(void)
 	return (uint64_t)(info.me_last_pgno + 1) * st.ms_psize;
 }
 
-/* Commits a top-level write transaction (see Room ahead). */
+/* Commits a top-level write transaction (see Room ahead); a failed commit
+ * that left LMDB refusing every transaction stops walletd now (store_panic),
+ * not at the next request. */
 static int
 store_commit(MDB_txn *txn)
 {
@@ -1173,6 +1175,15 @@ store_commit(MDB_txn *txn)
 	if (ahead.running && (uint64_t)ahead.end < ahead.used + AHEAD_BYTES / 2)
 		pthread_cond_signal(&ahead.cond);
 	pthread_mutex_unlock(&ahead.lock);
+	if (rc != 0) {
+		MDB_txn *probe;
+		int prc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &probe);
+
+		if (prc == 0)
+			mdb_txn_abort(probe);
+		else if (prc == MDB_PANIC)
+			store_panic();
+	}
 	return rc;
 }
 
@@ -5193,14 +5204,7 @@ writer_run(struct req *batch)
 			if (rc == 0)
 				break;
 			if (rc != MDB_MAP_FULL) {
-				MDB_txn *probe;
-				int prc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &probe);
-
 				log_x(L_ERR, "commit failed: %s", mdb_strerror(rc));
-				if (prc == 0)
-					mdb_txn_abort(probe);
-				else if (prc == MDB_PANIC)
-					store_panic(); /* now, not at the next request */
 				for (struct req *r = batch; r; r = r->qnext)
 					req_store_error(r, rc);
 				pthread_mutex_lock(&srv.lock);
