@@ -4263,6 +4263,7 @@ struct conn {
 	struct req *first_wait;   /* the first not yet dispatched */
 	unsigned queued;          /* requests in the queue, answered or not */
 	unsigned inflight;        /* with the writer or a helper */
+	size_t wweight, wbytes;   /* the weight and bytes of those with the writer */
 	unsigned nslow;           /* with a helper */
 	int passed_fd;
 	int decode_paused;        /* whole frames wait in the decoder: the queue is full */
@@ -4733,6 +4734,31 @@ conn_flush(struct conn *c)
 static void writer_submit(struct req *r);
 static void slow_submit(struct req *r);
 
+/* What a request counts for against batch_max: a charge.batch its items. */
+static size_t
+req_weight(const struct req *r)
+{
+	const msgpack_object *items = r->method == M_CHARGE_BATCH ? map_get(r->params, "items") : NULL;
+
+	return items && items->type == MSGPACK_OBJECT_ARRAY && items->via.array.size > 1 ?
+	    items->via.array.size : 1;
+}
+
+/*
+ * Whether c already has its share of the writer: two commits' worth of its
+ * requests (2 x batch_max weight, 2 x batch_bytes), one committing while the
+ * next waits; the rest waits in c's queue until answers come back.  Without
+ * it, one connection pipelining charge.batch requests of 1,000 items put
+ * all 4,096 its queue holds ahead of every other client's charge: seconds
+ * of commits.
+ */
+static int
+writer_share_full(const struct conn *c, const struct req *r)
+{
+	return c->wweight > 0 && (c->wweight + req_weight(r) > 2 * (size_t)config.batch_max ||
+	    c->wbytes + r->bytes > 2 * config.batch_bytes);
+}
+
 /*
  * Runs a read in the event loop's read transaction; returns 0 when it is
  * answered.  Returns -1, having run nothing, while the writer waits to grow
@@ -4801,6 +4827,8 @@ conn_pump(struct conn *c)
 		if (!(flags & MF_WRITE) && r->bytes > SLOW_READ_BYTES)
 			flags |= MF_SLOW; /* a 100,000-number precheck: not on the loop */
 		if (r != c->head && (c->nslow || (flags & (MF_SLOW | MF_SCAN))))
+			break;
+		if (!(flags & MF_SLOW) && ((flags & MF_WRITE) || r != c->head) && writer_share_full(c, r))
 			break;
 		c->first_wait = r->next;
 		if (!(flags & (MF_WRITE | MF_SLOW)) && r == c->head) {
@@ -5080,22 +5108,14 @@ static void alert_wake(void);
 static void alert_config_lock(void);
 static void alert_config_unlock(void);
 
-/* What a request counts for against batch_max: a charge.batch its items. */
-static size_t
-req_weight(const struct req *r)
-{
-	const msgpack_object *items = r->method == M_CHARGE_BATCH ? map_get(r->params, "items") : NULL;
-
-	return items && items->type == MSGPACK_OBJECT_ARRAY && items->via.array.size > 1 ?
-	    items->via.array.size : 1;
-}
-
 /* Queues r for the writer; the queue is handed over at the end of the turn. */
 static void
 writer_submit(struct req *r)
 {
 	r->qnext = NULL;
 	r->weight = req_weight(r);
+	r->conn->wweight += r->weight;
+	r->conn->wbytes += r->bytes;
 	srv.pend_weight += r->weight;
 	srv.pend_bytes += r->bytes;
 	if (srv.pend_tail)
@@ -5407,6 +5427,9 @@ done_collect(void)
 		if (r->state == RQ_SLOW) {
 			c->nslow--;
 			srv.slow_running--;
+		} else {
+			c->wweight -= r->weight;
+			c->wbytes -= r->bytes;
 		}
 		r->state = RQ_DONE;
 		stats_count(r);

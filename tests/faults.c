@@ -3,6 +3,8 @@
  * build with LD_PRELOAD.  While the file named by $WALLETD_FAULT_META_EIO
  * exists, the next write of LMDB's meta page (a write shorter than a page
  * into data.mdb) fails with EIO and the file is removed: one fault per file.
+ * $WALLETD_FAULT_SYNC_MS makes every fdatasync that many milliseconds slower
+ * (a slow disk).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -11,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static int
@@ -49,4 +52,21 @@ ssize_t
 pwrite(int fd, const void *buf, size_t n, off_t off)
 {
 	return pwrite64(fd, buf, n, off);
+}
+
+int
+fdatasync(int fd)
+{
+	static int (*real)(int);
+	const char *ms = getenv("WALLETD_FAULT_SYNC_MS");
+
+	if (real == NULL)
+		real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+	if (ms) {
+		long v = atol(ms);
+		struct timespec ts = { v / 1000, v % 1000 * 1000000L };
+
+		nanosleep(&ts, NULL);
+	}
+	return real(fd);
 }
