@@ -4218,6 +4218,8 @@ static const method_fn method_fns[M__COUNT] = {
 #define QUEUE_MAX     4096  /* requests of one connection queued before it is not read */
 #define SLOW_READ_BYTES (64u << 10) /* a read this large runs on a helper thread */
 #define SLOW_MAX      64    /* helper threads at once; each holds one of LMDB's 256 reader slots */
+#define LINGER_MAX    16    /* closed connections kept open to drain at once (conn_linger) */
+#define LINGER_US     1000000u
 #define LAT_RING      65536
 
 enum { RQ_WAITING, RQ_WRITER, RQ_SLOW, RQ_DONE };
@@ -4270,6 +4272,7 @@ struct conn {
 	int frame_has_msgid;      /* the frame being received shows its msgid */
 	uint32_t frame_msgid;
 	int closing;              /* answer what is queued, then close */
+	int lingering;            /* answered and shut down for writing; see conn_linger */
 	int dead;                 /* socket closed; freed when inflight is 0 */
 	int dirty;
 	unsigned events;          /* registered with epoll */
@@ -4287,7 +4290,7 @@ static struct server {
 	unsigned slow_running;    /* helper threads running */
 	struct req *slow_head, *slow_tail; /* slow requests waiting for a helper */
 	const char *config_path;
-	unsigned nconns;
+	unsigned nconns, nlinger; /* connections, and lingering ones (not in nconns) */
 	struct conn *conns;
 	struct conn *dirty;
 	MDB_txn *rtxn;            /* the event loop's read transaction, reset between uses */
@@ -4639,7 +4642,9 @@ conn_events(struct conn *c)
 
 	if (c->dead)
 		return;
-	if (!c->closing && !c->decode_paused && c->queued < QUEUE_MAX &&
+	if (c->lingering)
+		want = EPOLLIN;
+	else if (!c->closing && !c->decode_paused && c->queued < QUEUE_MAX &&
 	    c->out.len - c->out.off < config.max_output / 2)
 		want |= EPOLLIN;
 	if (c->out.len > c->out.off)
@@ -4682,7 +4687,10 @@ conn_close(struct conn *c)
 	epoll_ctl(srv.epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
 	close(c->fd);
 	c->dead = 1;
-	srv.nconns--;
+	if (c->lingering)
+		srv.nlinger--;
+	else
+		srv.nconns--;
 	if (c->prev)
 		c->prev->next = c->next;
 	else
@@ -4690,6 +4698,29 @@ conn_close(struct conn *c)
 	if (c->next)
 		c->next->prev = c->prev;
 	conn_mark_dirty(c); /* freed in before_sleep, never under a caller's feet */
+}
+
+/*
+ * Closes c once answered, gently: shuts down its sending side and keeps it
+ * open, reading and dropping what the client still sends, until the client
+ * hangs up or LINGER_US passes.  Closed at once, a client whose next request
+ * crossed the close got EPIPE on sending it, and a client that then does
+ * not read (Node.js) never saw the answer that said why: the
+ * too_many_connections refusal, a malformed_request.  At most LINGER_MAX
+ * linger at once; beyond, c closes at once.
+ */
+static void
+conn_linger(struct conn *c)
+{
+	if (srv.nlinger >= LINGER_MAX || shutdown(c->fd, SHUT_WR) != 0) {
+		conn_close(c);
+		return;
+	}
+	c->lingering = 1;
+	srv.nconns--;
+	srv.nlinger++;
+	c->last_active = now_micros();
+	conn_events(c);
 }
 
 /* Writes what c's output holds; cuts off a client that lets too much pile up. */
@@ -4724,8 +4755,8 @@ conn_flush(struct conn *c)
 		conn_close(c);
 		return;
 	}
-	if (c->closing && c->head == NULL && c->out.len == 0) {
-		conn_close(c);
+	if (c->closing && c->head == NULL && c->out.len == 0 && !c->lingering) {
+		conn_linger(c);
 		return;
 	}
 	conn_events(c);
@@ -4940,6 +4971,13 @@ conn_read(struct conn *c)
 {
 	static char read_buf[READ_CHUNK];
 
+	if (c->lingering) {
+		ssize_t n = recv(c->fd, read_buf, sizeof(read_buf), 0);
+
+		if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+			conn_close(c);
+		return;
+	}
 	for (int rounds = 0; rounds < 4 && !c->closing && !c->dead; rounds++) {
 		char cbuf[CMSG_SPACE(sizeof(int))];
 		struct iovec iov;
@@ -5000,16 +5038,20 @@ conn_drop_decoder(struct conn *c, uint64_t now)
 	}
 }
 
-/* Answers a new connection too_many_connections and closes it. */
+/* Answers a new connection too_many_connections; closes it unless c holds it
+ * (then it lingers). */
 static void
-conn_refuse(int fd)
+conn_refuse(int fd, struct conn *c)
 {
 	static const char refusal[] = "\x94\x01\xc0\x82\xa4" "code" "\xb4" "too_many_connections"
 	    "\xa7" "message" "\xd9\x1f" "Too many connections; try later" "\xc0";
 
 	if (send(fd, refusal, sizeof(refusal) - 1, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
 		log_p("refusing a connection");
-	close(fd);
+	if (c)
+		conn_linger(c);
+	else
+		close(fd);
 	stats.conns_refused++;
 }
 
@@ -5041,7 +5083,7 @@ accept_failed(int err)
 		fd = accept4(srv.listen_fd, NULL, NULL, SOCK_CLOEXEC);
 		err = errno;
 		if (fd >= 0)
-			conn_refuse(fd);
+			conn_refuse(fd, NULL); /* no descriptor to spare for lingering */
 		srv.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 		return fd >= 0 || err == ECONNABORTED || err == EINTR; /* EAGAIN: none left */
 	}
@@ -5060,6 +5102,7 @@ conn_accept(void)
 		socklen_t len = sizeof(cred);
 		struct epoll_event ev;
 		struct conn *c;
+		int refuse;
 
 		if (fd < 0) {
 			if (accept_failed(errno))
@@ -5067,8 +5110,9 @@ conn_accept(void)
 			return;
 		}
 		stats.conns_total++;
-		if (srv.nconns >= config.max_connections) {
-			conn_refuse(fd);
+		refuse = srv.nconns >= config.max_connections;
+		if (refuse && srv.nlinger >= LINGER_MAX) {
+			conn_refuse(fd, NULL);
 			continue;
 		}
 		if ((c = calloc(1, sizeof(*c))) == NULL) {
@@ -5097,6 +5141,8 @@ conn_accept(void)
 			srv.conns->prev = c;
 		srv.conns = c;
 		srv.nconns++;
+		if (refuse)
+			conn_refuse(fd, c); /* it lingers, so the client reads why */
 	}
 }
 
@@ -5474,8 +5520,12 @@ idle_sweep(void)
 	uint64_t now = now_micros();
 	struct conn *c, *next;
 
-	for (c = srv.conns; c; c = c->next)
+	for (c = srv.conns; c; c = next) {
+		next = c->next;
 		conn_drop_decoder(c, now);
+		if (c->lingering && now - c->last_active > LINGER_US)
+			conn_close(c);
+	}
 	srv.accept_logged = 0;
 	if (srv.accept_paused) {
 		struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &srv.listen_fd };

@@ -115,6 +115,13 @@ export class Client {
       for await (const msg of decodeMultiStream(sock)) {
         if (!Array.isArray(msg) || msg[0] !== 1) continue;
         const [, id, err, result] = msg;
+        if (id == null && err != null) {
+          // about the connection, not one request (too_many_connections), then walletd closes it
+          const e = new (ERRORS[err.code] ?? WalletdError)(err.message, err);
+          for (const [, p] of this.pending) p.reject(e);
+          this.pending.clear();
+          continue;
+        }
         const p = this.pending.get(id);
         if (!p) continue;
         this.pending.delete(id);

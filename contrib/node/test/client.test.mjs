@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import {
   Client, WalletdError, InsufficientBalance, UnknownWallet, IdempotencyConflict, AlreadyRefunded,
-  InvalidArgument, WalletExists, NoRate, ConnectionLost, UnknownTopup,
+  InvalidArgument, WalletExists, NoRate, ConnectionLost, UnknownTopup, TooManyConnections,
 } from '../index.js';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'walletd-node-'));
@@ -119,4 +119,28 @@ test('reconnects after a daemon restart', async () => {
   await start();
   assert.equal((await w.balance({ wallet: 'pipe' })).balance, '90.6');
   w.close();
+});
+
+test('a refused connection says why', async () => {
+  // walletd keeps a refused connection open a moment (conn_linger): closed at once, the
+  // request crossed the close, Node got EPIPE and never read the refusal
+  const sock2 = path.join(dir, 'full.sock');
+  const conf = path.join(dir, 'full.conf');
+  fs.writeFileSync(conf, `max_connections = 1\nstore = ${path.join(dir, 'db2')}\nsocket = ${sock2}\n`);
+  const log = fs.openSync(path.join(dir, 'walletd.log'), 'a');
+  const full = spawn(process.env.WALLETD, ['-f', '-c', conf], { stdio: ['ignore', 'ignore', log] });
+  const held = new Client({ socket: sock2 });
+  for (let i = 0; i < 200; i++) {
+    try { await held.ping(); break; } catch { await new Promise((r) => setTimeout(r, 50)); }
+  }
+  for (let i = 0; i < 10; i++) {
+    const c = new Client({ socket: sock2 });
+    await assert.rejects(c.ping(), TooManyConnections);
+    c.close();
+  }
+  assert.equal((await held.ping()).api, 1);
+  held.close();
+  const done = new Promise((r) => full.once('exit', r));
+  full.kill('SIGTERM');
+  assert.equal(await done, 0);
 });
