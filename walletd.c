@@ -73,6 +73,7 @@ struct config {
 	size_t batch_bytes;
 	unsigned commit_delay;
 	unsigned charge_batch_max;
+	unsigned max_queued;
 	size_t map_size;
 	size_t map_size_max;
 	char admin_users[256], admin_groups[256];
@@ -119,6 +120,7 @@ static const struct config_key config_keys[] = {
 	CK(batch_bytes, CF_SIZE, 1, "most request bytes in one commit"),
 	CK(commit_delay, CF_UINT, 1, "microseconds the writer may wait, under load, for a fuller commit (0 = never)"),
 	CK(charge_batch_max, CF_UINT, 1, "most items in one charge.batch"),
+	CK(max_queued, CF_UINT, 1, "requests queued across connections before those with 64+ queued stop being read"),
 	CK(map_size, CF_SIZE, 0, "initial LMDB map size, bytes"),
 	CK(map_size_max, CF_SIZE, 1, "the map grows up to this; beyond: storage_full"),
 	CK(admin_users, CF_STR, 1, "users (names or uids) with the admin role"),
@@ -154,6 +156,7 @@ config_defaults(struct config *cf)
 	cf->batch_bytes = 32u << 20;
 	cf->commit_delay = 150;
 	cf->charge_batch_max = BATCH_ITEMS_MAX;
+	cf->max_queued = 65536;
 	cf->map_size = 64u << 20;
 	cf->map_size_max = (size_t)1 << 40;
 	strcpy(cf->topup_url, "https://pay.example.com/checkout?ref={ref}&amount={amount}&currency={currency}");
@@ -266,7 +269,7 @@ static const struct {
 	size_t min;
 } config_mins[] = {
 	{ "max_connections", 1 }, { "max_frame", 1024 }, { "max_output", 1u << 20 },
-	{ "batch_max", 1 }, { "batch_bytes", 1024 }, { "charge_batch_max", 1 },
+	{ "batch_max", 1 }, { "batch_bytes", 1024 }, { "charge_batch_max", 1 }, { "max_queued", 1 },
 	{ "map_size", 64u << 10 }, { "map_size_max", 64u << 10 }, { "topup_ttl", 1 },
 	{ "smtp_timeout", 1 }, { "alert_interval", 1 }, { "alert_max_attempts", 1 },
 };
@@ -4216,6 +4219,7 @@ static const method_fn method_fns[M__COUNT] = {
 
 #define READ_CHUNK    (64u << 10)
 #define QUEUE_MAX     4096  /* requests of one connection queued before it is not read */
+#define QUEUE_FAIR    64    /* queued by a connection that is read whatever the others queued */
 #define SLOW_READ_BYTES (64u << 10) /* a read this large runs on a helper thread */
 #define SLOW_MAX      64    /* helper threads at once; each holds one of LMDB's 256 reader slots */
 #define LINGER_MAX    16    /* closed connections kept open to drain at once (conn_linger) */
@@ -4291,6 +4295,7 @@ static struct server {
 	struct req *slow_head, *slow_tail; /* slow requests waiting for a helper */
 	const char *config_path;
 	unsigned nconns, nlinger; /* connections, and lingering ones (not in nconns) */
+	size_t queued, queued_peak; /* requests in connections' queues, now and at most */
 	struct conn *conns;
 	struct conn *dirty;
 	MDB_txn *rtxn;            /* the event loop's read transaction, reset between uses */
@@ -4553,6 +4558,8 @@ conn_queue(struct conn *c, struct req *r)
 		c->head = r;
 	c->tail = r;
 	c->queued++;
+	if (++srv.queued > srv.queued_peak)
+		srv.queued_peak = srv.queued;
 	if (c->first_wait == NULL)
 		c->first_wait = r;
 	conn_mark_dirty(c);
@@ -4632,6 +4639,21 @@ queue:
 	conn_queue(c, r);
 }
 
+/*
+ * Whether c may not queue more requests for now: its own QUEUE_MAX, or, with
+ * max_queued across all connections, QUEUE_FAIR of its own.  A connection
+ * with fewer than QUEUE_FAIR queued is read whatever the others do, so
+ * clients that pipeline deeply cannot stall one that does not.  Such a c is
+ * paused until its own answers (which make it dirty) bring it under.
+ * Without the bound across connections, 200 connections pipelining 4,096
+ * charges each queued ~3.7 GB.
+ */
+static int
+conn_queue_full(const struct conn *c)
+{
+	return c->queued >= QUEUE_MAX || (c->queued >= QUEUE_FAIR && srv.queued >= config.max_queued);
+}
+
 /* Tells epoll what c waits for: input unless it is closing or too far
  * behind, output while answers wait. */
 static void
@@ -4644,7 +4666,7 @@ conn_events(struct conn *c)
 		return;
 	if (c->lingering)
 		want = EPOLLIN;
-	else if (!c->closing && !c->decode_paused && c->queued < QUEUE_MAX &&
+	else if (!c->closing && !c->decode_paused && !conn_queue_full(c) &&
 	    c->out.len - c->out.off < config.max_output / 2)
 		want |= EPOLLIN;
 	if (c->out.len > c->out.off)
@@ -4665,6 +4687,7 @@ conn_free(struct conn *c)
 		struct req *r = c->head;
 
 		c->head = r->next;
+		srv.queued--;
 		req_free(r);
 	}
 	if (c->up_ready)
@@ -4842,6 +4865,7 @@ conn_pump(struct conn *c)
 				c->closing = 1;
 			c->head = r->next;
 			c->queued--;
+			srv.queued--;
 			if (c->head == NULL)
 				c->tail = NULL;
 			if (c->first_wait == r)
@@ -4922,7 +4946,7 @@ conn_decode(struct conn *c)
 	for (;;) {
 		size_t bytes = 0;
 
-		if (c->queued >= QUEUE_MAX) {
+		if (conn_queue_full(c)) {
 			c->decode_paused = c->up.used > c->up.off;
 			break;
 		}
@@ -5494,8 +5518,11 @@ before_sleep(void)
 	/* Dispatch first, so the writer starts on this turn's requests while answers go out. */
 	for (c = srv.dirty; c; c = c->dirty_next) {
 		conn_pump(c);
-		if (c->decode_paused && !c->closing && !c->dead && c->queued < QUEUE_MAX) {
-			conn_decode(c); /* frames read earlier, now that the queue has room */
+		/* Frames read earlier, now that the queue has room; again while the
+		 * pump makes room at once (reads at the head answer in place), or a
+		 * connection left paused with nothing queued would never be woken. */
+		while (c->decode_paused && !c->closing && !c->dead && !conn_queue_full(c)) {
+			conn_decode(c);
 			conn_pump(c);
 		}
 	}
@@ -5617,11 +5644,13 @@ m_stats(struct call *c)
 		pack_cstr(pk, qn[i]), msgpack_pack_uint64(pk, n ? lat[idx] : 0);
 	}
 	KEY(pk, "connections");
-	msgpack_pack_map(pk, 4);
+	msgpack_pack_map(pk, 6);
 	KV_U64(pk, "open", srv.nconns);
 	KV_U64(pk, "total", s.conns_total);
 	KV_U64(pk, "refused", s.conns_refused);
 	KV_U64(pk, "cut_off", s.conns_dropped);
+	KV_U64(pk, "queued_requests", srv.queued);
+	KV_U64(pk, "queued_peak", srv.queued_peak);
 	KEY(pk, "store");
 	msgpack_pack_map(pk, 5);
 	KV_U64(pk, "map_size", info.me_mapsize);
