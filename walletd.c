@@ -4223,7 +4223,7 @@ static const method_fn method_fns[M__COUNT] = {
 #define SLOW_READ_BYTES (64u << 10) /* a read this large runs on a helper thread */
 #define SLOW_MAX      64    /* helper threads at once; each holds one of LMDB's 256 reader slots */
 #define LINGER_MAX    16    /* closed connections kept open to drain at once (conn_linger) */
-#define LINGER_US     1000000u
+#define LINGER_US     1000000u /* ... for at most a second */
 #define LAT_RING      65536
 
 enum { RQ_WAITING, RQ_WRITER, RQ_SLOW, RQ_DONE };
