@@ -6,7 +6,7 @@
 #   make install   install binaries, man pages and the systemd unit
 #   make bench     throughput and latency on a temporary store
 #   make fuzz      run the libFuzzer target for FUZZ_SECONDS
-#   make crashtest kill -9 walletd under load, again and again
+#   make crashtest kill -9 walletd, and cut its power, under load, again and again
 
 # ---- configuration -----------------------------------------------------
 CC        ?= cc
@@ -87,9 +87,9 @@ test: all tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults
 	$(FUZZ_ENV) ./tests/fuzz_walletd -max_total_time=15 $(FUZZ_FLAGS) var/fuzz-corpus tests/fuzz-corpus 2>&1 | tail -1
 	WALLETD=$(CURDIR)/tests/walletd-asan WALLETCTL=$(CURDIR)/walletctl $(PY) tests/e2e.py
 
-# The crash test at length: walletd killed with SIGKILL 100 times under load.
+# The crash tests at length: walletd killed with SIGKILL, and its power cut, 100 times each under load.
 crashtest: all tests/walletd-asan
-	CRASH_KILLS=100 WALLETD=$(CURDIR)/walletd WALLETCTL=$(CURDIR)/walletctl $(PY) tests/e2e.py test_ops.py
+	CRASH_KILLS=100 POWER_CUTS=100 WALLETD=$(CURDIR)/walletd WALLETCTL=$(CURDIR)/walletctl $(PY) tests/e2e.py test_ops.py
 
 contrib/node/node_modules: contrib/node/package.json contrib/node/package-lock.json .deps-test
 	cd contrib/node && npm ci --no-audit --no-fund --loglevel=error
