@@ -593,6 +593,7 @@ class PowerCut(CrashUnderLoad):
     the writes not yet synced are lost, the newest first from a random point. Nothing
     answered may be lost, nothing applied twice, and verify passes after each restart."""
     cuts = int(os.environ.get("POWER_CUTS", "10"))
+    config = {"map_size": "256K"}  # the map grows during the cuts
 
     def test_power_cut_under_load(self):
         d = self.d
@@ -610,4 +611,5 @@ class PowerCut(CrashUnderLoad):
 
         self.crash_under_load(self.cuts, cut)
         self.assertEqual(d.read_log().count("faults: power cut"), self.cuts)
+        self.assertGreater(d.ctl_json("stats")["store"]["map_size"], 256 << 10)
 
