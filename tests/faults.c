@@ -10,10 +10,12 @@
  *     then every write into data.mdb that is not yet durable is kept in an
  *     undo log (the bytes it replaced); an fdatasync of the file makes what
  *     was written before it durable, and a write through a descriptor opened
- *     O_DSYNC (LMDB's meta page) is durable by itself.  At the cut, the
- *     newest writes from a random point on are undone (the disk wrote back
- *     in order and stopped there), the file loses the growth that did not
- *     survive, and the process ends at once with status 137, as if killed.
+ *     O_DSYNC (LMDB's meta page) is durable by itself.  At the cut, half the
+ *     time the newest writes from a random point on are undone (the disk
+ *     wrote back in order and stopped there), half the time a random subset
+ *     of them (it wrote back in any order); the file loses the growth that
+ *     did not survive, and the process ends at once with status 137, as if
+ *     killed.
  *     Writes and syncs hold one lock, so the cut falls between them: once
  *     FILE exists, at a random one of the next writes or syncs of data.mdb
  *     (most often in the middle of a commit), or after 100 ms of none.
@@ -75,6 +77,7 @@ struct undo {
 	size_t len;               /* bytes of old that were in the file */
 	off_t end;                /* the write's end */
 	char *old;
+	char *new;                /* what was written, end - off bytes */
 };
 
 static struct {
@@ -89,13 +92,16 @@ static struct {
 	unsigned seed;
 } cut = { .lock = PTHREAD_MUTEX_INITIALIZER, .rfd = -1 };
 
-/* Records what a write of len bytes at off into data.mdb (fd) replaces. */
+/* Records a write of iov at off into data.mdb (fd), and what it replaces. */
 static void
-cut_record(int fd, off_t off, size_t len)
+cut_record(int fd, off_t off, const struct iovec *iov, int cnt)
 {
 	struct undo *u;
 	struct stat st;
+	size_t len = 0;
 
+	for (int i = 0; i < cnt; i++)
+		len += iov[i].iov_len;
 	if (cut.trigger == NULL || (fcntl(fd, F_GETFL) & O_DSYNC) || !is_data(fd, cut.path))
 		return;
 	if (cut.rfd < 0) {
@@ -110,7 +116,10 @@ cut_record(int fd, off_t off, size_t len)
 	u->off = off;
 	u->end = off + (off_t)len;
 	u->old = malloc(len ? len : 1);
+	u->new = malloc(len ? len : 1);
 	u->len = 0;
+	for (size_t at = 0, i = 0; u->new && i < (size_t)cnt; at += iov[i].iov_len, i++)
+		memcpy(u->new + at, iov[i].iov_base, iov[i].iov_len);
 	if (u->old && cut.rfd >= 0) {
 		ssize_t got = pread(cut.rfd, u->old, len, off);
 
@@ -126,8 +135,10 @@ cut_synced(int fd)
 
 	if (cut.trigger == NULL || !is_data(fd, cut.path))
 		return;
-	for (size_t i = 0; i < cut.n; i++)
+	for (size_t i = 0; i < cut.n; i++) {
 		free(cut.log[i].old);
+		free(cut.log[i].new);
+	}
 	cut.n = 0;
 	if (fstat(fd, &st) == 0)
 		cut.synced_size = st.st_size;
@@ -137,24 +148,42 @@ cut_synced(int fd)
 static void
 power_cut(void)
 {
-	size_t keep;
-	off_t size;
-	int fd;
+	static const char zeros[1 << 16];
+	int subset = rand_r(&cut.seed) % 2, fd;
+	size_t keep = cut.n ? (size_t)rand_r(&cut.seed) % (cut.n + 1) : 0, kept = 0;
+	off_t size = cut.synced_size;
 	REAL(pwrite64, pwrite_fn); /* ours takes the lock */
 
-	keep = cut.n ? (size_t)rand_r(&cut.seed) % (cut.n + 1) : 0;
-	size = cut.synced_size;
-	if ((fd = open(cut.path, O_WRONLY | O_CLOEXEC)) >= 0) {
-		for (size_t i = cut.n; i-- > keep;)
-			if (real_pwrite64(fd, cut.log[i].old, cut.log[i].len, cut.log[i].off) < 0)
-				break;
-		for (size_t i = 0; i < keep; i++)
-			if (cut.log[i].end > size)
-				size = cut.log[i].end;
-		if (ftruncate(fd, size) != 0) /* only shrinks: synced_size <= the length now */
+	if ((fd = open(cut.path, O_WRONLY | O_CLOEXEC)) < 0)
+		_exit(3);
+	/* Back to the file as of the last sync, newest first (past its old
+	 * end, a hole)... */
+	for (size_t i = cut.n; i-- > 0;) {
+		struct undo *u = &cut.log[i];
+
+		if (real_pwrite64(fd, u->old, u->len, u->off) < 0)
 			_exit(3);
+		for (off_t at = u->off + (off_t)u->len; at < u->end; at += (off_t)sizeof(zeros))
+			if (real_pwrite64(fd, zeros, u->end - at < (off_t)sizeof(zeros) ?
+			    (size_t)(u->end - at) : sizeof(zeros), at) < 0)
+				_exit(3);
 	}
-	fprintf(stderr, "faults: power cut, %zu of %zu unsynced writes kept\n", keep, cut.n);
+	/* ...then the writes that reached the disk, oldest first. */
+	for (size_t i = 0; i < cut.n; i++) {
+		struct undo *u = &cut.log[i];
+
+		if (subset ? rand_r(&cut.seed) % 2 : i >= keep)
+			continue;
+		if (real_pwrite64(fd, u->new, (size_t)(u->end - u->off), u->off) < 0)
+			_exit(3);
+		kept++;
+		if (u->end > size)
+			size = u->end;
+	}
+	if (ftruncate(fd, size) != 0)
+		_exit(3);
+	fprintf(stderr, "faults: power cut, %zu of %zu unsynced writes kept (%s)\n", kept, cut.n,
+	    subset ? "any of them" : "the oldest");
 	_exit(137);
 }
 
@@ -210,7 +239,7 @@ pwrite64(int fd, const void *buf, size_t n, off_t off)
 		return -1;
 	}
 	pthread_mutex_lock(&cut.lock);
-	cut_record(fd, off, n);
+	cut_record(fd, off, &(struct iovec){ (void *)buf, n }, 1);
 	rc = real_pwrite64(fd, buf, n, off);
 	cut_maybe();
 	pthread_mutex_unlock(&cut.lock);
@@ -226,14 +255,11 @@ pwrite(int fd, const void *buf, size_t n, off_t off)
 ssize_t
 writev(int fd, const struct iovec *iov, int cnt)
 {
-	size_t n = 0;
 	ssize_t rc;
 	REAL(writev, writev_fn);
 
-	for (int i = 0; i < cnt; i++)
-		n += iov[i].iov_len;
 	pthread_mutex_lock(&cut.lock);
-	cut_record(fd, lseek(fd, 0, SEEK_CUR), n);
+	cut_record(fd, lseek(fd, 0, SEEK_CUR), iov, cnt);
 	rc = real_writev(fd, iov, cnt);
 	cut_maybe();
 	pthread_mutex_unlock(&cut.lock);
@@ -243,14 +269,11 @@ writev(int fd, const struct iovec *iov, int cnt)
 ssize_t
 pwritev(int fd, const struct iovec *iov, int cnt, off_t off)
 {
-	size_t n = 0;
 	ssize_t rc;
 	REAL(pwritev, pwritev_fn);
 
-	for (int i = 0; i < cnt; i++)
-		n += iov[i].iov_len;
 	pthread_mutex_lock(&cut.lock);
-	cut_record(fd, off, n);
+	cut_record(fd, off, iov, cnt);
 	rc = real_pwritev(fd, iov, cnt, off);
 	cut_maybe();
 	pthread_mutex_unlock(&cut.lock);
