@@ -66,6 +66,7 @@ struct config {
 	char socket[PATH_MAX];
 	char socket_group[64];
 	unsigned max_connections;
+	unsigned reserved_connections;
 	size_t max_frame;
 	size_t max_output;
 	unsigned idle_timeout;
@@ -113,6 +114,7 @@ static const struct config_key config_keys[] = {
 	CK(socket, CF_STR, 0, "Unix socket path"),
 	CK(socket_group, CF_STR, 0, "group owning the socket (mode 0660)"),
 	CK(max_connections, CF_UINT, 1, "connections at once; beyond: too_many_connections"),
+	CK(reserved_connections, CF_UINT, 1, "of those, kept for admin and payments peers (at most half)"),
 	CK(max_frame, CF_SIZE, 1, "largest request frame, bytes"),
 	CK(max_output, CF_SIZE, 1, "unread answers a client may leave, bytes; beyond: cut off"),
 	CK(idle_timeout, CF_UINT, 1, "seconds before an idle connection is closed (0 = never)"),
@@ -149,6 +151,7 @@ config_defaults(struct config *cf)
 	strcpy(cf->store, "/var/lib/walletd");
 	strcpy(cf->socket, "/run/walletd/walletd.sock");
 	cf->max_connections = 10240;
+	cf->reserved_connections = 16;
 	cf->max_frame = MAX_FRAME_DEFAULT;
 	cf->max_output = 64u << 20;
 	cf->idle_timeout = 3600;
@@ -5126,6 +5129,7 @@ conn_accept(void)
 		socklen_t len = sizeof(cred);
 		struct epoll_event ev;
 		struct conn *c;
+		unsigned roles, reserve;
 		int refuse;
 
 		if (fd < 0) {
@@ -5134,7 +5138,16 @@ conn_accept(void)
 			return;
 		}
 		stats.conns_total++;
-		refuse = srv.nconns >= config.max_connections;
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+			cred = (struct ucred){ .uid = (uid_t)-1, .gid = (gid_t)-1 };
+		roles = roles_of(cred.uid, cred.gid);
+		/* The last reserved_connections slots (at most half) are for admin
+		 * and payments peers: a send service leaking connections must not
+		 * lock out the payment webhook or the staff. */
+		reserve = config.reserved_connections < config.max_connections / 2 ?
+		    config.reserved_connections : config.max_connections / 2;
+		refuse = srv.nconns >= config.max_connections ||
+		    (srv.nconns + reserve >= config.max_connections && !(roles & (ROLE_ADMIN | ROLE_PAYMENTS)));
 		if (refuse && srv.nlinger >= LINGER_MAX) {
 			conn_refuse(fd, NULL);
 			continue;
@@ -5145,11 +5158,9 @@ conn_accept(void)
 		}
 		c->fd = fd;
 		c->passed_fd = -1;
-		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
-			c->uid = cred.uid;
-			c->gid = cred.gid;
-			c->roles = roles_of(cred.uid, cred.gid);
-		}
+		c->uid = cred.uid;
+		c->gid = cred.gid;
+		c->roles = roles;
 		c->last_active = now_micros();
 		c->events = EPOLLIN;
 		ev.events = EPOLLIN;

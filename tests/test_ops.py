@@ -41,6 +41,48 @@ class AccessControl(DaemonTest):
         self.assertEqual(d.ctl_json("balance", "acme")["balance"], "1")
 
 
+class ReservedConnections(DaemonTest):
+    config = {"socket_group": "nogroup", "client_groups": "nogroup",
+              "max_connections": "6", "reserved_connections": "2"}
+
+    HOLD = """
+import socket, sys, msgpack
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(10)
+    s.sendall(msgpack.packb([0, 1, "ping", []]))
+    up = msgpack.Unpacker(raw=False)
+    while True:
+        up.feed(s.recv(4096))
+        m = next(up, None)
+        if m is not None:
+            break
+    print(m[2]["code"] if m[2] else "ok", flush=True)
+    held.append(s)
+sys.stdin.read()
+"""
+
+    def test_the_last_slots_are_kept_for_admin_and_payments(self):
+        # a send service leaking connections used to lock out the payment webhook and staff
+        d = self.d
+        hold = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                                 "/usr/bin/python3", "-c", self.HOLD, d.sock, "5"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            got = [hold.stdout.readline().strip() for _ in range(5)]
+            self.assertEqual(got, ["ok"] * 4 + ["too_many_connections"])  # a client gets 6 - 2
+            staff = [d.raw() for _ in range(2)]  # root is admin: the reserved two
+            for s in staff:
+                s.sendall(request(1, "ping"))
+                self.assertIsNone(read_frames(s, 1)[0][2])
+            extra = d.raw()
+            extra.sendall(request(1, "ping"))
+            self.assertEqual(read_frames(extra, 1)[0][2]["code"], "too_many_connections")
+        finally:
+            hold.stdin.close()
+            hold.wait(10)
+
+
 class Limits(DaemonTest):
     config = {"max_connections": "20", "max_output": "1M", "idle_timeout": "2"}
 
