@@ -5140,12 +5140,13 @@ conn_accept(void)
 		stats.conns_total++;
 		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
 			cred = (struct ucred){ .uid = (uid_t)-1, .gid = (gid_t)-1 };
-		roles = roles_of(cred.uid, cred.gid);
 		/* The last reserved_connections slots (at most half) are for admin
 		 * and payments peers: a send service leaking connections must not
-		 * lock out the payment webhook or the staff. */
+		 * lock out the payment webhook or the staff.  When all are taken,
+		 * no roles are looked up (a storm of retries, say). */
 		reserve = config.reserved_connections < config.max_connections / 2 ?
 		    config.reserved_connections : config.max_connections / 2;
+		roles = srv.nconns < config.max_connections ? roles_of(cred.uid, cred.gid) : 0;
 		refuse = srv.nconns >= config.max_connections ||
 		    (srv.nconns + reserve >= config.max_connections && !(roles & (ROLE_ADMIN | ROLE_PAYMENTS)));
 		if (refuse && srv.nlinger >= LINGER_MAX) {
