@@ -5622,7 +5622,6 @@ m_stats(struct call *c)
 		codes += s.codes[i] != 0;
 
 	msgpack_pack_map(pk, 13);
-	KV_U64(pk, "reads_off_loop", s.reads_off_loop);
 	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
 	KEY(pk, "requests");
 	msgpack_pack_map(pk, (size_t)methods);
@@ -5638,6 +5637,7 @@ m_stats(struct call *c)
 	for (int i = 1; i < E__COUNT; i++)
 		if (s.codes[i])
 			pack_cstr(pk, error_name(i)), msgpack_pack_uint64(pk, s.codes[i]);
+	KV_U64(pk, "reads_off_loop", s.reads_off_loop);
 	KV_U64(pk, "commits", s.commits);
 	KV_U64(pk, "committed_requests", s.committed);
 	KEY(pk, "mean_batch");
