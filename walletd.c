@@ -4248,7 +4248,7 @@ struct req {
 	uint32_t msgid;
 	int has_msgid;
 	size_t bytes;
-	size_t weight;            /* what it counts for against batch_max */
+	size_t weight;            /* what it counts for against batch_max (req_weight) */
 	uint64_t t0;
 	msgpack_sbuffer out;      /* the answer frame */
 };
@@ -4568,6 +4568,16 @@ conn_queue(struct conn *c, struct req *r)
 	conn_mark_dirty(c);
 }
 
+/* What a request counts for against batch_max: a charge.batch its items. */
+static size_t
+req_weight(const struct req *r)
+{
+	const msgpack_object *items = r->method == M_CHARGE_BATCH ? map_get(r->params, "items") : NULL;
+
+	return items && items->type == MSGPACK_OBJECT_ARRAY && items->via.array.size > 1 ?
+	    items->via.array.size : 1;
+}
+
 /*
  * Decodes the frame in msg (taking it over) into a request at the tail of
  * c's queue.  Frames that are not well-formed requests are answered here.
@@ -4635,6 +4645,7 @@ conn_frame(struct conn *c, msgpack_unpacked *msg, size_t bytes)
 		r->fd = c->passed_fd;
 		c->passed_fd = -1;
 	}
+	r->weight = req_weight(r);
 	conn_queue(c, r);
 	return;
 queue:
@@ -4791,16 +4802,6 @@ conn_flush(struct conn *c)
 static void writer_submit(struct req *r);
 static void slow_submit(struct req *r);
 
-/* What a request counts for against batch_max: a charge.batch its items. */
-static size_t
-req_weight(const struct req *r)
-{
-	const msgpack_object *items = r->method == M_CHARGE_BATCH ? map_get(r->params, "items") : NULL;
-
-	return items && items->type == MSGPACK_OBJECT_ARRAY && items->via.array.size > 1 ?
-	    items->via.array.size : 1;
-}
-
 /*
  * Whether c already has its share of the writer: two commits' worth of its
  * requests (2 x batch_max weight, 2 x batch_bytes), one committing while the
@@ -4812,7 +4813,7 @@ req_weight(const struct req *r)
 static int
 writer_share_full(const struct conn *c, const struct req *r)
 {
-	return c->wweight > 0 && (c->wweight + req_weight(r) > 2 * (size_t)config.batch_max ||
+	return c->wweight > 0 && (c->wweight + r->weight > 2 * (size_t)config.batch_max ||
 	    c->wbytes + r->bytes > 2 * config.batch_bytes);
 }
 
@@ -5195,7 +5196,6 @@ static void
 writer_submit(struct req *r)
 {
 	r->qnext = NULL;
-	r->weight = req_weight(r);
 	r->conn->wweight += r->weight;
 	r->conn->wbytes += r->bytes;
 	srv.pend_weight += r->weight;

@@ -87,6 +87,16 @@ class Daemon:
         self.stop()
         return self.start()
 
+    def restart_plain(self, **faults):
+        """Restarts as the plain build (LD_PRELOAD and prlimit --as do not mix with ASan),
+        with tests/faults.so loaded and its WALLETD_FAULT_<NAME> set from faults, if any."""
+        self.stop()
+        self.binary = os.path.join(ROOT, "walletd")
+        if faults:
+            self.wrap = ["env", "LD_PRELOAD=" + os.path.join(HERE, "faults.so")] + [
+                "WALLETD_FAULT_%s=%s" % (k.upper(), v) for k, v in faults.items()]
+        return self.start()
+
     def read_log(self):
         try:
             with open(self.log) as f:

@@ -3,7 +3,7 @@ import decimal
 import os
 import time
 
-from harness import DaemonTest, request, read_frames, HERE
+from harness import DaemonTest, request, read_frames
 
 D = decimal.Decimal
 
@@ -86,10 +86,7 @@ class WriterShare(DaemonTest):
         # the rest waits in its own queue. One pipelining 1,000 batches of 1,000 items
         # used to hold another client's charge 1.3 s; now ~20 ms
         d = self.d
-        d.stop()
-        d.binary = os.path.join(HERE, "..", "walletd")  # the plain build, for LD_PRELOAD
-        d.wrap = ["env", "LD_PRELOAD=" + os.path.join(HERE, "faults.so"), "WALLETD_FAULT_SYNC_MS=10"]
-        d.start()
+        d.restart_plain(sync_ms=10)
         self.seed("1000")
         d.ctl_json("wallet", "create", "other", "USD")
         d.ctl_json("credit", "other", "10", "x")

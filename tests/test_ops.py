@@ -364,9 +364,7 @@ class TinyFrames(DaemonTest):
         # never read again unless its answers filled the socket (stuck at 19,114 of 20,000
         # in 2 of 4 manual runs; the race is the client's pace, so this test may not catch it)
         d = self.d
-        d.stop()
-        d.binary = os.path.join(HERE, "..", "walletd")  # the plain build: ASan's pace hid it
-        d.start()
+        d.restart_plain()  # ASan's pace hid it
         n = 100000
         s = d.raw()
         t = threading.Thread(target=s.sendall, args=(request(0, "x") * n,))
@@ -384,10 +382,7 @@ class QueuedAcrossConnections(DaemonTest):
         # each connection may queue 4,096 requests; across connections, past max_queued,
         # those with 64 or more queued are not read until their own answers bring them under
         d = self.d
-        d.stop()
-        d.binary = os.path.join(HERE, "..", "walletd")  # the plain build, for LD_PRELOAD
-        d.wrap = ["env", "LD_PRELOAD=" + os.path.join(HERE, "faults.so"), "WALLETD_FAULT_SYNC_MS=200"]
-        d.start()
+        d.restart_plain(sync_ms=200)
         n, conns = 3000, 4
         socks = [d.raw() for _ in range(conns)]
         threads = []
@@ -415,11 +410,8 @@ class MetaWriteFailure(DaemonTest):
 
     def test_walletd_stops_and_a_restart_reopens_the_store(self):
         d = self.d
-        d.stop()
         flag = os.path.join(d.dir, "fail-next-meta-write")
-        d.binary = os.path.join(HERE, "..", "walletd")
-        d.wrap = ["env", "LD_PRELOAD=" + os.path.join(HERE, "faults.so"), "WALLETD_FAULT_META_EIO=" + flag]
-        d.start()
+        d.restart_plain(meta_eio=flag)
         self.seed("10")
         charge = {"wallet": "acme", "channel": "sms", "to": "+256712345678"}
         with d.client() as c:
@@ -639,11 +631,8 @@ class PowerCut(CrashUnderLoad):
 
     def test_power_cut_under_load(self):
         d = self.d
-        d.stop()
         trigger = os.path.join(d.dir, "power-cut")
-        d.binary = os.path.join(HERE, "..", "walletd")
-        d.wrap = ["env", "LD_PRELOAD=" + os.path.join(HERE, "faults.so"), "WALLETD_FAULT_POWERCUT=" + trigger]
-        d.start()
+        d.restart_plain(powercut=trigger)
 
         def cut():
             open(trigger, "w").close()
