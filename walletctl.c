@@ -1008,7 +1008,8 @@ bench_usage(FILE *f)
 	    "  like UUIDv4s (each then dirties a page of the refs index of its own).\n"
 	    "  Prints requests/s, charges/s, latency percentiles, errors by code, commits/s and\n"
 	    "  mean batch size (from stats), and checks that the wallets lost exactly what the\n"
-	    "  successful charges cost (exit 1 if not).\n"
+	    "  successful charges cost (exit 1 if not).  Then it debits its wallets to zero,\n"
+	    "  freezes them and deletes its rate: a run leaves no money on the store.\n"
 	    "  Defaults: -c 16 -n 100000 -P 1 --method charge --wallets 100 --recipients 100000\n");
 }
 
@@ -1038,24 +1039,83 @@ cmp_u64(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
-/* Calls method and returns the result object in *resp (exits on error answers). */
-static const msgpack_object *
-bench_call(const char *method, msgpack_sbuffer *params, msgpack_unpacked *resp)
-{
-	call(method, params, -1, resp);
-	if (resp->data.type != MSGPACK_OBJECT_ARRAY || resp->data.via.array.size != 4 ||
-	    resp->data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL) {
-		print_response(&resp->data);
-		die(EXIT_ERROR, "bench: %s failed", method);
-	}
-	return &resp->data.via.array.ptr[3];
-}
-
 static void
 pk_kv(msgpack_packer *pk, const char *k, const char *v)
 {
 	msgpack_pack_str_with_body(pk, k, strlen(k));
 	msgpack_pack_str_with_body(pk, v, strlen(v));
+}
+
+/* Calls method; returns its result (in *resp), or NULL after printing
+ * walletd's error. */
+static const msgpack_object *
+bench_try(const char *method, msgpack_sbuffer *params, msgpack_unpacked *resp)
+{
+	const msgpack_object *a = NULL, *code = NULL, *msg = NULL;
+
+	call(method, params, -1, resp);
+	if (resp->data.type == MSGPACK_OBJECT_ARRAY && resp->data.via.array.size == 4) {
+		a = resp->data.via.array.ptr;
+		if (a[2].type == MSGPACK_OBJECT_NIL)
+			return &a[3];
+		code = map_get(&a[2], "code");
+		msg = map_get(&a[2], "message");
+	}
+	fprintf(stderr, "bench: %s failed: %.*s: %.*s\n", method,
+	    code && code->type == MSGPACK_OBJECT_STR ? (int)code->via.str.size : 5,
+	    code && code->type == MSGPACK_OBJECT_STR ? code->via.str.ptr : "error",
+	    msg && msg->type == MSGPACK_OBJECT_STR ? (int)msg->via.str.size : 0,
+	    msg && msg->type == MSGPACK_OBJECT_STR ? msg->via.str.ptr : "");
+	return NULL;
+}
+
+/* Calls method; exits if walletd answers an error. */
+static const msgpack_object *
+bench_call(const char *method, msgpack_sbuffer *params, msgpack_unpacked *resp)
+{
+	const msgpack_object *res = bench_try(method, params, resp);
+
+	if (res == NULL)
+		exit(EXIT_ERROR);
+	return res;
+}
+
+/*
+ * Leaves no money behind: a bench wallet holding left is debited to zero and
+ * frozen (walletd deletes no wallet: its history is the ledger).  Against a
+ * production store, a run used to leave each of its wallets holding
+ * 1,000,000,000: on every report of what customers hold, and chargeable by
+ * anyone who named it.  Returns 0, or -1 after printing what failed.
+ */
+static int
+bench_retire(const char *wallet, int64_t left)
+{
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	msgpack_unpacked resp;
+	char buf[48];
+	int rc = 0;
+
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	if (left > 0) {
+		msgpack_pack_map(&pk, 3);
+		pk_kv(&pk, "wallet", wallet);
+		pk_kv(&pk, "amount", amount_format(left, buf, 0));
+		pk_kv(&pk, "reason", "walletctl bench: run over");
+		rc = bench_try("debit", &sb, &resp) ? 0 : -1;
+		msgpack_unpacked_destroy(&resp);
+	}
+	if (rc == 0) {
+		msgpack_sbuffer_clear(&sb);
+		msgpack_pack_map(&pk, 2);
+		pk_kv(&pk, "wallet", wallet);
+		pk_kv(&pk, "status", "frozen");
+		rc = bench_try("wallet.update", &sb, &resp) ? 0 : -1;
+		msgpack_unpacked_destroy(&resp);
+	}
+	msgpack_sbuffer_destroy(&sb);
+	return rc;
 }
 
 /* A stats counter, or 0. */
@@ -1115,6 +1175,7 @@ cmd_bench(int argc, char **argv)
 	const msgpack_object *res;
 	uint64_t *charged, t0, t1, commits0, reqs0, commits1, reqs1;
 	int json = json_output, failed = 0;
+	unsigned retire_failed = 0;
 
 	for (int i = 0; i < argc; i++) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -1378,7 +1439,7 @@ cmd_bench(int argc, char **argv)
 	for (unsigned w = 0; w < wallets; w++) {
 		char wallet[64];
 		const msgpack_object *b;
-		int64_t have, want = 1000000000LL * MICRO - (int64_t)charged[w] * 1000;
+		int64_t have = -1, want = 1000000000LL * MICRO - (int64_t)charged[w] * 1000;
 
 		snprintf(wallet, sizeof(wallet), "bench-%s-%u", run, w);
 		msgpack_sbuffer_clear(&sb);
@@ -1386,13 +1447,29 @@ cmd_bench(int argc, char **argv)
 		pk_kv(&pk, "wallet", wallet);
 		res = bench_call("balance", &sb, &resp);
 		b = map_get(res, "balance");
-		if (!b || amount_parse(b->via.str.ptr, b->via.str.size, &have) != 0 || have != want) {
+		if (b && b->type == MSGPACK_OBJECT_STR && amount_parse(b->via.str.ptr, b->via.str.size, &have) != 0)
+			have = -1;
+		if (have != want) {
 			fprintf(stderr, "bench: self-check FAILED: %s holds %.*s, expected %s\n", wallet,
-			    b ? (int)b->via.str.size : 0, b ? b->via.str.ptr : "", amount_format(want, buf, 0));
+			    have >= 0 ? (int)b->via.str.size : 0, have >= 0 ? b->via.str.ptr : "",
+			    amount_format(want, buf, 0));
 			failed = 1;
 		}
 		msgpack_unpacked_destroy(&resp);
+		retire_failed += have < 0 || bench_retire(wallet, have) != 0;
 	}
+	msgpack_sbuffer_clear(&sb);
+	msgpack_pack_map(&pk, 4);
+	snprintf(buf, sizeof(buf), "bench-%s", run);
+	pk_kv(&pk, "plan", buf);
+	pk_kv(&pk, "channel", "sms");
+	pk_kv(&pk, "prefix", "1");
+	pk_kv(&pk, "route", "");
+	retire_failed += bench_try("rate.delete", &sb, &resp) == NULL;
+	msgpack_unpacked_destroy(&resp);
+	if (retire_failed)
+		fprintf(stderr, "bench: not all of this run's wallets (bench-%s-*) and its rate (plan bench-%s) "
+		    "could be retired; debit and freeze them by hand\n", run, run);
 	qsort(lat, done, sizeof(*lat), cmp_u64);
 	{
 		double secs = (double)(t1 - t0) / 1e9;

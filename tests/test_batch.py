@@ -115,8 +115,14 @@ class Bench(DaemonTest):
         self.assertTrue(out["self_check"])
         self.assertEqual(out["errors"], {})
         self.assertTrue(d.ctl_json("verify")["ok"])
-        # bench wallets live in their own namespace
-        self.assertTrue(all(w["wallet"].startswith("bench-") for w in d.ctl_json("wallet", "list")["wallets"]))
+        # bench wallets live in their own namespace, and a run leaves no money behind:
+        # its wallets are debited to zero and frozen, its rate deleted
+        wallets = d.ctl_json("wallet", "list")["wallets"]
+        self.assertEqual(len(wallets), 8)
+        for w in wallets:
+            self.assertTrue(w["wallet"].startswith("bench-"), w)
+            self.assertEqual((w["balance"], w["status"]), ("0", "frozen"), w)
+        self.assertEqual(d.ctl_json("rate", "list")["rates"], [])
 
     def test_store_file_is_written_ahead_and_survives_a_kill(self):
         d = self.d
