@@ -123,7 +123,7 @@ static const struct config_key config_keys[] = {
 	CK(commit_delay, CF_UINT, 1, "microseconds the writer may wait, under load, for a fuller commit (0 = never)"),
 	CK(charge_batch_max, CF_UINT, 1, "most items in one charge.batch"),
 	CK(max_queued, CF_UINT, 1, "requests queued across connections before those with 64+ queued stop being read"),
-	CK(map_size, CF_SIZE, 0, "initial LMDB map size, bytes"),
+	CK(map_size, CF_SIZE, 0, "the LMDB map reserved at start, bytes (address space, not memory or disk)"),
 	CK(map_size_max, CF_SIZE, 1, "the map grows up to this; beyond: storage_full"),
 	CK(admin_users, CF_STR, 1, "users (names or uids) with the admin role"),
 	CK(admin_groups, CF_STR, 1, "groups (names or gids) with the admin role"),
@@ -160,7 +160,7 @@ config_defaults(struct config *cf)
 	cf->commit_delay = 150;
 	cf->charge_batch_max = BATCH_ITEMS_MAX;
 	cf->max_queued = 65536;
-	cf->map_size = 64u << 20;
+	cf->map_size = (size_t)1 << 40;
 	cf->map_size_max = (size_t)1 << 40;
 	strcpy(cf->topup_url, "https://pay.example.com/checkout?ref={ref}&amount={amount}&currency={currency}");
 	cf->topup_ttl = 86400;
@@ -1007,6 +1007,35 @@ store_rekey_refs(MDB_txn *txn)
 	return 0;
 }
 
+/*
+ * The map is reserved at its largest from the start (1 TiB of address space:
+ * no memory, no disk), so it never has to grow.  A grow waits for every
+ * read, and a read that runs long (a backup, a verify of a large store) also
+ * keeps LMDB from reusing pages, so the store grows fastest just when the map
+ * cannot: with the map filling, charges waited for the backup to end.  Where
+ * the system refuses so large a map (a limit on address space), the map starts
+ * at MAP_FALLBACK and grows (store_grow).
+ */
+#define MAP_FALLBACK (64u << 20)
+
+/* Opens the LMDB environment with a map of store.map_size bytes. */
+static int
+store_env_open(const char *dir)
+{
+	int rc;
+
+	if ((rc = mdb_env_create(&store.env)) != 0)
+		return rc;
+	if ((rc = mdb_env_set_maxdbs(store.env, 16)) != 0 ||
+	    (rc = mdb_env_set_maxreaders(store.env, 256)) != 0 ||
+	    (rc = mdb_env_set_mapsize(store.env, store.map_size)) != 0 ||
+	    (rc = mdb_env_open(store.env, dir, MDB_NOTLS | MDB_NOMEMINIT, 0600)) != 0) {
+		mdb_env_close(store.env);
+		store.env = NULL;
+	}
+	return rc;
+}
+
 /* Opens (creating) the store in dir.  Returns 0, or -1 with a message logged. */
 static int
 store_open(const char *dir)
@@ -1040,14 +1069,19 @@ store_open(const char *dir)
 		return -1;
 	}
 	snprintf(path, sizeof(path), "%s/data.mdb", dir);
-	store.map_size = config.map_size;
-	if (stat(path, &st) == 0 && (size_t)st.st_size > store.map_size)
+	if (stat(path, &st) != 0)
+		st.st_size = 0;
+	store.map_size = config.map_size < config.map_size_max ? config.map_size : config.map_size_max;
+	if ((size_t)st.st_size > store.map_size)
 		store.map_size = (size_t)st.st_size;
-	if ((rc = mdb_env_create(&store.env)) != 0 ||
-	    (rc = mdb_env_set_maxdbs(store.env, 16)) != 0 ||
-	    (rc = mdb_env_set_maxreaders(store.env, 256)) != 0 ||
-	    (rc = mdb_env_set_mapsize(store.env, store.map_size)) != 0 ||
-	    (rc = mdb_env_open(store.env, dir, MDB_NOTLS | MDB_NOMEMINIT, 0600)) != 0) {
+	if ((rc = store_env_open(dir)) == ENOMEM && store.map_size > MAP_FALLBACK &&
+	    (size_t)st.st_size < MAP_FALLBACK) {
+		log_x(L_WARN, "cannot map %zu bytes for the store (a limit on address space?): "
+		    "mapping %u and growing it as the store fills", store.map_size, MAP_FALLBACK);
+		store.map_size = MAP_FALLBACK;
+		rc = store_env_open(dir);
+	}
+	if (rc != 0) {
 		log_x(L_ERR, "cannot open store %s: %s", dir, mdb_strerror(rc));
 		return -1;
 	}

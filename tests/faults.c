@@ -6,6 +6,8 @@
  *     meta page (a write shorter than a page into data.mdb) fails with EIO
  *     and FILE is removed: one fault per file.
  * WALLETD_FAULT_SYNC_MS=N  every fdatasync takes N ms longer (a slow disk).
+ * WALLETD_FAULT_OTHER_SYNC_MS=N  every fdatasync of a file that is not
+ *     data.mdb takes N ms longer (a backup onto a slow disk).
  * WALLETD_FAULT_POWERCUT=FILE  once FILE exists, the power goes out.  Until
  *     then every write into data.mdb that is not yet durable is kept in an
  *     undo log (the bytes it replaced); an fdatasync of the file makes what
@@ -284,8 +286,11 @@ static int
 sync_with(sync_fn real, int fd)
 {
 	const char *ms = getenv("WALLETD_FAULT_SYNC_MS");
+	char path[PATH_MAX];
 	int rc;
 
+	if (ms == NULL && (ms = getenv("WALLETD_FAULT_OTHER_SYNC_MS")) != NULL && is_data(fd, path))
+		ms = NULL;
 	if (ms) {
 		long v = atol(ms);
 		struct timespec ts = { v / 1000, v % 1000 * 1000000L };

@@ -225,6 +225,57 @@ class EarlyGrowth(DaemonTest):
         self.assertGreaterEqual(store["map_grows"], 1)
 
 
+class MapReserved(DaemonTest):
+    def fill(self, charges):
+        out = self.d.ctl_json("bench", "--batch", "1000", "-c", "4", "-n", str(charges // 1000), "--wallets", "50")
+        self.assertTrue(out["self_check"])
+        self.assertEqual(out["errors"], {})
+        return self.d.ctl_json("stats")["store"]
+
+    def test_the_whole_map_is_reserved_at_start_and_never_grows(self):
+        # a grow waits for every read; a long one (a backup) used to hold charges up with it
+        store = self.d.ctl_json("stats")["store"]
+        self.assertEqual(store["map_size"], 1 << 40)
+        self.assertEqual(store["map_size"], store["map_size_max"])
+        store = self.fill(300000)
+        self.assertGreater(store["map_used"], 64 << 20)  # past the old initial map
+        self.assertEqual((store["map_size"], store["map_grows"]), (1 << 40, 0))
+        self.assertTrue(self.d.ctl_json("verify")["ok"])
+
+    def test_charges_do_not_wait_for_a_long_backup(self):
+        # a backup onto a slow disk holds its read for 4 s, and LMDB reuses no page meanwhile:
+        # the store outgrew a 64 MiB map, whose grow had to wait for the backup, charges with it
+        d = self.d
+        d.restart_plain(other_sync_ms=4000)
+        done = {}
+        backup = threading.Thread(target=lambda: done.update(
+            r=d.ctl("backup", os.path.join(d.dir, "backup.mdb")), at=time.time()))
+        backup.start()
+        time.sleep(0.3)
+        out = d.ctl_json("bench", "--batch", "1000", "-c", "4", "-n", "250", "--wallets", "50")
+        charged_at = time.time()
+        backup.join(60)
+        self.assertEqual(done["r"].returncode, 0, done["r"].stderr)
+        self.assertTrue(out["self_check"])
+        self.assertEqual(out["errors"], {})
+        self.assertLess(out["latency_ms"]["max"], 1500)
+        self.assertGreater(done["at"], charged_at)  # the charges ran inside the backup
+        self.assertGreater(d.ctl_json("stats")["store"]["map_used"], 64 << 20)
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_under_an_address_space_limit_the_map_starts_small_and_grows(self):
+        d = self.d
+        d.wrap = ["prlimit", "--as=600000000"]
+        d.restart_plain()  # ASan needs far more address space
+        self.assertIn("cannot map 1099511627776 bytes for the store", d.read_log())
+        self.assertEqual(d.ctl_json("stats")["store"]["map_size"], 64 << 20)
+        store = self.fill(150000)
+        self.assertGreater(store["map_used"], 32 << 20)
+        self.assertGreater(store["map_size"], 64 << 20)
+        self.assertGreaterEqual(store["map_grows"], 1)
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+
 class DiskFull(unittest.TestCase):
     """A real full disk: the store on a 4 MiB tmpfs, filled under load."""
 
