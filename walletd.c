@@ -929,6 +929,8 @@ static struct store {
 	pthread_rwlock_t maplock; /* readers: txns; writer: resizing the map */
 	size_t map_size;
 	int lock_fd;
+	dev_t dir_dev;            /* the store's directory */
+	ino_t dir_ino;
 	atomic_int panicked;      /* MDB_PANIC seen: walletd is stopping to reopen it */
 } store;
 
@@ -1067,6 +1069,10 @@ store_open(const char *dir)
 	if (flock(store.lock_fd, LOCK_EX | LOCK_NB) != 0) {
 		log_x(L_ERR, "store %s is in use by another walletd", dir);
 		return -1;
+	}
+	if (stat(dir, &st) == 0) {
+		store.dir_dev = st.st_dev;
+		store.dir_ino = st.st_ino;
 	}
 	snprintf(path, sizeof(path), "%s/data.mdb", dir);
 	if (stat(path, &st) != 0)
@@ -4203,6 +4209,31 @@ m_verify(struct call *c)
 	return E_OK;
 }
 
+/*
+ * Whether the file open on fd is in the store's own directory, where the
+ * client's rename of the finished copy would replace data.mdb under the
+ * running walletd: what it commits after that is lost at the next start.
+ * walletctl and the bindings refuse such a path first, knowing the store's
+ * directory only by its walletd.lock; a client of one's own may not.
+ */
+static int
+in_store_dir(int fd)
+{
+	char link[64], path[PATH_MAX];
+	struct stat st;
+	char *slash;
+	ssize_t n;
+
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	if ((n = readlink(link, path, sizeof(path) - 1)) <= 0)
+		return 0;
+	path[n] = '\0';
+	if ((slash = strrchr(path, '/')) == NULL)
+		return 0;
+	slash[slash == path] = '\0';
+	return stat(path, &st) == 0 && st.st_dev == store.dir_dev && st.st_ino == store.dir_ino;
+}
+
 /* backup: a compacted, consistent copy into the descriptor the caller passed, synced. */
 static int
 m_backup(struct call *c)
@@ -4215,6 +4246,9 @@ m_backup(struct call *c)
 		    "backup needs a file descriptor passed with the request (SCM_RIGHTS)");
 	if (fstat(c->fd, &st) != 0 || !S_ISREG(st.st_mode))
 		return fail(c, E_INVALID_ARGUMENT, "file", "the descriptor passed is not a regular file");
+	if (in_store_dir(c->fd))
+		return fail(c, E_INVALID_ARGUMENT, "file",
+		    "the file passed is in the store's own directory, where it would replace data.mdb; back up elsewhere");
 	rc = mdb_env_copyfd2(store.env, c->fd, MDB_CP_COMPACT);
 	if (rc == 0 && fdatasync(c->fd) != 0)
 		rc = errno;

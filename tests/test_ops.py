@@ -572,6 +572,16 @@ class Running(DaemonTest):
         self.assertIn("in a walletd store's directory", r.stderr)
         with d.client() as w, self.assertRaises(ValueError):
             w.backup(data)
+        # a client of its own, past both checks: walletd refuses the file itself
+        partial = os.path.join(d.store, "data.mdb.partial")
+        fd = os.open(partial, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            with d.client() as w, self.assertRaises(walletd.InvalidArgument) as e:
+                w.call("backup", _fds=[fd])
+        finally:
+            os.close(fd)
+        self.assertIn("store's own directory", str(e.exception))
+        self.assertEqual(os.path.getsize(partial), 0)  # nothing was copied into it
         d.ctl_json("credit", "acme", "10", "after")
         d.stop()
         d.start()  # the store's own file was left alone: nothing answered is lost
