@@ -1055,6 +1055,7 @@ store_open(const char *dir)
 	MDB_envinfo info;
 	MDB_txn *txn;
 	struct stat st;
+	size_t fallback;
 	int rc;
 
 	if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
@@ -1080,11 +1081,11 @@ store_open(const char *dir)
 	store.map_size = config.map_size < config.map_size_max ? config.map_size : config.map_size_max;
 	if ((size_t)st.st_size > store.map_size)
 		store.map_size = (size_t)st.st_size;
-	if ((rc = store_env_open(dir)) == ENOMEM && store.map_size > MAP_FALLBACK &&
-	    (size_t)st.st_size < MAP_FALLBACK) {
+	fallback = (size_t)st.st_size > MAP_FALLBACK ? (size_t)st.st_size : MAP_FALLBACK;
+	if ((rc = store_env_open(dir)) == ENOMEM && store.map_size > fallback) {
 		log_x(L_WARN, "cannot map %zu bytes for the store (a limit on address space?): "
-		    "mapping %u and growing it as the store fills", store.map_size, MAP_FALLBACK);
-		store.map_size = MAP_FALLBACK;
+		    "mapping %zu and growing it as the store fills", store.map_size, fallback);
+		store.map_size = fallback;
 		rc = store_env_open(dir);
 	}
 	if (rc != 0) {
@@ -4230,7 +4231,9 @@ in_store_dir(int fd)
 	path[n] = '\0';
 	if ((slash = strrchr(path, '/')) == NULL)
 		return 0;
-	slash[slash == path] = '\0';
+	if (slash == path)
+		slash++; /* a file in / */
+	*slash = '\0';
 	return stat(path, &st) == 0 && st.st_dev == store.dir_dev && st.st_ino == store.dir_ino;
 }
 
