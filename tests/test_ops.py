@@ -243,10 +243,10 @@ class MapReserved(DaemonTest):
         self.assertTrue(self.d.ctl_json("verify")["ok"])
 
     def test_charges_do_not_wait_for_a_long_backup(self):
-        # a backup onto a slow disk holds its read for 4 s, and LMDB reuses no page meanwhile:
+        # a backup onto a slow disk holds its read for 6 s, and LMDB reuses no page meanwhile:
         # the store outgrew a 64 MiB map, whose grow had to wait for the backup, charges with it
         d = self.d
-        d.restart_plain(other_sync_ms=4000)
+        d.restart_plain(other_sync_ms=6000)
         done = {}
         backup = threading.Thread(target=lambda: done.update(
             r=d.ctl("backup", os.path.join(d.dir, "backup.mdb")), at=time.time()))
