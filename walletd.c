@@ -5490,14 +5490,27 @@ writer_main(void *arg)
 	}
 }
 
+/*
+ * When each running helper read began, in microseconds (0: a free slot), for
+ * stats' oldest_read_ms.  A read held open (a backup onto a stuck disk) keeps
+ * LMDB from reusing pages: the store file grows while it lasts.
+ */
+static _Atomic uint64_t slow_since[SLOW_MAX];
+
 /* A helper thread for one slow read (verify, backup), off the event loop. */
 static void *
 slow_main(void *arg)
 {
 	struct req *r = arg;
 	MDB_txn *txn;
-	int rc;
+	int rc, slot = -1;
 
+	for (int i = 0; i < SLOW_MAX && slot < 0; i++) {
+		uint64_t free_slot = 0;
+
+		if (atomic_compare_exchange_strong(&slow_since[i], &free_slot, now_micros()))
+			slot = i;
+	}
 	pthread_rwlock_rdlock(&store.maplock);
 	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) == 0) {
 		req_execute(r, txn, 0);
@@ -5506,6 +5519,8 @@ slow_main(void *arg)
 		req_store_error(r, rc);
 	}
 	pthread_rwlock_unlock(&store.maplock);
+	if (slot >= 0)
+		atomic_store(&slow_since[slot], 0);
 	expand_free();
 	r->qnext = NULL;
 	done_post(r, r);
@@ -5676,6 +5691,7 @@ m_stats(struct call *c)
 	double q[5] = { 0.5, 0.9, 0.99, 0.999, 1.0 };
 	const char *qn[5] = { "p50", "p90", "p99", "p999", "max" };
 	int methods = 0, codes = 0;
+	uint64_t oldest_read = 0;
 	MDB_envinfo info;
 	struct stats s;
 
@@ -5734,13 +5750,20 @@ m_stats(struct call *c)
 	KV_U64(pk, "cut_off", s.conns_dropped);
 	KV_U64(pk, "queued_requests", srv.queued);
 	KV_U64(pk, "queued_peak", srv.queued_peak);
+	for (int i = 0; i < SLOW_MAX; i++) {
+		uint64_t since = atomic_load(&slow_since[i]);
+
+		if (since && (oldest_read == 0 || since < oldest_read))
+			oldest_read = since;
+	}
 	KEY(pk, "store");
-	msgpack_pack_map(pk, 5);
+	msgpack_pack_map(pk, 6);
 	KV_U64(pk, "map_size", info.me_mapsize);
 	KV_U64(pk, "map_used", store_used());
 	KV_U64(pk, "map_size_max", config.map_size_max);
 	KV_U64(pk, "map_grows", s.map_grows);
 	KV_U64(pk, "failed_commits", s.failed_commits);
+	KV_U64(pk, "oldest_read_ms", oldest_read ? (now_micros() - oldest_read) / 1000 : 0);
 	free(lat);
 	return E_OK;
 }

@@ -254,7 +254,10 @@ class MapReserved(DaemonTest):
         time.sleep(0.3)
         out = d.ctl_json("bench", "--batch", "1000", "-c", "4", "-n", "250", "--wallets", "50")
         charged_at = time.time()
+        held = d.ctl_json("stats")["store"]["oldest_read_ms"]  # the backup's, still open
         backup.join(60)
+        self.assertGreater(held, 300)
+        self.assertEqual(d.ctl_json("stats")["store"]["oldest_read_ms"], 0)
         self.assertEqual(done["r"].returncode, 0, done["r"].stderr)
         self.assertTrue(out["self_check"])
         self.assertEqual(out["errors"], {})
