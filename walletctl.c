@@ -528,6 +528,20 @@ print_human(const msgpack_object *o, const char *prefix)
 	}
 }
 
+/* Prints walletd's error map err (NULL: none readable) to stderr as
+ * "who: code: message". */
+static void
+print_error(const char *who, const msgpack_object *err)
+{
+	const msgpack_object *code = err ? map_get(err, "code") : NULL, *msg = err ? map_get(err, "message") : NULL;
+
+	fprintf(stderr, "%s: %.*s: %.*s\n", who,
+	    code && code->type == MSGPACK_OBJECT_STR ? (int)code->via.str.size : 5,
+	    code && code->type == MSGPACK_OBJECT_STR ? code->via.str.ptr : "error",
+	    msg && msg->type == MSGPACK_OBJECT_STR ? (int)msg->via.str.size : 0,
+	    msg && msg->type == MSGPACK_OBJECT_STR ? msg->via.str.ptr : "");
+}
+
 /*
  * Prints the response and returns the exit code: 0, or 1 for an error answer
  * (4 for insufficient_balance).
@@ -542,7 +556,7 @@ print_response(const msgpack_object *resp)
 	err = &resp->via.array.ptr[2];
 	result = &resp->via.array.ptr[3];
 	if (err->type != MSGPACK_OBJECT_NIL) {
-		const msgpack_object *code = map_get(err, "code"), *msg = map_get(err, "message");
+		const msgpack_object *code = map_get(err, "code");
 		int insufficient = code && code->type == MSGPACK_OBJECT_STR && code->via.str.size == 20 &&
 		    memcmp(code->via.str.ptr, "insufficient_balance", 20) == 0;
 
@@ -550,11 +564,7 @@ print_response(const msgpack_object *resp)
 			json_print(stdout, err);
 			putchar('\n');
 		}
-		fprintf(stderr, "walletctl: %.*s: %.*s\n",
-		    code && code->type == MSGPACK_OBJECT_STR ? (int)code->via.str.size : 5,
-		    code && code->type == MSGPACK_OBJECT_STR ? code->via.str.ptr : "error",
-		    msg && msg->type == MSGPACK_OBJECT_STR ? (int)msg->via.str.size : 0,
-		    msg && msg->type == MSGPACK_OBJECT_STR ? msg->via.str.ptr : "");
+		print_error("walletctl", err);
 		return insufficient ? EXIT_INSUFFICIENT : EXIT_ERROR;
 	}
 	if (json_output) {
@@ -1051,21 +1061,17 @@ pk_kv(msgpack_packer *pk, const char *k, const char *v)
 static const msgpack_object *
 bench_try(const char *method, msgpack_sbuffer *params, msgpack_unpacked *resp)
 {
-	const msgpack_object *a = NULL, *code = NULL, *msg = NULL;
+	const msgpack_object *a = NULL;
+	char who[64];
 
 	call(method, params, -1, resp);
 	if (resp->data.type == MSGPACK_OBJECT_ARRAY && resp->data.via.array.size == 4) {
 		a = resp->data.via.array.ptr;
 		if (a[2].type == MSGPACK_OBJECT_NIL)
 			return &a[3];
-		code = map_get(&a[2], "code");
-		msg = map_get(&a[2], "message");
 	}
-	fprintf(stderr, "bench: %s failed: %.*s: %.*s\n", method,
-	    code && code->type == MSGPACK_OBJECT_STR ? (int)code->via.str.size : 5,
-	    code && code->type == MSGPACK_OBJECT_STR ? code->via.str.ptr : "error",
-	    msg && msg->type == MSGPACK_OBJECT_STR ? (int)msg->via.str.size : 0,
-	    msg && msg->type == MSGPACK_OBJECT_STR ? msg->via.str.ptr : "");
+	snprintf(who, sizeof(who), "bench: %s failed", method);
+	print_error(who, a ? &a[2] : NULL);
 	return NULL;
 }
 

@@ -5497,6 +5497,21 @@ writer_main(void *arg)
  */
 static _Atomic uint64_t slow_since[SLOW_MAX];
 
+/* How long the oldest running helper read has been open, in ms; 0 = none. */
+static uint64_t
+slow_oldest_ms(void)
+{
+	uint64_t oldest = 0;
+
+	for (int i = 0; i < SLOW_MAX; i++) {
+		uint64_t since = atomic_load(&slow_since[i]);
+
+		if (since && (oldest == 0 || since < oldest))
+			oldest = since;
+	}
+	return oldest ? (now_micros() - oldest) / 1000 : 0;
+}
+
 /* A helper thread for one slow read (verify, backup), off the event loop. */
 static void *
 slow_main(void *arg)
@@ -5691,7 +5706,6 @@ m_stats(struct call *c)
 	double q[5] = { 0.5, 0.9, 0.99, 0.999, 1.0 };
 	const char *qn[5] = { "p50", "p90", "p99", "p999", "max" };
 	int methods = 0, codes = 0;
-	uint64_t oldest_read = 0;
 	MDB_envinfo info;
 	struct stats s;
 
@@ -5750,12 +5764,6 @@ m_stats(struct call *c)
 	KV_U64(pk, "cut_off", s.conns_dropped);
 	KV_U64(pk, "queued_requests", srv.queued);
 	KV_U64(pk, "queued_peak", srv.queued_peak);
-	for (int i = 0; i < SLOW_MAX; i++) {
-		uint64_t since = atomic_load(&slow_since[i]);
-
-		if (since && (oldest_read == 0 || since < oldest_read))
-			oldest_read = since;
-	}
 	KEY(pk, "store");
 	msgpack_pack_map(pk, 6);
 	KV_U64(pk, "map_size", info.me_mapsize);
@@ -5763,7 +5771,7 @@ m_stats(struct call *c)
 	KV_U64(pk, "map_size_max", config.map_size_max);
 	KV_U64(pk, "map_grows", s.map_grows);
 	KV_U64(pk, "failed_commits", s.failed_commits);
-	KV_U64(pk, "oldest_read_ms", oldest_read ? (now_micros() - oldest_read) / 1000 : 0);
+	KV_U64(pk, "oldest_read_ms", slow_oldest_ms());
 	free(lat);
 	return E_OK;
 }

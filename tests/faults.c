@@ -230,29 +230,6 @@ cut_start(void)
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
-ssize_t
-pwrite64(int fd, const void *buf, size_t n, off_t off)
-{
-	ssize_t rc;
-	REAL(pwrite64, pwrite_fn);
-
-	if (meta_fault(fd, n)) {
-		errno = EIO;
-		return -1;
-	}
-	pthread_mutex_lock(&cut.lock);
-	cut_record(fd, off, &(struct iovec){ (void *)buf, n }, 1);
-	rc = real_pwrite64(fd, buf, n, off);
-	cut_maybe();
-	pthread_mutex_unlock(&cut.lock);
-	return rc;
-}
-
-ssize_t
-pwrite(int fd, const void *buf, size_t n, off_t off)
-{
-	return pwrite64(fd, buf, n, off);
-}
 
 ssize_t
 writev(int fd, const struct iovec *iov, int cnt)
@@ -280,6 +257,22 @@ pwritev(int fd, const struct iovec *iov, int cnt, off_t off)
 	cut_maybe();
 	pthread_mutex_unlock(&cut.lock);
 	return rc;
+}
+
+ssize_t
+pwrite64(int fd, const void *buf, size_t n, off_t off)
+{
+	if (meta_fault(fd, n)) {
+		errno = EIO;
+		return -1;
+	}
+	return pwritev(fd, &(struct iovec){ (void *)buf, n }, 1, off);
+}
+
+ssize_t
+pwrite(int fd, const void *buf, size_t n, off_t off)
+{
+	return pwrite64(fd, buf, n, off);
 }
 
 static int
