@@ -69,6 +69,7 @@ struct config {
 	unsigned reserved_connections;
 	size_t max_frame;
 	size_t max_output;
+	size_t max_output_total;
 	unsigned idle_timeout;
 	unsigned batch_max;
 	size_t batch_bytes;
@@ -117,6 +118,7 @@ static const struct config_key config_keys[] = {
 	CK(reserved_connections, CF_UINT, 1, "of those, kept for admin and payments peers (at most half)"),
 	CK(max_frame, CF_SIZE, 1, "largest request frame, bytes"),
 	CK(max_output, CF_SIZE, 1, "unread answers a client may leave, bytes; beyond: cut off"),
+	CK(max_output_total, CF_SIZE, 1, "unread answers across connections, bytes; beyond: those with 64K+ unread wait"),
 	CK(idle_timeout, CF_UINT, 1, "seconds before an idle connection is closed (0 = never)"),
 	CK(batch_max, CF_UINT, 1, "most requests in one commit (a charge.batch counts its items)"),
 	CK(batch_bytes, CF_SIZE, 1, "most request bytes in one commit"),
@@ -154,6 +156,7 @@ config_defaults(struct config *cf)
 	cf->reserved_connections = 16;
 	cf->max_frame = MAX_FRAME_DEFAULT;
 	cf->max_output = 64u << 20;
+	cf->max_output_total = 256u << 20;
 	cf->idle_timeout = 3600;
 	cf->batch_max = 4096;
 	cf->batch_bytes = 32u << 20;
@@ -272,7 +275,7 @@ static const struct {
 	size_t min;
 } config_mins[] = {
 	{ "max_connections", 1 }, { "max_frame", 1024 }, { "max_output", 1u << 20 },
-	{ "batch_max", 1 }, { "batch_bytes", 1024 }, { "charge_batch_max", 1 }, { "max_queued", 1 },
+	{ "max_output_total", 1u << 20 }, { "batch_max", 1 }, { "batch_bytes", 1024 }, { "charge_batch_max", 1 }, { "max_queued", 1 },
 	{ "map_size", 64u << 10 }, { "map_size_max", 64u << 10 }, { "topup_ttl", 1 },
 	{ "smtp_timeout", 1 }, { "alert_interval", 1 }, { "alert_max_attempts", 1 },
 };
@@ -4294,6 +4297,7 @@ static const method_fn method_fns[M__COUNT] = {
 #define READ_CHUNK    (64u << 10)
 #define QUEUE_MAX     4096  /* requests of one connection queued before it is not read */
 #define QUEUE_FAIR    64    /* queued by a connection that is read whatever the others queued */
+#define OUTPUT_FAIR   (64u << 10) /* unread by a connection that is served whatever the others left */
 #define SLOW_READ_BYTES (64u << 10) /* a read this large runs on a helper thread */
 #define SLOW_MAX      64    /* helper threads at once; each holds one of LMDB's 256 reader slots */
 #define LINGER_MAX    16    /* closed connections kept open to drain at once (conn_linger) */
@@ -4370,6 +4374,7 @@ static struct server {
 	const char *config_path;
 	unsigned nconns, nlinger; /* connections, and lingering ones (not in nconns) */
 	size_t queued, queued_peak; /* requests in connections' queues, now and at most */
+	size_t unread, unread_peak; /* bytes of answers in connections' output, now and at most */
 	struct conn *conns;
 	struct conn *dirty;
 	MDB_txn *rtxn;            /* the event loop's read transaction, reset between uses */
@@ -4739,6 +4744,21 @@ conn_queue_full(const struct conn *c)
 	return c->queued >= QUEUE_MAX || (c->queued >= QUEUE_FAIR && srv.queued >= config.max_queued);
 }
 
+/*
+ * Whether c leaves more unread than its share while, across connections,
+ * max_output_total is unread: then c is neither read nor are its queued
+ * requests run until its client reads (its own output, waiting, makes it
+ * dirty again).  A connection that reads its answers keeps under
+ * OUTPUT_FAIR and is served whatever the others do.  Without this bound,
+ * clients that never read held up to max_output/2 each (max_connections
+ * of them: 320 GiB).
+ */
+static int
+conn_output_full(const struct conn *c)
+{
+	return c->out.len - c->out.off >= OUTPUT_FAIR && srv.unread >= config.max_output_total;
+}
+
 /* Tells epoll what c waits for: input unless it is closing or too far
  * behind, output while answers wait. */
 static void
@@ -4751,7 +4771,7 @@ conn_events(struct conn *c)
 		return;
 	if (c->lingering)
 		want = EPOLLIN;
-	else if (!c->closing && !c->decode_paused && !conn_queue_full(c) &&
+	else if (!c->closing && !c->decode_paused && !conn_queue_full(c) && !conn_output_full(c) &&
 	    c->out.len - c->out.off < config.max_output / 2)
 		want |= EPOLLIN;
 	if (c->out.len > c->out.off)
@@ -4795,6 +4815,8 @@ conn_close(struct conn *c)
 	epoll_ctl(srv.epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
 	close(c->fd);
 	c->dead = 1;
+	srv.unread -= c->out.len - c->out.off;
+	c->out.off = c->out.len;
 	if (c->lingering)
 		srv.nlinger--;
 	else
@@ -4831,9 +4853,9 @@ conn_linger(struct conn *c)
 	conn_events(c);
 }
 
-/* Writes what c's output holds; cuts off a client that lets too much pile up. */
+/* Writes what c's output holds, until the socket is full; closes c on an error. */
 static void
-conn_flush(struct conn *c)
+conn_send(struct conn *c)
 {
 	while (c->out.len > c->out.off) {
 		ssize_t n = send(c->fd, c->out.p + c->out.off, c->out.len - c->out.off, MSG_NOSIGNAL);
@@ -4847,8 +4869,18 @@ conn_flush(struct conn *c)
 			return;
 		}
 		c->out.off += (size_t)n;
+		srv.unread -= (size_t)n;
 		c->last_active = now_micros();
 	}
+}
+
+/* Writes what c's output holds; cuts off a client that lets too much pile up. */
+static void
+conn_flush(struct conn *c)
+{
+	conn_send(c);
+	if (c->dead)
+		return;
 	if (c->out.off == c->out.len) {
 		c->out.off = c->out.len = 0;
 		if (c->out.cap > (1u << 20)) {
@@ -4938,6 +4970,8 @@ conn_pump(struct conn *c)
 		while ((r = c->head) && r->state == RQ_DONE) {
 			if (!c->dead && buf_append(&c->out, r->out.data, r->out.size) != 0)
 				c->closing = 1;
+			else if (!c->dead && (srv.unread += r->out.size) > srv.unread_peak)
+				srv.unread_peak = srv.unread;
 			c->head = r->next;
 			c->queued--;
 			srv.queued--;
@@ -4952,6 +4986,13 @@ conn_pump(struct conn *c)
 		if (r->state == RQ_DONE) {
 			c->first_wait = r->next;
 			continue;
+		}
+		if (conn_output_full(c)) {
+			/* Paused only while its socket is full too: then its client's
+			 * next read makes c writable, so dirty, and pumped again. */
+			conn_send(c);
+			if (c->dead || conn_output_full(c))
+				break;
 		}
 		flags = method_table[r->method].flags;
 		if (!(flags & MF_WRITE) && r->bytes > SLOW_READ_BYTES)
@@ -5757,13 +5798,15 @@ m_stats(struct call *c)
 		pack_cstr(pk, qn[i]), msgpack_pack_uint64(pk, n ? lat[idx] : 0);
 	}
 	KEY(pk, "connections");
-	msgpack_pack_map(pk, 6);
+	msgpack_pack_map(pk, 8);
 	KV_U64(pk, "open", srv.nconns);
 	KV_U64(pk, "total", s.conns_total);
 	KV_U64(pk, "refused", s.conns_refused);
 	KV_U64(pk, "cut_off", s.conns_dropped);
 	KV_U64(pk, "queued_requests", srv.queued);
 	KV_U64(pk, "queued_peak", srv.queued_peak);
+	KV_U64(pk, "unread_bytes", srv.unread);
+	KV_U64(pk, "unread_peak", srv.unread_peak);
 	KEY(pk, "store");
 	msgpack_pack_map(pk, 6);
 	KV_U64(pk, "map_size", info.me_mapsize);

@@ -459,6 +459,37 @@ class QueuedAcrossConnections(DaemonTest):
         self.assertGreaterEqual(peak, 1000)
 
 
+class UnreadAcrossConnections(DaemonTest):
+    config = {"max_output_total": "1M"}
+
+    def test_clients_that_do_not_read_are_bounded_together_and_lose_nothing(self):
+        # past max_output_total unread across connections, one that holds 64 KiB or
+        # more of its own is neither read nor run until it reads; without the bound
+        # these six held all their pages, 78.6 MB (each up to max_output/2, 32 MiB)
+        d = self.d
+        self.seed("1000")
+        with d.client() as c:
+            items = [{"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "m%d" % i}
+                     for i in range(500)]
+            self.assertTrue(all("error" not in x for x in c.call("charge.batch", items=items)["results"]))
+        n, conns = 100, 6
+        socks = [d.raw() for _ in range(conns)]
+        for s in socks:
+            s.sendall(b"".join(request(i, "history", {"wallet": "acme", "limit": 500}) for i in range(n)))
+        time.sleep(1.5)
+        with d.client() as c:  # a client that reads is still served meanwhile
+            self.assertEqual(c.charge(wallet="acme", channel="sms", to="+256712345678", ref="x")["replayed"], False)
+        page = len(request(0, "x")) + len(msgpack.packb(d.ctl_json("history", "acme", "--limit", "500")))
+        held = d.ctl_json("stats")["connections"]
+        self.assertLessEqual(held["unread_peak"], (1 << 20) + conns * ((64 << 10) + 2 * page))
+        self.assertGreater(held["unread_peak"], 1 << 20)
+        for s in socks:  # paused, not dropped: every page comes, in order
+            got = read_frames(s, n, timeout=60)
+            self.assertEqual([m[1] for m in got], list(range(n)))
+            self.assertEqual({len(m[3]["transactions"]) for m in got}, {500})
+        self.assertEqual(d.ctl_json("stats")["connections"]["unread_bytes"], 0)
+
+
 class MetaWriteFailure(DaemonTest):
     """A failed write of LMDB's meta page (tests/faults.so, in the plain build)."""
 
