@@ -275,9 +275,10 @@ static const struct {
 	size_t min;
 } config_mins[] = {
 	{ "max_connections", 1 }, { "max_frame", 1024 }, { "max_output", 1u << 20 },
-	{ "max_output_total", 1u << 20 }, { "batch_max", 1 }, { "batch_bytes", 1024 }, { "charge_batch_max", 1 }, { "max_queued", 1 },
-	{ "map_size", 64u << 10 }, { "map_size_max", 64u << 10 }, { "topup_ttl", 1 },
-	{ "smtp_timeout", 1 }, { "alert_interval", 1 }, { "alert_max_attempts", 1 },
+	{ "max_output_total", 1u << 20 }, { "batch_max", 1 }, { "batch_bytes", 1024 },
+	{ "charge_batch_max", 1 }, { "max_queued", 1 }, { "map_size", 64u << 10 },
+	{ "map_size_max", 64u << 10 }, { "topup_ttl", 1 }, { "smtp_timeout", 1 },
+	{ "alert_interval", 1 }, { "alert_max_attempts", 1 },
 };
 
 /* Checks cf against config_mins.  Returns 0, or -1 with a message logged. */
@@ -4747,11 +4748,11 @@ conn_queue_full(const struct conn *c)
 /*
  * Whether c leaves more unread than its share while, across connections,
  * max_output_total is unread: then c is neither read nor are its queued
- * requests run until its client reads (its own output, waiting, makes it
- * dirty again).  A connection that reads its answers keeps under
- * OUTPUT_FAIR and is served whatever the others do.  Without this bound,
- * clients that never read held up to max_output/2 each (max_connections
- * of them: 320 GiB).
+ * requests run until its client reads (conn_pump pauses it only once its
+ * socket is full, so that read makes it writable, and dirty).  A connection
+ * that reads its answers keeps under OUTPUT_FAIR and is served whatever the
+ * others do.  Without this bound, clients that never read held up to
+ * max_output/2 each (max_connections of them: 320 GiB).
  */
 static int
 conn_output_full(const struct conn *c)
