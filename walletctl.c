@@ -1016,8 +1016,9 @@ bench_usage(FILE *f)
 	    "  connections, PIPELINE in flight on each.  --batch N sends charge.batch of N items.\n"
 	    "  Charge refs increase like a sequence's message ids; --random-refs scatters them\n"
 	    "  like UUIDv4s (each then dirties a page of the refs index of its own).\n"
-	    "  Prints requests/s, charges/s, latency percentiles, errors by code, commits/s and\n"
-	    "  mean batch size (from stats), and checks that the wallets lost exactly what the\n"
+	    "  Prints requests/s, charges/s, latency percentiles, errors by code, and from stats\n"
+	    "  the run's commits/s, mean batch size, and the time of a batch and of its durable\n"
+	    "  commit (the syncs).  It checks that the wallets lost exactly what the\n"
 	    "  successful charges cost (exit 1 if not).  Then it debits its wallets to zero,\n"
 	    "  freezes them and deletes its rate: a run leaves no money on the store.\n"
 	    "  Defaults: -c 16 -n 100000 -P 1 --method charge --wallets 100 --recipients 100000\n");
@@ -1124,13 +1125,31 @@ bench_retire(const char *wallet, int64_t left)
 	return rc;
 }
 
-/* A stats counter, or 0. */
-static uint64_t
-stat_u64(const msgpack_object *stats, const char *name)
-{
-	const msgpack_object *o = map_get(stats, name);
+/* The writer's counters from stats: commits, the requests they held, and
+ * the microseconds spent in their batches and in their durable commits. */
+struct bench_counts {
+	uint64_t commits, requests;
+	double batch_us, commit_us;
+};
 
-	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
+static struct bench_counts
+bench_counts(void)
+{
+	struct bench_counts n = { 0, 0, 0, 0 };
+	msgpack_unpacked resp;
+	const msgpack_object *res = bench_call("stats", NULL, &resp), *o;
+
+	if ((o = map_get(res, "commits")) && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+		n.commits = o->via.u64;
+	if ((o = map_get(res, "committed_requests")) && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+		n.requests = o->via.u64;
+	/* stats gives means since walletd started: back to totals */
+	if ((o = map_get(res, "mean_batch_us")) && o->type == MSGPACK_OBJECT_FLOAT64)
+		n.batch_us = o->via.f64 * (double)n.commits;
+	if ((o = map_get(res, "mean_commit_us")) && o->type == MSGPACK_OBJECT_FLOAT64)
+		n.commit_us = o->via.f64 * (double)n.commits;
+	msgpack_unpacked_destroy(&resp);
+	return n;
 }
 
 static int bench_random_refs;
@@ -1179,7 +1198,8 @@ cmd_bench(int argc, char **argv)
 	msgpack_packer pk;
 	msgpack_unpacked resp;
 	const msgpack_object *res;
-	uint64_t *charged, t0, t1, commits0, reqs0, commits1, reqs1;
+	uint64_t *charged, t0, t1;
+	struct bench_counts n0, n1;
 	int json = json_output, failed = 0;
 	unsigned retire_failed = 0;
 
@@ -1298,10 +1318,7 @@ cmd_bench(int argc, char **argv)
 			msgpack_pack_str_with_body(&ppk, buf, strlen(buf));
 		}
 	}
-	res = bench_call("stats", NULL, &resp);
-	commits0 = stat_u64(res, "commits");
-	reqs0 = stat_u64(res, "committed_requests");
-	msgpack_unpacked_destroy(&resp);
+	n0 = bench_counts();
 
 	bc = calloc(conns, sizeof(*bc));
 	evs = calloc(conns, sizeof(*evs));
@@ -1436,10 +1453,7 @@ cmd_bench(int argc, char **argv)
 		}
 	}
 	t1 = mono_ns();
-	res = bench_call("stats", NULL, &resp);
-	commits1 = stat_u64(res, "commits");
-	reqs1 = stat_u64(res, "committed_requests");
-	msgpack_unpacked_destroy(&resp);
+	n1 = bench_counts();
 
 	/* Self-check: each wallet lost exactly 0.001 per successful charge. */
 	for (unsigned w = 0; w < wallets; w++) {
@@ -1482,7 +1496,10 @@ cmd_bench(int argc, char **argv)
 		double pct[5] = { 0.50, 0.90, 0.99, 0.999, 1.0 };
 		const char *names[5] = { "p50", "p90", "p99", "p999", "max" };
 		double ms[5];
-		uint64_t nerr = 0;
+		uint64_t nerr = 0, commits = n1.commits - n0.commits;
+		double per = commits ? 1.0 / (double)commits : 0.0;
+		double mean_batch = (double)(n1.requests - n0.requests) * per;
+		double batch_us = (n1.batch_us - n0.batch_us) * per, commit_us = (n1.commit_us - n0.commit_us) * per;
 
 		for (int k = 0; k < 5; k++)
 			ms[k] = (double)lat[(size_t)(pct[k] * (double)(done - 1) + 0.5)] / 1e6;
@@ -1491,10 +1508,10 @@ cmd_bench(int argc, char **argv)
 		if (json) {
 			printf("{\"method\": \"%s\", \"connections\": %u, \"pipeline\": %u, \"batch\": %u, "
 			    "\"requests\": %" PRIu64 ", \"seconds\": %.3f, \"requests_per_s\": %.0f, "
-			    "\"charges_per_s\": %.0f, \"commits_per_s\": %.0f, \"mean_batch\": %.1f, \"latency_ms\": {",
+			    "\"charges_per_s\": %.0f, \"commits_per_s\": %.0f, \"mean_batch\": %.1f, "
+			    "\"mean_batch_us\": %.0f, \"mean_commit_us\": %.0f, \"latency_ms\": {",
 			    method, conns, depth, batch, done, secs, (double)done / secs, (double)ok_charges / secs,
-			    (double)(commits1 - commits0) / secs,
-			    commits1 > commits0 ? (double)(reqs1 - reqs0) / (double)(commits1 - commits0) : 0.0);
+			    (double)commits / secs, mean_batch, batch_us, commit_us);
 			for (int k = 0; k < 5; k++)
 				printf("%s\"%s\": %.3f", k ? ", " : "", names[k], ms[k]);
 			printf("}, \"errors\": {");
@@ -1510,8 +1527,8 @@ cmd_bench(int argc, char **argv)
 			printf("  %.0f requests/s, %.0f charges/s\n", (double)done / secs, (double)ok_charges / secs);
 			printf("  latency ms: p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n",
 			    ms[0], ms[1], ms[2], ms[3], ms[4]);
-			printf("  commits/s %.0f, mean batch %.1f requests\n", (double)(commits1 - commits0) / secs,
-			    commits1 > commits0 ? (double)(reqs1 - reqs0) / (double)(commits1 - commits0) : 0.0);
+			printf("  commits/s %.0f, mean batch %.1f requests, %.0f us a batch of which %.0f us "
+			    "its durable commit\n", (double)commits / secs, mean_batch, batch_us, commit_us);
 			printf("  errors: %" PRIu64, nerr);
 			for (int e = 1; e < E__COUNT; e++)
 				if (errors[e])

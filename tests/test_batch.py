@@ -114,6 +114,10 @@ class Bench(DaemonTest):
         out = d.ctl_json("bench", "-n", "200", "-c", "2", "--batch", "10", "--wallets", "3")
         self.assertTrue(out["self_check"])
         self.assertEqual(out["errors"], {})
+        # the run's writer figures: each commit a batch of requests, its durable commit part of its time
+        self.assertGreaterEqual(out["mean_batch"], 1)
+        self.assertGreater(out["mean_commit_us"], 0)
+        self.assertLessEqual(out["mean_commit_us"], out["mean_batch_us"])
         self.assertTrue(d.ctl_json("verify")["ok"])
         # bench wallets live in their own namespace, and a run leaves no money behind:
         # its wallets are debited to zero and frozen, its rate deleted

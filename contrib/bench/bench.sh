@@ -33,12 +33,13 @@ rows = [l.split("\t", 1) for l in open(sys.argv[1])]
 floor = json.load(open(sys.argv[2]))
 print("disk fdatasync floor: p50 %.0f us, p99 %.0f us" % (floor["p50_us"], floor["p99_us"]))
 print()
-print("| workload | requests/s | charges/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | commits/s | mean batch | errors | self-check |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+print("| workload | requests/s | charges/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | commits/s | mean batch | batch us | commit us | errors | self-check |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
 for label, data in rows:
     r = json.loads(data)
     l = r["latency_ms"]
-    print("| %s | %.0f | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.0f | %.1f | %s | %s |" % (
+    print("| %s | %.0f | %.0f | %.3f | %.3f | %.3f | %.3f | %.3f | %.0f | %.1f | %.0f | %.0f | %s | %s |" % (
         label, r["requests_per_s"], r["charges_per_s"], l["p50"], l["p90"], l["p99"], l["p999"], l["max"],
-        r["commits_per_s"], r["mean_batch"], sum(r["errors"].values()) or "0", "ok" if r["self_check"] else "FAILED"))
+        r["commits_per_s"], r["mean_batch"], r["mean_batch_us"], r["mean_commit_us"],
+        sum(r["errors"].values()) or "0", "ok" if r["self_check"] else "FAILED"))
 PYEOF
