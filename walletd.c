@@ -71,6 +71,7 @@ struct config {
 	size_t max_output;
 	size_t max_output_total;
 	unsigned idle_timeout;
+	unsigned long_read_warn;
 	unsigned batch_max;
 	size_t batch_bytes;
 	unsigned commit_delay;
@@ -120,6 +121,7 @@ static const struct config_key config_keys[] = {
 	CK(max_output, CF_SIZE, 1, "unread answers a client may leave, bytes; beyond: cut off"),
 	CK(max_output_total, CF_SIZE, 1, "unread answers across connections, bytes; beyond: those with 64K+ unread wait"),
 	CK(idle_timeout, CF_UINT, 1, "seconds before an idle connection is closed (0 = never)"),
+	CK(long_read_warn, CF_UINT, 1, "seconds a backup or verify may read before a warning, again each as long (0 = never)"),
 	CK(batch_max, CF_UINT, 1, "most requests in one commit (a charge.batch counts its items)"),
 	CK(batch_bytes, CF_SIZE, 1, "most request bytes in one commit"),
 	CK(commit_delay, CF_UINT, 1, "microseconds the writer may wait, under load, for a fuller commit (0 = never)"),
@@ -158,6 +160,7 @@ config_defaults(struct config *cf)
 	cf->max_output = 64u << 20;
 	cf->max_output_total = 256u << 20;
 	cf->idle_timeout = 3600;
+	cf->long_read_warn = 600;
 	cf->batch_max = 4096;
 	cf->batch_bytes = 32u << 20;
 	cf->commit_delay = 150;
@@ -4370,6 +4373,7 @@ static struct server {
 	int spare_fd;             /* held for taking a connection when out of descriptors */
 	int accept_paused;        /* the listening socket is out of epoll until the next sweep */
 	int accept_logged;        /* an accept problem was logged since the last sweep */
+	uint64_t long_read_logged; /* when the last long_read_warn was logged */
 	unsigned slow_running;    /* helper threads running */
 	struct req *slow_head, *slow_tail; /* slow requests waiting for a helper */
 	const char *config_path;
@@ -5695,12 +5699,22 @@ before_sleep(void)
 	}
 }
 
-/* Closes connections idle for longer than idle_timeout. */
+/* Once a second: warns of a long read, closes connections idle for longer
+ * than idle_timeout. */
 static void
 idle_sweep(void)
 {
-	uint64_t now = now_micros();
+	uint64_t now = now_micros(), read_ms = slow_oldest_ms();
 	struct conn *c, *next;
+
+	/* A read held open (a backup onto a stuck disk) lets the store file grow
+	 * until the disk is full: say so in the log, not only in stats. */
+	if (config.long_read_warn && read_ms >= config.long_read_warn * 1000ull &&
+	    now - srv.long_read_logged >= config.long_read_warn * 1000000ull) {
+		log_x(L_WARN, "a backup or verify has held its read for %" PRIu64 " s: LMDB cannot reuse "
+		    "pages freed since it began, so the store file grows until it ends", read_ms / 1000);
+		srv.long_read_logged = now;
+	}
 
 	for (c = srv.conns; c; c = next) {
 		next = c->next;

@@ -226,6 +226,8 @@ class EarlyGrowth(DaemonTest):
 
 
 class MapReserved(DaemonTest):
+    config = {"long_read_warn": "2"}
+
     def fill(self, charges):
         out = self.d.ctl_json("bench", "--batch", "1000", "-c", "4", "-n", str(charges // 1000), "--wallets", "50")
         self.assertTrue(out["self_check"])
@@ -263,6 +265,10 @@ class MapReserved(DaemonTest):
         self.assertEqual(out["errors"], {})
         self.assertLess(out["latency_ms"]["max"], 1500)
         self.assertGreater(done["at"], charged_at)  # the charges ran inside the backup
+        # and the log said so while it lasted (long_read_warn: 2 s, then each 2 s)
+        warned = [l for l in d.read_log().splitlines() if "has held its read for" in l]
+        self.assertTrue(1 <= len(warned) <= 3, warned)
+        self.assertGreaterEqual(int(warned[0].split("has held its read for ")[1].split(" s")[0]), 2)
         self.assertGreater(d.ctl_json("stats")["store"]["map_used"], 64 << 20)
         self.assertTrue(d.ctl_json("verify")["ok"])
 
