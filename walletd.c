@@ -4973,10 +4973,12 @@ conn_pump(struct conn *c)
 		unsigned flags;
 
 		while ((r = c->head) && r->state == RQ_DONE) {
-			if (!c->dead && buf_append(&c->out, r->out.data, r->out.size) != 0)
-				c->closing = 1;
-			else if (!c->dead && (srv.unread += r->out.size) > srv.unread_peak)
-				srv.unread_peak = srv.unread;
+			if (!c->dead) {
+				if (buf_append(&c->out, r->out.data, r->out.size) != 0)
+					c->closing = 1;
+				else if ((srv.unread += r->out.size) > srv.unread_peak)
+					srv.unread_peak = srv.unread;
+			}
 			c->head = r->next;
 			c->queued--;
 			srv.queued--;

@@ -178,6 +178,14 @@ class DaemonTest(unittest.TestCase):
         self.assertNotIn("runtime error", log)
         self.assertNotIn("AddressSanitizer", log)
 
+    def charge_sms(self, n, wallet="acme"):
+        """Gives wallet n SMS charges, through charge.batch, each of which must succeed."""
+        with self.d.client() as c:
+            for start in range(0, n, 1000):
+                items = [{"wallet": wallet, "channel": "sms", "to": "+256712345678", "ref": "m%d" % i}
+                         for i in range(start, min(n, start + 1000))]
+                self.assertTrue(all("error" not in x for x in c.call("charge.batch", items=items)["results"]))
+
     def seed(self, balance="1500", wallet="acme"):
         """A USD wallet, the seed's Uganda rate (35 UGX) and FX (USD UGX 3723.40)."""
         d = self.d

@@ -129,11 +129,7 @@ class Limits(DaemonTest):
         # every client: 103 ms a ping with a 500,000-transaction wallet)
         d = self.d
         self.seed("1000")
-        with d.client() as c:
-            for b in range(12):
-                items = [{"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "m%d-%d" % (b, i)}
-                         for i in range(1000)]
-                self.assertTrue(all("error" not in x for x in c.call("charge.batch", items=items)["results"]))
+        self.charge_sms(12000)
 
         def moved():
             return d.ctl_json("stats")["reads_off_loop"]
@@ -474,10 +470,7 @@ class UnreadAcrossConnections(DaemonTest):
         # these six held all their pages, 78.6 MB (each up to max_output/2, 32 MiB)
         d = self.d
         self.seed("1000")
-        with d.client() as c:
-            items = [{"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "m%d" % i}
-                     for i in range(500)]
-            self.assertTrue(all("error" not in x for x in c.call("charge.batch", items=items)["results"]))
+        self.charge_sms(500)
         n, conns = 100, 6
         socks = [d.raw() for _ in range(conns)]
         for s in socks:
