@@ -150,3 +150,110 @@ class Bench(DaemonTest):
             again = [cl.charge(**dict(c, ref=r)) for r in ("m-0002", "zz-9", "m-0001", "a-7")]
         self.assertEqual([t["id"] for t in again], [t["id"] for t in first])
         self.assertTrue(all(t["replayed"] for t in again))
+
+
+class MixedTraffic(DaemonTest):
+    def test_random_mixed_traffic_matches_the_store_answer_for_answer(self):
+        # Six clients pipeline a random mix of writes that collide on purpose (shared
+        # refs, refunds racing each other, freezes, debits past the balance), so group
+        # commits mix successes and failures. Every transaction an answer calls new is
+        # in the store exactly once, the store holds nothing no one was told of, and
+        # each connection's new ids rise in its request order.
+        import random
+        import threading
+        d = self.d
+        wallets = ["w%d" % i for i in range(4)]
+        self.seed("0.3", wallet="w0")  # the rate and FX too
+        for w in wallets[1:]:
+            d.ctl_json("wallet", "create", w, "USD")
+            d.ctl_json("credit", w, "0.3", "opening balance")
+        refs = ["r%d" % i for i in range(150)]
+
+        def charge(rng):
+            return {"wallet": rng.choice(wallets), "channel": "sms", "to": "+256712345678",
+                    "ref": rng.choice(refs), "segments": rng.choice([1, 1, 1, 2])}
+
+        def random_request(rng):
+            op = rng.random()
+            if op < 0.45:
+                return "charge", charge(rng)
+            if op < 0.6:
+                return "charge.batch", {"items": [charge(rng) for _ in range(rng.randint(1, 12))]}
+            if op < 0.7:
+                return "refund", {"wallet": rng.choice(wallets), "ref": rng.choice(refs)}
+            if op < 0.8:
+                return "credit", {"wallet": rng.choice(wallets), "amount": "0.0%d" % rng.randint(1, 9),
+                                  "reason": "top"}
+            if op < 0.9:
+                return "debit", {"wallet": rng.choice(wallets), "amount": "0.0%d" % rng.randint(1, 9),
+                                 "reason": "fee"}
+            if op < 0.95:
+                return "wallet.update", {"wallet": rng.choice(wallets[1:]),
+                                         "status": rng.choice(["active", "active", "frozen"])}
+            return "balance", {"wallet": rng.choice(wallets)}
+
+        expected = {"insufficient_balance", "idempotency_conflict", "already_refunded", "unknown_txn",
+                    "wallet_frozen"}
+        new, seen, failures = {}, [], []
+
+        def client(seed):
+            rng = random.Random(seed)
+            s = d.raw()
+            msgid, mine = 0, []
+            try:
+                for _ in range(40):
+                    sent = [random_request(rng) for _ in range(rng.randint(1, 20))]
+                    s.sendall(b"".join(request(msgid + i, m, p) for i, (m, p) in enumerate(sent)))
+                    answers = read_frames(s, len(sent), timeout=60)
+                    if len(answers) != len(sent):
+                        failures.append("client %d: %d answers to %d requests" % (seed, len(answers), len(sent)))
+                        return
+                    for i, ((method, _), a) in enumerate(zip(sent, answers)):
+                        if a[1] != msgid + i:
+                            failures.append("client %d: answer %d out of order" % (seed, a[1]))
+                        err, res = a[2], a[3]
+                        items = res["results"] if method == "charge.batch" and err is None else [
+                            {"error": err} if err else res]
+                        for it in items:
+                            if "error" in it:
+                                if it["error"]["code"] not in expected:
+                                    failures.append("%s: %r" % (method, it["error"]))
+                            elif "id" in it:
+                                seen.append(it)
+                                if not it.get("replayed"):
+                                    mine.append(it["id"])
+                    msgid += len(sent)
+            finally:
+                s.close()
+            if mine != sorted(mine):
+                failures.append("client %d: new ids out of request order" % seed)
+            for t in mine:
+                if t in new:
+                    failures.append("transaction %d answered as new twice" % t)
+                new[t] = seed
+
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(failures, [])
+        stored = {}
+        for w in wallets:
+            page = d.ctl_json("history", w, "--limit", "1000")
+            self.assertLess(len(page["transactions"]), 1000)
+            for t in page["transactions"]:
+                stored[t["id"]] = t
+        answered = {t["id"]: t for t in seen}
+        opening = {i for i, t in stored.items() if t.get("description") == "opening balance"}
+        self.assertEqual(len(opening), 4)
+        self.assertEqual(set(stored) - opening, set(new))  # nothing lost, nothing untold
+        for i, t in answered.items():  # replays name the stored transaction, as stored
+            for k in ("wallet", "type", "amount", "balance_after", "ref"):
+                self.assertEqual(str(t.get(k)), str(stored[i].get(k)), (i, k))
+        kinds = {stored[i]["type"] for i in new}
+        self.assertEqual(kinds, {"sms_charge", "refund", "manual_credit", "manual_debit"})
+        self.assertTrue(any(t.get("replayed") for t in seen))
+        refunded = [t["refund_of"] for t in stored.values() if t["type"] == "refund"]
+        self.assertEqual(len(refunded), len(set(refunded)))  # each charge refunded once at most
+        self.assertTrue(d.ctl_json("verify")["ok"])
