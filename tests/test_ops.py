@@ -659,7 +659,8 @@ class CrashUnderLoad(DaemonTest):
     """The crash tests' load and checks."""
 
     def crash_under_load(self, crashes, crash):
-        """Crashes walletd (crash(), then a restart) while 4 clients charge; checks every answer."""
+        """Crashes walletd (crash(), then a restart) while 4 clients charge (charge.batch too) and
+        refund (tests/crash_client.py); checks every answer."""
         d = self.d
         self.seed("1000000")
         logdir = os.path.join(d.dir, "clients")
@@ -679,33 +680,43 @@ class CrashUnderLoad(DaemonTest):
                 p.terminate()
             for p in clients:
                 p.wait()
-        answered = {}
+        self.assertEqual([p.returncode for p in clients], [-signal.SIGTERM] * 4)  # none failed early
+        answered, refunds = {}, {}
         for k in range(4):
             with open(os.path.join(logdir, "c%d.log" % k)) as f:
                 for line in f:
-                    ref, txn = line.split()
-                    answered[ref] = int(txn)
+                    kind, ref, txn = line.split()
+                    (answered if kind == "C" else refunds)[ref] = int(txn)
         self.assertGreater(len(answered), 20)
+        self.assertGreater(len(refunds), 2)
         v = d.ctl_json("verify")
         self.assertTrue(v["ok"], v)
         seen = {}
-        page = d.ctl_json("history", "acme", "--type", "sms_charge", "--limit", "1000")
-        total = page["total"]
-        before = None
-        while True:
-            args = ["history", "acme", "--type", "sms_charge", "--limit", "1000"]
-            if before:
-                args += ["--before-id", before]
-            txns = d.ctl_json(*args)["transactions"]
-            if not txns:
-                break
-            for t in txns:
-                self.assertNotIn(t["ref"], seen, "a ref was charged twice")
-                seen[t["ref"]] = t["id"]
-            before = txns[-1]["id"]
-        self.assertEqual(len(seen), total)
+        for t in self.all_transactions("sms_charge"):
+            self.assertNotIn(t["ref"], seen, "a ref was charged twice")
+            seen[t["ref"]] = t["id"]
         for ref, txn in answered.items():
             self.assertEqual(seen.get(ref), txn, "answered charge %s lost" % ref)
+        refund_of = {t["id"]: t["refund_of"] for t in self.all_transactions("refund")}
+        self.assertEqual(len(set(refund_of.values())), len(refund_of), "a charge was refunded twice")
+        for ref, txn in refunds.items():
+            self.assertEqual(refund_of.get(txn), answered[ref], "answered refund of %s lost" % ref)
+
+    def all_transactions(self, kind):
+        """Every transaction of type kind in acme's history, paged by before_id; checks total."""
+        out, before = [], None
+        total = self.d.ctl_json("history", "acme", "--type", kind, "--limit", "1")["total"]
+        while True:
+            args = ["history", "acme", "--type", kind, "--limit", "1000"]
+            if before:
+                args += ["--before-id", str(before)]
+            txns = self.d.ctl_json(*args)["transactions"]
+            if not txns:
+                break
+            out += txns
+            before = txns[-1]["id"]
+        self.assertEqual(len(out), total)
+        return out
 
 
 class CrashTest(CrashUnderLoad):
