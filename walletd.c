@@ -1941,19 +1941,15 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 		return -1;
 	}
 	for (size_t len = ndigits; len > 0 && result == E_NO_RATE; len--) {
-		size_t klen = rate_key(key, plan, channel, digits, len, (struct str){ "", 0 });
-		MDB_val k = { klen, key }, v;
+		size_t klen;
+		MDB_val k, v;
 		int found = 0;
 
 		if (!(lengths & (1u << len)))
 			continue; /* no rate has a prefix this long: no seek */
-		if (route.p != NULL) {
-			klen = rate_key(key, plan, channel, digits, len, route);
-			k = (MDB_val){ klen, key };
-			rc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY);
-		} else {
-			rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-		}
+		klen = rate_key(key, plan, channel, digits, len, route.p ? route : (struct str){ "", 0 });
+		k = (MDB_val){ klen, key };
+		rc = mdb_cursor_get(cur, &k, &v, route.p ? MDB_SET_KEY : MDB_SET_RANGE);
 		for (; rc == 0; rc = route.p ? MDB_NOTFOUND : mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
 			struct rate_val rv;
 			size_t route_len = k.mv_size - klen;

@@ -1,6 +1,8 @@
 """Group commit and charge.batch: each request atomic on its own inside one commit."""
 import decimal
 import os
+import random
+import threading
 import time
 
 from harness import DaemonTest, request, read_frames
@@ -159,8 +161,6 @@ class MixedTraffic(DaemonTest):
         # commits mix successes and failures. Every transaction an answer calls new is
         # in the store exactly once, the store holds nothing no one was told of, and
         # each connection's new ids rise in its request order.
-        import random
-        import threading
         d = self.d
         wallets = ["w%d" % i for i in range(4)]
         self.seed("0.3", wallet="w0")  # the rate and FX too
