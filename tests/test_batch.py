@@ -66,6 +66,25 @@ class GroupCommit(DaemonTest):
                 cl.charge_batch(items=[dict(c, ref="z%d" % i) for i in range(1001)])
             self.assertEqual(e.exception.code, "invalid_argument")
 
+    def test_each_threshold_crossing_in_one_commit_notifies_once(self):
+        # cross, re-arm by a credit, cross again, stay below: two notifications, each
+        # naming its own charge, though all of it may share one commit
+        d = self.d
+        self.seed("0.02")
+        d.ctl_json("wallet", "update", "acme", "--threshold", "0.015", "--alert-emails", "ops@example.com")
+        s = d.raw()
+        c = {"wallet": "acme", "channel": "sms", "to": "+256712345678"}
+        s.sendall(request(1, "charge", dict(c, ref="a")) +
+                  request(2, "credit", {"wallet": "acme", "amount": "0.01", "reason": "top-up"}) +
+                  request(3, "charge", dict(c, ref="b")) + request(4, "charge", dict(c, ref="c")) +
+                  request(5, "notifications", {"wallet": "acme"}))
+        f = read_frames(s, 5)
+        self.assertEqual([x[2] for x in f], [None] * 5)
+        self.assertEqual([x[3]["balance_after"] for x in f[:4]], ["0.0106", "0.0206", "0.0112", "0.0018"])
+        notes = f[4][3]["notifications"]
+        self.assertEqual(sorted(n["txn"] for n in notes), [f[0][3]["id"], f[2][3]["id"]])
+        self.assertEqual(sorted(n["balance"] for n in notes), ["0.0106", "0.0112"])
+
     def test_pipelined_writes_share_commits(self):
         d = self.d
         self.seed("100")
