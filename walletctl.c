@@ -1125,6 +1125,24 @@ bench_retire(const char *wallet, int64_t left)
 	return rc;
 }
 
+/* A stats counter, or 0. */
+static uint64_t
+stat_u64(const msgpack_object *stats, const char *name)
+{
+	const msgpack_object *o = map_get(stats, name);
+
+	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
+}
+
+/* A stats mean, or 0. */
+static double
+stat_f64(const msgpack_object *stats, const char *name)
+{
+	const msgpack_object *o = map_get(stats, name);
+
+	return o && o->type == MSGPACK_OBJECT_FLOAT64 ? o->via.f64 : 0.0;
+}
+
 /* The writer's counters from stats: commits, the requests they held, and
  * the microseconds spent in their batches and in their durable commits. */
 struct bench_counts {
@@ -1135,19 +1153,15 @@ struct bench_counts {
 static struct bench_counts
 bench_counts(void)
 {
-	struct bench_counts n = { 0, 0, 0, 0 };
+	struct bench_counts n;
 	msgpack_unpacked resp;
-	const msgpack_object *res = bench_call("stats", NULL, &resp), *o;
+	const msgpack_object *res = bench_call("stats", NULL, &resp);
 
-	if ((o = map_get(res, "commits")) && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
-		n.commits = o->via.u64;
-	if ((o = map_get(res, "committed_requests")) && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
-		n.requests = o->via.u64;
+	n.commits = stat_u64(res, "commits");
+	n.requests = stat_u64(res, "committed_requests");
 	/* stats gives means since walletd started: back to totals */
-	if ((o = map_get(res, "mean_batch_us")) && o->type == MSGPACK_OBJECT_FLOAT64)
-		n.batch_us = o->via.f64 * (double)n.commits;
-	if ((o = map_get(res, "mean_commit_us")) && o->type == MSGPACK_OBJECT_FLOAT64)
-		n.commit_us = o->via.f64 * (double)n.commits;
+	n.batch_us = stat_f64(res, "mean_batch_us") * (double)n.commits;
+	n.commit_us = stat_f64(res, "mean_commit_us") * (double)n.commits;
 	msgpack_unpacked_destroy(&resp);
 	return n;
 }

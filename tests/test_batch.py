@@ -182,10 +182,8 @@ class MixedTraffic(DaemonTest):
         # each connection's new ids rise in its request order.
         d = self.d
         wallets = ["w%d" % i for i in range(4)]
-        self.seed("0.3", wallet="w0")  # the rate and FX too
-        for w in wallets[1:]:
-            d.ctl_json("wallet", "create", w, "USD")
-            d.ctl_json("credit", w, "0.3", "opening balance")
+        for w in wallets:
+            self.seed("0.3", wallet=w)
         refs = ["r%d" % i for i in range(150)]
 
         def charge(rng):
