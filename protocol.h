@@ -65,30 +65,30 @@
 #define WALLETD_METHODS(X) \
 X(M_PING, "ping", R_ALL, 0, "", \
   "Check that walletd answers; returns its version and API level.") \
-X(M_WALLET_CREATE, "wallet.create", R_A, MF_WRITE, \
+X(M_WALLET_CREATE, "wallet.create", R_A, MF_WRITE | MF_FLAT, \
   "wallet currency ?plan ?threshold:a ?alert_emails:l", \
   "Create a wallet with a zero balance in one currency.") \
 X(M_WALLET_GET, "wallet.get", R_AC, 0, "wallet", \
   "Show a wallet: balance, plan, threshold, alert e-mails, status.") \
 X(M_BALANCE, "balance", R_AC, 0, "wallet", \
   "Show a wallet's balance and currency.") \
-X(M_WALLET_UPDATE, "wallet.update", R_A, MF_WRITE, \
+X(M_WALLET_UPDATE, "wallet.update", R_A, MF_WRITE | MF_FLAT, \
   "wallet ?plan ?threshold:n ?alert_emails:l ?status", \
   "Change a wallet's plan, threshold (none = off), alert e-mails or status (active|frozen).") \
 X(M_WALLET_LIST, "wallet.list", R_A, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
-X(M_RATE_SET, "rate.set", R_A, MF_WRITE, \
+X(M_RATE_SET, "rate.set", R_A, MF_WRITE | MF_FLAT, \
   "plan channel prefix price:a currency ?route", \
   "Set the price of a message on a channel to a number prefix (and route).") \
-X(M_RATE_DELETE, "rate.delete", R_A, MF_WRITE, "plan channel prefix ?route", \
+X(M_RATE_DELETE, "rate.delete", R_A, MF_WRITE | MF_FLAT, "plan channel prefix ?route", \
   "Delete one rate.") \
 X(M_RATE_LIST, "rate.list", R_A, MF_SCAN, "?plan ?channel ?page:i ?limit:i", \
   "List rates, a page at a time.") \
 X(M_RATE_LOOKUP, "rate.lookup", R_AC, 0, "channel to ?plan ?wallet ?route", \
   "Show the rate that would apply to a message (longest prefix, cheapest route).") \
-X(M_RATE_IMPORT, "rate.import", R_A, MF_WRITE, "rows:c ?mode", \
+X(M_RATE_IMPORT, "rate.import", R_A, MF_WRITE | MF_FLAT, "rows:c ?mode", \
   "Load a CSV rate card (plan,channel,prefix,route,price,currency) in one commit; mode replace|upsert.") \
-X(M_FX_SET, "fx.set", R_A, MF_WRITE, "base quote rate", \
+X(M_FX_SET, "fx.set", R_A, MF_WRITE | MF_FLAT, "base quote rate", \
   "Set an exchange rate: 1 base = rate quote.") \
 X(M_FX_LIST, "fx.list", R_A, 0, "", "List exchange rates.") \
 X(M_CHARGE, "charge", R_AC, MF_WRITE | MF_FLAT, \
@@ -101,21 +101,21 @@ X(M_PRECHECK, "precheck", R_AC, 0, \
   "Price a campaign and say whether the balance covers it; changes nothing.") \
 X(M_QUOTE, "quote", R_AC, 0, "channel to amount:a ?wallet ?plan ?currency", \
   "How many messages an amount buys.") \
-X(M_TOPUP_CREATE, "topup.create", R_AC, MF_WRITE, "wallet amount:a", \
+X(M_TOPUP_CREATE, "topup.create", R_AC, MF_WRITE | MF_FLAT, "wallet amount:a", \
   "Start a top-up: a reference and a checkout URL.") \
-X(M_TOPUP_CONFIRM, "topup.confirm", R_AP, MF_WRITE, \
+X(M_TOPUP_CONFIRM, "topup.confirm", R_AP, MF_WRITE | MF_FLAT, \
   "ref amount:a provider provider_ref ?currency", \
   "Record a gateway's payment: credits the wallet once.") \
-X(M_TOPUP_CANCEL, "topup.cancel", R_AP, MF_WRITE, "ref", \
+X(M_TOPUP_CANCEL, "topup.cancel", R_AP, MF_WRITE | MF_FLAT, "ref", \
   "Cancel a pending top-up.") \
 X(M_TOPUP_GET, "topup.get", R_ALL, 0, "ref", "Show a top-up.") \
 X(M_TOPUP_LIST, "topup.list", R_A, MF_SCAN, "wallet ?status", \
   "List a wallet's top-ups.") \
-X(M_CREDIT, "credit", R_A, MF_WRITE, "wallet amount:a reason ?actor", \
+X(M_CREDIT, "credit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Add money by hand (manual_credit).") \
-X(M_DEBIT, "debit", R_A, MF_WRITE, "wallet amount:a reason ?actor", \
+X(M_DEBIT, "debit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Take money by hand (manual_debit); never below zero.") \
-X(M_REFUND, "refund", R_AC, MF_WRITE, \
+X(M_REFUND, "refund", R_AC, MF_WRITE | MF_FLAT, \
   "wallet ?txn:i ?ref ?reason ?actor", \
   "Refund a charge (by txn id or ref), exactly once.") \
 X(M_HISTORY, "history", R_AC, MF_SCAN, \

@@ -43,6 +43,46 @@ class GroupCommit(DaemonTest):
         self.assertEqual(f[4][3]["id"], f[0][3]["id"] + 1)  # no id was burnt by the failures
         self.assertTrue(d.ctl_json("verify")["ok"])
 
+    def test_a_deep_pipeline_of_writes_failing_and_not_commits_each_alone(self):
+        # 4,096 writes of every kind in one connection's pipeline, a third of them
+        # failing after their lookups: each failure leaves nothing, each success is
+        # stored once, and the batch costs what its requests do (it took seconds
+        # under ASan while each write ran in a nested transaction of its own)
+        d = self.d
+        self.seed("0")
+        frames, expect = [], []
+        for i in range(4096):
+            k = i % 6
+            if k == 0:
+                frames.append(request(i, "credit", {"wallet": "acme", "amount": "2", "reason": "r"}))
+                expect.append(None)
+            elif k == 1:
+                frames.append(request(i, "debit", {"wallet": "acme", "amount": "1000000", "reason": "r"}))
+                expect.append("insufficient_balance")
+            elif k == 2:
+                frames.append(request(i, "wallet.create", {"wallet": "w%d" % (i // 6), "currency": "USD"}))
+                expect.append(None)
+            elif k == 3:
+                frames.append(request(i, "wallet.create", {"wallet": "acme", "currency": "USD"}))
+                expect.append("wallet_exists")
+            elif k == 4:
+                frames.append(request(i, "debit", {"wallet": "acme", "amount": "1", "reason": "r"}))
+                expect.append(None)
+            else:
+                frames.append(request(i, "topup.confirm", {"ref": "tp_none", "amount": "1",
+                                                            "provider": "x", "provider_ref": "y"}))
+                expect.append("unknown_topup")
+        s = d.raw()
+        s.sendall(b"".join(frames))
+        got = read_frames(s, len(frames), timeout=60)
+        self.assertEqual([m[1] for m in got], list(range(len(frames))))
+        self.assertEqual([m[2] and m[2]["code"] for m in got], expect)
+        credits, debits, creates = (len(range(k, 4096, 6)) for k in (0, 4, 2))
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], str(credits * 2 - debits))
+        self.assertEqual(d.ctl_json("history", "acme")["total"], credits + debits)
+        self.assertEqual(d.ctl_json("wallet", "list", "--limit", "1000")["total"], 1 + creates)
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
     def test_charge_batch_mixes_results_in_order(self):
         d = self.d
         self.seed("0")
