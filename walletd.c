@@ -114,7 +114,7 @@ struct config_key {
 static const struct config_key config_keys[] = {
 	CK(store, CF_STR, 0, "store directory (LMDB environment)"),
 	CK(socket, CF_STR, 0, "Unix socket path"),
-	CK(socket_group, CF_STR, 0, "group owning the socket (mode 0660)"),
+	CK(socket_group, CF_STR, 0, "group owning the socket (mode 0660): a name or a numeric gid"),
 	CK(max_connections, CF_UINT, 1, "connections at once; beyond: too_many_connections"),
 	CK(reserved_connections, CF_UINT, 1, "of those, kept for admin and payments peers (at most half)"),
 	CK(max_frame, CF_SIZE, 1, "largest request frame, bytes"),
@@ -572,14 +572,14 @@ sms_segments(const char *text, size_t n, uint32_t *parts)
 	return 0;
 }
 
-/* Returns 1 if s is valid UTF-8. */
+/* Returns 1 if s is valid UTF-8 without NUL bytes. */
 static int
 utf8_valid(const char *text, size_t n)
 {
 	size_t i = 0;
 
 	while (i < n)
-		if (utf8_next((const unsigned char *)text, n, &i) < 0)
+		if (text[i] == '\0' || utf8_next((const unsigned char *)text, n, &i) < 0)
 			return 0;
 	return 1;
 }
@@ -591,7 +591,8 @@ valid_wallet_id(struct str s)
 	if (s.n == 0 || s.n > WALLET_ID_MAX)
 		return 0;
 	for (size_t i = 0; i < s.n; i++)
-		if (!isalnum((unsigned char)s.p[i]) && !strchr("._:-", s.p[i]))
+		if (!isalnum((unsigned char)s.p[i]) && s.p[i] != '.' && s.p[i] != '_' &&
+		    s.p[i] != ':' && s.p[i] != '-')
 			return 0;
 	return 1;
 }
@@ -617,8 +618,9 @@ valid_currency(struct str s)
 }
 
 /*
- * Checks an E.164 destination (optional +, 1-15 digits) and copies its digits
- * into out (16 bytes).  Returns the digit count, or 0 if invalid.
+ * Checks an E.164 destination (optional +, 1-15 digits, the first not 0: a
+ * country code never starts with 0, a national number does) and copies its
+ * digits into out (16 bytes).  Returns the digit count, or 0 if invalid.
  */
 static size_t
 e164_digits(struct str s, char *out)
@@ -627,6 +629,8 @@ e164_digits(struct str s, char *out)
 
 	if (s.n > 0 && s.p[0] == '+')
 		i = 1;
+	if (i < s.n && s.p[i] == '0')
+		return 0;
 	for (; i < s.n; i++) {
 		if (!isdigit((unsigned char)s.p[i]) || n == 15)
 			return 0;
@@ -2012,6 +2016,7 @@ struct call {
 	int fd;                     /* descriptor passed with the request, or -1 */
 	int code;                   /* the error */
 	const char *field;
+	char field_buf[72];         /* field, when it names a key the caller sent */
 	char message[512];
 	int64_t required, available;
 	char currency[4];
@@ -2105,9 +2110,96 @@ param(struct call *c, const char *name)
 }
 
 /*
+ * The names each method takes, from the method table's params column
+ * (`?name:type`; an F param is a descriptor passed beside the request,
+ * never a map key), built once.
+ */
+#define PARAMS_MAX 16
+static struct param_name {
+	const char *p;
+	size_t n;
+} method_params[M__COUNT][PARAMS_MAX];
+
+static void __attribute__((constructor))
+method_params_init(void)
+{
+	for (int m = 0; m < M__COUNT; m++) {
+		int k = 0;
+
+		for (const char *p = method_table[m].params; *p;) {
+			size_t len = strcspn(p, " ");  /* one `?name:type` */
+			const char *name = p + (*p == '?');
+			size_t n = strcspn(name, ": ");
+
+			if (!(name[n] == ':' && name[n + 1] == 'F') && k < PARAMS_MAX - 1)
+				method_params[m][k++] = (struct param_name){ name, n };
+			p += len + (p[len] == ' ');
+		}
+	}
+}
+
+/*
+ * Returns the first key of params (a map, or NULL) that method m does not
+ * take - a misspelt `text` must never charge one segment - or NULL when
+ * every key is one of m's.  A key that is not a string is never m's.
+ * Costs O(keys x m's params).
+ */
+static const msgpack_object *
+param_unknown(int m, const msgpack_object *params)
+{
+	if (params == NULL || params->type != MSGPACK_OBJECT_MAP)
+		return NULL;
+	for (uint32_t i = 0; i < params->via.map.size; i++) {
+		const msgpack_object *key = &params->via.map.ptr[i].key;
+		const struct param_name *pn = method_params[m];
+
+		if (key->type != MSGPACK_OBJECT_STR)
+			return key;
+		while (pn->p && !(pn->n == key->via.str.size && memcmp(pn->p, key->via.str.ptr, pn->n) == 0))
+			pn++;
+		if (pn->p == NULL)
+			return key;
+	}
+	return NULL;
+}
+
+/*
+ * Fails c with invalid_argument naming key, a param method m does not take
+ * (field holds at most 64 bytes of its name, NUL bytes as `?`).  Returns
+ * the code.
+ */
+static int
+fail_unknown_param(struct call *c, int m, const msgpack_object *key)
+{
+	size_t n = 0;
+
+	if (key->type == MSGPACK_OBJECT_STR)
+		for (; n < key->via.str.size && n < 64; n++)
+			c->field_buf[n] = key->via.str.ptr[n] ? key->via.str.ptr[n] : '?';
+	c->field_buf[n] = '\0';
+	if (key->type != MSGPACK_OBJECT_STR)
+		return fail(c, E_INVALID_ARGUMENT, "params", "param names must be strings");
+	{
+		char names[512];
+		struct text t = { names, 0, sizeof(names) };
+
+		names[0] = '\0';
+		for (const struct param_name *pn = method_params[m]; pn->p; pn++) {
+			text_add(&t, ", ", pn == method_params[m] ? 0 : 2);
+			text_add(&t, pn->p, pn->n);
+		}
+		fail(c, E_INVALID_ARGUMENT, NULL, "%s takes no param '%s' (it takes: %s)",
+		    method_table[m].name, c->field_buf, names[0] ? names : "none");
+	}
+	c->field = c->field_buf;
+	return c->code;
+}
+
+/*
  * Reads string param name into *s (s->p NULL when absent or nil).  Returns
- * E_OK, or E_INVALID_ARGUMENT when required and missing, not a string, or
- * longer than max bytes.
+ * E_OK, or E_INVALID_ARGUMENT when required and missing, not a string,
+ * longer than max bytes, or not UTF-8 without NUL bytes (the rule of every
+ * string param: a NUL would cut a key or a message short).
  */
 static int
 p_str(struct call *c, const char *name, int required, size_t max, struct str *s)
@@ -2122,20 +2214,18 @@ p_str(struct call *c, const char *name, int required, size_t max, struct str *s)
 		return fail(c, E_INVALID_ARGUMENT, name, "%s must be a string", name);
 	if (o->via.str.size > max)
 		return fail(c, E_INVALID_ARGUMENT, name, "%s is longer than %zu bytes", name, max);
+	if (!utf8_valid(o->via.str.ptr, o->via.str.size))
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must be UTF-8 without NUL bytes", name);
 	s->p = o->via.str.size ? o->via.str.ptr : "";
 	s->n = o->via.str.size;
 	return E_OK;
 }
 
-/* Reads a free text param (reason, description, actor): valid UTF-8. */
+/* Reads a free text param (reason, description, actor): up to TEXT_MAX bytes. */
 static int
 p_text(struct call *c, const char *name, int required, struct str *s)
 {
-	int rc = p_str(c, name, required, TEXT_MAX, s);
-
-	if (rc == E_OK && s->p && !utf8_valid(s->p, s->n))
-		return fail(c, E_INVALID_ARGUMENT, name, "%s is not valid UTF-8", name);
-	return rc;
+	return p_str(c, name, required, TEXT_MAX, s);
 }
 
 /* Reads the wallet id param (required). */
@@ -2251,8 +2341,8 @@ p_e164(struct call *c, const char *name, char *digits, size_t *n)
 	if (rc != E_OK)
 		return rc;
 	if ((*n = e164_digits(s, digits)) == 0)
-		return fail(c, E_INVALID_ARGUMENT, name,
-		    "%s must be an E.164 number: optional + then 1-15 digits", name);
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must be an E.164 number: optional + then 1-15 digits, "
+		    "the first not 0 (use the international form, e.g. +256712345678)", name);
 	return E_OK;
 }
 
@@ -2474,6 +2564,20 @@ m_balance(struct call *c)
 	return E_OK;
 }
 
+/* Whether param name is there with the value nil (an explicit "clear"). */
+static int
+param_nil(struct call *c, const char *name)
+{
+	const msgpack_object *o = param(c, name);
+
+	return o && o->type == MSGPACK_OBJECT_NIL;
+}
+
+/*
+ * wallet.update: a param that is absent stays; nil clears it (threshold:
+ * alerts off; plan: back on "default"); status has no "cleared" state, so
+ * status nil is invalid_argument.
+ */
 static int
 m_wallet_update(struct call *c)
 {
@@ -2485,6 +2589,10 @@ m_wallet_update(struct call *c)
 	if ((rc = p_wallet(c, &id)) || (rc = p_name(c, "plan", 0, 0, &plan)) ||
 	    (rc = p_str(c, "status", 0, 16, &status)) || (rc = p_emails(c, emails, &present)))
 		return rc;
+	if (param_nil(c, "status"))
+		return fail(c, E_INVALID_ARGUMENT, "status", "status must be active or frozen, not nil");
+	if (param_nil(c, "plan"))
+		plan = (struct str){ "default", 7 };
 	if (status.p && !(status.n == 6 && memcmp(status.p, "active", 6) == 0) &&
 	    !(status.n == 6 && memcmp(status.p, "frozen", 6) == 0))
 		return fail(c, E_INVALID_ARGUMENT, "status", "status must be active or frozen");
@@ -2680,7 +2788,7 @@ m_rate_set(struct call *c)
 	    (rc = p_currency(c, "currency", 1, &currency)))
 		return rc;
 	if (prefix.n == 0 || e164_digits(prefix, digits) != prefix.n)
-		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits");
+		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits, the first not 0");
 	if (route.p == NULL)
 		route = (struct str){ "", 0 };
 	memcpy(rv.currency, currency.p, 3);
@@ -2720,7 +2828,7 @@ m_rate_delete(struct call *c)
 	    (rc = p_str(c, "prefix", 1, 15, &prefix)) || (rc = p_name(c, "route", 0, 1, &route)))
 		return rc;
 	if (prefix.n == 0 || e164_digits(prefix, digits) != prefix.n)
-		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits");
+		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits, the first not 0");
 	if (route.p == NULL)
 		route = (struct str){ "", 0 };
 	k = (MDB_val){ rate_key(key, plan, channel, digits, prefix.n, route), key };
@@ -2905,7 +3013,7 @@ rate_delete_plan(MDB_txn *txn, struct str plan)
 static int
 m_rate_import(struct call *c)
 {
-	const msgpack_object *rows = param(c, "rows"), *saved = c->params;
+	const msgpack_object *rows = param(c, "rows"), *saved = c->params, *key;
 	struct str mode;
 	msgpack_sbuffer rejected;
 	msgpack_packer rpk;
@@ -2939,6 +3047,8 @@ m_rate_import(struct call *c)
 			rowcall.pk = &rpk;
 			if (row->type != MSGPACK_OBJECT_MAP)
 				rc = fail(&rowcall, E_INVALID_ARGUMENT, "rows", "a row must be a map");
+			else if ((key = param_unknown(M_RATE_SET, row)) != NULL)
+				rc = fail_unknown_param(&rowcall, M_RATE_SET, key);
 			else if ((rc = p_name(&rowcall, "plan", 1, 0, &plan)) == E_OK && pass == 1) {
 				msgpack_sbuffer sink;
 				msgpack_packer spk;
@@ -3009,21 +3119,29 @@ fx_pack(msgpack_packer *pk, const char *pair, const struct fx_val *fv)
 static int
 m_fx_set(struct call *c)
 {
-	struct str base, quote, rate;
+	const msgpack_object *whole = param(c, "rate");
+	struct str base, quote, rate = { NULL, 0 };
 	struct fx_val fv;
 	char pair[6];
 	MDB_val k = { 6, pair }, v = { sizeof(fv), &fv };
 	int rc;
 
 	memset(&fv, 0, sizeof(fv));
-	if ((rc = p_currency(c, "base", 1, &base)) || (rc = p_currency(c, "quote", 1, &quote)) ||
-	    (rc = p_str(c, "rate", 1, 40, &rate)))
+	if ((rc = p_currency(c, "base", 1, &base)) || (rc = p_currency(c, "quote", 1, &quote)))
 		return rc;
-	if (memcmp(base.p, quote.p, 3) == 0)
-		return fail(c, E_INVALID_ARGUMENT, "quote", "base and quote must differ");
-	if (fx_rate_parse(rate.p, rate.n, &fv.rate) != 0)
+	if (whole && whole->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+		/* like an amount, a rate may be a msgpack integer of whole units */
+		if (whole->via.u64 == 0 || whole->via.u64 >= 1000000000000000ull)
+			return fail(c, E_INVALID_ARGUMENT, "rate", "rate must be positive, below 10^15");
+		fv.rate = (i128)whole->via.u64 * FX_SCALE;
+	} else if ((rc = p_str(c, "rate", 1, 40, &rate))) {
+		return rc;
+	} else if (fx_rate_parse(rate.p, rate.n, &fv.rate) != 0) {
 		return fail(c, E_INVALID_ARGUMENT, "rate",
 		    "rate must be a positive decimal string with at most 12 decimals");
+	}
+	if (memcmp(base.p, quote.p, 3) == 0)
+		return fail(c, E_INVALID_ARGUMENT, "quote", "base and quote must differ");
 	fv.updated_at = now_seconds();
 	memcpy(pair, base.p, 3);
 	memcpy(pair + 3, quote.p, 3);
@@ -3058,7 +3176,8 @@ m_fx_list(struct call *c)
 
 /*
  * Reads segments or text for a message on channel: text is counted as SMS
- * parts (WhatsApp: one unit); neither is 1; both is invalid_argument.
+ * parts; neither is 1; both is invalid_argument.  A WhatsApp message is one
+ * unit: segments other than 1 on it is invalid_argument.
  */
 static int
 p_segments(struct call *c, struct str channel, uint32_t *segments)
@@ -3071,14 +3190,11 @@ p_segments(struct call *c, struct str channel, uint32_t *segments)
 		return rc;
 	if (text.p && seg)
 		return fail(c, E_INVALID_ARGUMENT, "text", "give segments or text, not both");
+	if (channel.p[0] == 'w' && seg > 1)
+		return fail(c, E_INVALID_ARGUMENT, "segments", "a WhatsApp message is one unit: segments must be 1");
 	*segments = seg ? (uint32_t)seg : 1;
-	if (text.p == NULL)
+	if (text.p == NULL || channel.p[0] == 'w')
 		return E_OK;
-	if (channel.p[0] == 'w') {
-		if (!utf8_valid(text.p, text.n))
-			return fail(c, E_INVALID_ARGUMENT, "text", "text is not valid UTF-8");
-		return E_OK;
-	}
 	if (sms_segments(text.p, text.n, segments) != 0)
 		return fail(c, E_INVALID_ARGUMENT, "text", "text is not valid UTF-8");
 	if (*segments > 1000)
@@ -3232,7 +3348,7 @@ charge_one(struct call *c)
 static int
 m_charge_batch(struct call *c)
 {
-	const msgpack_object *items = param(c, "items"), *saved = c->params;
+	const msgpack_object *items = param(c, "items"), *saved = c->params, *key;
 	int rc = E_OK;
 
 	if (items == NULL || items->type != MSGPACK_OBJECT_ARRAY)
@@ -3249,6 +3365,8 @@ m_charge_batch(struct call *c)
 		item.params = &items->via.array.ptr[i];
 		if (item.params->type != MSGPACK_OBJECT_MAP)
 			rc = fail(&item, E_INVALID_ARGUMENT, "items", "each item must be a map");
+		else if ((key = param_unknown(M_CHARGE, item.params)) != NULL)
+			rc = fail_unknown_param(&item, M_CHARGE, key);
 		else
 			rc = charge_one(&item);
 		if (rc != E_OK) {
@@ -4663,7 +4781,7 @@ static void
 conn_frame(struct conn *c, msgpack_unpacked *msg, size_t bytes)
 {
 	struct req *r = req_new(c);
-	const msgpack_object *o, *m, *params;
+	const msgpack_object *o, *m, *params, *key;
 	int method;
 
 	if (r == NULL) {
@@ -4716,6 +4834,14 @@ conn_frame(struct conn *c, msgpack_unpacked *msg, size_t bytes)
 	if (!(method_table[method].roles & c->roles)) {
 		req_error(r, E_PERMISSION_DENIED, NULL, "uid %u may not call %s",
 		    (unsigned)c->uid, method_table[method].name);
+		goto queue;
+	}
+	if ((key = param_unknown(method, r->params)) != NULL) {
+		struct call call;
+
+		memset(&call, 0, sizeof(call));
+		fail_unknown_param(&call, method, key);
+		req_error(r, call.code, call.field, "%s", call.message);
 		goto queue;
 	}
 	if (method == M_BACKUP) {
@@ -5880,7 +6006,13 @@ listen_open(const char *path)
 	if (chmod(path, 0660) != 0)
 		log_p("chmod %s", path);
 	if (config.socket_group[0]) {
-		if ((gr = getgrnam(config.socket_group)) == NULL || chown(path, (uid_t)-1, gr->gr_gid) != 0)
+		char *end;
+		unsigned long gid = strtoul(config.socket_group, &end, 10);
+
+		/* a group name, or a numeric gid (which needs no entry in /etc/group) */
+		if (*end != '\0' || end == config.socket_group)
+			gid = (gr = getgrnam(config.socket_group)) ? gr->gr_gid : (unsigned long)-1;
+		if (gid == (unsigned long)-1 || chown(path, (uid_t)-1, (gid_t)gid) != 0)
 			log_x(L_WARN, "cannot give %s to group %s", path, config.socket_group);
 	}
 	return fd;
