@@ -97,8 +97,9 @@ class Webhooks(DaemonTest):
         self.port = free_port()
         env = dict(os.environ, WALLETD_SOCKET=self.d.sock, FLW_SECRET_HASH="flw-secret",
                    PAYSTACK_SECRET_KEY="sk_test_123", WEBHOOK_LISTEN="127.0.0.1:%d" % self.port)
+        self.hook_log = os.path.join(self.d.dir, "webhook.log")
         self.hook = subprocess.Popen([PY, os.path.join(ROOT, "contrib", "payments", "webhook.py")],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                     env=env, stdout=subprocess.PIPE, stderr=open(self.hook_log, "w"))
         self.hook.stdout.readline()
 
     def tearDown(self):
@@ -170,3 +171,44 @@ class Webhooks(DaemonTest):
         sig2 = hmac.new(b"sk_test_123", failed, hashlib.sha512).hexdigest()
         self.assertEqual(self.post("/paystack", failed, {"x-paystack-signature": sig2})[0], 200)
         self.assertTrue(self.d.ctl_json("verify")["ok"])
+
+    def flutterwave(self, ref, amount, currency, id=7001):
+        body = json.dumps({"event": "charge.completed", "data": {
+            "id": id, "tx_ref": ref, "flw_ref": "FLW-%d" % id, "amount": amount, "currency": currency,
+            "status": "successful"}}).encode()
+        return self.post("/flutterwave", body, {"verif-hash": "flw-secret", "Content-Type": "application/json"})
+
+    def test_a_payment_walletd_cannot_credit_is_retried_until_it_can(self):
+        # an NGN payment into a USD wallet with no NGN pair: the gateway must retry
+        # (5xx), not be told it is done (it used to be answered 200 and forgotten)
+        self.seed("0")
+        t = self.d.ctl_json("topup", "create", "acme", "10")
+        for _ in range(2):
+            status, text = self.flutterwave(t["ref"], 15000, "NGN")
+            self.assertEqual(status, 500, text)
+            self.assertIn("no_fx_rate", text)
+        self.assertEqual(self.d.ctl_json("topup", "get", t["ref"])["status"], "pending")
+        self.d.ctl_json("fx", "set", "USD", "NGN", "1500")  # staff fix the cause
+        self.assertEqual(self.flutterwave(t["ref"], 15000, "NGN"), (200, "credited 10 USD\n"))
+        self.assertEqual(self.flutterwave(t["ref"], 15000, "NGN"), (200, "already credited 10 USD\n"))
+        self.assertEqual(self.d.ctl_json("history", "acme")["total"], 1)
+        # what retrying can never change is 2xx: a ref that is not a top-up of this walletd
+        self.assertEqual(self.flutterwave("tp_not_ours", 5, "USD")[0], 200)
+        self.hook.terminate()
+        self.hook.wait()
+        with open(self.hook_log) as f:
+            lines = [x for x in f.read().splitlines() if "POST /flutterwave" in x]
+        self.assertEqual(len(lines), 5)  # one line per delivery: gateway, ref, amount, outcome
+        self.assertIn("ref=%s amount=15000 NGN -> 500 not credited: no_fx_rate" % t["ref"], lines[0])
+        self.assertIn("-> 200 credited 10 USD", lines[2])
+        self.assertIn("ref=tp_not_ours amount=5 USD -> 200 not credited: unknown_topup", lines[4])
+
+    def test_health_endpoint_says_whether_walletd_answers(self):
+        url = "http://127.0.0.1:%d/health" % self.port
+        with urllib.request.urlopen(url, timeout=10) as r:
+            self.assertEqual((r.status, r.read()), (200, b"ok\n"))
+        self.d.stop()
+        with self.assertRaises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url, timeout=10)
+        self.assertEqual(e.exception.code, 503)
+        self.d.start()

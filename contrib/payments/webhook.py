@@ -7,11 +7,18 @@ A good signature and a successful payment call topup.confirm, which credits
 the wallet exactly once however often the gateway retries.  A bad signature
 is answered 401 and changes nothing.  A failed attempt changes nothing
 either: the customer may pay again on the same checkout (SPEC 5).
-When walletd cannot take the credit now (unreachable, a full store, busy),
-the answer is 503 and the gateway sends the event again later.
+
+A real, successful payment that walletd did not credit is never answered
+2xx: 503 when walletd cannot take it now (unreachable, a full store, busy),
+500 when it refused it (no_fx_rate for a currency it cannot convert, say),
+so the gateway sends the event again until staff fix the cause.  Only what
+retrying can never change is answered 2xx: a failed payment, or a ref that
+is not walletd's (unknown_topup).  Every delivery is logged in one line:
+gateway, ref, amount, outcome.
 
     POST /flutterwave   header verif-hash: the secret hash set in the dashboard
     POST /paystack      header x-paystack-signature: HMAC-SHA512(secret key, body)
+    GET  /health        200 "ok" while walletd answers, else 503: for a load balancer
 
 Environment:
     WALLETD_SOCKET        walletd's socket (run this as a user of the payments role)
@@ -36,6 +43,8 @@ MAX_BODY = 1 << 20
 # walletd's answers that may pass (a full store given room, a busy or restarting
 # walletd): answered 503, so the gateway sends the event again later.
 RETRY_CODES = {"storage_full", "busy", "too_many_connections", "internal"}
+# The one answer retrying can never change: the ref is not a top-up of this walletd.
+NOT_OURS = {"unknown_topup"}
 
 
 def flutterwave(headers, body):
@@ -75,13 +84,31 @@ GATEWAYS = {"/flutterwave": flutterwave, "/paystack": paystack}
 class Handler(BaseHTTPRequestHandler):
     timeout = 30  # seconds a client may stall; each connection has a thread
 
-    def answer(self, status, text):
+    def log_request(self, code="-", size="-"):
+        pass  # answer() logs each request in one line, with what it did
+
+    def answer(self, status, text, params=None):
+        """Answers, and logs the request in one line (a delivery with its gateway, ref and amount)."""
+        what = "%s %s" % (self.command, self.path.split("?")[0])
+        if params is not None:
+            what += " ref=%s amount=%s %s" % (params.get("ref"), params.get("amount"), params.get("currency") or "")
+        self.log_message("%s -> %d %s", what, status, text)
         data = (text + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path.split("?")[0] != "/health":
+            return self.answer(404, "no such page")
+        try:
+            with walletd.Client(timeout=5) as w:
+                w.ping()
+        except walletd.WalletdError as e:
+            return self.answer(503, "walletd unavailable: %s" % e.code)
+        return self.answer(200, "ok")
 
     def do_POST(self):
         gateway = GATEWAYS.get(self.path.split("?")[0])
@@ -106,16 +133,18 @@ class Handler(BaseHTTPRequestHandler):
             with walletd.Client(timeout=10) as w:
                 res = w.topup_confirm(**params)
         except walletd.ConnectionLost as e:
-            return self.answer(503, "walletd unavailable: %s" % e)  # the gateway retries
+            return self.answer(503, "walletd unavailable: %s" % e, params)  # the gateway retries
         except walletd.WalletdError as e:
+            if e.code in NOT_OURS:
+                return self.answer(200, "not credited: %s" % e.code, params)
             if e.code in RETRY_CODES:
-                self.log_message("topup.confirm %s: %s %s; asking for a retry", params.get("ref"), e.code, e.message)
-                return self.answer(503, "not credited yet: %s" % e.code)
-            # unknown_topup, invalid_argument...: retrying cannot help; staff must look.
-            self.log_message("topup.confirm %s: %s %s", params.get("ref"), e.code, e.message)
-            return self.answer(200, "not credited: %s" % e.code)
+                return self.answer(503, "not credited yet: %s" % e.code, params)
+            # no_fx_rate, invalid_argument...: a real payment walletd refused. Staff must
+            # fix the cause; until then every retry of the gateway is refused again.
+            return self.answer(500, "not credited: %s: %s" % (e.code, e.message), params)
         state = "already credited" if res["replayed"] else "credited"
-        return self.answer(200, "%s %s %s" % (state, res["transaction"]["amount"], res["transaction"]["currency"]))
+        return self.answer(200, "%s %s %s" % (state, res["transaction"]["amount"], res["transaction"]["currency"]),
+                           params)
 
 
 def main():
