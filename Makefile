@@ -3,7 +3,8 @@
 #   make           build walletd and walletctl
 #   make run       install what is missing, build, run walletd on ./var/
 #   make test      install what is missing, build, run every test
-#   make install   install binaries, man pages and the systemd unit
+#   make install   install binaries, man pages, systemd units, the Python client
+#                  and the webhook receiver; make uninstall removes them
 #   make bench     throughput and latency on a temporary store
 #   make fuzz      run the libFuzzer target for FUZZ_SECONDS
 #   make crashtest kill -9 walletd, and cut its power, under load, again and again
@@ -16,11 +17,16 @@ prefix    ?= /usr/local
 bindir     = $(prefix)/bin
 sbindir    = $(prefix)/sbin
 mandir     = $(prefix)/share/man
+docdir     = $(prefix)/share/doc/walletd
+libdir     = $(prefix)/lib/walletd
 unitdir   ?= /lib/systemd/system
+# The Python client goes where Debian's python3 looks under prefix (dist-packages).
+pythondir ?= $(prefix)/lib/python$(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo 3)/dist-packages
 DESTDIR   ?=
 # Debian packages: to build, and to test.
 BUILD_PKGS = gcc libc6-dev make pkg-config liblmdb-dev libmsgpack-dev libcurl4-openssl-dev
-TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils
+TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils \
+             python3-venv python3-pip python3-setuptools prometheus
 # Node.js and npm: Debian's, unless a node and npm are already on PATH.
 NODE_PKGS  = $(shell command -v node >/dev/null || echo nodejs) $(shell command -v npm >/dev/null || echo npm)
 FUZZ_SECONDS ?= 60
@@ -96,20 +102,36 @@ contrib/node/node_modules: contrib/node/package.json contrib/node/package-lock.j
 	@touch $@
 
 # ---- install ------------------------------------------------------------
+# The Node.js client installs with npm: npm install /path/to/contrib/node.
+INSTALLED = $(sbindir)/walletd $(bindir)/walletctl $(mandir)/man8/walletd.8 $(mandir)/man1/walletctl.1 \
+	$(unitdir)/walletd.service $(unitdir)/walletd-webhook.service $(sbindir)/walletd-webhook \
+	$(pythondir)/walletd/__init__.py $(docdir)/README.md $(docdir)/walletd.conf.example \
+	$(docdir)/webhook.env.example $(libdir)/walletd-textfile $(unitdir)/walletd-metrics.service \
+	$(unitdir)/walletd-metrics.timer
+
 install: all
-	install -d $(DESTDIR)$(sbindir) $(DESTDIR)$(bindir) $(DESTDIR)$(mandir)/man8 $(DESTDIR)$(mandir)/man1
+	install -d $(DESTDIR)$(sbindir) $(DESTDIR)$(bindir) $(DESTDIR)$(mandir)/man8 $(DESTDIR)$(mandir)/man1 \
+	  $(DESTDIR)$(unitdir) $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir)
 	install -m 755 walletd $(DESTDIR)$(sbindir)/walletd
 	install -m 755 walletctl $(DESTDIR)$(bindir)/walletctl
 	install -m 644 contrib/man/walletd.8 $(DESTDIR)$(mandir)/man8/walletd.8
 	install -m 644 contrib/man/walletctl.1 $(DESTDIR)$(mandir)/man1/walletctl.1
-	install -d $(DESTDIR)$(unitdir)
-	install -m 644 contrib/systemd/walletd.service $(DESTDIR)$(unitdir)/walletd.service
+	install -m 644 contrib/systemd/walletd.service contrib/systemd/walletd-webhook.service \
+	  contrib/systemd/walletd-metrics.service contrib/systemd/walletd-metrics.timer $(DESTDIR)$(unitdir)/
+	install -m 755 contrib/payments/webhook.py $(DESTDIR)$(sbindir)/walletd-webhook
+	install -m 644 contrib/python/walletd/__init__.py $(DESTDIR)$(pythondir)/walletd/__init__.py
+	install -m 755 contrib/metrics/walletd-textfile $(DESTDIR)$(libdir)/walletd-textfile
+	install -m 644 README.md contrib/walletd.conf.example contrib/payments/webhook.env.example $(DESTDIR)$(docdir)/
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+	-rmdir $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir) 2>/dev/null
 
 clean:
 	rm -f walletd walletctl tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults.so .deps-build .deps-test
 	rm -rf tests/__pycache__ contrib/python/walletd/__pycache__
 
-.PHONY: all run test crashtest install clean
+.PHONY: all run test crashtest install uninstall clean
 
 # ---- benchmarks and robustness (not part of make test) -------------------
 bench: all

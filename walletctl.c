@@ -936,6 +936,154 @@ help_all(FILE *f)
 	fprintf(f, "  %-16s %s\n", "bench", "Load generator with a self-check (walletctl help bench).");
 }
 
+/* A stats counter, or 0. */
+static uint64_t
+stat_u64(const msgpack_object *stats, const char *name)
+{
+	const msgpack_object *o = map_get(stats, name);
+
+	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
+}
+
+/* A stats mean, or 0. */
+static double
+stat_f64(const msgpack_object *stats, const char *name)
+{
+	const msgpack_object *o = map_get(stats, name);
+
+	return o && o->type == MSGPACK_OBJECT_FLOAT64 ? o->via.f64 : 0.0;
+}
+
+/* ---- Prometheus ---- */
+
+/* Prints v plainly: 0.00005, 2.5, 64 (never an exponent). */
+static void
+prom_number(double v)
+{
+	char buf[64];
+	size_t n = (size_t)snprintf(buf, sizeof(buf), "%.6f", v);
+
+	while (n > 1 && buf[n - 1] == '0')
+		buf[--n] = '\0';
+	if (buf[n - 1] == '.')
+		buf[--n] = '\0';
+	fputs(buf, stdout);
+}
+
+/* Prints the HELP and TYPE lines of metric walletd_NAME. */
+static void
+prom_family(const char *name, const char *type, const char *help)
+{
+	printf("# HELP walletd_%s %s\n# TYPE walletd_%s %s\n", name, help, name, type);
+}
+
+/* Prints one sample of a metric without labels. */
+static void
+prom_value(const char *name, const char *type, const char *help, double v)
+{
+	prom_family(name, type, help);
+	printf("walletd_%s ", name);
+	prom_number(v);
+	putchar('\n');
+}
+
+/*
+ * Prints stats' histogram h ({le, counts, sum, count}) as walletd_NAME,
+ * buckets made cumulative, bounds and sum multiplied by scale.
+ */
+static void
+prom_histogram(const char *name, const char *help, const msgpack_object *h, double scale)
+{
+	const msgpack_object *le = map_get(h, "le"), *counts = map_get(h, "counts");
+	uint64_t cumulative = 0;
+
+	if (le == NULL || counts == NULL || le->type != MSGPACK_OBJECT_ARRAY ||
+	    counts->type != MSGPACK_OBJECT_ARRAY || counts->via.array.size != le->via.array.size + 1)
+		return;
+	prom_family(name, "histogram", help);
+	for (uint32_t i = 0; i < counts->via.array.size; i++) {
+		cumulative += counts->via.array.ptr[i].via.u64;
+		printf("walletd_%s_bucket{le=\"", name);
+		if (i < le->via.array.size)
+			prom_number((double)le->via.array.ptr[i].via.u64 * scale);
+		else
+			fputs("+Inf", stdout);
+		printf("\"} %" PRIu64 "\n", cumulative);
+	}
+	printf("walletd_%s_sum ", name);
+	prom_number((double)stat_u64(h, "sum") * scale);
+	printf("\nwalletd_%s_count %" PRIu64 "\n", name, stat_u64(h, "count"));
+}
+
+/*
+ * walletctl stats --prometheus: stats in the Prometheus text exposition
+ * format (for node_exporter's textfile collector, or a scrape endpoint).
+ * Every method and code is listed, with 0 until it is seen.
+ */
+static int
+cmd_stats_prometheus(void)
+{
+	const msgpack_object *st, *requests, *errors, *conns, *store, *histos;
+	msgpack_unpacked resp;
+
+	call("stats", NULL, -1, &resp);
+	if (resp.data.type != MSGPACK_OBJECT_ARRAY || resp.data.via.array.size != 4 ||
+	    resp.data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL)
+		return print_response(&resp.data);
+	st = &resp.data.via.array.ptr[3];
+	requests = map_get(st, "requests");
+	errors = map_get(st, "errors");
+	conns = map_get(st, "connections");
+	store = map_get(st, "store");
+	histos = map_get(st, "histograms");
+
+	prom_family("requests_total", "counter", "Requests answered, by method.");
+	for (int m = 0; m < M__COUNT; m++)
+		printf("walletd_requests_total{method=\"%s\"} %" PRIu64 "\n", method_table[m].name,
+		    stat_u64(map_get(requests, method_table[m].name), "calls"));
+	prom_family("request_errors_total", "counter", "Requests answered with an error, by method.");
+	for (int m = 0; m < M__COUNT; m++)
+		printf("walletd_request_errors_total{method=\"%s\"} %" PRIu64 "\n", method_table[m].name,
+		    stat_u64(map_get(requests, method_table[m].name), "errors"));
+	prom_family("errors_total", "counter", "Error answers, by code.");
+	for (int e = 1; e < E__COUNT; e++)
+		printf("walletd_errors_total{code=\"%s\"} %" PRIu64 "\n", error_name(e), stat_u64(errors, error_name(e)));
+	prom_histogram("request_duration_seconds", "Time from a request's frame to its answer.",
+	    map_get(histos, "request_latency_us"), 1e-6);
+	prom_histogram("commit_batch_size", "Requests in one durable commit (a charge.batch counts once).",
+	    map_get(histos, "commit_batch_size"), 1);
+	prom_value("commits_total", "counter", "Durable commits.", (double)stat_u64(st, "commits"));
+	prom_value("committed_requests_total", "counter", "Requests in durable commits.",
+	    (double)stat_u64(st, "committed_requests"));
+	prom_value("failed_commits_total", "counter", "Commits that failed (every answer of the batch said so).",
+	    (double)stat_u64(store, "failed_commits"));
+	prom_value("reads_off_loop_total", "counter", "Reads moved off the event loop past its budget.",
+	    (double)stat_u64(st, "reads_off_loop"));
+	prom_value("connections", "gauge", "Open client connections.", (double)stat_u64(conns, "open"));
+	prom_value("connections_accepted_total", "counter", "Connections accepted.", (double)stat_u64(conns, "total"));
+	prom_value("connections_refused_total", "counter", "Connections refused (too_many_connections).",
+	    (double)stat_u64(conns, "refused"));
+	prom_value("connections_cut_off_total", "counter", "Connections cut off for leaving max_output unread.",
+	    (double)stat_u64(conns, "cut_off"));
+	prom_value("queued_requests", "gauge", "Requests read and not yet answered.",
+	    (double)stat_u64(conns, "queued_requests"));
+	prom_value("unread_bytes", "gauge", "Answers written and not yet read by their clients.",
+	    (double)stat_u64(conns, "unread_bytes"));
+	prom_value("store_map_size_bytes", "gauge", "The LMDB map reserved.", (double)stat_u64(store, "map_size"));
+	prom_value("store_map_used_bytes", "gauge", "The LMDB map in use (the store's size).",
+	    (double)stat_u64(store, "map_used"));
+	prom_value("store_map_max_bytes", "gauge", "map_size_max: the map grows up to this.",
+	    (double)stat_u64(store, "map_size_max"));
+	prom_value("store_map_grows_total", "counter", "Times the map grew.", (double)stat_u64(store, "map_grows"));
+	prom_value("store_oldest_read_seconds", "gauge", "Age of the oldest backup or verify read (0: none).",
+	    (double)stat_u64(store, "oldest_read_ms") / 1000);
+	prom_value("alerts_pending", "gauge", "Notifications whose e-mail is still to be sent.",
+	    (double)stat_u64(st, "alerts_pending"));
+	prom_value("uptime_seconds", "gauge", "Seconds since walletd started.", (double)stat_u64(st, "uptime"));
+	msgpack_unpacked_destroy(&resp);
+	return EXIT_OK;
+}
+
 /* rate export [--plan P] [--channel C]: pages through rate.list into CSV. */
 static int
 cmd_rate_export(int argc, char **argv)
@@ -1123,24 +1271,6 @@ bench_retire(const char *wallet, int64_t left)
 	}
 	msgpack_sbuffer_destroy(&sb);
 	return rc;
-}
-
-/* A stats counter, or 0. */
-static uint64_t
-stat_u64(const msgpack_object *stats, const char *name)
-{
-	const msgpack_object *o = map_get(stats, name);
-
-	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
-}
-
-/* A stats mean, or 0. */
-static double
-stat_f64(const msgpack_object *stats, const char *name)
-{
-	const msgpack_object *o = map_get(stats, name);
-
-	return o && o->type == MSGPACK_OBJECT_FLOAT64 ? o->via.f64 : 0.0;
 }
 
 /* The writer's counters from stats: commits, the requests they held, and
@@ -1618,6 +1748,8 @@ main(int argc, char **argv)
 		return cmd_bench(argc - i - 1, argv + i + 1);
 	if (i + 1 < argc && strcmp(argv[i], "rate") == 0 && strcmp(argv[i + 1], "export") == 0)
 		return cmd_rate_export(argc - i - 2, argv + i + 2);
+	if (i + 2 == argc && strcmp(argv[i], "stats") == 0 && strcmp(argv[i + 1], "--prometheus") == 0)
+		return cmd_stats_prometheus();
 	if (i + 1 < argc) {
 		snprintf(name, sizeof(name), "%s.%s", argv[i], argv[i + 1]);
 		if ((m = method_find(name, strlen(name))) >= 0)

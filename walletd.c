@@ -271,6 +271,26 @@ bad:
 	return -1;
 }
 
+/* Formats key k of cf as walletd.conf takes it (sizes as 64M, 1T when exact) into buf. */
+static const char *
+config_format(const struct config *cf, const struct config_key *k, char *buf, size_t size)
+{
+	const char *field = (const char *)cf + k->offset;
+	unsigned long long v;
+	const char *units = "KMGT";
+	int unit = -1;
+
+	if (k->type == CF_STR) {
+		snprintf(buf, size, "%s", *field ? field : "(none)");
+		return buf;
+	}
+	v = k->type == CF_UINT ? *(const unsigned *)field : *(const size_t *)field;
+	while (k->type == CF_SIZE && v >= 1024 && v % 1024 == 0 && unit < 3)
+		v /= 1024, unit++;
+	snprintf(buf, size, "%llu%.*s", v, unit >= 0, unit >= 0 ? units + unit : "");
+	return buf;
+}
+
 /* Below these a key makes no sense: a frame of 0 bytes, an SMTP delivery
  * with no time limit (curl's 0), an alert run every 0 seconds. */
 static const struct {
@@ -4512,11 +4532,46 @@ static struct server {
 	int role_nuids[3], role_ngids[3];
 } srv = { .spare_fd = -1 };
 
+/*
+ * A histogram for the Prometheus exposition (walletctl stats --prometheus):
+ * counts per bucket (not cumulative; the last is above every bound), their
+ * sum and count, since start.
+ */
+#define HISTO_BOUNDS 13
+struct histogram {
+	uint64_t counts[HISTO_BOUNDS + 1];
+	uint64_t sum, count;
+};
+
+/* Request latency, microseconds; commit batch size, requests. */
+static const uint64_t latency_bounds[HISTO_BOUNDS] = {
+	50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000,
+};
+static const uint64_t batch_bounds[HISTO_BOUNDS] = {
+	1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
+};
+
+/* Counts v in h, whose bucket bounds are bounds. */
+static void
+histogram_add(struct histogram *h, const uint64_t bounds[HISTO_BOUNDS], uint64_t v)
+{
+	int i = 0;
+
+	while (i < HISTO_BOUNDS && v > bounds[i])
+		i++;
+	h->counts[i]++;
+	h->sum += v;
+	h->count++;
+}
+
+/* The counters of stats.  The writer's (commits to map_grows, batch_sizes)
+ * change under srv.lock; the rest belong to the event loop. */
 static struct stats {
 	uint64_t requests[M__COUNT], errors[M__COUNT], codes[E__COUNT];
 	uint64_t commits, committed, batch_max, batch_us, commit_us, failed_commits, map_grows;
 	uint64_t conns_total, conns_refused, conns_dropped;
 	uint64_t reads_off_loop;
+	struct histogram batch_sizes;
 	int64_t started;
 } stats;
 
@@ -4524,6 +4579,7 @@ static struct stats {
 static struct latency {
 	uint32_t us[LAT_RING];
 	uint64_t n;
+	struct histogram histogram; /* of every request since start */
 } latency;
 
 /* Parses a list of user or group names / ids into ids.  Returns the count. */
@@ -4706,6 +4762,8 @@ req_free(struct req *r)
 static void
 stats_count(const struct req *r)
 {
+	uint64_t us = now_micros() - r->t0;
+
 	if (r->method >= 0) {
 		stats.requests[r->method]++;
 		if (r->code != E_OK)
@@ -4713,7 +4771,8 @@ stats_count(const struct req *r)
 	}
 	if (r->code > 0 && r->code < E__COUNT)
 		stats.codes[r->code]++;
-	latency.us[latency.n++ % LAT_RING] = (uint32_t)(now_micros() - r->t0);
+	latency.us[latency.n++ % LAT_RING] = (uint32_t)us;
+	histogram_add(&latency.histogram, latency_bounds, us);
 }
 
 static void
@@ -5588,6 +5647,7 @@ writer_run(struct req *batch)
 	stats.committed += n;
 	if (n > stats.batch_max)
 		stats.batch_max = n;
+	histogram_add(&stats.batch_sizes, batch_bounds, n);
 	stats.batch_us += now_micros() - t0;
 	stats.commit_us += commit_us;
 	pthread_mutex_unlock(&srv.lock);
@@ -5881,6 +5941,23 @@ compare_u32(const void *a, const void *b)
 }
 
 /* stats: the event loop's counters, the writer's, and the store's size. */
+/* Packs h as {le: [bounds], counts: [per bucket, the last above every bound], sum, count}. */
+static void
+histogram_pack(msgpack_packer *pk, const struct histogram *h, const uint64_t bounds[HISTO_BOUNDS])
+{
+	msgpack_pack_map(pk, 4);
+	KEY(pk, "le");
+	msgpack_pack_array(pk, HISTO_BOUNDS);
+	for (int i = 0; i < HISTO_BOUNDS; i++)
+		msgpack_pack_uint64(pk, bounds[i]);
+	KEY(pk, "counts");
+	msgpack_pack_array(pk, HISTO_BOUNDS + 1);
+	for (int i = 0; i <= HISTO_BOUNDS; i++)
+		msgpack_pack_uint64(pk, h->counts[i]);
+	KV_U64(pk, "sum", h->sum);
+	KV_U64(pk, "count", h->count);
+}
+
 static int
 m_stats(struct call *c)
 {
@@ -5889,8 +5966,9 @@ m_stats(struct call *c)
 	uint32_t *lat = malloc((n ? n : 1) * sizeof(*lat));
 	double q[5] = { 0.5, 0.9, 0.99, 0.999, 1.0 };
 	const char *qn[5] = { "p50", "p90", "p99", "p999", "max" };
-	int methods = 0, codes = 0;
+	int methods = 0, codes = 0, rc;
 	MDB_envinfo info;
+	MDB_stat alertq;
 	struct stats s;
 
 	if (lat == NULL)
@@ -5906,7 +5984,12 @@ m_stats(struct call *c)
 	for (int i = 1; i < E__COUNT; i++)
 		codes += s.codes[i] != 0;
 
-	msgpack_pack_map(pk, 13);
+	if ((rc = mdb_stat(c->txn, store.alertq, &alertq)) != 0) {
+		free(lat);
+		return store_error(c, rc);
+	}
+
+	msgpack_pack_map(pk, 15);
 	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
 	KEY(pk, "requests");
 	msgpack_pack_map(pk, (size_t)methods);
@@ -5958,6 +6041,13 @@ m_stats(struct call *c)
 	KV_U64(pk, "map_grows", s.map_grows);
 	KV_U64(pk, "failed_commits", s.failed_commits);
 	KV_U64(pk, "oldest_read_ms", slow_oldest_ms());
+	KV_U64(pk, "alerts_pending", alertq.ms_entries);
+	KEY(pk, "histograms");
+	msgpack_pack_map(pk, 2);
+	pack_cstr(pk, "request_latency_us");
+	histogram_pack(pk, &latency.histogram, latency_bounds);
+	pack_cstr(pk, "commit_batch_size");
+	histogram_pack(pk, &s.batch_sizes, batch_bounds);
 	free(lat);
 	return E_OK;
 }
@@ -6503,6 +6593,9 @@ alert_stop(void)
 static void
 usage(FILE *f)
 {
+	struct config defaults;
+	char value[PATH_MAX];
+
 	fprintf(f,
 	    "usage: walletd [-c FILE] [-d STORE_DIR] [-s SOCKET_PATH] [-f]\n"
 	    "  -c FILE  read this config file (key = value lines; SIGHUP reloads it)\n"
@@ -6511,10 +6604,14 @@ usage(FILE *f)
 	    "  -f       stay in the foreground\n"
 	    "  -h       this help\n"
 	    "Flags override the config file, which overrides the built-in defaults.\n"
-	    "\nConfig keys (* = reloaded on SIGHUP):\n");
-	for (size_t i = 0; i < sizeof(config_keys) / sizeof(config_keys[0]); i++)
-		fprintf(f, "  %-20s %s %s\n", config_keys[i].name, config_keys[i].reloadable ? "*" : " ",
-		    config_keys[i].help);
+	    "\nConfig keys (* = reloaded on SIGHUP), each with its default:\n");
+	config_defaults(&defaults);
+	for (size_t i = 0; i < sizeof(config_keys) / sizeof(config_keys[0]); i++) {
+		const struct config_key *k = &config_keys[i];
+
+		fprintf(f, "  %-20s %s %s\n  %-22s default: %s\n", k->name, k->reloadable ? "*" : " ", k->help, "",
+		    config_format(&defaults, k, value, sizeof(value)));
+	}
 }
 
 /* Raises the open-file limit to what max_connections needs. */

@@ -80,7 +80,17 @@ const METHODS = {
 };
 
 export class Client {
-  constructor({ socket } = {}) {
+  // new Client(), new Client('/run/walletd/walletd.sock') (as net.createConnection
+  // takes a path) or new Client({socket}); anything else is a TypeError, never a
+  // silent fall-back to the default socket.
+  constructor(options = {}) {
+    const socket = typeof options === 'string' ? options : options?.socket;
+    const known = typeof options === 'string' ||
+      (options !== null && typeof options === 'object' && !Array.isArray(options) &&
+       Object.keys(options).every((k) => k === 'socket'));
+    if (!known || (socket !== undefined && (typeof socket !== 'string' || socket === ''))) {
+      throw new TypeError('new Client() takes a socket path or {socket: path}');
+    }
     this.path = socket ?? defaultSocket();
     this.sock = null;
     this.connecting = null;

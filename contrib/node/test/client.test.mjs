@@ -144,3 +144,16 @@ test('a refused connection says why', async () => {
   full.kill('SIGTERM');
   assert.equal(await done, 0);
 });
+
+test('new Client takes a socket path or {socket}; anything else is a TypeError', async () => {
+  const byPath = new Client(socket);
+  assert.equal((await byPath.ping()).api, 1);
+  byPath.close();
+  const byOption = new Client({ socket });
+  assert.equal((await byOption.ping()).api, 1);
+  byOption.close();
+  for (const wrong of [42, null, ['x'], { sock: socket }, { socket: 7 }, { socket: '' }, '']) {
+    assert.throws(() => new Client(wrong), TypeError, String(wrong));
+  }
+  await assert.rejects(new Client(path.join(dir, 'nope.sock')).ping(), ConnectionLost);
+});

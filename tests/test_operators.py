@@ -1,0 +1,148 @@
+"""What operators and integrators install and scrape: Prometheus metrics
+(checked by promtool), the textfile collector script, make install and make
+uninstall, the Python package, npm install of the Node.js package, walletd -h
+defaults and the man page against the method table."""
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+from harness import DaemonTest, ROOT, WALLETD, WALLETCTL, PY, request, read_frames
+
+UG = "+256712345678"
+
+
+def methods():
+    with open(os.path.join(ROOT, "protocol.h")) as f:
+        return re.findall(r'^X\(M_\w+, "([a-z.]+)"', f.read(), re.M)
+
+
+def samples(text):
+    """{name{labels}: value} of a Prometheus exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+class Metrics(DaemonTest):
+    def test_prometheus_exposition_passes_promtool_and_counts_what_happened(self):
+        d = self.d
+        self.seed("1")
+        s = d.raw()
+        s.sendall(b"".join(request(i, "charge", {"wallet": "acme", "channel": "sms", "to": UG, "ref": "m%d" % i})
+                           for i in range(40)) +
+                  request(40, "charge", {"wallet": "ghost", "channel": "sms", "to": UG, "ref": "x"}))
+        self.assertEqual(len(read_frames(s, 41)), 41)
+        r = d.ctl("stats", "--prometheus")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        check = subprocess.run(["promtool", "check", "metrics"], input=r.stdout, capture_output=True, text=True)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        m = samples(r.stdout)
+        self.assertEqual(m['walletd_requests_total{method="charge"}'], 41)
+        self.assertEqual(m['walletd_request_errors_total{method="charge"}'], 1)
+        self.assertEqual(m['walletd_errors_total{code="unknown_wallet"}'], 1)
+        self.assertEqual(m['walletd_requests_total{method="refund"}'], 0)  # every method, 0 until seen
+        total = sum(v for k, v in m.items() if k.startswith("walletd_requests_total"))
+        self.assertEqual(m["walletd_request_duration_seconds_count"], total)
+        self.assertEqual(m['walletd_request_duration_seconds_bucket{le="+Inf"}'], total)
+        buckets = [v for k, v in m.items() if k.startswith("walletd_request_duration_seconds_bucket")]
+        self.assertEqual(buckets, sorted(buckets))  # cumulative
+        self.assertEqual(m["walletd_commit_batch_size_sum"], m["walletd_committed_requests_total"])
+        self.assertEqual(m["walletd_commit_batch_size_count"], m["walletd_commits_total"])
+        self.assertGreater(m["walletd_store_map_used_bytes"], 0)
+        self.assertEqual(m["walletd_connections"], 2)  # s, and walletctl's own
+        self.assertEqual(m["walletd_alerts_pending"], 0)
+
+    def test_textfile_script_writes_atomically_and_says_when_walletd_is_down(self):
+        d = self.d
+        out = tempfile.mkdtemp(dir=d.dir)
+        env = dict(os.environ, WALLETCTL=WALLETCTL, WALLETD_SOCKET=d.sock)
+        script = os.path.join(ROOT, "contrib", "metrics", "walletd-textfile")
+        self.assertEqual(subprocess.run([script, out], env=env).returncode, 0)
+        with open(os.path.join(out, "walletd.prom")) as f:
+            text = f.read()
+        self.assertEqual(samples(text)["walletd_up"], 1)
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        self.assertEqual(os.listdir(out), ["walletd.prom"])  # no temporary file left
+        d.stop()
+        self.assertEqual(subprocess.run([script, out], env=env, stderr=subprocess.DEVNULL).returncode, 1)
+        with open(os.path.join(out, "walletd.prom")) as f:
+            self.assertEqual(samples(f.read()), {"walletd_up": 0})
+        d.start()
+
+
+class Install(DaemonTest):
+    def test_make_install_then_uninstall_leaves_nothing(self):
+        dest = tempfile.mkdtemp(dir=self.d.dir)
+        make = ["make", "-s", "-C", ROOT, "DESTDIR=" + dest, "prefix=/usr/local", "unitdir=/lib/systemd/system"]
+        r = subprocess.run(make + ["install"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        files = sorted(os.path.relpath(os.path.join(p, f), dest) for p, _, fs in os.walk(dest) for f in fs)
+        for want in ("usr/local/sbin/walletd", "usr/local/bin/walletctl", "usr/local/sbin/walletd-webhook",
+                     "lib/systemd/system/walletd.service", "lib/systemd/system/walletd-webhook.service",
+                     "lib/systemd/system/walletd-metrics.timer", "usr/local/share/man/man1/walletctl.1",
+                     "usr/local/share/doc/walletd/webhook.env.example", "usr/local/lib/walletd/walletd-textfile"):
+            self.assertIn(want, files)
+        pkg = [f for f in files if f.endswith("walletd/__init__.py")]
+        self.assertEqual(len(pkg), 1)
+        # Debian's python3 imports the installed client from where it was put, and it works
+        libdir = os.path.join(dest, os.path.dirname(os.path.dirname(pkg[0])))
+        code = "import walletd; print(walletd.__file__); print(walletd.Client(%r).ping()['api'])" % self.d.sock
+        r = subprocess.run([PY, "-c", code], env=dict(os.environ, PYTHONPATH=libdir), capture_output=True, text=True,
+                           cwd=dest)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertTrue(r.stdout.startswith(dest), r.stdout)
+        self.assertTrue(pkg[0].startswith("usr/local/lib/python3"), pkg[0])
+        r = subprocess.run(make + ["uninstall"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        left = [os.path.join(p, f) for p, _, fs in os.walk(dest) for f in fs]
+        self.assertEqual(left, [])
+
+    def test_pip_installs_the_python_client_with_debians_setuptools(self):
+        work = tempfile.mkdtemp(dir=self.d.dir)
+        src = os.path.join(work, "python")
+        shutil.copytree(os.path.join(ROOT, "contrib", "python"), src,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        venv = os.path.join(work, "venv")
+        subprocess.run([PY, "-m", "venv", "--system-site-packages", venv], check=True)
+        r = subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-build-isolation", "--no-index",
+                            src], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        r = subprocess.run([os.path.join(venv, "bin", "pip"), "show", "walletd"], capture_output=True, text=True)
+        self.assertIn("Requires: msgpack", r.stdout)
+        code = "import walletd; print(walletd.Client(%r).ping()['api'])" % self.d.sock
+        r = subprocess.run([os.path.join(venv, "bin", "python"), "-c", code], capture_output=True, text=True, cwd=work)
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, "1"), r.stderr)
+
+    def test_npm_installs_the_node_client_from_its_path(self):
+        app = tempfile.mkdtemp(dir=self.d.dir)
+        r = subprocess.run(["npm", "install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error",
+                            os.path.join(ROOT, "contrib", "node")], cwd=app, capture_output=True, text=True,
+                           timeout=300)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        code = ("import { Client } from 'walletd-client';"
+                "const w = new Client(%r); console.log((await w.ping()).api); w.close();" % self.d.sock)
+        r = subprocess.run(["node", "--input-type=module", "-e", code], cwd=app, capture_output=True, text=True,
+                           timeout=60)
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, "1"), r.stderr)
+
+
+class Docs(DaemonTest):
+    def test_walletd_help_shows_every_key_with_its_default(self):
+        r = subprocess.run([WALLETD, "-h"], capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0)
+        for key, default in (("max_frame", "16M"), ("map_size", "1T"), ("batch_max", "4096"),
+                             ("socket", "/run/walletd/walletd.sock"), ("smtp_url", "(none)")):
+            self.assertRegex(r.stdout, r"\n  %s .*\n +default: %s\n" % (re.escape(key), re.escape(default)))
+        self.assertEqual(r.stdout.count("default: "), len(re.findall(r"^  [a-z_]+ +[* ] ", r.stdout, re.M)))
+
+    def test_the_man_page_has_every_method_of_the_table(self):
+        with open(os.path.join(ROOT, "contrib", "man", "walletctl.1")) as f:
+            page = f.read()
+        for m in methods():  # rate.import: ".It Cm rate import ...", or ", Cm balance" on a shared line
+            self.assertRegex(page, r"(?m)^\.It (.* , )?Cm %s( |$)" % re.escape(m.replace(".", " ")), m)
