@@ -25,7 +25,7 @@ pythondir ?= $(prefix)/lib/python$(shell $(PY) -c 'import sys; print("%d.%d" % s
 DESTDIR   ?=
 # Debian packages: to build, and to test.
 BUILD_PKGS = gcc libc6-dev make pkg-config liblmdb-dev libmsgpack-dev libcurl4-openssl-dev
-TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils \
+TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils php-cli php-msgpack \
              python3-venv python3-pip python3-setuptools prometheus
 # Node.js and npm: Debian's, unless a node and npm are already on PATH.
 NODE_PKGS  = $(shell command -v node >/dev/null || echo nodejs) $(shell command -v npm >/dev/null || echo npm)
@@ -107,11 +107,11 @@ INSTALLED = $(sbindir)/walletd $(bindir)/walletctl $(mandir)/man8/walletd.8 $(ma
 	$(unitdir)/walletd.service $(unitdir)/walletd-webhook.service $(sbindir)/walletd-webhook \
 	$(pythondir)/walletd/__init__.py $(docdir)/README.md $(docdir)/walletd.conf.example \
 	$(docdir)/webhook.env.example $(libdir)/walletd-textfile $(unitdir)/walletd-metrics.service \
-	$(unitdir)/walletd-metrics.timer
+	$(unitdir)/walletd-metrics.timer $(libdir)/php/Walletd.php
 
 install: all
 	install -d $(DESTDIR)$(sbindir) $(DESTDIR)$(bindir) $(DESTDIR)$(mandir)/man8 $(DESTDIR)$(mandir)/man1 \
-	  $(DESTDIR)$(unitdir) $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir)
+	  $(DESTDIR)$(unitdir) $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir)/php
 	install -m 755 walletd $(DESTDIR)$(sbindir)/walletd
 	install -m 755 walletctl $(DESTDIR)$(bindir)/walletctl
 	install -m 644 contrib/man/walletd.8 $(DESTDIR)$(mandir)/man8/walletd.8
@@ -121,11 +121,12 @@ install: all
 	install -m 755 contrib/payments/webhook.py $(DESTDIR)$(sbindir)/walletd-webhook
 	install -m 644 contrib/python/walletd/__init__.py $(DESTDIR)$(pythondir)/walletd/__init__.py
 	install -m 755 contrib/metrics/walletd-textfile $(DESTDIR)$(libdir)/walletd-textfile
+	install -m 644 contrib/php/Walletd.php $(DESTDIR)$(libdir)/php/Walletd.php
 	install -m 644 README.md contrib/walletd.conf.example contrib/payments/webhook.env.example $(DESTDIR)$(docdir)/
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
-	-rmdir $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir) 2>/dev/null
+	-rmdir $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir)/php $(DESTDIR)$(libdir) 2>/dev/null
 
 clean:
 	rm -f walletd walletctl tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults.so .deps-build .deps-test

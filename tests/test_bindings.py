@@ -1,5 +1,7 @@
 """The Python and Node.js bindings against a real daemon."""
 import decimal
+import re
+import unittest
 import os
 import subprocess
 
@@ -100,3 +102,28 @@ class NodeBinding(DaemonTest):
                            env=dict(os.environ, WALLETD=WALLETD), capture_output=True, text=True, timeout=300)
         self.assertEqual(r.returncode, 0, r.stdout[-4000:] + r.stderr[-2000:])
         self.assertIn("# fail 0", r.stdout)
+
+
+class PhpBinding(DaemonTest):
+    def test_php_client_against_walletd(self):
+        r = subprocess.run(["php", os.path.join(ROOT, "contrib", "php", "test", "client_test.php"), self.d.sock],
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertRegex(r.stdout, r"^ok: \d+ checks")
+        self.assertTrue(self.d.ctl_json("verify")["ok"])
+
+
+class EveryCode(unittest.TestCase):
+    def test_every_error_code_has_its_class_in_each_client(self):
+        with open(os.path.join(ROOT, "protocol.h")) as f:
+            codes = re.findall(r'^X\(E_\w+, *\d+, "(\w+)"\)', f.read(), re.M)
+        self.assertGreater(len(codes), 15)
+        with open(os.path.join(ROOT, "contrib", "node", "index.js")) as f:
+            node = f.read()
+        with open(os.path.join(ROOT, "contrib", "php", "Walletd.php")) as f:
+            php = f.read()
+        for code in codes:
+            name = "".join(p.capitalize() for p in code.split("_"))
+            self.assertEqual(walletd.error_class(code).code, code)
+            self.assertIn("export const %s = errorClass('%s');" % (name, code), node)
+            self.assertIn("class %s extends WalletdError { const CODE = '%s'; }" % (name, code), php)

@@ -86,7 +86,8 @@ class Install(DaemonTest):
         for want in ("usr/local/sbin/walletd", "usr/local/bin/walletctl", "usr/local/sbin/walletd-webhook",
                      "lib/systemd/system/walletd.service", "lib/systemd/system/walletd-webhook.service",
                      "lib/systemd/system/walletd-metrics.timer", "usr/local/share/man/man1/walletctl.1",
-                     "usr/local/share/doc/walletd/webhook.env.example", "usr/local/lib/walletd/walletd-textfile"):
+                     "usr/local/share/doc/walletd/webhook.env.example", "usr/local/lib/walletd/walletd-textfile",
+                     "usr/local/lib/walletd/php/Walletd.php"):
             self.assertIn(want, files)
         pkg = [f for f in files if f.endswith("walletd/__init__.py")]
         self.assertEqual(len(pkg), 1)
