@@ -51,8 +51,10 @@
 
 /*
  * The method table: one row per method.  walletd dispatches and checks roles
- * from it, walletctl parses arguments and prints help from it, stats counts by
- * it.  Columns: enum id, wire name, roles, flags, params, summary.
+ * and param names from it (its handler of `rate.import` is m_rate_import,
+ * from the second column), walletctl parses arguments and prints help from
+ * it, stats counts by it.  Columns: enum id, handler name, wire name, roles,
+ * flags, params, summary.
  *
  * params, for walletctl: space-separated `name[:type]`; a leading `?` marks
  * an optional one.  Required params may be given in order as positional
@@ -63,75 +65,75 @@
  * F output file passed as a descriptor (SCM_RIGHTS), not a map entry.
  */
 #define WALLETD_METHODS(X) \
-X(M_PING, "ping", R_ALL, 0, "", \
+X(M_PING, ping, "ping", R_ALL, 0, "", \
   "Check that walletd answers; returns its version and API level.") \
-X(M_WALLET_CREATE, "wallet.create", R_A, MF_WRITE | MF_FLAT, \
+X(M_WALLET_CREATE, wallet_create, "wallet.create", R_A, MF_WRITE | MF_FLAT, \
   "wallet currency ?plan ?threshold:a ?alert_emails:l", \
   "Create a wallet with a zero balance in one currency.") \
-X(M_WALLET_GET, "wallet.get", R_AC, 0, "wallet", \
+X(M_WALLET_GET, wallet_get, "wallet.get", R_AC, 0, "wallet", \
   "Show a wallet: balance, plan, threshold, alert e-mails, status.") \
-X(M_BALANCE, "balance", R_AC, 0, "wallet", \
+X(M_BALANCE, balance, "balance", R_AC, 0, "wallet", \
   "Show a wallet's balance and currency.") \
-X(M_WALLET_UPDATE, "wallet.update", R_A, MF_WRITE | MF_FLAT, \
+X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_A, MF_WRITE | MF_FLAT, \
   "wallet ?plan ?threshold:n ?alert_emails:l ?status", \
   "Change a wallet's plan, threshold (none = off), alert e-mails or status (active|frozen).") \
-X(M_WALLET_LIST, "wallet.list", R_A, MF_SCAN, "?page:i ?limit:i", \
+X(M_WALLET_LIST, wallet_list, "wallet.list", R_A, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
-X(M_RATE_SET, "rate.set", R_A, MF_WRITE | MF_FLAT, \
+X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \
   "plan channel prefix price:a currency ?route", \
   "Set the price of a message on a channel to a number prefix (and route).") \
-X(M_RATE_DELETE, "rate.delete", R_A, MF_WRITE | MF_FLAT, "plan channel prefix ?route", \
+X(M_RATE_DELETE, rate_delete, "rate.delete", R_A, MF_WRITE | MF_FLAT, "plan channel prefix ?route", \
   "Delete one rate.") \
-X(M_RATE_LIST, "rate.list", R_A, MF_SCAN, "?plan ?channel ?page:i ?limit:i", \
+X(M_RATE_LIST, rate_list, "rate.list", R_A, MF_SCAN, "?plan ?channel ?page:i ?limit:i", \
   "List rates, a page at a time.") \
-X(M_RATE_LOOKUP, "rate.lookup", R_AC, 0, "channel to ?plan ?wallet ?route", \
+X(M_RATE_LOOKUP, rate_lookup, "rate.lookup", R_AC, 0, "channel to ?plan ?wallet ?route", \
   "Show the rate that would apply to a message (longest prefix, cheapest route).") \
-X(M_RATE_IMPORT, "rate.import", R_A, MF_WRITE | MF_FLAT, "rows:c ?mode", \
+X(M_RATE_IMPORT, rate_import, "rate.import", R_A, MF_WRITE | MF_FLAT, "rows:c ?mode", \
   "Load a CSV rate card (plan,channel,prefix,route,price,currency) in one commit; mode replace|upsert.") \
-X(M_FX_SET, "fx.set", R_A, MF_WRITE | MF_FLAT, "base quote rate", \
+X(M_FX_SET, fx_set, "fx.set", R_A, MF_WRITE | MF_FLAT, "base quote rate", \
   "Set an exchange rate: 1 base = rate quote.") \
-X(M_FX_LIST, "fx.list", R_A, 0, "", "List exchange rates.") \
-X(M_CHARGE, "charge", R_AC, MF_WRITE | MF_FLAT, \
+X(M_FX_LIST, fx_list, "fx.list", R_A, 0, "", "List exchange rates.") \
+X(M_CHARGE, charge, "charge", R_AC, MF_WRITE | MF_FLAT, \
   "wallet channel to ref ?route ?segments:i ?text ?description", \
   "Charge one message; idempotent on ref.") \
-X(M_CHARGE_BATCH, "charge.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
+X(M_CHARGE_BATCH, charge_batch, "charge.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
   "Charge many messages in one commit; each item succeeds or fails alone.") \
-X(M_PRECHECK, "precheck", R_AC, 0, \
+X(M_PRECHECK, precheck, "precheck", R_AC, 0, \
   "wallet channel recipients:f ?segments:i ?text", \
   "Price a campaign and say whether the balance covers it; changes nothing.") \
-X(M_QUOTE, "quote", R_AC, 0, "channel to amount:a ?wallet ?plan ?currency", \
+X(M_QUOTE, quote, "quote", R_AC, 0, "channel to amount:a ?wallet ?plan ?currency", \
   "How many messages an amount buys.") \
-X(M_TOPUP_CREATE, "topup.create", R_AC, MF_WRITE | MF_FLAT, "wallet amount:a", \
+X(M_TOPUP_CREATE, topup_create, "topup.create", R_AC, MF_WRITE | MF_FLAT, "wallet amount:a", \
   "Start a top-up: a reference and a checkout URL.") \
-X(M_TOPUP_CONFIRM, "topup.confirm", R_AP, MF_WRITE | MF_FLAT, \
+X(M_TOPUP_CONFIRM, topup_confirm, "topup.confirm", R_AP, MF_WRITE | MF_FLAT, \
   "ref amount:a provider provider_ref ?currency", \
   "Record a gateway's payment: credits the wallet once.") \
-X(M_TOPUP_CANCEL, "topup.cancel", R_AP, MF_WRITE | MF_FLAT, "ref", \
+X(M_TOPUP_CANCEL, topup_cancel, "topup.cancel", R_AP, MF_WRITE | MF_FLAT, "ref", \
   "Cancel a pending top-up.") \
-X(M_TOPUP_GET, "topup.get", R_ALL, 0, "ref", "Show a top-up.") \
-X(M_TOPUP_LIST, "topup.list", R_A, MF_SCAN, "wallet ?status", \
+X(M_TOPUP_GET, topup_get, "topup.get", R_ALL, 0, "ref", "Show a top-up.") \
+X(M_TOPUP_LIST, topup_list, "topup.list", R_A, MF_SCAN, "wallet ?status", \
   "List a wallet's top-ups.") \
-X(M_CREDIT, "credit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
+X(M_CREDIT, credit, "credit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Add money by hand (manual_credit).") \
-X(M_DEBIT, "debit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
+X(M_DEBIT, debit, "debit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Take money by hand (manual_debit); never below zero.") \
-X(M_REFUND, "refund", R_AC, MF_WRITE | MF_FLAT, \
+X(M_REFUND, refund, "refund", R_AC, MF_WRITE | MF_FLAT, \
   "wallet ?txn:i ?ref ?reason ?actor", \
   "Refund a charge (by txn id or ref), exactly once.") \
-X(M_HISTORY, "history", R_AC, MF_SCAN, \
+X(M_HISTORY, history, "history", R_AC, MF_SCAN, \
   "wallet ?page:i ?before_id:i ?limit:i ?type:l ?since ?until", \
   "A wallet's transactions, newest first.") \
-X(M_NOTIFICATIONS, "notifications", R_AC, 0, "wallet", \
+X(M_NOTIFICATIONS, notifications, "notifications", R_AC, 0, "wallet", \
   "A wallet's low-balance notifications and their e-mail state.") \
-X(M_VERIFY, "verify", R_A, MF_SLOW, "", \
+X(M_VERIFY, verify, "verify", R_A, MF_SLOW, "", \
   "Check that every balance equals the sum of its transactions.") \
-X(M_BACKUP, "backup", R_A, MF_SLOW, "file:F", \
+X(M_BACKUP, backup, "backup", R_A, MF_SLOW, "file:F", \
   "Write a consistent, compacted copy of the store into FILE.") \
-X(M_STATS, "stats", R_A, 0, "", \
+X(M_STATS, stats, "stats", R_A, 0, "", \
   "Counters: requests, errors, commits, batch sizes, latency, store size.")
 
 enum method_id {
-#define X(id, name, roles, flags, params, summary) id,
+#define X(id, fn, name, roles, flags, params, summary) id,
 	WALLETD_METHODS(X)
 #undef X
 	M__COUNT
@@ -146,7 +148,7 @@ struct method_info {
 };
 
 static const struct method_info method_table[M__COUNT] = {
-#define X(id, name, roles, flags, params, summary) \
+#define X(id, fn, name, roles, flags, params, summary) \
 	[id] = { name, roles, flags, params, summary },
 	WALLETD_METHODS(X)
 #undef X

@@ -1015,6 +1015,47 @@ prom_histogram(const char *name, const char *help, const msgpack_object *h, doub
 	printf("\nwalletd_%s_count %" PRIu64 "\n", name, stat_u64(h, "count"));
 }
 
+/* The scalar metrics: name, type, help, and where stats has them (its map, NULL = the top; the key). */
+static const struct prom_scalar {
+	const char *name, *type, *help, *map, *key;
+	double scale;
+} prom_scalars[] = {
+	{ "commits_total", "counter", "Durable commits.",
+	  NULL, "commits", 1 },
+	{ "committed_requests_total", "counter", "Requests in durable commits.",
+	  NULL, "committed_requests", 1 },
+	{ "failed_commits_total", "counter", "Commits that failed (every answer of the batch said so).",
+	  "store", "failed_commits", 1 },
+	{ "reads_off_loop_total", "counter", "Reads moved off the event loop past its budget.",
+	  NULL, "reads_off_loop", 1 },
+	{ "connections", "gauge", "Open client connections.",
+	  "connections", "open", 1 },
+	{ "connections_accepted_total", "counter", "Connections accepted.",
+	  "connections", "total", 1 },
+	{ "connections_refused_total", "counter", "Connections refused (too_many_connections).",
+	  "connections", "refused", 1 },
+	{ "connections_cut_off_total", "counter", "Connections cut off for leaving max_output unread.",
+	  "connections", "cut_off", 1 },
+	{ "queued_requests", "gauge", "Requests read and not yet answered.",
+	  "connections", "queued_requests", 1 },
+	{ "unread_bytes", "gauge", "Answers written and not yet read by their clients.",
+	  "connections", "unread_bytes", 1 },
+	{ "store_map_size_bytes", "gauge", "The LMDB map reserved.",
+	  "store", "map_size", 1 },
+	{ "store_map_used_bytes", "gauge", "The LMDB map in use (the store's size).",
+	  "store", "map_used", 1 },
+	{ "store_map_max_bytes", "gauge", "map_size_max: the map grows up to this.",
+	  "store", "map_size_max", 1 },
+	{ "store_map_grows_total", "counter", "Times the map grew.",
+	  "store", "map_grows", 1 },
+	{ "store_oldest_read_seconds", "gauge", "Age of the oldest backup or verify read (0: none).",
+	  "store", "oldest_read_ms", 0.001 },
+	{ "alerts_pending", "gauge", "Notifications whose e-mail is still to be sent.",
+	  NULL, "alerts_pending", 1 },
+	{ "uptime_seconds", "gauge", "Seconds since walletd started.",
+	  NULL, "uptime", 1 },
+};
+
 /*
  * walletctl stats --prometheus: stats in the Prometheus text exposition
  * format (for node_exporter's textfile collector, or a scrape endpoint).
@@ -1023,7 +1064,7 @@ prom_histogram(const char *name, const char *help, const msgpack_object *h, doub
 static int
 cmd_stats_prometheus(void)
 {
-	const msgpack_object *st, *requests, *errors, *conns, *store, *histos;
+	const msgpack_object *st, *requests, *errors, *histos;
 	msgpack_unpacked resp;
 
 	call("stats", NULL, -1, &resp);
@@ -1033,8 +1074,6 @@ cmd_stats_prometheus(void)
 	st = &resp.data.via.array.ptr[3];
 	requests = map_get(st, "requests");
 	errors = map_get(st, "errors");
-	conns = map_get(st, "connections");
-	store = map_get(st, "store");
 	histos = map_get(st, "histograms");
 
 	prom_family("requests_total", "counter", "Requests answered, by method.");
@@ -1052,34 +1091,12 @@ cmd_stats_prometheus(void)
 	    map_get(histos, "request_latency_us"), 1e-6);
 	prom_histogram("commit_batch_size", "Requests in one durable commit (a charge.batch counts once).",
 	    map_get(histos, "commit_batch_size"), 1);
-	prom_value("commits_total", "counter", "Durable commits.", (double)stat_u64(st, "commits"));
-	prom_value("committed_requests_total", "counter", "Requests in durable commits.",
-	    (double)stat_u64(st, "committed_requests"));
-	prom_value("failed_commits_total", "counter", "Commits that failed (every answer of the batch said so).",
-	    (double)stat_u64(store, "failed_commits"));
-	prom_value("reads_off_loop_total", "counter", "Reads moved off the event loop past its budget.",
-	    (double)stat_u64(st, "reads_off_loop"));
-	prom_value("connections", "gauge", "Open client connections.", (double)stat_u64(conns, "open"));
-	prom_value("connections_accepted_total", "counter", "Connections accepted.", (double)stat_u64(conns, "total"));
-	prom_value("connections_refused_total", "counter", "Connections refused (too_many_connections).",
-	    (double)stat_u64(conns, "refused"));
-	prom_value("connections_cut_off_total", "counter", "Connections cut off for leaving max_output unread.",
-	    (double)stat_u64(conns, "cut_off"));
-	prom_value("queued_requests", "gauge", "Requests read and not yet answered.",
-	    (double)stat_u64(conns, "queued_requests"));
-	prom_value("unread_bytes", "gauge", "Answers written and not yet read by their clients.",
-	    (double)stat_u64(conns, "unread_bytes"));
-	prom_value("store_map_size_bytes", "gauge", "The LMDB map reserved.", (double)stat_u64(store, "map_size"));
-	prom_value("store_map_used_bytes", "gauge", "The LMDB map in use (the store's size).",
-	    (double)stat_u64(store, "map_used"));
-	prom_value("store_map_max_bytes", "gauge", "map_size_max: the map grows up to this.",
-	    (double)stat_u64(store, "map_size_max"));
-	prom_value("store_map_grows_total", "counter", "Times the map grew.", (double)stat_u64(store, "map_grows"));
-	prom_value("store_oldest_read_seconds", "gauge", "Age of the oldest backup or verify read (0: none).",
-	    (double)stat_u64(store, "oldest_read_ms") / 1000);
-	prom_value("alerts_pending", "gauge", "Notifications whose e-mail is still to be sent.",
-	    (double)stat_u64(st, "alerts_pending"));
-	prom_value("uptime_seconds", "gauge", "Seconds since walletd started.", (double)stat_u64(st, "uptime"));
+	for (size_t i = 0; i < sizeof(prom_scalars) / sizeof(prom_scalars[0]); i++) {
+		const struct prom_scalar *m = &prom_scalars[i];
+
+		prom_value(m->name, m->type, m->help,
+		    (double)stat_u64(m->map ? map_get(st, m->map) : st, m->key) * m->scale);
+	}
 	msgpack_unpacked_destroy(&resp);
 	return EXIT_OK;
 }

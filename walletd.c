@@ -9,7 +9,7 @@
  * low-balance notifications over SMTP.
  *
  * Sections, in the order data flows:
- *   1. config and logging
+ *   1. config, process state and logging
  *   2. utilities: money, text, time
  *   3. store
  *   4. methods
@@ -56,7 +56,7 @@
 #include "protocol.h"
 
 /* ====================================================================== */
-/* 1. Config and logging                                                  */
+/* 1. Config, process state and logging                                   */
 /* ====================================================================== */
 
 #define ID_LIST_MAX 32
@@ -368,6 +368,97 @@ config_load(struct config *cf, const char *path)
 	fclose(f);
 	return config_check(cf) != 0 ? -1 : rc;
 }
+
+/* ---- The process state ---- */
+
+struct req;
+struct conn;
+
+#define LAT_RING 65536 /* latencies kept for stats' percentiles */
+
+/* The process state. */
+static struct server {
+	/* The event loop's own (the main thread; config_reload runs there too). */
+	int listen_fd, epoll_fd, event_fd, signal_fd;
+	int spare_fd;             /* held for taking a connection when out of descriptors */
+	int accept_paused;        /* the listening socket is out of epoll until the next sweep */
+	int accept_logged;        /* an accept problem was logged since the last sweep */
+	uint64_t long_read_logged; /* when the last long_read_warn was logged */
+	unsigned slow_running;    /* helper threads running */
+	struct req *slow_head, *slow_tail; /* slow requests waiting for a helper */
+	const char *config_path;
+	unsigned nconns, nlinger; /* connections, and lingering ones (not in nconns) */
+	size_t queued, queued_peak; /* requests in connections' queues, now and at most */
+	size_t unread, unread_peak; /* bytes of answers in connections' output, now and at most */
+	struct conn *conns;
+	struct conn *dirty;
+	MDB_txn *rtxn;            /* the event loop's read transaction, reset between uses */
+	struct req *pend_head, *pend_tail; /* for the writer at the end of this turn */
+	size_t pend_count, pend_weight, pend_bytes;
+	uid_t self_uid;
+	uid_t role_uids[3][ID_LIST_MAX];
+	gid_t role_gids[3][ID_LIST_MAX];
+	int role_nuids[3], role_ngids[3];
+
+	/* Shared with the writer and the helpers: under lock. */
+	pthread_mutex_t lock;     /* guards these, and the writer's stats */
+	pthread_cond_t cond;
+	struct req *wq_head, *wq_tail;     /* for the writer */
+	size_t wq_count, wq_weight, wq_bytes;       /* requests, their weight and bytes */
+	struct req *done_head, *done_tail; /* answered by the writer or a helper */
+	int stopping;
+	pthread_t writer;         /* set once at start */
+} srv = { .spare_fd = -1 };
+
+/*
+ * A histogram for the Prometheus exposition (walletctl stats --prometheus):
+ * counts per bucket (not cumulative; the last is above every bound), their
+ * sum and count, since start.
+ */
+#define HISTO_BOUNDS 13
+struct histogram {
+	uint64_t counts[HISTO_BOUNDS + 1];
+	uint64_t sum, count;
+};
+
+/* Request latency, microseconds; commit batch size, requests. */
+static const uint64_t latency_bounds[HISTO_BOUNDS] = {
+	50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000,
+};
+static const uint64_t batch_bounds[HISTO_BOUNDS] = {
+	1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
+};
+
+/* Counts v in h, whose bucket bounds are bounds. */
+static void
+histogram_add(struct histogram *h, const uint64_t bounds[HISTO_BOUNDS], uint64_t v)
+{
+	int i = 0;
+
+	while (i < HISTO_BOUNDS && v > bounds[i])
+		i++;
+	h->counts[i]++;
+	h->sum += v;
+	h->count++;
+}
+
+/* The counters of stats.  The writer's (commits to map_grows, batch_sizes)
+ * change under srv.lock; the rest belong to the event loop. */
+static struct stats {
+	uint64_t requests[M__COUNT], errors[M__COUNT], codes[E__COUNT];
+	uint64_t commits, committed, batch_max, batch_us, commit_us, failed_commits, map_grows;
+	uint64_t conns_total, conns_refused, conns_dropped;
+	uint64_t reads_off_loop;
+	struct histogram batch_sizes;
+	int64_t started;
+} stats;
+
+/* The latencies of the last LAT_RING requests, microseconds (event loop only). */
+static struct latency {
+	uint32_t us[LAT_RING];
+	uint64_t n;
+	struct histogram histogram; /* of every request since start */
+} latency;
 
 /* ====================================================================== */
 /* 2. Utilities: money, text, time                                        */
@@ -798,9 +889,85 @@ be64_get(const unsigned char *p)
 	return v;
 }
 
+/* ---- MessagePack output ---- */
+
+/* Writes the msgpack map header of n fields in 3 bytes (map16), always. */
+static void
+pack_map16(msgpack_packer *pk, unsigned n)
+{
+	unsigned char h[3] = { 0xde, (unsigned char)(n >> 8), (unsigned char)n };
+
+	pk->callback(pk->data, (const char *)h, 3);
+}
+
+static void
+pack_cstr(msgpack_packer *pk, const char *s)
+{
+	msgpack_pack_str_with_body(pk, s, strlen(s));
+}
+
+static void
+pack_sstr(msgpack_packer *pk, struct str s)
+{
+	msgpack_pack_str_with_body(pk, s.p, s.n);
+}
+
+static void
+pack_amount(msgpack_packer *pk, int64_t v)
+{
+	char buf[32];
+
+	pack_cstr(pk, amount_format(v, buf, 0));
+}
+
+static void
+pack_time(msgpack_packer *pk, int64_t t)
+{
+	char buf[32];
+
+	pack_cstr(pk, time_format(t, buf));
+}
+
+/* Packs key k, a string literal (its length is known at compile time: a
+ * strlen per key was 8% of a history page), then the value. */
+#define KEY(pk, k)          msgpack_pack_str_with_body(pk, "" k, sizeof(k) - 1)
+#define KV_STR(pk, k, v)    (KEY(pk, k), pack_cstr(pk, v))
+#define KV_SSTR(pk, k, v)   (KEY(pk, k), pack_sstr(pk, v))
+#define KV_AMOUNT(pk, k, v) (KEY(pk, k), pack_amount(pk, v))
+#define KV_U64(pk, k, v)    (KEY(pk, k), msgpack_pack_uint64(pk, v))
+#define KV_TIME(pk, k, v)   (KEY(pk, k), pack_time(pk, v))
+#define KV_BOOL(pk, k, v)   (KEY(pk, k), (v) ? msgpack_pack_true(pk) : msgpack_pack_false(pk))
+
+/*
+ * Packs key name and a list of n items already packed into rows, then frees
+ * rows: lists are packed aside because their length is known only at the end.
+ */
+static void
+pack_rows(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows)
+{
+	pack_cstr(pk, name);
+	msgpack_pack_array(pk, n);
+	pk->callback(pk->data, rows->data, rows->size);
+	msgpack_sbuffer_destroy(rows);
+}
+
+/* Packs a page of a list: {name: [...], total, page, limit}. */
+static void
+pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
+    uint64_t total, uint64_t page, uint64_t limit)
+{
+	msgpack_pack_map(pk, 4);
+	pack_rows(pk, name, n, rows);
+	KV_U64(pk, "total", total);
+	KV_U64(pk, "page", page);
+	KV_U64(pk, "limit", limit);
+}
+
 /* ====================================================================== */
 /* 3. Store                                                               */
 /* ====================================================================== */
+
+/* ---- Layout ---- */
 
 /*
  * The LMDB environment holds these databases:
@@ -965,11 +1132,13 @@ static struct store {
 	atomic_int panicked;      /* MDB_PANIC seen: walletd is stopping to reopen it */
 } store;
 
+/* ---- Opening, growing, committing ---- */
+
 /*
  * Once a commit's meta page write fails, LMDB refuses every transaction with
- * MDB_PANIC until the environment is reopened: walletd answered internal to
- * every request, pings and balances included, until someone restarted it.
- * Now it stops as on SIGTERM and exits 1, so that its supervisor (systemd's
+ * MDB_PANIC until the environment is reopened, so staying up would answer
+ * internal to every request, pings and balances included.  walletd stops as
+ * on SIGTERM and exits 1, so that its supervisor (systemd's
  * Restart=on-failure) restarts it, and the store reopens at its last durable
  * commit.  Any thread may call this.
  */
@@ -1069,6 +1238,36 @@ store_env_open(const char *dir)
 	return rc;
 }
 
+/*
+ * Brings the store in txn to layout STORE_VERSION: layout 2 has its refs
+ * re-keyed; layout 3 is read as it is (its records still decode); a new
+ * store is stamped.  Returns 0, an LMDB error, or -1 (a message logged) for
+ * a layout this walletd does not read.
+ */
+static int
+store_upgrade(MDB_txn *txn, const char *dir)
+{
+	uint32_t version = STORE_VERSION, found = STORE_VERSION;
+	MDB_val k = { 7, "version" }, v;
+	int rc = mdb_get(txn, store.meta, &k, &v);
+
+	if (rc == 0 && v.mv_size == sizeof(found))
+		memcpy(&found, v.mv_data, sizeof(found));
+	else if (rc != 0 && rc != MDB_NOTFOUND)
+		return rc;
+	if (found != version && found != 2 && found != 3) {
+		log_x(L_ERR, "store %s has layout version %u; this walletd reads version %u", dir, found, version);
+		return -1;
+	}
+	if (found == 2) {
+		log_x(L_INFO, "store %s: moving idempotency refs to layout %u", dir, version);
+		if ((rc = store_rekey_refs(txn)) != 0)
+			return rc;
+	}
+	v = (MDB_val){ sizeof(version), &version };
+	return mdb_put(txn, store.meta, &k, &v, 0);
+}
+
 /* Opens (creating) the store in dir.  Returns 0, or -1 with a message logged. */
 static int
 store_open(const char *dir)
@@ -1132,30 +1331,11 @@ store_open(const char *dir)
 			mdb_txn_abort(txn);
 			goto fail;
 		}
-	{
-		uint32_t version = STORE_VERSION, found;
-		MDB_val k = { 7, "version" }, v;
-
-		if (mdb_get(txn, store.meta, &k, &v) == 0 && v.mv_size == sizeof(found) &&
-		    (memcpy(&found, v.mv_data, sizeof(found)), found != version)) {
-			if (found != 2 && found != 3) {
-				mdb_txn_abort(txn);
-				log_x(L_ERR, "store %s has layout version %u; this walletd reads version %u",
-				    dir, found, version);
-				return -1;
-			}
-			if (found == 2)
-				log_x(L_INFO, "store %s: moving idempotency refs to layout %u", dir, version);
-			if (found == 2 && (rc = store_rekey_refs(txn)) != 0) {
-				mdb_txn_abort(txn);
-				goto fail;
-			}
-		}
-		v = (MDB_val){ sizeof(version), &version };
-		if ((rc = mdb_put(txn, store.meta, &k, &v, 0)) != 0) {
-			mdb_txn_abort(txn);
-			goto fail;
-		}
+	if ((rc = store_upgrade(txn, dir)) != 0) {
+		mdb_txn_abort(txn);
+		if (rc < 0)
+			return -1;
+		goto fail;
 	}
 	if ((rc = mdb_txn_commit(txn)) != 0)
 		goto fail;
@@ -1199,6 +1379,8 @@ store_grow(int wait)
 	return 0;
 }
 
+/* ---- Room ahead ---- */
+
 /*
  * Room ahead.  A commit's fdatasync costs more when the commit made the file
  * longer: ext4 must also make the inode's new size and block map durable
@@ -1240,8 +1422,8 @@ store_used(void)
 }
 
 /* Commits a top-level write transaction (see Room ahead); a failed commit
- * that left LMDB refusing every transaction stops walletd now (store_panic),
- * not at the next request. */
+ * that leaves LMDB refusing every transaction stops walletd at once
+ * (store_panic), not at the next request. */
 static int
 store_commit(MDB_txn *txn)
 {
@@ -1331,6 +1513,8 @@ ahead_stop(void)
 		close(ahead.fd);
 }
 
+/* ---- Wallets and transactions ---- */
+
 /* Copies a stored record into dst: a shorter one (an older layout) is zero-filled. */
 static void
 record_copy(void *dst, size_t size, MDB_val v)
@@ -1369,78 +1553,6 @@ key_pair(unsigned char key[16], uint64_t a, uint64_t b)
 	be64_put(key, a);
 	be64_put(key + 8, b);
 	return (MDB_val){ 16, key };
-}
-
-/* Writes the msgpack map header of n fields in 3 bytes (map16), always. */
-static void
-pack_map16(msgpack_packer *pk, unsigned n)
-{
-	unsigned char h[3] = { 0xde, (unsigned char)(n >> 8), (unsigned char)n };
-
-	pk->callback(pk->data, (const char *)h, 3);
-}
-
-static void
-pack_cstr(msgpack_packer *pk, const char *s)
-{
-	msgpack_pack_str_with_body(pk, s, strlen(s));
-}
-
-static void
-pack_sstr(msgpack_packer *pk, struct str s)
-{
-	msgpack_pack_str_with_body(pk, s.p, s.n);
-}
-
-static void
-pack_amount(msgpack_packer *pk, int64_t v)
-{
-	char buf[32];
-
-	pack_cstr(pk, amount_format(v, buf, 0));
-}
-
-static void
-pack_time(msgpack_packer *pk, int64_t t)
-{
-	char buf[32];
-
-	pack_cstr(pk, time_format(t, buf));
-}
-
-/* Packs key k, a string literal (its length is known at compile time: a
- * strlen per key was 8% of a history page), then the value. */
-#define KEY(pk, k)          msgpack_pack_str_with_body(pk, "" k, sizeof(k) - 1)
-#define KV_STR(pk, k, v)    (KEY(pk, k), pack_cstr(pk, v))
-#define KV_SSTR(pk, k, v)   (KEY(pk, k), pack_sstr(pk, v))
-#define KV_AMOUNT(pk, k, v) (KEY(pk, k), pack_amount(pk, v))
-#define KV_U64(pk, k, v)    (KEY(pk, k), msgpack_pack_uint64(pk, v))
-#define KV_TIME(pk, k, v)   (KEY(pk, k), pack_time(pk, v))
-#define KV_BOOL(pk, k, v)   (KEY(pk, k), (v) ? msgpack_pack_true(pk) : msgpack_pack_false(pk))
-
-/*
- * Packs key name and a list of n items already packed into rows, then frees
- * rows: lists are packed aside because their length is known only at the end.
- */
-static void
-pack_rows(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows)
-{
-	pack_cstr(pk, name);
-	msgpack_pack_array(pk, n);
-	pk->callback(pk->data, rows->data, rows->size);
-	msgpack_sbuffer_destroy(rows);
-}
-
-/* Packs a page of a list: {name: [...], total, page, limit}. */
-static void
-pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
-    uint64_t total, uint64_t page, uint64_t limit)
-{
-	msgpack_pack_map(pk, 4);
-	pack_rows(pk, name, n, rows);
-	KV_U64(pk, "total", total);
-	KV_U64(pk, "page", page);
-	KV_U64(pk, "limit", limit);
 }
 
 /*
@@ -1843,6 +1955,8 @@ wallet_txn_at(MDB_txn *txn, const struct wallet *w, uint64_t seq, uint64_t *id)
 	return 0;
 }
 
+/* ---- FX and rates ---- */
+
 /*
  * Looks up the FX rate from -> to: the direct pair, else its inverse.
  * Returns 0 and sets *rate and *inverse, or MDB_NOTFOUND, or an LMDB error.
@@ -2026,6 +2140,8 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 /* 4. Methods                                                             */
 /* ====================================================================== */
 
+/* ---- Calls: params, errors, answers ---- */
+
 /* One method call: its transaction, params, where its result goes, and its
  * error when it fails. */
 struct call {
@@ -2050,9 +2166,9 @@ struct call {
 /*
  * What a method returns when it ran out of its budget: a read on the event
  * loop may visit LOOP_BUDGET records, then stops and runs again on a helper
- * thread.  A filtered history of a wallet with 500,000 transactions walked
- * them all on the loop (57 ms, every other client waiting); so did a far
- * page of wallet.list or rate.list, and every topup.list.
+ * thread.  Otherwise a filtered history of a wallet with 500,000
+ * transactions walks them all on the loop (57 ms, every other client
+ * waiting), as does a far page of wallet.list or rate.list.
  */
 #define E_OFF_LOOP  (-1)
 #define LOOP_BUDGET 10000
@@ -2495,6 +2611,66 @@ note_on_crossing(struct call *c, struct str id, struct wallet *w, int64_t before
 	return 0;
 }
 
+/* Fills the actor of t from the peer and the actor param. */
+static int
+p_actor(struct call *c, struct txn *t)
+{
+	int rc = p_text(c, "actor", 0, &t->actor);
+
+	if (rc == E_OK && t->actor.n > WALLET_ID_MAX * 2)
+		return fail(c, E_INVALID_ARGUMENT, "actor", "actor is longer than 128 bytes");
+	t->has_actor = 1;
+	t->actor_uid = (uint32_t)c->uid;
+	return rc;
+}
+
+/* Writes insufficient_balance: required and available in currency. */
+static int
+fail_insufficient(struct call *c, int64_t required, int64_t available, const char *currency)
+{
+	char r[32], a[32];
+
+	c->required = required;
+	c->available = available;
+	memcpy(c->currency, currency, 4);
+	return fail(c, E_INSUFFICIENT_BALANCE, NULL,
+	    "Insufficient balance. Required: %s %s, available: %s %s",
+	    amount_format(required, r, 0), currency, amount_format(available, a, 0), currency);
+}
+
+/* Packs the error of c as the wire's error map. */
+static void
+pack_error(msgpack_packer *pk, const struct call *c)
+{
+	char a[32];
+	int n = 2 + (c->field != NULL);
+
+	if (c->code == E_INSUFFICIENT_BALANCE)
+		n += 3;
+	if (c->code == E_IDEMPOTENCY_CONFLICT)
+		n++;
+	if (c->code == E_ALREADY_REFUNDED && c->refund_raw.mv_size)
+		n++;
+	msgpack_pack_map(pk, (size_t)n);
+	KV_STR(pk, "code", error_name(c->code));
+	KV_STR(pk, "message", c->message);
+	if (c->field)
+		KV_STR(pk, "field", c->field);
+	if (c->code == E_INSUFFICIENT_BALANCE) {
+		KV_STR(pk, "required", amount_format(c->required, a, 0));
+		KV_STR(pk, "available", amount_format(c->available, a, 0));
+		KV_STR(pk, "currency", c->currency);
+	}
+	if (c->code == E_IDEMPOTENCY_CONFLICT)
+		KV_U64(pk, "txn", c->conflict_txn);
+	if (c->code == E_ALREADY_REFUNDED && c->refund_raw.mv_size) {
+		KEY(pk, "refund");
+		pk->callback(pk->data, c->refund_raw.mv_data, c->refund_raw.mv_size);
+	}
+}
+
+/* ---- ping and wallets ---- */
+
 static int
 m_ping(struct call *c)
 {
@@ -2687,109 +2863,7 @@ m_wallet_list(struct call *c)
 	return E_OK;
 }
 
-/* Fills the actor of t from the peer and the actor param. */
-static int
-p_actor(struct call *c, struct txn *t)
-{
-	int rc = p_text(c, "actor", 0, &t->actor);
-
-	if (rc == E_OK && t->actor.n > WALLET_ID_MAX * 2)
-		return fail(c, E_INVALID_ARGUMENT, "actor", "actor is longer than 128 bytes");
-	t->has_actor = 1;
-	t->actor_uid = (uint32_t)c->uid;
-	return rc;
-}
-
-/* Writes insufficient_balance: required and available in currency. */
-static int
-fail_insufficient(struct call *c, int64_t required, int64_t available, const char *currency)
-{
-	char r[32], a[32];
-
-	c->required = required;
-	c->available = available;
-	memcpy(c->currency, currency, 4);
-	return fail(c, E_INSUFFICIENT_BALANCE, NULL,
-	    "Insufficient balance. Required: %s %s, available: %s %s",
-	    amount_format(required, r, 0), currency, amount_format(available, a, 0), currency);
-}
-
-/* credit and debit: a manual change by staff. */
-static int
-manual_change(struct call *c, int type)
-{
-	struct str id, reason;
-	struct wallet w;
-	struct txn t;
-	int64_t amount, before;
-	int rc, present;
-
-	memset(&t, 0, sizeof(t));
-	if ((rc = p_wallet(c, &id)) || (rc = p_amount(c, "amount", 1, 1, &amount, &present)) ||
-	    (rc = p_text(c, "reason", 1, &reason)) || (rc = p_actor(c, &t)))
-		return rc;
-	if (reason.n == 0)
-		return fail(c, E_INVALID_ARGUMENT, "reason", "reason must not be empty");
-	if ((rc = load_wallet(c, id, &w)))
-		return rc;
-	before = w.balance;
-	if (type == T_MANUAL_DEBIT) {
-		if (w.flags & WF_FROZEN)
-			return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
-		if (amount > w.balance)
-			return fail_insufficient(c, amount, w.balance, w.currency);
-		w.balance -= amount;
-		t.amount = -amount;
-	} else {
-		if (__builtin_add_overflow(w.balance, amount, &w.balance))
-			return fail(c, E_INVALID_ARGUMENT, "amount", "amount would overflow the balance");
-		t.amount = amount;
-	}
-	t.type = type;
-	t.wallet = id;
-	t.currency = w.currency;
-	snprintf(t.description, sizeof(t.description), "%.*s", (int)reason.n, reason.p);
-	if ((rc = txn_append(c->txn, &w, &t, &scratch)) ||
-	    (rc = note_on_crossing(c, id, &w, before, t.id)) ||
-	    (rc = wallet_put(c->txn, id, &w)))
-		return store_error(c, rc);
-	txn_pack(c->pk, &t, -1);
-	return E_OK;
-}
-
-static int m_credit(struct call *c) { return manual_change(c, T_MANUAL_CREDIT); }
-static int m_debit(struct call *c) { return manual_change(c, T_MANUAL_DEBIT); }
-
-/* Packs the error of c as the wire's error map. */
-static void
-pack_error(msgpack_packer *pk, const struct call *c)
-{
-	char a[32];
-	int n = 2 + (c->field != NULL);
-
-	if (c->code == E_INSUFFICIENT_BALANCE)
-		n += 3;
-	if (c->code == E_IDEMPOTENCY_CONFLICT)
-		n++;
-	if (c->code == E_ALREADY_REFUNDED && c->refund_raw.mv_size)
-		n++;
-	msgpack_pack_map(pk, (size_t)n);
-	KV_STR(pk, "code", error_name(c->code));
-	KV_STR(pk, "message", c->message);
-	if (c->field)
-		KV_STR(pk, "field", c->field);
-	if (c->code == E_INSUFFICIENT_BALANCE) {
-		KV_STR(pk, "required", amount_format(c->required, a, 0));
-		KV_STR(pk, "available", amount_format(c->available, a, 0));
-		KV_STR(pk, "currency", c->currency);
-	}
-	if (c->code == E_IDEMPOTENCY_CONFLICT)
-		KV_U64(pk, "txn", c->conflict_txn);
-	if (c->code == E_ALREADY_REFUNDED && c->refund_raw.mv_size) {
-		KEY(pk, "refund");
-		pk->callback(pk->data, c->refund_raw.mv_data, c->refund_raw.mv_size);
-	}
-}
+/* ---- Rates and FX ---- */
 
 static int
 m_rate_set(struct call *c)
@@ -2946,7 +3020,7 @@ m_rate_list(struct call *c)
  * target is the currency costs are compared (and converted) in.
  */
 static int
-find_rate(struct call *c, struct str plan, struct str channel, const char *digits,
+rate_find_or_fail(struct call *c, struct str plan, struct str channel, const char *digits,
     size_t n, struct str route, const char *target, uint32_t segments, struct rate_hit *hit)
 {
 	int err = 0, rc = rate_find(c->txn, plan, channel, digits, n, route, target, segments, hit, &err);
@@ -2990,7 +3064,7 @@ m_rate_lookup(struct call *c)
 	} else if (!plan.p) {
 		plan = (struct str){ "default", 7 };
 	}
-	if ((rc = find_rate(c, plan, channel, digits, n, route, wid.p ? w.currency : NULL, 1, &hit)))
+	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, route, wid.p ? w.currency : NULL, 1, &hit)))
 		return rc;
 	msgpack_pack_map(c->pk, wid.p ? 8 : 6);
 	KV_SSTR(c->pk, "plan", plan);
@@ -3194,6 +3268,8 @@ m_fx_list(struct call *c)
 	return E_OK;
 }
 
+/* ---- Charges ---- */
+
 /*
  * Reads segments or text for a message on channel: text is counted as SMS
  * parts; neither is 1; both is invalid_argument.  A WhatsApp message is one
@@ -3223,13 +3299,17 @@ p_segments(struct call *c, struct str channel, uint32_t *segments)
 }
 
 /*
- * Charges one message described by c->params against its wallet, in c->txn:
- * idempotent on (wallet, ref); checks frozen, rate, FX and balance; appends
- * the transaction; records a notification on a threshold crossing.  Packs
- * the transaction plus `replayed`.  Returns E_OK or the error.
+ * charge: charges one message described by c->params against its wallet,
+ * in c->txn: idempotent on (wallet, ref); checks frozen, rate, FX and
+ * balance; appends the transaction; records a notification on a threshold
+ * crossing.  Packs the transaction plus `replayed`.  Returns E_OK or the
+ * error.  Every check comes before the first write (MF_FLAT): an error of
+ * its own leaves c->txn untouched, and once it writes, only a store error
+ * (c->mdb_rc set, the whole batch rerun) can fail it.  charge.batch's items
+ * and the writer's batch rely on this.
  */
 static int
-charge_one(struct call *c)
+m_charge(struct call *c)
 {
 	struct str id, channel, ref, route, desc;
 	char digits[16], fingerprint[64 + WALLET_ID_MAX];
@@ -3289,7 +3369,7 @@ charge_one(struct call *c)
 
 	if (w.flags & WF_FROZEN)
 		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
-	if ((rc = find_rate(c, (struct str){ w.plan, strlen(w.plan) }, channel, digits, ndigits,
+	if ((rc = rate_find_or_fail(c, (struct str){ w.plan, strlen(w.plan) }, channel, digits, ndigits,
 	    route, w.currency, segments, &hit)))
 		return rc;
 	if (hit.cost > w.balance) {
@@ -3359,11 +3439,11 @@ charge_one(struct call *c)
 
 /*
  * charge.batch: each item charged as by charge, in order, in this request's
- * transaction.  An item needs no nested transaction of its own: charge_one
+ * transaction.  An item needs no nested transaction of its own: m_charge
  * makes every check before its first write, and a write can fail only with a
- * store error, which fails the whole request (the writer aborts its nested
- * transaction, grows the map if it was full, and runs it again).  So an
- * item's error leaves no trace and fails only that item.
+ * store error, which fails the whole request (the writer aborts the batch,
+ * grows the map if it was full, and runs it again).  So an item's error
+ * leaves no trace and fails only that item.
  */
 static int
 m_charge_batch(struct call *c)
@@ -3388,7 +3468,7 @@ m_charge_batch(struct call *c)
 		else if ((key = param_unknown(M_CHARGE, item.params)) != NULL)
 			rc = fail_unknown_param(&item, M_CHARGE, key);
 		else
-			rc = charge_one(&item);
+			rc = m_charge(&item);
 		if (rc != E_OK) {
 			if (item.mdb_rc) {
 				c->mdb_rc = item.mdb_rc;
@@ -3617,7 +3697,7 @@ m_quote(struct call *c)
 		memcpy(cur, currency.p, 3), cur[3] = '\0';
 	if (!cur[0])
 		return fail(c, E_INVALID_ARGUMENT, "currency", "currency is required with a plan");
-	if ((rc = find_rate(c, plan, channel, digits, n, (struct str){ NULL, 0 }, cur, 1, &hit)))
+	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, (struct str){ NULL, 0 }, cur, 1, &hit)))
 		return rc;
 	msgpack_pack_map(c->pk, 5);
 	KV_U64(c->pk, "messages", hit.cost > 0 ? (uint64_t)(amount / hit.cost) : 0);
@@ -3637,296 +3717,7 @@ obj_u64(const msgpack_object *map, const char *name)
 	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
 }
 
-/* Compares the string field name of a decoded map with s. */
-static int
-obj_str_eq(const msgpack_object *map, const char *name, struct str s)
-{
-	const msgpack_object *o = map_get(map, name);
-
-	return o && o->type == MSGPACK_OBJECT_STR && o->via.str.size == s.n &&
-	    memcmp(o->via.str.ptr, s.p, s.n) == 0;
-}
-
-/* refund: gives back exactly what a charge took, at most once. */
-static int
-m_refund(struct call *c)
-{
-	struct str id, ref, reason;
-	uint64_t charge_id = 0;
-	struct wallet w;
-	struct txn t;
-	MDB_val k, v, raw;
-	msgpack_unpacked orig;
-	const msgpack_object *type, *amount_o, *to, *chan;
-	int64_t amount;
-	int rc;
-
-	memset(&t, 0, sizeof(t));
-	if ((rc = p_wallet(c, &id)) || (rc = p_uint(c, "txn", 0, 1, UINT64_MAX, &charge_id)) ||
-	    (rc = p_str(c, "ref", 0, REF_MAX, &ref)) || (rc = p_text(c, "reason", 0, &reason)) ||
-	    (rc = p_actor(c, &t)))
-		return rc;
-	if (!charge_id == !ref.p)
-		return fail(c, E_INVALID_ARGUMENT, "txn", "give txn or ref, one of them");
-	if ((rc = load_wallet(c, id, &w)))
-		return rc;
-	if (ref.p) {
-		unsigned char refkey[8 + REF_MAX];
-
-		k = ref_key(refkey, ref, w.number);
-		if ((rc = mdb_get(c->txn, store.refs, &k, &v)) == MDB_NOTFOUND)
-			return fail(c, E_UNKNOWN_TXN, "ref", "No charge with ref '%.*s' in this wallet",
-			    (int)ref.n, ref.p);
-		if (rc)
-			return store_error(c, rc);
-		memcpy(&charge_id, v.mv_data, 8);
-	}
-	if ((rc = txn_get(c->txn, charge_id, &raw)) == MDB_NOTFOUND)
-		return fail(c, E_UNKNOWN_TXN, "txn", "No transaction %" PRIu64, charge_id);
-	if (rc)
-		return store_error(c, rc);
-	msgpack_unpacked_init(&orig);
-	if (msgpack_unpack_next(&orig, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS) {
-		msgpack_unpacked_destroy(&orig);
-		log_x(L_ERR, "transaction %" PRIu64 " does not decode", charge_id);
-		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " is unreadable", charge_id);
-	}
-	if (!obj_str_eq(&orig.data, "wallet", id)) {
-		msgpack_unpacked_destroy(&orig);
-		return fail(c, E_UNKNOWN_TXN, "txn", "No transaction %" PRIu64 " in this wallet", charge_id);
-	}
-	type = map_get(&orig.data, "type");
-	amount_o = map_get(&orig.data, "amount");
-	to = map_get(&orig.data, "to");
-	chan = map_get(&orig.data, "channel");
-	if (!obj_str_eq(&orig.data, "type", (struct str){ "sms_charge", 10 }) &&
-	    !obj_str_eq(&orig.data, "type", (struct str){ "whatsapp_charge", 15 })) {
-		rc = fail(c, E_NOT_REFUNDABLE, "txn", "Transaction %" PRIu64 " is a %.*s, not a charge",
-		    charge_id, type ? (int)type->via.str.size : 0, type ? type->via.str.ptr : "");
-		msgpack_unpacked_destroy(&orig);
-		return rc;
-	}
-	if (amount_o == NULL || amount_o->type != MSGPACK_OBJECT_STR ||
-	    amount_parse(amount_o->via.str.ptr, amount_o->via.str.size, &amount) != 0) {
-		msgpack_unpacked_destroy(&orig);
-		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " has no amount", charge_id);
-	}
-	k = (MDB_val){ sizeof(charge_id), &charge_id };
-	if ((rc = mdb_get(c->txn, store.refunds, &k, &v)) == 0) {
-		uint64_t first;
-
-		memcpy(&first, v.mv_data, 8);
-		msgpack_unpacked_destroy(&orig);
-		if (txn_get(c->txn, first, &c->refund_raw) != 0)
-			c->refund_raw.mv_size = 0;
-		return fail(c, E_ALREADY_REFUNDED, "txn", "Charge %" PRIu64 " was refunded by transaction %" PRIu64,
-		    charge_id, first);
-	} else if (rc != MDB_NOTFOUND) {
-		msgpack_unpacked_destroy(&orig);
-		return store_error(c, rc);
-	}
-	t.type = T_REFUND;
-	t.wallet = id;
-	t.amount = -amount;
-	t.currency = w.currency;
-	t.refund_of = charge_id;
-	snprintf(t.description, sizeof(t.description), "Refund of %s to %.*s (txn %" PRIu64 ")%s%.*s",
-	    chan && chan->type == MSGPACK_OBJECT_STR && chan->via.str.size && chan->via.str.ptr[0] == 'w' ?
-	    "WhatsApp" : "SMS", to && to->type == MSGPACK_OBJECT_STR ? (int)to->via.str.size : 0,
-	    to && to->type == MSGPACK_OBJECT_STR ? to->via.str.ptr : "", charge_id,
-	    reason.n ? ": " : "", (int)reason.n, reason.p ? reason.p : "");
-	msgpack_unpacked_destroy(&orig);
-	if (__builtin_add_overflow(w.balance, t.amount, &w.balance))
-		return fail(c, E_INVALID_ARGUMENT, "txn", "the refund would overflow the balance");
-	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
-		return store_error(c, rc);
-	v = (MDB_val){ sizeof(t.id), &t.id };
-	if ((rc = mdb_put(c->txn, store.refunds, &k, &v, 0)) || (rc = wallet_put(c->txn, id, &w)))
-		return store_error(c, rc);
-	txn_pack(c->pk, &t, -1);
-	return E_OK;
-}
-
-/*
- * Finds the newest transaction of w with an id below before_id: a binary
- * search over the hist index, then fewer than HIST_STRIDE links.  *id is 0
- * if there is none.  Returns 0 or an LMDB error.
- */
-static int
-wallet_txn_before(MDB_txn *txn, const struct wallet *w, uint64_t before_id, uint64_t *id)
-{
-	uint64_t lo = 0, hi = w->txn_count / HIST_STRIDE;
-	struct txn_head h;
-	int rc;
-
-	while (lo < hi) {
-		uint64_t mid = lo + (hi - lo) / 2, at;
-
-		if ((rc = wallet_txn_at(txn, w, mid * HIST_STRIDE + HIST_STRIDE - 1, &at)) != 0)
-			return rc;
-		if (at < before_id)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	*id = w->last_txn;
-	if (lo < w->txn_count / HIST_STRIDE &&
-	    (rc = wallet_txn_at(txn, w, lo * HIST_STRIDE + HIST_STRIDE - 1, id)) != 0)
-		return rc;
-	while (*id >= before_id) {
-		if ((rc = txn_read(txn, *id, &h, NULL)) != 0)
-			return rc;
-		*id = h.prev;
-	}
-	return 0;
-}
-
-/*
- * history: newest first.  Unfiltered, a page starts fewer than HIST_STRIDE
- * links from a hist entry: O(limit) however long the history; before_id is
- * a binary search.  With type/since/until filters the wallet's chain is
- * walked (transaction heads only) to count `total`.
- */
-static int
-m_history(struct call *c)
-{
-	const msgpack_object *types = param(c, "type");
-	struct str id, since_s, until_s;
-	uint64_t page = 0, limit = 20, before_id = 0, total = 0, packed = 0, skip, next = 0;
-	int64_t since = INT64_MIN, until = INT64_MAX;
-	unsigned typemask = 0;
-	int filtered, rc;
-	struct wallet w;
-	msgpack_sbuffer rows;
-	msgpack_packer rpk;
-
-	if ((rc = p_wallet(c, &id)) || (rc = p_page(c, 20, HISTORY_LIMIT_MAX, &page, &limit)) ||
-	    (rc = p_uint(c, "before_id", 0, 1, UINT64_MAX, &before_id)) ||
-	    (rc = p_str(c, "since", 0, 40, &since_s)) || (rc = p_str(c, "until", 0, 40, &until_s)))
-		return rc;
-	if (since_s.p && time_parse(since_s, &since) != 0)
-		return fail(c, E_INVALID_ARGUMENT, "since", "since must be an RFC 3339 time");
-	if (until_s.p && time_parse(until_s, &until) != 0)
-		return fail(c, E_INVALID_ARGUMENT, "until", "until must be an RFC 3339 time");
-	if (types && types->type != MSGPACK_OBJECT_NIL) {
-		uint32_t n = types->type == MSGPACK_OBJECT_ARRAY ? types->via.array.size : 1;
-		const msgpack_object *list = types->type == MSGPACK_OBJECT_ARRAY ? types->via.array.ptr : types;
-
-		for (uint32_t i = 0; i < n; i++) {
-			int t;
-
-			for (t = 1; t < T__COUNT; t++)
-				if (list[i].type == MSGPACK_OBJECT_STR &&
-				    list[i].via.str.size == strlen(txn_type_names[t]) &&
-				    memcmp(list[i].via.str.ptr, txn_type_names[t], list[i].via.str.size) == 0)
-					break;
-			if (t == T__COUNT)
-				return fail(c, E_INVALID_ARGUMENT, "type",
-				    "type must be one of credit, sms_charge, whatsapp_charge, manual_credit, manual_debit, refund");
-			typemask |= 1u << t;
-		}
-	}
-	if ((rc = load_wallet(c, id, &w)))
-		return rc;
-	filtered = typemask || since_s.p || until_s.p;
-	skip = before_id ? 0 : page * limit;
-
-	/* next: the newest transaction this page may show. */
-	if (filtered)
-		next = w.last_txn;
-	else if (before_id)
-		rc = wallet_txn_before(c->txn, &w, before_id, &next);
-	else if (skip < w.txn_count)
-		rc = wallet_txn_at(c->txn, &w, w.txn_count - 1 - skip, &next);
-	if (rc != 0)
-		return store_error(c, rc);
-	total = w.txn_count;
-	msgpack_sbuffer_init(&rows);
-	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
-	if (filtered)
-		total = 0;
-	for (uint64_t matched = 0; next != 0 && (filtered || packed < limit);) {
-		struct txn_head h;
-		MDB_val rec;
-
-		if (over_budget(c)) {
-			msgpack_sbuffer_destroy(&rows);
-			return E_OFF_LOOP;
-		}
-		if ((rc = txn_fetch(c->txn, next, &h, &rec)) != 0)
-			break;
-		if (!filtered || (!(typemask && !(typemask & (1u << h.type))) &&
-		    h.created_at >= since && h.created_at < until)) {
-			total += filtered;
-			if ((!before_id || next < before_id) && matched++ >= (filtered ? skip : 0) &&
-			    packed < limit) {
-				if ((rc = txn_pack_record(&rpk, next, &h, rec)) != 0)
-					break;
-				packed++;
-			}
-		}
-		next = h.prev;
-	}
-	if (rc != 0) {
-		msgpack_sbuffer_destroy(&rows);
-		return store_error(c, rc);
-	}
-	pack_page(c->pk, "transactions", packed, &rows, total, page, limit);
-	return E_OK;
-}
-
-/* Packs a notification. */
-static void
-note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)
-{
-	int fields = 10 + (n->sent_at != 0) + (n->last_error[0] != '\0');
-
-	msgpack_pack_map(pk, (size_t)fields);
-	KV_U64(pk, "id", seq + 1);
-	KV_STR(pk, "wallet", n->wallet);
-	KV_U64(pk, "txn", n->txn_id);
-	KV_TIME(pk, "created_at", n->created_at);
-	KV_AMOUNT(pk, "balance", n->balance);
-	KV_AMOUNT(pk, "threshold", n->threshold);
-	KV_STR(pk, "currency", n->currency);
-	KV_STR(pk, "email_state", note_state_names[n->state]);
-	KV_U64(pk, "attempts", n->attempts);
-	KV_STR(pk, "emails", n->emails);
-	if (n->sent_at)
-		KV_TIME(pk, "sent_at", n->sent_at);
-	if (n->last_error[0])
-		KV_STR(pk, "last_error", n->last_error);
-}
-
-/* notifications: a wallet's low-balance notifications, newest first (100). */
-static int
-m_notifications(struct call *c)
-{
-	struct str id;
-	struct wallet w;
-	uint64_t count;
-	int rc;
-
-	if ((rc = p_wallet(c, &id)) || (rc = load_wallet(c, id, &w)))
-		return rc;
-	count = w.note_count < 100 ? w.note_count : 100;
-	msgpack_pack_map(c->pk, 2);
-	KEY(c->pk, "notifications");
-	msgpack_pack_array(c->pk, count);
-	for (uint64_t i = 0; i < count; i++) {
-		unsigned char key[16];
-		uint64_t seq = w.note_count - 1 - i;
-		MDB_val k = key_pair(key, w.number, seq), v;
-		struct note n;
-
-		memset(&n, 0, sizeof(n));
-		if ((rc = mdb_get(c->txn, store.notes, &k, &v)) == 0)
-			record_copy(&n, sizeof(n), v);
-		note_pack(c->pk, seq, &n);
-	}
-	KV_U64(c->pk, "total", w.note_count);
-	return E_OK;
-}
+/* ---- Top-ups ---- */
 
 /* Copies what a top-up URL template needs, URL-encoded, into out. */
 static void
@@ -4240,6 +4031,375 @@ m_topup_list(struct call *c)
 	return E_OK;
 }
 
+/* ---- Manual changes and refunds ---- */
+
+/* credit and debit: a manual change by staff. */
+static int
+manual_change(struct call *c, int type)
+{
+	struct str id, reason;
+	struct wallet w;
+	struct txn t;
+	int64_t amount, before;
+	int rc, present;
+
+	memset(&t, 0, sizeof(t));
+	if ((rc = p_wallet(c, &id)) || (rc = p_amount(c, "amount", 1, 1, &amount, &present)) ||
+	    (rc = p_text(c, "reason", 1, &reason)) || (rc = p_actor(c, &t)))
+		return rc;
+	if (reason.n == 0)
+		return fail(c, E_INVALID_ARGUMENT, "reason", "reason must not be empty");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	before = w.balance;
+	if (type == T_MANUAL_DEBIT) {
+		if (w.flags & WF_FROZEN)
+			return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
+		if (amount > w.balance)
+			return fail_insufficient(c, amount, w.balance, w.currency);
+		w.balance -= amount;
+		t.amount = -amount;
+	} else {
+		if (__builtin_add_overflow(w.balance, amount, &w.balance))
+			return fail(c, E_INVALID_ARGUMENT, "amount", "amount would overflow the balance");
+		t.amount = amount;
+	}
+	t.type = type;
+	t.wallet = id;
+	t.currency = w.currency;
+	snprintf(t.description, sizeof(t.description), "%.*s", (int)reason.n, reason.p);
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)) ||
+	    (rc = note_on_crossing(c, id, &w, before, t.id)) ||
+	    (rc = wallet_put(c->txn, id, &w)))
+		return store_error(c, rc);
+	txn_pack(c->pk, &t, -1);
+	return E_OK;
+}
+
+static int m_credit(struct call *c) { return manual_change(c, T_MANUAL_CREDIT); }
+static int m_debit(struct call *c) { return manual_change(c, T_MANUAL_DEBIT); }
+
+/* Compares the string field name of a decoded map with s. */
+static int
+obj_str_eq(const msgpack_object *map, const char *name, struct str s)
+{
+	const msgpack_object *o = map_get(map, name);
+
+	return o && o->type == MSGPACK_OBJECT_STR && o->via.str.size == s.n &&
+	    memcmp(o->via.str.ptr, s.p, s.n) == 0;
+}
+
+/* refund: gives back exactly what a charge took, at most once. */
+static int
+m_refund(struct call *c)
+{
+	struct str id, ref, reason;
+	uint64_t charge_id = 0;
+	struct wallet w;
+	struct txn t;
+	MDB_val k, v, raw;
+	msgpack_unpacked orig;
+	const msgpack_object *type, *amount_o, *to, *chan;
+	int64_t amount;
+	int rc;
+
+	memset(&t, 0, sizeof(t));
+	if ((rc = p_wallet(c, &id)) || (rc = p_uint(c, "txn", 0, 1, UINT64_MAX, &charge_id)) ||
+	    (rc = p_str(c, "ref", 0, REF_MAX, &ref)) || (rc = p_text(c, "reason", 0, &reason)) ||
+	    (rc = p_actor(c, &t)))
+		return rc;
+	if (!charge_id == !ref.p)
+		return fail(c, E_INVALID_ARGUMENT, "txn", "give txn or ref, one of them");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	if (ref.p) {
+		unsigned char refkey[8 + REF_MAX];
+
+		k = ref_key(refkey, ref, w.number);
+		if ((rc = mdb_get(c->txn, store.refs, &k, &v)) == MDB_NOTFOUND)
+			return fail(c, E_UNKNOWN_TXN, "ref", "No charge with ref '%.*s' in this wallet",
+			    (int)ref.n, ref.p);
+		if (rc)
+			return store_error(c, rc);
+		memcpy(&charge_id, v.mv_data, 8);
+	}
+	if ((rc = txn_get(c->txn, charge_id, &raw)) == MDB_NOTFOUND)
+		return fail(c, E_UNKNOWN_TXN, "txn", "No transaction %" PRIu64, charge_id);
+	if (rc)
+		return store_error(c, rc);
+	msgpack_unpacked_init(&orig);
+	if (msgpack_unpack_next(&orig, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS) {
+		msgpack_unpacked_destroy(&orig);
+		log_x(L_ERR, "transaction %" PRIu64 " does not decode", charge_id);
+		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " is unreadable", charge_id);
+	}
+	if (!obj_str_eq(&orig.data, "wallet", id)) {
+		msgpack_unpacked_destroy(&orig);
+		return fail(c, E_UNKNOWN_TXN, "txn", "No transaction %" PRIu64 " in this wallet", charge_id);
+	}
+	type = map_get(&orig.data, "type");
+	amount_o = map_get(&orig.data, "amount");
+	to = map_get(&orig.data, "to");
+	chan = map_get(&orig.data, "channel");
+	if (!obj_str_eq(&orig.data, "type", (struct str){ "sms_charge", 10 }) &&
+	    !obj_str_eq(&orig.data, "type", (struct str){ "whatsapp_charge", 15 })) {
+		rc = fail(c, E_NOT_REFUNDABLE, "txn", "Transaction %" PRIu64 " is a %.*s, not a charge",
+		    charge_id, type ? (int)type->via.str.size : 0, type ? type->via.str.ptr : "");
+		msgpack_unpacked_destroy(&orig);
+		return rc;
+	}
+	if (amount_o == NULL || amount_o->type != MSGPACK_OBJECT_STR ||
+	    amount_parse(amount_o->via.str.ptr, amount_o->via.str.size, &amount) != 0) {
+		msgpack_unpacked_destroy(&orig);
+		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " has no amount", charge_id);
+	}
+	k = (MDB_val){ sizeof(charge_id), &charge_id };
+	if ((rc = mdb_get(c->txn, store.refunds, &k, &v)) == 0) {
+		uint64_t first;
+
+		memcpy(&first, v.mv_data, 8);
+		msgpack_unpacked_destroy(&orig);
+		if (txn_get(c->txn, first, &c->refund_raw) != 0)
+			c->refund_raw.mv_size = 0;
+		return fail(c, E_ALREADY_REFUNDED, "txn", "Charge %" PRIu64 " was refunded by transaction %" PRIu64,
+		    charge_id, first);
+	} else if (rc != MDB_NOTFOUND) {
+		msgpack_unpacked_destroy(&orig);
+		return store_error(c, rc);
+	}
+	t.type = T_REFUND;
+	t.wallet = id;
+	t.amount = -amount;
+	t.currency = w.currency;
+	t.refund_of = charge_id;
+	snprintf(t.description, sizeof(t.description), "Refund of %s to %.*s (txn %" PRIu64 ")%s%.*s",
+	    chan && chan->type == MSGPACK_OBJECT_STR && chan->via.str.size && chan->via.str.ptr[0] == 'w' ?
+	    "WhatsApp" : "SMS", to && to->type == MSGPACK_OBJECT_STR ? (int)to->via.str.size : 0,
+	    to && to->type == MSGPACK_OBJECT_STR ? to->via.str.ptr : "", charge_id,
+	    reason.n ? ": " : "", (int)reason.n, reason.p ? reason.p : "");
+	msgpack_unpacked_destroy(&orig);
+	if (__builtin_add_overflow(w.balance, t.amount, &w.balance))
+		return fail(c, E_INVALID_ARGUMENT, "txn", "the refund would overflow the balance");
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
+		return store_error(c, rc);
+	v = (MDB_val){ sizeof(t.id), &t.id };
+	if ((rc = mdb_put(c->txn, store.refunds, &k, &v, 0)) || (rc = wallet_put(c->txn, id, &w)))
+		return store_error(c, rc);
+	txn_pack(c->pk, &t, -1);
+	return E_OK;
+}
+
+/* ---- History and notifications ---- */
+
+/*
+ * Finds the newest transaction of w with an id below before_id: a binary
+ * search over the hist index, then fewer than HIST_STRIDE links.  *id is 0
+ * if there is none.  Returns 0 or an LMDB error.
+ */
+static int
+wallet_txn_before(MDB_txn *txn, const struct wallet *w, uint64_t before_id, uint64_t *id)
+{
+	uint64_t lo = 0, hi = w->txn_count / HIST_STRIDE;
+	struct txn_head h;
+	int rc;
+
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo) / 2, at;
+
+		if ((rc = wallet_txn_at(txn, w, mid * HIST_STRIDE + HIST_STRIDE - 1, &at)) != 0)
+			return rc;
+		if (at < before_id)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	*id = w->last_txn;
+	if (lo < w->txn_count / HIST_STRIDE &&
+	    (rc = wallet_txn_at(txn, w, lo * HIST_STRIDE + HIST_STRIDE - 1, id)) != 0)
+		return rc;
+	while (*id >= before_id) {
+		if ((rc = txn_read(txn, *id, &h, NULL)) != 0)
+			return rc;
+		*id = h.prev;
+	}
+	return 0;
+}
+
+/* What a filtered history keeps: these types (a bit mask, 0 = any), created in [since, until). */
+struct history_filter {
+	unsigned types;
+	int64_t since, until;
+};
+
+/* Whether the transaction with head h passes filter f. */
+static int
+history_match(const struct history_filter *f, const struct txn_head *h)
+{
+	if (f->types && !(f->types & (1u << h->type)))
+		return 0;
+	return h->created_at >= f->since && h->created_at < f->until;
+}
+
+/* Reads type (one type name, or a list of them) into *mask; absent or nil: 0. */
+static int
+p_types(struct call *c, unsigned *mask)
+{
+	const msgpack_object *o = param(c, "type"), *list;
+	uint32_t n;
+
+	*mask = 0;
+	if (o == NULL || o->type == MSGPACK_OBJECT_NIL)
+		return E_OK;
+	n = o->type == MSGPACK_OBJECT_ARRAY ? o->via.array.size : 1;
+	list = o->type == MSGPACK_OBJECT_ARRAY ? o->via.array.ptr : o;
+	for (uint32_t i = 0; i < n; i++) {
+		int t = 1;
+
+		while (t < T__COUNT && !(list[i].type == MSGPACK_OBJECT_STR &&
+		    list[i].via.str.size == strlen(txn_type_names[t]) &&
+		    memcmp(list[i].via.str.ptr, txn_type_names[t], list[i].via.str.size) == 0))
+			t++;
+		if (t == T__COUNT)
+			return fail(c, E_INVALID_ARGUMENT, "type",
+			    "type must be one of credit, sms_charge, whatsapp_charge, manual_credit, manual_debit, refund");
+		*mask |= 1u << t;
+	}
+	return E_OK;
+}
+
+/*
+ * history: newest first.  Unfiltered, a page starts fewer than HIST_STRIDE
+ * links from a hist entry: O(limit) however long the history; before_id is
+ * a binary search.  With type/since/until filters the wallet's chain is
+ * walked (transaction heads only) to count `total`.
+ */
+static int
+m_history(struct call *c)
+{
+	struct history_filter f = { 0, INT64_MIN, INT64_MAX };
+	struct str id, since_s, until_s;
+	uint64_t page = 0, limit = 20, before_id = 0, total = 0, packed = 0, skip, next = 0;
+	int filtered, rc;
+	struct txn_head h;
+	struct wallet w;
+	msgpack_sbuffer rows;
+	msgpack_packer rpk;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_page(c, 20, HISTORY_LIMIT_MAX, &page, &limit)) ||
+	    (rc = p_uint(c, "before_id", 0, 1, UINT64_MAX, &before_id)) ||
+	    (rc = p_str(c, "since", 0, 40, &since_s)) || (rc = p_str(c, "until", 0, 40, &until_s)) ||
+	    (rc = p_types(c, &f.types)))
+		return rc;
+	if (since_s.p && time_parse(since_s, &f.since) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "since", "since must be an RFC 3339 time");
+	if (until_s.p && time_parse(until_s, &f.until) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "until", "until must be an RFC 3339 time");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	filtered = f.types || since_s.p || until_s.p;
+	skip = before_id ? 0 : page * limit;
+
+	/* next: the newest transaction this page may show. */
+	if (filtered)
+		next = w.last_txn;
+	else if (before_id)
+		rc = wallet_txn_before(c->txn, &w, before_id, &next);
+	else if (skip < w.txn_count)
+		rc = wallet_txn_at(c->txn, &w, w.txn_count - 1 - skip, &next);
+	if (rc != 0)
+		return store_error(c, rc);
+	total = w.txn_count;
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
+	if (filtered)
+		total = 0;
+	/* Unfiltered, the walk starts at the page and stops when it is full;
+	 * filtered, it walks the whole chain to count total. */
+	for (uint64_t matched = 0; next != 0 && (filtered || packed < limit); next = h.prev) {
+		MDB_val rec;
+
+		if (over_budget(c)) {
+			msgpack_sbuffer_destroy(&rows);
+			return E_OFF_LOOP;
+		}
+		if ((rc = txn_fetch(c->txn, next, &h, &rec)) != 0)
+			break;
+		if (filtered && !history_match(&f, &h))
+			continue;
+		total += filtered;
+		if (before_id && next >= before_id)
+			continue; /* newer than the cursor: counted, not shown */
+		if (matched++ < (filtered ? skip : 0) || packed == limit)
+			continue; /* on an earlier page, or past this one */
+		if ((rc = txn_pack_record(&rpk, next, &h, rec)) != 0)
+			break;
+		packed++;
+	}
+	if (rc != 0) {
+		msgpack_sbuffer_destroy(&rows);
+		return store_error(c, rc);
+	}
+	pack_page(c->pk, "transactions", packed, &rows, total, page, limit);
+	return E_OK;
+}
+
+/* Packs a notification. */
+static void
+note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)
+{
+	int fields = 10 + (n->sent_at != 0) + (n->last_error[0] != '\0');
+
+	msgpack_pack_map(pk, (size_t)fields);
+	KV_U64(pk, "id", seq + 1);
+	KV_STR(pk, "wallet", n->wallet);
+	KV_U64(pk, "txn", n->txn_id);
+	KV_TIME(pk, "created_at", n->created_at);
+	KV_AMOUNT(pk, "balance", n->balance);
+	KV_AMOUNT(pk, "threshold", n->threshold);
+	KV_STR(pk, "currency", n->currency);
+	KV_STR(pk, "email_state", note_state_names[n->state]);
+	KV_U64(pk, "attempts", n->attempts);
+	KV_STR(pk, "emails", n->emails);
+	if (n->sent_at)
+		KV_TIME(pk, "sent_at", n->sent_at);
+	if (n->last_error[0])
+		KV_STR(pk, "last_error", n->last_error);
+}
+
+/* notifications: a wallet's low-balance notifications, newest first (100). */
+static int
+m_notifications(struct call *c)
+{
+	struct str id;
+	struct wallet w;
+	uint64_t count;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = load_wallet(c, id, &w)))
+		return rc;
+	count = w.note_count < 100 ? w.note_count : 100;
+	msgpack_pack_map(c->pk, 2);
+	KEY(c->pk, "notifications");
+	msgpack_pack_array(c->pk, count);
+	for (uint64_t i = 0; i < count; i++) {
+		unsigned char key[16];
+		uint64_t seq = w.note_count - 1 - i;
+		MDB_val k = key_pair(key, w.number, seq), v;
+		struct note n;
+
+		memset(&n, 0, sizeof(n));
+		if ((rc = mdb_get(c->txn, store.notes, &k, &v)) == 0)
+			record_copy(&n, sizeof(n), v);
+		note_pack(c->pk, seq, &n);
+	}
+	KV_U64(c->pk, "total", w.note_count);
+	return E_OK;
+}
+
+/* ---- Verify, backup, stats ---- */
+
+static uint64_t slow_oldest_ms(void); /* section 6: the helper threads' reads */
+
 /* Appends one breach to the verify report. */
 static void
 verify_breach(msgpack_packer *pk, uint32_t *n, struct str wallet, uint64_t txn, const char *problem)
@@ -4406,26 +4566,133 @@ m_backup(struct call *c)
 	return E_OK;
 }
 
-static int m_stats(struct call *c);
+static int
+compare_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return (x > y) - (x < y);
+}
+
+/* stats: the event loop's counters, the writer's, and the store's size. */
+/* Packs h as {le: [bounds], counts: [per bucket, the last above every bound], sum, count}. */
+static void
+histogram_pack(msgpack_packer *pk, const struct histogram *h, const uint64_t bounds[HISTO_BOUNDS])
+{
+	msgpack_pack_map(pk, 4);
+	KEY(pk, "le");
+	msgpack_pack_array(pk, HISTO_BOUNDS);
+	for (int i = 0; i < HISTO_BOUNDS; i++)
+		msgpack_pack_uint64(pk, bounds[i]);
+	KEY(pk, "counts");
+	msgpack_pack_array(pk, HISTO_BOUNDS + 1);
+	for (int i = 0; i <= HISTO_BOUNDS; i++)
+		msgpack_pack_uint64(pk, h->counts[i]);
+	KV_U64(pk, "sum", h->sum);
+	KV_U64(pk, "count", h->count);
+}
+
+static int
+m_stats(struct call *c)
+{
+	msgpack_packer *pk = c->pk;
+	uint64_t n = latency.n < LAT_RING ? latency.n : LAT_RING;
+	uint32_t *lat = malloc((n ? n : 1) * sizeof(*lat));
+	double q[5] = { 0.5, 0.9, 0.99, 0.999, 1.0 };
+	const char *qn[5] = { "p50", "p90", "p99", "p999", "max" };
+	int methods = 0, codes = 0, rc;
+	MDB_envinfo info;
+	MDB_stat alertq;
+	struct stats s;
+
+	if (lat == NULL)
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	pthread_mutex_lock(&srv.lock);
+	s = stats;
+	pthread_mutex_unlock(&srv.lock);
+	memcpy(lat, latency.us, n * sizeof(*lat));
+	qsort(lat, n, sizeof(*lat), compare_u32);
+	mdb_env_info(store.env, &info);
+	for (int i = 0; i < M__COUNT; i++)
+		methods += s.requests[i] != 0;
+	for (int i = 1; i < E__COUNT; i++)
+		codes += s.codes[i] != 0;
+
+	if ((rc = mdb_stat(c->txn, store.alertq, &alertq)) != 0) {
+		free(lat);
+		return store_error(c, rc);
+	}
+
+	msgpack_pack_map(pk, 15);
+	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
+	KEY(pk, "requests");
+	msgpack_pack_map(pk, (size_t)methods);
+	for (int i = 0; i < M__COUNT; i++)
+		if (s.requests[i]) {
+			pack_cstr(pk, method_table[i].name);
+			msgpack_pack_map(pk, 2);
+			KV_U64(pk, "calls", s.requests[i]);
+			KV_U64(pk, "errors", s.errors[i]);
+		}
+	KEY(pk, "errors");
+	msgpack_pack_map(pk, (size_t)codes);
+	for (int i = 1; i < E__COUNT; i++)
+		if (s.codes[i])
+			pack_cstr(pk, error_name(i)), msgpack_pack_uint64(pk, s.codes[i]);
+	KV_U64(pk, "reads_off_loop", s.reads_off_loop);
+	KV_U64(pk, "commits", s.commits);
+	KV_U64(pk, "committed_requests", s.committed);
+	KEY(pk, "mean_batch");
+	msgpack_pack_double(pk, s.commits ? (double)s.committed / (double)s.commits : 0.0);
+	KV_U64(pk, "max_batch", s.batch_max);
+	KEY(pk, "mean_batch_us");
+	msgpack_pack_double(pk, s.commits ? (double)s.batch_us / (double)s.commits : 0.0);
+	KEY(pk, "mean_commit_us");
+	msgpack_pack_double(pk, s.commits ? (double)s.commit_us / (double)s.commits : 0.0);
+	KEY(pk, "latency_us");
+	msgpack_pack_map(pk, 6);
+	KV_U64(pk, "samples", n);
+	for (int i = 0; i < 5; i++) {
+		uint64_t idx = n ? (uint64_t)(q[i] * (double)(n - 1) + 0.5) : 0;
+
+		pack_cstr(pk, qn[i]), msgpack_pack_uint64(pk, n ? lat[idx] : 0);
+	}
+	KEY(pk, "connections");
+	msgpack_pack_map(pk, 8);
+	KV_U64(pk, "open", srv.nconns);
+	KV_U64(pk, "total", s.conns_total);
+	KV_U64(pk, "refused", s.conns_refused);
+	KV_U64(pk, "cut_off", s.conns_dropped);
+	KV_U64(pk, "queued_requests", srv.queued);
+	KV_U64(pk, "queued_peak", srv.queued_peak);
+	KV_U64(pk, "unread_bytes", srv.unread);
+	KV_U64(pk, "unread_peak", srv.unread_peak);
+	KEY(pk, "store");
+	msgpack_pack_map(pk, 6);
+	KV_U64(pk, "map_size", info.me_mapsize);
+	KV_U64(pk, "map_used", store_used());
+	KV_U64(pk, "map_size_max", config.map_size_max);
+	KV_U64(pk, "map_grows", s.map_grows);
+	KV_U64(pk, "failed_commits", s.failed_commits);
+	KV_U64(pk, "oldest_read_ms", slow_oldest_ms());
+	KV_U64(pk, "alerts_pending", alertq.ms_entries);
+	KEY(pk, "histograms");
+	msgpack_pack_map(pk, 2);
+	pack_cstr(pk, "request_latency_us");
+	histogram_pack(pk, &latency.histogram, latency_bounds);
+	pack_cstr(pk, "commit_batch_size");
+	histogram_pack(pk, &s.batch_sizes, batch_bounds);
+	free(lat);
+	return E_OK;
+}
 
 typedef int (*method_fn)(struct call *);
 
-/* The handlers, in the order of the method table. */
+/* The handlers, from the method table: row `rate.import` is m_rate_import. */
 static const method_fn method_fns[M__COUNT] = {
-	[M_PING] = m_ping, [M_WALLET_CREATE] = m_wallet_create,
-	[M_WALLET_GET] = m_wallet_get, [M_BALANCE] = m_balance,
-	[M_WALLET_UPDATE] = m_wallet_update, [M_WALLET_LIST] = m_wallet_list,
-	[M_RATE_SET] = m_rate_set, [M_RATE_DELETE] = m_rate_delete,
-	[M_RATE_LIST] = m_rate_list, [M_RATE_LOOKUP] = m_rate_lookup,
-	[M_RATE_IMPORT] = m_rate_import, [M_FX_SET] = m_fx_set, [M_FX_LIST] = m_fx_list,
-	[M_CHARGE] = charge_one, [M_CHARGE_BATCH] = m_charge_batch,
-	[M_PRECHECK] = m_precheck, [M_QUOTE] = m_quote,
-	[M_TOPUP_CREATE] = m_topup_create, [M_TOPUP_CONFIRM] = m_topup_confirm,
-	[M_TOPUP_CANCEL] = m_topup_cancel, [M_TOPUP_GET] = m_topup_get,
-	[M_TOPUP_LIST] = m_topup_list, [M_CREDIT] = m_credit, [M_DEBIT] = m_debit,
-	[M_REFUND] = m_refund, [M_HISTORY] = m_history,
-	[M_NOTIFICATIONS] = m_notifications, [M_VERIFY] = m_verify,
-	[M_BACKUP] = m_backup, [M_STATS] = m_stats,
+#define X(id, fn, name, roles, flags, params, summary) [id] = m_##fn,
+	WALLETD_METHODS(X)
+#undef X
 };
 
 /* ====================================================================== */
@@ -4440,7 +4707,6 @@ static const method_fn method_fns[M__COUNT] = {
 #define SLOW_MAX      64    /* helper threads at once; each holds one of LMDB's 256 reader slots */
 #define LINGER_MAX    16    /* closed connections kept open to drain at once (conn_linger) */
 #define LINGER_US     1000000u /* ... for at most a second */
-#define LAT_RING      65536
 
 enum { RQ_WAITING, RQ_WRITER, RQ_SLOW, RQ_DONE };
 
@@ -4500,87 +4766,6 @@ struct conn {
 	struct conn *dirty_next;
 	struct conn *prev, *next;
 };
-
-/* The process state. */
-static struct server {
-	int listen_fd, epoll_fd, event_fd, signal_fd;
-	int spare_fd;             /* held for taking a connection when out of descriptors */
-	int accept_paused;        /* the listening socket is out of epoll until the next sweep */
-	int accept_logged;        /* an accept problem was logged since the last sweep */
-	uint64_t long_read_logged; /* when the last long_read_warn was logged */
-	unsigned slow_running;    /* helper threads running */
-	struct req *slow_head, *slow_tail; /* slow requests waiting for a helper */
-	const char *config_path;
-	unsigned nconns, nlinger; /* connections, and lingering ones (not in nconns) */
-	size_t queued, queued_peak; /* requests in connections' queues, now and at most */
-	size_t unread, unread_peak; /* bytes of answers in connections' output, now and at most */
-	struct conn *conns;
-	struct conn *dirty;
-	MDB_txn *rtxn;            /* the event loop's read transaction, reset between uses */
-	pthread_mutex_t lock;     /* guards the queues below and the writer's stats */
-	pthread_cond_t cond;
-	struct req *wq_head, *wq_tail;     /* for the writer */
-	size_t wq_count, wq_weight, wq_bytes;       /* requests, their weight and bytes */
-	size_t pend_count, pend_weight, pend_bytes;
-	struct req *done_head, *done_tail; /* answered by the writer or a helper */
-	struct req *pend_head, *pend_tail; /* event loop: for the writer at the end of this turn */
-	int stopping;
-	pthread_t writer;
-	uid_t self_uid;
-	uid_t role_uids[3][ID_LIST_MAX];
-	gid_t role_gids[3][ID_LIST_MAX];
-	int role_nuids[3], role_ngids[3];
-} srv = { .spare_fd = -1 };
-
-/*
- * A histogram for the Prometheus exposition (walletctl stats --prometheus):
- * counts per bucket (not cumulative; the last is above every bound), their
- * sum and count, since start.
- */
-#define HISTO_BOUNDS 13
-struct histogram {
-	uint64_t counts[HISTO_BOUNDS + 1];
-	uint64_t sum, count;
-};
-
-/* Request latency, microseconds; commit batch size, requests. */
-static const uint64_t latency_bounds[HISTO_BOUNDS] = {
-	50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000,
-};
-static const uint64_t batch_bounds[HISTO_BOUNDS] = {
-	1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
-};
-
-/* Counts v in h, whose bucket bounds are bounds. */
-static void
-histogram_add(struct histogram *h, const uint64_t bounds[HISTO_BOUNDS], uint64_t v)
-{
-	int i = 0;
-
-	while (i < HISTO_BOUNDS && v > bounds[i])
-		i++;
-	h->counts[i]++;
-	h->sum += v;
-	h->count++;
-}
-
-/* The counters of stats.  The writer's (commits to map_grows, batch_sizes)
- * change under srv.lock; the rest belong to the event loop. */
-static struct stats {
-	uint64_t requests[M__COUNT], errors[M__COUNT], codes[E__COUNT];
-	uint64_t commits, committed, batch_max, batch_us, commit_us, failed_commits, map_grows;
-	uint64_t conns_total, conns_refused, conns_dropped;
-	uint64_t reads_off_loop;
-	struct histogram batch_sizes;
-	int64_t started;
-} stats;
-
-/* The latencies of the last LAT_RING requests, microseconds (event loop only). */
-static struct latency {
-	uint32_t us[LAT_RING];
-	uint64_t n;
-	struct histogram histogram; /* of every request since start */
-} latency;
 
 /* Parses a list of user or group names / ids into ids.  Returns the count. */
 static int
@@ -5794,8 +5979,8 @@ slow_start(struct req *r)
 
 /*
  * Starts queued slow requests on helper threads while fewer than SLOW_MAX
- * run (none once stopping): 300 verifies at once, each on its own thread,
- * ran out of LMDB's reader slots (39 answered internal).
+ * run (none once stopping): 300 verifies at once, each on a thread of its
+ * own, would run out of LMDB's reader slots.
  */
 static void
 slow_drain(void)
@@ -5930,126 +6115,6 @@ idle_sweep(void)
 			conn_close(c);
 		}
 	}
-}
-
-static int
-compare_u32(const void *a, const void *b)
-{
-	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-
-	return (x > y) - (x < y);
-}
-
-/* stats: the event loop's counters, the writer's, and the store's size. */
-/* Packs h as {le: [bounds], counts: [per bucket, the last above every bound], sum, count}. */
-static void
-histogram_pack(msgpack_packer *pk, const struct histogram *h, const uint64_t bounds[HISTO_BOUNDS])
-{
-	msgpack_pack_map(pk, 4);
-	KEY(pk, "le");
-	msgpack_pack_array(pk, HISTO_BOUNDS);
-	for (int i = 0; i < HISTO_BOUNDS; i++)
-		msgpack_pack_uint64(pk, bounds[i]);
-	KEY(pk, "counts");
-	msgpack_pack_array(pk, HISTO_BOUNDS + 1);
-	for (int i = 0; i <= HISTO_BOUNDS; i++)
-		msgpack_pack_uint64(pk, h->counts[i]);
-	KV_U64(pk, "sum", h->sum);
-	KV_U64(pk, "count", h->count);
-}
-
-static int
-m_stats(struct call *c)
-{
-	msgpack_packer *pk = c->pk;
-	uint64_t n = latency.n < LAT_RING ? latency.n : LAT_RING;
-	uint32_t *lat = malloc((n ? n : 1) * sizeof(*lat));
-	double q[5] = { 0.5, 0.9, 0.99, 0.999, 1.0 };
-	const char *qn[5] = { "p50", "p90", "p99", "p999", "max" };
-	int methods = 0, codes = 0, rc;
-	MDB_envinfo info;
-	MDB_stat alertq;
-	struct stats s;
-
-	if (lat == NULL)
-		return fail(c, E_BUSY, NULL, "Out of memory");
-	pthread_mutex_lock(&srv.lock);
-	s = stats;
-	pthread_mutex_unlock(&srv.lock);
-	memcpy(lat, latency.us, n * sizeof(*lat));
-	qsort(lat, n, sizeof(*lat), compare_u32);
-	mdb_env_info(store.env, &info);
-	for (int i = 0; i < M__COUNT; i++)
-		methods += s.requests[i] != 0;
-	for (int i = 1; i < E__COUNT; i++)
-		codes += s.codes[i] != 0;
-
-	if ((rc = mdb_stat(c->txn, store.alertq, &alertq)) != 0) {
-		free(lat);
-		return store_error(c, rc);
-	}
-
-	msgpack_pack_map(pk, 15);
-	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
-	KEY(pk, "requests");
-	msgpack_pack_map(pk, (size_t)methods);
-	for (int i = 0; i < M__COUNT; i++)
-		if (s.requests[i]) {
-			pack_cstr(pk, method_table[i].name);
-			msgpack_pack_map(pk, 2);
-			KV_U64(pk, "calls", s.requests[i]);
-			KV_U64(pk, "errors", s.errors[i]);
-		}
-	KEY(pk, "errors");
-	msgpack_pack_map(pk, (size_t)codes);
-	for (int i = 1; i < E__COUNT; i++)
-		if (s.codes[i])
-			pack_cstr(pk, error_name(i)), msgpack_pack_uint64(pk, s.codes[i]);
-	KV_U64(pk, "reads_off_loop", s.reads_off_loop);
-	KV_U64(pk, "commits", s.commits);
-	KV_U64(pk, "committed_requests", s.committed);
-	KEY(pk, "mean_batch");
-	msgpack_pack_double(pk, s.commits ? (double)s.committed / (double)s.commits : 0.0);
-	KV_U64(pk, "max_batch", s.batch_max);
-	KEY(pk, "mean_batch_us");
-	msgpack_pack_double(pk, s.commits ? (double)s.batch_us / (double)s.commits : 0.0);
-	KEY(pk, "mean_commit_us");
-	msgpack_pack_double(pk, s.commits ? (double)s.commit_us / (double)s.commits : 0.0);
-	KEY(pk, "latency_us");
-	msgpack_pack_map(pk, 6);
-	KV_U64(pk, "samples", n);
-	for (int i = 0; i < 5; i++) {
-		uint64_t idx = n ? (uint64_t)(q[i] * (double)(n - 1) + 0.5) : 0;
-
-		pack_cstr(pk, qn[i]), msgpack_pack_uint64(pk, n ? lat[idx] : 0);
-	}
-	KEY(pk, "connections");
-	msgpack_pack_map(pk, 8);
-	KV_U64(pk, "open", srv.nconns);
-	KV_U64(pk, "total", s.conns_total);
-	KV_U64(pk, "refused", s.conns_refused);
-	KV_U64(pk, "cut_off", s.conns_dropped);
-	KV_U64(pk, "queued_requests", srv.queued);
-	KV_U64(pk, "queued_peak", srv.queued_peak);
-	KV_U64(pk, "unread_bytes", srv.unread);
-	KV_U64(pk, "unread_peak", srv.unread_peak);
-	KEY(pk, "store");
-	msgpack_pack_map(pk, 6);
-	KV_U64(pk, "map_size", info.me_mapsize);
-	KV_U64(pk, "map_used", store_used());
-	KV_U64(pk, "map_size_max", config.map_size_max);
-	KV_U64(pk, "map_grows", s.map_grows);
-	KV_U64(pk, "failed_commits", s.failed_commits);
-	KV_U64(pk, "oldest_read_ms", slow_oldest_ms());
-	KV_U64(pk, "alerts_pending", alertq.ms_entries);
-	KEY(pk, "histograms");
-	msgpack_pack_map(pk, 2);
-	pack_cstr(pk, "request_latency_us");
-	histogram_pack(pk, &latency.histogram, latency_bounds);
-	pack_cstr(pk, "commit_batch_size");
-	histogram_pack(pk, &s.batch_sizes, batch_bounds);
-	free(lat);
-	return E_OK;
 }
 
 /* Creates the listening socket, replacing a stale one; refuses if a walletd answers there. */

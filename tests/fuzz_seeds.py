@@ -19,7 +19,7 @@ OTHER = {"a": "1.5", "n": "2", "i": 1, "l": ["ops@example.com"], "f": ["+2567123
 
 def main():
     with open(os.path.join(HERE, "..", "protocol.h")) as f:
-        rows = re.findall(r'^X\(M_\w+, "([a-z.]+)", \w+, [^"]*"([^"]*)"', f.read(), re.M)
+        rows = re.findall(r'^X\(M_\w+, \w+, "([a-z.]+)", \w+, [^"]*"([^"]*)"', f.read(), re.M)
     out = os.path.join(HERE, "fuzz-corpus")
     written = 0
     for method, spec in rows:

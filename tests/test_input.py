@@ -17,7 +17,7 @@ UG = "+256712345678"
 def methods():
     """Every method of protocol.h's table."""
     with open(os.path.join(ROOT, "protocol.h")) as f:
-        return re.findall(r'^X\(M_\w+, "([a-z.]+)"', f.read(), re.M)
+        return re.findall(r'^X\(M_\w+, \w+, "([a-z.]+)"', f.read(), re.M)
 
 
 class UnknownParams(DaemonTest):

@@ -15,7 +15,7 @@ UG = "+256712345678"
 
 def methods():
     with open(os.path.join(ROOT, "protocol.h")) as f:
-        return re.findall(r'^X\(M_\w+, "([a-z.]+)"', f.read(), re.M)
+        return re.findall(r'^X\(M_\w+, \w+, "([a-z.]+)"', f.read(), re.M)
 
 
 def samples(text):
