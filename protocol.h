@@ -31,6 +31,10 @@
 #define RATE_LIST_LIMIT_MAX 10000
 #define BATCH_ITEMS_MAX     1000        /* (config) charge_batch_max */
 #define EMAILS_MAX          8           /* alert_emails per wallet */
+#define PREFIXES_MAX        32          /* allowed_prefixes, blocked_prefixes: each */
+#define HOLD_TTL_DEFAULT    86400       /* a hold's expires_in, seconds */
+#define HOLD_TTL_MAX        (30 * 86400)
+#define REFUNDS_MAX         64          /* refunds of one charge (partial ones add up to it) */
 
 /* Roles, as bits.  admin may call everything. */
 #define ROLE_ADMIN    1u
@@ -61,6 +65,7 @@
  * arguments; any param may be given as `--name value` (`-` for `_`; a list
  * also repeated in the singular, `--alert-email a --alert-email b`).
  * Types: s string (default), a amount, n amount or `none` (nil), i integer,
+ * I integer or `none` (nil),
  * l list of strings, c CSV file of rows, f file of numbers (`-` = stdin),
  * F output file passed as a descriptor (SCM_RIGHTS), not a map entry.
  */
@@ -68,15 +73,17 @@
 X(M_PING, ping, "ping", R_ALL, 0, "", \
   "Check that walletd answers; returns its version and API level.") \
 X(M_WALLET_CREATE, wallet_create, "wallet.create", R_A, MF_WRITE | MF_FLAT, \
-  "wallet currency ?plan ?threshold:a ?alert_emails:l", \
+  "wallet currency ?plan ?threshold:a ?alert_emails:l ?credit_limit:a ?daily_limit:a ?hourly_messages:i " \
+  "?allowed_prefixes:l ?blocked_prefixes:l", \
   "Create a wallet with a zero balance in one currency.") \
 X(M_WALLET_GET, wallet_get, "wallet.get", R_AC, 0, "wallet", \
   "Show a wallet: balance, plan, threshold, alert e-mails, status.") \
 X(M_BALANCE, balance, "balance", R_AC, 0, "wallet", \
   "Show a wallet's balance and currency.") \
 X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_A, MF_WRITE | MF_FLAT, \
-  "wallet ?plan ?threshold:n ?alert_emails:l ?status", \
-  "Change a wallet's plan, threshold (none = off), alert e-mails or status (active|frozen).") \
+  "wallet ?plan ?threshold:n ?alert_emails:l ?status ?credit_limit:n ?daily_limit:n ?hourly_messages:I " \
+  "?allowed_prefixes:l ?blocked_prefixes:l", \
+  "Change a wallet's plan, threshold, alert e-mails, status (active|frozen), credit limit or spend controls; none = off.") \
 X(M_WALLET_LIST, wallet_list, "wallet.list", R_A, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
 X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \
@@ -94,8 +101,8 @@ X(M_FX_SET, fx_set, "fx.set", R_A, MF_WRITE | MF_FLAT, "base quote rate", \
   "Set an exchange rate: 1 base = rate quote.") \
 X(M_FX_LIST, fx_list, "fx.list", R_A, 0, "", "List exchange rates.") \
 X(M_CHARGE, charge, "charge", R_AC, MF_WRITE | MF_FLAT, \
-  "wallet channel to ref ?route ?segments:i ?text ?description", \
-  "Charge one message; idempotent on ref.") \
+  "wallet channel to ref ?route ?segments:i ?text ?description ?hold", \
+  "Charge one message (from a hold's money first, when hold names one); idempotent on ref.") \
 X(M_CHARGE_BATCH, charge_batch, "charge.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
   "Charge many messages in one commit; each item succeeds or fails alone.") \
 X(M_PRECHECK, precheck, "precheck", R_AC, 0, \
@@ -103,6 +110,14 @@ X(M_PRECHECK, precheck, "precheck", R_AC, 0, \
   "Price a campaign and say whether the balance covers it; changes nothing.") \
 X(M_QUOTE, quote, "quote", R_AC, 0, "channel to amount:a ?wallet ?plan ?currency", \
   "How many messages an amount buys.") \
+X(M_HOLD_CREATE, hold_create, "hold.create", R_AC, MF_WRITE | MF_FLAT, \
+  "wallet ref ?amount:a ?channel ?recipients:f ?segments:i ?text ?expires_in:i ?description", \
+  "Reserve money for a campaign: an amount, or recipients priced as precheck; idempotent on ref.") \
+X(M_HOLD_RELEASE, hold_release, "hold.release", R_AC, MF_WRITE | MF_FLAT, "wallet hold", \
+  "End a hold: what remains of it is available again.") \
+X(M_HOLD_GET, hold_get, "hold.get", R_AC, 0, "wallet hold", "Show a hold.") \
+X(M_HOLD_LIST, hold_list, "hold.list", R_AC, MF_SCAN, "wallet ?status", \
+  "List a wallet's holds (active|released|expired).") \
 X(M_TOPUP_CREATE, topup_create, "topup.create", R_AC, MF_WRITE | MF_FLAT, "wallet amount:a", \
   "Start a top-up: a reference and a checkout URL.") \
 X(M_TOPUP_CONFIRM, topup_confirm, "topup.confirm", R_AP, MF_WRITE | MF_FLAT, \
@@ -118,8 +133,10 @@ X(M_CREDIT, credit, "credit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?
 X(M_DEBIT, debit, "debit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Take money by hand (manual_debit); never below zero.") \
 X(M_REFUND, refund, "refund", R_AC, MF_WRITE | MF_FLAT, \
-  "wallet ?txn:i ?ref ?reason ?actor", \
-  "Refund a charge (by txn id or ref), exactly once.") \
+  "wallet ?txn:i ?ref ?amount:a ?refund_ref ?reason ?actor", \
+  "Refund a charge (by txn id or ref): what is left of it, or amount of it with a refund_ref.") \
+X(M_REFUND_BATCH, refund_batch, "refund.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
+  "Refund many charges in one commit; each item succeeds or fails alone.") \
 X(M_HISTORY, history, "history", R_AC, MF_SCAN, \
   "wallet ?page:i ?before_id:i ?limit:i ?type:l ?since ?until", \
   "A wallet's transactions, newest first.") \
@@ -182,14 +199,18 @@ X(E_INSUFFICIENT_BALANCE, 9, "insufficient_balance") /* required, available, cur
 X(E_NO_RATE,             10, "no_rate")              \
 X(E_NO_FX_RATE,          11, "no_fx_rate")           \
 X(E_IDEMPOTENCY_CONFLICT,12, "idempotency_conflict") /* txn: the original id */ \
-X(E_ALREADY_REFUNDED,    13, "already_refunded")     /* refund: the first refund */ \
+X(E_ALREADY_REFUNDED,    13, "already_refunded")     /* refund: the first refund; refunds: all */ \
 X(E_NOT_REFUNDABLE,      14, "not_refundable")       \
 X(E_UNKNOWN_TXN,         15, "unknown_txn")          \
 X(E_UNKNOWN_TOPUP,       16, "unknown_topup")        \
 X(E_STORAGE_FULL,        17, "storage_full")         \
 X(E_TOO_MANY_CONNECTIONS,18, "too_many_connections") \
 X(E_BUSY,                19, "busy")                 /* a limit reached; retry later */ \
-X(E_INTERNAL,            20, "internal")             /* a bug in walletd; logged loudly */
+X(E_INTERNAL,            20, "internal")             /* a bug in walletd; logged loudly */ \
+X(E_UNKNOWN_HOLD,        21, "unknown_hold")         /* hold: the ref asked for */ \
+X(E_HOLD_CLOSED,         22, "hold_closed")          /* hold, status: released or expired */ \
+X(E_LIMIT_EXCEEDED,      23, "limit_exceeded")       /* limit, max, used, resets_at */ \
+X(E_DESTINATION_BLOCKED, 24, "destination_blocked")  /* prefix: the blocked one (nil: not allowed) */
 
 enum error_code {
 	E_OK = 0,

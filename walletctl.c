@@ -337,7 +337,7 @@ is_amount_key(const char *k, size_t n)
 {
 	static const char *const keys[] = { "balance", "amount", "balance_after", "price", "threshold",
 		"required", "available", "subtotal", "unit_price", "unit_cost", "cost", "credited",
-		"paid_amount", NULL };
+		"paid_amount", "held", "remaining", "credit_limit", "daily_limit", NULL };
 
 	for (int i = 0; keys[i]; i++)
 		if (strlen(keys[i]) == n && memcmp(keys[i], k, n) == 0)
@@ -410,6 +410,8 @@ static const struct { const char *list; const char *columns[9]; } list_columns[]
 	{ "topups", { "ref", "status", "amount", "currency", "created_at", "expires_at", "credited", "late" } },
 	{ "notifications", { "id", "created_at", "balance", "threshold", "currency", "email_state", "attempts", "emails" } },
 	{ "breakdown", { "prefix", "route", "count", "unit_price", "price_currency", "unit_cost", "subtotal" } },
+	{ "holds", { "hold", "status", "amount", "remaining", "currency", "expires_at", "description" } },
+	{ "results", { "id", "type", "amount", "balance_after", "ref", "error" } },
 };
 
 /* Prints a list of maps as an aligned table. */
@@ -587,6 +589,21 @@ struct pspec {
 	int optional;
 };
 
+/* Short flags for long names: --block 2547 is --blocked-prefix 2547. */
+static const char *const flag_aliases[][2] = {
+	{ "block", "blocked_prefixes" }, { "allow", "allowed_prefixes" },
+};
+
+/* Whether name (len bytes) is the singular of list param plural: emails/email, prefixes/prefix. */
+static int
+list_singular(const char *plural, const char *name, size_t len)
+{
+	size_t n = strlen(plural);
+
+	return strncmp(plural, name, len) == 0 &&
+	    ((n == len + 1 && plural[len] == 's') || (n == len + 2 && strcmp(plural + len, "es") == 0));
+}
+
 static int
 spec_parse(const char *spec, struct pspec *out, int max)
 {
@@ -665,7 +682,20 @@ csv_split(char *line, char **fields, int max)
 static int
 csv_int_key(const char *k)
 {
-	return strcmp(k, "segments") == 0;
+	return strcmp(k, "segments") == 0 || strcmp(k, "txn") == 0;
+}
+
+/* Keys of CSV rows left out when their field is empty (a rate's empty route is a route). */
+static int
+csv_omit_empty(const char *k)
+{
+	static const char *const keys[] = { "segments", "txn", "ref", "amount", "refund_ref", "text",
+		"description", "reason", "hold", NULL };
+
+	for (int i = 0; keys[i]; i++)
+		if (strcmp(k, keys[i]) == 0)
+			return 1;
+	return 0;
 }
 
 /*
@@ -709,7 +739,7 @@ pack_csv_line(msgpack_packer *pk, char *line, void *arg)
 {
 	struct csv *csv = arg;
 	char *fields[32];
-	int n;
+	int n, kept = 0;
 
 	if (csv->ncols == 0) {
 		csv->ncols = csv_split(line, csv->header, 32);
@@ -718,11 +748,15 @@ pack_csv_line(msgpack_packer *pk, char *line, void *arg)
 	n = csv_split(line, fields, 32);
 	if (n > csv->ncols)
 		n = csv->ncols;
-	msgpack_pack_map(pk, (size_t)n);
+	for (int i = 0; i < n; i++)
+		kept += !(*fields[i] == '\0' && csv_omit_empty(csv->header[i]));
+	msgpack_pack_map(pk, (size_t)kept);
 	for (int i = 0; i < n; i++) {
 		char *end;
 		unsigned long long v;
 
+		if (*fields[i] == '\0' && csv_omit_empty(csv->header[i]))
+			continue;
 		msgpack_pack_str_with_body(pk, csv->header[i], strlen(csv->header[i]));
 		errno = 0;
 		v = strtoull(fields[i], &end, 10);
@@ -779,11 +813,12 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 			for (char *c = name; *c; c++)
 				if (*c == '-')
 					*c = '_';
+			for (size_t a = 0; a < sizeof(flag_aliases) / sizeof(flag_aliases[0]); a++)
+				if (strcmp(name, flag_aliases[a][0]) == 0)
+					snprintf(name, sizeof(name), "%s", flag_aliases[a][1]);
 			len = strlen(name);
 			for (int j = 0; j < np && p < 0; j++)
-				if (strcmp(ps[j].name, name) == 0 ||
-				    (ps[j].type == 'l' && strlen(ps[j].name) == len + 1 &&
-				    strncmp(ps[j].name, name, len) == 0 && ps[j].name[len] == 's'))
+				if (strcmp(ps[j].name, name) == 0 || (ps[j].type == 'l' && list_singular(ps[j].name, name, len)))
 					p = j;
 			if (p < 0)
 				die(EXIT_USAGE, "%s takes no option --%s (see: walletctl help %s)",
@@ -840,6 +875,21 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 			else
 				msgpack_pack_str_with_body(&pk, v, strlen(v));
 			break;
+		case 'I': {
+			char *end;
+			unsigned long long x;
+
+			if (strcmp(v, "none") == 0) {
+				msgpack_pack_nil(&pk);
+				break;
+			}
+			errno = 0;
+			x = strtoull(v, &end, 10);
+			if (*v == '\0' || *end != '\0' || errno || *v == '-')
+				die(EXIT_USAGE, "%s must be a whole number or none, not '%s'", ps[j].name, v);
+			msgpack_pack_uint64(&pk, x);
+			break;
+		}
 		case 'l': {
 			const char *items[64];
 			int n = 0;
@@ -1175,12 +1225,14 @@ bench_usage(FILE *f)
 	fprintf(f,
 	    "usage: walletctl bench [-c CONNECTIONS] [-n REQUESTS] [-P PIPELINE] [--batch N]\n"
 	    "                       [--method charge|precheck|balance|history|lookup] [--wallets N]\n"
-	    "                       [--recipients N] [--random-refs] [--json]\n"
+	    "                       [--recipients N] [--random-refs] [--hold] [--controls] [--json]\n"
 	    "  Creates its own wallets (bench-RUN-N, plan bench-RUN) with a large balance, so no\n"
 	    "  production wallet is touched, then sends REQUESTS requests over CONNECTIONS\n"
 	    "  connections, PIPELINE in flight on each.  --batch N sends charge.batch of N items.\n"
 	    "  Charge refs increase like a sequence's message ids; --random-refs scatters them\n"
-	    "  like UUIDv4s (each then dirties a page of the refs index of its own).\n"
+	    "  like UUIDv4s (each then dirties a page of the refs index of its own).  --hold\n"
+	    "  charges under a hold of each wallet's; --controls sets every spend control\n"
+	    "  (none reached) on each wallet.\n"
 	    "  Prints requests/s, charges/s, latency percentiles, errors by code, and from stats\n"
 	    "  the run's commits/s, mean batch size, and the time of a batch and of its durable\n"
 	    "  commit (the syncs).  It checks that the wallets lost exactly what the\n"
@@ -1252,6 +1304,8 @@ bench_call(const char *method, msgpack_sbuffer *params, msgpack_unpacked *resp)
 	return res;
 }
 
+static int bench_hold;          /* --hold: each wallet's charges draw on a hold of its own */
+
 /*
  * Leaves no money behind: a bench wallet holding left is debited to zero and
  * frozen (walletd deletes no wallet: its history is the ledger).  Against a
@@ -1270,7 +1324,15 @@ bench_retire(const char *wallet, int64_t left)
 
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	if (left > 0) {
+	if (bench_hold) {
+		msgpack_pack_map(&pk, 2);
+		pk_kv(&pk, "wallet", wallet);
+		pk_kv(&pk, "hold", "bench");
+		rc = bench_try("hold.release", &sb, &resp) ? 0 : -1;
+		msgpack_unpacked_destroy(&resp);
+		msgpack_sbuffer_clear(&sb);
+	}
+	if (left > 0 && rc == 0) {
 		msgpack_pack_map(&pk, 3);
 		pk_kv(&pk, "wallet", wallet);
 		pk_kv(&pk, "amount", amount_format(left, buf, 0));
@@ -1337,11 +1399,13 @@ bench_pack_charge(msgpack_packer *pk, const char *run, uint32_t w, uint64_t seq)
 	} else {
 		snprintf(ref, sizeof(ref), "b%013" PRIx64 "%013" PRIu64, bench_ref_base, seq);
 	}
-	msgpack_pack_map(pk, 4);
+	msgpack_pack_map(pk, 4 + bench_hold);
 	pk_kv(pk, "wallet", wallet);
 	pk_kv(pk, "channel", "sms");
 	pk_kv(pk, "to", "+15550000000");
 	pk_kv(pk, "ref", ref);
+	if (bench_hold)
+		pk_kv(pk, "hold", "bench");
 }
 
 static int
@@ -1361,7 +1425,7 @@ cmd_bench(int argc, char **argv)
 	const msgpack_object *res;
 	uint64_t *charged, t0, t1;
 	struct bench_counts n0, n1;
-	int json = json_output, failed = 0;
+	int json = json_output, failed = 0, controls = 0;
 	unsigned retire_failed = 0;
 
 	for (int i = 0; i < argc; i++) {
@@ -1373,6 +1437,14 @@ cmd_bench(int argc, char **argv)
 		}
 		if (strcmp(a, "--random-refs") == 0) {
 			bench_random_refs = 1;
+			continue;
+		}
+		if (strcmp(a, "--hold") == 0) {
+			bench_hold = 1;
+			continue;
+		}
+		if (strcmp(a, "--controls") == 0) {
+			controls = 1;
 			continue;
 		}
 		if (v == NULL) {
@@ -1435,10 +1507,24 @@ cmd_bench(int argc, char **argv)
 
 		snprintf(wallet, sizeof(wallet), "bench-%s-%u", run, w);
 		msgpack_sbuffer_clear(&sb);
-		msgpack_pack_map(&pk, 3);
+		msgpack_pack_map(&pk, 3 + 4 * controls);
 		pk_kv(&pk, "wallet", wallet);
 		pk_kv(&pk, "currency", "USD");
 		pk_kv(&pk, "plan", buf);
+		if (controls) { /* every control set, none reached: what checking them costs */
+			pk_kv(&pk, "daily_limit", "1000000000");
+			msgpack_pack_str_with_body(&pk, "hourly_messages", 15);
+			msgpack_pack_uint32(&pk, UINT32_MAX);
+			msgpack_pack_str_with_body(&pk, "allowed_prefixes", 16);
+			msgpack_pack_array(&pk, 2);
+			msgpack_pack_str_with_body(&pk, "44", 2);
+			msgpack_pack_str_with_body(&pk, "1555", 4);
+			msgpack_pack_str_with_body(&pk, "blocked_prefixes", 16);
+			msgpack_pack_array(&pk, 3);
+			msgpack_pack_str_with_body(&pk, "1900", 4);
+			msgpack_pack_str_with_body(&pk, "1976", 4);
+			msgpack_pack_str_with_body(&pk, "2547", 4);
+		}
 		bench_call("wallet.create", &sb, &resp);
 		msgpack_unpacked_destroy(&resp);
 		msgpack_sbuffer_clear(&sb);
@@ -1448,6 +1534,15 @@ cmd_bench(int argc, char **argv)
 		pk_kv(&pk, "reason", "walletctl bench");
 		bench_call("credit", &sb, &resp);
 		msgpack_unpacked_destroy(&resp);
+		if (bench_hold) { /* half the balance, held for the run's charges */
+			msgpack_sbuffer_clear(&sb);
+			msgpack_pack_map(&pk, 3);
+			pk_kv(&pk, "wallet", wallet);
+			pk_kv(&pk, "ref", "bench");
+			pk_kv(&pk, "amount", "500000000");
+			bench_call("hold.create", &sb, &resp);
+			msgpack_unpacked_destroy(&resp);
+		}
 	}
 	/* history pages through a wallet with a history: 200 charges each first. */
 	if (strcmp(method, "history") == 0)

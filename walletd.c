@@ -689,6 +689,8 @@ utf8_valid(const char *text, size_t n)
 {
 	size_t i = 0;
 
+	while (i < n && (unsigned char)text[i] - 1u < 0x7fu)
+		i++; /* ASCII without NUL, the usual case: a compare a byte */
 	while (i < n)
 		if (text[i] == '\0' || utf8_next((const unsigned char *)text, n, &i) < 0)
 			return 0;
@@ -974,7 +976,10 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  *   meta     "wallet_seq" -> u64: the next wallet number; "version" -> u32;
  *            "L" plan \0 channel -> u32: the prefix lengths that have rates
  *            (bit n for length n; set by rate.set, never cleared: a superset)
- *   wallets  wallet id -> struct wallet (the emails tail is variable)
+ *   wallets  wallet id -> struct wallet: its base fields, its extended ones
+ *            (credit limit, holds, limits) and minute counts when it has
+ *            them, its allowed prefixes, blocked prefixes and e-mails
+ *            (wallet_decode; layout 4 had nothing after plan but emails)
  *   txns     u64 id (MDB_INTEGERKEY) -> struct txn_head, then the rest of
  *            the transaction as a msgpack array (txn_pack_stored; layout 3
  *            stored the whole msgpack map, and such records still read):
@@ -989,7 +994,12 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  *            a history leaf of its own in most commits.
  *   refs     ref . BE64 wallet number -> u64 txn id . fingerprint: idempotency
  *            (ref first: see ref_key)
- *   refunds  u64 charge id -> u64 refund id
+ *   refunds  u64 charge id -> u64 refund ids, in order (one per partial refund)
+ *   rrefs    refund_ref . BE64 wallet number -> u64 refund id . fingerprint:
+ *            a partial refund's idempotency (as refs)
+ *   holds    BE64 wallet number . ref -> struct hold (hold_put)
+ *   holdexp  BE64 expires_at . BE64 wallet number . ref -> nothing: the active
+ *            holds by expiry, for the writer to end them when due
  *   rates    plan \0 channel \0 prefix \0 route -> struct rate_val
  *   fx       BASEQUOTE (6 bytes) -> struct fx_val
  *   topups   ref -> struct topup
@@ -1005,26 +1015,69 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  * MDB_WRITEMAP: every commit is durable, and nested transactions need
  * LMDB's own page copies.
  */
-#define STORE_VERSION 4
+#define STORE_VERSION 5
 #define EMAILS_BYTES 1024
+#define PREFIXES_BYTES (PREFIXES_MAX * 16)
 #define HIST_STRIDE 64
 
 #define WF_FROZEN    1u
 #define WF_THRESHOLD 2u
+#define WF_DAILY     4u           /* daily_limit set */
+#define WF_HOURLY    8u           /* hourly_messages set */
+#define WF_CREDIT_EVER 16u        /* a credit limit was set once: past balances may be negative */
+#define WF_EXTENDED  32u          /* stored: the record holds the layout 5 fields (wallet_put) */
 
 struct wallet {
 	int64_t balance;
 	int64_t threshold;        /* when WF_THRESHOLD */
 	int64_t created_at;
-	uint64_t number;          /* key prefix of its hist, refs, notes */
+	uint64_t number;          /* key prefix of its hist, refs, notes, holds */
 	uint64_t txn_count;
 	uint64_t last_txn;        /* head of its chain of transactions; 0 = none */
 	uint64_t note_count;
 	uint32_t flags;
 	char currency[4];
 	char plan[WALLET_ID_MAX + 1];
-	char emails[EMAILS_BYTES]; /* comma-separated; stored up to its NUL */
+	/* Layout 5, stored only with WF_EXTENDED (0 without). */
+	int64_t credit_limit;     /* the balance may go down to -credit_limit */
+	int64_t held;             /* the remaining of its active holds, added up */
+	int64_t hold_expiry;      /* the earliest expires_at among them (holds_active > 0) */
+	uint32_t holds_active;
+	uint32_t hourly_messages; /* when WF_HOURLY */
+	int64_t daily_limit;      /* when WF_DAILY */
+	int64_t day;              /* the UTC day (since the epoch) that day_spent counts */
+	int64_t day_spent;        /* charged on that day */
+	int64_t minute;           /* the last minute (since the epoch) minute_counts holds */
+	uint64_t hour_total;      /* minute_counts added up (0 without WF_HOURLY) */
+	/* Stored only with WF_HOURLY: the hour is counted from when the limit is set. */
+	uint32_t minute_counts[60]; /* messages charged in each of the last 60 minutes, at minute % 60 */
+	char allowed[PREFIXES_BYTES]; /* comma-separated digit prefixes; "" = any */
+	char blocked[PREFIXES_BYTES];
+	char emails[EMAILS_BYTES]; /* comma-separated */
 };
+
+/* A layout 4 wallet record: the fields up to plan, then emails. */
+#define WALLET_V4_FIXED (offsetof(struct wallet, plan) + WALLET_ID_MAX + 1)
+
+enum hold_status { HS_ACTIVE, HS_RELEASED, HS_EXPIRED };
+static const char *const hold_status_names[] = { "active", "released", "expired" };
+
+/* A hold: money of a wallet reserved for a campaign (SPEC 12).  Stored as
+ * its fields up to wallet, then wallet, ref and description, each up to its
+ * NUL (a charge under it rewrites the record: small is cheaper). */
+struct hold {
+	int64_t amount;
+	int64_t remaining;        /* not yet drawn by charges */
+	int64_t created_at;
+	int64_t expires_at;
+	int64_t closed_at;        /* released or expired; 0 while active */
+	uint32_t status;          /* HS_*; HS_EXPIRED is also derived on read past expires_at */
+	uint32_t fingerprint;     /* of its params, for idempotency */
+	char wallet[WALLET_ID_MAX + 1];
+	char ref[REF_MAX + 1];
+	char description[256];
+};
+#define HOLD_FIXED offsetof(struct hold, wallet)
 
 /* The fixed head of a stored transaction: what history filters and verify need. */
 struct txn_head {
@@ -1109,6 +1162,7 @@ struct txn {
 	char description[600];
 	int64_t created_at;
 	struct str ref, channel, route, provider, provider_ref;
+	struct str hold;            /* the hold a charge drew on, if any */
 	char to[18];
 	uint32_t segments;
 	int64_t price;
@@ -1124,6 +1178,8 @@ struct txn {
 static struct store {
 	MDB_env *env;
 	MDB_dbi meta, wallets, txns, hist, refs, refunds, rates, fx, topups, notes, alertq;
+	MDB_dbi rrefs, holds, holdexp;
+	int64_t next_expiry;      /* writer only: when the first active hold expires (INT64_MAX: none) */
 	pthread_rwlock_t maplock; /* readers: txns; writer: resizing the map */
 	size_t map_size;
 	int lock_fd;
@@ -1228,7 +1284,7 @@ store_env_open(const char *dir)
 
 	if ((rc = mdb_env_create(&store.env)) != 0)
 		return rc;
-	if ((rc = mdb_env_set_maxdbs(store.env, 16)) != 0 ||
+	if ((rc = mdb_env_set_maxdbs(store.env, 24)) != 0 ||
 	    (rc = mdb_env_set_maxreaders(store.env, 256)) != 0 ||
 	    (rc = mdb_env_set_mapsize(store.env, store.map_size)) != 0 ||
 	    (rc = mdb_env_open(store.env, dir, MDB_NOTLS | MDB_NOMEMINIT, 0600)) != 0) {
@@ -1238,10 +1294,44 @@ store_env_open(const char *dir)
 	return rc;
 }
 
+static int wallet_put(MDB_txn *txn, struct str id, const struct wallet *w);
+
+/* Rewrites every wallet record of layout 4 or before as layout 5: the new
+ * fields 0 (no credit limit, no holds, no spend controls). */
+static int
+store_upgrade_wallets(MDB_txn *txn)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, store.wallets, &cur)) != 0)
+		return rc;
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		char id[WALLET_ID_MAX];
+		struct wallet w;
+		size_t tail;
+
+		if (v.mv_size <= WALLET_V4_FIXED || k.mv_size > WALLET_ID_MAX) {
+			rc = MDB_CORRUPTED;
+			break;
+		}
+		memset(&w, 0, sizeof(w));
+		memcpy(&w, v.mv_data, WALLET_V4_FIXED);
+		tail = v.mv_size - WALLET_V4_FIXED;
+		memcpy(w.emails, (char *)v.mv_data + WALLET_V4_FIXED, tail < EMAILS_BYTES ? tail : EMAILS_BYTES - 1);
+		memcpy(id, k.mv_data, k.mv_size); /* the key's bytes are the page's, which the put rewrites */
+		if ((rc = wallet_put(txn, (struct str){ id, k.mv_size }, &w)) != 0)
+			break;
+	}
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
 /*
  * Brings the store in txn to layout STORE_VERSION: layout 2 has its refs
- * re-keyed; layout 3 is read as it is (its records still decode); a new
- * store is stamped.  Returns 0, an LMDB error, or -1 (a message logged) for
+ * re-keyed; layout 3 is read as it is (its records still decode); layouts
+ * 4 and before have their wallets rewritten; a new store is stamped.  Returns 0, an LMDB error, or -1 (a message logged) for
  * a layout this walletd does not read.
  */
 static int
@@ -1255,7 +1345,7 @@ store_upgrade(MDB_txn *txn, const char *dir)
 		memcpy(&found, v.mv_data, sizeof(found));
 	else if (rc != 0 && rc != MDB_NOTFOUND)
 		return rc;
-	if (found != version && found != 2 && found != 3) {
+	if (found != version && (found < 2 || found > 4)) {
 		log_x(L_ERR, "store %s has layout version %u; this walletd reads version %u", dir, found, version);
 		return -1;
 	}
@@ -1264,8 +1354,30 @@ store_upgrade(MDB_txn *txn, const char *dir)
 		if ((rc = store_rekey_refs(txn)) != 0)
 			return rc;
 	}
+	if (found < 5) {
+		log_x(L_INFO, "store %s: wallets to layout %u (credit limits, holds, spend controls)", dir, version);
+		if ((rc = store_upgrade_wallets(txn)) != 0)
+			return rc;
+	}
 	v = (MDB_val){ sizeof(version), &version };
 	return mdb_put(txn, store.meta, &k, &v, 0);
+}
+
+/* Sets store.next_expiry from holdexp's first key (INT64_MAX: no active hold). */
+static int
+store_first_expiry(MDB_txn *txn)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	store.next_expiry = INT64_MAX;
+	if ((rc = mdb_cursor_open(txn, store.holdexp, &cur)) != 0)
+		return rc;
+	if ((rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)) == 0 && k.mv_size >= 8)
+		store.next_expiry = (int64_t)be64_get(k.mv_data);
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND ? 0 : rc;
 }
 
 /* Opens (creating) the store in dir.  Returns 0, or -1 with a message logged. */
@@ -1278,7 +1390,8 @@ store_open(const char *dir)
 		{ &store.refs, "refs", 0 }, { &store.refunds, "refunds", MDB_INTEGERKEY },
 		{ &store.rates, "rates", 0 }, { &store.fx, "fx", 0 },
 		{ &store.topups, "topups", 0 }, { &store.notes, "notes", 0 },
-		{ &store.alertq, "alertq", 0 },
+		{ &store.alertq, "alertq", 0 }, { &store.rrefs, "rrefs", 0 },
+		{ &store.holds, "holds", 0 }, { &store.holdexp, "holdexp", 0 },
 	};
 	char path[PATH_MAX + 32];
 	pthread_rwlockattr_t attr;
@@ -1331,7 +1444,7 @@ store_open(const char *dir)
 			mdb_txn_abort(txn);
 			goto fail;
 		}
-	if ((rc = store_upgrade(txn, dir)) != 0) {
+	if ((rc = store_upgrade(txn, dir)) != 0 || (rc = store_first_expiry(txn)) != 0) {
 		mdb_txn_abort(txn);
 		if (rc < 0)
 			return -1;
@@ -1523,6 +1636,63 @@ record_copy(void *dst, size_t size, MDB_val v)
 	memcpy(dst, v.mv_data, v.mv_size < size ? v.mv_size : size);
 }
 
+/*
+ * A wallet record holds its base fields (those of layout 4), then its
+ * credit limit, hold and spend-control fields only with WF_EXTENDED (most
+ * wallets have none: a small record keeps more wallets in a page, and a
+ * commit of many charges writes fewer pages), then its minute counts only
+ * with WF_HOURLY, then its three strings, each up to its NUL.
+ */
+#define WALLET_BASE     offsetof(struct wallet, credit_limit)
+#define WALLET_EXTENDED (offsetof(struct wallet, minute_counts) - WALLET_BASE)
+#define WALLET_COUNTS   sizeof(((struct wallet *)0)->minute_counts)
+
+/* Whether w needs its extended fields stored. */
+static int
+wallet_extended(const struct wallet *w)
+{
+	return w->credit_limit || w->held || w->holds_active || (w->flags & (WF_DAILY | WF_HOURLY));
+}
+
+/* Decodes a stored wallet record v into *w.  Returns 0 or MDB_CORRUPTED. */
+static int
+wallet_decode(MDB_val v, struct wallet *w)
+{
+	char *strings[3] = { w->allowed, w->blocked, w->emails };
+	size_t sizes[3] = { PREFIXES_BYTES, PREFIXES_BYTES, EMAILS_BYTES };
+	const char *p = (const char *)v.mv_data, *end = p + v.mv_size;
+
+	if (v.mv_size < WALLET_BASE)
+		return MDB_CORRUPTED;
+	memcpy(w, p, WALLET_BASE);
+	p += WALLET_BASE;
+	memset((char *)w + WALLET_BASE, 0, WALLET_EXTENDED + WALLET_COUNTS);
+	if (w->flags & WF_EXTENDED) {
+		if ((size_t)(end - p) < WALLET_EXTENDED)
+			return MDB_CORRUPTED;
+		memcpy((char *)w + WALLET_BASE, p, WALLET_EXTENDED);
+		p += WALLET_EXTENDED;
+	}
+	if (!(w->flags & WF_HOURLY))
+		w->hour_total = 0;
+	if (w->flags & WF_HOURLY) {
+		if ((size_t)(end - p) < WALLET_COUNTS)
+			return MDB_CORRUPTED;
+		memcpy(w->minute_counts, p, WALLET_COUNTS);
+		p += WALLET_COUNTS;
+	}
+	for (int i = 0; i < 3; i++) {
+		size_t n = strnlen(p, (size_t)(end - p));
+
+		if (n >= sizes[i])
+			return MDB_CORRUPTED;
+		memcpy(strings[i], p, n);
+		strings[i][n] = '\0';
+		p += n + (p + n < end);
+	}
+	return 0;
+}
+
 /* Reads wallet id into *w.  Returns 0, MDB_NOTFOUND or an LMDB error. */
 static int
 wallet_get(MDB_txn *txn, struct str id, struct wallet *w)
@@ -1532,18 +1702,285 @@ wallet_get(MDB_txn *txn, struct str id, struct wallet *w)
 
 	if (id.n == 0 || (rc = mdb_get(txn, store.wallets, &k, &v)) != 0)
 		return id.n == 0 ? MDB_NOTFOUND : rc;
-	record_copy(w, sizeof(*w), v);
-	w->emails[EMAILS_BYTES - 1] = '\0';
-	return 0;
+	return wallet_decode(v, w);
 }
 
+/* Writes w under id, as wallet_decode reads it. */
 static int
 wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 {
 	MDB_val k = { id.n, (void *)id.p };
-	MDB_val v = { offsetof(struct wallet, emails) + strlen(w->emails) + 1, (void *)w };
+	char buf[sizeof(*w)];
+	size_t n = WALLET_BASE;
+	const char *strings[3] = { w->allowed, w->blocked, w->emails };
+	uint32_t flags = w->flags & ~WF_EXTENDED;
 
-	return mdb_put(txn, store.wallets, &k, &v, 0);
+	memcpy(buf, w, WALLET_BASE);
+	if (wallet_extended(w)) {
+		flags |= WF_EXTENDED;
+		memcpy(buf + n, (const char *)w + WALLET_BASE, WALLET_EXTENDED);
+		n += WALLET_EXTENDED;
+	}
+	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
+	if (w->flags & WF_HOURLY) {
+		memcpy(buf + n, w->minute_counts, WALLET_COUNTS);
+		n += WALLET_COUNTS;
+	}
+	for (int i = 0; i < 3; i++) {
+		size_t len = strlen(strings[i]) + 1;
+
+		memcpy(buf + n, strings[i], len);
+		n += len;
+	}
+	return mdb_put(txn, store.wallets, &k, &(MDB_val){ n, buf }, 0);
+}
+
+/* ---- Holds ---- */
+
+/* a + b, held at INT64_MAX / INT64_MIN instead of wrapping. */
+static int64_t
+add_saturating(int64_t a, int64_t b)
+{
+	int64_t r;
+
+	if (__builtin_add_overflow(a, b, &r))
+		return a > 0 ? INT64_MAX : INT64_MIN;
+	return r;
+}
+
+/* The key of wallet number's hold ref: BE64 number . ref. */
+static MDB_val
+hold_key(unsigned char key[8 + REF_MAX], uint64_t number, struct str ref)
+{
+	be64_put(key, number);
+	memcpy(key + 8, ref.p, ref.n);
+	return (MDB_val){ 8 + ref.n, key };
+}
+
+/* A hold's key in holdexp: BE64 expires_at . BE64 number . ref. */
+static MDB_val
+holdexp_key(unsigned char key[16 + REF_MAX], const struct hold *h, uint64_t number)
+{
+	size_t n = strlen(h->ref);
+
+	be64_put(key, (uint64_t)h->expires_at);
+	be64_put(key + 8, number);
+	memcpy(key + 16, h->ref, n);
+	return (MDB_val){ 16 + n, key };
+}
+
+/* Decodes a stored hold record v into *h.  Returns 0 or MDB_CORRUPTED. */
+static int
+hold_decode(MDB_val v, struct hold *h)
+{
+	char *strings[3] = { h->wallet, h->ref, h->description };
+	size_t sizes[3] = { sizeof(h->wallet), sizeof(h->ref), sizeof(h->description) };
+	const char *p = (const char *)v.mv_data + HOLD_FIXED, *end = (const char *)v.mv_data + v.mv_size;
+
+	if (v.mv_size < HOLD_FIXED)
+		return MDB_CORRUPTED;
+	memcpy(h, v.mv_data, HOLD_FIXED);
+	for (int i = 0; i < 3; i++) {
+		size_t n = strnlen(p, (size_t)(end - p));
+
+		if (n >= sizes[i])
+			return MDB_CORRUPTED;
+		memcpy(strings[i], p, n);
+		strings[i][n] = '\0';
+		p += n + (p + n < end);
+	}
+	return 0;
+}
+
+/* Reads wallet number's hold ref into *h.  Returns 0, MDB_NOTFOUND or an LMDB error. */
+static int
+hold_get(MDB_txn *txn, uint64_t number, struct str ref, struct hold *h)
+{
+	unsigned char key[8 + REF_MAX];
+	MDB_val k = hold_key(key, number, ref), v;
+	int rc = mdb_get(txn, store.holds, &k, &v);
+
+	return rc ? rc : hold_decode(v, h);
+}
+
+/*
+ * Writes hold h of wallet number.  With queue set (a new hold, or one
+ * ended), also enters an active one in holdexp, or takes an ended one out;
+ * a charge drawing on a hold changes neither its status nor its expiry.
+ */
+static int
+hold_put(MDB_txn *txn, uint64_t number, const struct hold *h, int queue)
+{
+	unsigned char key[16 + REF_MAX];
+	MDB_val k = hold_key(key, number, (struct str){ h->ref, strlen(h->ref) });
+	const char *strings[3] = { h->wallet, h->ref, h->description };
+	char buf[sizeof(*h)];
+	size_t n = HOLD_FIXED;
+	int rc;
+
+	memcpy(buf, h, HOLD_FIXED);
+	for (int i = 0; i < 3; i++) {
+		size_t len = strlen(strings[i]) + 1;
+
+		memcpy(buf + n, strings[i], len);
+		n += len;
+	}
+	if ((rc = mdb_put(txn, store.holds, &k, &(MDB_val){ n, buf }, 0)) != 0 || !queue)
+		return rc;
+	k = holdexp_key(key, h, number);
+	if (h->status == HS_ACTIVE)
+		return mdb_put(txn, store.holdexp, &k, &(MDB_val){ 0, "" }, 0);
+	rc = mdb_del(txn, store.holdexp, &k, NULL);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+/*
+ * Visits the holds of wallet number, in ref order: fn(h, arg) for each,
+ * until it returns nonzero.  Returns 0 or an LMDB error.
+ */
+static int
+holds_each(MDB_txn *txn, uint64_t number, int (*fn)(const struct hold *, void *), void *arg)
+{
+	unsigned char prefix[8];
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	be64_put(prefix, number);
+	if ((rc = mdb_cursor_open(txn, store.holds, &cur)) != 0)
+		return rc;
+	k = (MDB_val){ 8, prefix };
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && k.mv_size >= 8 &&
+	    memcmp(k.mv_data, prefix, 8) == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct hold h;
+
+		if (hold_decode(v, &h) != 0) {
+			rc = MDB_CORRUPTED;
+			break;
+		}
+		if (fn(&h, arg))
+			break;
+	}
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND || rc == 0 ? 0 : rc;
+}
+
+/* What the active holds still unexpired at `at` hold, and the first of their expiries. */
+struct holds_sum {
+	int64_t at, held, first_expiry;
+	uint32_t active;
+};
+
+static int
+holds_sum_add(const struct hold *h, void *arg)
+{
+	struct holds_sum *sum = arg;
+
+	if (h->status == HS_ACTIVE && h->expires_at > sum->at) {
+		sum->held += h->remaining;
+		sum->active++;
+		if (sum->active == 1 || h->expires_at < sum->first_expiry)
+			sum->first_expiry = h->expires_at;
+	}
+	return 0;
+}
+
+/*
+ * What w's holds reserve at time now: w->held, kept by every change of a
+ * hold, unless one of them has passed its expires_at before the writer
+ * ended it (holds_expire); then the active ones not yet expired are added
+ * up (a scan of w's holds).  So available is right before the expiry runs.
+ * Returns 0 or an LMDB error.
+ */
+static int
+wallet_held(MDB_txn *txn, const struct wallet *w, int64_t now, int64_t *held)
+{
+	struct holds_sum sum = { now, 0, 0, 0 };
+	int rc;
+
+	*held = w->held;
+	if (w->holds_active == 0 || now < w->hold_expiry)
+		return 0;
+	if ((rc = holds_each(txn, w->number, holds_sum_add, &sum)) == 0)
+		*held = sum.held;
+	return rc;
+}
+
+/* What w may spend at now: balance + credit_limit - held (both set).  0 or an LMDB error. */
+static int
+wallet_available(MDB_txn *txn, const struct wallet *w, int64_t now, int64_t *held, int64_t *available)
+{
+	int rc = wallet_held(txn, w, now, held);
+
+	*available = add_saturating(add_saturating(w->balance, w->credit_limit), -*held);
+	return rc;
+}
+
+/*
+ * Counts w's active holds, what their remaining adds up to and the first of
+ * their expiries into w (after a hold ends): these count every hold whose
+ * status is active, expired by time or not, until holds_expire ends it.
+ * Returns 0 or an LMDB error.
+ */
+static int
+wallet_holds_recount(MDB_txn *txn, struct wallet *w)
+{
+	struct holds_sum sum = { INT64_MIN, 0, 0, 0 };
+	int rc = holds_each(txn, w->number, holds_sum_add, &sum);
+
+	w->held = sum.held;
+	w->holds_active = sum.active;
+	w->hold_expiry = sum.first_expiry;
+	return rc;
+}
+
+/*
+ * Ends the holds whose expires_at has come, at most 1,000 a call: each
+ * becomes expired and its remaining is its wallet's to spend again.  Runs
+ * in the writer's batch transaction, before the batch's requests.  Leaves
+ * in store.next_expiry when the first hold still active expires.  Returns
+ * 0 or an LMDB error.
+ */
+static int
+holds_expire(MDB_txn *txn, int64_t now)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc, ended = 0;
+
+	if ((rc = mdb_cursor_open(txn, store.holdexp, &cur)) != 0)
+		return rc;
+	store.next_expiry = INT64_MAX;
+	while ((rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)) == 0 && k.mv_size > 16) {
+		int64_t expires_at = (int64_t)be64_get(k.mv_data);
+		uint64_t number = be64_get((unsigned char *)k.mv_data + 8);
+		struct str ref = { (char *)k.mv_data + 16, k.mv_size - 16 };
+		struct wallet w;
+		struct hold h;
+
+		if (expires_at > now || ended == 1000) {
+			store.next_expiry = expires_at;
+			break;
+		}
+		if ((rc = hold_get(txn, number, ref, &h)) == MDB_NOTFOUND || (rc == 0 && h.status != HS_ACTIVE)) {
+			if ((rc = mdb_cursor_del(cur, 0)) != 0)
+				break;
+			continue; /* not queued by hold_put: nothing to end */
+		}
+		if (rc != 0 || (rc = wallet_get(txn, (struct str){ h.wallet, strlen(h.wallet) }, &w)) != 0)
+			break;
+		if ((rc = mdb_cursor_del(cur, 0)) != 0)
+			break;
+		h.status = HS_EXPIRED;
+		h.closed_at = h.expires_at;
+		if ((rc = hold_put(txn, number, &h, 1)) != 0 ||
+		    (rc = wallet_holds_recount(txn, &w)) != 0 ||
+		    (rc = wallet_put(txn, (struct str){ h.wallet, strlen(h.wallet) }, &w)) != 0)
+			break;
+		ended++;
+	}
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND || rc == 0 ? 0 : rc;
 }
 
 /* Builds the 16-byte key BE64(a) . BE64(b) into key. */
@@ -1577,6 +2014,8 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 		n += 2;
 	if (t->paid_currency)
 		n += 2;
+	if (t->hold.n)
+		n++;
 	pack_map16(pk, n);
 	KV_U64(pk, "id", t->id);
 	KV_SSTR(pk, "wallet", t->wallet);
@@ -1613,6 +2052,8 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 		KV_AMOUNT(pk, "paid_amount", t->paid_amount);
 		KV_STR(pk, "paid_currency", t->paid_currency);
 	}
+	if (t->hold.n)
+		KV_SSTR(pk, "hold", t->hold);
 	if (replayed >= 0)
 		KV_BOOL(pk, "replayed", replayed);
 }
@@ -1621,7 +2062,8 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
  * Packs a transaction as stored after its head: an array of what the head
  * and the key do not hold, nil where a field does not apply.  Without the
  * map's keys, its type, amounts and time a record is about half the size
- * (the log is most of a commit's pages and of the store).
+ * (the log is most of a commit's pages and of the store).  A charge under
+ * a hold has one field more, the hold's ref.
  */
 #define TXN_STORED_FIELDS 16
 
@@ -1637,7 +2079,7 @@ pack_sstr_or_nil(msgpack_packer *pk, struct str s)
 static void
 txn_pack_stored(msgpack_packer *pk, const struct txn *t)
 {
-	msgpack_pack_array(pk, TXN_STORED_FIELDS);
+	msgpack_pack_array(pk, TXN_STORED_FIELDS + (t->hold.n > 0));
 	pack_sstr(pk, t->wallet);
 	pack_cstr(pk, t->currency);
 	pack_cstr(pk, t->description);
@@ -1673,6 +2115,8 @@ txn_pack_stored(msgpack_packer *pk, const struct txn *t)
 		msgpack_pack_nil(pk);
 		msgpack_pack_nil(pk);
 	}
+	if (t->hold.n)
+		pack_sstr(pk, t->hold);
 }
 
 /* A stored field: a string (nil gives an empty one).  0, or -1 if neither. */
@@ -1742,7 +2186,8 @@ txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpa
 		return ENOMEM;
 	msgpack_zone_clear(expand_zone);
 	if (msgpack_unpack(p, n, &off, expand_zone, &o) != MSGPACK_UNPACK_SUCCESS ||
-	    o.type != MSGPACK_OBJECT_ARRAY || o.via.array.size != TXN_STORED_FIELDS ||
+	    o.type != MSGPACK_OBJECT_ARRAY || o.via.array.size < TXN_STORED_FIELDS ||
+	    o.via.array.size > TXN_STORED_FIELDS + 1 ||
 	    h->type == 0 || h->type >= T__COUNT)
 		return MDB_CORRUPTED;
 	f = o.via.array.ptr;
@@ -1758,7 +2203,8 @@ txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpa
 	    stored_int(&f[8], &t.price) || stored_cstr(&f[9], price_currency, sizeof(price_currency)) ||
 	    stored_int(&f[10], &refund_of) || stored_str(&f[12], &t.provider) ||
 	    stored_str(&f[13], &t.provider_ref) || stored_int(&f[14], &t.paid_amount) ||
-	    stored_cstr(&f[15], paid_currency, sizeof(paid_currency)))
+	    stored_cstr(&f[15], paid_currency, sizeof(paid_currency)) ||
+	    (o.via.array.size > TXN_STORED_FIELDS && stored_str(&f[16], &t.hold)))
 		return MDB_CORRUPTED;
 	if (f[11].type == MSGPACK_OBJECT_ARRAY) {
 		const msgpack_object *a = f[11].via.array.ptr;
@@ -2157,11 +2603,20 @@ struct call {
 	int64_t required, available;
 	char currency[4];
 	uint64_t conflict_txn;
-	MDB_val refund_raw;         /* already_refunded: the first refund */
+	uint64_t refunded;          /* already_refunded: the charge, whose refunds are packed */
+	char hold[REF_MAX + 1];     /* unknown_hold, hold_closed: the hold */
+	const char *hold_status;    /* hold_closed */
+	char prefix[16];            /* destination_blocked: the blocked prefix; "" = not allowed */
+	const char *limit;          /* limit_exceeded: its name, max, used, when it resets */
+	char limit_max[32], limit_used[32];
+	int64_t resets_at;
 	int alert;                  /* a notification was recorded */
 	int mdb_rc;                 /* the first LMDB error met */
 	uint64_t budget;            /* records a scan may visit (see over_budget); 0 = no limit */
 };
+
+typedef int (*method_fn)(struct call *);
+static const method_fn method_fns[M__COUNT]; /* the handlers, at the end of this section */
 
 /*
  * What a method returns when it ran out of its budget: a read on the event
@@ -2400,10 +2855,13 @@ p_currency(struct call *c, const char *name, int required, struct str *s)
 
 /*
  * Reads an amount param: a decimal string or a msgpack integer of whole
- * units.  *present is 0 when absent, -1 when nil, 1 when set.  Negatives
- * are always rejected (no param is a signed amount); positive also rejects
- * zero.  Returns E_OK or E_INVALID_ARGUMENT.
+ * units.  *present is 0 when absent, -1 when nil, 1 when set.  sign is
+ * AMOUNT_POSITIVE (zero and negatives rejected), AMOUNT_NONNEGATIVE or
+ * AMOUNT_SIGNED (a threshold, under a credit limit).  Returns E_OK or
+ * E_INVALID_ARGUMENT.
  */
+enum { AMOUNT_SIGNED = -1, AMOUNT_NONNEGATIVE = 0, AMOUNT_POSITIVE = 1 };
+
 static int
 p_amount(struct call *c, const char *name, int required, int positive, int64_t *v, int *present)
 {
@@ -2431,9 +2889,9 @@ p_amount(struct call *c, const char *name, int required, int positive, int64_t *
 		return fail(c, E_INVALID_ARGUMENT, name,
 		    "%s must be a decimal string (floats are not accepted)", name);
 	}
-	if (positive && x <= 0)
+	if (positive == AMOUNT_POSITIVE && x <= 0)
 		return fail(c, E_INVALID_ARGUMENT, name, "%s must be positive", name);
-	if (x < 0)
+	if (positive == AMOUNT_NONNEGATIVE && x < 0)
 		return fail(c, E_INVALID_ARGUMENT, name, "%s must not be negative", name);
 	*v = x;
 	*present = 1;
@@ -2529,34 +2987,60 @@ load_wallet(struct call *c, struct str id, struct wallet *w)
 	return rc ? store_error(c, rc) : E_OK;
 }
 
-/* Packs a wallet as the methods answer it. */
+/* Packs key name and a comma-separated list as a list of strings. */
 static void
-wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w)
+pack_list(msgpack_packer *pk, const char *name, const char *list)
 {
-	int n = 0;
+	size_t n = 0;
 
-	msgpack_pack_map(pk, 8);
-	KV_SSTR(pk, "wallet", id);
-	KV_STR(pk, "currency", w->currency);
-	KV_AMOUNT(pk, "balance", w->balance);
-	KV_STR(pk, "plan", w->plan);
-	KEY(pk, "threshold");
-	if (w->flags & WF_THRESHOLD)
-		pack_amount(pk, w->threshold);
-	else
-		msgpack_pack_nil(pk);
-	KEY(pk, "alert_emails");
-	for (const char *p = w->emails; *p; p++)
+	pack_cstr(pk, name);
+	for (const char *p = list; *p; p++)
 		n += *p == ',';
-	msgpack_pack_array(pk, w->emails[0] ? (size_t)n + 1 : 0);
-	for (const char *p = w->emails; *p;) {
+	msgpack_pack_array(pk, list[0] ? n + 1 : 0);
+	for (const char *p = list; *p;) {
 		size_t len = strcspn(p, ",");
 
 		msgpack_pack_str_with_body(pk, p, len);
 		p += len + (p[len] == ',');
 	}
+}
+
+/* Packs key name and the amount v, or nil unless set. */
+static void
+pack_amount_or_nil(msgpack_packer *pk, const char *name, int set, int64_t v)
+{
+	pack_cstr(pk, name);
+	if (set)
+		pack_amount(pk, v);
+	else
+		msgpack_pack_nil(pk);
+}
+
+/* Packs a wallet as the methods answer it; held and available as of now. */
+static void
+wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t held, int64_t available)
+{
+	msgpack_pack_map(pk, 16);
+	KV_SSTR(pk, "wallet", id);
+	KV_STR(pk, "currency", w->currency);
+	KV_AMOUNT(pk, "balance", w->balance);
+	KV_AMOUNT(pk, "held", held);
+	KV_AMOUNT(pk, "available", available);
+	KV_AMOUNT(pk, "credit_limit", w->credit_limit);
+	KV_STR(pk, "plan", w->plan);
+	pack_amount_or_nil(pk, "threshold", w->flags & WF_THRESHOLD, w->threshold);
+	pack_list(pk, "alert_emails", w->emails);
+	pack_amount_or_nil(pk, "daily_limit", w->flags & WF_DAILY, w->daily_limit);
+	KEY(pk, "hourly_messages");
+	if (w->flags & WF_HOURLY)
+		msgpack_pack_uint32(pk, w->hourly_messages);
+	else
+		msgpack_pack_nil(pk);
+	pack_list(pk, "allowed_prefixes", w->allowed);
+	pack_list(pk, "blocked_prefixes", w->blocked);
 	KV_STR(pk, "status", w->flags & WF_FROZEN ? "frozen" : "active");
 	KV_TIME(pk, "created_at", w->created_at);
+	KV_U64(pk, "holds_active", w->holds_active);
 }
 
 /*
@@ -2638,19 +3122,52 @@ fail_insufficient(struct call *c, int64_t required, int64_t available, const cha
 	    amount_format(required, r, 0), currency, amount_format(available, a, 0), currency);
 }
 
+/*
+ * Packs already_refunded's details of charge id: "refund", the first of its
+ * refunds, and "refunds", every one (from the refunds index, in txn).
+ */
+static void
+pack_refunds(msgpack_packer *pk, MDB_txn *txn, uint64_t id)
+{
+	MDB_val k = { sizeof(id), &id }, v = { 0, NULL };
+	uint64_t refund;
+	size_t n;
+
+	if (txn == NULL || mdb_get(txn, store.refunds, &k, &v) != 0)
+		v.mv_size = 0;
+	n = v.mv_size / 8;
+	for (int pass = 0; pass < 2; pass++) {
+		pack_cstr(pk, pass ? "refunds" : "refund");
+		if (pass)
+			msgpack_pack_array(pk, n);
+		for (size_t i = 0; i < (pass ? n : 1); i++) {
+			struct txn_head h;
+			MDB_val rec;
+
+			if (n == 0) {
+				msgpack_pack_nil(pk);
+				continue;
+			}
+			memcpy(&refund, (char *)v.mv_data + 8 * i, 8);
+			if (txn_fetch(txn, refund, &h, &rec) != 0 || txn_pack_record(pk, refund, &h, rec) != 0)
+				msgpack_pack_nil(pk);
+		}
+	}
+}
+
 /* Packs the error of c as the wire's error map. */
 static void
 pack_error(msgpack_packer *pk, const struct call *c)
 {
+	static const unsigned char details[E__COUNT] = {
+		[E_INSUFFICIENT_BALANCE] = 3, [E_IDEMPOTENCY_CONFLICT] = 1, [E_ALREADY_REFUNDED] = 2,
+		[E_UNKNOWN_HOLD] = 1, [E_HOLD_CLOSED] = 2, [E_LIMIT_EXCEEDED] = 4, [E_DESTINATION_BLOCKED] = 1,
+	};
 	char a[32];
 	int n = 2 + (c->field != NULL);
 
-	if (c->code == E_INSUFFICIENT_BALANCE)
-		n += 3;
-	if (c->code == E_IDEMPOTENCY_CONFLICT)
-		n++;
-	if (c->code == E_ALREADY_REFUNDED && c->refund_raw.mv_size)
-		n++;
+	if (c->code > 0 && c->code < E__COUNT)
+		n += details[c->code];
 	msgpack_pack_map(pk, (size_t)n);
 	KV_STR(pk, "code", error_name(c->code));
 	KV_STR(pk, "message", c->message);
@@ -2663,9 +3180,24 @@ pack_error(msgpack_packer *pk, const struct call *c)
 	}
 	if (c->code == E_IDEMPOTENCY_CONFLICT)
 		KV_U64(pk, "txn", c->conflict_txn);
-	if (c->code == E_ALREADY_REFUNDED && c->refund_raw.mv_size) {
-		KEY(pk, "refund");
-		pk->callback(pk->data, c->refund_raw.mv_data, c->refund_raw.mv_size);
+	if (c->code == E_ALREADY_REFUNDED)
+		pack_refunds(pk, c->txn, c->refunded);
+	if (c->code == E_UNKNOWN_HOLD || c->code == E_HOLD_CLOSED)
+		KV_STR(pk, "hold", c->hold);
+	if (c->code == E_HOLD_CLOSED)
+		KV_STR(pk, "status", c->hold_status);
+	if (c->code == E_DESTINATION_BLOCKED) {
+		KEY(pk, "prefix");
+		if (c->prefix[0])
+			pack_cstr(pk, c->prefix);
+		else
+			msgpack_pack_nil(pk);
+	}
+	if (c->code == E_LIMIT_EXCEEDED) {
+		KV_STR(pk, "limit", c->limit);
+		KV_STR(pk, "max", c->limit_max);
+		KV_STR(pk, "used", c->limit_used);
+		KV_TIME(pk, "resets_at", c->resets_at);
 	}
 }
 
@@ -2685,13 +3217,103 @@ m_ping(struct call *c)
 static int
 p_threshold(struct call *c, struct wallet *w)
 {
-	int present, rc = p_amount(c, "threshold", 0, 0, &w->threshold, &present);
+	int present, rc = p_amount(c, "threshold", 0, AMOUNT_SIGNED, &w->threshold, &present);
 
 	if (rc == E_OK && present == 1)
 		w->flags |= WF_THRESHOLD;
 	else if (rc == E_OK && present == -1)
 		w->flags &= ~WF_THRESHOLD;
 	return rc;
+}
+
+/*
+ * Reads a list of E.164 digit prefixes (1-15 digits, the first not 0; at
+ * most PREFIXES_MAX) into out, comma-separated; nil or [] is "" (none).
+ * *present as p_amount.
+ */
+static int
+p_prefixes(struct call *c, const char *name, char out[PREFIXES_BYTES], int *present)
+{
+	const msgpack_object *o = param(c, name);
+	size_t n = 0;
+
+	out[0] = '\0';
+	*present = o == NULL ? 0 : 1;
+	if (o == NULL || o->type == MSGPACK_OBJECT_NIL)
+		return E_OK;
+	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size > PREFIXES_MAX)
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must be a list of at most %d prefixes", name, PREFIXES_MAX);
+	for (uint32_t i = 0; i < o->via.array.size; i++) {
+		const msgpack_object *e = &o->via.array.ptr[i];
+		char digits[16];
+		struct str p;
+
+		if (e->type != MSGPACK_OBJECT_STR)
+			return fail(c, E_INVALID_ARGUMENT, name, "%s must hold strings", name);
+		p = (struct str){ e->via.str.ptr, e->via.str.size };
+		if (p.n == 0 || e164_digits(p, digits) != p.n)
+			return fail(c, E_INVALID_ARGUMENT, name, "%s: '%.*s' is not 1-15 digits, the first not 0", name,
+			    (int)(p.n > 32 ? 32 : p.n), p.p);
+		if (n)
+			out[n++] = ',';
+		memcpy(out + n, p.p, p.n);
+		n += p.n;
+		out[n] = '\0';
+	}
+	return E_OK;
+}
+
+/*
+ * Reads a wallet's credit limit and spend controls into w: credit_limit,
+ * daily_limit, hourly_messages, allowed_prefixes, blocked_prefixes.  An
+ * absent param leaves w's; nil clears it (credit_limit back to 0).
+ */
+static int
+p_controls(struct call *c, struct wallet *w)
+{
+	const msgpack_object *hourly = param(c, "hourly_messages");
+	int64_t limit;
+	int present, rc;
+
+	if ((rc = p_amount(c, "credit_limit", 0, AMOUNT_NONNEGATIVE, &limit, &present)))
+		return rc;
+	if (present)
+		w->credit_limit = present == 1 ? limit : 0;
+	if (present == 1 && limit > 0)
+		w->flags |= WF_CREDIT_EVER;
+	if ((rc = p_amount(c, "daily_limit", 0, AMOUNT_POSITIVE, &limit, &present)))
+		return rc;
+	if (present == 1)
+		w->flags |= WF_DAILY, w->daily_limit = limit;
+	else if (present == -1)
+		w->flags &= ~WF_DAILY;
+	if (hourly && hourly->type == MSGPACK_OBJECT_NIL) {
+		w->flags &= ~WF_HOURLY;
+	} else if (hourly) {
+		uint64_t n = 0;
+
+		if ((rc = p_uint(c, "hourly_messages", 1, 1, UINT32_MAX, &n)))
+			return rc;
+		w->flags |= WF_HOURLY;
+		w->hourly_messages = (uint32_t)n;
+	}
+	if ((rc = p_prefixes(c, "allowed_prefixes", w->allowed, &present)) ||
+	    (rc = p_prefixes(c, "blocked_prefixes", w->blocked, &present)))
+		return rc;
+	return E_OK;
+}
+
+/* Packs wallet w (id) with its held and available as of now. */
+static int
+wallet_answer(struct call *c, struct str id, const struct wallet *w)
+{
+	int64_t held, available;
+	int rc = wallet_available(c->txn, w, now_seconds(), &held, &available);
+
+	if (rc)
+		return store_error(c, rc);
+	wallet_pack(c->pk, id, w, held, available);
+	return E_OK;
 }
 
 static int
@@ -2706,7 +3328,7 @@ m_wallet_create(struct call *c)
 	memset(&w, 0, sizeof(w));
 	if ((rc = p_wallet(c, &id)) || (rc = p_currency(c, "currency", 1, &currency)) ||
 	    (rc = p_name(c, "plan", 0, 0, &plan)) || (rc = p_threshold(c, &w)) ||
-	    (rc = p_emails(c, w.emails, &present)))
+	    (rc = p_emails(c, w.emails, &present)) || (rc = p_controls(c, &w)))
 		return rc;
 	if ((rc = wallet_get(c->txn, id, &w)) == 0)
 		return fail(c, E_WALLET_EXISTS, "wallet", "Wallet '%.*s' exists", (int)id.n, id.p);
@@ -2728,7 +3350,7 @@ m_wallet_create(struct call *c)
 	w.created_at = now_seconds();
 	if ((rc = wallet_put(c->txn, id, &w)) != 0)
 		return store_error(c, rc);
-	wallet_pack(c->pk, id, &w);
+	wallet_pack(c->pk, id, &w, 0, w.credit_limit);
 	return E_OK;
 }
 
@@ -2741,8 +3363,7 @@ m_wallet_get(struct call *c)
 
 	if ((rc = p_wallet(c, &id)) || (rc = load_wallet(c, id, &w)))
 		return rc;
-	wallet_pack(c->pk, id, &w);
-	return E_OK;
+	return wallet_answer(c, id, &w);
 }
 
 static int
@@ -2750,12 +3371,17 @@ m_balance(struct call *c)
 {
 	struct str id;
 	struct wallet w;
+	int64_t held, available;
 	int rc;
 
 	if ((rc = p_wallet(c, &id)) || (rc = load_wallet(c, id, &w)))
 		return rc;
-	msgpack_pack_map(c->pk, 2);
+	if ((rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)))
+		return store_error(c, rc);
+	msgpack_pack_map(c->pk, 4);
 	KV_AMOUNT(c->pk, "balance", w.balance);
+	KV_AMOUNT(c->pk, "held", held);
+	KV_AMOUNT(c->pk, "available", available);
 	KV_STR(c->pk, "currency", w.currency);
 	return E_OK;
 }
@@ -2792,8 +3418,11 @@ m_wallet_update(struct call *c)
 	if (status.p && !(status.n == 6 && memcmp(status.p, "active", 6) == 0) &&
 	    !(status.n == 6 && memcmp(status.p, "frozen", 6) == 0))
 		return fail(c, E_INVALID_ARGUMENT, "status", "status must be active or frozen");
-	if ((rc = load_wallet(c, id, &w)) || (rc = p_threshold(c, &w)))
+	if ((rc = load_wallet(c, id, &w)) || (rc = p_threshold(c, &w)) || (rc = p_controls(c, &w)))
 		return rc;
+	if (w.balance < -w.credit_limit)
+		return fail(c, E_INVALID_ARGUMENT, "credit_limit",
+		    "credit_limit must be at least what the wallet owes (its balance is below minus it)");
 	if (plan.p) {
 		memset(w.plan, 0, sizeof(w.plan));
 		memcpy(w.plan, plan.p, plan.n);
@@ -2806,8 +3435,7 @@ m_wallet_update(struct call *c)
 		w.flags &= ~WF_FROZEN;
 	if ((rc = wallet_put(c->txn, id, &w)) != 0)
 		return store_error(c, rc);
-	wallet_pack(c->pk, id, &w);
-	return E_OK;
+	return wallet_answer(c, id, &w);
 }
 
 /* Reads page (default 0) and limit (default def, at most max). */
@@ -2828,6 +3456,7 @@ static int
 m_wallet_list(struct call *c)
 {
 	uint64_t page, limit, skip, count = 0;
+	int64_t held, available;
 	MDB_cursor *cur;
 	MDB_stat st;
 	MDB_val k, v;
@@ -2853,8 +3482,14 @@ m_wallet_list(struct call *c)
 		}
 		if (count < skip)
 			continue;
-		record_copy(&w, sizeof(w), v);
-		wallet_pack(c->pk, (struct str){ k.mv_data, k.mv_size }, &w);
+		if ((rc = wallet_decode(v, &w)) != 0 ||
+		    (rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)) != 0)
+			break;
+		wallet_pack(c->pk, (struct str){ k.mv_data, k.mv_size }, &w, held, available);
+	}
+	if (rc != 0 && rc != MDB_NOTFOUND) {
+		mdb_cursor_close(cur);
+		return store_error(c, rc);
 	}
 	mdb_cursor_close(cur);
 	KV_U64(c->pk, "total", st.ms_entries);
@@ -3270,6 +3905,169 @@ m_fx_list(struct call *c)
 
 /* ---- Charges ---- */
 
+/* ---- Spend controls ---- */
+
+/* The first prefix of list (comma-separated digits) that digits starts with, copied into out[16]; 0 if none. */
+static int
+prefix_match(const char *list, const char *digits, char out[16])
+{
+	for (const char *p = list; *p;) {
+		size_t len = strcspn(p, ",");
+
+		if (len < 16 && strncmp(p, digits, len) == 0) {
+			memcpy(out, p, len);
+			out[len] = '\0';
+			return 1;
+		}
+		p += len + (p[len] == ',');
+	}
+	return 0;
+}
+
+/*
+ * Whether w may send to digits: not under one of its blocked_prefixes, and
+ * under one of its allowed_prefixes when it has any.  0, or 1 with the
+ * blocked prefix in prefix ("" when the number is only not allowed).
+ */
+static int
+destination_blocked(const struct wallet *w, const char *digits, char prefix[16])
+{
+	if (prefix_match(w->blocked, digits, prefix))
+		return 1;
+	prefix[0] = '\0';
+	return w->allowed[0] && !prefix_match(w->allowed, digits, prefix);
+}
+
+/* Fails c with destination_blocked for digits. */
+static int
+fail_blocked(struct call *c, const char *digits, const char *prefix)
+{
+	memcpy(c->prefix, prefix, 16);
+	if (prefix[0])
+		return fail(c, E_DESTINATION_BLOCKED, "to", "+%s is blocked for this wallet (prefix %s)", digits, prefix);
+	return fail(c, E_DESTINATION_BLOCKED, "to", "+%s is not in this wallet's allowed prefixes", digits);
+}
+
+/*
+ * Messages counted in w's rolling hour at minute (since the epoch): its
+ * running total, less the minutes that have left the hour since w->minute
+ * (none while charges come every minute; 60 at most).
+ */
+static uint64_t
+hourly_used(const struct wallet *w, int64_t minute)
+{
+	uint64_t used = w->hour_total;
+
+	for (int64_t m = w->minute - 59; m <= minute - 60 && m <= w->minute; m++)
+		if (m >= 0)
+			used -= w->minute_counts[m % 60];
+	return used;
+}
+
+/* The first minute of w's rolling hour at minute that counts a message (0: none). */
+static int64_t
+hourly_oldest(const struct wallet *w, int64_t minute)
+{
+	for (int64_t m = w->minute - 59; m <= w->minute; m++)
+		if (m >= 0 && m > minute - 60 && w->minute_counts[m % 60])
+			return m;
+	return 0;
+}
+
+/*
+ * Checks cost (in w's currency) and messages charged at now against w's
+ * daily_limit (a UTC day) and hourly_messages (a rolling hour, by minute).
+ * Returns 0, or 1 with c's limit_exceeded details filled (c's code is
+ * not set: precheck reports them, a charge fails with them).  O(60).
+ */
+static int
+limits_exceeded(struct call *c, const struct wallet *w, int64_t now, int64_t cost, uint64_t messages)
+{
+	int64_t day = now / 86400, used;
+
+	used = w->day == day ? w->day_spent : 0;
+	if ((w->flags & WF_DAILY) && add_saturating(used, cost) > w->daily_limit) {
+		c->limit = "daily_limit";
+		amount_format(w->daily_limit, c->limit_max, 0);
+		amount_format(used, c->limit_used, 0);
+		c->resets_at = (day + 1) * 86400;
+		return 1;
+	}
+	if (w->flags & WF_HOURLY) {
+		uint64_t hourly = hourly_used(w, now / 60);
+
+		if (hourly + messages > w->hourly_messages) {
+			c->limit = "hourly_messages";
+			snprintf(c->limit_max, sizeof(c->limit_max), "%" PRIu32, w->hourly_messages);
+			snprintf(c->limit_used, sizeof(c->limit_used), "%" PRIu64, hourly);
+			c->resets_at = hourly ? (hourly_oldest(w, now / 60) + 60) * 60 : now;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* Counts a charge of cost and messages at now in w's day and hour. */
+static void
+limits_count(struct wallet *w, int64_t now, int64_t cost, uint32_t messages)
+{
+	int64_t day = now / 86400, minute = now / 60;
+
+	if ((w->flags & WF_DAILY) && w->day != day) {
+		w->day = day;
+		w->day_spent = 0;
+	}
+	if (w->flags & WF_DAILY)
+		w->day_spent = add_saturating(w->day_spent, cost);
+	if (!(w->flags & WF_HOURLY))
+		return;
+	if (minute - w->minute >= 60) {
+		memset(w->minute_counts, 0, sizeof(w->minute_counts));
+		w->hour_total = 0;
+	} else {
+		for (int64_t m = w->minute + 1; m <= minute; m++) {
+			w->hour_total -= w->minute_counts[m % 60];
+			w->minute_counts[m % 60] = 0;
+		}
+	}
+	if (minute > w->minute)
+		w->minute = minute;
+	w->minute_counts[w->minute % 60] += messages;
+	w->hour_total += messages;
+}
+
+/* Fails c with the limit_exceeded limits_exceeded found. */
+static int
+fail_limit(struct call *c)
+{
+	return fail(c, E_LIMIT_EXCEEDED, NULL, "The wallet's %s is reached: used %s of %s", c->limit,
+	    c->limit_used, c->limit_max);
+}
+
+/*
+ * Loads wallet w's hold ref for drawing on at now: unknown_hold, or
+ * hold_closed when released or past its expires_at.
+ */
+static int
+load_open_hold(struct call *c, const struct wallet *w, struct str ref, int64_t now, struct hold *h)
+{
+	int rc = hold_get(c->txn, w->number, ref, h);
+
+	if (rc == MDB_NOTFOUND || (rc == 0 && (h->status != HS_ACTIVE || now >= h->expires_at)))
+		snprintf(c->hold, sizeof(c->hold), "%.*s", (int)ref.n, ref.p);
+	if (rc == MDB_NOTFOUND)
+		return fail(c, E_UNKNOWN_HOLD, "hold", "No hold '%.*s' in this wallet", (int)ref.n, ref.p);
+	if (rc)
+		return store_error(c, rc);
+	if (h->status == HS_ACTIVE && now >= h->expires_at)
+		h->status = HS_EXPIRED;
+	if (h->status != HS_ACTIVE) {
+		c->hold_status = hold_status_names[h->status];
+		return fail(c, E_HOLD_CLOSED, "hold", "Hold '%.*s' is %s", (int)ref.n, ref.p, c->hold_status);
+	}
+	return E_OK;
+}
+
 /*
  * Reads segments or text for a message on channel: text is counted as SMS
  * parts; neither is 1; both is invalid_argument.  A WhatsApp message is one
@@ -3300,9 +4098,10 @@ p_segments(struct call *c, struct str channel, uint32_t *segments)
 
 /*
  * charge: charges one message described by c->params against its wallet,
- * in c->txn: idempotent on (wallet, ref); checks frozen, rate, FX and
- * balance; appends the transaction; records a notification on a threshold
- * crossing.  Packs the transaction plus `replayed`.  Returns E_OK or the
+ * in c->txn: idempotent on (wallet, ref); checks frozen, the destination's
+ * prefixes, rate, FX, the hold named (its remaining is drawn first), what
+ * is available, and the daily and hourly limits; appends the transaction;
+ * records a notification on a threshold crossing.  Packs the transaction plus `replayed`.  Returns E_OK or the
  * error.  Every check comes before the first write (MF_FLAT): an error of
  * its own leaves c->txn untouched, and once it writes, only a store error
  * (c->mdb_rc set, the whole batch rerun) can fail it.  charge.batch's items
@@ -3311,22 +4110,23 @@ p_segments(struct call *c, struct str channel, uint32_t *segments)
 static int
 m_charge(struct call *c)
 {
-	struct str id, channel, ref, route, desc;
-	char digits[16], fingerprint[64 + WALLET_ID_MAX];
+	struct str id, channel, ref, route, desc, hold_ref;
+	char digits[16], fingerprint[64 + WALLET_ID_MAX], prefix[16];
 	unsigned char refkey[8 + REF_MAX];
 	size_t ndigits, flen;
 	uint32_t segments;
 	struct wallet w;
 	struct rate_hit hit;
+	struct hold hold;
 	struct txn t;
 	MDB_val k, v;
-	int64_t before;
+	int64_t before, now, held, available, from_hold = 0;
 	int rc;
 
 	if ((rc = p_wallet(c, &id)) || (rc = p_channel(c, &channel)) ||
 	    (rc = p_e164(c, "to", digits, &ndigits)) || (rc = p_str(c, "ref", 1, REF_MAX, &ref)) ||
 	    (rc = p_name(c, "route", 0, 1, &route)) || (rc = p_segments(c, channel, &segments)) ||
-	    (rc = p_text(c, "description", 0, &desc)))
+	    (rc = p_text(c, "description", 0, &desc)) || (rc = p_str(c, "hold", 0, REF_MAX, &hold_ref)))
 		return rc;
 	if (ref.n == 0)
 		return fail(c, E_INVALID_ARGUMENT, "ref", "ref must not be empty");
@@ -3369,24 +4169,41 @@ m_charge(struct call *c)
 
 	if (w.flags & WF_FROZEN)
 		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
+	if (destination_blocked(&w, digits, prefix))
+		return fail_blocked(c, digits, prefix);
 	if ((rc = rate_find_or_fail(c, (struct str){ w.plan, strlen(w.plan) }, channel, digits, ndigits,
 	    route, w.currency, segments, &hit)))
 		return rc;
-	if (hit.cost > w.balance) {
-		int64_t required, available;
-
-		required = hit.price * (int64_t)segments; /* checked in rate_find */
+	now = now_seconds();
+	if (hold_ref.p && (rc = load_open_hold(c, &w, hold_ref, now, &hold)))
+		return rc;
+	if ((rc = wallet_available(c->txn, &w, now, &held, &available)))
+		return store_error(c, rc);
+	if (hold_ref.p)
+		from_hold = hit.cost < hold.remaining ? hit.cost : hold.remaining;
+	if (hit.cost - from_hold > available) {
+		int64_t required = hit.price * (int64_t)segments, shown; /* checked in rate_find */
 		int err = 0;
 
-		rc = fx_convert(c->txn, w.balance, w.currency, hit.currency, &available, &err);
+		rc = fx_convert(c->txn, available + from_hold > 0 ? available + from_hold : 0, w.currency,
+		    hit.currency, &shown, &err);
 		if (rc < 0)
 			return store_error(c, err);
 		if (rc != E_OK)
-			available = 0;
-		return fail_insufficient(c, required, available, hit.currency);
+			shown = 0;
+		return fail_insufficient(c, required, shown, hit.currency);
 	}
+	if (limits_exceeded(c, &w, now, hit.cost, 1))
+		return fail_limit(c);
 	before = w.balance;
 	w.balance -= hit.cost;
+	limits_count(&w, now, hit.cost, 1);
+	if (hold_ref.p) {
+		hold.remaining -= from_hold;
+		w.held -= from_hold;
+		if ((rc = hold_put(c->txn, w.number, &hold, 0)))
+			return store_error(c, rc);
+	}
 
 	memset(&t, 0, sizeof(t));
 	t.type = channel.p[0] == 's' ? T_SMS_CHARGE : T_WHATSAPP_CHARGE;
@@ -3401,6 +4218,7 @@ m_charge(struct call *c)
 	t.segments = segments;
 	t.price = hit.price;
 	t.price_currency = hit.currency;
+	t.hold = hold_ref.p ? hold_ref : (struct str){ NULL, 0 };
 	{
 		/* "SMS to +256712345678 via ESMS_UG (1 seg)" unless the caller gave one */
 		struct text d = { t.description, 0, sizeof(t.description) };
@@ -3438,21 +4256,22 @@ m_charge(struct call *c)
 }
 
 /*
- * charge.batch: each item charged as by charge, in order, in this request's
- * transaction.  An item needs no nested transaction of its own: m_charge
- * makes every check before its first write, and a write can fail only with a
- * store error, which fails the whole request (the writer aborts the batch,
- * grows the map if it was full, and runs it again).  So an item's error
- * leaves no trace and fails only that item.
+ * A batch of method m (charge, refund): each item run as by m, in order, in
+ * this request's transaction, its answer or {error} in `results`.  An item
+ * needs no nested transaction of its own: m makes every check before its
+ * first write, and a write can fail only with a store error, which fails
+ * the whole request (the writer aborts the batch, grows the map if it was
+ * full, and runs it again).  So an item's error leaves no trace and fails
+ * only that item.
  */
 static int
-m_charge_batch(struct call *c)
+batch_run(struct call *c, int m)
 {
 	const msgpack_object *items = param(c, "items"), *saved = c->params, *key;
 	int rc = E_OK;
 
 	if (items == NULL || items->type != MSGPACK_OBJECT_ARRAY)
-		return fail(c, E_INVALID_ARGUMENT, "items", "items must be a list of charges");
+		return fail(c, E_INVALID_ARGUMENT, "items", "items must be a list of %s params", method_table[m].name);
 	if (items->via.array.size > config.charge_batch_max)
 		return fail(c, E_INVALID_ARGUMENT, "items", "at most %u items per batch",
 		    config.charge_batch_max);
@@ -3465,10 +4284,10 @@ m_charge_batch(struct call *c)
 		item.params = &items->via.array.ptr[i];
 		if (item.params->type != MSGPACK_OBJECT_MAP)
 			rc = fail(&item, E_INVALID_ARGUMENT, "items", "each item must be a map");
-		else if ((key = param_unknown(M_CHARGE, item.params)) != NULL)
-			rc = fail_unknown_param(&item, M_CHARGE, key);
+		else if ((key = param_unknown(m, item.params)) != NULL)
+			rc = fail_unknown_param(&item, m, key);
 		else
-			rc = m_charge(&item);
+			rc = method_fns[m](&item);
 		if (rc != E_OK) {
 			if (item.mdb_rc) {
 				c->mdb_rc = item.mdb_rc;
@@ -3486,6 +4305,7 @@ m_charge_batch(struct call *c)
 	return rc;
 }
 
+static int m_charge_batch(struct call *c) { return batch_run(c, M_CHARGE); }
 /* One line of a precheck's breakdown: the messages priced at one prefix and route. */
 struct price_group {
 	struct rate_hit hit;
@@ -3554,18 +4374,119 @@ group_find(struct group_table *t, const struct rate_hit *hit)
  * numbers or {to, count} groups; each number costs what charge would take
  * (the same per-message rounding), so a campaign that passes is never short.
  */
+/* A campaign priced as precheck prices it (campaign_price). */
+struct campaign {
+	struct group_table groups;       /* what each prefix and route costs, and how many */
+	msgpack_sbuffer unpriced, invalid, blocked;
+	msgpack_packer upk, ipk, bpk;
+	uint32_t nunpriced, ninvalid, nblocked;
+	uint64_t messages;               /* priced */
+	int64_t required;                /* their cost, in the wallet's currency */
+};
+
+static void
+campaign_free(struct campaign *cp)
+{
+	msgpack_sbuffer_destroy(&cp->unpriced);
+	msgpack_sbuffer_destroy(&cp->invalid);
+	msgpack_sbuffer_destroy(&cp->blocked);
+	free(cp->groups.groups);
+	free(cp->groups.slots);
+}
+
+/*
+ * Prices recipients (a list of numbers, or {to, count} maps) of segments
+ * each on channel for wallet w, as its charges would be: each priced
+ * number's per-message cost, times its count, added up in cp->required.
+ * Numbers that are not E.164 go to invalid, blocked ones (w's prefixes) to
+ * blocked, those without a rate to unpriced; the rest is still priced.
+ * The caller frees cp (campaign_free) whatever this returns.
+ */
+static int
+campaign_price(struct call *c, const struct wallet *w, struct str channel, uint32_t segments,
+    const msgpack_object *rec, struct campaign *cp)
+{
+	int rc = E_OK;
+
+	memset(cp, 0, sizeof(*cp));
+	msgpack_sbuffer_init(&cp->unpriced);
+	msgpack_sbuffer_init(&cp->invalid);
+	msgpack_sbuffer_init(&cp->blocked);
+	msgpack_packer_init(&cp->upk, &cp->unpriced, msgpack_sbuffer_write);
+	msgpack_packer_init(&cp->ipk, &cp->invalid, msgpack_sbuffer_write);
+	msgpack_packer_init(&cp->bpk, &cp->blocked, msgpack_sbuffer_write);
+	if (rec == NULL || rec->type != MSGPACK_OBJECT_ARRAY)
+		return fail(c, E_INVALID_ARGUMENT, "recipients", "recipients must be a list");
+	for (uint32_t i = 0; i < rec->via.array.size && rc == E_OK; i++) {
+		const msgpack_object *r = &rec->via.array.ptr[i], *to = r;
+		uint64_t count = 1;
+		char digits[16], prefix[16], plus[17] = "+";
+		size_t n = 0;
+		struct rate_hit hit;
+		struct price_group *g;
+		int64_t sub;
+		int err = 0;
+
+		if (r->type == MSGPACK_OBJECT_MAP) {
+			const msgpack_object *co = map_get(r, "count");
+
+			to = map_get(r, "to");
+			if (co && (co->type != MSGPACK_OBJECT_POSITIVE_INTEGER || co->via.u64 > UINT32_MAX))
+				return fail(c, E_INVALID_ARGUMENT, "recipients", "count must be a positive integer");
+			count = co ? co->via.u64 : 1;
+		}
+		if (to && to->type == MSGPACK_OBJECT_STR)
+			n = e164_digits((struct str){ to->via.str.ptr, to->via.str.size }, digits);
+		if (n == 0) {
+			if (to && to->type == MSGPACK_OBJECT_STR)
+				msgpack_pack_str_with_body(&cp->ipk, to->via.str.ptr, to->via.str.size > 64 ? 64 : to->via.str.size);
+			else
+				msgpack_pack_nil(&cp->ipk);
+			cp->ninvalid++;
+			continue;
+		}
+		if (count == 0)
+			continue;
+		if (destination_blocked(w, digits, prefix)) {
+			pack_cstr(&cp->bpk, strcat(plus, digits));
+			cp->nblocked++;
+			continue;
+		}
+		rc = rate_find(c->txn, (struct str){ w->plan, strlen(w->plan) }, channel, digits, n,
+		    (struct str){ NULL, 0 }, w->currency, segments, &hit, &err);
+		if (rc < 0)
+			return store_error(c, err);
+		if (rc != E_OK) {
+			pack_cstr(&cp->upk, strcat(plus, digits));
+			cp->nunpriced++;
+			rc = E_OK;
+			continue;
+		}
+		if ((g = group_find(&cp->groups, &hit)) == NULL)
+			return fail(c, E_BUSY, NULL, "Out of memory");
+		g->count += count;
+		cp->messages += count;
+		if (__builtin_mul_overflow(hit.cost, (int64_t)count, &sub) ||
+		    __builtin_add_overflow(cp->required, sub, &cp->required))
+			rc = fail(c, E_INVALID_ARGUMENT, "recipients", "the campaign's cost is out of range");
+	}
+	return rc;
+}
+
+/*
+ * precheck: prices a campaign (campaign_price) and says whether the wallet
+ * may spend it now, and which of its limits it would cross; changes nothing.
+ */
 static int
 m_precheck(struct call *c)
 {
 	const msgpack_object *rec = param(c, "recipients");
 	struct str id, channel;
 	struct wallet w;
-	struct group_table groups = { 0 };
-	msgpack_sbuffer unpriced, invalid;
-	msgpack_packer upk, ipk;
-	uint32_t segments, nunpriced = 0, ninvalid = 0;
-	int64_t required = 0;
-	int rc;
+	struct campaign cp;
+	uint32_t segments;
+	int64_t now = now_seconds(), held, available;
+	int rc, crossed;
 
 	if ((rc = p_wallet(c, &id)) || (rc = p_channel(c, &channel)) ||
 	    (rc = p_segments(c, channel, &segments)))
@@ -3574,78 +4495,21 @@ m_precheck(struct call *c)
 		return fail(c, E_INVALID_ARGUMENT, "recipients", "recipients must be a list");
 	if ((rc = load_wallet(c, id, &w)))
 		return rc;
-	msgpack_sbuffer_init(&unpriced);
-	msgpack_sbuffer_init(&invalid);
-	msgpack_packer_init(&upk, &unpriced, msgpack_sbuffer_write);
-	msgpack_packer_init(&ipk, &invalid, msgpack_sbuffer_write);
-	for (uint32_t i = 0; i < rec->via.array.size && rc == E_OK; i++) {
-		const msgpack_object *r = &rec->via.array.ptr[i], *to = r;
-		uint64_t count = 1;
-		char digits[16];
-		size_t n = 0;
-		struct rate_hit hit;
-		struct price_group *g;
-		int64_t sub;
-
-		if (r->type == MSGPACK_OBJECT_MAP) {
-			const msgpack_object *co = map_get(r, "count");
-
-			to = map_get(r, "to");
-			if (co && (co->type != MSGPACK_OBJECT_POSITIVE_INTEGER || co->via.u64 > UINT32_MAX)) {
-				rc = fail(c, E_INVALID_ARGUMENT, "recipients", "count must be a positive integer");
-				break;
-			}
-			count = co ? co->via.u64 : 1;
-		}
-		if (to && to->type == MSGPACK_OBJECT_STR)
-			n = e164_digits((struct str){ to->via.str.ptr, to->via.str.size }, digits);
-		if (n == 0) {
-			if (to && to->type == MSGPACK_OBJECT_STR)
-				msgpack_pack_str_with_body(&ipk, to->via.str.ptr, to->via.str.size > 64 ? 64 : to->via.str.size);
-			else
-				msgpack_pack_nil(&ipk);
-			ninvalid++;
-			continue;
-		}
-		if (count == 0)
-			continue;
-		int err = 0;
-
-		rc = rate_find(c->txn, (struct str){ w.plan, strlen(w.plan) }, channel, digits, n,
-		    (struct str){ NULL, 0 }, w.currency, segments, &hit, &err);
-		if (rc < 0) {
-			rc = store_error(c, err);
-			break;
-		}
-		if (rc != E_OK) {
-			char plus[17] = "+";
-
-			pack_cstr(&upk, strcat(plus, digits));
-			nunpriced++;
-			rc = E_OK;
-			continue;
-		}
-		if ((g = group_find(&groups, &hit)) == NULL) {
-			rc = fail(c, E_BUSY, NULL, "Out of memory");
-			break;
-		}
-		g->count += count;
-		if (__builtin_mul_overflow(hit.cost, (int64_t)count, &sub) ||
-		    __builtin_add_overflow(required, sub, &required))
-			rc = fail(c, E_INVALID_ARGUMENT, "recipients", "the campaign's cost is out of range");
-	}
-	if (rc == E_OK) {
+	if ((rc = wallet_available(c->txn, &w, now, &held, &available)))
+		return store_error(c, rc);
+	if ((rc = campaign_price(c, &w, channel, segments, rec, &cp)) == E_OK) {
 		msgpack_packer *pk = c->pk;
 
-		msgpack_pack_map(pk, 7);
-		KV_BOOL(pk, "sufficient", required <= w.balance);
-		KV_AMOUNT(pk, "required", required);
-		KV_AMOUNT(pk, "available", w.balance);
+		crossed = limits_exceeded(c, &w, now, cp.required, cp.messages);
+		msgpack_pack_map(pk, 9);
+		KV_BOOL(pk, "sufficient", cp.required <= available);
+		KV_AMOUNT(pk, "required", cp.required);
+		KV_AMOUNT(pk, "available", available);
 		KV_STR(pk, "currency", w.currency);
 		KEY(pk, "breakdown");
-		msgpack_pack_array(pk, groups.n);
-		for (size_t i = 0; i < groups.n; i++) {
-			const struct price_group *g = &groups.groups[i];
+		msgpack_pack_array(pk, cp.groups.n);
+		for (size_t i = 0; i < cp.groups.n; i++) {
+			const struct price_group *g = &cp.groups.groups[i];
 
 			msgpack_pack_map(pk, 7);
 			KV_STR(pk, "prefix", g->hit.prefix);
@@ -3656,15 +4520,244 @@ m_precheck(struct call *c)
 			KV_AMOUNT(pk, "unit_cost", g->hit.cost);
 			KV_AMOUNT(pk, "subtotal", g->hit.cost * (int64_t)g->count);
 		}
-		pack_rows(pk, "unpriced", nunpriced, &unpriced);
-		pack_rows(pk, "invalid", ninvalid, &invalid);
-	} else {
-		msgpack_sbuffer_destroy(&unpriced);
-		msgpack_sbuffer_destroy(&invalid);
+		pack_rows(pk, "unpriced", cp.nunpriced, &cp.unpriced);
+		pack_rows(pk, "invalid", cp.ninvalid, &cp.invalid);
+		pack_rows(pk, "blocked", cp.nblocked, &cp.blocked);
+		KEY(pk, "limit_exceeded");
+		if (crossed) {
+			msgpack_pack_map(pk, 4);
+			KV_STR(pk, "limit", c->limit);
+			KV_STR(pk, "max", c->limit_max);
+			KV_STR(pk, "used", c->limit_used);
+			KV_TIME(pk, "resets_at", c->resets_at);
+		} else {
+			msgpack_pack_nil(pk);
+		}
+		msgpack_sbuffer_init(&cp.unpriced); /* pack_rows freed them */
+		msgpack_sbuffer_init(&cp.invalid);
+		msgpack_sbuffer_init(&cp.blocked);
 	}
-	free(groups.groups);
-	free(groups.slots);
+	campaign_free(&cp);
 	return rc;
+}
+
+/* ---- Holds ---- */
+
+/* Packs hold h of wallet currency, as the hold methods answer it; replayed unless -1. */
+static void
+hold_pack(msgpack_packer *pk, const struct hold *h, const char *currency, int64_t now, int replayed)
+{
+	int status = h->status == HS_ACTIVE && now >= h->expires_at ? HS_EXPIRED : (int)h->status;
+
+	msgpack_pack_map(pk, 10 + (replayed >= 0));
+	KV_STR(pk, "hold", h->ref);
+	KV_STR(pk, "wallet", h->wallet);
+	KV_STR(pk, "currency", currency);
+	KV_AMOUNT(pk, "amount", h->amount);
+	KV_AMOUNT(pk, "remaining", h->remaining);
+	KV_STR(pk, "status", hold_status_names[status]);
+	KV_STR(pk, "description", h->description);
+	KV_TIME(pk, "created_at", h->created_at);
+	KV_TIME(pk, "expires_at", h->expires_at);
+	KEY(pk, "closed_at");
+	if (status == HS_ACTIVE)
+		msgpack_pack_nil(pk);
+	else
+		pack_time(pk, h->closed_at ? h->closed_at : h->expires_at);
+	if (replayed >= 0)
+		KV_BOOL(pk, "replayed", replayed);
+}
+
+/* A hold's fingerprint for idempotency: its amount and expires_in. */
+static uint32_t
+hold_fingerprint(int64_t amount, uint64_t expires_in)
+{
+	uint64_t h = hash_bytes(0xcbf29ce484222325ull, (const char *)&amount, sizeof(amount));
+
+	h = hash_bytes(h, (const char *)&expires_in, sizeof(expires_in));
+	return (uint32_t)(h ^ h >> 32);
+}
+
+/*
+ * hold.create: reserves amount, or what recipients would cost (priced as
+ * precheck prices them), of the wallet's available money until
+ * expires_at.  Idempotent on ref: the same ref with the same amount and
+ * expires_in answers the hold with replayed; another is
+ * idempotency_conflict.  A frozen wallet refuses it (it could not charge).
+ */
+static int
+m_hold_create(struct call *c)
+{
+	const msgpack_object *rec = param(c, "recipients");
+	struct str id, ref, desc, channel = { NULL, 0 };
+	uint64_t expires_in = HOLD_TTL_DEFAULT;
+	uint32_t segments = 1;
+	int64_t now = now_seconds(), held, available, amount = 0;
+	struct wallet w;
+	struct hold h;
+	int rc, present;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "ref", 1, REF_MAX, &ref)) ||
+	    (rc = p_amount(c, "amount", 0, AMOUNT_POSITIVE, &amount, &present)) ||
+	    (rc = p_uint(c, "expires_in", 0, 1, HOLD_TTL_MAX, &expires_in)) ||
+	    (rc = p_text(c, "description", 0, &desc)))
+		return rc;
+	if (ref.n == 0)
+		return fail(c, E_INVALID_ARGUMENT, "ref", "ref must not be empty");
+	if ((present == 1) == (rec != NULL))
+		return fail(c, E_INVALID_ARGUMENT, "amount", "give amount, or channel and recipients, one of them");
+	if (desc.n >= sizeof(h.description))
+		return fail(c, E_INVALID_ARGUMENT, "description", "description is longer than %zu bytes",
+		    sizeof(h.description) - 1);
+	if (rec && ((rc = p_channel(c, &channel)) || (rc = p_segments(c, channel, &segments))))
+		return rc;
+	if (!rec && (param(c, "channel") || param(c, "segments") || param(c, "text")))
+		return fail(c, E_INVALID_ARGUMENT, "recipients", "channel, segments and text go with recipients");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	if (rec) {
+		struct campaign cp;
+
+		rc = campaign_price(c, &w, channel, segments, rec, &cp);
+		amount = cp.required;
+		campaign_free(&cp);
+		if (rc)
+			return rc;
+		if (amount == 0)
+			return fail(c, E_INVALID_ARGUMENT, "recipients", "no recipient could be priced: nothing to hold");
+	}
+	if ((rc = hold_get(c->txn, w.number, ref, &h)) == 0) {
+		if (h.fingerprint != hold_fingerprint(amount, expires_in)) {
+			snprintf(c->hold, sizeof(c->hold), "%.*s", (int)ref.n, ref.p);
+			return fail(c, E_IDEMPOTENCY_CONFLICT, "ref", "hold '%.*s' was made with other params",
+			    (int)ref.n, ref.p);
+		}
+		hold_pack(c->pk, &h, w.currency, now, 1);
+		return E_OK;
+	}
+	if (rc != MDB_NOTFOUND)
+		return store_error(c, rc);
+	if (w.flags & WF_FROZEN)
+		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
+	if ((rc = wallet_available(c->txn, &w, now, &held, &available)))
+		return store_error(c, rc);
+	if (amount > available)
+		return fail_insufficient(c, amount, available > 0 ? available : 0, w.currency);
+	memset(&h, 0, sizeof(h));
+	h.amount = h.remaining = amount;
+	h.created_at = now;
+	h.expires_at = now + (int64_t)expires_in;
+	h.status = HS_ACTIVE;
+	h.fingerprint = hold_fingerprint(amount, expires_in);
+	memcpy(h.wallet, id.p, id.n);
+	memcpy(h.ref, ref.p, ref.n);
+	memcpy(h.description, desc.p ? desc.p : "", desc.n);
+	w.held += amount;
+	if (w.holds_active++ == 0 || h.expires_at < w.hold_expiry)
+		w.hold_expiry = h.expires_at;
+	if ((rc = hold_put(c->txn, w.number, &h, 1)) || (rc = wallet_put(c->txn, id, &w)))
+		return store_error(c, rc);
+	if (h.expires_at < store.next_expiry)
+		store.next_expiry = h.expires_at;
+	hold_pack(c->pk, &h, w.currency, now, 0);
+	return E_OK;
+}
+
+/* hold.release: ends an active hold; what remains of it is available again. */
+static int
+m_hold_release(struct call *c)
+{
+	struct str id, ref;
+	int64_t now = now_seconds();
+	struct wallet w;
+	struct hold h;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "hold", 1, REF_MAX, &ref)) ||
+	    (rc = load_wallet(c, id, &w)) || (rc = load_open_hold(c, &w, ref, now, &h)))
+		return rc;
+	h.status = HS_RELEASED;
+	h.closed_at = now;
+	if ((rc = hold_put(c->txn, w.number, &h, 1)) || (rc = wallet_holds_recount(c->txn, &w)) ||
+	    (rc = wallet_put(c->txn, id, &w)))
+		return store_error(c, rc);
+	hold_pack(c->pk, &h, w.currency, now, -1);
+	return E_OK;
+}
+
+static int
+m_hold_get(struct call *c)
+{
+	struct str id, ref;
+	struct wallet w;
+	struct hold h;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "hold", 1, REF_MAX, &ref)) || (rc = load_wallet(c, id, &w)))
+		return rc;
+	snprintf(c->hold, sizeof(c->hold), "%.*s", (int)ref.n, ref.p);
+	if ((rc = hold_get(c->txn, w.number, ref, &h)) == MDB_NOTFOUND)
+		return fail(c, E_UNKNOWN_HOLD, "hold", "No hold '%.*s' in this wallet", (int)ref.n, ref.p);
+	if (rc)
+		return store_error(c, rc);
+	hold_pack(c->pk, &h, w.currency, now_seconds(), -1);
+	return E_OK;
+}
+
+/* What hold.list packs: the holds of one status (-1: any). */
+struct hold_lister {
+	msgpack_packer pk;
+	const char *currency;
+	int64_t now;
+	int status;
+	uint32_t n;
+	struct call *c;
+	int over;
+};
+
+static int
+hold_list_one(const struct hold *h, void *arg)
+{
+	struct hold_lister *l = arg;
+	int status = h->status == HS_ACTIVE && l->now >= h->expires_at ? HS_EXPIRED : (int)h->status;
+
+	if ((l->over = over_budget(l->c)))
+		return 1;
+	if (l->status >= 0 && status != l->status)
+		return 0;
+	hold_pack(&l->pk, h, l->currency, l->now, -1);
+	l->n++;
+	return 0;
+}
+
+/* hold.list: a wallet's holds, by ref, of one status or all. */
+static int
+m_hold_list(struct call *c)
+{
+	struct str id, status;
+	struct hold_lister l = { .now = now_seconds(), .status = -1, .c = c };
+	msgpack_sbuffer rows;
+	struct wallet w;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "status", 0, 16, &status)) || (rc = load_wallet(c, id, &w)))
+		return rc;
+	for (int i = 0; status.p && i < 3 && l.status < 0; i++)
+		if (strlen(hold_status_names[i]) == status.n && memcmp(hold_status_names[i], status.p, status.n) == 0)
+			l.status = i;
+	if (status.p && l.status < 0)
+		return fail(c, E_INVALID_ARGUMENT, "status", "status must be active, released or expired");
+	l.currency = w.currency;
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&l.pk, &rows, msgpack_sbuffer_write);
+	rc = holds_each(c->txn, w.number, hold_list_one, &l);
+	if (rc || l.over) {
+		msgpack_sbuffer_destroy(&rows);
+		return rc ? store_error(c, rc) : E_OFF_LOOP;
+	}
+	msgpack_pack_map(c->pk, 1);
+	pack_rows(c->pk, "holds", l.n, &rows);
+	return E_OK;
 }
 
 /* quote: how many one-segment messages an amount buys. */
@@ -4053,10 +5146,14 @@ manual_change(struct call *c, int type)
 		return rc;
 	before = w.balance;
 	if (type == T_MANUAL_DEBIT) {
+		int64_t held, available;
+
 		if (w.flags & WF_FROZEN)
 			return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
-		if (amount > w.balance)
-			return fail_insufficient(c, amount, w.balance, w.currency);
+		if ((rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)))
+			return store_error(c, rc);
+		if (amount > available) /* down to -credit_limit at most, and never into held money */
+			return fail_insufficient(c, amount, available > 0 ? available : 0, w.currency);
 		w.balance -= amount;
 		t.amount = -amount;
 	} else {
@@ -4093,23 +5190,30 @@ obj_str_eq(const msgpack_object *map, const char *name, struct str s)
 static int
 m_refund(struct call *c)
 {
-	struct str id, ref, reason;
-	uint64_t charge_id = 0;
+	struct str id, ref, reason, refund_ref;
+	uint64_t charge_id = 0, ids[REFUNDS_MAX + 1];
 	struct wallet w;
 	struct txn t;
 	MDB_val k, v, raw;
 	msgpack_unpacked orig;
 	const msgpack_object *type, *amount_o, *to, *chan;
-	int64_t amount;
-	int rc;
+	unsigned char rkey[REF_MAX + 8];
+	char fingerprint[16];
+	int64_t amount, asked = 0, refunded = 0, left;
+	size_t nrefunds = 0;
+	int rc, present;
 
 	memset(&t, 0, sizeof(t));
 	if ((rc = p_wallet(c, &id)) || (rc = p_uint(c, "txn", 0, 1, UINT64_MAX, &charge_id)) ||
 	    (rc = p_str(c, "ref", 0, REF_MAX, &ref)) || (rc = p_text(c, "reason", 0, &reason)) ||
-	    (rc = p_actor(c, &t)))
+	    (rc = p_actor(c, &t)) || (rc = p_amount(c, "amount", 0, AMOUNT_POSITIVE, &asked, &present)) ||
+	    (rc = p_str(c, "refund_ref", 0, REF_MAX, &refund_ref)))
 		return rc;
 	if (!charge_id == !ref.p)
 		return fail(c, E_INVALID_ARGUMENT, "txn", "give txn or ref, one of them");
+	if (present == 1 && (refund_ref.p == NULL || refund_ref.n == 0))
+		return fail(c, E_INVALID_ARGUMENT, "refund_ref",
+		    "a partial refund (amount) needs a refund_ref, its idempotency key");
 	if ((rc = load_wallet(c, id, &w)))
 		return rc;
 	if (ref.p) {
@@ -4153,26 +5257,75 @@ m_refund(struct call *c)
 		msgpack_unpacked_destroy(&orig);
 		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " has no amount", charge_id);
 	}
+	/* The refunds so far, and what they add up to. */
 	k = (MDB_val){ sizeof(charge_id), &charge_id };
 	if ((rc = mdb_get(c->txn, store.refunds, &k, &v)) == 0) {
-		uint64_t first;
-
-		memcpy(&first, v.mv_data, 8);
-		msgpack_unpacked_destroy(&orig);
-		if (txn_get(c->txn, first, &c->refund_raw) != 0)
-			c->refund_raw.mv_size = 0;
-		return fail(c, E_ALREADY_REFUNDED, "txn", "Charge %" PRIu64 " was refunded by transaction %" PRIu64,
-		    charge_id, first);
+		nrefunds = v.mv_size / 8 < REFUNDS_MAX ? v.mv_size / 8 : REFUNDS_MAX;
+		memcpy(ids, v.mv_data, nrefunds * 8);
 	} else if (rc != MDB_NOTFOUND) {
 		msgpack_unpacked_destroy(&orig);
 		return store_error(c, rc);
 	}
+	for (size_t i = 0; i < nrefunds; i++) {
+		struct txn_head h;
+		MDB_val rec;
+
+		if ((rc = txn_fetch(c->txn, ids[i], &h, &rec))) {
+			msgpack_unpacked_destroy(&orig);
+			return store_error(c, rc);
+		}
+		refunded += h.amount;
+	}
+	left = -amount - refunded;
+	/* A refund_ref seen before answers its refund again, if asked the same. */
+	memcpy(fingerprint, &charge_id, 8);
+	memcpy(fingerprint + 8, &asked, 8);
+	if (refund_ref.p && refund_ref.n) {
+		k = ref_key(rkey, refund_ref, w.number);
+		if ((rc = mdb_get(c->txn, store.rrefs, &k, &v)) == 0) {
+			uint64_t orig_id;
+
+			msgpack_unpacked_destroy(&orig);
+			memcpy(&orig_id, v.mv_data, 8);
+			if (v.mv_size != 8 + sizeof(fingerprint) || memcmp((char *)v.mv_data + 8, fingerprint, 16) != 0) {
+				c->conflict_txn = orig_id;
+				return fail(c, E_IDEMPOTENCY_CONFLICT, "refund_ref",
+				    "refund_ref '%.*s' was used for another refund (txn %" PRIu64 ")",
+				    (int)refund_ref.n, refund_ref.p, orig_id);
+			}
+			if ((rc = txn_get(c->txn, orig_id, &raw)))
+				return store_error(c, rc);
+			pack_txn_answer(c->pk, raw.mv_data, raw.mv_size, 1);
+			return E_OK;
+		} else if (rc != MDB_NOTFOUND) {
+			msgpack_unpacked_destroy(&orig);
+			return store_error(c, rc);
+		}
+	}
+	if (left <= 0) {
+		msgpack_unpacked_destroy(&orig);
+		c->refunded = charge_id;
+		return fail(c, E_ALREADY_REFUNDED, "txn", "Charge %" PRIu64 " was refunded by transaction %" PRIu64
+		    "%s", charge_id, nrefunds ? ids[0] : 0, nrefunds > 1 ? " and others" : "");
+	}
+	if (present == 1 && asked > left) {
+		char l[32];
+
+		msgpack_unpacked_destroy(&orig);
+		return fail(c, E_INVALID_ARGUMENT, "amount", "only %s of charge %" PRIu64 " is left to refund",
+		    amount_format(left, l, 0), charge_id);
+	}
+	if (nrefunds == REFUNDS_MAX) {
+		msgpack_unpacked_destroy(&orig);
+		return fail(c, E_INVALID_ARGUMENT, "amount", "a charge takes at most %d refunds", REFUNDS_MAX);
+	}
 	t.type = T_REFUND;
 	t.wallet = id;
-	t.amount = -amount;
+	t.amount = present == 1 ? asked : left;
 	t.currency = w.currency;
 	t.refund_of = charge_id;
-	snprintf(t.description, sizeof(t.description), "Refund of %s to %.*s (txn %" PRIu64 ")%s%.*s",
+	snprintf(t.description, sizeof(t.description), "%s of %s to %.*s (txn %" PRIu64 ")%s%.*s",
+	    t.amount < left ? "Partial refund" : "Refund",
 	    chan && chan->type == MSGPACK_OBJECT_STR && chan->via.str.size && chan->via.str.ptr[0] == 'w' ?
 	    "WhatsApp" : "SMS", to && to->type == MSGPACK_OBJECT_STR ? (int)to->via.str.size : 0,
 	    to && to->type == MSGPACK_OBJECT_STR ? to->via.str.ptr : "", charge_id,
@@ -4182,12 +5335,26 @@ m_refund(struct call *c)
 		return fail(c, E_INVALID_ARGUMENT, "txn", "the refund would overflow the balance");
 	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
 		return store_error(c, rc);
-	v = (MDB_val){ sizeof(t.id), &t.id };
-	if ((rc = mdb_put(c->txn, store.refunds, &k, &v, 0)) || (rc = wallet_put(c->txn, id, &w)))
+	ids[nrefunds++] = t.id;
+	k = (MDB_val){ sizeof(charge_id), &charge_id };
+	if ((rc = mdb_put(c->txn, store.refunds, &k, &(MDB_val){ nrefunds * 8, ids }, 0)) ||
+	    (rc = wallet_put(c->txn, id, &w)))
 		return store_error(c, rc);
-	txn_pack(c->pk, &t, -1);
+	if (refund_ref.p && refund_ref.n) {
+		char val[8 + sizeof(fingerprint)];
+
+		memcpy(val, &t.id, 8);
+		memcpy(val + 8, fingerprint, sizeof(fingerprint));
+		k = ref_key(rkey, refund_ref, w.number);
+		if ((rc = mdb_put(c->txn, store.rrefs, &k, &(MDB_val){ sizeof(val), val }, 0)))
+			return store_error(c, rc);
+	}
+	txn_pack(c->pk, &t, 0);
 	return E_OK;
 }
+
+/* refund.batch: refunds in one commit (delivery-report storms), each alone. */
+static int m_refund_batch(struct call *c) { return batch_run(c, M_REFUND); }
 
 /* ---- History and notifications ---- */
 
@@ -4411,6 +5578,75 @@ verify_breach(msgpack_packer *pk, uint32_t *n, struct str wallet, uint64_t txn, 
 	(*n)++;
 }
 
+/* What verify_holds adds up of a wallet's holds, and what breaks the rules. */
+struct holds_check {
+	struct holds_sum sum;
+	int bad;                  /* a hold with remaining below 0 or above its amount */
+};
+
+static int
+holds_check_one(const struct hold *h, void *arg)
+{
+	struct holds_check *hc = arg;
+
+	if (h->remaining < 0 || h->remaining > h->amount)
+		hc->bad = 1;
+	return holds_sum_add(h, &hc->sum);
+}
+
+/* Checks that w's counts of its holds are its holds' (and that each holds what it may). */
+static void
+verify_holds(MDB_txn *txn, const struct wallet *w, struct str id, msgpack_packer *pk, uint32_t *breaches)
+{
+	struct holds_check hc = { { INT64_MIN, 0, 0, 0 }, 0 };
+
+	if (holds_each(txn, w->number, holds_check_one, &hc) != 0) {
+		verify_breach(pk, breaches, id, 0, "its holds cannot be read");
+		return;
+	}
+	if (hc.bad)
+		verify_breach(pk, breaches, id, 0, "a hold's remaining is below zero or above its amount");
+	if (hc.sum.held != w->held || hc.sum.active != w->holds_active ||
+	    (w->holds_active && hc.sum.first_expiry != w->hold_expiry))
+		verify_breach(pk, breaches, id, 0, "the wallet's held money disagrees with its active holds");
+}
+
+/* Checks that the refunds of every charge add up to no more than it, and refund it. */
+static int
+verify_refunds(MDB_txn *txn, msgpack_packer *pk, uint32_t *breaches)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, store.refunds, &cur)) != 0)
+		return rc;
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct txn_head charge, refund;
+		uint64_t charge_id, refund_id;
+		int64_t refunded = 0;
+		MDB_val rec;
+
+		memcpy(&charge_id, k.mv_data, 8);
+		if (txn_fetch(txn, charge_id, &charge, &rec) != 0 || v.mv_size % 8 != 0) {
+			verify_breach(pk, breaches, (struct str){ "", 0 }, charge_id, "a refunded charge cannot be read");
+			continue;
+		}
+		for (size_t i = 0; i < v.mv_size / 8; i++) {
+			memcpy(&refund_id, (char *)v.mv_data + 8 * i, 8);
+			if (txn_fetch(txn, refund_id, &refund, &rec) != 0 || refund.type != T_REFUND) {
+				verify_breach(pk, breaches, (struct str){ "", 0 }, refund_id, "a charge's refund is not a refund");
+				continue;
+			}
+			refunded += refund.amount;
+		}
+		if (refunded > -charge.amount)
+			verify_breach(pk, breaches, (struct str){ "", 0 }, charge_id, "its refunds add up to more than the charge");
+	}
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
 /*
  * verify: for every wallet, walks its chain of transactions from the newest:
  * each balance_after must be the balance less the amounts after it, the
@@ -4441,7 +5677,10 @@ m_verify(struct call *c)
 		uint64_t seq, next;
 		char problem[200];
 
-		record_copy(&w, sizeof(w), v);
+		if (wallet_decode(v, &w) != 0) {
+			verify_breach(&rpk, &breaches, id, 0, "the wallet record does not decode");
+			continue;
+		}
 		wallets++;
 		after = w.balance;
 		for (seq = w.txn_count, next = w.last_txn; next != 0; seq--) {
@@ -4466,8 +5705,8 @@ m_verify(struct call *c)
 				    h.balance_after, after);
 				verify_breach(&rpk, &breaches, id, next, problem);
 			}
-			if (h.balance_after < 0)
-				verify_breach(&rpk, &breaches, id, next, "balance below zero");
+			if (h.balance_after < 0 && !(w.flags & WF_CREDIT_EVER))
+				verify_breach(&rpk, &breaches, id, next, "balance below zero, and no credit limit was ever set");
 			if (__builtin_sub_overflow(after, h.amount, &after))
 				verify_breach(&rpk, &breaches, id, next, "running sum overflows");
 			if (h.seq % HIST_STRIDE == HIST_STRIDE - 1 &&
@@ -4487,6 +5726,9 @@ m_verify(struct call *c)
 		}
 		if (seq != 0)
 			verify_breach(&rpk, &breaches, id, 0, "the wallet counts more transactions than its chain holds");
+		if (w.balance < -w.credit_limit)
+			verify_breach(&rpk, &breaches, id, 0, "balance below minus the credit limit");
+		verify_holds(c->txn, &w, id, &rpk, &breaches);
 		if (after != 0) {
 			char b1[32], b2[32];
 
@@ -4503,6 +5745,10 @@ m_verify(struct call *c)
 	if ((rc = mdb_stat(c->txn, store.txns, &st)) == 0 && st.ms_entries != txns)
 		verify_breach(&rpk, &breaches, (struct str){ "", 0 }, 0,
 		    "the log holds transactions that no wallet's history lists");
+	if ((rc = verify_refunds(c->txn, &rpk, &breaches)) != 0) {
+		msgpack_sbuffer_destroy(&rows);
+		return store_error(c, rc);
+	}
 	msgpack_pack_map(c->pk, 4);
 	KV_BOOL(c->pk, "ok", breaches == 0);
 	KV_U64(c->pk, "wallets", wallets);
@@ -4685,8 +5931,6 @@ m_stats(struct call *c)
 	free(lat);
 	return E_OK;
 }
-
-typedef int (*method_fn)(struct call *);
 
 /* The handlers, from the method table: row `rate.import` is m_rate_import. */
 static const method_fn method_fns[M__COUNT] = {
@@ -5762,6 +7006,12 @@ writer_run(struct req *batch)
 				req_store_error(r, rc);
 			break;
 		}
+		if (now_seconds() >= store.next_expiry && (rc = holds_expire(parent, now_seconds())) != 0) {
+			mdb_txn_abort(parent);
+			log_x(L_ERR, "cannot end expired holds: %s", mdb_strerror(rc));
+			store.next_expiry = now_seconds() + 1; /* try again in a second, with the next batch */
+			continue;
+		}
 		for (struct req *r = batch; r && !store_failed; r = r->qnext) {
 			MDB_txn *child = parent;
 			unsigned flags = method_table[r->method].flags;
@@ -5794,6 +7044,7 @@ writer_run(struct req *batch)
 			commit_us = now_micros() - c0;
 			if (rc == 0)
 				break;
+			store.next_expiry = now_seconds() + 1; /* holds it ended are not: look again soon */
 			if (rc != MDB_MAP_FULL) {
 				log_x(L_ERR, "commit failed: %s", mdb_strerror(rc));
 				for (struct req *r = batch; r; r = r->qnext)
@@ -5809,6 +7060,7 @@ writer_run(struct req *batch)
 			map_full = 1;
 		} else {
 			mdb_txn_abort(parent);
+			store.next_expiry = now_seconds() + 1; /* holds it ended are not: look again soon */
 		}
 		if (map_full && store_grow(1) == 0) {
 			for (struct req *r = batch; r; r = r->qnext)
@@ -5817,6 +7069,8 @@ writer_run(struct req *batch)
 			grows++;
 		}
 	}
+	if (batch == NULL)
+		return;
 	/* Half the map used: grow now, if no read is in the way, rather than
 	 * when it is full, when the grow must wait for every read (a backup of
 	 * a large store, say) and the writer with it. */
@@ -5852,8 +7106,20 @@ writer_main(void *arg)
 		size_t weight = 0, bytes = 0, taken = 0;
 
 		pthread_mutex_lock(&srv.lock);
-		while (srv.wq_head == NULL && !srv.stopping)
-			pthread_cond_wait(&srv.cond, &srv.lock);
+		while (srv.wq_head == NULL && !srv.stopping && now_seconds() < store.next_expiry) {
+			/* Idle: asleep until a request, or until the first hold expires. */
+			struct timespec until = { (time_t)store.next_expiry, 0 };
+
+			if (store.next_expiry == INT64_MAX)
+				pthread_cond_wait(&srv.cond, &srv.lock);
+			else
+				pthread_cond_timedwait(&srv.cond, &srv.lock, &until);
+		}
+		if (srv.wq_head == NULL && !srv.stopping) {
+			pthread_mutex_unlock(&srv.lock);
+			writer_run(NULL); /* no request: a commit that only ends expired holds */
+			continue;
+		}
 		if (config.commit_delay && previous > 1 && srv.wq_count * 2 < previous) {
 			/* Under load, with less than half of the last commit's count
 			 * queued: the answers just sent bring requests back within

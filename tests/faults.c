@@ -21,6 +21,9 @@
  *     Writes and syncs hold one lock, so the cut falls between them: once
  *     FILE exists, at a random one of the next writes or syncs of data.mdb
  *     (most often in the middle of a commit), or after 100 ms of none.
+ * WALLETD_FAULT_CLOCK=FILE  while FILE holds a number, time() answers it
+ *     (seconds since the epoch): a test sets walletd's wall clock to a
+ *     day's last second, then to the next day's first.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -312,4 +315,24 @@ fsync(int fd)
 	REAL(fsync, sync_fn);
 
 	return sync_with(real_fsync, fd);
+}
+
+/* time(): FILE's number while WALLETD_FAULT_CLOCK names a FILE holding one. */
+time_t
+time(time_t *t)
+{
+	const char *file = getenv("WALLETD_FAULT_CLOCK");
+	struct timespec ts;
+	long long v;
+	FILE *f;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	if (file && (f = fopen(file, "r")) != NULL) {
+		if (fscanf(f, "%lld", &v) == 1)
+			ts.tv_sec = (time_t)v;
+		fclose(f);
+	}
+	if (t)
+		*t = ts.tv_sec;
+	return ts.tv_sec;
 }

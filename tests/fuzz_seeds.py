@@ -13,8 +13,8 @@ PLAUSIBLE = {"wallet": "acme", "currency": "USD", "plan": "default", "channel": 
              "ref": "m1", "route": "ESMS_UG", "text": "hi", "description": "d", "reason": "r", "actor": "bob",
              "prefix": "256", "base": "USD", "quote": "UGX", "rate": "3723.40", "provider": "flutterwave",
              "provider_ref": "FLW-1", "status": "active", "mode": "upsert", "since": "2026-11-01",
-             "until": "2026-12-01T00:00:00Z"}
-OTHER = {"a": "1.5", "n": "2", "i": 1, "l": ["ops@example.com"], "f": ["+256712345678"]}
+             "until": "2026-12-01T00:00:00Z", "hold": "cmp-1", "refund_ref": "dlr-1"}
+OTHER = {"a": "1.5", "n": "2", "i": 1, "I": 5, "l": ["ops@example.com"], "f": ["+256712345678"]}
 
 
 def main():

@@ -45,6 +45,19 @@ class PythonBinding(DaemonTest):
             self.assertEqual(w.wallet_update(wallet="acme", plan="gold")["plan"], "gold")
             self.assertEqual(w.wallet_list()["total"], 1)
             self.assertEqual(w.notifications(wallet="acme")["notifications"], [])
+            self.assertEqual(w.wallet_update(wallet="acme", plan=None)["plan"], "default")
+            self.assertEqual(w.hold_create(wallet="acme", ref="py-hold", amount=D("2"))["remaining"], D(2))
+            self.assertEqual(w.charge(wallet="acme", channel="sms", to="+256712345678", ref="py-h",
+                                      hold="py-hold")["hold"], "py-hold")
+            self.assertEqual(w.hold_get(wallet="acme", hold="py-hold")["remaining"], D("1.9906"))
+            self.assertEqual(len(w.hold_list(wallet="acme")["holds"]), 1)
+            self.assertEqual(w.hold_release(wallet="acme", hold="py-hold")["status"], "released")
+            self.assertEqual(w.refund(wallet="acme", ref="py-h", amount="0.0047", refund_ref="py-h-1")["amount"],
+                             D("0.0047"))
+            self.assertEqual(w.refund_batch(items=[{"wallet": "acme", "ref": "py-h"}])["results"][0]["amount"],
+                             D("0.0047"))
+            with self.assertRaises(walletd.HoldClosed):
+                w.charge(wallet="acme", channel="sms", to="+256712345678", ref="py-h2", hold="py-hold")
             self.assertTrue(w.verify()["ok"])
             self.assertGreater(w.stats()["commits"], 0)
             b = w.backup(os.path.join(self.d.dir, "copy.mdb"))

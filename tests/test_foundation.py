@@ -20,7 +20,7 @@ class WalletsAndLedger(DaemonTest):
         self.assertEqual((t["type"], t["amount"], t["balance_after"]), ("manual_debit", "-0.5", "100"))
         err = d.ctl_json("debit", "acme", "100.000001", "too much", expect=4)
         self.assertEqual(err["code"], "insufficient_balance")
-        self.assertEqual(d.ctl_json("balance", "acme"), {"balance": "100", "currency": "USD"})
+        self.assertEqual(d.ctl_json("balance", "acme"), {"balance": "100", "held": "0", "available": "100", "currency": "USD"})
         d.ctl_json("wallet", "create", "beta", "KES")
         lst = d.ctl_json("wallet", "list", "--limit", "1", "--page", "1")
         self.assertEqual(lst["total"], 2)

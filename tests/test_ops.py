@@ -681,14 +681,18 @@ class CrashUnderLoad(DaemonTest):
             for p in clients:
                 p.wait()
         self.assertEqual([p.returncode for p in clients], [-signal.SIGTERM] * 4)  # none failed early
-        answered, refunds = {}, {}
+        answered, refunds, partials, holds = {}, {}, {}, set()
         for k in range(4):
             with open(os.path.join(logdir, "c%d.log" % k)) as f:
                 for line in f:
-                    kind, ref, txn = line.split()
-                    (answered if kind == "C" else refunds)[ref] = int(txn)
+                    kind, ref, *txn = line.split()
+                    if kind == "H":
+                        holds.add(ref)
+                    else:
+                        {"C": answered, "R": refunds, "P": partials}[kind][ref] = int(txn[0])
         self.assertGreater(len(answered), 20)
         self.assertGreater(len(refunds), 2)
+        self.assertGreaterEqual(len(holds), 4)
         v = d.ctl_json("verify")
         self.assertTrue(v["ok"], v)
         seen = {}
@@ -697,10 +701,18 @@ class CrashUnderLoad(DaemonTest):
             seen[t["ref"]] = t["id"]
         for ref, txn in answered.items():
             self.assertEqual(seen.get(ref), txn, "answered charge %s lost" % ref)
-        refund_of = {t["id"]: t["refund_of"] for t in self.all_transactions("refund")}
-        self.assertEqual(len(set(refund_of.values())), len(refund_of), "a charge was refunded twice")
+        stored = self.all_transactions("refund")
+        refund_of = {t["id"]: t["refund_of"] for t in stored}
+        full = [t["refund_of"] for t in stored if not t["description"].startswith("Partial")]
+        self.assertEqual(len(set(full)), len(full), "a charge was refunded in full twice")
         for ref, txn in refunds.items():
             self.assertEqual(refund_of.get(txn), answered[ref], "answered refund of %s lost" % ref)
+        for ref, txn in partials.items():
+            self.assertEqual(refund_of.get(txn), answered[ref], "answered partial refund of %s lost" % ref)
+        parts = [t["refund_of"] for t in stored if t["description"].startswith("Partial")]
+        self.assertEqual(len(set(parts)), len(parts), "a partial refund (one refund_ref) was made twice")
+        for ref in holds:
+            self.assertEqual(d.ctl_json("hold", "get", "acme", ref)["hold"], ref, "answered hold %s lost" % ref)
 
     def all_transactions(self, kind):
         """Every transaction of type kind in acme's history, paged by before_id; checks total."""

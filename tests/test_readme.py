@@ -34,7 +34,8 @@ class Readme(DaemonTest):
         for line in lines:
             r = self.run_in_root(["sh", "-c", line])
             self.assertEqual(r.returncode, 0, "%s:\n%s%s" % (line, r.stdout, r.stderr))
-        self.assertEqual(r.stdout.split(), ["balance:", "1,499.9906", "currency:", "USD"])  # as its comment says
+        self.assertEqual(r.stdout.split(), ["balance:", "1,499.9906", "held:", "0.00", "available:", "1,499.9906",
+                                            "currency:", "USD"])  # as its comment says
         r = self.run_in_root(["sh", "-c", block("sh").strip()])
         self.assertEqual(r.returncode, 0, r.stderr)
         r = self.run_in_root([PY, "-c", block("python").replace("msg-8841", "msg-py")])

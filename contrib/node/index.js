@@ -51,12 +51,16 @@ export const StorageFull = errorClass('storage_full');
 export const TooManyConnections = errorClass('too_many_connections');
 export const Busy = errorClass('busy');
 export const Internal = errorClass('internal');
+export const UnknownHold = errorClass('unknown_hold');
+export const HoldClosed = errorClass('hold_closed');
+export const LimitExceeded = errorClass('limit_exceeded');
+export const DestinationBlocked = errorClass('destination_blocked');
 
 const ERRORS = Object.fromEntries([
   MalformedRequest, FrameTooLarge, UnknownMethod, InvalidArgument, PermissionDenied, UnknownWallet,
   WalletExists, WalletFrozen, InsufficientBalance, NoRate, NoFxRate, IdempotencyConflict,
   AlreadyRefunded, NotRefundable, UnknownTxn, UnknownTopup, StorageFull, TooManyConnections, Busy,
-  Internal,
+  Internal, UnknownHold, HoldClosed, LimitExceeded, DestinationBlocked,
 ].map((c) => [c.code, c]));
 
 export function defaultSocket() {
@@ -73,9 +77,11 @@ const METHODS = {
   walletUpdate: 'wallet.update', walletList: 'wallet.list', rateSet: 'rate.set',
   rateDelete: 'rate.delete', rateList: 'rate.list', rateLookup: 'rate.lookup',
   rateImport: 'rate.import', fxSet: 'fx.set', fxList: 'fx.list', charge: 'charge',
-  chargeBatch: 'charge.batch', precheck: 'precheck', quote: 'quote', topupCreate: 'topup.create',
+  chargeBatch: 'charge.batch', precheck: 'precheck', quote: 'quote', holdCreate: 'hold.create',
+  holdRelease: 'hold.release', holdGet: 'hold.get', holdList: 'hold.list', topupCreate: 'topup.create',
   topupConfirm: 'topup.confirm', topupCancel: 'topup.cancel', topupGet: 'topup.get',
-  topupList: 'topup.list', credit: 'credit', debit: 'debit', refund: 'refund', history: 'history',
+  topupList: 'topup.list', credit: 'credit', debit: 'debit', refund: 'refund',
+  refundBatch: 'refund.batch', history: 'history',
   notifications: 'notifications', verify: 'verify', stats: 'stats',
 };
 

@@ -62,6 +62,10 @@ class StorageFull extends WalletdError { const CODE = 'storage_full'; }
 class TooManyConnections extends WalletdError { const CODE = 'too_many_connections'; }
 class Busy extends WalletdError { const CODE = 'busy'; }
 class Internal extends WalletdError { const CODE = 'internal'; }
+class UnknownHold extends WalletdError { const CODE = 'unknown_hold'; }
+class HoldClosed extends WalletdError { const CODE = 'hold_closed'; }
+class LimitExceeded extends WalletdError { const CODE = 'limit_exceeded'; }
+class DestinationBlocked extends WalletdError { const CODE = 'destination_blocked'; }
 
 /** One connection to walletd; reconnects on the next call after a restart. */
 final class Client
@@ -73,9 +77,12 @@ final class Client
         'rateSet' => 'rate.set', 'rateDelete' => 'rate.delete', 'rateList' => 'rate.list',
         'rateLookup' => 'rate.lookup', 'rateImport' => 'rate.import', 'fxSet' => 'fx.set',
         'fxList' => 'fx.list', 'charge' => 'charge', 'chargeBatch' => 'charge.batch',
-        'precheck' => 'precheck', 'quote' => 'quote', 'topupCreate' => 'topup.create',
+        'precheck' => 'precheck', 'quote' => 'quote', 'holdCreate' => 'hold.create',
+        'holdRelease' => 'hold.release', 'holdGet' => 'hold.get', 'holdList' => 'hold.list',
+        'topupCreate' => 'topup.create',
         'topupConfirm' => 'topup.confirm', 'topupCancel' => 'topup.cancel', 'topupGet' => 'topup.get',
         'topupList' => 'topup.list', 'credit' => 'credit', 'debit' => 'debit', 'refund' => 'refund',
+        'refundBatch' => 'refund.batch',
         'history' => 'history', 'notifications' => 'notifications', 'verify' => 'verify',
         'stats' => 'stats',
     ];

@@ -77,6 +77,15 @@ test('every method, amounts as strings', async () => {
   assert.equal((await w.walletUpdate({ wallet: 'acme', threshold: null })).threshold, null);
   assert.equal((await w.walletList()).total, 1);
   assert.ok(Array.isArray((await w.notifications({ wallet: 'acme' })).notifications));
+  const hold = await w.holdCreate({ wallet: 'acme', ref: 'node-hold', amount: '1' });
+  assert.equal(hold.remaining, '1');
+  assert.equal((await w.charge({ wallet: 'acme', channel: 'sms', to: '+256712345678', ref: 'n-h', hold: 'node-hold' })).hold, 'node-hold');
+  assert.equal((await w.holdGet({ wallet: 'acme', hold: 'node-hold' })).remaining, '0.9906');
+  assert.equal((await w.holdList({ wallet: 'acme', status: 'active' })).holds.length, 1);
+  assert.equal((await w.holdRelease({ wallet: 'acme', hold: 'node-hold' })).status, 'released');
+  const part = await w.refund({ wallet: 'acme', ref: 'n-h', amount: '0.0047', refund_ref: 'n-h-1' });
+  assert.equal(part.amount, '0.0047');
+  assert.equal((await w.refundBatch({ items: [{ wallet: 'acme', ref: 'n-h' }] })).results[0].amount, '0.0047');
   assert.equal((await w.verify()).ok, true);
   assert.ok((await w.stats()).commits > 0);
   await w.rateDelete({ plan: 'p2', channel: 'sms', prefix: '1' });

@@ -51,7 +51,7 @@ $p = $w->precheck(['wallet' => 'acme', 'channel' => 'sms', 'recipients' => ['+25
 check('precheck', [$p['required'], $p['invalid']], ['0.0188', ['0712345678']]);
 check('refund', $w->refund(['wallet' => 'acme', 'ref' => 'php-1', 'reason' => 'DLR failed'])['amount'], '0.0094');
 check('history', $w->history(['wallet' => 'acme', 'limit' => 2])['total'], 4);
-check('balance', $w->balance(['wallet' => 'acme']), ['balance' => '1499.9906', 'currency' => 'USD']);
+check('balance', $w->balance(['wallet' => 'acme']), ['balance' => '1499.9906', 'held' => '0', 'available' => '1499.9906', 'currency' => 'USD']);
 $top = $w->topupCreate(['wallet' => 'acme', 'amount' => '10']);
 check('topup', $w->topupConfirm(['ref' => $top['ref'], 'amount' => '10', 'provider' => 'paystack', 'provider_ref' => 'PS-1'])['topup']['status'], 'paid');
 check('verify', $w->verify()['ok'], true);

@@ -22,7 +22,8 @@ __all__ = ["Client", "WalletdError", "ConnectionLost"]
 
 # Keys whose values are amounts (decimal strings on the wire).
 AMOUNT_KEYS = frozenset("""balance amount balance_after price threshold required available
-    subtotal unit_price unit_cost cost credited paid_amount""".split())
+    subtotal unit_price unit_cost cost credited paid_amount held remaining credit_limit
+    daily_limit""".split())
 
 
 class WalletdError(Exception):
@@ -46,7 +47,8 @@ class ConnectionLost(WalletdError, ConnectionError):
 ERROR_CODES = """malformed_request frame_too_large unknown_method invalid_argument
     permission_denied unknown_wallet wallet_exists wallet_frozen insufficient_balance
     no_rate no_fx_rate idempotency_conflict already_refunded not_refundable unknown_txn
-    unknown_topup storage_full too_many_connections busy internal""".split()
+    unknown_topup storage_full too_many_connections busy internal unknown_hold hold_closed
+    limit_exceeded destination_blocked""".split()
 
 _ERRORS = {}
 for _code in ERROR_CODES:
@@ -112,6 +114,8 @@ METHODS = {
     "precheck": "precheck", "quote": "quote", "topup_create": "topup.create",
     "topup_confirm": "topup.confirm", "topup_cancel": "topup.cancel", "topup_get": "topup.get",
     "topup_list": "topup.list", "credit": "credit", "debit": "debit", "refund": "refund",
+    "refund_batch": "refund.batch", "hold_create": "hold.create", "hold_release": "hold.release",
+    "hold_get": "hold.get", "hold_list": "hold.list",
     "history": "history", "notifications": "notifications", "verify": "verify",
     "stats": "stats",
 }

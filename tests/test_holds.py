@@ -1,0 +1,352 @@
+"""Holds, credit limits, spend controls and partial refunds (SPEC 12), and the
+store of the previous release upgraded in place."""
+import calendar
+import decimal
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+from harness import Daemon, DaemonTest, ROOT, request, read_frames, walletd
+
+D = decimal.Decimal
+UG = "+256712345678"
+
+
+def utc(text):
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+class Holds(DaemonTest):
+    def test_a_hold_protects_a_campaign_while_other_traffic_is_refused(self):
+        d = self.d
+        self.seed("1")  # 1 USD; an SMS to +256 costs 0.0094
+        numbers = os.path.join(d.dir, "numbers.txt")
+        with open(numbers, "w") as f:
+            f.write("".join("+2567%08d\n" % i for i in range(100)))
+        h = d.ctl_json("hold", "create", "acme", "--ref", "cmp-7", "--recipients", numbers, "--channel", "sms")
+        self.assertEqual((h["amount"], h["remaining"], h["status"], h["replayed"]), ("0.94", "0.94", "active", False))
+        self.assertEqual(d.ctl_json("balance", "acme"),
+                         {"balance": "1", "held": "0.94", "available": "0.06", "currency": "USD"})
+        spent = 0
+        for i in range(10):  # other traffic: six charges fit in what is not held
+            r = d.ctl("--json", "charge", "acme", "sms", UG, "other-%d" % i)
+            spent += r.returncode == 0
+        self.assertEqual(spent, 6)
+        e = d.ctl_json("charge", "acme", "sms", UG, "other-x", expect=4)
+        self.assertEqual((e["code"], e["currency"]), ("insufficient_balance", "UGX"))
+        self.assertEqual(D(e["available"]), (D("0.0036") * D("3723.40")).quantize(D("0.000001")))
+        with d.client() as c:  # the campaign is sent in full, from its hold
+            for i in range(100):
+                t = c.charge(wallet="acme", channel="sms", to="+2567%08d" % i, ref="cmp-%d" % i, hold="cmp-7")
+                self.assertEqual(t["hold"], "cmp-7")
+            h = c.call("hold.get", wallet="acme", hold="cmp-7")
+            self.assertEqual((h["remaining"], h["status"]), (D(0), "active"))
+            self.assertEqual(c.balance(wallet="acme")["available"], D("0.0036"))
+            self.assertEqual(c.history(wallet="acme", type="sms_charge")["total"], 106)
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_hold_rules_replay_conflict_release_and_list(self):
+        d = self.d
+        self.seed("10")
+        a = d.ctl_json("hold", "create", "acme", "--ref", "h1", "--amount", "4", "--description", "November promo")
+        b = d.ctl_json("hold", "create", "acme", "--ref", "h1", "--amount", "4", "--description", "November promo")
+        self.assertEqual((b["replayed"], b["expires_at"]), (True, a["expires_at"]))
+        self.assertEqual(d.ctl_json("hold", "create", "acme", "--ref", "h1", "--amount", "5", expect=1)["code"],
+                         "idempotency_conflict")
+        e = d.ctl_json("hold", "create", "acme", "--ref", "h2", "--amount", "6.01", expect=4)
+        self.assertEqual((e["required"], e["available"], e["currency"]), ("6.01", "6", "USD"))
+        e = d.ctl_json("hold", "create", "acme", "--ref", "h2", "--amount", "1", "--expires-in", str(31 * 86400),
+                       expect=1)
+        self.assertEqual(e["field"], "expires_in")
+        self.assertEqual(d.ctl_json("hold", "create", "acme", "--ref", "h3", expect=1)["field"], "amount")
+        d.ctl_json("hold", "create", "acme", "--ref", "h2", "--amount", "1", "--expires-in", "60")
+        r = d.ctl_json("hold", "release", "acme", "h1")
+        self.assertEqual((r["status"], r["remaining"]), ("released", "4"))
+        e = d.ctl_json("hold", "release", "acme", "h1", expect=1)
+        self.assertEqual((e["code"], e["hold"], e["status"]), ("hold_closed", "h1", "released"))
+        e = d.ctl_json("charge", "acme", "sms", UG, "m1", "--hold", "h1", expect=1)
+        self.assertEqual(e["code"], "hold_closed")
+        e = d.ctl_json("charge", "acme", "sms", UG, "m1", "--hold", "nope", expect=1)
+        self.assertEqual((e["code"], e["hold"]), ("unknown_hold", "nope"))
+        self.assertEqual(d.ctl_json("history", "acme")["total"], 1)  # the failures charged nothing
+        self.assertEqual([h["hold"] for h in d.ctl_json("hold", "list", "acme")["holds"]], ["h1", "h2"])
+        self.assertEqual([h["hold"] for h in d.ctl_json("hold", "list", "acme", "--status", "active")["holds"]], ["h2"])
+        self.assertEqual(d.ctl_json("balance", "acme")["available"], "9")
+        d.ctl_json("wallet", "update", "acme", "--status", "frozen")
+        self.assertEqual(d.ctl_json("hold", "create", "acme", "--ref", "h4", "--amount", "1", expect=1)["code"],
+                         "wallet_frozen")
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_a_hold_expiring_while_walletd_is_stopped_is_expired_when_it_returns(self):
+        d = self.d
+        self.seed("10")
+        h = d.ctl_json("hold", "create", "acme", "--ref", "short", "--amount", "7", "--expires-in", "2")
+        self.assertEqual(d.ctl_json("balance", "acme")["available"], "3")
+        d.stop()
+        while time.time() < utc(h["expires_at"]) + 1:
+            time.sleep(0.2)
+        d.start()
+        self.assertEqual(d.ctl_json("balance", "acme"),
+                         {"balance": "10", "held": "0", "available": "10", "currency": "USD"})
+        deadline = time.time() + 10  # the writer ends it by itself, no request needed
+        while d.ctl_json("wallet", "get", "acme")["holds_active"] and time.time() < deadline:
+            time.sleep(0.1)
+        g = d.ctl_json("hold", "get", "acme", "short")
+        self.assertEqual((g["status"], g["closed_at"]), ("expired", h["expires_at"]))
+        self.assertEqual(d.ctl_json("wallet", "get", "acme")["holds_active"], 0)
+        self.assertTrue(d.ctl_json("verify")["ok"])
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", UG, "after", "--hold", "short", expect=1)["code"],
+                         "hold_closed")
+
+    def test_concurrent_charges_under_one_hold_never_overdraw_it(self):
+        d = self.d
+        self.seed("0")
+        d.ctl_json("credit", "acme", "0.47", "exactly 50 messages")
+        d.ctl_json("hold", "create", "acme", "--ref", "all", "--amount", "0.47")
+        results = []
+
+        def client(k):
+            s = d.raw()
+            frames = b"".join(request(i, "charge", {"wallet": "acme", "channel": "sms", "to": UG, "hold": "all",
+                                                    "ref": "c%d-%d" % (k, i)}) for i in range(20))
+            s.sendall(frames)
+            results.extend(read_frames(s, 20, timeout=60))
+            s.close()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ok = [r for r in results if r[2] is None]
+        self.assertEqual(len(results), 120)
+        self.assertEqual(len(ok), 50)
+        self.assertEqual({r[2]["code"] for r in results if r[2]}, {"insufficient_balance"})
+        g = d.ctl_json("hold", "get", "acme", "all")
+        self.assertEqual((g["remaining"], d.ctl_json("balance", "acme")["balance"]), ("0", "0"))
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+
+class CreditAndControls(DaemonTest):
+    def test_credit_limit_lets_the_balance_go_down_to_minus_it_never_below(self):
+        d = self.d
+        self.seed("0")
+        d.ctl_json("wallet", "update", "acme", "--credit-limit", "0.0188", "--threshold", "-0.01",
+                   "--alert-email", "ops@acme.example")
+        t1 = d.ctl_json("charge", "acme", "sms", UG, "m1")
+        t2 = d.ctl_json("charge", "acme", "sms", UG, "m2")
+        self.assertEqual((t1["balance_after"], t2["balance_after"]), ("-0.0094", "-0.0188"))  # exactly -credit_limit
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", UG, "m3", expect=4)["available"], "0")
+        self.assertEqual(d.ctl_json("debit", "acme", "0.000001", "fee", expect=4)["code"], "insufficient_balance")
+        self.assertEqual(len(d.ctl_json("notifications", "acme")["notifications"]), 1)  # crossed -0.01
+        e = d.ctl_json("wallet", "update", "acme", "--credit-limit", "0.01", expect=1)
+        self.assertEqual(e["field"], "credit_limit")  # it owes 0.0188: the limit cannot go under that
+        d.ctl_json("credit", "acme", "1", "top up")
+        self.assertEqual(d.ctl_json("wallet", "update", "acme", "--credit-limit", "none")["credit_limit"], "0")
+        self.assertTrue(d.ctl_json("verify")["ok"])  # past negative balances are legitimate: a limit was set
+
+    def test_blocked_and_allowed_prefixes(self):
+        d = self.d
+        self.seed("1")
+        d.ctl_json("rate", "set", "default", "sms", "254", "0.01", "USD")
+        w = d.ctl_json("wallet", "update", "acme", "--block", "2567", "--block", "2541")
+        self.assertEqual(w["blocked_prefixes"], ["2567", "2541"])
+        e = d.ctl_json("charge", "acme", "sms", "+256712345678", "b1", expect=1)
+        self.assertEqual((e["code"], e["prefix"], e["field"]), ("destination_blocked", "2567", "to"))
+        d.ctl_json("charge", "acme", "sms", "+256812345678", "b2")
+        d.ctl_json("wallet", "update", "acme", "--blocked-prefix", "none", "--allowed-prefix", "2568")
+        e = d.ctl_json("charge", "acme", "sms", "+254712345678", "b3", expect=1)
+        self.assertEqual((e["code"], e["prefix"]), ("destination_blocked", None))
+        with d.client() as c:
+            p = c.precheck(wallet="acme", channel="sms", recipients=["+256812345678", "+254712345678", "0712"])
+            self.assertEqual((p["blocked"], p["invalid"], p["required"]), (["+254712345678"], ["0712"], D("0.0094")))
+            w = c.wallet_update(wallet="acme", allowed_prefixes=None)
+        self.assertEqual(w["allowed_prefixes"], [])
+        d.ctl_json("charge", "acme", "sms", "+254712345678", "b3")
+        for bad in ("0256", "25a", "1" * 16):
+            self.assertEqual(d.ctl_json("wallet", "update", "acme", "--block", bad, expect=1)["field"],
+                             "blocked_prefixes")
+        self.assertEqual(d.ctl_json("history", "acme")["total"], 3)
+
+
+class LimitsAtTheEdges(DaemonTest):
+    """walletd's clock set by a file (tests/faults.so, in the plain build)."""
+
+    def clock(self, when):
+        with open(self.clock_file, "w") as f:
+            f.write(str(utc(when)))
+
+    def setUp(self):
+        super().setUp()
+        self.clock_file = os.path.join(self.d.dir, "clock")
+        self.clock("2026-11-30T23:59:58Z")
+        self.d.restart_plain(clock=self.clock_file)
+
+    def test_daily_limit_resets_at_utc_midnight_and_hourly_rolls_by_minute(self):
+        d = self.d
+        self.seed("100")
+        d.ctl_json("rate", "set", "default", "sms", "1", "1", "USD")
+        d.ctl_json("wallet", "update", "acme", "--daily-limit", "3")
+        for i in range(3):
+            d.ctl_json("charge", "acme", "sms", "+15550000%03d" % i, "d%d" % i)
+        self.clock("2026-11-30T23:59:59Z")  # the day's last second
+        e = d.ctl_json("charge", "acme", "sms", "+15550000999", "d3", expect=1)
+        self.assertEqual((e["code"], e["limit"], e["max"], e["used"], e["resets_at"]),
+                         ("limit_exceeded", "daily_limit", "3", "3", "2026-12-01T00:00:00Z"))
+        with d.client() as c:
+            p = c.precheck(wallet="acme", channel="sms", recipients=["+15550000999"])
+        self.assertEqual(p["limit_exceeded"]["limit"], "daily_limit")
+        self.clock("2026-12-01T00:00:00Z")  # a new UTC day
+        d.ctl_json("charge", "acme", "sms", "+15550000999", "d3")
+        d.ctl_json("wallet", "update", "acme", "--daily-limit", "none", "--hourly-messages", "2")
+        self.clock("2026-12-01T01:05:30Z")  # the charges of 23:59 and 00:00 are out of the rolling hour
+        d.ctl_json("charge", "acme", "sms", "+15550001000", "h1")
+        self.clock("2026-12-01T01:10:30Z")
+        d.ctl_json("charge", "acme", "sms", "+15550001001", "h2")
+        e = d.ctl_json("charge", "acme", "sms", "+15550001002", "h3", expect=1)
+        self.assertEqual((e["limit"], e["max"], e["used"], e["resets_at"]),
+                         ("hourly_messages", "2", "2", "2026-12-01T02:05:00Z"))
+        self.clock("2026-12-01T02:04:59Z")  # the hour since 01:05 has not rolled yet
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", "+15550001002", "h3", expect=1)["code"],
+                         "limit_exceeded")
+        self.clock("2026-12-01T02:05:00Z")  # the 01:05 message leaves the rolling hour
+        d.ctl_json("charge", "acme", "sms", "+15550001002", "h3")
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", "+15550001003", "h4", expect=1)["resets_at"],
+                         "2026-12-01T02:10:00Z")
+        self.assertEqual(d.ctl_json("history", "acme", "--type", "sms_charge")["total"], 7)
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+
+class PartialRefunds(DaemonTest):
+    def test_partial_refunds_add_up_to_the_charge_never_more(self):
+        d = self.d
+        self.seed("1")
+        t = d.ctl_json("charge", "acme", "sms", UG, "m3", "--segments", "3")  # 0.0282
+        e = d.ctl_json("refund", "acme", "--ref", "m3", "--amount", "0.0094", expect=1)
+        self.assertEqual(e["field"], "refund_ref")  # a partial refund needs its idempotency key
+        r1 = d.ctl_json("refund", "acme", "--ref", "m3", "--amount", "0.0094", "--refund-ref", "dlr-1")
+        again = d.ctl_json("refund", "acme", "--ref", "m3", "--amount", "0.0094", "--refund-ref", "dlr-1")
+        self.assertEqual((again["id"], again["replayed"], r1["replayed"]), (r1["id"], True, False))
+        self.assertEqual(d.ctl_json("refund", "acme", "--ref", "m3", "--amount", "0.0001", "--refund-ref", "dlr-1",
+                                    expect=1)["code"], "idempotency_conflict")
+        self.assertEqual(d.ctl_json("refund", "acme", "--txn", t["id"], "--amount", "0.0189", "--refund-ref", "x",
+                                    expect=1)["field"], "amount")  # only 0.0188 is left
+        rest = d.ctl_json("refund", "acme", "--txn", t["id"])  # all that is left
+        self.assertEqual((rest["amount"], rest["description"].split(" of ")[0]), ("0.0188", "Refund"))
+        e = d.ctl_json("refund", "acme", "--ref", "m3", expect=1)
+        self.assertEqual((e["code"], e["refund"]["id"], [x["id"] for x in e["refunds"]]),
+                         ("already_refunded", r1["id"], [r1["id"], rest["id"]]))
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "1")
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_partial_refunds_racing_from_several_clients_never_exceed_the_charge(self):
+        d = self.d
+        self.seed("1")
+        t = d.ctl_json("charge", "acme", "sms", UG, "big", "--segments", "5")  # 0.047: five parts of 0.0094
+        answers = []
+
+        def client(k):
+            s = d.raw()
+            s.sendall(b"".join(request(i, "refund", {"wallet": "acme", "txn": t["id"], "amount": "0.0094",
+                                                     "refund_ref": "dlr-%d" % ((k + i) % 8)}) for i in range(8)))
+            answers.extend(read_frames(s, 8, timeout=60))
+            s.close()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        made = {a[3]["id"] for a in answers if a[2] is None and not a[3]["replayed"]}
+        self.assertEqual(len(made), 5)
+        self.assertEqual({a[2]["code"] for a in answers if a[2]}, {"already_refunded"})
+        for a in answers:  # a replay names a refund that was made
+            if a[2] is None:
+                self.assertIn(a[3]["id"], made)
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "1")
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_refund_batch_refunds_a_delivery_report_storm_in_one_commit(self):
+        d = self.d
+        self.seed("20")
+        self.charge_sms(1000)
+        before = d.ctl_json("stats")["commits"]
+        items = [{"wallet": "acme", "ref": "m%d" % i, "reason": "DLR failed"} for i in range(1000)]
+        items[5] = {"wallet": "acme", "ref": "nope"}
+        items[7] = {"wallet": "acme", "ref": "m6"}  # m6 twice: the second finds it refunded
+        with d.client() as c:
+            res = c.call("refund.batch", items=items)["results"]
+        self.assertEqual(d.ctl_json("stats")["commits"], before + 1)
+        self.assertEqual(res[5]["error"]["code"], "unknown_txn")
+        self.assertEqual(res[7]["error"]["code"], "already_refunded")
+        self.assertEqual(sum("error" not in r for r in res), 998)
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], str(D(20) - D("0.0094") * 2))
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+
+class Upgrade(DaemonTest):
+    """A store written by the previous release (commit 609647a, layout 4) opens, keeps
+    every wallet and transaction, and passes verify; then it takes holds and limits."""
+    PREVIOUS = "609647a"
+
+    def setUp(self):
+        self.work = tempfile.mkdtemp(prefix="walletd-upgrade-")
+        src = os.path.join(self.work, "src")
+        os.mkdir(src)
+        for name in ("walletd.c", "protocol.h"):
+            r = subprocess.run(["git", "-C", ROOT, "show", "%s:%s" % (self.PREVIOUS, name)], capture_output=True)
+            self.assertEqual(r.returncode, 0, "this test needs the git history: %s" % r.stderr.decode())
+            with open(os.path.join(src, name), "wb") as f:
+                f.write(r.stdout)
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "msgpack", "lmdb", "libcurl"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        self.old = os.path.join(self.work, "walletd-previous")
+        subprocess.run(["cc", "-std=c11", "-O1", "-o", self.old, os.path.join(src, "walletd.c")] + flags +
+                       ["-lpthread"], check=True)
+        self.d = Daemon()
+        self.d.binary = self.old  # the previous release makes the store
+        self.d.start()
+
+    def tearDown(self):
+        super().tearDown()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def test_a_store_of_the_previous_release_upgrades_in_place(self):
+        d = self.d
+        self.seed("50")
+        d.ctl_json("wallet", "create", "beta", "UGX", "--threshold", "100", "--alert-email", "a@b.example")
+        d.ctl_json("credit", "beta", "1000", "opening")
+        self.charge_sms(300)
+        d.ctl_json("refund", "acme", "--ref", "m7")
+        tp = d.ctl_json("topup", "create", "acme", "5")
+        d.ctl_json("topup", "confirm", tp["ref"], "5", "paystack", "PS-1")
+        d.ctl_json("charge", "beta", "sms", UG, "u1", "--segments", "26")  # 910 UGX: 90 left, under its threshold
+        before = {w: d.ctl_json("wallet", "get", w) for w in ("acme", "beta")}
+        hist = d.ctl_json("history", "acme", "--limit", "1000")
+        old_verify = d.ctl_json("verify")
+        self.assertTrue(old_verify["ok"])
+        d.stop()
+        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
+        d.start()
+        self.assertIn("wallets to layout 5", d.read_log())
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["wallets"], v["transactions"], v["breaches"]),
+                         (True, 2, old_verify["transactions"], []))
+        for w in ("acme", "beta"):
+            now = d.ctl_json("wallet", "get", w)
+            for k, val in before[w].items():
+                self.assertEqual(now[k], val, (w, k))
+            self.assertEqual((now["held"], now["credit_limit"], now["daily_limit"]), ("0", "0", None))
+        self.assertEqual(d.ctl_json("history", "acme", "--limit", "1000"), hist)
+        self.assertEqual(len(d.ctl_json("notifications", "beta")["notifications"]), 1)
+        e = d.ctl_json("refund", "acme", "--ref", "m7", expect=1)  # refunded under the old layout
+        self.assertEqual((e["code"], len(e["refunds"])), ("already_refunded", 1))
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", UG, "m8")["replayed"], True)  # its refs too
+        d.ctl_json("hold", "create", "acme", "--ref", "after", "--amount", "1")
+        d.ctl_json("wallet", "update", "acme", "--credit-limit", "10", "--daily-limit", "5")
+        d.ctl_json("charge", "acme", "sms", UG, "new", "--hold", "after")
+        self.assertTrue(d.ctl_json("verify")["ok"])
+        d.restart()
+        self.assertNotIn("wallets to layout", d.read_log().split("stopped")[-1])  # once
+        self.assertTrue(d.ctl_json("verify")["ok"])
