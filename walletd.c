@@ -2941,32 +2941,33 @@ p_e164(struct call *c, const char *name, char *digits, size_t *n)
 }
 
 /*
- * Reads alert_emails: a list of up to EMAILS_MAX addresses (or nil / an
- * empty list for none) joined with commas into out.  *present as p_amount.
+ * Reads list param name: at most max strings, each passing valid (what
+ * says what one must be, for the error), joined with commas into out (size
+ * bytes); nil or [] is "".  *present as p_amount.
  */
 static int
-p_emails(struct call *c, char out[EMAILS_BYTES], int *present)
+p_list(struct call *c, const char *name, unsigned max, int (*valid)(struct str), const char *what,
+    char *out, size_t size, int *present)
 {
-	const msgpack_object *o = param(c, "alert_emails");
+	const msgpack_object *o = param(c, name);
 	size_t n = 0;
 
 	out[0] = '\0';
 	*present = o == NULL ? 0 : 1;
 	if (o == NULL || o->type == MSGPACK_OBJECT_NIL)
 		return E_OK;
-	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size > EMAILS_MAX)
-		return fail(c, E_INVALID_ARGUMENT, "alert_emails",
-		    "alert_emails must be a list of at most %d addresses", EMAILS_MAX);
+	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size > max)
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must be a list of at most %u", name, max);
 	for (uint32_t i = 0; i < o->via.array.size; i++) {
 		const msgpack_object *e = &o->via.array.ptr[i];
 		struct str s;
 
 		if (e->type != MSGPACK_OBJECT_STR)
-			return fail(c, E_INVALID_ARGUMENT, "alert_emails", "alert_emails must hold strings");
+			return fail(c, E_INVALID_ARGUMENT, name, "%s must hold strings", name);
 		s = (struct str){ e->via.str.ptr, e->via.str.size };
-		if (!valid_email(s) || n + s.n + 2 > EMAILS_BYTES)
-			return fail(c, E_INVALID_ARGUMENT, "alert_emails",
-			    "'%.*s' is not an e-mail address", (int)(s.n > 100 ? 100 : s.n), s.p);
+		if (!valid(s) || n + s.n + 2 > size)
+			return fail(c, E_INVALID_ARGUMENT, name, "%s: '%.*s' is not %s", name,
+			    (int)(s.n > 100 ? 100 : s.n), s.p, what);
 		if (n)
 			out[n++] = ',';
 		memcpy(out + n, s.p, s.n);
@@ -2974,6 +2975,13 @@ p_emails(struct call *c, char out[EMAILS_BYTES], int *present)
 		out[n] = '\0';
 	}
 	return E_OK;
+}
+
+/* Reads alert_emails: up to EMAILS_MAX addresses.  *present as p_amount. */
+static int
+p_emails(struct call *c, char out[EMAILS_BYTES], int *present)
+{
+	return p_list(c, "alert_emails", EMAILS_MAX, valid_email, "an e-mail address", out, EMAILS_BYTES, present);
 }
 
 /* Loads the wallet named by the wallet param; unknown_wallet if none. */
@@ -3226,41 +3234,21 @@ p_threshold(struct call *c, struct wallet *w)
 	return rc;
 }
 
-/*
- * Reads a list of E.164 digit prefixes (1-15 digits, the first not 0; at
- * most PREFIXES_MAX) into out, comma-separated; nil or [] is "" (none).
- * *present as p_amount.
- */
+/* Returns 1 if s is a destination prefix: 1-15 digits, the first not 0. */
+static int
+valid_prefix(struct str s)
+{
+	char digits[16];
+
+	return s.n > 0 && e164_digits(s, digits) == s.n;
+}
+
+/* Reads a list of up to PREFIXES_MAX destination prefixes.  *present as p_amount. */
 static int
 p_prefixes(struct call *c, const char *name, char out[PREFIXES_BYTES], int *present)
 {
-	const msgpack_object *o = param(c, name);
-	size_t n = 0;
-
-	out[0] = '\0';
-	*present = o == NULL ? 0 : 1;
-	if (o == NULL || o->type == MSGPACK_OBJECT_NIL)
-		return E_OK;
-	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size > PREFIXES_MAX)
-		return fail(c, E_INVALID_ARGUMENT, name, "%s must be a list of at most %d prefixes", name, PREFIXES_MAX);
-	for (uint32_t i = 0; i < o->via.array.size; i++) {
-		const msgpack_object *e = &o->via.array.ptr[i];
-		char digits[16];
-		struct str p;
-
-		if (e->type != MSGPACK_OBJECT_STR)
-			return fail(c, E_INVALID_ARGUMENT, name, "%s must hold strings", name);
-		p = (struct str){ e->via.str.ptr, e->via.str.size };
-		if (p.n == 0 || e164_digits(p, digits) != p.n)
-			return fail(c, E_INVALID_ARGUMENT, name, "%s: '%.*s' is not 1-15 digits, the first not 0", name,
-			    (int)(p.n > 32 ? 32 : p.n), p.p);
-		if (n)
-			out[n++] = ',';
-		memcpy(out + n, p.p, p.n);
-		n += p.n;
-		out[n] = '\0';
-	}
-	return E_OK;
+	return p_list(c, name, PREFIXES_MAX, valid_prefix, "1-15 digits, the first not 0", out, PREFIXES_BYTES,
+	    present);
 }
 
 /*
