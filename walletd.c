@@ -977,7 +977,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  *            "L" plan \0 channel -> u32: the prefix lengths that have rates
  *            (bit n for length n; set by rate.set, never cleared: a superset)
  *   wallets  wallet id -> struct wallet: its base fields, its extended ones
- *            (credit limit, holds, limits) and minute counts when it has
+ *            (credit limit, holds, limits) and slot counts when it has
  *            them, its allowed prefixes, blocked prefixes and e-mails
  *            (wallet_decode; layout 4 had nothing after plan but emails)
  *   txns     u64 id (MDB_INTEGERKEY) -> struct txn_head, then the rest of
@@ -1020,6 +1020,11 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
 #define PREFIXES_BYTES (PREFIXES_MAX * 16)
 #define HIST_STRIDE 64
 
+/* The rolling hour of hourly_messages, in HOUR_SLOTS steps of HOUR_SLOT seconds:
+ * a message leaves it 55 to 60 minutes after it was charged. */
+#define HOUR_SLOTS 12
+#define HOUR_SLOT  300
+
 #define WF_FROZEN    1u
 #define WF_THRESHOLD 2u
 #define WF_DAILY     4u           /* daily_limit set */
@@ -1047,10 +1052,10 @@ struct wallet {
 	int64_t daily_limit;      /* when WF_DAILY */
 	int64_t day;              /* the UTC day (since the epoch) that day_spent counts */
 	int64_t day_spent;        /* charged on that day */
-	int64_t minute;           /* the last minute (since the epoch) minute_counts holds */
-	uint64_t hour_total;      /* minute_counts added up (0 without WF_HOURLY) */
+	int64_t slot;             /* the last HOUR_SLOT (since the epoch) slot_counts holds */
+	uint64_t hour_total;      /* slot_counts added up (0 without WF_HOURLY) */
 	/* Stored only with WF_HOURLY: the hour is counted from when the limit is set. */
-	uint32_t minute_counts[60]; /* messages charged in each of the last 60 minutes, at minute % 60 */
+	uint32_t slot_counts[HOUR_SLOTS]; /* messages charged in each of the hour's slots, at slot % HOUR_SLOTS */
 	char allowed[PREFIXES_BYTES]; /* comma-separated digit prefixes; "" = any */
 	char blocked[PREFIXES_BYTES];
 	char emails[EMAILS_BYTES]; /* comma-separated */
@@ -1640,12 +1645,12 @@ record_copy(void *dst, size_t size, MDB_val v)
  * A wallet record holds its base fields (those of layout 4), then its
  * credit limit, hold and spend-control fields only with WF_EXTENDED (most
  * wallets have none: a small record keeps more wallets in a page, and a
- * commit of many charges writes fewer pages), then its minute counts only
+ * commit of many charges writes fewer pages), then its slot counts only
  * with WF_HOURLY, then its three strings, each up to its NUL.
  */
 #define WALLET_BASE     offsetof(struct wallet, credit_limit)
-#define WALLET_EXTENDED (offsetof(struct wallet, minute_counts) - WALLET_BASE)
-#define WALLET_COUNTS   sizeof(((struct wallet *)0)->minute_counts)
+#define WALLET_EXTENDED (offsetof(struct wallet, slot_counts) - WALLET_BASE)
+#define WALLET_COUNTS   sizeof(((struct wallet *)0)->slot_counts)
 
 /* Whether w needs its extended fields stored. */
 static int
@@ -1678,7 +1683,7 @@ wallet_decode(MDB_val v, struct wallet *w)
 	if (w->flags & WF_HOURLY) {
 		if ((size_t)(end - p) < WALLET_COUNTS)
 			return MDB_CORRUPTED;
-		memcpy(w->minute_counts, p, WALLET_COUNTS);
+		memcpy(w->slot_counts, p, WALLET_COUNTS);
 		p += WALLET_COUNTS;
 	}
 	for (int i = 0; i < 3; i++) {
@@ -1723,7 +1728,7 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	}
 	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
 	if (w->flags & WF_HOURLY) {
-		memcpy(buf + n, w->minute_counts, WALLET_COUNTS);
+		memcpy(buf + n, w->slot_counts, WALLET_COUNTS);
 		n += WALLET_COUNTS;
 	}
 	for (int i = 0; i < 3; i++) {
@@ -3937,34 +3942,34 @@ fail_blocked(struct call *c, const char *digits, const char *prefix)
 }
 
 /*
- * Messages counted in w's rolling hour at minute (since the epoch): its
- * running total, less the minutes that have left the hour since w->minute
- * (none while charges come every minute; 60 at most).
+ * Messages counted in w's rolling hour at slot (since the epoch): its
+ * running total, less the slots that have left the hour since w->slot
+ * (none while charges come every few minutes; HOUR_SLOTS at most).
  */
 static uint64_t
-hourly_used(const struct wallet *w, int64_t minute)
+hourly_used(const struct wallet *w, int64_t slot)
 {
 	uint64_t used = w->hour_total;
 
-	for (int64_t m = w->minute - 59; m <= minute - 60 && m <= w->minute; m++)
-		if (m >= 0)
-			used -= w->minute_counts[m % 60];
+	for (int64_t s = w->slot - (HOUR_SLOTS - 1); s <= slot - HOUR_SLOTS && s <= w->slot; s++)
+		if (s >= 0)
+			used -= w->slot_counts[s % HOUR_SLOTS];
 	return used;
 }
 
-/* The first minute of w's rolling hour at minute that counts a message (0: none). */
+/* The first slot of w's rolling hour at slot that counts a message (0: none). */
 static int64_t
-hourly_oldest(const struct wallet *w, int64_t minute)
+hourly_oldest(const struct wallet *w, int64_t slot)
 {
-	for (int64_t m = w->minute - 59; m <= w->minute; m++)
-		if (m >= 0 && m > minute - 60 && w->minute_counts[m % 60])
-			return m;
+	for (int64_t s = w->slot - (HOUR_SLOTS - 1); s <= w->slot; s++)
+		if (s >= 0 && s > slot - HOUR_SLOTS && w->slot_counts[s % HOUR_SLOTS])
+			return s;
 	return 0;
 }
 
 /*
  * Checks cost (in w's currency) and messages charged at now against w's
- * daily_limit (a UTC day) and hourly_messages (a rolling hour, by minute).
+ * daily_limit (a UTC day) and hourly_messages (a rolling hour, by 5-minute slots).
  * Returns 0, or 1 with c's limit_exceeded details filled (c's code is
  * not set: precheck reports them, a charge fails with them).  O(60).
  */
@@ -3982,13 +3987,13 @@ limits_exceeded(struct call *c, const struct wallet *w, int64_t now, int64_t cos
 		return 1;
 	}
 	if (w->flags & WF_HOURLY) {
-		uint64_t hourly = hourly_used(w, now / 60);
+		uint64_t hourly = hourly_used(w, now / HOUR_SLOT);
 
 		if (hourly + messages > w->hourly_messages) {
 			c->limit = "hourly_messages";
 			snprintf(c->limit_max, sizeof(c->limit_max), "%" PRIu32, w->hourly_messages);
 			snprintf(c->limit_used, sizeof(c->limit_used), "%" PRIu64, hourly);
-			c->resets_at = hourly ? (hourly_oldest(w, now / 60) + 60) * 60 : now;
+			c->resets_at = hourly ? (hourly_oldest(w, now / HOUR_SLOT) + HOUR_SLOTS) * HOUR_SLOT : now;
 			return 1;
 		}
 	}
@@ -3999,7 +4004,7 @@ limits_exceeded(struct call *c, const struct wallet *w, int64_t now, int64_t cos
 static void
 limits_count(struct wallet *w, int64_t now, int64_t cost, uint32_t messages)
 {
-	int64_t day = now / 86400, minute = now / 60;
+	int64_t day = now / 86400, slot = now / HOUR_SLOT;
 
 	if ((w->flags & WF_DAILY) && w->day != day) {
 		w->day = day;
@@ -4009,18 +4014,18 @@ limits_count(struct wallet *w, int64_t now, int64_t cost, uint32_t messages)
 		w->day_spent = add_saturating(w->day_spent, cost);
 	if (!(w->flags & WF_HOURLY))
 		return;
-	if (minute - w->minute >= 60) {
-		memset(w->minute_counts, 0, sizeof(w->minute_counts));
+	if (slot - w->slot >= HOUR_SLOTS) {
+		memset(w->slot_counts, 0, sizeof(w->slot_counts));
 		w->hour_total = 0;
 	} else {
-		for (int64_t m = w->minute + 1; m <= minute; m++) {
-			w->hour_total -= w->minute_counts[m % 60];
-			w->minute_counts[m % 60] = 0;
+		for (int64_t s = w->slot + 1; s <= slot; s++) {
+			w->hour_total -= w->slot_counts[s % HOUR_SLOTS];
+			w->slot_counts[s % HOUR_SLOTS] = 0;
 		}
 	}
-	if (minute > w->minute)
-		w->minute = minute;
-	w->minute_counts[w->minute % 60] += messages;
+	if (slot > w->slot)
+		w->slot = slot;
+	w->slot_counts[w->slot % HOUR_SLOTS] += messages;
 	w->hour_total += messages;
 }
 
