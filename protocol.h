@@ -29,6 +29,7 @@
 #define TEXT_MAX            4096        /* reason, description, actor: bytes */
 #define HISTORY_LIMIT_MAX   1000
 #define RATE_LIST_LIMIT_MAX 10000
+#define EXPORT_LIMIT_MAX    10000
 #define BATCH_ITEMS_MAX     1000        /* (config) charge_batch_max */
 #define EMAILS_MAX          8           /* alert_emails per wallet */
 #define PREFIXES_MAX        32          /* allowed_prefixes, blocked_prefixes: each */
@@ -140,6 +141,8 @@ X(M_REFUND_BATCH, refund_batch, "refund.batch", R_AC, MF_WRITE | MF_FLAT, "items
 X(M_HISTORY, history, "history", R_AC, MF_SCAN, \
   "wallet ?page:i ?before_id:i ?limit:i ?type:l ?since ?until", \
   "A wallet's transactions, newest first.") \
+X(M_EXPORT, export, "export", R_A, MF_SCAN, "?after_id:i ?limit:i", \
+  "Every wallet's transactions in id order, a page at a time, for accounting (--csv: all of them).") \
 X(M_NOTIFICATIONS, notifications, "notifications", R_AC, 0, "wallet", \
   "A wallet's low-balance notifications and their e-mail state.") \
 X(M_VERIFY, verify, "verify", R_A, MF_SLOW, "", \

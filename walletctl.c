@@ -1151,6 +1151,102 @@ cmd_stats_prometheus(void)
 	return EXIT_OK;
 }
 
+/* Writes one CSV field of v (a string, an integer, or nil as empty), RFC 4180 quoted when it must be. */
+static void
+csv_field(const msgpack_object *v)
+{
+	if (v == NULL || v->type == MSGPACK_OBJECT_NIL)
+		return;
+	if (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+		printf("%" PRIu64, v->via.u64);
+	} else if (v->type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
+		printf("%" PRId64, v->via.i64);
+	} else if (v->type == MSGPACK_OBJECT_STR) {
+		const char *p = v->via.str.ptr;
+		size_t n = v->via.str.size;
+
+		if (strcspn(p, ",\"\r\n") >= n && memchr(p, '\0', n) == NULL) {
+			fwrite(p, 1, n, stdout);
+			return;
+		}
+		putchar('"');
+		for (size_t i = 0; i < n; i++) {
+			if (p[i] == '"')
+				putchar('"');
+			putchar(p[i]);
+		}
+		putchar('"');
+	}
+}
+
+/*
+ * export --csv [--after-id N]: every transaction after N, in id order, as
+ * RFC 4180 CSV (a header row, CRLF line ends, amounts as plain decimals),
+ * paging through export until the log's end.  To resume, pass the last
+ * row's id as --after-id.
+ */
+static int
+cmd_export_csv(int argc, char **argv)
+{
+	static const char *const cols[] = { "id", "created_at", "wallet", "type", "amount", "balance_after",
+		"currency", "description", "ref", "channel", "to", "route", "segments", "price", "price_currency",
+		"refund_of", "hold", "provider", "provider_ref", "paid_amount", "paid_currency" };
+	const size_t ncols = sizeof(cols) / sizeof(cols[0]);
+	uint64_t after = 0;
+
+	for (int i = 0; i < argc; i++) {
+		char *end;
+
+		if (strcmp(argv[i], "--csv") == 0)
+			continue;
+		if ((strcmp(argv[i], "--after-id") == 0 || strcmp(argv[i], "--after_id") == 0) && i + 1 < argc) {
+			after = strtoull(argv[++i], &end, 10);
+			if (*end == '\0')
+				continue;
+		}
+		die(EXIT_USAGE, "usage: walletctl export --csv [--after-id N]");
+	}
+	for (size_t k = 0; k < ncols; k++)
+		printf("%s%s", cols[k], k + 1 < ncols ? "," : "\r\n");
+	for (;;) {
+		msgpack_sbuffer sb;
+		msgpack_packer pk;
+		msgpack_unpacked resp;
+		const msgpack_object *result, *txns, *last;
+
+		msgpack_sbuffer_init(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		msgpack_pack_map(&pk, 2);
+		msgpack_pack_str_with_body(&pk, "after_id", 8);
+		msgpack_pack_uint64(&pk, after);
+		msgpack_pack_str_with_body(&pk, "limit", 5);
+		msgpack_pack_uint64(&pk, EXPORT_LIMIT_MAX);
+		call("export", &sb, -1, &resp);
+		msgpack_sbuffer_destroy(&sb);
+		if (resp.data.type != MSGPACK_OBJECT_ARRAY || resp.data.via.array.size != 4 ||
+		    resp.data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL)
+			return print_response(&resp.data);
+		result = &resp.data.via.array.ptr[3];
+		txns = map_get(result, "transactions");
+		last = map_get(result, "last_id");
+		if (txns == NULL || txns->type != MSGPACK_OBJECT_ARRAY || txns->via.array.size == 0 ||
+		    last == NULL || last->type != MSGPACK_OBJECT_POSITIVE_INTEGER) {
+			msgpack_unpacked_destroy(&resp);
+			break;
+		}
+		for (uint32_t i = 0; i < txns->via.array.size; i++)
+			for (size_t k = 0; k < ncols; k++) {
+				csv_field(map_get(&txns->via.array.ptr[i], cols[k]));
+				fputs(k + 1 < ncols ? "," : "\r\n", stdout);
+			}
+		after = last->via.u64;
+		msgpack_unpacked_destroy(&resp);
+	}
+	if (fflush(stdout) != 0)
+		die(EXIT_ERROR, "cannot write the CSV: %s", strerror(errno));
+	return EXIT_OK;
+}
+
 /* rate export [--plan P] [--channel C]: pages through rate.list into CSV. */
 static int
 cmd_rate_export(int argc, char **argv)
@@ -1862,6 +1958,9 @@ main(int argc, char **argv)
 		return cmd_rate_export(argc - i - 2, argv + i + 2);
 	if (i + 2 == argc && strcmp(argv[i], "stats") == 0 && strcmp(argv[i + 1], "--prometheus") == 0)
 		return cmd_stats_prometheus();
+	for (int j = i + 1; strcmp(argv[i], "export") == 0 && j < argc; j++)
+		if (strcmp(argv[j], "--csv") == 0)
+			return cmd_export_csv(argc - i - 1, argv + i + 1);
 	if (i + 1 < argc) {
 		snprintf(name, sizeof(name), "%s.%s", argv[i], argv[i + 1]);
 		if ((m = method_find(name, strlen(name))) >= 0)

@@ -2232,7 +2232,8 @@ txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpa
 }
 
 /*
- * Appends t to the log and to wallet w's chain: gives t its id, sets
+ * Appends t to the log and to wallet w's chain: gives t its id and its
+ * created_at (now, or the last transaction's if the clock went back), sets
  * balance_after from w->balance (already changed by the caller), links it
  * after w->last_txn and counts it in w; every HIST_STRIDE-th one also goes
  * into the hist index.  The caller writes w.  scratch receives the record
@@ -2252,14 +2253,23 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 		return rc;
 	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
 	mdb_cursor_close(cur);
-	if (rc == MDB_NOTFOUND)
-		t->id = 1;
-	else if (rc == 0)
-		memcpy(&t->id, k.mv_data, sizeof(t->id)), t->id++;
-	else
-		return rc;
-	t->balance_after = w->balance;
 	t->created_at = now_seconds();
+	if (rc == MDB_NOTFOUND) {
+		t->id = 1;
+	} else if (rc == 0) {
+		memcpy(&t->id, k.mv_data, sizeof(t->id));
+		t->id++;
+		/* created_at never decreases with the id, whatever the clock does:
+		 * a time range of the log is then a binary search */
+		if (v.mv_size >= sizeof(h)) {
+			memcpy(&h, v.mv_data, sizeof(h));
+			if (h.created_at > t->created_at)
+				t->created_at = h.created_at;
+		}
+	} else {
+		return rc;
+	}
+	t->balance_after = w->balance;
 	msgpack_sbuffer_clear(scratch);
 	msgpack_packer_init(&pk, scratch, msgpack_sbuffer_write);
 	txn_pack_stored(&pk, t);
@@ -5500,6 +5510,62 @@ m_history(struct call *c)
 		return store_error(c, rc);
 	}
 	pack_page(c->pk, "transactions", packed, &rows, total, page, limit);
+	return E_OK;
+}
+
+/*
+ * export: every wallet's transactions in id order, after after_id, limit
+ * (at most EXPORT_LIMIT_MAX) at a time: {transactions, last_id}; the next
+ * page starts after last_id.  Each is the map history answers, with its
+ * wallet.  A seek, then O(limit).
+ */
+static int
+m_export(struct call *c)
+{
+	uint64_t after = 0, limit = 1000, id = 0, n = 0;
+	msgpack_sbuffer rows;
+	msgpack_packer rpk;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = p_uint(c, "after_id", 0, 0, UINT64_MAX - 1, &after)) ||
+	    (rc = p_uint(c, "limit", 0, 1, EXPORT_LIMIT_MAX, &limit)))
+		return rc;
+	if ((rc = mdb_cursor_open(c->txn, store.txns, &cur)) != 0)
+		return store_error(c, rc);
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
+	id = after + 1;
+	k = (MDB_val){ sizeof(id), &id };
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && n < limit;
+	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct txn_head h;
+
+		if (over_budget(c)) {
+			rc = E_OFF_LOOP;
+			break;
+		}
+		memcpy(&id, k.mv_data, sizeof(id));
+		if (v.mv_size <= sizeof(h)) {
+			rc = MDB_CORRUPTED;
+			break;
+		}
+		memcpy(&h, v.mv_data, sizeof(h));
+		if ((rc = txn_pack_record(&rpk, id, &h,
+		    (MDB_val){ v.mv_size - sizeof(h), (char *)v.mv_data + sizeof(h) })) != 0)
+			break;
+		after = id;
+		n++;
+	}
+	mdb_cursor_close(cur);
+	if (rc != 0 && rc != MDB_NOTFOUND) { /* 0: the page is full; MDB_NOTFOUND: the log's end */
+		msgpack_sbuffer_destroy(&rows);
+		return rc == E_OFF_LOOP ? E_OFF_LOOP : store_error(c, rc);
+	}
+	msgpack_pack_map(c->pk, 2);
+	pack_rows(c->pk, "transactions", n, &rows);
+	KV_U64(c->pk, "last_id", after);
 	return E_OK;
 }
 

@@ -81,7 +81,7 @@ const METHODS = {
   holdRelease: 'hold.release', holdGet: 'hold.get', holdList: 'hold.list', topupCreate: 'topup.create',
   topupConfirm: 'topup.confirm', topupCancel: 'topup.cancel', topupGet: 'topup.get',
   topupList: 'topup.list', credit: 'credit', debit: 'debit', refund: 'refund',
-  refundBatch: 'refund.batch', history: 'history',
+  refundBatch: 'refund.batch', history: 'history', export: 'export',
   notifications: 'notifications', verify: 'verify', stats: 'stats',
 };
 
