@@ -4309,20 +4309,6 @@ batch_run(struct call *c, int m)
 }
 
 static int m_charge_batch(struct call *c) { return batch_run(c, M_CHARGE); }
-/* One line of a precheck's breakdown: the messages priced at one prefix and route. */
-struct price_group {
-	struct rate_hit hit;
-	uint64_t count;
-	uint64_t hash;
-};
-
-/* A small open-addressing table of price groups. */
-struct group_table {
-	struct price_group *groups;
-	uint32_t *slots;    /* index + 1 into groups, 0 = empty */
-	size_t n, cap;      /* groups used, slots (a power of 2) */
-};
-
 static uint64_t
 hash_bytes(uint64_t h, const char *p, size_t n)
 {
@@ -4331,52 +4317,83 @@ hash_bytes(uint64_t h, const char *p, size_t n)
 	return h;
 }
 
-/* Returns the group for hit, adding it.  NULL when out of memory. */
-static struct price_group *
-group_find(struct group_table *t, const struct rate_hit *hit)
+/* The key of a group: up to GROUP_KEY_MAX bytes. */
+#define GROUP_KEY_MAX 96
+struct group_key {
+	uint64_t hash;
+	size_t len;
+	char bytes[GROUP_KEY_MAX];
+};
+
+/*
+ * A small open-addressing table of groups: entries of `size` bytes, each
+ * starting with its struct group_key, the rest the caller's (zero when
+ * group_find adds it).
+ */
+struct group_table {
+	char *entries;
+	uint32_t *slots;    /* index + 1 into entries, 0 = empty */
+	size_t n, cap;      /* entries used, slots (a power of 2) */
+	size_t size;        /* of an entry */
+};
+
+/* Entry i of t. */
+static void *
+group_at(const struct group_table *t, size_t i)
 {
-	uint64_t h = hash_bytes(hash_bytes(0xcbf29ce484222325ull, hit->prefix, strlen(hit->prefix) + 1),
-	    hit->route, strlen(hit->route));
+	return t->entries + i * t->size;
+}
+
+/* Returns the group of key (len bytes, at most GROUP_KEY_MAX), adding it.  NULL when out of memory. */
+static void *
+group_find(struct group_table *t, const char *key, size_t len)
+{
+	uint64_t h = hash_bytes(0xcbf29ce484222325ull, key, len);
+	struct group_key *g;
 	size_t i;
 
 	if ((t->n + 1) * 2 > t->cap) {
 		size_t cap = t->cap ? t->cap * 2 : 64;
 		uint32_t *slots = calloc(cap, sizeof(*slots));
-		struct price_group *groups = realloc(t->groups, cap / 2 * sizeof(*groups));
+		char *entries = realloc(t->entries, cap / 2 * t->size);
 
-		if (slots == NULL || groups == NULL) {
+		if (slots == NULL || entries == NULL) {
 			free(slots);
-			if (groups)
-				t->groups = groups;
+			if (entries)
+				t->entries = entries;
 			return NULL;
 		}
-		t->groups = groups;
-		for (size_t g = 0; g < t->n; g++) {
-			for (i = groups[g].hash & (cap - 1); slots[i]; i = (i + 1) & (cap - 1))
+		t->entries = entries;
+		for (size_t e = 0; e < t->n; e++) {
+			for (i = ((struct group_key *)group_at(t, e))->hash & (cap - 1); slots[i]; i = (i + 1) & (cap - 1))
 				;
-			slots[i] = (uint32_t)g + 1;
+			slots[i] = (uint32_t)e + 1;
 		}
 		free(t->slots);
 		t->slots = slots;
 		t->cap = cap;
 	}
 	for (i = h & (t->cap - 1); t->slots[i]; i = (i + 1) & (t->cap - 1)) {
-		struct price_group *g = &t->groups[t->slots[i] - 1];
-
-		if (g->hash == h && strcmp(g->hit.prefix, hit->prefix) == 0 &&
-		    strcmp(g->hit.route, hit->route) == 0)
+		g = group_at(t, t->slots[i] - 1);
+		if (g->hash == h && g->len == len && memcmp(g->bytes, key, len) == 0)
 			return g;
 	}
-	t->groups[t->n] = (struct price_group){ *hit, 0, h };
+	g = group_at(t, t->n);
+	memset(g, 0, t->size);
+	g->hash = h;
+	g->len = len;
+	memcpy(g->bytes, key, len);
 	t->slots[i] = (uint32_t)++t->n;
-	return &t->groups[t->n - 1];
+	return g;
 }
 
-/*
- * precheck: prices a campaign without changing anything.  Recipients are
- * numbers or {to, count} groups; each number costs what charge would take
- * (the same per-message rounding), so a campaign that passes is never short.
- */
+/* One line of a precheck's breakdown: the messages priced at one prefix and route. */
+struct price_group {
+	struct group_key key; /* prefix \0 route */
+	struct rate_hit hit;
+	uint64_t count;
+};
+
 /* A campaign priced as precheck prices it (campaign_price). */
 struct campaign {
 	struct group_table groups;       /* what each prefix and route costs, and how many */
@@ -4393,7 +4410,7 @@ campaign_free(struct campaign *cp)
 	msgpack_sbuffer_destroy(&cp->unpriced);
 	msgpack_sbuffer_destroy(&cp->invalid);
 	msgpack_sbuffer_destroy(&cp->blocked);
-	free(cp->groups.groups);
+	free(cp->groups.entries);
 	free(cp->groups.slots);
 }
 
@@ -4412,6 +4429,7 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 	int rc = E_OK;
 
 	memset(cp, 0, sizeof(*cp));
+	cp->groups.size = sizeof(struct price_group);
 	msgpack_sbuffer_init(&cp->unpriced);
 	msgpack_sbuffer_init(&cp->invalid);
 	msgpack_sbuffer_init(&cp->blocked);
@@ -4423,8 +4441,8 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 	for (uint32_t i = 0; i < rec->via.array.size && rc == E_OK; i++) {
 		const msgpack_object *r = &rec->via.array.ptr[i], *to = r;
 		uint64_t count = 1;
-		char digits[16], prefix[16], plus[17] = "+";
-		size_t n = 0;
+		char digits[16], prefix[16], plus[17] = "+", keybuf[GROUP_KEY_MAX];
+		size_t n = 0, key;
 		struct rate_hit hit;
 		struct price_group *g;
 		int64_t sub;
@@ -4465,8 +4483,11 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 			rc = E_OK;
 			continue;
 		}
-		if ((g = group_find(&cp->groups, &hit)) == NULL)
+		key = (size_t)snprintf(keybuf, sizeof(keybuf), "%s%c%s", hit.prefix, 0, hit.route);
+		if ((g = group_find(&cp->groups, keybuf, key < sizeof(keybuf) ? key : sizeof(keybuf) - 1)) == NULL)
 			return fail(c, E_BUSY, NULL, "Out of memory");
+		if (g->count == 0)
+			g->hit = hit;
 		g->count += count;
 		cp->messages += count;
 		if (__builtin_mul_overflow(hit.cost, (int64_t)count, &sub) ||
@@ -4512,7 +4533,7 @@ m_precheck(struct call *c)
 		KEY(pk, "breakdown");
 		msgpack_pack_array(pk, cp.groups.n);
 		for (size_t i = 0; i < cp.groups.n; i++) {
-			const struct price_group *g = &cp.groups.groups[i];
+			const struct price_group *g = group_at(&cp.groups, i);
 
 			msgpack_pack_map(pk, 7);
 			KV_STR(pk, "prefix", g->hit.prefix);
