@@ -143,6 +143,8 @@ X(M_HISTORY, history, "history", R_AC, MF_SCAN, \
   "A wallet's transactions, newest first.") \
 X(M_EXPORT, export, "export", R_A, MF_SCAN, "?after_id:i ?limit:i", \
   "Every wallet's transactions in id order, a page at a time, for accounting (--csv: all of them).") \
+X(M_REPORT_USAGE, report_usage, "report.usage", R_A, MF_SCAN, "from until group_by", \
+  "Messages, segments and money charged and refunded in [from, until), by country|route|channel|plan|wallet.") \
 X(M_NOTIFICATIONS, notifications, "notifications", R_AC, 0, "wallet", \
   "A wallet's low-balance notifications and their e-mail state.") \
 X(M_VERIFY, verify, "verify", R_A, MF_SLOW, "", \

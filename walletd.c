@@ -5590,6 +5590,258 @@ m_export(struct call *c)
 	return E_OK;
 }
 
+/* ---- Usage reports ---- */
+
+/*
+ * The E.164 country calling code that digits start with, into out[4]:
+ * 1 and 7 are one digit, the 2-digit codes are the ones listed, every
+ * other code has three (the codes are prefix-free).
+ */
+static void
+calling_code(const char *digits, char out[4])
+{
+	static const char two[] = "20 27 30 31 32 33 34 36 39 40 41 43 44 45 46 47 48 49 51 52 53 54 55 56 57 58 "
+	    "60 61 62 63 64 65 66 81 82 84 86 90 91 92 93 94 95 98";
+	size_t n = 3;
+
+	if (digits[0] == '1' || digits[0] == '7')
+		n = 1;
+	else
+		for (const char *p = two; *p; p += 3)
+			if (p[0] == digits[0] && p[1] == digits[1])
+				n = 2;
+	snprintf(out, 4, "%.*s", (int)n, digits);
+}
+
+/* A line of report.usage: one group and currency. */
+struct usage_group {
+	struct group_key key;  /* the group's value \0 currency */
+	uint64_t messages, segments;
+	int64_t charged, refunded;
+};
+
+/*
+ * The first transaction id created at or after t (a binary search over the
+ * log: created_at never decreases with the id); one past the last if none.
+ */
+static int
+log_first_at(MDB_txn *txn, int64_t t, uint64_t *id)
+{
+	uint64_t lo = 1, hi;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, store.txns, &cur)) != 0)
+		return rc;
+	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+	mdb_cursor_close(cur);
+	if (rc == MDB_NOTFOUND) {
+		*id = 1;
+		return 0;
+	}
+	if (rc)
+		return rc;
+	memcpy(&hi, k.mv_data, sizeof(hi));
+	hi++;
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo) / 2;
+		struct txn_head h;
+		MDB_val rec;
+
+		if ((rc = txn_fetch(txn, mid, &h, &rec)) != 0)
+			return rc;
+		if (h.created_at < t)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	*id = lo;
+	return 0;
+}
+
+/* Reads transaction id's map (txn_read) and decodes it into o, in zone. */
+static int
+txn_map(MDB_txn *txn, uint64_t id, struct txn_head *h, msgpack_zone *zone, msgpack_object *o)
+{
+	MDB_val raw;
+	size_t off = 0;
+	int rc = txn_read(txn, id, h, &raw);
+
+	if (rc)
+		return rc;
+	msgpack_zone_clear(zone);
+	if (msgpack_unpack(raw.mv_data, raw.mv_size, &off, zone, o) != MSGPACK_UNPACK_SUCCESS ||
+	    o->type != MSGPACK_OBJECT_MAP)
+		return MDB_CORRUPTED;
+	return 0;
+}
+
+/* A string field of a decoded transaction, or "" (a str over the map's bytes). */
+static struct str
+txn_field(const msgpack_object *o, const char *name)
+{
+	const msgpack_object *v = map_get(o, name);
+
+	return v && v->type == MSGPACK_OBJECT_STR ? (struct str){ v->via.str.ptr, v->via.str.size } :
+	    (struct str){ "", 0 };
+}
+
+/* The group key of charge o by group_by (0 country, 1 route, 2 channel, 3 plan, 4 wallet), into key. */
+static int
+usage_key(MDB_txn *txn, const msgpack_object *o, int group_by, char key[GROUP_KEY_MAX], size_t *len)
+{
+	struct str v = { "", 0 }, currency = txn_field(o, "currency");
+	char code[4];
+	struct wallet w;
+	int rc;
+
+	switch (group_by) {
+	case 0: {
+		struct str to = txn_field(o, "to");
+		char digits[16];
+
+		if (e164_digits(to, digits) == 0)
+			digits[0] = '\0', digits[1] = '\0';
+		calling_code(digits, code);
+		v = (struct str){ code, strlen(code) };
+		break;
+	}
+	case 1: v = txn_field(o, "route"); break;
+	case 2: v = txn_field(o, "channel"); break;
+	case 3:
+		v = txn_field(o, "wallet");
+		if ((rc = wallet_get(txn, v, &w)) != 0)
+			return rc;
+		v = (struct str){ w.plan, strlen(w.plan) };
+		break;
+	default: v = txn_field(o, "wallet"); break;
+	}
+	*len = (size_t)snprintf(key, GROUP_KEY_MAX, "%.*s%c%.*s", (int)v.n, v.p, 0, (int)currency.n, currency.p);
+	return 0;
+}
+
+/* Orders usage groups by their key (the group's value, then its currency). */
+static int
+usage_compare(const void *a, const void *b)
+{
+	const struct group_key *x = a, *y = b;
+	int d = memcmp(x->bytes, y->bytes, x->len < y->len ? x->len : y->len);
+
+	return d ? d : (x->len > y->len) - (x->len < y->len);
+}
+
+/*
+ * report.usage: the charges and refunds created in [from, until), by
+ * group_by (country: the E.164 calling code of the number; route; channel;
+ * plan: the wallet's plan now; wallet) and currency: messages, segments,
+ * charged, refunded (a refund counts in its charge's group) and net.  A
+ * binary search for from, then O(the period's transactions).
+ */
+static int
+m_report_usage(struct call *c)
+{
+	static const char *const groupings[] = { "country", "route", "channel", "plan", "wallet" };
+	struct group_table groups = { .size = sizeof(struct usage_group) };
+	struct str from_s, until_s, by;
+	int64_t from, until;
+	msgpack_zone *zone;
+	uint64_t id;
+	int group_by = -1, rc;
+
+	if ((rc = p_str(c, "from", 1, 40, &from_s)) || (rc = p_str(c, "until", 1, 40, &until_s)) ||
+	    (rc = p_str(c, "group_by", 1, 16, &by)))
+		return rc;
+	if (time_parse(from_s, &from) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "from", "from must be an RFC 3339 time");
+	if (time_parse(until_s, &until) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "until", "until must be an RFC 3339 time");
+	for (int i = 0; i < 5; i++)
+		if (strlen(groupings[i]) == by.n && memcmp(groupings[i], by.p, by.n) == 0)
+			group_by = i;
+	if (group_by < 0)
+		return fail(c, E_INVALID_ARGUMENT, "group_by", "group_by must be country, route, channel, plan or wallet");
+	if ((zone = msgpack_zone_new(2048)) == NULL)
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	if ((rc = log_first_at(c->txn, from, &id)) != 0)
+		goto out;
+	for (;; id++) {
+		struct txn_head h;
+		msgpack_object o;
+		struct usage_group *g;
+		char key[GROUP_KEY_MAX];
+		size_t len;
+		int64_t refund = 0;
+
+		if (over_budget(c)) {
+			rc = E_OFF_LOOP;
+			goto out;
+		}
+		if ((rc = txn_map(c->txn, id, &h, zone, &o)) == MDB_NOTFOUND) {
+			rc = 0;
+			break;
+		}
+		if (rc || h.created_at >= until)
+			break;
+		if (h.type == T_REFUND) { /* counted in its charge's group */
+			const msgpack_object *of = map_get(&o, "refund_of");
+
+			refund = h.amount;
+			if (of == NULL || of->type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+			    (rc = txn_map(c->txn, of->via.u64, &h, zone, &o)) != 0)
+				break;
+		} else if (h.type != T_SMS_CHARGE && h.type != T_WHATSAPP_CHARGE) {
+			continue;
+		}
+		if ((rc = usage_key(c->txn, &o, group_by, key, &len)) != 0)
+			break;
+		if ((g = group_find(&groups, key, len)) == NULL) {
+			rc = ENOMEM;
+			break;
+		}
+		if (refund) {
+			g->refunded += refund;
+		} else {
+			const msgpack_object *seg = map_get(&o, "segments");
+
+			g->messages++;
+			g->segments += seg && seg->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? seg->via.u64 : 1;
+			g->charged -= h.amount;
+		}
+	}
+	if (rc == 0) {
+		qsort(groups.entries, groups.n, groups.size, usage_compare);
+		msgpack_pack_map(c->pk, 4);
+		KV_TIME(c->pk, "from", from);
+		KV_TIME(c->pk, "until", until);
+		KV_STR(c->pk, "group_by", groupings[group_by]);
+		KEY(c->pk, "rows");
+		msgpack_pack_array(c->pk, groups.n);
+		for (size_t i = 0; i < groups.n; i++) {
+			const struct usage_group *g = group_at(&groups, i);
+			size_t n = strnlen(g->key.bytes, g->key.len);
+
+			msgpack_pack_map(c->pk, 7);
+			KEY(c->pk, "key");
+			msgpack_pack_str_with_body(c->pk, g->key.bytes, n);
+			KEY(c->pk, "currency");
+			msgpack_pack_str_with_body(c->pk, g->key.bytes + n + 1, g->key.len - n - 1);
+			KV_U64(c->pk, "messages", g->messages);
+			KV_U64(c->pk, "segments", g->segments);
+			KV_AMOUNT(c->pk, "charged", g->charged);
+			KV_AMOUNT(c->pk, "refunded", g->refunded);
+			KV_AMOUNT(c->pk, "net", g->charged - g->refunded);
+		}
+	}
+out:
+	msgpack_zone_free(zone);
+	free(groups.entries);
+	free(groups.slots);
+	if (rc == ENOMEM)
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	return rc == 0 || rc == E_OFF_LOOP ? rc : store_error(c, rc);
+}
+
 /* Packs a notification. */
 static void
 note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)

@@ -92,3 +92,54 @@ class ClockGoesBack(DaemonTest):
         self.assertEqual(c["created_at"], "2026-11-15T12:01:00Z")
         since = d.ctl_json("history", "acme", "--since", "2026-11-15T12:00:00Z", "--type", "sms_charge")
         self.assertEqual([t["ref"] for t in since["transactions"]], ["c", "b", "a"])
+
+
+class UsageReport(DaemonTest):
+    def test_usage_by_country_route_channel_plan_and_wallet_adds_up(self):
+        d = self.d
+        clock = os.path.join(d.dir, "clock")
+        day = calendar.timegm(time.strptime("2026-11-10T00:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+
+        def at(seconds):
+            with open(clock, "w") as f:
+                f.write(str(day + seconds))
+        at(-60)  # the day before
+        d.restart_plain(clock=clock)
+        self.seed("100")
+        self.seed("100000", wallet="ug")  # 100,000 USD: a second wallet, same currency
+        d.ctl_json("wallet", "update", "ug", "--plan", "gold")
+        d.ctl_json("rate", "set", "gold", "sms", "256", "0.02", "USD")
+        d.ctl_json("rate", "set", "default", "sms", "254", "0.01", "USD", "--route", "KE1")
+        d.ctl_json("rate", "set", "default", "whatsapp", "1", "0.05", "USD")
+        d.ctl_json("charge", "acme", "sms", UG, "before")  # outside the day
+        at(10)
+        d.ctl_json("charge", "acme", "sms", UG, "a1", "--segments", "3")     # 0.0282, 256, ESMS_UG
+        d.ctl_json("charge", "acme", "sms", "+254712345678", "a2")           # 0.01, 254, KE1
+        d.ctl_json("charge", "acme", "whatsapp", "+15551234567", "a3")       # 0.05, 1
+        d.ctl_json("charge", "ug", "sms", UG, "u1", "--segments", "2")       # 0.04, 256, gold
+        d.ctl_json("refund", "acme", "--ref", "a1", "--amount", "0.0094", "--refund-ref", "r1")
+        d.ctl_json("refund", "acme", "--ref", "before")  # in the day, of a charge before it: its group
+        at(86400)
+        d.ctl_json("charge", "acme", "sms", UG, "after")  # the next day: outside
+        span = ("2026-11-10", "2026-11-11")
+
+        def report(by):
+            rows = d.ctl_json("report", "usage", *span, by)["rows"]
+            return {r["key"]: (r["currency"], r["messages"], r["segments"], r["charged"], r["refunded"], r["net"])
+                    for r in rows}
+        self.assertEqual(report("country"), {
+            "1": ("USD", 1, 1, "0.05", "0", "0.05"),
+            "254": ("USD", 1, 1, "0.01", "0", "0.01"),
+            "256": ("USD", 2, 5, "0.0682", "0.0188", "0.0494")})
+        self.assertEqual(report("route")["KE1"][3], "0.01")
+        self.assertEqual(report("channel")["whatsapp"][1:4], (1, 1, "0.05"))
+        self.assertEqual(report("plan")["gold"], ("USD", 1, 2, "0.04", "0", "0.04"))
+        wallets = report("wallet")
+        self.assertEqual(sorted(wallets), ["acme", "ug"])
+        # net per wallet is what its history says the day's charges and refunds came to
+        for w, row in wallets.items():
+            txns = d.ctl_json("history", w, "--since", span[0], "--until", span[1], "--type", "sms_charge",
+                              "--type", "whatsapp_charge", "--type", "refund")["transactions"]
+            self.assertAlmostEqual(float(row[5]), -sum(float(t["amount"]) for t in txns), places=6)
+        e = d.ctl_json("report", "usage", *span, "planet", expect=1)
+        self.assertEqual(e["field"], "group_by")
