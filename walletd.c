@@ -93,6 +93,7 @@ struct config {
 	unsigned alert_max_attempts;
 	unsigned alert_remind;
 	unsigned log_level;
+	char receipts[8];
 };
 
 enum { CF_STR, CF_UINT, CF_SIZE };
@@ -146,6 +147,7 @@ static const struct config_key config_keys[] = {
 	CK(alert_max_attempts, CF_UINT, 1, "delivery attempts before a notification is failed"),
 	CK(alert_remind, CF_UINT, 1, "seconds between reminders while below threshold (0 = off)"),
 	CK(log_level, CF_UINT, 1, "0 errors, 1 warnings, 2 info, 3 debug"),
+	CK(receipts, CF_STR, 1, "on: e-mail a receipt of each credited top-up to the wallet's alert e-mails; off: none"),
 };
 
 static void
@@ -175,6 +177,7 @@ config_defaults(struct config *cf)
 	cf->alert_interval = 60;
 	cf->alert_max_attempts = 8;
 	cf->log_level = 2;
+	strcpy(cf->receipts, "on");
 }
 
 static struct config config;
@@ -309,6 +312,11 @@ static int
 config_check(const struct config *cf)
 {
 	int rc = 0;
+
+	if (strcmp(cf->receipts, "on") != 0 && strcmp(cf->receipts, "off") != 0) {
+		log_x(L_ERR, "config key 'receipts' must be on or off, not '%s'", cf->receipts);
+		rc = -1;
+	}
 
 	for (size_t i = 0; i < sizeof(config_mins) / sizeof(config_mins[0]); i++)
 		for (size_t j = 0; j < sizeof(config_keys) / sizeof(config_keys[0]); j++) {
@@ -1144,7 +1152,14 @@ struct note {
 	char wallet[WALLET_ID_MAX + 1];
 	char last_error[256];
 	char emails[EMAILS_BYTES];
+	/* Since layout 5 (an older record reads as a low-balance alert): */
+	uint32_t kind;            /* NK_* */
+	int64_t amount;           /* a receipt: what was credited */
+	char provider_ref[REF_MAX + 1];
 };
+
+enum note_kind { NK_LOW_BALANCE, NK_RECEIPT };
+static const char *const note_kind_names[] = { "low_balance", "receipt" };
 
 enum txn_type {
 	T_CREDIT = 1, T_SMS_CHARGE, T_WHATSAPP_CHARGE, T_MANUAL_CREDIT,
@@ -3082,40 +3097,52 @@ pack_txn_answer(msgpack_packer *pk, const void *raw, size_t len, int replayed)
 }
 
 /*
- * Records a low-balance notification when a change of balance from `before`
- * to w->balance crossed w's threshold downwards.  Same commit as the change;
- * the alert thread sends it.  Returns 0 or an LMDB error.
+ * Records notification n of wallet w (id), in the commit of what it tells
+ * of; the alert thread e-mails it to w's alert e-mails (or records it as
+ * having none).  Returns 0 or an LMDB error.
  */
 static int
-note_on_crossing(struct call *c, struct str id, struct wallet *w, int64_t before, uint64_t txn_id)
+note_add(struct call *c, struct str id, struct wallet *w, struct note *n)
 {
 	unsigned char key[16];
-	struct note n;
 	MDB_val k, v;
 	int rc;
 
-	if (!(w->flags & WF_THRESHOLD) || before < w->threshold || w->balance >= w->threshold)
-		return 0;
-	memset(&n, 0, sizeof(n));
-	n.txn_id = txn_id;
-	n.created_at = n.next_attempt = now_seconds();
-	n.balance = w->balance;
-	n.threshold = w->threshold;
-	n.state = w->emails[0] ? NS_PENDING : NS_NO_RECIPIENT;
-	memcpy(n.currency, w->currency, 4);
-	memcpy(n.wallet, id.p, id.n);
-	strcpy(n.emails, w->emails);
+	n->created_at = n->next_attempt = now_seconds();
+	n->balance = w->balance;
+	n->state = w->emails[0] ? NS_PENDING : NS_NO_RECIPIENT;
+	memcpy(n->currency, w->currency, 4);
+	memcpy(n->wallet, id.p, id.n);
+	strcpy(n->emails, w->emails);
 	k = key_pair(key, w->number, w->note_count++);
-	v = (MDB_val){ sizeof(n), &n };
+	v = (MDB_val){ sizeof(*n), n };
 	if ((rc = mdb_put(c->txn, store.notes, &k, &v, 0)) != 0)
 		return rc;
-	if (n.state == NS_PENDING) {
+	if (n->state == NS_PENDING) {
 		v = (MDB_val){ 1, "" };
 		if ((rc = mdb_put(c->txn, store.alertq, &k, &v, 0)) != 0)
 			return rc;
 		c->alert = 1;
 	}
 	return 0;
+}
+
+/*
+ * Records a low-balance notification when a change of balance from `before`
+ * to w->balance crossed w's threshold downwards.  Returns 0 or an LMDB error.
+ */
+static int
+note_on_crossing(struct call *c, struct str id, struct wallet *w, int64_t before, uint64_t txn_id)
+{
+	struct note n;
+
+	if (!(w->flags & WF_THRESHOLD) || before < w->threshold || w->balance >= w->threshold)
+		return 0;
+	memset(&n, 0, sizeof(n));
+	n.kind = NK_LOW_BALANCE;
+	n.txn_id = txn_id;
+	n.threshold = w->threshold;
+	return note_add(c, id, w, &n);
 }
 
 /* Fills the actor of t from the peer and the actor param. */
@@ -5060,8 +5087,20 @@ m_topup_confirm(struct call *c)
 	}
 	snprintf(t.description, sizeof(t.description), "Top up via %c%.*s", toupper((unsigned char)provider.p[0]),
 	    (int)provider.n - 1, provider.p + 1);
-	if ((rc = txn_append(c->txn, &w, &t, &scratch)) ||
-	    (rc = wallet_put(c->txn, t.wallet, &w)))
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
+		return store_error(c, rc);
+	if (strcmp(config.receipts, "on") == 0) {
+		struct note n;
+
+		memset(&n, 0, sizeof(n));
+		n.kind = NK_RECEIPT;
+		n.txn_id = t.id;
+		n.amount = credited;
+		snprintf(n.provider_ref, sizeof(n.provider_ref), "%.*s", (int)provider_ref.n, provider_ref.p);
+		if ((rc = note_add(c, t.wallet, &w, &n)))
+			return store_error(c, rc);
+	}
+	if ((rc = wallet_put(c->txn, t.wallet, &w)))
 		return store_error(c, rc);
 	tp.txn_id = t.id;
 	if ((rc = topup_put(c, &tp)))
@@ -5846,10 +5885,15 @@ out:
 static void
 note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)
 {
-	int fields = 10 + (n->sent_at != 0) + (n->last_error[0] != '\0');
+	int fields = 11 + (n->sent_at != 0) + (n->last_error[0] != '\0') + 2 * (n->kind == NK_RECEIPT);
 
 	msgpack_pack_map(pk, (size_t)fields);
 	KV_U64(pk, "id", seq + 1);
+	KV_STR(pk, "type", note_kind_names[n->kind == NK_RECEIPT]);
+	if (n->kind == NK_RECEIPT) {
+		KV_AMOUNT(pk, "amount", n->amount);
+		KV_STR(pk, "provider_ref", n->provider_ref);
+	}
 	KV_STR(pk, "wallet", n->wallet);
 	KV_U64(pk, "txn", n->txn_id);
 	KV_TIME(pk, "created_at", n->created_at);
@@ -7940,13 +7984,14 @@ payload_read(char *buf, size_t size, size_t nmemb, void *arg)
 }
 
 /*
- * Builds the RFC 5322 message for notification n into buf (cap bytes).
+ * Builds the RFC 5322 message for notification n into buf (cap bytes): a
+ * low-balance alert, or a receipt.
  */
 static void
 alert_message(const struct config *cf, const struct due *d, char *buf, size_t cap)
 {
 	const struct note *n = &d->note;
-	char date[64], bal[32], thr[32], host[128] = "localhost";
+	char date[64], bal[32], thr[32], amt[32], host[128] = "localhost";
 	time_t now = time(NULL);
 	struct tm tm;
 
@@ -7955,6 +8000,36 @@ alert_message(const struct config *cf, const struct due *d, char *buf, size_t ca
 	strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S +0000", &tm);
 	amount_format(n->balance, bal, 2);
 	amount_format(n->threshold, thr, 2);
+	amount_format(n->amount, amt, 2);
+	if (n->kind == NK_RECEIPT) {
+		snprintf(buf, cap,
+		    "Date: %s\r\n"
+		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".receipt.%s@%s>\r\n"
+		    "From: %s\r\n"
+		    "To: %s\r\n"
+		    "Subject: Payment received: %s %s credited to %s\r\n"
+		    "MIME-Version: 1.0\r\n"
+		    "Content-Type: text/plain; charset=UTF-8\r\n"
+		    "Content-Transfer-Encoding: 8bit\r\n"
+		    "Auto-Submitted: auto-generated\r\n"
+		    "\r\n"
+		    "Hello,\r\n"
+		    "\r\n"
+		    "Thank you for your payment. We credited %s %s to wallet %s.\r\n"
+		    "\r\n"
+		    "  Payment reference: %s\r\n"
+		    "  Transaction:       %" PRIu64 "\r\n"
+		    "  New balance:       %s %s\r\n"
+		    "\r\n"
+		    "Keep this e-mail as your receipt.\r\n"
+		    "\r\n"
+		    "-- \r\n"
+		    "walletd\r\n",
+		    date, be64_get(d->key), be64_get(d->key + 8), n->wallet, host, cf->smtp_from, n->emails,
+		    amt, n->currency, n->wallet, amt, n->currency, n->wallet, n->provider_ref, n->txn_id,
+		    bal, n->currency);
+		return;
+	}
 	snprintf(buf, cap,
 	    "Date: %s\r\n"
 	    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".%u.%s@%s>\r\n"
@@ -8157,7 +8232,8 @@ alert_run(const struct config *cf)
 				continue;
 			}
 			if (d->note.state == NS_SENT) {
-				if (cf->alert_remind == 0 || !alert_still_low(txn, &d->note)) {
+				if (d->note.kind != NK_LOW_BALANCE || cf->alert_remind == 0 ||
+				    !alert_still_low(txn, &d->note)) {
 					memcpy(drop[ndrop++], d->key, 16);
 					continue;
 				}
@@ -8179,9 +8255,11 @@ alert_run(const struct config *cf)
 		int ok = alert_send(cf, &due[i], err, sizeof(err)) == 0;
 
 		if (ok)
-			log_x(L_INFO, "low-balance e-mail for %s sent to %s", due[i].note.wallet, due[i].note.emails);
+			log_x(L_INFO, "%s e-mail for %s sent to %s", note_kind_names[due[i].note.kind == NK_RECEIPT],
+			    due[i].note.wallet, due[i].note.emails);
 		else
-			log_x(L_WARN, "low-balance e-mail for %s not sent: %s", due[i].note.wallet, err);
+			log_x(L_WARN, "%s e-mail for %s not sent: %s", note_kind_names[due[i].note.kind == NK_RECEIPT],
+			    due[i].note.wallet, err);
 		alert_record(cf, &due[i], ok, err);
 	}
 	return ndue == 32 ? 0 : next;

@@ -1,4 +1,4 @@
-"""Low-balance alerts: durable notifications, e-mail through a real SMTP server."""
+"""Low-balance alerts and top-up receipts: durable notifications, e-mail through a real SMTP server."""
 import email
 import glob
 import json
@@ -146,3 +146,40 @@ class Reminders(AlertBase):
         count = len(self.sink.messages())
         time.sleep(4)
         self.assertEqual(len(self.sink.messages()), count)
+
+
+class Receipts(AlertBase):
+    def test_a_credited_top_up_sends_one_receipt_also_across_a_restart(self):
+        d = self.d
+        self.make_wallet()
+        tp = d.ctl_json("topup", "create", "acme", "25")
+        d.ctl_json("topup", "confirm", tp["ref"], "25", "flutterwave", "FLW-991")
+        d.ctl_json("topup", "confirm", tp["ref"], "25", "flutterwave", "FLW-991")  # the gateway's retry
+        notes = d.ctl_json("notifications", "acme")["notifications"]
+        self.assertEqual([(n["type"], n["amount"], n["provider_ref"], n["email_state"]) for n in notes],
+                         [("receipt", "25", "FLW-991", "pending")])  # recorded in the commit of the credit
+        d.restart()  # SMTP down until now: the receipt waits, durable
+        self.sink.start()
+        msgs = self.sink.wait_for(1)
+        self.assertEqual(len(msgs), 1)
+        m = email.message_from_string(msgs[0]["data"])
+        self.assertEqual(m["Subject"], "Payment received: 25.00 USD credited to acme")
+        body = m.get_payload()
+        self.assertIn("Payment reference: FLW-991", body)
+        self.assertIn("New balance:       30.20 USD", body)
+        self.assertEqual(sorted(msgs[0]["to"]), ["cfo@acme.example", "ops@acme.example"])
+        d.restart()
+        time.sleep(1.5)
+        self.assertEqual(len(self.sink.messages()), 1)  # sent once, never again
+        self.assertEqual(d.ctl_json("notifications", "acme")["notifications"][0]["email_state"], "sent")
+
+    def test_receipts_off_sends_none(self):
+        d = self.d
+        d.config["receipts"] = "off"
+        d.restart()
+        self.sink.start()
+        self.make_wallet()
+        tp = d.ctl_json("topup", "create", "acme", "5")
+        d.ctl_json("topup", "confirm", tp["ref"], "5", "paystack", "PS-1")
+        time.sleep(1.5)
+        self.assertEqual((self.sink.messages(), d.ctl_json("notifications", "acme")["notifications"]), ([], []))
