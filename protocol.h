@@ -50,7 +50,8 @@
 #define MF_WRITE 1u /* changes the store: runs in the group-commit writer */
 #define MF_SLOW  2u /* long read: runs on a helper thread, off the event loop */
 #define MF_FLAT  4u /* makes every check before its first write, so the writer runs
-                     * it without a nested transaction of its own (walletd.c) */
+                     * it without a nested transaction of its own (walletd.c); the one
+                     * write kept with an error: topup.confirm's problem record */
 #define MF_SCAN  8u /* a read that may visit many records: never in the writer, and
                      * off the event loop once past its budget (walletd.c) */
 
@@ -128,7 +129,7 @@ X(M_TOPUP_CANCEL, topup_cancel, "topup.cancel", R_AP, MF_WRITE | MF_FLAT, "ref",
   "Cancel a pending top-up.") \
 X(M_TOPUP_GET, topup_get, "topup.get", R_ALL, 0, "ref", "Show a top-up.") \
 X(M_TOPUP_LIST, topup_list, "topup.list", R_A, MF_SCAN, "wallet ?status", \
-  "List a wallet's top-ups.") \
+  "List a wallet's top-ups (status: pending|paid|cancelled|expired|problem).") \
 X(M_CREDIT, credit, "credit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Add money by hand (manual_credit).") \
 X(M_DEBIT, debit, "debit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \

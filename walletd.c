@@ -94,6 +94,7 @@ struct config {
 	unsigned alert_remind;
 	unsigned log_level;
 	char receipts[8];
+	char ops_emails[1024];
 };
 
 enum { CF_STR, CF_UINT, CF_SIZE };
@@ -148,6 +149,7 @@ static const struct config_key config_keys[] = {
 	CK(alert_remind, CF_UINT, 1, "seconds between reminders while below threshold (0 = off)"),
 	CK(log_level, CF_UINT, 1, "0 errors, 1 warnings, 2 info, 3 debug"),
 	CK(receipts, CF_STR, 1, "on: e-mail a receipt of each credited top-up to the wallet's alert e-mails; off: none"),
+	CK(ops_emails, CF_STR, 1, "comma-separated: who is e-mailed a payment that could not be credited"),
 };
 
 static void
@@ -1133,6 +1135,10 @@ struct topup {
 	char provider[64];
 	char provider_ref[REF_MAX + 1];
 	char checkout_url[1024];
+	/* Since layout 5: the last payment reported that could not be credited. */
+	int64_t problem_at;       /* 0: none */
+	char problem_code[32];
+	char problem_message[256];
 };
 
 enum note_state { NS_PENDING, NS_SENT, NS_FAILED, NS_NO_RECIPIENT };
@@ -1158,8 +1164,8 @@ struct note {
 	char provider_ref[REF_MAX + 1];
 };
 
-enum note_kind { NK_LOW_BALANCE, NK_RECEIPT };
-static const char *const note_kind_names[] = { "low_balance", "receipt" };
+enum note_kind { NK_LOW_BALANCE, NK_RECEIPT, NK_PAYMENT_PROBLEM };
+static const char *const note_kind_names[] = { "low_balance", "receipt", "payment_problem" };
 
 enum txn_type {
 	T_CREDIT = 1, T_SMS_CHARGE, T_WHATSAPP_CHARGE, T_MANUAL_CREDIT,
@@ -3098,8 +3104,9 @@ pack_txn_answer(msgpack_packer *pk, const void *raw, size_t len, int replayed)
 
 /*
  * Records notification n of wallet w (id), in the commit of what it tells
- * of; the alert thread e-mails it to w's alert e-mails (or records it as
- * having none).  Returns 0 or an LMDB error.
+ * of; the alert thread e-mails it to w's alert e-mails (a payment problem:
+ * to n's, ops_emails), or records it as having none.  Returns 0 or an
+ * LMDB error.
  */
 static int
 note_add(struct call *c, struct str id, struct wallet *w, struct note *n)
@@ -3110,10 +3117,12 @@ note_add(struct call *c, struct str id, struct wallet *w, struct note *n)
 
 	n->created_at = n->next_attempt = now_seconds();
 	n->balance = w->balance;
-	n->state = w->emails[0] ? NS_PENDING : NS_NO_RECIPIENT;
-	memcpy(n->currency, w->currency, 4);
+	if (n->kind != NK_PAYMENT_PROBLEM) /* a problem goes to ops_emails, set by the caller */
+		strcpy(n->emails, w->emails);
+	n->state = n->emails[0] ? NS_PENDING : NS_NO_RECIPIENT;
+	if (n->currency[0] == '\0') /* a payment problem's is the currency paid */
+		memcpy(n->currency, w->currency, 4);
 	memcpy(n->wallet, id.p, id.n);
-	strcpy(n->emails, w->emails);
 	k = key_pair(key, w->number, w->note_count++);
 	v = (MDB_val){ sizeof(*n), n };
 	if ((rc = mdb_put(c->txn, store.notes, &k, &v, 0)) != 0)
@@ -4925,6 +4934,8 @@ topup_pack(msgpack_packer *pk, const struct topup *tp)
 		status = TS_EXPIRED;
 	if (tp->status == TS_PAID)
 		n += 7;
+	if (tp->problem_at)
+		n++;
 	msgpack_pack_map(pk, (size_t)n);
 	KV_STR(pk, "ref", tp->ref);
 	KV_STR(pk, "wallet", tp->wallet);
@@ -4943,6 +4954,13 @@ topup_pack(msgpack_packer *pk, const struct topup *tp)
 		KV_STR(pk, "provider", tp->provider);
 		KV_STR(pk, "provider_ref", tp->provider_ref);
 		KV_U64(pk, "txn", tp->txn_id);
+	}
+	if (tp->problem_at) { /* the last payment reported that could not be credited */
+		KEY(pk, "problem");
+		msgpack_pack_map(pk, 3);
+		KV_STR(pk, "code", tp->problem_code);
+		KV_STR(pk, "message", tp->problem_message);
+		KV_TIME(pk, "at", tp->problem_at);
 	}
 }
 
@@ -5022,6 +5040,48 @@ confirm_pack(msgpack_packer *pk, const struct topup *tp, const struct txn *t, MD
 }
 
 /*
+ * Keeps why a payment the gateway reported could not be credited (c's
+ * error) in top-up tp, and a payment_problem notification for ops_emails:
+ * a payment is never dropped unseen.  The one method that writes and then
+ * answers an error: its writes are this record, by design.  Returns c's
+ * code, or the store error.
+ */
+static int
+topup_problem(struct call *c, struct topup *tp, struct wallet *w, int64_t paid, struct str currency,
+    struct str provider_ref)
+{
+	struct str wallet = { tp->wallet, strlen(tp->wallet) };
+	int code = c->code, rc;
+	struct note n;
+
+	tp->problem_at = now_seconds();
+	snprintf(tp->problem_code, sizeof(tp->problem_code), "%s", error_name(code));
+	snprintf(tp->problem_message, sizeof(tp->problem_message), "%.*s", (int)sizeof(tp->problem_message) - 1,
+	    c->message);
+	memset(&n, 0, sizeof(n));
+	n.kind = NK_PAYMENT_PROBLEM;
+	n.amount = paid;
+	memcpy(n.currency, currency.p, 3);
+	{
+		/* what ops read: the gateway's reference, the currency paid, why */
+		struct text t = { n.provider_ref, 0, sizeof(n.provider_ref) };
+
+		text_add(&t, provider_ref.p, provider_ref.n);
+		text_add(&t, " (", 2);
+		text_add(&t, currency.p, 3);
+		text_add(&t, "; ", 2);
+		text_add(&t, tp->problem_message, strlen(tp->problem_message));
+		text_add(&t, ")", 1);
+	}
+	snprintf(n.emails, sizeof(n.emails), "%s", config.ops_emails);
+	if ((rc = topup_put(c, tp)))
+		return rc; /* a store error, in c */
+	if ((rc = note_add(c, wallet, w, &n)) || (rc = wallet_put(c->txn, wallet, w)))
+		return store_error(c, rc);
+	return code;
+}
+
+/*
  * topup.confirm: credits what the gateway says was paid, once, in the same
  * commit that marks the top-up paid.  A later confirm answers the first.  A
  * cancelled or expired top-up is still credited (the customer paid), flagged
@@ -5059,10 +5119,14 @@ m_topup_confirm(struct call *c)
 	    w.currency, &credited, &err);
 	if (rc < 0)
 		return store_error(c, err);
-	if (rc == E_NO_FX_RATE)
-		return fail(c, E_NO_FX_RATE, "currency", "No exchange rate from %.3s to %s", currency.p, w.currency);
-	if (rc != E_OK || credited <= 0 || __builtin_add_overflow(w.balance, credited, &w.balance))
-		return fail(c, E_INVALID_ARGUMENT, "amount", "amount is out of range");
+	if (rc == E_NO_FX_RATE) {
+		fail(c, E_NO_FX_RATE, "currency", "No exchange rate from %.3s to %s", currency.p, w.currency);
+		return topup_problem(c, &tp, &w, paid, currency, provider_ref);
+	}
+	if (rc != E_OK || credited <= 0 || __builtin_add_overflow(w.balance, credited, &w.balance)) {
+		fail(c, E_INVALID_ARGUMENT, "amount", "amount is out of range");
+		return topup_problem(c, &tp, &w, paid, currency, provider_ref);
+	}
 	tp.late = tp.status == TS_CANCELLED || now_seconds() >= tp.expires_at;
 	tp.status = TS_PAID;
 	tp.paid_at = now_seconds();
@@ -5159,8 +5223,10 @@ m_topup_list(struct call *c)
 	for (int s = 0; status.p && s < 4; s++)
 		if (strlen(topup_status_names[s]) == status.n && memcmp(topup_status_names[s], status.p, status.n) == 0)
 			want = s;
+	if (status.p && status.n == 7 && memcmp(status.p, "problem", 7) == 0)
+		want = 4; /* not paid, with a payment that could not be credited */
 	if (status.p && want < 0)
-		return fail(c, E_INVALID_ARGUMENT, "status", "status must be pending, paid, cancelled or expired");
+		return fail(c, E_INVALID_ARGUMENT, "status", "status must be pending, paid, cancelled, expired or problem");
 	if ((rc = mdb_cursor_open(c->txn, store.topups, &cur)))
 		return store_error(c, rc);
 	msgpack_sbuffer_init(&rows);
@@ -5176,6 +5242,8 @@ m_topup_list(struct call *c)
 		}
 		record_copy(&tp, sizeof(tp), v);
 		shown = tp.status == TS_PENDING && now_seconds() >= tp.expires_at ? TS_EXPIRED : (int)tp.status;
+		if (want == 4 && tp.status != TS_PAID && tp.problem_at)
+			shown = 4;
 		if (strlen(tp.wallet) != id.n || memcmp(tp.wallet, id.p, id.n) != 0 || (want >= 0 && shown != want))
 			continue;
 		topup_pack(&rpk, &tp);
@@ -5885,12 +5953,12 @@ out:
 static void
 note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)
 {
-	int fields = 11 + (n->sent_at != 0) + (n->last_error[0] != '\0') + 2 * (n->kind == NK_RECEIPT);
+	int fields = 11 + (n->sent_at != 0) + (n->last_error[0] != '\0') + 2 * (n->kind != NK_LOW_BALANCE);
 
 	msgpack_pack_map(pk, (size_t)fields);
 	KV_U64(pk, "id", seq + 1);
-	KV_STR(pk, "type", note_kind_names[n->kind == NK_RECEIPT]);
-	if (n->kind == NK_RECEIPT) {
+	KV_STR(pk, "type", note_kind_names[n->kind <= NK_PAYMENT_PROBLEM ? n->kind : 0]);
+	if (n->kind != NK_LOW_BALANCE) {
 		KV_AMOUNT(pk, "amount", n->amount);
 		KV_STR(pk, "provider_ref", n->provider_ref);
 	}
@@ -8001,6 +8069,33 @@ alert_message(const struct config *cf, const struct due *d, char *buf, size_t ca
 	amount_format(n->balance, bal, 2);
 	amount_format(n->threshold, thr, 2);
 	amount_format(n->amount, amt, 2);
+	if (n->kind == NK_PAYMENT_PROBLEM) {
+		snprintf(buf, cap,
+		    "Date: %s\r\n"
+		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".problem.%s@%s>\r\n"
+		    "From: %s\r\n"
+		    "To: %s\r\n"
+		    "Subject: Payment not credited: %s %s for wallet %s\r\n"
+		    "MIME-Version: 1.0\r\n"
+		    "Content-Type: text/plain; charset=UTF-8\r\n"
+		    "Content-Transfer-Encoding: 8bit\r\n"
+		    "Auto-Submitted: auto-generated\r\n"
+		    "\r\n"
+		    "A payment the gateway reported for wallet %s could not be credited.\r\n"
+		    "\r\n"
+		    "  Paid:      %s %s\r\n"
+		    "  Reference: %s\r\n"
+		    "\r\n"
+		    "The top-up keeps the report (walletctl topup list %s --status problem).\r\n"
+		    "Fix the cause; the gateway's next retry of the webhook, or walletctl\r\n"
+		    "topup confirm, then credits it, once.\r\n"
+		    "\r\n"
+		    "-- \r\n"
+		    "walletd\r\n",
+		    date, be64_get(d->key), be64_get(d->key + 8), n->wallet, host, cf->smtp_from, n->emails,
+		    amt, n->currency, n->wallet, n->wallet, amt, n->currency, n->provider_ref, n->wallet);
+		return;
+	}
 	if (n->kind == NK_RECEIPT) {
 		snprintf(buf, cap,
 		    "Date: %s\r\n"
@@ -8255,10 +8350,10 @@ alert_run(const struct config *cf)
 		int ok = alert_send(cf, &due[i], err, sizeof(err)) == 0;
 
 		if (ok)
-			log_x(L_INFO, "%s e-mail for %s sent to %s", note_kind_names[due[i].note.kind == NK_RECEIPT],
+			log_x(L_INFO, "%s e-mail for %s sent to %s", note_kind_names[due[i].note.kind % 3],
 			    due[i].note.wallet, due[i].note.emails);
 		else
-			log_x(L_WARN, "%s e-mail for %s not sent: %s", note_kind_names[due[i].note.kind == NK_RECEIPT],
+			log_x(L_WARN, "%s e-mail for %s not sent: %s", note_kind_names[due[i].note.kind % 3],
 			    due[i].note.wallet, err);
 		alert_record(cf, &due[i], ok, err);
 	}

@@ -183,3 +183,34 @@ class Receipts(AlertBase):
         d.ctl_json("topup", "confirm", tp["ref"], "5", "paystack", "PS-1")
         time.sleep(1.5)
         self.assertEqual((self.sink.messages(), d.ctl_json("notifications", "acme")["notifications"]), ([], []))
+
+
+class PaymentProblems(AlertBase):
+    def test_a_payment_that_cannot_be_credited_is_kept_mailed_to_ops_and_credited_once_later(self):
+        d = self.d
+        d.config["ops_emails"] = "ops@platform.example,finance@platform.example"
+        d.restart()
+        self.sink.start()
+        self.make_wallet()
+        tp = d.ctl_json("topup", "create", "acme", "10")
+        e = d.ctl_json("topup", "confirm", tp["ref"], "15000", "flutterwave", "FLW-7", "--currency", "NGN", expect=1)
+        self.assertEqual(e["code"], "no_fx_rate")
+        got = d.ctl_json("topup", "get", tp["ref"])
+        self.assertEqual((got["status"], got["problem"]["code"]), ("pending", "no_fx_rate"))
+        self.assertEqual([t["ref"] for t in d.ctl_json("topup", "list", "acme", "--status", "problem")["topups"]],
+                         [tp["ref"]])
+        msgs = self.sink.wait_for(1)
+        self.assertEqual(len(msgs), 1)
+        m = email.message_from_string(msgs[0]["data"])
+        self.assertEqual(m["Subject"], "Payment not credited: 15000.00 NGN for wallet acme")
+        self.assertEqual(sorted(msgs[0]["to"]), ["finance@platform.example", "ops@platform.example"])
+        self.assertIn("FLW-7 (NGN; No exchange rate from NGN to USD)", m.get_payload())
+        self.assertEqual(d.ctl_json("history", "acme")["total"], 1)  # nothing credited
+        d.ctl_json("fx", "set", "USD", "NGN", "1500")  # staff fix the cause; the gateway retries
+        t = d.ctl_json("topup", "confirm", tp["ref"], "15000", "flutterwave", "FLW-7", "--currency", "NGN")
+        self.assertEqual((t["transaction"]["amount"], t["topup"]["status"]), ("10", "paid"))
+        d.ctl_json("topup", "confirm", tp["ref"], "15000", "flutterwave", "FLW-7", "--currency", "NGN")
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "15.2")  # credited once
+        self.assertEqual(d.ctl_json("topup", "list", "acme", "--status", "problem")["topups"], [])
+        self.assertEqual(d.ctl_json("topup", "get", tp["ref"])["problem"]["code"], "no_fx_rate")  # the record stays
+        self.assertTrue(d.ctl_json("verify")["ok"])
