@@ -24,7 +24,7 @@ unitdir   ?= /lib/systemd/system
 pythondir ?= $(prefix)/lib/python$(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo 3)/dist-packages
 DESTDIR   ?=
 # Debian packages: to build, and to test.
-BUILD_PKGS = gcc libc6-dev make pkg-config liblmdb-dev libmsgpack-dev libcurl4-openssl-dev
+BUILD_PKGS = gcc libc6-dev make pkg-config liblmdb-dev libmsgpack-dev libcurl4-openssl-dev libjansson-dev libssl-dev
 TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils php-cli php-msgpack \
              python3-venv python3-pip python3-setuptools prometheus
 # Node.js and npm: Debian's, unless a node and npm are already on PATH.
@@ -34,8 +34,8 @@ FUZZ_SECONDS ?= 60
 SANITIZE  ?= -fsanitize=address,undefined -fno-omit-frame-pointer
 # ------------------------------------------------------------------------
 
-PKG_CFLAGS = $(shell pkg-config --cflags msgpack lmdb libcurl)
-PKG_LIBS   = $(shell pkg-config --libs msgpack lmdb libcurl) -lpthread
+PKG_CFLAGS = $(shell pkg-config --cflags msgpack lmdb libcurl jansson libcrypto)
+PKG_LIBS   = $(shell pkg-config --libs msgpack lmdb libcurl jansson libcrypto) -lpthread
 CHECK_LIBS = $(shell pkg-config --libs check)
 PY         = /usr/bin/python3
 

@@ -50,7 +50,10 @@
 #include <unistd.h>
 
 #include <curl/curl.h>
+#include <jansson.h>
 #include <lmdb.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <msgpack.h>
 
 #include "protocol.h"
@@ -95,6 +98,9 @@ struct config {
 	unsigned log_level;
 	char receipts[8];
 	char ops_emails[1024];
+	char webhook_url[512];
+	char webhook_secret_file[PATH_MAX];
+	unsigned webhook_timeout;
 };
 
 enum { CF_STR, CF_UINT, CF_SIZE };
@@ -150,6 +156,9 @@ static const struct config_key config_keys[] = {
 	CK(log_level, CF_UINT, 1, "0 errors, 1 warnings, 2 info, 3 debug"),
 	CK(receipts, CF_STR, 1, "on: e-mail a receipt of each credited top-up to the wallet's alert e-mails; off: none"),
 	CK(ops_emails, CF_STR, 1, "comma-separated: who is e-mailed a payment that could not be credited"),
+	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired) are POSTed as JSON; empty = none"),
+	CK(webhook_secret_file, CF_STR, 1, "file whose first line is the secret events are signed with (HMAC-SHA256)"),
+	CK(webhook_timeout, CF_UINT, 1, "seconds a webhook delivery may take"),
 };
 
 static void
@@ -180,6 +189,7 @@ config_defaults(struct config *cf)
 	cf->alert_max_attempts = 8;
 	cf->log_level = 2;
 	strcpy(cf->receipts, "on");
+	cf->webhook_timeout = 10;
 }
 
 static struct config config;
@@ -306,7 +316,7 @@ static const struct {
 	{ "max_output_total", 1u << 20 }, { "batch_max", 1 }, { "batch_bytes", 1024 },
 	{ "charge_batch_max", 1 }, { "max_queued", 1 }, { "map_size", 64u << 10 },
 	{ "map_size_max", 64u << 10 }, { "topup_ttl", 1 }, { "smtp_timeout", 1 },
-	{ "alert_interval", 1 }, { "alert_max_attempts", 1 },
+	{ "alert_interval", 1 }, { "alert_max_attempts", 1 }, { "webhook_timeout", 1 },
 };
 
 /* Checks cf against config_mins.  Returns 0, or -1 with a message logged. */
@@ -1015,6 +1025,9 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  *   topups   ref -> struct topup
  *   notes    BE64 wallet number . BE64 seq -> struct note
  *   alertq   the keys of notes whose e-mail is still to be sent
+ *   events   BE64 event number -> struct event, then its JSON body up to its
+ *            NUL: what a webhook delivers (only with webhook_url set)
+ *   eventq   the keys of events still to be delivered
  * Numbers inside values are host-endian: a store lives on one host.
  *
  * Flags: MDB_NOTLS (read transactions are reset and renewed, and the helper
@@ -1164,6 +1177,18 @@ struct note {
 	char provider_ref[REF_MAX + 1];
 };
 
+/* An event for the webhook: its delivery state, then its JSON body (stored up to its NUL). */
+struct event {
+	uint64_t number;
+	int64_t next_attempt;
+	int64_t sent_at;
+	uint32_t attempts;
+	uint32_t sent;
+	char last_error[256];
+	char body[8192];
+};
+#define EVENT_FIXED offsetof(struct event, body)
+
 enum note_kind { NK_LOW_BALANCE, NK_RECEIPT, NK_PAYMENT_PROBLEM };
 static const char *const note_kind_names[] = { "low_balance", "receipt", "payment_problem" };
 
@@ -1204,7 +1229,7 @@ struct txn {
 static struct store {
 	MDB_env *env;
 	MDB_dbi meta, wallets, txns, hist, refs, refunds, rates, fx, topups, notes, alertq;
-	MDB_dbi rrefs, holds, holdexp;
+	MDB_dbi rrefs, holds, holdexp, events, eventq;
 	int64_t next_expiry;      /* writer only: when the first active hold expires (INT64_MAX: none) */
 	pthread_rwlock_t maplock; /* readers: txns; writer: resizing the map */
 	size_t map_size;
@@ -1418,6 +1443,7 @@ store_open(const char *dir)
 		{ &store.topups, "topups", 0 }, { &store.notes, "notes", 0 },
 		{ &store.alertq, "alertq", 0 }, { &store.rrefs, "rrefs", 0 },
 		{ &store.holds, "holds", 0 }, { &store.holdexp, "holdexp", 0 },
+		{ &store.events, "events", 0 }, { &store.eventq, "eventq", 0 },
 	};
 	char path[PATH_MAX + 32];
 	pthread_rwlockattr_t attr;
@@ -1761,6 +1787,73 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	return mdb_put(txn, store.wallets, &k, &(MDB_val){ n, buf }, 0);
 }
 
+/* ---- Events ---- */
+
+/* Set by event_add (the writer's): the alert thread has events to deliver after this commit. */
+static int events_added;
+
+/*
+ * Records an event for the webhook, in txn: {id, type, created_at, wallet,
+ * data} as JSON (jansson), data taken over (decref'd).  Nothing without
+ * webhook_url: events would pile up undelivered.  The alert thread POSTs
+ * it, signed, until a 2xx answers.  Returns 0 or an LMDB error (ENOMEM when
+ * JSON cannot be built).
+ */
+static int
+event_add(MDB_txn *txn, const char *type, struct str wallet, json_t *data)
+{
+	MDB_val k = { 9, "event_seq" }, v;
+	unsigned char key[8];
+	char id[32], when[32];
+	uint64_t number = 1;
+	struct event e;
+	json_t *event;
+	char *body;
+	int rc;
+
+	if (config.webhook_url[0] == '\0' || data == NULL) {
+		json_decref(data);
+		return data == NULL && config.webhook_url[0] ? ENOMEM : 0;
+	}
+	if ((rc = mdb_get(txn, store.meta, &k, &v)) == 0 && v.mv_size == sizeof(number))
+		memcpy(&number, v.mv_data, sizeof(number));
+	else if (rc != 0 && rc != MDB_NOTFOUND) {
+		json_decref(data);
+		return rc;
+	}
+	snprintf(id, sizeof(id), "evt_%" PRIu64, number);
+	event = json_pack("{s:s, s:s, s:s, s:s#, s:o}", "id", id, "type", type, "created_at",
+	    time_format(now_seconds(), when), "wallet", wallet.p, (int)wallet.n, "data", data);
+	body = event ? json_dumps(event, JSON_COMPACT) : NULL;
+	json_decref(event);
+	if (body == NULL || strlen(body) >= sizeof(e.body)) {
+		free(body);
+		return ENOMEM;
+	}
+	memset(&e, 0, EVENT_FIXED);
+	e.number = number;
+	e.next_attempt = now_seconds();
+	memcpy(e.body, body, strlen(body) + 1);
+	be64_put(key, number++);
+	v = (MDB_val){ EVENT_FIXED + strlen(body) + 1, &e };
+	free(body);
+	if ((rc = mdb_put(txn, store.events, &(MDB_val){ 8, key }, &v, 0)) ||
+	    (rc = mdb_put(txn, store.eventq, &(MDB_val){ 8, key }, &(MDB_val){ 0, "" }, 0)) ||
+	    (rc = mdb_put(txn, store.meta, &k, &(MDB_val){ sizeof(number), &number }, 0)))
+		return rc;
+	events_added = 1;
+	return 0;
+}
+
+/* An amount as the JSON of events has it: a decimal string (never a float). */
+static json_t *
+json_amount(int64_t v)
+{
+	char buf[32];
+
+	return json_string(amount_format(v, buf, 0));
+}
+
 /* ---- Holds ---- */
 
 /* a + b, held at INT64_MAX / INT64_MIN instead of wrapping. */
@@ -2001,7 +2094,11 @@ holds_expire(MDB_txn *txn, int64_t now)
 		h.closed_at = h.expires_at;
 		if ((rc = hold_put(txn, number, &h, 1)) != 0 ||
 		    (rc = wallet_holds_recount(txn, &w)) != 0 ||
-		    (rc = wallet_put(txn, (struct str){ h.wallet, strlen(h.wallet) }, &w)) != 0)
+		    (rc = wallet_put(txn, (struct str){ h.wallet, strlen(h.wallet) }, &w)) != 0 ||
+		    (rc = event_add(txn, "hold_expired", (struct str){ h.wallet, strlen(h.wallet) },
+		    json_pack("{s:s, s:o, s:o, s:s, s:s}", "hold", h.ref, "amount", json_amount(h.amount),
+		    "remaining", json_amount(h.remaining), "currency", w.currency, "expires_at",
+		    time_format(h.expires_at, (char[32]){ 0 })))) != 0)
 			break;
 		ended++;
 	}
@@ -3144,6 +3241,7 @@ static int
 note_on_crossing(struct call *c, struct str id, struct wallet *w, int64_t before, uint64_t txn_id)
 {
 	struct note n;
+	int rc;
 
 	if (!(w->flags & WF_THRESHOLD) || before < w->threshold || w->balance >= w->threshold)
 		return 0;
@@ -3151,7 +3249,11 @@ note_on_crossing(struct call *c, struct str id, struct wallet *w, int64_t before
 	n.kind = NK_LOW_BALANCE;
 	n.txn_id = txn_id;
 	n.threshold = w->threshold;
-	return note_add(c, id, w, &n);
+	if ((rc = note_add(c, id, w, &n)) != 0)
+		return rc;
+	return event_add(c->txn, "low_balance", id, json_pack("{s:o, s:o, s:s, s:I}", "balance",
+	    json_amount(w->balance), "threshold", json_amount(w->threshold), "currency", w->currency,
+	    "txn", (json_int_t)txn_id));
 }
 
 /* Fills the actor of t from the peer and the actor param. */
@@ -5164,7 +5266,11 @@ m_topup_confirm(struct call *c)
 		if ((rc = note_add(c, t.wallet, &w, &n)))
 			return store_error(c, rc);
 	}
-	if ((rc = wallet_put(c->txn, t.wallet, &w)))
+	if ((rc = wallet_put(c->txn, t.wallet, &w)) ||
+	    (rc = event_add(c->txn, "topup_paid", t.wallet, json_pack("{s:s, s:o, s:s, s:o, s:s, s:s#, s:s#, s:I, s:o}",
+	    "ref", tp.ref, "amount", json_amount(credited), "currency", w.currency, "paid_amount", json_amount(paid),
+	    "paid_currency", tp.paid_currency, "provider", provider.p, (int)provider.n, "provider_ref",
+	    provider_ref.p, (int)provider_ref.n, "txn", (json_int_t)t.id, "balance", json_amount(w.balance)))))
 		return store_error(c, rc);
 	tp.txn_id = t.id;
 	if ((rc = topup_put(c, &tp)))
@@ -7513,8 +7619,13 @@ writer_run(struct req *batch)
 			grows++;
 		}
 	}
-	if (batch == NULL)
+	alert = rc == 0 && events_added; /* a commit that recorded events: the alert thread delivers them */
+	events_added = 0;
+	if (batch == NULL) {
+		if (alert)
+			alert_wake();
 		return;
+	}
 	/* Half the map used: grow now, if no read is in the way, rather than
 	 * when it is full, when the grow must wait for every read (a backup of
 	 * a large store, say) and the writer with it. */
@@ -8360,6 +8471,172 @@ alert_run(const struct config *cf)
 	return ndue == 32 ? 0 : next;
 }
 
+/* ---- Event webhooks ---- */
+
+/* Discards a webhook's answer body. */
+static size_t
+discard(char *buf, size_t size, size_t nmemb, void *arg)
+{
+	(void)buf;
+	(void)arg;
+	return size * nmemb;
+}
+
+/*
+ * POSTs event body to cf's webhook_url, signed: X-Walletd-Signature is
+ * sha256= and the hex HMAC-SHA256 of the body with the secret (the first
+ * line of webhook_secret_file).  Returns 0 when a 2xx answered, or -1 with
+ * the reason in err.
+ */
+static int
+event_post(const struct config *cf, const char *body, char *err, size_t errcap)
+{
+	char secret[512] = "", header[128], errbuf[CURL_ERROR_SIZE] = "";
+	unsigned char mac[EVP_MAX_MD_SIZE];
+	unsigned int maclen = 0;
+	struct curl_slist *headers = NULL;
+	long status = 0;
+	CURLcode res;
+	CURL *curl;
+	FILE *f;
+
+	if ((f = fopen(cf->webhook_secret_file, "r")) != NULL) {
+		if (fgets(secret, sizeof(secret), f) == NULL)
+			secret[0] = '\0';
+		fclose(f);
+	}
+	secret[strcspn(secret, "\r\n")] = '\0';
+	if (secret[0] == '\0') {
+		snprintf(err, errcap, "no secret to sign with in webhook_secret_file '%.100s'", cf->webhook_secret_file);
+		return -1;
+	}
+	HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)body, strlen(body), mac, &maclen);
+	memset(secret, 0, sizeof(secret));
+	strcpy(header, "X-Walletd-Signature: sha256=");
+	for (unsigned int i = 0; i < maclen; i++)
+		snprintf(header + 28 + 2 * i, 3, "%02x", mac[i]);
+	if ((curl = curl_easy_init()) == NULL) {
+		snprintf(err, errcap, "curl_easy_init failed");
+		return -1;
+	}
+	headers = curl_slist_append(headers, "Content-Type: application/json");
+	headers = curl_slist_append(headers, header);
+	curl_easy_setopt(curl, CURLOPT_URL, cf->webhook_url);
+	curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body);
+	curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+	curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, discard);
+	curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(curl, CURLOPT_TIMEOUT, (long)cf->webhook_timeout);
+	curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, errbuf);
+	res = curl_easy_perform(curl);
+	curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+	curl_slist_free_all(headers);
+	curl_easy_cleanup(curl);
+	if (res != CURLE_OK) {
+		snprintf(err, errcap, "%s", errbuf[0] ? errbuf : curl_easy_strerror(res));
+		return -1;
+	}
+	if (status < 200 || status > 299) {
+		snprintf(err, errcap, "the webhook answered HTTP %ld", status);
+		return -1;
+	}
+	return 0;
+}
+
+/* Records the outcome of event number's delivery: sent (out of the queue), or when to try again. */
+static void
+event_record(const struct config *cf, const unsigned char key[8], int ok, const char *err)
+{
+	MDB_val k = { 8, (void *)key }, v;
+	struct event e;
+	MDB_txn *txn;
+	int rc;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
+		goto out;
+	if ((rc = mdb_get(txn, store.events, &k, &v)) != 0 || v.mv_size > sizeof(e)) {
+		mdb_txn_abort(txn);
+		goto out;
+	}
+	memcpy(&e, v.mv_data, v.mv_size);
+	e.attempts++;
+	if (ok) {
+		e.sent = 1;
+		e.sent_at = now_seconds();
+		e.last_error[0] = '\0';
+	} else {
+		uint64_t backoff = (uint64_t)(cf->alert_interval ? cf->alert_interval : 1) << (e.attempts < 12 ? e.attempts - 1 : 11);
+
+		snprintf(e.last_error, sizeof(e.last_error), "%s", err);
+		e.next_attempt = now_seconds() + (int64_t)(backoff < 3600 ? backoff : 3600);
+	}
+	v.mv_data = &e;
+	if ((rc = mdb_put(txn, store.events, &k, &v, 0)) != 0 ||
+	    (ok && (rc = mdb_del(txn, store.eventq, &k, NULL)) != 0 && rc != MDB_NOTFOUND)) {
+		mdb_txn_abort(txn);
+		goto out;
+	}
+	rc = store_commit(txn);
+out:
+	pthread_rwlock_unlock(&store.maplock);
+	if (rc != 0)
+		log_x(L_ERR, "cannot record an event's delivery: %s", mdb_strerror(rc));
+}
+
+/*
+ * Delivers the events that are due (32 at most a run), in order, until a
+ * 2xx answers each (retried with back-off, up to an hour apart: at least
+ * once, with a stable id).  Returns seconds until the next is due.
+ */
+static int64_t
+events_run(const struct config *cf)
+{
+	struct event *due;
+	unsigned char keys[32][8];
+	int ndue = 0;
+	int64_t now = now_seconds(), next = cf->alert_interval;
+	MDB_cursor *cur;
+	MDB_txn *txn;
+	MDB_val k, v;
+	int rc;
+
+	if (cf->webhook_url[0] == '\0' || (due = malloc(32 * sizeof(*due))) == NULL)
+		return next;
+	pthread_rwlock_rdlock(&store.maplock);
+	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) == 0) {
+		if (mdb_cursor_open(txn, store.eventq, &cur) == 0) {
+			for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && ndue < 32;
+			    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+				MDB_val ev;
+
+				if (k.mv_size != 8 || mdb_get(txn, store.events, &k, &ev) != 0 || ev.mv_size > sizeof(*due) ||
+				    ev.mv_size <= EVENT_FIXED)
+					continue;
+				memcpy(&due[ndue], ev.mv_data, ev.mv_size);
+				if (due[ndue].next_attempt > now) {
+					next = due[ndue].next_attempt - now < next ? due[ndue].next_attempt - now : next;
+					continue;
+				}
+				memcpy(keys[ndue++], k.mv_data, 8);
+			}
+			mdb_cursor_close(cur);
+		}
+		mdb_txn_abort(txn);
+	}
+	pthread_rwlock_unlock(&store.maplock);
+	for (int i = 0; i < ndue; i++) {
+		char err[256] = "";
+		int ok = event_post(cf, due[i].body, err, sizeof(err)) == 0;
+
+		if (!ok)
+			log_x(L_WARN, "event %" PRIu64 " not delivered to the webhook: %s", due[i].number, err);
+		event_record(cf, keys[i], ok, err);
+	}
+	free(due);
+	return ndue == 32 ? 0 : next;
+}
+
 static void *
 alert_main(void *arg)
 {
@@ -8368,13 +8645,16 @@ alert_main(void *arg)
 	(void)arg;
 	pthread_mutex_lock(&alerter.lock);
 	while (!alerter.stop) {
-		int64_t wait;
+		int64_t wait, events_wait;
 		struct timespec until;
 
 		cf = config;
 		alerter.wake = 0;
 		pthread_mutex_unlock(&alerter.lock);
 		wait = alert_run(&cf);
+		events_wait = events_run(&cf);
+		if (events_wait < wait)
+			wait = events_wait;
 		pthread_mutex_lock(&alerter.lock);
 		if (wait < 1)
 			wait = 1;
