@@ -1151,6 +1151,13 @@ cmd_stats_prometheus(void)
 	return EXIT_OK;
 }
 
+static void
+pk_kv(msgpack_packer *pk, const char *k, const char *v)
+{
+	msgpack_pack_str_with_body(pk, k, strlen(k));
+	msgpack_pack_str_with_body(pk, v, strlen(v));
+}
+
 /* Writes one CSV field of v (a string, an integer, or nil as empty), RFC 4180 quoted when it must be. */
 static void
 csv_field(const msgpack_object *v)
@@ -1244,6 +1251,90 @@ cmd_export_csv(int argc, char **argv)
 	}
 	if (fflush(stdout) != 0)
 		die(EXIT_ERROR, "cannot write the CSV: %s", strerror(errno));
+	return EXIT_OK;
+}
+
+/*
+ * statement WALLET [--month YYYY-MM | --from T --until T] [--csv]: the
+ * statement method; --month names a UTC month; --csv writes it for a
+ * spreadsheet: the opening balance, each transaction, the closing balance.
+ */
+static int
+cmd_statement(int argc, char **argv)
+{
+	const char *wallet = NULL, *month = NULL, *from = NULL, *until = NULL;
+	char from_buf[32], until_buf[32];
+	int csv = 0, rc;
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	msgpack_unpacked resp;
+	const msgpack_object *r, *txns;
+
+	for (int i = 0; i < argc; i++) {
+		if (strcmp(argv[i], "--csv") == 0)
+			csv = 1;
+		else if (strcmp(argv[i], "--month") == 0 && i + 1 < argc)
+			month = argv[++i];
+		else if (strcmp(argv[i], "--from") == 0 && i + 1 < argc)
+			from = argv[++i];
+		else if (strcmp(argv[i], "--until") == 0 && i + 1 < argc)
+			until = argv[++i];
+		else if (wallet == NULL && argv[i][0] != '-')
+			wallet = argv[i];
+		else
+			wallet = NULL, i = argc;
+	}
+	if (month) {
+		int y, m;
+
+		if (sscanf(month, "%4d-%2d", &y, &m) != 2 || m < 1 || m > 12 || strlen(month) != 7 || from || until)
+			die(EXIT_USAGE, "--month takes YYYY-MM (and no --from or --until)");
+		snprintf(from_buf, sizeof(from_buf), "%04d-%02d-01", y, m);
+		snprintf(until_buf, sizeof(until_buf), "%04d-%02d-01", m == 12 ? y + 1 : y, m == 12 ? 1 : m + 1);
+		from = from_buf;
+		until = until_buf;
+	}
+	if (wallet == NULL)
+		die(EXIT_USAGE, "usage: walletctl statement WALLET [--month YYYY-MM | --from T --until T] [--csv]");
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	msgpack_pack_map(&pk, 1 + (from != NULL) + (until != NULL));
+	pk_kv(&pk, "wallet", wallet);
+	if (from)
+		pk_kv(&pk, "from", from);
+	if (until)
+		pk_kv(&pk, "until", until);
+	call("statement", &sb, -1, &resp);
+	msgpack_sbuffer_destroy(&sb);
+	if (!csv || resp.data.type != MSGPACK_OBJECT_ARRAY || resp.data.via.array.size != 4 ||
+	    resp.data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL) {
+		rc = print_response(&resp.data);
+		msgpack_unpacked_destroy(&resp);
+		return rc;
+	}
+	r = &resp.data.via.array.ptr[3];
+	txns = map_get(r, "transactions");
+	printf("date,id,type,description,amount,balance,currency\r\n");
+	printf("%.10s,,opening_balance,Opening balance,,", map_get(r, "from")->via.str.ptr);
+	csv_field(map_get(r, "opening_balance"));
+	printf(",");
+	csv_field(map_get(r, "currency"));
+	printf("\r\n");
+	for (uint32_t i = 0; txns && txns->type == MSGPACK_OBJECT_ARRAY && i < txns->via.array.size; i++) {
+		const msgpack_object *t = &txns->via.array.ptr[i];
+		const char *cols[] = { "created_at", "id", "type", "description", "amount", "balance_after", "currency" };
+
+		for (int k = 0; k < 7; k++) {
+			csv_field(map_get(t, cols[k]));
+			fputs(k < 6 ? "," : "\r\n", stdout);
+		}
+	}
+	printf("%.10s,,closing_balance,Closing balance,,", map_get(r, "until")->via.str.ptr);
+	csv_field(map_get(r, "closing_balance"));
+	printf(",");
+	csv_field(map_get(r, "currency"));
+	printf("\r\n");
+	msgpack_unpacked_destroy(&resp);
 	return EXIT_OK;
 }
 
@@ -1361,13 +1452,6 @@ cmp_u64(const void *a, const void *b)
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
 
 	return (x > y) - (x < y);
-}
-
-static void
-pk_kv(msgpack_packer *pk, const char *k, const char *v)
-{
-	msgpack_pack_str_with_body(pk, k, strlen(k));
-	msgpack_pack_str_with_body(pk, v, strlen(v));
 }
 
 /* Calls method; returns its result (in *resp), or NULL after printing
@@ -1958,6 +2042,8 @@ main(int argc, char **argv)
 		return cmd_rate_export(argc - i - 2, argv + i + 2);
 	if (i + 2 == argc && strcmp(argv[i], "stats") == 0 && strcmp(argv[i + 1], "--prometheus") == 0)
 		return cmd_stats_prometheus();
+	if (strcmp(argv[i], "statement") == 0)
+		return cmd_statement(argc - i - 1, argv + i + 1);
 	for (int j = i + 1; strcmp(argv[i], "export") == 0 && j < argc; j++)
 		if (strcmp(argv[j], "--csv") == 0)
 			return cmd_export_csv(argc - i - 1, argv + i + 1);

@@ -5826,6 +5826,38 @@ calling_code(const char *digits, char out[4])
 	snprintf(out, 4, "%.*s", (int)n, digits);
 }
 
+/* The principal ISO 3166 country of a calling code (1: US, 7: RU, 44: GB), or NULL. */
+static const char *
+calling_country(const char *code, char out[3])
+{
+	static const char table[] =
+	    " 1US 7RU 20EG 27ZA 30GR 31NL 32BE 33FR 34ES 36HU 39IT 40RO 41CH 43AT 44GB 45DK 46SE 47NO 48PL"
+	    " 49DE 51PE 52MX 53CU 54AR 55BR 56CL 57CO 58VE 60MY 61AU 62ID 63PH 64NZ 65SG 66TH 81JP 82KR 84VN"
+	    " 86CN 90TR 91IN 92PK 93AF 94LK 95MM 98IR 211SS 212MA 213DZ 216TN 218LY 220GM 221SN 222MR 223ML"
+	    " 224GN 225CI 226BF 227NE 228TG 229BJ 230MU 231LR 232SL 233GH 234NG 235TD 236CF 237CM 238CV"
+	    " 239ST 240GQ 241GA 242CG 243CD 244AO 245GW 246IO 248SC 249SD 250RW 251ET 252SO 253DJ 254KE"
+	    " 255TZ 256UG 257BI 258MZ 260ZM 261MG 262RE 263ZW 264NA 265MW 266LS 267BW 268SZ 269KM 290SH"
+	    " 291ER 297AW 298FO 299GL 350GI 351PT 352LU 353IE 354IS 355AL 356MT 357CY 358FI 359BG 370LT"
+	    " 371LV 372EE 373MD 374AM 375BY 376AD 377MC 378SM 380UA 381RS 382ME 383XK 385HR 386SI 387BA"
+	    " 389MK 420CZ 421SK 423LI 500FK 501BZ 502GT 503SV 504HN 505NI 506CR 507PA 508PM 509HT 590GP"
+	    " 591BO 592GY 593EC 594GF 595PY 596MQ 597SR 598UY 599CW 670TL 672NF 673BN 674NR 675PG 676TO"
+	    " 677SB 678VU 679FJ 680PW 681WF 682CK 683NU 685WS 686KI 687NC 688TV 689PF 690TK 691FM 692MH"
+	    " 850KP 852HK 853MO 855KH 856LA 880BD 886TW 960MV 961LB 962JO 963SY 964IQ 965KW 966SA 967YE"
+	    " 968OM 970PS 971AE 972IL 973BH 974QA 975BT 976MN 977NP 992TJ 993TM 994AZ 995GE 996KG 998UZ";
+	char needle[6];
+	const char *hit;
+	size_t n = strlen(code);
+
+	snprintf(needle, sizeof(needle), " %s", code);
+	for (hit = strstr(table, needle); hit; hit = strstr(hit + 1, needle))
+		if (hit[n + 1] >= 'A' && hit[n + 1] <= 'Z') {
+			memcpy(out, hit + n + 1, 2);
+			out[2] = '\0';
+			return out;
+		}
+	return NULL;
+}
+
 /* A line of report.usage: one group and currency. */
 struct usage_group {
 	struct group_key key;  /* the group's value \0 currency */
@@ -6050,6 +6082,215 @@ out:
 	msgpack_zone_free(zone);
 	free(groups.entries);
 	free(groups.slots);
+	if (rc == ENOMEM)
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	return rc == 0 || rc == E_OFF_LOOP ? rc : store_error(c, rc);
+}
+
+/* ---- Statements ---- */
+
+/* The first of w's transactions (by seq) created at or after t: its seq, or w->txn_count. */
+static int
+wallet_seq_at(MDB_txn *txn, const struct wallet *w, int64_t t, uint64_t *seq)
+{
+	uint64_t lo = 0, hi = w->txn_count;
+	int rc;
+
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo) / 2, id;
+		struct txn_head h;
+		MDB_val rec;
+
+		if ((rc = wallet_txn_at(txn, w, mid, &id)) || (rc = txn_fetch(txn, id, &h, &rec)))
+			return rc;
+		if (h.created_at < t)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	*seq = lo;
+	return 0;
+}
+
+/* The messages of one country in a statement. */
+struct country_group {
+	struct group_key key; /* the calling code */
+	uint64_t messages, segments;
+	int64_t amount;
+};
+
+#define STATEMENT_TXNS_MAX 10000 /* transactions a statement lists; totals count them all */
+
+/*
+ * statement: a wallet's period [from, until) (default: this UTC month):
+ * opening balance (balance_after of the last transaction before it), totals
+ * by type, messages by channel, by country (E.164 calling code), closing
+ * balance (= opening + totals, exactly), and the period's transactions
+ * (the first STATEMENT_TXNS_MAX).  Two binary searches, then O(the
+ * period's transactions).
+ */
+static int
+m_statement(struct call *c)
+{
+	struct group_table countries = { .size = sizeof(struct country_group) };
+	int64_t from, until, opening = 0, totals[T__COUNT] = { 0 }, closing;
+	uint64_t seq_from, seq_until, n, *ids = NULL, sms[2] = { 0 }, wa = 0;
+	int64_t sms_amount = 0, wa_amount = 0;
+	struct str id, from_s, until_s;
+	msgpack_zone *zone = NULL;
+	struct wallet w;
+	msgpack_packer *pk = c->pk;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "from", 0, 40, &from_s)) || (rc = p_str(c, "until", 0, 40, &until_s)))
+		return rc;
+	{
+		time_t now = (time_t)now_seconds();
+		struct tm tm;
+
+		gmtime_r(&now, &tm);
+		tm.tm_mday = 1, tm.tm_hour = tm.tm_min = tm.tm_sec = 0;
+		from = (int64_t)timegm(&tm);
+		tm.tm_mon++;
+		until = (int64_t)timegm(&tm);
+	}
+	if (from_s.p && time_parse(from_s, &from) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "from", "from must be an RFC 3339 time");
+	if (until_s.p && time_parse(until_s, &until) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "until", "until must be an RFC 3339 time");
+	if (until < from)
+		return fail(c, E_INVALID_ARGUMENT, "until", "until must not be before from");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	if ((rc = wallet_seq_at(c->txn, &w, from, &seq_from)) || (rc = wallet_seq_at(c->txn, &w, until, &seq_until)))
+		return store_error(c, rc);
+	n = seq_until - seq_from;
+	if ((n && (ids = malloc(n * sizeof(*ids))) == NULL) || (zone = msgpack_zone_new(2048)) == NULL) {
+		free(ids);
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	}
+	if (n && (rc = wallet_txn_at(c->txn, &w, seq_until - 1, &ids[n - 1])) == 0) {
+		for (uint64_t i = n - 1; rc == 0; i--) { /* back along the chain to the period's first */
+			struct txn_head h;
+			MDB_val rec;
+
+			if ((rc = txn_fetch(c->txn, ids[i], &h, &rec)) != 0)
+				break;
+			if (i == 0) {
+				opening = h.balance_after - h.amount;
+				break;
+			}
+			ids[i - 1] = h.prev;
+		}
+	} else if (rc == 0 && seq_from > 0) { /* nothing in the period: the balance it starts at */
+		uint64_t last;
+		struct txn_head h;
+
+		if ((rc = wallet_txn_at(c->txn, &w, seq_from - 1, &last)) == 0)
+			rc = txn_read(c->txn, last, &h, NULL);
+		opening = rc == 0 ? h.balance_after : 0;
+	}
+	for (uint64_t i = 0; rc == 0 && i < n; i++) {
+		struct txn_head h;
+		msgpack_object o;
+		const msgpack_object *seg;
+		struct country_group *g;
+		char digits[16], code[4];
+		struct str to;
+
+		if (over_budget(c)) {
+			rc = E_OFF_LOOP;
+			break;
+		}
+		if ((rc = txn_map(c->txn, ids[i], &h, zone, &o)) != 0)
+			break;
+		if (h.type > 0 && h.type < T__COUNT)
+			totals[h.type] += h.amount;
+		if (h.type != T_SMS_CHARGE && h.type != T_WHATSAPP_CHARGE)
+			continue;
+		seg = map_get(&o, "segments");
+		to = txn_field(&o, "to");
+		if (h.type == T_SMS_CHARGE) {
+			sms[0]++;
+			sms[1] += seg && seg->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? seg->via.u64 : 1;
+			sms_amount -= h.amount;
+		} else {
+			wa++;
+			wa_amount -= h.amount;
+		}
+		if (e164_digits(to, digits) == 0)
+			digits[0] = digits[1] = '\0';
+		calling_code(digits, code);
+		if ((g = group_find(&countries, code, strlen(code))) == NULL) {
+			rc = ENOMEM;
+			break;
+		}
+		g->messages++;
+		g->segments += seg && seg->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? seg->via.u64 : 1;
+		g->amount -= h.amount;
+	}
+	if (rc == 0) {
+		qsort(countries.entries, countries.n, countries.size, usage_compare);
+		closing = opening;
+		for (int t = 1; t < T__COUNT; t++)
+			closing += totals[t];
+		msgpack_pack_map(pk, 11);
+		KV_SSTR(pk, "wallet", id);
+		KV_STR(pk, "currency", w.currency);
+		KV_TIME(pk, "from", from);
+		KV_TIME(pk, "until", until);
+		KV_AMOUNT(pk, "opening_balance", opening);
+		KV_AMOUNT(pk, "closing_balance", closing);
+		KEY(pk, "totals");
+		msgpack_pack_map(pk, T__COUNT - 1);
+		for (int t = 1; t < T__COUNT; t++) {
+			pack_cstr(pk, txn_type_names[t]);
+			pack_amount(pk, totals[t]);
+		}
+		KEY(pk, "messages");
+		msgpack_pack_map(pk, 2);
+		KEY(pk, "sms");
+		msgpack_pack_map(pk, 3);
+		KV_U64(pk, "count", sms[0]);
+		KV_U64(pk, "segments", sms[1]);
+		KV_AMOUNT(pk, "amount", sms_amount);
+		KEY(pk, "whatsapp");
+		msgpack_pack_map(pk, 2);
+		KV_U64(pk, "count", wa);
+		KV_AMOUNT(pk, "amount", wa_amount);
+		KEY(pk, "by_country");
+		msgpack_pack_array(pk, countries.n);
+		for (size_t i = 0; i < countries.n; i++) {
+			const struct country_group *g = group_at(&countries, i);
+			char code[4], iso[3];
+
+			snprintf(code, sizeof(code), "%.*s", (int)g->key.len, g->key.bytes);
+			msgpack_pack_map(pk, 5);
+			KEY(pk, "country");
+			if (calling_country(code, iso))
+				pack_cstr(pk, iso);
+			else
+				msgpack_pack_nil(pk);
+			KV_STR(pk, "calling_code", code);
+			KV_U64(pk, "messages", g->messages);
+			KV_U64(pk, "segments", g->segments);
+			KV_AMOUNT(pk, "amount", g->amount);
+		}
+		KEY(pk, "transactions");
+		msgpack_pack_array(pk, n < STATEMENT_TXNS_MAX ? n : STATEMENT_TXNS_MAX);
+		for (uint64_t i = 0; i < n && i < STATEMENT_TXNS_MAX; i++) {
+			struct txn_head h;
+			MDB_val rec;
+
+			if (txn_fetch(c->txn, ids[i], &h, &rec) != 0 || txn_pack_record(pk, ids[i], &h, rec) != 0)
+				msgpack_pack_nil(pk);
+		}
+		KV_U64(pk, "transactions_total", n);
+	}
+	free(ids);
+	msgpack_zone_free(zone);
+	free(countries.entries);
+	free(countries.slots);
 	if (rc == ENOMEM)
 		return fail(c, E_BUSY, NULL, "Out of memory");
 	return rc == 0 || rc == E_OFF_LOOP ? rc : store_error(c, rc);

@@ -2,14 +2,17 @@
 export --csv as RFC 4180, resumable; created_at never decreasing with the id."""
 import calendar
 import csv
+import decimal
 import io
 import os
+import random
 import subprocess
 import threading
 import time
 
 from harness import DaemonTest, WALLETCTL, request, read_frames
 
+D = decimal.Decimal
 UG = "+256712345678"
 
 
@@ -143,3 +146,94 @@ class UsageReport(DaemonTest):
             self.assertAlmostEqual(float(row[5]), -sum(float(t["amount"]) for t in txns), places=6)
         e = d.ctl_json("report", "usage", *span, "planet", expect=1)
         self.assertEqual(e["field"], "group_by")
+
+
+class Statements(DaemonTest):
+    """walletd's clock set by a file (tests/faults.so, in the plain build)."""
+
+    def setUp(self):
+        super().setUp()
+        self.clock_file = os.path.join(self.d.dir, "clock")
+        self.at("2026-10-20T10:00:00Z")
+        self.d.restart_plain(clock=self.clock_file)
+
+    def at(self, when):
+        with open(self.clock_file, "w") as f:
+            f.write(str(calendar.timegm(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ"))))
+
+    def test_a_month_statement_opening_totals_closing_messages_and_countries(self):
+        d = self.d
+        self.seed("100")
+        d.ctl_json("rate", "set", "default", "sms", "254", "0.01", "USD")
+        d.ctl_json("rate", "set", "default", "whatsapp", "1", "0.05", "USD")
+        d.ctl_json("charge", "acme", "sms", UG, "oct")                         # October: before
+        self.at("2026-11-01T00:00:00Z")
+        d.ctl_json("charge", "acme", "sms", UG, "n1", "--segments", "3")       # 0.0282
+        d.ctl_json("charge", "acme", "sms", "+254712345678", "n2")             # 0.01
+        d.ctl_json("charge", "acme", "whatsapp", "+15551234567", "n3")         # 0.05
+        self.at("2026-11-30T23:59:59Z")
+        tp = d.ctl_json("topup", "create", "acme", "20")
+        d.ctl_json("topup", "confirm", tp["ref"], "20", "paystack", "PS-3")
+        d.ctl_json("debit", "acme", "1", "fee")
+        d.ctl_json("refund", "acme", "--ref", "n1", "--amount", "0.0094", "--refund-ref", "p1")
+        self.at("2026-12-01T00:00:00Z")
+        d.ctl_json("charge", "acme", "sms", UG, "dec")                         # December: after
+        s = d.ctl_json("statement", "acme", "--month", "2026-11")
+        self.assertEqual((s["from"], s["until"], s["opening_balance"], s["closing_balance"]),
+                         ("2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z", "99.9906", "118.9118"))
+        self.assertEqual(s["totals"], {"credit": "20", "sms_charge": "-0.0382", "whatsapp_charge": "-0.05",
+                                       "manual_credit": "0", "manual_debit": "-1", "refund": "0.0094"})
+        self.assertEqual(s["messages"], {"sms": {"count": 2, "segments": 4, "amount": "0.0382"},
+                                         "whatsapp": {"count": 1, "amount": "0.05"}})
+        self.assertEqual([(c["country"], c["calling_code"], c["messages"], c["segments"], c["amount"])
+                          for c in s["by_country"]],
+                         [("US", "1", 1, 1, "0.05"), ("KE", "254", 1, 1, "0.01"), ("UG", "256", 1, 3, "0.0282")])
+        self.assertEqual([t.get("ref") for t in s["transactions"]], ["n1", "n2", "n3", tp["ref"], None, None])
+        self.assertEqual(s["transactions_total"], 6)
+        empty = d.ctl_json("statement", "acme", "--from", "2026-11-15", "--until", "2026-11-16")
+        self.assertEqual((empty["opening_balance"], empty["closing_balance"], empty["transactions"]),
+                         ("99.9024", "99.9024", []))
+        r = subprocess.run([WALLETCTL, "-s", d.sock, "statement", "acme", "--month", "2026-11", "--csv"],
+                           capture_output=True)
+        rows = list(csv.reader(io.StringIO(r.stdout.decode(), newline="")))
+        self.assertEqual(rows[0][:3], ["date", "id", "type"])
+        self.assertEqual((rows[1][2], rows[1][5]), ("opening_balance", "99.9906"))
+        self.assertEqual((rows[-1][2], rows[-1][5]), ("closing_balance", "118.9118"))
+        self.assertEqual(len(rows), 9)
+
+    def test_opening_plus_totals_is_closing_for_random_histories(self):
+        d = self.d
+        rnd = random.Random(7)
+        self.seed("50")
+        d.ctl_json("rate", "set", "default", "sms", "254", "0.01", "USD")
+        day = calendar.timegm(time.strptime("2026-11-01T00:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+        t = day
+        for i in range(60):  # a random history over three weeks
+            t += rnd.randrange(0, 30000)
+            with open(self.clock_file, "w") as f:
+                f.write(str(t))
+            k = rnd.randrange(4)
+            if k == 0:
+                d.ctl_json("charge", "acme", "sms", rnd.choice([UG, "+254712345678"]), "r%d" % i,
+                           "--segments", str(rnd.randrange(1, 4)))
+            elif k == 1:
+                d.ctl_json("credit", "acme", "%d.%02d" % (rnd.randrange(0, 3), rnd.randrange(1, 100)), "c")
+            elif k == 2:
+                d.ctl_json("debit", "acme", "0.%02d" % rnd.randrange(1, 50), "d")
+            else:
+                d.ctl_json("charge", "acme", "sms", UG, "x%d" % i)
+                d.ctl_json("refund", "acme", "--ref", "x%d" % i)
+        with d.client() as c:
+            everything = c.call("export", after_id=0, limit=10000)["transactions"]
+        for _ in range(25):
+            a, b = sorted(rnd.randrange(day - 86400, t + 86400) for _ in range(2))
+            fmt = lambda x: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x))  # noqa: E731
+            s = d.ctl_json("statement", "acme", "--from", fmt(a), "--until", fmt(b))
+            stamp = lambda tx: calendar.timegm(time.strptime(tx["created_at"], "%Y-%m-%dT%H:%M:%SZ"))  # noqa: E731
+            before = sum(D(x["amount"]) for x in everything if stamp(x) < a)
+            upto = sum(D(x["amount"]) for x in everything if stamp(x) < b)
+            self.assertEqual(D(s["opening_balance"]), before)
+            self.assertEqual(D(s["closing_balance"]), upto)
+            self.assertEqual(D(s["opening_balance"]) + sum(D(v) for v in s["totals"].values()),
+                             D(s["closing_balance"]))
+            self.assertEqual(s["transactions_total"], len([x for x in everything if a <= stamp(x) < b]))

@@ -83,7 +83,7 @@ final class Client
         'topupConfirm' => 'topup.confirm', 'topupCancel' => 'topup.cancel', 'topupGet' => 'topup.get',
         'topupList' => 'topup.list', 'credit' => 'credit', 'debit' => 'debit', 'refund' => 'refund',
         'refundBatch' => 'refund.batch',
-        'history' => 'history', 'export' => 'export', 'reportUsage' => 'report.usage', 'notifications' => 'notifications', 'verify' => 'verify',
+        'history' => 'history', 'statement' => 'statement', 'export' => 'export', 'reportUsage' => 'report.usage', 'notifications' => 'notifications', 'verify' => 'verify',
         'stats' => 'stats',
     ];
 

@@ -116,7 +116,7 @@ METHODS = {
     "topup_list": "topup.list", "credit": "credit", "debit": "debit", "refund": "refund",
     "refund_batch": "refund.batch", "hold_create": "hold.create", "hold_release": "hold.release",
     "hold_get": "hold.get", "hold_list": "hold.list",
-    "history": "history", "export": "export", "report_usage": "report.usage", "notifications": "notifications", "verify": "verify",
+    "history": "history", "statement": "statement", "export": "export", "report_usage": "report.usage", "notifications": "notifications", "verify": "verify",
     "stats": "stats",
 }
 
