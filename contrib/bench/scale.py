@@ -128,6 +128,20 @@ def main():
                     return answer
         pre = timed(precheck, 10)
         raw.close()
+        # the whale's statement of this month (every one of its transactions), of last month
+        # (none: two binary searches), and one day's usage report over the whole log
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400))
+        s0 = time.time()
+        month = c.call("statement", wallet=whale)
+        month_s = time.time() - s0
+        last_month_start = time.strftime("%Y-%m-01", time.gmtime(time.time() - 32 * 86400))
+        s0 = time.time()
+        c.call("statement", wallet=whale, **{"from": last_month_start}, until=time.strftime("%Y-%m-01", time.gmtime()))
+        last_month_s = time.time() - s0
+        s0 = time.time()
+        usage = c.call("report.usage", **{"from": today}, until=tomorrow, group_by="country")
+        usage_s = time.time() - s0
         used = c.stats()["store"]["map_used"]
         v0 = time.time()
         ver = c.verify()
@@ -166,6 +180,12 @@ def main():
         print("| history page of 50, first page, wallet with %d txns | p50 %.3f ms, p99 %.3f ms | < 1 ms |" % ((count,) + first))
         print("| history page of 50, last page | p50 %.3f ms, p99 %.3f ms | < 1 ms |" % last)
         print("| precheck 100,000 recipients over 100,000 prefixes | p50 %.1f ms | < 100 ms |" % pre[0])
+        print("| statement of this month, wallet with %d txns (all of them in it) | %.2f s | |" % (
+            month["transactions_total"], month_s))
+        print("| statement of last month of that wallet (none in it) | %.1f ms | as fast as for a small wallet |" % (
+            last_month_s * 1000))
+        print("| report.usage of one day over %d transactions, by country | %.2f s (%d rows) | |" % (
+            txns, usage_s, len(usage["rows"])))
         print("| store size per transaction | %.0f bytes (%.2f GB in all) | |" % (used / txns, used / 1e9))
         print("| verify of the whole store | %.1f s, ok=%s | |" % (verify_s, ver["ok"]))
         print("| RSS without the map, 10,000 idle connections | %.1f MiB (%.1f MiB before) | < 32 MiB |" % (
