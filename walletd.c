@@ -1026,7 +1026,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  *   notes    BE64 wallet number . BE64 seq -> struct note
  *   alertq   the keys of notes whose e-mail is still to be sent
  *   events   BE64 event number -> struct event, then its JSON body up to its
- *            NUL: what a webhook delivers (only with webhook_url set)
+ *            NUL: what is still to be sent to the webhook (only with webhook_url)
  *   eventq   the keys of events still to be delivered
  * Numbers inside values are host-endian: a store lives on one host.
  *
@@ -1177,13 +1177,12 @@ struct note {
 	char provider_ref[REF_MAX + 1];
 };
 
-/* An event for the webhook: its delivery state, then its JSON body (stored up to its NUL). */
+/* An event for the webhook, until it is delivered: its retries, then its JSON body (stored up to its NUL). */
 struct event {
 	uint64_t number;
 	int64_t next_attempt;
-	int64_t sent_at;
 	uint32_t attempts;
-	uint32_t sent;
+	uint32_t pad;
 	char last_error[256];
 	char body[8192];
 };
@@ -8784,7 +8783,7 @@ event_post(const struct config *cf, const char *body, char *err, size_t errcap)
 	return 0;
 }
 
-/* Records the outcome of event number's delivery: sent (out of the queue), or when to try again. */
+/* Records the outcome of an event's delivery: delivered (then it is deleted), or when to try again. */
 static void
 event_record(const struct config *cf, const unsigned char key[8], int ok, const char *err)
 {
@@ -8802,19 +8801,20 @@ event_record(const struct config *cf, const unsigned char key[8], int ok, const 
 	}
 	memcpy(&e, v.mv_data, v.mv_size);
 	e.attempts++;
-	if (ok) {
-		e.sent = 1;
-		e.sent_at = now_seconds();
-		e.last_error[0] = '\0';
-	} else {
+	if (!ok) {
 		uint64_t backoff = (uint64_t)(cf->alert_interval ? cf->alert_interval : 1) << (e.attempts < 12 ? e.attempts - 1 : 11);
 
 		snprintf(e.last_error, sizeof(e.last_error), "%s", err);
 		e.next_attempt = now_seconds() + (int64_t)(backoff < 3600 ? backoff : 3600);
 	}
 	v.mv_data = &e;
-	if ((rc = mdb_put(txn, store.events, &k, &v, 0)) != 0 ||
-	    (ok && (rc = mdb_del(txn, store.eventq, &k, NULL)) != 0 && rc != MDB_NOTFOUND)) {
+	if (ok) { /* delivered: nothing more to keep (the log and the notifications keep the facts) */
+		if ((rc = mdb_del(txn, store.events, &k, NULL)) == 0)
+			rc = mdb_del(txn, store.eventq, &k, NULL);
+	} else {
+		rc = mdb_put(txn, store.events, &k, &v, 0);
+	}
+	if (rc != 0) {
 		mdb_txn_abort(txn);
 		goto out;
 	}
