@@ -8566,6 +8566,15 @@ alert_send(const struct config *cf, const struct due *d, char *err, size_t errca
 	return 0;
 }
 
+/* When to try a failed delivery again: alert_interval, doubled with each attempt, an hour at most. */
+static int64_t
+retry_at(const struct config *cf, uint32_t attempts)
+{
+	uint64_t backoff = (uint64_t)(cf->alert_interval ? cf->alert_interval : 1) << (attempts < 12 ? attempts - 1 : 11);
+
+	return now_seconds() + (int64_t)(backoff < 3600 ? backoff : 3600);
+}
+
 /* Records the outcome of one delivery in a short write transaction. */
 static void
 alert_record(const struct config *cf, const struct due *d, int ok, const char *err)
@@ -8592,15 +8601,14 @@ alert_record(const struct config *cf, const struct due *d, int ok, const char *e
 		done = cf->alert_remind == 0;
 		n.next_attempt = n.sent_at + cf->alert_remind;
 	} else {
-		uint64_t backoff = (uint64_t)(cf->alert_interval ? cf->alert_interval : 1) << (n.attempts < 12 ? n.attempts - 1 : 11);
-
 		snprintf(n.last_error, sizeof(n.last_error), "%s", err);
 		done = n.attempts >= cf->alert_max_attempts && n.state == NS_PENDING;
 		if (done) {
 			n.state = NS_FAILED;
-			log_x(L_ERR, "low-balance e-mail for %s failed after %u attempts: %s", n.wallet, n.attempts, err);
+			log_x(L_ERR, "%s e-mail for %s failed after %u attempts: %s", note_kind_names[n.kind % 3], n.wallet,
+			    n.attempts, err);
 		}
-		n.next_attempt = now_seconds() + (int64_t)(backoff < 3600 ? backoff : 3600);
+		n.next_attempt = retry_at(cf, n.attempts);
 	}
 	v = (MDB_val){ sizeof(n), &n };
 	if ((rc = mdb_put(txn, store.notes, &k, &v, 0)) != 0 ||
@@ -8802,10 +8810,8 @@ event_record(const struct config *cf, const unsigned char key[8], int ok, const 
 	memcpy(&e, v.mv_data, v.mv_size);
 	e.attempts++;
 	if (!ok) {
-		uint64_t backoff = (uint64_t)(cf->alert_interval ? cf->alert_interval : 1) << (e.attempts < 12 ? e.attempts - 1 : 11);
-
 		snprintf(e.last_error, sizeof(e.last_error), "%s", err);
-		e.next_attempt = now_seconds() + (int64_t)(backoff < 3600 ? backoff : 3600);
+		e.next_attempt = retry_at(cf, e.attempts);
 	}
 	v.mv_data = &e;
 	if (ok) { /* delivered: nothing more to keep (the log and the notifications keep the facts) */
