@@ -89,13 +89,13 @@ X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_A, MF_WRITE | MF_FLAT, \
 X(M_WALLET_LIST, wallet_list, "wallet.list", R_A, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
 X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \
-  "plan channel prefix price:a currency ?route", \
-  "Set the price of a message on a channel to a number prefix (and route).") \
+  "plan channel prefix price:a currency ?route ?effective_from", \
+  "Set the price of a message on a channel to a number prefix (and route); now, or from effective_from.") \
 X(M_RATE_DELETE, rate_delete, "rate.delete", R_A, MF_WRITE | MF_FLAT, "plan channel prefix ?route", \
   "Delete one rate.") \
 X(M_RATE_LIST, rate_list, "rate.list", R_A, MF_SCAN, "?plan ?channel ?page:i ?limit:i", \
   "List rates, a page at a time.") \
-X(M_RATE_LOOKUP, rate_lookup, "rate.lookup", R_AC, 0, "channel to ?plan ?wallet ?route", \
+X(M_RATE_LOOKUP, rate_lookup, "rate.lookup", R_AC, 0, "channel to ?plan ?wallet ?route ?at", \
   "Show the rate that would apply to a message (longest prefix, cheapest route).") \
 X(M_RATE_IMPORT, rate_import, "rate.import", R_A, MF_WRITE | MF_FLAT, "rows:c ?mode", \
   "Load a CSV rate card (plan,channel,prefix,route,price,currency) in one commit; mode replace|upsert.") \
@@ -108,9 +108,9 @@ X(M_CHARGE, charge, "charge", R_AC, MF_WRITE | MF_FLAT, \
 X(M_CHARGE_BATCH, charge_batch, "charge.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
   "Charge many messages in one commit; each item succeeds or fails alone.") \
 X(M_PRECHECK, precheck, "precheck", R_AC, 0, \
-  "wallet channel recipients:f ?segments:i ?text", \
+  "wallet channel recipients:f ?segments:i ?text ?at", \
   "Price a campaign and say whether the balance covers it; changes nothing.") \
-X(M_QUOTE, quote, "quote", R_AC, 0, "channel to amount:a ?wallet ?plan ?currency", \
+X(M_QUOTE, quote, "quote", R_AC, 0, "channel to amount:a ?wallet ?plan ?currency ?at", \
   "How many messages an amount buys.") \
 X(M_HOLD_CREATE, hold_create, "hold.create", R_AC, MF_WRITE | MF_FLAT, \
   "wallet ref ?amount:a ?channel ?recipients:f ?segments:i ?text ?expires_in:i ?description", \

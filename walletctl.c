@@ -690,7 +690,7 @@ static int
 csv_omit_empty(const char *k)
 {
 	static const char *const keys[] = { "segments", "txn", "ref", "amount", "refund_ref", "text",
-		"description", "reason", "hold", NULL };
+		"description", "reason", "hold", "effective_from", NULL };
 
 	for (int i = 0; keys[i]; i++)
 		if (strcmp(k, keys[i]) == 0)

@@ -2625,6 +2625,48 @@ rate_lengths(MDB_txn *txn, struct str plan, struct str channel)
 	return bits;
 }
 
+/*
+ * A rate's prices: each in force from `from` (0: always) until the next
+ * one's, sorted by from; stored as an array of these (layout 4 stored one
+ * struct rate_val, read as one entry in force always).
+ */
+struct rate_entry {
+	int64_t from;
+	int64_t price;
+	char currency[4];
+	uint32_t pad;
+};
+#define RATE_SCHEDULE_MAX 8
+
+/* Reads stored rate v into e; returns the count of entries, 0 if it does not decode. */
+static size_t
+rate_entries(MDB_val v, struct rate_entry e[RATE_SCHEDULE_MAX])
+{
+	if (v.mv_size == sizeof(struct rate_val)) {
+		struct rate_val rv;
+
+		memcpy(&rv, v.mv_data, sizeof(rv));
+		e[0] = (struct rate_entry){ 0, rv.price, { 0 }, 0 };
+		memcpy(e[0].currency, rv.currency, 4);
+		return 1;
+	}
+	if (v.mv_size % sizeof(*e) != 0 || v.mv_size / sizeof(*e) > RATE_SCHEDULE_MAX)
+		return 0;
+	memcpy(e, v.mv_data, v.mv_size);
+	return v.mv_size / sizeof(*e);
+}
+
+/* The entry of e[n] in force at `at` (the last from at or before it), or NULL. */
+static const struct rate_entry *
+rate_in_force(const struct rate_entry *e, size_t n, int64_t at)
+{
+	const struct rate_entry *hit = NULL;
+
+	for (size_t i = 0; i < n && e[i].from <= at; i++)
+		hit = &e[i];
+	return hit;
+}
+
 /* The rate chosen for one message. */
 struct rate_hit {
 	char prefix[16];
@@ -2638,13 +2680,13 @@ struct rate_hit {
  * Finds the rate for a message to digits in plan/channel: the longest prefix
  * that has a rate (for route, when route.p is set), and among its routes the
  * cheapest cost of segments converted into target (ties: route name
- * ascending).  target NULL means the first route's currency.  Costs
- * ~15 seeks at worst, never a scan.  Returns E_OK, E_NO_RATE, E_NO_FX_RATE,
+ * ascending), of the prices in force at `at`.  target NULL means the
+ * first route's currency.  Costs ~15 seeks at worst, never a scan.  Returns E_OK, E_NO_RATE, E_NO_FX_RATE,
  * E_INVALID_ARGUMENT (overflow), or -1 for an LMDB error, left in *err.
  */
 static int
 rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
-    size_t ndigits, struct str route, const char *target, uint32_t segments,
+    size_t ndigits, struct str route, const char *target, uint32_t segments, int64_t at,
     struct rate_hit *hit, int *err)
 {
 	char key[RATE_KEY_MAX], first_currency[4];
@@ -2667,22 +2709,24 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 		k = (MDB_val){ klen, key };
 		rc = mdb_cursor_get(cur, &k, &v, route.p ? MDB_SET_KEY : MDB_SET_RANGE);
 		for (; rc == 0; rc = route.p ? MDB_NOTFOUND : mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-			struct rate_val rv;
+			struct rate_entry entries[RATE_SCHEDULE_MAX];
+			const struct rate_entry *rv;
 			size_t route_len = k.mv_size - klen;
 			int64_t cost, total;
 			int conv;
 
 			if (route.p == NULL && (k.mv_size < klen || memcmp(k.mv_data, key, klen) != 0))
 				break;
-			memcpy(&rv, v.mv_data, sizeof(rv));
+			if ((rv = rate_in_force(entries, rate_entries(v, entries), at)) == NULL)
+				continue; /* not in force yet */
 			if (!found && target == NULL)
-				target = memcpy(first_currency, rv.currency, 4);
+				target = memcpy(first_currency, rv->currency, 4);
 			found = 1;
-			if (__builtin_mul_overflow(rv.price, (int64_t)segments, &total)) {
+			if (__builtin_mul_overflow(rv->price, (int64_t)segments, &total)) {
 				result = result == E_OK ? E_OK : E_INVALID_ARGUMENT;
 				continue;
 			}
-			conv = fx_convert(txn, total, rv.currency, target, &cost, err);
+			conv = fx_convert(txn, total, rv->currency, target, &cost, err);
 			if (conv < 0) {
 				mdb_cursor_close(cur);
 				return conv;
@@ -2696,8 +2740,8 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 				continue;
 			result = E_OK;
 			hit->cost = cost;
-			hit->price = rv.price;
-			memcpy(hit->currency, rv.currency, 4);
+			hit->price = rv->price;
+			memcpy(hit->currency, rv->currency, 4);
 			memcpy(hit->prefix, digits, len);
 			hit->prefix[len] = '\0';
 			route_len = route.p ? route.n : route_len;
@@ -3643,26 +3687,51 @@ m_wallet_list(struct call *c)
 static int
 m_rate_set(struct call *c)
 {
-	struct str plan, channel, prefix, route, currency;
+	struct str plan, channel, prefix, route, currency, eff;
 	char key[RATE_KEY_MAX], digits[16];
-	struct rate_val rv;
+	struct rate_entry e, entries[RATE_SCHEDULE_MAX + 1];
+	int64_t now = now_seconds();
+	size_t n = 0, kept = 0, first = 0;
 	uint32_t lengths;
 	MDB_val k, v;
 	int rc, present;
 
-	memset(&rv, 0, sizeof(rv));
+	memset(&e, 0, sizeof(e));
 	if ((rc = p_name(c, "plan", 1, 0, &plan)) || (rc = p_channel(c, &channel)) ||
 	    (rc = p_str(c, "prefix", 1, 15, &prefix)) || (rc = p_name(c, "route", 0, 1, &route)) ||
-	    (rc = p_amount(c, "price", 1, 1, &rv.price, &present)) ||
-	    (rc = p_currency(c, "currency", 1, &currency)))
+	    (rc = p_amount(c, "price", 1, 1, &e.price, &present)) ||
+	    (rc = p_currency(c, "currency", 1, &currency)) || (rc = p_str(c, "effective_from", 0, 40, &eff)))
 		return rc;
 	if (prefix.n == 0 || e164_digits(prefix, digits) != prefix.n)
 		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits, the first not 0");
+	if (eff.p && time_parse(eff, &e.from) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "effective_from", "effective_from must be an RFC 3339 time");
 	if (route.p == NULL)
 		route = (struct str){ "", 0 };
-	memcpy(rv.currency, currency.p, 3);
+	memcpy(e.currency, currency.p, 3);
 	k = (MDB_val){ rate_key(key, plan, channel, digits, prefix.n, route), key };
-	v = (MDB_val){ sizeof(rv), &rv };
+	if ((rc = mdb_get(c->txn, store.rates, &k, &v)) == 0)
+		n = rate_entries(v, entries);
+	else if (rc != MDB_NOTFOUND)
+		return store_error(c, rc);
+	/* The prices kept: not the one at e's time, and without effective_from
+	 * none in force now (e is the price now); e goes in its place by time. */
+	for (size_t i = 0; i < n; i++)
+		if (entries[i].from != e.from && (eff.p || entries[i].from > now))
+			entries[kept++] = entries[i];
+	n = kept;
+	while (kept > 0 && entries[kept - 1].from > e.from)
+		kept--;
+	memmove(&entries[kept + 1], &entries[kept], (n - kept) * sizeof(e));
+	entries[kept] = e;
+	n++;
+	/* Of the prices in force by now only the latest can apply again. */
+	while (first + 1 < n && entries[first + 1].from <= now)
+		first++;
+	if (n - first > RATE_SCHEDULE_MAX)
+		return fail(c, E_INVALID_ARGUMENT, "effective_from", "a rate holds at most %d scheduled prices",
+		    RATE_SCHEDULE_MAX);
+	v = (MDB_val){ (n - first) * sizeof(e), &entries[first] };
 	if ((rc = mdb_put(c->txn, store.rates, &k, &v, 0)) != 0)
 		return store_error(c, rc);
 	lengths = rate_lengths(c->txn, plan, channel);
@@ -3675,13 +3744,18 @@ m_rate_set(struct call *c)
 		if ((rc = mdb_put(c->txn, store.meta, &k, &v, 0)) != 0)
 			return store_error(c, rc);
 	}
-	msgpack_pack_map(c->pk, 6);
+	msgpack_pack_map(c->pk, 7);
 	KV_SSTR(c->pk, "plan", plan);
 	KV_SSTR(c->pk, "channel", channel);
 	KV_SSTR(c->pk, "prefix", prefix);
 	KV_SSTR(c->pk, "route", route);
-	KV_AMOUNT(c->pk, "price", rv.price);
-	KV_STR(c->pk, "currency", rv.currency);
+	KV_AMOUNT(c->pk, "price", e.price);
+	KV_STR(c->pk, "currency", e.currency);
+	KEY(c->pk, "effective_from");
+	if (eff.p)
+		pack_time(c->pk, e.from);
+	else
+		msgpack_pack_nil(c->pk);
 	return E_OK;
 }
 
@@ -3712,16 +3786,24 @@ m_rate_delete(struct call *c)
 	return E_OK;
 }
 
-/* Packs the rate stored under key k (plan\0channel\0prefix\0route) as a map. */
+/*
+ * Packs the rate stored under key k (plan\0channel\0prefix\0route) as a
+ * map: the price in force now (nil before the first), and the prices
+ * scheduled after now.
+ */
 static void
 rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
 {
 	const char *p = k.mv_data, *end = p + k.mv_size;
 	const char *names[4] = { "plan", "channel", "prefix", "route" };
-	struct rate_val rv;
+	struct rate_entry entries[RATE_SCHEDULE_MAX];
+	size_t n = rate_entries(v, entries), later = 0;
+	int64_t now = now_seconds();
+	const struct rate_entry *rv = rate_in_force(entries, n, now);
 
-	memcpy(&rv, v.mv_data, sizeof(rv));
-	msgpack_pack_map(pk, 6);
+	for (size_t i = 0; i < n; i++)
+		later += entries[i].from > now;
+	msgpack_pack_map(pk, 7);
 	for (int i = 0; i < 4; i++) {
 		const char *nul = i < 3 ? memchr(p, '\0', (size_t)(end - p)) : end;
 
@@ -3729,8 +3811,20 @@ rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
 		msgpack_pack_str_with_body(pk, p, (size_t)(nul - p));
 		p = nul + 1;
 	}
-	KV_AMOUNT(pk, "price", rv.price);
-	KV_STR(pk, "currency", rv.currency);
+	pack_amount_or_nil(pk, "price", rv != NULL, rv ? rv->price : 0);
+	KEY(pk, "currency");
+	if (rv)
+		pack_cstr(pk, rv->currency);
+	else
+		msgpack_pack_nil(pk);
+	KEY(pk, "scheduled");
+	msgpack_pack_array(pk, later);
+	for (size_t i = n - later; i < n; i++) {
+		msgpack_pack_map(pk, 3);
+		KV_TIME(pk, "effective_from", entries[i].from);
+		KV_AMOUNT(pk, "price", entries[i].price);
+		KV_STR(pk, "currency", entries[i].currency);
+	}
 }
 
 static int
@@ -3791,14 +3885,31 @@ m_rate_list(struct call *c)
 }
 
 /*
- * Finds the rate for one message and maps failures to errors naming `to`.
- * target is the currency costs are compared (and converted) in.
+ * Reads the optional param at (an RFC 3339 time: price as of then) into
+ * *at; absent, now.
+ */
+static int
+p_at(struct call *c, int64_t *at)
+{
+	struct str s;
+	int rc = p_str(c, "at", 0, 40, &s);
+
+	*at = now_seconds();
+	if (rc == E_OK && s.p && time_parse(s, at) != 0)
+		return fail(c, E_INVALID_ARGUMENT, "at", "at must be an RFC 3339 time");
+	return rc;
+}
+
+/*
+ * Finds the rate for one message, priced as of `at`, and maps failures to
+ * errors naming `to`.  target is the currency costs are compared (and
+ * converted) in.
  */
 static int
 rate_find_or_fail(struct call *c, struct str plan, struct str channel, const char *digits,
-    size_t n, struct str route, const char *target, uint32_t segments, struct rate_hit *hit)
+    size_t n, struct str route, const char *target, uint32_t segments, int64_t at, struct rate_hit *hit)
 {
-	int err = 0, rc = rate_find(c->txn, plan, channel, digits, n, route, target, segments, hit, &err);
+	int err = 0, rc = rate_find(c->txn, plan, channel, digits, n, route, target, segments, at, hit, &err);
 
 	switch (rc) {
 	case E_OK:
@@ -3825,11 +3936,12 @@ m_rate_lookup(struct call *c)
 	size_t n;
 	struct wallet w;
 	struct rate_hit hit;
+	int64_t at;
 	int rc;
 
 	if ((rc = p_channel(c, &channel)) || (rc = p_e164(c, "to", digits, &n)) ||
 	    (rc = p_name(c, "plan", 0, 0, &plan)) || (rc = p_str(c, "wallet", 0, WALLET_ID_MAX, &wid)) ||
-	    (rc = p_name(c, "route", 0, 1, &route)))
+	    (rc = p_name(c, "route", 0, 1, &route)) || (rc = p_at(c, &at)))
 		return rc;
 	if (wid.p) {
 		if ((rc = load_wallet(c, wid, &w)))
@@ -3839,7 +3951,7 @@ m_rate_lookup(struct call *c)
 	} else if (!plan.p) {
 		plan = (struct str){ "default", 7 };
 	}
-	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, route, wid.p ? w.currency : NULL, 1, &hit)))
+	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, route, wid.p ? w.currency : NULL, 1, at, &hit)))
 		return rc;
 	msgpack_pack_map(c->pk, wid.p ? 8 : 6);
 	KV_SSTR(c->pk, "plan", plan);
@@ -4311,10 +4423,10 @@ m_charge(struct call *c)
 		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
 	if (destination_blocked(&w, digits, prefix))
 		return fail_blocked(c, digits, prefix);
-	if ((rc = rate_find_or_fail(c, (struct str){ w.plan, strlen(w.plan) }, channel, digits, ndigits,
-	    route, w.currency, segments, &hit)))
-		return rc;
 	now = now_seconds();
+	if ((rc = rate_find_or_fail(c, (struct str){ w.plan, strlen(w.plan) }, channel, digits, ndigits,
+	    route, w.currency, segments, now, &hit)))
+		return rc;
 	if (hold_ref.p && (rc = load_open_hold(c, &w, hold_ref, now, &hold)))
 		return rc;
 	if ((rc = wallet_available(c->txn, &w, now, &held, &available)))
@@ -4553,14 +4665,14 @@ campaign_free(struct campaign *cp)
 
 /*
  * Prices recipients (a list of numbers, or {to, count} maps) of segments
- * each on channel for wallet w, as its charges would be: each priced
+ * each on channel for wallet w, as its charges at `at` would be: each priced
  * number's per-message cost, times its count, added up in cp->required.
  * Numbers that are not E.164 go to invalid, blocked ones (w's prefixes) to
  * blocked, those without a rate to unpriced; the rest is still priced.
  * The caller frees cp (campaign_free) whatever this returns.
  */
 static int
-campaign_price(struct call *c, const struct wallet *w, struct str channel, uint32_t segments,
+campaign_price(struct call *c, const struct wallet *w, struct str channel, uint32_t segments, int64_t at,
     const msgpack_object *rec, struct campaign *cp)
 {
 	int rc = E_OK;
@@ -4611,7 +4723,7 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 			continue;
 		}
 		rc = rate_find(c->txn, (struct str){ w->plan, strlen(w->plan) }, channel, digits, n,
-		    (struct str){ NULL, 0 }, w->currency, segments, &hit, &err);
+		    (struct str){ NULL, 0 }, w->currency, segments, at, &hit, &err);
 		if (rc < 0)
 			return store_error(c, err);
 		if (rc != E_OK) {
@@ -4646,11 +4758,11 @@ m_precheck(struct call *c)
 	struct wallet w;
 	struct campaign cp;
 	uint32_t segments;
-	int64_t now = now_seconds(), held, available;
+	int64_t now = now_seconds(), held, available, at;
 	int rc, crossed;
 
 	if ((rc = p_wallet(c, &id)) || (rc = p_channel(c, &channel)) ||
-	    (rc = p_segments(c, channel, &segments)))
+	    (rc = p_segments(c, channel, &segments)) || (rc = p_at(c, &at)))
 		return rc;
 	if (rec == NULL || rec->type != MSGPACK_OBJECT_ARRAY)
 		return fail(c, E_INVALID_ARGUMENT, "recipients", "recipients must be a list");
@@ -4658,7 +4770,7 @@ m_precheck(struct call *c)
 		return rc;
 	if ((rc = wallet_available(c->txn, &w, now, &held, &available)))
 		return store_error(c, rc);
-	if ((rc = campaign_price(c, &w, channel, segments, rec, &cp)) == E_OK) {
+	if ((rc = campaign_price(c, &w, channel, segments, at, rec, &cp)) == E_OK) {
 		msgpack_packer *pk = c->pk;
 
 		crossed = limits_exceeded(c, &w, now, cp.required, cp.messages);
@@ -4779,7 +4891,7 @@ m_hold_create(struct call *c)
 	if (rec) {
 		struct campaign cp;
 
-		rc = campaign_price(c, &w, channel, segments, rec, &cp);
+		rc = campaign_price(c, &w, channel, segments, now, rec, &cp);
 		amount = cp.required;
 		campaign_free(&cp);
 		if (rc)
@@ -4931,12 +5043,13 @@ m_quote(struct call *c)
 	int64_t amount;
 	struct wallet w;
 	struct rate_hit hit;
+	int64_t at;
 	int rc, present;
 
 	if ((rc = p_channel(c, &channel)) || (rc = p_e164(c, "to", digits, &n)) ||
 	    (rc = p_amount(c, "amount", 1, 1, &amount, &present)) ||
 	    (rc = p_str(c, "wallet", 0, WALLET_ID_MAX, &wid)) || (rc = p_name(c, "plan", 0, 0, &plan)) ||
-	    (rc = p_currency(c, "currency", 0, &currency)))
+	    (rc = p_currency(c, "currency", 0, &currency)) || (rc = p_at(c, &at)))
 		return rc;
 	if (wid.p) {
 		if ((rc = load_wallet(c, wid, &w)))
@@ -4951,7 +5064,7 @@ m_quote(struct call *c)
 		memcpy(cur, currency.p, 3), cur[3] = '\0';
 	if (!cur[0])
 		return fail(c, E_INVALID_ARGUMENT, "currency", "currency is required with a plan");
-	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, (struct str){ NULL, 0 }, cur, 1, &hit)))
+	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, (struct str){ NULL, 0 }, cur, 1, at, &hit)))
 		return rc;
 	msgpack_pack_map(c->pk, 5);
 	KV_U64(c->pk, "messages", hit.cost > 0 ? (uint64_t)(amount / hit.cost) : 0);

@@ -148,7 +148,7 @@ class UsageReport(DaemonTest):
         self.assertEqual(e["field"], "group_by")
 
 
-class Statements(DaemonTest):
+class ClockTest(DaemonTest):
     """walletd's clock set by a file (tests/faults.so, in the plain build)."""
 
     def setUp(self):
@@ -160,6 +160,9 @@ class Statements(DaemonTest):
     def at(self, when):
         with open(self.clock_file, "w") as f:
             f.write(str(calendar.timegm(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ"))))
+
+
+class Statements(ClockTest):
 
     def test_a_month_statement_opening_totals_closing_messages_and_countries(self):
         d = self.d
@@ -237,3 +240,41 @@ class Statements(DaemonTest):
             self.assertEqual(D(s["opening_balance"]) + sum(D(v) for v in s["totals"].values()),
                              D(s["closing_balance"]))
             self.assertEqual(s["transactions_total"], len([x for x in everything if a <= stamp(x) < b]))
+
+
+class ScheduledRates(ClockTest):
+    def test_a_scheduled_rate_prices_from_its_time(self):
+        d = self.d  # the clock: 2026-10-20T10:00:00Z
+        self.seed("100")
+        d.ctl_json("rate", "set", "default", "sms", "254", "0.01", "USD")
+        s = d.ctl_json("rate", "set", "default", "sms", "254", "0.02", "USD", "--effective-from", "2026-11-01")
+        self.assertEqual(s["effective_from"], "2026-11-01T00:00:00Z")
+        rates = {r["prefix"]: r for r in d.ctl_json("rate", "list", "--plan", "default")["rates"]}
+        self.assertEqual((rates["254"]["price"], rates["254"]["scheduled"]),
+                         ("0.01", [{"effective_from": "2026-11-01T00:00:00Z", "price": "0.02", "currency": "USD"}]))
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", "+254712345678", "a")["amount"], "-0.01")
+        with d.client() as c:  # precheck, quote and lookup price at the time asked
+            self.assertEqual(c.precheck(wallet="acme", channel="sms", recipients=["+254712345678"],
+                                        at="2026-11-01T00:00:00Z")["required"], D("0.02"))
+            self.assertEqual(c.precheck(wallet="acme", channel="sms", recipients=["+254712345678"])["required"],
+                             D("0.01"))
+            self.assertEqual(c.quote(wallet="acme", channel="sms", to="+254712345678", amount="1",
+                                     at="2026-11-02")["messages"], 50)
+            self.assertEqual(c.rate_lookup(plan="default", channel="sms", to="+254712345678",
+                                           at="2026-11-02")["price"], D("0.02"))
+        # a rate card with an effective_from column, scheduled as it says
+        card = os.path.join(d.dir, "card.csv")
+        with open(card, "w") as f:
+            f.write("plan,channel,prefix,route,price,currency,effective_from\n"
+                    "gold,sms,254,,0.005,USD,\n"
+                    "gold,sms,254,,0.006,USD,2026-11-15T00:00:00Z\n")
+        self.assertEqual(d.ctl_json("rate", "import", card)["loaded"], 2)
+        gold = d.ctl_json("rate", "list", "--plan", "gold")["rates"][0]
+        self.assertEqual((gold["price"], [x["price"] for x in gold["scheduled"]]), ("0.005", ["0.006"]))
+        self.at("2026-11-01T00:00:00Z")  # the day comes: charges take the new price
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", "+254712345678", "b")["amount"], "-0.02")
+        rates = {r["prefix"]: r for r in d.ctl_json("rate", "list", "--plan", "default")["rates"]}
+        self.assertEqual((rates["254"]["price"], rates["254"]["scheduled"]), ("0.02", []))
+        d.ctl_json("rate", "set", "default", "sms", "254", "0.03", "USD")  # now: replaces the price in force
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", "+254712345678", "c")["amount"], "-0.03")
+        self.assertTrue(d.ctl_json("verify")["ok"])
