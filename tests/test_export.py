@@ -144,6 +144,10 @@ class UsageReport(DaemonTest):
             txns = d.ctl_json("history", w, "--since", span[0], "--until", span[1], "--type", "sms_charge",
                               "--type", "whatsapp_charge", "--type", "refund")["transactions"]
             self.assertAlmostEqual(float(row[5]), -sum(float(t["amount"]) for t in txns), places=6)
+            # and its statement of the day says the same
+            totals = d.ctl_json("statement", w, "--from", span[0], "--until", span[1])["totals"]
+            self.assertEqual(D(row[5]), -(D(totals["sms_charge"]) + D(totals["whatsapp_charge"]) +
+                                          D(totals["refund"])))
         e = d.ctl_json("report", "usage", *span, "planet", expect=1)
         self.assertEqual(e["field"], "group_by")
 
