@@ -214,14 +214,23 @@ out_open(const char *path)
 	return fd;
 }
 
+/* The result of a successful response; NULL for an error answer or anything else. */
+static const msgpack_object *
+ok_result(const msgpack_object *resp)
+{
+	if (resp->type != MSGPACK_OBJECT_ARRAY || resp->via.array.size != 4 ||
+	    resp->via.array.ptr[2].type != MSGPACK_OBJECT_NIL)
+		return NULL;
+	return &resp->via.array.ptr[3];
+}
+
 /* After walletd's answer: gives the file its name when the answer is ok. */
 static void
 out_finish(const msgpack_object *resp)
 {
 	int dfd;
 
-	if (out_partial[0] == '\0' || resp->type != MSGPACK_OBJECT_ARRAY ||
-	    resp->via.array.size != 4 || resp->via.array.ptr[2].type != MSGPACK_OBJECT_NIL)
+	if (out_partial[0] == '\0' || ok_result(resp) == NULL)
 		return; /* out_discard removes it at exit */
 	if (rename(out_partial, out_final) != 0)
 		die(EXIT_ERROR, "cannot rename %s to %s: %s", out_partial, out_final, strerror(errno));
@@ -1118,10 +1127,8 @@ cmd_stats_prometheus(void)
 	msgpack_unpacked resp;
 
 	call("stats", NULL, -1, &resp);
-	if (resp.data.type != MSGPACK_OBJECT_ARRAY || resp.data.via.array.size != 4 ||
-	    resp.data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL)
+	if ((st = ok_result(&resp.data)) == NULL)
 		return print_response(&resp.data);
-	st = &resp.data.via.array.ptr[3];
 	requests = map_get(st, "requests");
 	errors = map_get(st, "errors");
 	histos = map_get(st, "histograms");
@@ -1230,10 +1237,8 @@ cmd_export_csv(int argc, char **argv)
 		msgpack_pack_uint64(&pk, EXPORT_LIMIT_MAX);
 		call("export", &sb, -1, &resp);
 		msgpack_sbuffer_destroy(&sb);
-		if (resp.data.type != MSGPACK_OBJECT_ARRAY || resp.data.via.array.size != 4 ||
-		    resp.data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL)
+		if ((result = ok_result(&resp.data)) == NULL)
 			return print_response(&resp.data);
-		result = &resp.data.via.array.ptr[3];
 		txns = map_get(result, "transactions");
 		last = map_get(result, "last_id");
 		if (txns == NULL || txns->type != MSGPACK_OBJECT_ARRAY || txns->via.array.size == 0 ||
@@ -1306,13 +1311,11 @@ cmd_statement(int argc, char **argv)
 		pk_kv(&pk, "until", until);
 	call("statement", &sb, -1, &resp);
 	msgpack_sbuffer_destroy(&sb);
-	if (!csv || resp.data.type != MSGPACK_OBJECT_ARRAY || resp.data.via.array.size != 4 ||
-	    resp.data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL) {
+	if (!csv || (r = ok_result(&resp.data)) == NULL) {
 		rc = print_response(&resp.data);
 		msgpack_unpacked_destroy(&resp);
 		return rc;
 	}
-	r = &resp.data.via.array.ptr[3];
 	txns = map_get(r, "transactions");
 	printf("date,id,type,description,amount,balance,currency\r\n");
 	printf("%.10s,,opening_balance,Opening balance,,", map_get(r, "from")->via.str.ptr);
@@ -1376,10 +1379,8 @@ cmd_rate_export(int argc, char **argv)
 		}
 		call("rate.list", &sb, -1, &resp);
 		msgpack_sbuffer_destroy(&sb);
-		if (resp.data.type != MSGPACK_OBJECT_ARRAY || resp.data.via.array.size != 4 ||
-		    resp.data.via.array.ptr[2].type != MSGPACK_OBJECT_NIL)
+		if ((result = ok_result(&resp.data)) == NULL)
 			return print_response(&resp.data);
-		result = &resp.data.via.array.ptr[3];
 		rates = map_get(result, "rates");
 		if (rates == NULL || rates->type != MSGPACK_OBJECT_ARRAY || rates->via.array.size == 0)
 			break;

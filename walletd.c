@@ -8916,21 +8916,15 @@ event_record(const struct config *cf, const unsigned char key[8], int ok, const 
 	pthread_rwlock_rdlock(&store.maplock);
 	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
 		goto out;
-	if ((rc = mdb_get(txn, store.events, &k, &v)) != 0 || v.mv_size > sizeof(e)) {
-		mdb_txn_abort(txn);
-		goto out;
-	}
-	memcpy(&e, v.mv_data, v.mv_size);
-	e.attempts++;
-	if (!ok) {
-		snprintf(e.last_error, sizeof(e.last_error), "%s", err);
-		e.next_attempt = retry_at(cf, e.attempts);
-	}
-	v.mv_data = &e;
 	if (ok) { /* delivered: nothing more to keep (the log and the notifications keep the facts) */
 		if ((rc = mdb_del(txn, store.events, &k, NULL)) == 0)
 			rc = mdb_del(txn, store.eventq, &k, NULL);
-	} else {
+	} else if ((rc = mdb_get(txn, store.events, &k, &v)) == 0 && v.mv_size <= sizeof(e)) {
+		memcpy(&e, v.mv_data, v.mv_size);
+		e.attempts++;
+		snprintf(e.last_error, sizeof(e.last_error), "%s", err);
+		e.next_attempt = retry_at(cf, e.attempts);
+		v.mv_data = &e;
 		rc = mdb_put(txn, store.events, &k, &v, 0);
 	}
 	if (rc != 0) {

@@ -1,5 +1,6 @@
 """Test harness: a real walletd on a temporary store and socket, driven
 through walletctl, raw sockets and the Python binding."""
+import glob
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -160,6 +162,15 @@ def read_frames(sock, count, timeout=10):
     return out
 
 
+def json_files(directory):
+    """The JSON documents in directory's *.json files, in name order (what the sinks wrote)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
 class DaemonTest(unittest.TestCase):
     """A fresh walletd per test."""
     config = {}
@@ -177,6 +188,24 @@ class DaemonTest(unittest.TestCase):
             self.assertEqual(rc, 0, "walletd did not stop cleanly:\n" + log[-3000:])
         self.assertNotIn("runtime error", log)
         self.assertNotIn("AddressSanitizer", log)
+
+    def pipelines(self, batches, timeout=60):
+        """Sends each batch of requests down its own connection, all at once; returns every answer."""
+        answers = []
+
+        def one(frames):
+            s = self.d.raw()
+            try:
+                s.sendall(b"".join(frames))
+                answers.extend(read_frames(s, len(frames), timeout=timeout))
+            finally:
+                s.close()
+        threads = [threading.Thread(target=one, args=(b,)) for b in batches]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return answers
 
     def charge_sms(self, n, wallet="acme"):
         """Gives wallet n SMS charges, through charge.batch, each of which must succeed."""

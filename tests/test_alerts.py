@@ -1,12 +1,10 @@
 """Low-balance alerts and top-up receipts: durable notifications, e-mail through a real SMTP server."""
 import email
-import glob
-import json
 import os
 import subprocess
 import time
 
-from harness import DaemonTest, HERE, PY
+from harness import DaemonTest, HERE, PY, json_files
 from test_topups import free_port
 
 
@@ -27,11 +25,7 @@ class SmtpSink:
             self.proc = None
 
     def messages(self):
-        out = []
-        for path in sorted(glob.glob(os.path.join(self.dir, "*.json"))):
-            with open(path) as f:
-                out.append(json.load(f))
-        return out
+        return json_files(self.dir)
 
     def wait_for(self, count, timeout=20):
         deadline = time.time() + timeout

@@ -1,6 +1,5 @@
 """Event webhooks: low_balance, topup_paid and hold_expired, each POSTed as signed
 JSON to a real local HTTP server until it answers 2xx, once delivered never again."""
-import glob
 import hashlib
 import hmac
 import json
@@ -8,7 +7,7 @@ import os
 import subprocess
 import time
 
-from harness import DaemonTest, HERE, PY
+from harness import DaemonTest, HERE, PY, json_files
 from test_topups import free_port
 
 SECRET = "whsec_test_42"
@@ -39,11 +38,7 @@ class Events(DaemonTest):
         super().tearDown()
 
     def posts(self):
-        out = []
-        for path in sorted(glob.glob(os.path.join(self.posts_dir, "*.json"))):
-            with open(path) as f:
-                out.append(json.load(f))
-        return out
+        return json_files(self.posts_dir)
 
     def delivered(self, count, timeout=30):
         deadline = time.time() + timeout

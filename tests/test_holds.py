@@ -6,10 +6,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 
-from harness import Daemon, DaemonTest, ROOT, request, read_frames, walletd
+from harness import Daemon, DaemonTest, ROOT, request
 
 D = decimal.Decimal
 UG = "+256712345678"
@@ -106,20 +105,9 @@ class Holds(DaemonTest):
         self.seed("0")
         d.ctl_json("credit", "acme", "0.47", "exactly 50 messages")
         d.ctl_json("hold", "create", "acme", "--ref", "all", "--amount", "0.47")
-        results = []
-
-        def client(k):
-            s = d.raw()
-            frames = b"".join(request(i, "charge", {"wallet": "acme", "channel": "sms", "to": UG, "hold": "all",
-                                                    "ref": "c%d-%d" % (k, i)}) for i in range(20))
-            s.sendall(frames)
-            results.extend(read_frames(s, 20, timeout=60))
-            s.close()
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = self.pipelines([[request(i, "charge", {"wallet": "acme", "channel": "sms", "to": UG, "hold": "all",
+                                                         "ref": "c%d-%d" % (k, i)}) for i in range(20)]
+                                  for k in range(6)])
         ok = [r for r in results if r[2] is None]
         self.assertEqual(len(results), 120)
         self.assertEqual(len(ok), 50)
@@ -245,19 +233,9 @@ class PartialRefunds(DaemonTest):
         d = self.d
         self.seed("1")
         t = d.ctl_json("charge", "acme", "sms", UG, "big", "--segments", "5")  # 0.047: five parts of 0.0094
-        answers = []
-
-        def client(k):
-            s = d.raw()
-            s.sendall(b"".join(request(i, "refund", {"wallet": "acme", "txn": t["id"], "amount": "0.0094",
-                                                     "refund_ref": "dlr-%d" % ((k + i) % 8)}) for i in range(8)))
-            answers.extend(read_frames(s, 8, timeout=60))
-            s.close()
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        answers = self.pipelines([[request(i, "refund", {"wallet": "acme", "txn": t["id"], "amount": "0.0094",
+                                                         "refund_ref": "dlr-%d" % ((k + i) % 8)}) for i in range(8)]
+                                  for k in range(6)])
         made = {a[3]["id"] for a in answers if a[2] is None and not a[3]["replayed"]}
         self.assertEqual(len(made), 5)
         self.assertEqual({a[2]["code"] for a in answers if a[2]}, {"already_refunded"})
