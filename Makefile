@@ -24,9 +24,9 @@ unitdir   ?= /lib/systemd/system
 pythondir ?= $(prefix)/lib/python$(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo 3)/dist-packages
 DESTDIR   ?=
 # Debian packages: to build, and to test.
-BUILD_PKGS = gcc libc6-dev make pkg-config liblmdb-dev libmsgpack-dev libcurl4-openssl-dev libjansson-dev libssl-dev
+BUILD_PKGS = gcc libc6-dev make pkg-config liblmdb-dev libmsgpack-dev libcurl4-openssl-dev libjansson-dev libssl-dev libnats-dev
 TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils php-cli php-msgpack \
-             python3-venv python3-pip python3-setuptools prometheus
+             python3-venv python3-pip python3-setuptools prometheus nats-server
 # Node.js and npm: Debian's, unless a node and npm are already on PATH.
 NODE_PKGS  = $(shell command -v node >/dev/null || echo nodejs) $(shell command -v npm >/dev/null || echo npm)
 FUZZ_SECONDS ?= 60
@@ -34,8 +34,8 @@ FUZZ_SECONDS ?= 60
 SANITIZE  ?= -fsanitize=address,undefined -fno-omit-frame-pointer
 # ------------------------------------------------------------------------
 
-PKG_CFLAGS = $(shell pkg-config --cflags msgpack lmdb libcurl jansson libcrypto)
-PKG_LIBS   = $(shell pkg-config --libs msgpack lmdb libcurl jansson libcrypto) -lpthread
+PKG_CFLAGS = $(shell pkg-config --cflags msgpack lmdb libcurl jansson libcrypto libnats)
+PKG_LIBS   = $(shell pkg-config --libs msgpack lmdb libcurl jansson libcrypto libnats) -lpthread
 CHECK_LIBS = $(shell pkg-config --libs check)
 PY         = /usr/bin/python3
 

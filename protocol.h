@@ -155,7 +155,11 @@ X(M_VERIFY, verify, "verify", R_A, MF_SLOW, "", \
 X(M_BACKUP, backup, "backup", R_A, MF_SLOW, "file:F", \
   "Write a consistent, compacted copy of the store into FILE.") \
 X(M_STATS, stats, "stats", R_A, 0, "", \
-  "Counters: requests, errors, commits, batch sizes, latency, store size.")
+  "Counters: requests, errors, commits, batch sizes, latency, store size, replication.") \
+X(M_STATUS, status, "status", R_ALL, 0, "", \
+  "This node: its role in a replicated group, the leader, its position in the stream and its lag.") \
+X(M_REPLICATION_REPAIR, replication_repair, "replication.repair", R_A, MF_SLOW, "", \
+  "On a diverged node: publish the records the stream lost from this node's copies.")
 
 enum method_id {
 #define X(id, fn, name, roles, flags, params, summary) id,
@@ -218,7 +222,8 @@ X(E_INTERNAL,            20, "internal")             /* a bug in walletd; logged
 X(E_UNKNOWN_HOLD,        21, "unknown_hold")         /* hold: the ref asked for */ \
 X(E_HOLD_CLOSED,         22, "hold_closed")          /* hold, status: released or expired */ \
 X(E_LIMIT_EXCEEDED,      23, "limit_exceeded")       /* limit, max, used, resets_at */ \
-X(E_DESTINATION_BLOCKED, 24, "destination_blocked")  /* prefix: the blocked one (nil: not allowed) */
+X(E_DESTINATION_BLOCKED, 24, "destination_blocked")  /* prefix: the blocked one (nil: not allowed) */ \
+X(E_UNAVAILABLE,         25, "unavailable")          /* replicated: no leader, or this node may not serve */
 
 enum error_code {
 	E_OK = 0,
@@ -279,6 +284,7 @@ map_get(const msgpack_object *o, const char *name)
 #define EXIT_USAGE        2 /* bad command line */
 #define EXIT_CONNECT      3 /* cannot reach walletd */
 #define EXIT_INSUFFICIENT 4 /* the answer was insufficient_balance */
+#define EXIT_UNAVAILABLE  5 /* the answer was unavailable: retry (with the same ref) */
 
 /*
  * Money.  Amounts inside are int64 micro-units (6 decimal places).  On the

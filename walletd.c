@@ -15,8 +15,9 @@
  *   4. methods
  *   5. protocol and connections
  *   6. event loop, writer and helper threads
- *   7. alert thread
- *   8. main
+ *   7. replication (a group of nodes sharing a NATS JetStream stream)
+ *   8. alert thread
+ *   9. main
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -55,6 +56,8 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <msgpack.h>
+#include <nats/nats.h>
+#include <openssl/sha.h>
 
 #include "protocol.h"
 
@@ -63,6 +66,7 @@
 /* ====================================================================== */
 
 #define ID_LIST_MAX 32
+#define NAME_CHARS "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 struct config {
 	char store[PATH_MAX];
@@ -101,6 +105,15 @@ struct config {
 	char webhook_url[512];
 	char webhook_secret_file[PATH_MAX];
 	unsigned webhook_timeout;
+	char nats_url[1024];
+	char cluster[64];
+	char node[64];
+	unsigned stream_replicas;
+	unsigned lease_ttl;
+	unsigned stream_max_age;
+	unsigned failover_wait;
+	char nats_creds[PATH_MAX];
+	char nats_ca[PATH_MAX];
 };
 
 enum { CF_STR, CF_UINT, CF_SIZE };
@@ -159,6 +172,15 @@ static const struct config_key config_keys[] = {
 	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired) are POSTed as JSON; empty = none"),
 	CK(webhook_secret_file, CF_STR, 1, "file whose first line is the secret events are signed with (HMAC-SHA256)"),
 	CK(webhook_timeout, CF_UINT, 1, "seconds a webhook delivery may take"),
+	CK(nats_url, CF_STR, 0, "NATS server URLs, comma-separated: replicate through JetStream (empty = a single node)"),
+	CK(cluster, CF_STR, 0, "the replicated group's name: its stream, subjects and lease are named after it"),
+	CK(node, CF_STR, 0, "this node's name in the group (default: the host name)"),
+	CK(stream_replicas, CF_UINT, 0, "copies JetStream keeps of the group's stream (1, 3 or 5)"),
+	CK(lease_ttl, CF_UINT, 0, "seconds the leader's lease lasts without a refresh"),
+	CK(stream_max_age, CF_UINT, 0, "seconds the stream keeps a record; a node further behind must be re-seeded"),
+	CK(failover_wait, CF_UINT, 1, "seconds a write waits for a leader before it answers unavailable"),
+	CK(nats_creds, CF_STR, 0, "NATS .creds file (empty = none)"),
+	CK(nats_ca, CF_STR, 0, "CA file for TLS to NATS (empty = the system's)"),
 };
 
 static void
@@ -190,6 +212,11 @@ config_defaults(struct config *cf)
 	cf->log_level = 2;
 	strcpy(cf->receipts, "on");
 	cf->webhook_timeout = 10;
+	strcpy(cf->cluster, "walletd");
+	cf->stream_replicas = 3;
+	cf->lease_ttl = 10;
+	cf->stream_max_age = 7 * 86400;
+	cf->failover_wait = 15;
 }
 
 static struct config config;
@@ -317,6 +344,7 @@ static const struct {
 	{ "charge_batch_max", 1 }, { "max_queued", 1 }, { "map_size", 64u << 10 },
 	{ "map_size_max", 64u << 10 }, { "topup_ttl", 1 }, { "smtp_timeout", 1 },
 	{ "alert_interval", 1 }, { "alert_max_attempts", 1 }, { "webhook_timeout", 1 },
+	{ "stream_replicas", 1 }, { "lease_ttl", 2 }, { "stream_max_age", 60 }, { "failover_wait", 1 },
 };
 
 /* Checks cf against config_mins.  Returns 0, or -1 with a message logged. */
@@ -327,6 +355,11 @@ config_check(const struct config *cf)
 
 	if (strcmp(cf->receipts, "on") != 0 && strcmp(cf->receipts, "off") != 0) {
 		log_x(L_ERR, "config key 'receipts' must be on or off, not '%s'", cf->receipts);
+		rc = -1;
+	}
+	if (strspn(cf->cluster, NAME_CHARS) != strlen(cf->cluster) || !cf->cluster[0] ||
+	    strspn(cf->node, NAME_CHARS) != strlen(cf->node)) {
+		log_x(L_ERR, "config keys 'cluster' and 'node' take letters, digits, '-' and '_' only");
 		rc = -1;
 	}
 
@@ -1028,7 +1061,21 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  *   events   BE64 event number -> struct event, then its JSON body up to its
  *            NUL: what is still to be sent to the webhook (only with webhook_url)
  *   eventq   the keys of events still to be delivered
- * Numbers inside values are host-endian: a store lives on one host.
+ *   replog   BE64 stream sequence -> the stream message published or applied
+ *            there (replicated only; the last REPLOG_KEEP, for repair)
+ *   meta "replication" -> struct repl_pos: the last record applied
+ * Numbers inside values are host-endian: a store lives on one host, and the
+ * nodes of a replicated group share one byte order (x86-64 and arm64 do).
+ *
+ * The commit record (SPEC 11): a replicated group writes each top-level
+ * write transaction as one record in the stream "walletd_<cluster>": a
+ * msgpack array of changes [db index (store_dbs), key (bin), value (bin) or
+ * nil for a deletion], sorted by db and key, each key once with its final
+ * value, the node's own "replication" key and replog left out.  It travels in
+ * parts, each one stream message (see repl_part_pack):
+ *   [RECORD_VERSION, prev_sha256, id, part, parts, record_sha256, bytes]
+ * prev_sha256 is the record before it, so a node applies a record only on top
+ * of the history it was made on; record_sha256 checks the parts put together.
  *
  * Flags: MDB_NOTLS (read transactions are reset and renewed, and the helper
  * threads have their own); MDB_NOMEMINIT (LMDB does not zero the unused part
@@ -1221,6 +1268,7 @@ struct txn {
 	int has_actor;
 	uint32_t actor_uid;
 	struct str actor;
+	struct str origin;          /* the node a forwarded write came through (section 7) */
 	int64_t paid_amount;
 	const char *paid_currency;  /* NULL unless a top-up was converted */
 };
@@ -1236,7 +1284,114 @@ static struct store {
 	dev_t dir_dev;            /* the store's directory */
 	ino_t dir_ino;
 	atomic_int panicked;      /* MDB_PANIC seen: walletd is stopping to reopen it */
+	MDB_dbi replog;
 } store;
+
+static int store_db_of[32]; /* dbi -> its index in store_dbs */
+
+/* The databases, in the order a commit record numbers them: append only. */
+static const struct store_db {
+	MDB_dbi *dbi;
+	const char *name;
+	unsigned flags;
+} store_dbs[] = {
+	{ &store.meta, "meta", 0 }, { &store.wallets, "wallets", 0 },
+	{ &store.txns, "txns", MDB_INTEGERKEY }, { &store.hist, "hist", 0 },
+	{ &store.refs, "refs", 0 }, { &store.refunds, "refunds", MDB_INTEGERKEY },
+	{ &store.rates, "rates", 0 }, { &store.fx, "fx", 0 },
+	{ &store.topups, "topups", 0 }, { &store.notes, "notes", 0 },
+	{ &store.alertq, "alertq", 0 }, { &store.rrefs, "rrefs", 0 },
+	{ &store.holds, "holds", 0 }, { &store.holdexp, "holdexp", 0 },
+	{ &store.events, "events", 0 }, { &store.eventq, "eventq", 0 },
+	{ &store.replog, "replog", 0 },
+};
+#define STORE_DBS_REPLICATED 16 /* the first 16: replog is each node's own */
+
+/* meta "replication": where this node's store stands in the group's stream. */
+struct repl_pos {
+	uint64_t applied;         /* the stream sequence of the last record applied (its last part) */
+	unsigned char sum[32];    /* that record's SHA-256 */
+};
+
+/* ---- Change capture ---- */
+
+/*
+ * In a replicated group every write to the store goes through these
+ * wrappers, which note (db, key) on the writing thread; the commit record
+ * then reads each key's final value from the transaction (repl_record), so a
+ * wallet charged 500 times in a batch travels once.  A single node pays one
+ * branch per write.
+ */
+static int repl_on; /* set once at start: nats_url is configured */
+
+static __thread struct touched {
+	char *p;
+	size_t len, cap;
+	int lost;                 /* out of memory: the record cannot be made */
+} touched;
+
+static void
+touch(MDB_dbi dbi, const MDB_val *k)
+{
+	uint32_t head[2] = { dbi, (uint32_t)k->mv_size };
+	size_t need = sizeof(head) + k->mv_size;
+
+	if (touched.len + need > touched.cap) {
+		size_t cap = touched.cap ? touched.cap : 65536;
+		char *p;
+
+		while (cap < touched.len + need)
+			cap *= 2;
+		if ((p = realloc(touched.p, cap)) == NULL) {
+			touched.lost = 1;
+			return;
+		}
+		touched.p = p;
+		touched.cap = cap;
+	}
+	memcpy(touched.p + touched.len, head, sizeof(head));
+	memcpy(touched.p + touched.len + sizeof(head), k->mv_data, k->mv_size);
+	touched.len += need;
+}
+
+static int
+touch_txn_begin(MDB_env *env, MDB_txn *parent, unsigned flags, MDB_txn **txn)
+{
+	if (repl_on && parent == NULL && !(flags & MDB_RDONLY))
+		touched.len = 0, touched.lost = 0;
+	return mdb_txn_begin(env, parent, flags, txn);
+}
+
+static int
+touch_put(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v, unsigned flags)
+{
+	if (repl_on)
+		touch(dbi, k);
+	return mdb_put(txn, dbi, k, v, flags);
+}
+
+static int
+touch_del(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v)
+{
+	if (repl_on)
+		touch(dbi, k);
+	return mdb_del(txn, dbi, k, v);
+}
+
+static int
+touch_cursor_del(MDB_cursor *cur, unsigned flags)
+{
+	MDB_val k, v;
+
+	if (repl_on && mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT) == 0)
+		touch(mdb_cursor_dbi(cur), &k);
+	return mdb_cursor_del(cur, flags);
+}
+
+#define mdb_txn_begin  touch_txn_begin
+#define mdb_put        touch_put
+#define mdb_del        touch_del
+#define mdb_cursor_del touch_cursor_del
 
 /* ---- Opening, growing, committing ---- */
 
@@ -1434,16 +1589,6 @@ store_first_expiry(MDB_txn *txn)
 static int
 store_open(const char *dir)
 {
-	struct { MDB_dbi *dbi; const char *name; unsigned flags; } dbs[] = {
-		{ &store.meta, "meta", 0 }, { &store.wallets, "wallets", 0 },
-		{ &store.txns, "txns", MDB_INTEGERKEY }, { &store.hist, "hist", 0 },
-		{ &store.refs, "refs", 0 }, { &store.refunds, "refunds", MDB_INTEGERKEY },
-		{ &store.rates, "rates", 0 }, { &store.fx, "fx", 0 },
-		{ &store.topups, "topups", 0 }, { &store.notes, "notes", 0 },
-		{ &store.alertq, "alertq", 0 }, { &store.rrefs, "rrefs", 0 },
-		{ &store.holds, "holds", 0 }, { &store.holdexp, "holdexp", 0 },
-		{ &store.events, "events", 0 }, { &store.eventq, "eventq", 0 },
-	};
 	char path[PATH_MAX + 32];
 	pthread_rwlockattr_t attr;
 	MDB_envinfo info;
@@ -1490,11 +1635,13 @@ store_open(const char *dir)
 	store.map_size = info.me_mapsize;
 	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
 		goto fail;
-	for (size_t i = 0; i < sizeof(dbs) / sizeof(dbs[0]); i++)
-		if ((rc = mdb_dbi_open(txn, dbs[i].name, dbs[i].flags | MDB_CREATE, dbs[i].dbi)) != 0) {
+	for (size_t i = 0; i < sizeof(store_dbs) / sizeof(store_dbs[0]); i++) {
+		if ((rc = mdb_dbi_open(txn, store_dbs[i].name, store_dbs[i].flags | MDB_CREATE, store_dbs[i].dbi)) != 0) {
 			mdb_txn_abort(txn);
 			goto fail;
 		}
+		store_db_of[*store_dbs[i].dbi] = (int)i;
+	}
 	if ((rc = store_upgrade(txn, dir)) != 0 || (rc = store_first_expiry(txn)) != 0) {
 		mdb_txn_abort(txn);
 		if (rc < 0)
@@ -1589,7 +1736,7 @@ store_used(void)
  * that leaves LMDB refusing every transaction stops walletd at once
  * (store_panic), not at the next request. */
 static int
-store_commit(MDB_txn *txn)
+store_commit_local(MDB_txn *txn)
 {
 	int rc;
 
@@ -1608,6 +1755,30 @@ store_commit(MDB_txn *txn)
 		else if (prc == MDB_PANIC)
 			store_panic();
 	}
+	return rc;
+}
+
+#define REPL_FENCED      (-31001) /* the stream refused the record: not this node's turn */
+#define REPL_UNAVAILABLE (-31002) /* the stream did not answer within failover_wait */
+static int repl_publish(MDB_txn *txn, struct repl_pos *pos);
+static void repl_committed(const struct repl_pos *pos);
+
+/* Commits a top-level write transaction: in a replicated group, once the
+ * stream took its record (section 7); txn is gone either way. */
+static int
+store_commit(MDB_txn *txn)
+{
+	struct repl_pos pos;
+	int rc;
+
+	if (!repl_on || touched.len == 0)
+		return store_commit_local(txn); /* single, or nothing changed: no record */
+	if ((rc = repl_publish(txn, &pos)) != 0) {
+		mdb_txn_abort(txn);
+		return rc;
+	}
+	if ((rc = store_commit_local(txn)) == 0)
+		repl_committed(&pos);
 	return rc;
 }
 
@@ -2161,10 +2332,12 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 		KV_U64(pk, "refund_of", t->refund_of);
 	if (t->has_actor) {
 		KEY(pk, "actor");
-		msgpack_pack_map(pk, t->actor.n ? 2 : 1);
+		msgpack_pack_map(pk, 1 + (t->actor.n > 0) + (t->origin.n > 0));
 		KV_U64(pk, "uid", t->actor_uid);
 		if (t->actor.n)
 			KV_SSTR(pk, "name", t->actor);
+		if (t->origin.n)
+			KV_SSTR(pk, "node", t->origin);
 	}
 	if (t->provider.n) {
 		KV_SSTR(pk, "provider", t->provider);
@@ -2222,9 +2395,11 @@ txn_pack_stored(msgpack_packer *pk, const struct txn *t)
 	else
 		msgpack_pack_nil(pk);
 	if (t->has_actor) {
-		msgpack_pack_array(pk, 2);
+		msgpack_pack_array(pk, t->origin.n ? 3 : 2);
 		msgpack_pack_uint32(pk, t->actor_uid);
 		pack_sstr_or_nil(pk, t->actor);
+		if (t->origin.n)
+			pack_sstr(pk, t->origin);
 	} else {
 		msgpack_pack_nil(pk);
 	}
@@ -2331,7 +2506,8 @@ txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpa
 	if (f[11].type == MSGPACK_OBJECT_ARRAY) {
 		const msgpack_object *a = f[11].via.array.ptr;
 
-		if (f[11].via.array.size != 2 || stored_int(&a[0], &uid) || stored_str(&a[1], &t.actor))
+		if (f[11].via.array.size < 2 || f[11].via.array.size > 3 || stored_int(&a[0], &uid) ||
+		    stored_str(&a[1], &t.actor) || (f[11].via.array.size == 3 && stored_str(&a[2], &t.origin)))
 			return MDB_CORRUPTED;
 		t.has_actor = 1;
 		t.actor_uid = (uint32_t)uid;
@@ -2771,6 +2947,7 @@ struct call {
 	const msgpack_object *params; /* the params map, or NULL */
 	msgpack_packer *pk;         /* the result is packed here */
 	uid_t uid;                  /* the peer, for actor */
+	struct str origin;          /* and its node, when another node forwarded the request */
 	int fd;                     /* descriptor passed with the request, or -1 */
 	int code;                   /* the error */
 	const char *field;
@@ -2793,6 +2970,9 @@ struct call {
 
 typedef int (*method_fn)(struct call *);
 static const method_fn method_fns[M__COUNT]; /* the handlers, at the end of this section */
+static int m_status(struct call *c);             /* these three in section 7 */
+static int m_replication_repair(struct call *c);
+static void repl_stats_pack(msgpack_packer *pk);
 
 /*
  * What a method returns when it ran out of its budget: a read on the event
@@ -3309,6 +3489,7 @@ p_actor(struct call *c, struct txn *t)
 		return fail(c, E_INVALID_ARGUMENT, "actor", "actor is longer than 128 bytes");
 	t->has_actor = 1;
 	t->actor_uid = (uint32_t)c->uid;
+	t->origin = c->origin;
 	return rc;
 }
 
@@ -5359,6 +5540,7 @@ m_topup_confirm(struct call *c)
 	t.provider_ref = provider_ref;
 	t.has_actor = 1;
 	t.actor_uid = (uint32_t)c->uid;
+	t.origin = c->origin;
 	if (memcmp(currency.p, w.currency, 3) != 0) {
 		t.paid_amount = paid;
 		t.paid_currency = tp.paid_currency;
@@ -6565,12 +6747,21 @@ m_verify(struct call *c)
 	MDB_stat st;
 	msgpack_sbuffer rows;
 	msgpack_packer rpk;
-	uint64_t wallets = 0, txns = 0;
+	uint64_t wallets = 0, txns = 0, top = 0;
 	uint32_t breaches = 0;
+	unsigned char sum[32];
+	char hex[65];
+	EVP_MD_CTX *digest = EVP_MD_CTX_new();
 	int rc;
 
-	if ((rc = mdb_cursor_open(c->txn, store.wallets, &wc)))
+	if (digest == NULL || EVP_DigestInit_ex(digest, EVP_sha256(), NULL) != 1) {
+		EVP_MD_CTX_free(digest);
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	}
+	if ((rc = mdb_cursor_open(c->txn, store.wallets, &wc))) {
+		EVP_MD_CTX_free(digest);
 		return store_error(c, rc);
+	}
 	msgpack_sbuffer_init(&rows);
 	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
 	for (rc = mdb_cursor_get(wc, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(wc, &k, &v, MDB_NEXT)) {
@@ -6586,6 +6777,11 @@ m_verify(struct call *c)
 		}
 		wallets++;
 		after = w.balance;
+		/* The digest: each wallet's id, balance and last transaction, in id order. */
+		EVP_DigestUpdate(digest, k.mv_data, k.mv_size);
+		EVP_DigestUpdate(digest, "", 1);
+		EVP_DigestUpdate(digest, &w.balance, sizeof(w.balance));
+		EVP_DigestUpdate(digest, &w.last_txn, sizeof(w.last_txn));
 		for (seq = w.txn_count, next = w.last_txn; next != 0; seq--) {
 			struct txn_head h;
 			MDB_val raw;
@@ -6641,10 +6837,20 @@ m_verify(struct call *c)
 		}
 	}
 	mdb_cursor_close(wc);
-	if (rc != MDB_NOTFOUND) {
+	if (rc == MDB_NOTFOUND && (rc = mdb_cursor_open(c->txn, store.txns, &wc)) == 0) {
+		if ((rc = mdb_cursor_get(wc, &k, &v, MDB_LAST)) == 0)
+			memcpy(&top, k.mv_data, sizeof(top));
+		mdb_cursor_close(wc);
+	}
+	EVP_DigestUpdate(digest, &top, sizeof(top));
+	EVP_DigestFinal_ex(digest, sum, NULL);
+	EVP_MD_CTX_free(digest);
+	if (rc != MDB_NOTFOUND && rc != 0) {
 		msgpack_sbuffer_destroy(&rows);
 		return store_error(c, rc);
 	}
+	for (int i = 0; i < 32; i++)
+		snprintf(hex + 2 * i, 3, "%02x", sum[i]);
 	if ((rc = mdb_stat(c->txn, store.txns, &st)) == 0 && st.ms_entries != txns)
 		verify_breach(&rpk, &breaches, (struct str){ "", 0 }, 0,
 		    "the log holds transactions that no wallet's history lists");
@@ -6652,10 +6858,11 @@ m_verify(struct call *c)
 		msgpack_sbuffer_destroy(&rows);
 		return store_error(c, rc);
 	}
-	msgpack_pack_map(c->pk, 4);
+	msgpack_pack_map(c->pk, 5);
 	KV_BOOL(c->pk, "ok", breaches == 0);
 	KV_U64(c->pk, "wallets", wallets);
 	KV_U64(c->pk, "transactions", txns);
+	KV_STR(c->pk, "digest", hex);
 	pack_rows(c->pk, "breaches", breaches, &rows);
 	return E_OK;
 }
@@ -6772,7 +6979,7 @@ m_stats(struct call *c)
 		return store_error(c, rc);
 	}
 
-	msgpack_pack_map(pk, 15);
+	msgpack_pack_map(pk, 16);
 	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
 	KEY(pk, "requests");
 	msgpack_pack_map(pk, (size_t)methods);
@@ -6831,6 +7038,8 @@ m_stats(struct call *c)
 	histogram_pack(pk, &latency.histogram, latency_bounds);
 	pack_cstr(pk, "commit_batch_size");
 	histogram_pack(pk, &s.batch_sizes, batch_bounds);
+	KEY(pk, "replication");
+	repl_stats_pack(pk);
 	free(lat);
 	return E_OK;
 }
@@ -6877,6 +7086,10 @@ struct req {
 	size_t weight;            /* what it counts for against batch_max (req_weight) */
 	uint64_t t0;
 	msgpack_sbuffer out;      /* the answer frame */
+	struct remote *remote;    /* forwarded by a follower (section 7): conn is NULL */
+	struct str origin;        /* ... that follower's node name */
+	uint64_t seq;             /* replicated: the stream record that holds what it wrote */
+	int done;                 /* replicated: answered in this turn of the writer */
 };
 
 #define ANSWER_ROOM 512
@@ -7009,6 +7222,7 @@ req_execute(struct req *r, MDB_txn *txn, uint64_t budget)
 	c.txn = txn;
 	c.params = r->params;
 	c.uid = r->uid;
+	c.origin = r->origin;
 	c.fd = r->fd;
 	c.budget = budget;
 	msgpack_sbuffer_clear(&r->out);
@@ -7165,6 +7379,65 @@ req_weight(const struct req *r)
 }
 
 /*
+ * Reads request r's frame [0, msgid, method, params] (in r->msg) for a peer
+ * with roles.  Returns 0 when r is ready to run, or -1 with r answered.
+ */
+static int
+req_parse(struct req *r, unsigned roles)
+{
+	const msgpack_object *o = &r->msg.data, *m, *params, *key;
+	int method;
+
+	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 4 ||
+	    o->via.array.ptr[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.array.ptr[0].via.u64 != 0) {
+		req_error(r, E_MALFORMED_REQUEST, NULL, "Not a request: expected [0, msgid, method, params]");
+		return -1;
+	}
+	if (o->via.array.ptr[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.array.ptr[1].via.u64 > UINT32_MAX) {
+		req_error(r, E_MALFORMED_REQUEST, NULL, "msgid must be a uint32");
+		return -1;
+	}
+	r->msgid = (uint32_t)o->via.array.ptr[1].via.u64;
+	r->has_msgid = 1;
+	m = &o->via.array.ptr[2];
+	if (m->type != MSGPACK_OBJECT_STR && m->type != MSGPACK_OBJECT_BIN) {
+		req_error(r, E_MALFORMED_REQUEST, NULL, "method must be a string");
+		return -1;
+	}
+	method = m->type == MSGPACK_OBJECT_STR ? method_find(m->via.str.ptr, m->via.str.size) :
+	    method_find(m->via.bin.ptr, m->via.bin.size);
+	if (method < 0) {
+		req_error(r, E_UNKNOWN_METHOD, NULL, "Unknown method '%.*s'",
+		    (int)(m->via.str.size > 64 ? 64 : m->via.str.size), m->via.str.ptr);
+		return -1;
+	}
+	r->method = method;
+	params = &o->via.array.ptr[3];
+	if (params->type != MSGPACK_OBJECT_ARRAY || params->via.array.size > 1 ||
+	    (params->via.array.size == 1 && params->via.array.ptr[0].type != MSGPACK_OBJECT_MAP &&
+	    params->via.array.ptr[0].type != MSGPACK_OBJECT_NIL)) {
+		req_error(r, E_INVALID_ARGUMENT, "params", "params must be [] or [map]");
+		return -1;
+	}
+	if (params->via.array.size == 1 && params->via.array.ptr[0].type == MSGPACK_OBJECT_MAP)
+		r->params = &params->via.array.ptr[0];
+	if (!(method_table[method].roles & roles)) {
+		req_error(r, E_PERMISSION_DENIED, NULL, "uid %u may not call %s",
+		    (unsigned)r->uid, method_table[method].name);
+		return -1;
+	}
+	if ((key = param_unknown(method, r->params)) != NULL) {
+		struct call call;
+
+		memset(&call, 0, sizeof(call));
+		fail_unknown_param(&call, method, key);
+		req_error(r, call.code, call.field, "%s", call.message);
+		return -1;
+	}
+	return 0;
+}
+
+/*
  * Decodes the frame in msg (taking it over) into a request at the tail of
  * c's queue.  Frames that are not well-formed requests are answered here.
  */
@@ -7172,8 +7445,7 @@ static void
 conn_frame(struct conn *c, msgpack_unpacked *msg, size_t bytes)
 {
 	struct req *r = req_new(c);
-	const msgpack_object *o, *m, *params, *key;
-	int method;
+	const msgpack_object *o;
 
 	if (r == NULL) {
 		msgpack_unpacked_destroy(msg);
@@ -7189,61 +7461,16 @@ conn_frame(struct conn *c, msgpack_unpacked *msg, size_t bytes)
 		req_free(r); /* a notification: never answered */
 		return;
 	}
-	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 4 ||
-	    o->via.array.ptr[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.array.ptr[0].via.u64 != 0) {
-		req_error(r, E_MALFORMED_REQUEST, NULL, "Not a request: expected [0, msgid, method, params]");
-		goto queue;
+	if (req_parse(r, c->roles) != 0) {
+		r->state = RQ_DONE; /* answered here */
+		conn_queue(c, r);
+		return;
 	}
-	if (o->via.array.ptr[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.array.ptr[1].via.u64 > UINT32_MAX) {
-		req_error(r, E_MALFORMED_REQUEST, NULL, "msgid must be a uint32");
-		goto queue;
-	}
-	r->msgid = (uint32_t)o->via.array.ptr[1].via.u64;
-	r->has_msgid = 1;
-	m = &o->via.array.ptr[2];
-	if (m->type != MSGPACK_OBJECT_STR && m->type != MSGPACK_OBJECT_BIN) {
-		req_error(r, E_MALFORMED_REQUEST, NULL, "method must be a string");
-		goto queue;
-	}
-	method = m->type == MSGPACK_OBJECT_STR ? method_find(m->via.str.ptr, m->via.str.size) :
-	    method_find(m->via.bin.ptr, m->via.bin.size);
-	if (method < 0) {
-		req_error(r, E_UNKNOWN_METHOD, NULL, "Unknown method '%.*s'",
-		    (int)(m->via.str.size > 64 ? 64 : m->via.str.size), m->via.str.ptr);
-		goto queue;
-	}
-	r->method = method;
-	params = &o->via.array.ptr[3];
-	if (params->type != MSGPACK_OBJECT_ARRAY || params->via.array.size > 1 ||
-	    (params->via.array.size == 1 && params->via.array.ptr[0].type != MSGPACK_OBJECT_MAP &&
-	    params->via.array.ptr[0].type != MSGPACK_OBJECT_NIL)) {
-		req_error(r, E_INVALID_ARGUMENT, "params", "params must be [] or [map]");
-		goto queue;
-	}
-	if (params->via.array.size == 1 && params->via.array.ptr[0].type == MSGPACK_OBJECT_MAP)
-		r->params = &params->via.array.ptr[0];
-	if (!(method_table[method].roles & c->roles)) {
-		req_error(r, E_PERMISSION_DENIED, NULL, "uid %u may not call %s",
-		    (unsigned)c->uid, method_table[method].name);
-		goto queue;
-	}
-	if ((key = param_unknown(method, r->params)) != NULL) {
-		struct call call;
-
-		memset(&call, 0, sizeof(call));
-		fail_unknown_param(&call, method, key);
-		req_error(r, call.code, call.field, "%s", call.message);
-		goto queue;
-	}
-	if (method == M_BACKUP) {
+	if (r->method == M_BACKUP) {
 		r->fd = c->passed_fd;
 		c->passed_fd = -1;
 	}
 	r->weight = req_weight(r);
-	conn_queue(c, r);
-	return;
-queue:
-	r->state = RQ_DONE; /* answered here */
 	conn_queue(c, r);
 }
 
@@ -7421,6 +7648,10 @@ conn_flush(struct conn *c)
 }
 
 static void writer_submit(struct req *r);
+static void repl_answer(struct req *r);
+static void repl_run(struct req *batch);
+static int repl_may_write(void);
+static uint64_t repl_applied(void);
 static void slow_submit(struct req *r);
 
 /*
@@ -7893,11 +8124,15 @@ done_post(struct req *first, struct req *last)
  * the map is grown and the batch runs again, or, when the map cannot grow,
  * the requests that met the error answer it and the others run again
  * without them.  If the commit fails every answer becomes that failure.
+ * In a replicated group, returns REPL_FENCED or REPL_UNAVAILABLE when the
+ * stream did not take the batch's record: nothing is committed or answered,
+ * and repl_run sends the batch on (requests it answered already are done);
+ * otherwise 0.
  */
-static void
+static int
 writer_run(struct req *batch)
 {
-	uint64_t t0 = now_micros(), n = 0, commit_us = 0;
+	uint64_t t0 = now_micros(), n = 0, commit_us = 0, seq;
 	int rc, alert = 0, grows = 0;
 
 	for (;;) {
@@ -7920,6 +8155,8 @@ writer_run(struct req *batch)
 			unsigned flags = method_table[r->method].flags;
 			int mrc, flat = (flags & MF_FLAT) || !(flags & MF_WRITE);
 
+			if (r->done)
+				continue;
 			if (r->failed) {
 				req_store_error(r, r->failed);
 				continue;
@@ -7948,6 +8185,10 @@ writer_run(struct req *batch)
 			if (rc == 0)
 				break;
 			store.next_expiry = now_seconds() + 1; /* holds it ended are not: look again soon */
+			if (rc == REPL_FENCED || rc == REPL_UNAVAILABLE) {
+				events_added = 0;
+				return rc;
+			}
 			if (rc != MDB_MAP_FULL) {
 				log_x(L_ERR, "commit failed: %s", mdb_strerror(rc));
 				for (struct req *r = batch; r; r = r->qnext)
@@ -7956,7 +8197,7 @@ writer_run(struct req *batch)
 				stats.failed_commits++;
 				stats.map_grows += (uint64_t)grows;
 				pthread_mutex_unlock(&srv.lock);
-				return;
+				return 0;
 			}
 			for (struct req *r = batch; r; r = r->qnext)
 				r->failed = MDB_MAP_FULL; /* the commit itself needed room */
@@ -7977,15 +8218,18 @@ writer_run(struct req *batch)
 	if (batch == NULL) {
 		if (alert)
 			alert_wake();
-		return;
+		return 0;
 	}
 	/* Half the map used: grow now, if no read is in the way, rather than
 	 * when it is full, when the grow must wait for every read (a backup of
 	 * a large store, say) and the writer with it. */
 	if (rc == 0 && ahead.used > store.map_size / 2 && store_grow(0) == 0)
 		grows++;
+	seq = repl_on && rc == 0 ? repl_applied() : 0;
 	for (struct req *r = batch; r; r = r->qnext) {
 		alert |= r->alert && r->code == E_OK;
+		r->seq = seq;
+		r->done = 1;
 		n++;
 	}
 	pthread_mutex_lock(&srv.lock);
@@ -8000,6 +8244,7 @@ writer_run(struct req *batch)
 	pthread_mutex_unlock(&srv.lock);
 	if (alert)
 		alert_wake();
+	return 0;
 }
 
 /* The writer thread: takes what is queued, up to the batch caps, and runs it. */
@@ -8025,7 +8270,10 @@ writer_main(void *arg)
 		}
 		if (srv.wq_head == NULL && !srv.stopping) {
 			pthread_mutex_unlock(&srv.lock);
-			writer_run(NULL); /* no request: a commit that only ends expired holds */
+			if (repl_may_write())
+				writer_run(NULL); /* no request: a commit that only ends expired holds */
+			else
+				store.next_expiry = now_seconds() + 1; /* the leader ends them; look again when leading */
 			continue;
 		}
 		if (config.commit_delay && previous > 1 && srv.wq_count * 2 < previous) {
@@ -8078,7 +8326,10 @@ writer_main(void *arg)
 		previous = taken;
 		last->qnext = NULL;
 		pthread_mutex_unlock(&srv.lock);
-		writer_run(batch);
+		if (repl_on)
+			repl_run(batch);
+		else
+			writer_run(batch);
 		done_post(batch, last);
 	}
 }
@@ -8199,6 +8450,11 @@ done_collect(void)
 		struct conn *c = r->conn;
 
 		next = r->qnext;
+		if (r->remote) {
+			stats_count(r);
+			repl_answer(r);
+			continue;
+		}
 		c->inflight--;
 		if (r->state == RQ_SLOW) {
 			c->nslow--;
@@ -8471,7 +8727,1544 @@ loop_stop(void)
 
 
 /* ====================================================================== */
-/* 7. Alert thread                                                        */
+/* 7. Replication                                                         */
+/* ====================================================================== */
+
+/*
+ * SPEC 11.  With nats_url set, walletd is one node of a group that shares
+ * one JetStream stream of commit records (their format is with the store
+ * layout).  The parts:
+ *   - the writer (section 6): while this node leads, store_commit publishes
+ *     each batch's record with the stream's expected last sequence and a
+ *     unique message id, and commits only once the stream acknowledged it
+ *     (repl_publish); while another node leads, it forwards the batch's
+ *     writes to the leader and answers each with the leader's answer, once
+ *     this node has applied it (repl_forward);
+ *   - the leader's callback queues the writes forwarded to it for its writer
+ *     (repl_on_forward); done_collect sends their answers back (repl_answer);
+ *   - the applier thread applies the stream's records in order;
+ *   - the lease thread keeps the lease while leading, and takes it when it
+ *     expires if this node has applied the whole stream.
+ * Safety rests on the stream, not on the lease: a publish whose expected
+ * last sequence is stale is refused, so a node that lost its lease without
+ * knowing it (paused, cut off) commits nothing the stream lacks.  The lease
+ * only decides who tries.  Alerts and events are sent by the leader alone.
+ */
+
+#define RECORD_VERSION   1
+#define REPLOG_KEEP      100000   /* stream messages each node keeps for repair */
+#define LEASE_KEY        "leader"
+#define PART_ROOM        1024     /* of max_payload, left for headers */
+
+enum { RS_SINGLE, RS_LEADER, RS_FOLLOWER, RS_CATCHING_UP, RS_DIVERGED };
+static const char *const repl_role_names[] = { "single", "leader", "follower", "catching_up", "diverged" };
+
+static struct repl {
+	natsConnection *nc;
+	jsCtx *js;
+	kvStore *kv;
+	char stream[80], subject[96], writes[96];
+	natsSubscription *wsub;   /* while leading: forwarded writes */
+	pthread_t applier, leaser;
+	size_t part_max;          /* record bytes in one stream message */
+
+	pthread_mutex_t lock;     /* guards the rest */
+	pthread_cond_t cond;      /* applied, role, leader or lease changed */
+	int role;                 /* RS_* */
+	int refusing;             /* further behind than the stream keeps: serves nothing */
+	int stopping, refresh_now;
+	char leader[64];          /* the leading node, "" = none known */
+	char why[256];            /* why diverged or refusing */
+	struct repl_pos pos;      /* the last record committed to the store */
+	uint64_t tail;            /* the last stream message taken in (parts of a record included) */
+	uint64_t last;            /* the stream's last sequence, as last seen */
+	uint64_t lease_rev;       /* the lease's revision while leading */
+	uint64_t lease_until;     /* now_micros: lead no longer than this */
+	int64_t lease_expires_ms; /* wall clock, for status (0 = unknown) */
+	uint64_t leader_applied;  /* what the lease says its holder committed */
+	int64_t applied_ms;       /* when the last record applied was published */
+	uint64_t batch_no;
+	uint64_t published, forwarded, fenced, applied_records;
+	struct histogram publish_us; /* the stream's acknowledgement of a record */
+} repl = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+
+static void
+repl_role_set(int role, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void repl_step_down(const char *why);
+
+/* Changes the role (repl.lock held) and logs the change. */
+static void
+repl_role_set(int role, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (fmt) {
+		va_start(ap, fmt);
+		vsnprintf(repl.why, sizeof(repl.why), fmt, ap);
+		va_end(ap);
+	} else {
+		repl.why[0] = '\0';
+	}
+	if (repl.role != role)
+		log_x(role == RS_DIVERGED ? L_ERR : L_INFO, "replication: %s, was %s%s%s", repl_role_names[role],
+		    repl_role_names[repl.role], repl.why[0] ? ": " : "", repl.why);
+	repl.role = role;
+	pthread_cond_broadcast(&repl.cond);
+}
+
+/* The position stored in txn: zero when nothing was applied yet. */
+static int
+repl_pos_get(MDB_txn *txn, struct repl_pos *pos)
+{
+	MDB_val k = { 11, "replication" }, v;
+	int rc = mdb_get(txn, store.meta, &k, &v);
+
+	memset(pos, 0, sizeof(*pos));
+	if (rc == 0)
+		record_copy(pos, sizeof(*pos), v);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+/* Stores pos and the stream messages of its record in txn, and forgets the oldest beyond REPLOG_KEEP. */
+static int
+repl_pos_put(MDB_txn *txn, const struct repl_pos *pos, uint64_t first, const msgpack_sbuffer *msgs, size_t nmsgs)
+{
+	MDB_val k = { 11, "replication" }, v = { sizeof(*pos), (void *)pos };
+	unsigned char key[8];
+	MDB_cursor *cur;
+	size_t off = 0;
+	int rc;
+
+	if ((rc = mdb_put(txn, store.meta, &k, &v, 0)) != 0)
+		return rc;
+	for (size_t i = 0; i < nmsgs; i++) {
+		uint32_t len;
+
+		memcpy(&len, msgs->data + off, 4);
+		be64_put(key, first + i);
+		if ((rc = mdb_put(txn, store.replog, &(MDB_val){ 8, key }, &(MDB_val){ len, msgs->data + off + 4 }, 0)))
+			return rc;
+		off += 4 + len;
+	}
+	if ((rc = mdb_cursor_open(txn, store.replog, &cur)) != 0)
+		return rc;
+	for (int i = 0; i < 4 && (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)) == 0 &&
+	    be64_get(k.mv_data) + REPLOG_KEEP < pos->applied; i++)
+		rc = mdb_cursor_del(cur, 0);
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+/* Appends one message (a length, then its bytes) to a list kept in an sbuffer. */
+static void
+msgs_add(msgpack_sbuffer *msgs, const void *p, size_t n)
+{
+	uint32_t len = (uint32_t)n;
+
+	msgpack_sbuffer_write(msgs, (const char *)&len, 4);
+	msgpack_sbuffer_write(msgs, p, n);
+}
+
+/* ---- Commit records ---- */
+
+struct touch_ref {
+	uint32_t db, len;
+	const char *key;
+};
+
+static int
+touch_ref_cmp(const void *a, const void *b)
+{
+	const struct touch_ref *x = a, *y = b;
+	int c;
+
+	if (x->db != y->db)
+		return x->db < y->db ? -1 : 1;
+	if ((c = memcmp(x->key, y->key, x->len < y->len ? x->len : y->len)) != 0)
+		return c;
+	return (x->len > y->len) - (x->len < y->len);
+}
+
+/* Packs what the writing thread's transaction txn changed, as a record (see the layout). */
+static int
+repl_record(MDB_txn *txn, msgpack_sbuffer *out)
+{
+	struct touch_ref *refs;
+	msgpack_packer pk;
+	size_t n = 0, count = 0;
+	uint32_t head[2];
+	int rc = 0;
+
+	if (touched.lost)
+		return ENOMEM;
+	for (size_t off = 0; off < touched.len; off += sizeof(head) + head[1], n++)
+		memcpy(head, touched.p + off, sizeof(head));
+	if ((refs = malloc((n ? n : 1) * sizeof(*refs))) == NULL)
+		return ENOMEM;
+	n = 0;
+	for (size_t off = 0; off < touched.len; off += sizeof(head) + head[1]) {
+		const char *key = touched.p + off + sizeof(head);
+		int db;
+
+		memcpy(head, touched.p + off, sizeof(head));
+		db = head[0] < 32 ? store_db_of[head[0]] : -1;
+		if (db >= 0 && db < STORE_DBS_REPLICATED && !(db == 0 && head[1] == 11 && memcmp(key, "replication", 11) == 0))
+			refs[n++] = (struct touch_ref){ (uint32_t)db, head[1], key };
+	}
+	qsort(refs, n, sizeof(*refs), touch_ref_cmp);
+	for (size_t i = 0; i < n; i++)
+		if (count == 0 || touch_ref_cmp(&refs[count - 1], &refs[i]) != 0)
+			refs[count++] = refs[i];
+	msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
+	msgpack_pack_array(&pk, (uint32_t)count);
+	for (size_t i = 0; i < count && rc == 0; i++) {
+		MDB_val k = { refs[i].len, (void *)refs[i].key }, v;
+
+		if ((rc = mdb_get(txn, *store_dbs[refs[i].db].dbi, &k, &v)) != 0 && rc != MDB_NOTFOUND)
+			break;
+		msgpack_pack_array(&pk, 3);
+		msgpack_pack_uint32(&pk, refs[i].db);
+		msgpack_pack_bin_with_body(&pk, k.mv_data, k.mv_size);
+		if (rc == 0)
+			msgpack_pack_bin_with_body(&pk, v.mv_data, v.mv_size);
+		else
+			msgpack_pack_nil(&pk);
+		rc = 0;
+	}
+	free(refs);
+	return rc;
+}
+
+/* Applies a record's changes to txn.  Returns an LMDB error, or EINVAL if it does not decode. */
+static int
+repl_record_apply(MDB_txn *txn, const char *p, size_t n)
+{
+	msgpack_unpacked u;
+	const msgpack_object *o;
+	int rc = 0;
+
+	msgpack_unpacked_init(&u);
+	if (msgpack_unpack_next(&u, p, n, NULL) != MSGPACK_UNPACK_SUCCESS || u.data.type != MSGPACK_OBJECT_ARRAY) {
+		msgpack_unpacked_destroy(&u);
+		return EINVAL;
+	}
+	for (uint32_t i = 0; i < u.data.via.array.size && rc == 0; i++) {
+		MDB_val k, v;
+
+		o = &u.data.via.array.ptr[i];
+		if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 3 ||
+		    o->via.array.ptr[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+		    o->via.array.ptr[0].via.u64 >= STORE_DBS_REPLICATED || o->via.array.ptr[1].type != MSGPACK_OBJECT_BIN) {
+			rc = EINVAL;
+			break;
+		}
+		k = (MDB_val){ o->via.array.ptr[1].via.bin.size, (void *)o->via.array.ptr[1].via.bin.ptr };
+		if (o->via.array.ptr[2].type == MSGPACK_OBJECT_NIL) {
+			if ((rc = mdb_del(txn, *store_dbs[o->via.array.ptr[0].via.u64].dbi, &k, NULL)) == MDB_NOTFOUND)
+				rc = 0;
+		} else if (o->via.array.ptr[2].type == MSGPACK_OBJECT_BIN) {
+			v = (MDB_val){ o->via.array.ptr[2].via.bin.size, (void *)o->via.array.ptr[2].via.bin.ptr };
+			rc = mdb_put(txn, *store_dbs[o->via.array.ptr[0].via.u64].dbi, &k, &v, 0);
+		} else {
+			rc = EINVAL;
+		}
+	}
+	msgpack_unpacked_destroy(&u);
+	return rc;
+}
+
+/* One stream message: part of a record (see the layout). */
+static void
+repl_part_pack(msgpack_sbuffer *out, const unsigned char prev[32], const char *id, uint32_t part,
+    uint32_t parts, const unsigned char sum[32], const char *p, size_t n)
+{
+	msgpack_packer pk;
+
+	msgpack_sbuffer_clear(out);
+	msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
+	msgpack_pack_array(&pk, 7);
+	msgpack_pack_uint32(&pk, RECORD_VERSION);
+	msgpack_pack_bin_with_body(&pk, prev, 32);
+	msgpack_pack_str_with_body(&pk, id, strlen(id));
+	msgpack_pack_uint32(&pk, part);
+	msgpack_pack_uint32(&pk, parts);
+	msgpack_pack_bin_with_body(&pk, sum, 32);
+	msgpack_pack_bin_with_body(&pk, p, n);
+}
+
+struct part {
+	const unsigned char *prev, *sum;
+	struct str id;
+	uint32_t part, parts;
+	const char *p;
+	size_t n;
+};
+
+/* Decodes a stream message into part (pointing into u).  Returns 0, or -1 if it is not one. */
+static int
+repl_part_parse(msgpack_unpacked *u, const void *data, size_t len, struct part *pt)
+{
+	const msgpack_object *a;
+
+	if (msgpack_unpack_next(u, data, len, NULL) != MSGPACK_UNPACK_SUCCESS || u->data.type != MSGPACK_OBJECT_ARRAY ||
+	    u->data.via.array.size != 7)
+		return -1;
+	a = u->data.via.array.ptr;
+	if (a[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[0].via.u64 != RECORD_VERSION ||
+	    a[1].type != MSGPACK_OBJECT_BIN || a[1].via.bin.size != 32 || a[2].type != MSGPACK_OBJECT_STR ||
+	    a[3].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[4].type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+	    a[3].via.u64 >= a[4].via.u64 || a[4].via.u64 > UINT32_MAX || a[5].type != MSGPACK_OBJECT_BIN ||
+	    a[5].via.bin.size != 32 || a[6].type != MSGPACK_OBJECT_BIN)
+		return -1;
+	pt->prev = (const unsigned char *)a[1].via.bin.ptr;
+	pt->id = (struct str){ a[2].via.str.ptr, a[2].via.str.size };
+	pt->part = (uint32_t)a[3].via.u64;
+	pt->parts = (uint32_t)a[4].via.u64;
+	pt->sum = (const unsigned char *)a[5].via.bin.ptr;
+	pt->p = a[6].via.bin.ptr;
+	pt->n = a[6].via.bin.size;
+	return 0;
+}
+
+/*
+ * Publishes one message right after stream sequence expected, with msgid:
+ * the same id and expectation again after a timeout, so that a message that
+ * did land is answered as a duplicate, with its sequence, until deadline.
+ * Returns 0 with *seq, REPL_FENCED (the stream's last is another), or
+ * REPL_UNAVAILABLE.
+ */
+static int
+repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, uint64_t deadline, uint64_t *seq)
+{
+	char buf[24];
+
+	snprintf(buf, sizeof(buf), "%" PRIu64, expected);
+	for (int tries = 0;; tries++) {
+		natsMsg *m = NULL;
+		jsPubAck *pa = NULL;
+		jsPubOptions o;
+		jsErrCode err = 0;
+		natsStatus s;
+
+		jsPubOptions_Init(&o);
+		o.MaxWait = 2000;
+		if ((s = natsMsg_Create(&m, repl.subject, NULL, data, (int)len)) == NATS_OK &&
+		    (s = natsMsgHeader_Set(m, "Nats-Expected-Last-Sequence", buf)) == NATS_OK &&
+		    (s = natsMsgHeader_Set(m, "Nats-Msg-Id", msgid)) == NATS_OK)
+			s = js_PublishMsg(&pa, repl.js, m, &o, &err);
+		natsMsg_Destroy(m);
+		if (s == NATS_OK) {
+			*seq = pa->Sequence;
+			jsPubAck_Destroy(pa);
+			if (*seq == expected + 1)
+				return 0;
+			log_x(L_WARN, "replication: the stream took %s at %" PRIu64 ", not after %" PRIu64, msgid, *seq, expected);
+			return REPL_FENCED;
+		}
+		if (err == JSStreamWrongLastSequenceErr) {
+			log_x(L_INFO, "replication: the stream refused %s after %" PRIu64 ": %s", msgid, expected,
+			    nats_GetLastError(NULL));
+			return REPL_FENCED;
+		}
+		if (tries == 0 || tries % 20 == 0)
+			log_x(L_WARN, "replication: publishing %s: %s (%d); trying again", msgid, natsStatus_GetText(s), (int)err);
+		if (now_micros() >= deadline)
+			return REPL_UNAVAILABLE;
+		usleep(100000);
+	}
+}
+
+/*
+ * The leader's half of store_commit: publishes the record of txn (from the
+ * writing thread's touched keys) in parts after the stream's last sequence,
+ * then stores the new position and the messages in txn.  Returns 0 with pos,
+ * REPL_FENCED when this node may not write now (not leading, its lease run
+ * out, the store behind the stream, or the stream refused), REPL_UNAVAILABLE,
+ * or an error.
+ */
+static int
+repl_publish(MDB_txn *txn, struct repl_pos *pos)
+{
+	msgpack_sbuffer rec, part, msgs;
+	struct repl_pos stored;
+	uint64_t expected, first = 0, seq = 0, t0 = now_micros(), deadline, us;
+	unsigned char prev[32];
+	char id[160], msgid[180];
+	uint32_t parts;
+	int rc;
+
+	if ((rc = repl_pos_get(txn, &stored)) != 0)
+		return rc;
+	pthread_mutex_lock(&repl.lock);
+	rc = repl.role != RS_LEADER || t0 >= repl.lease_until || stored.applied != repl.pos.applied ? REPL_FENCED : 0;
+	expected = repl.tail;
+	memcpy(prev, repl.pos.sum, 32);
+	snprintf(id, sizeof(id), "%s.%" PRIu64 ".%" PRIu64, config.node, repl.lease_rev, ++repl.batch_no);
+	pthread_mutex_unlock(&repl.lock);
+	if (rc != 0)
+		return rc;
+	msgpack_sbuffer_init(&rec);
+	msgpack_sbuffer_init(&part);
+	msgpack_sbuffer_init(&msgs);
+	if ((rc = repl_record(txn, &rec)) != 0)
+		goto out;
+	SHA256((const unsigned char *)rec.data, rec.size, pos->sum);
+	parts = (uint32_t)(rec.size / repl.part_max + 1);
+	deadline = t0 + config.failover_wait * 1000000ull;
+	for (uint32_t i = 0; i < parts && rc == 0; i++) {
+		size_t off = (size_t)i * repl.part_max, n = rec.size - off < repl.part_max ? rec.size - off : repl.part_max;
+
+		repl_part_pack(&part, prev, id, i, parts, pos->sum, rec.data + off, n);
+		snprintf(msgid, sizeof(msgid), "%s.%" PRIu32, id, i);
+		if ((rc = repl_send(msgid, expected, part.data, part.size, deadline, &seq)) == 0) {
+			msgs_add(&msgs, part.data, part.size);
+			first = first ? first : seq;
+			expected = seq;
+		}
+	}
+	if (rc == 0) {
+		pos->applied = seq;
+		rc = repl_pos_put(txn, pos, first, &msgs, parts);
+	}
+out:
+	us = now_micros() - t0;
+	pthread_mutex_lock(&repl.lock);
+	if (rc == 0) {
+		repl.published++;
+		histogram_add(&repl.publish_us, latency_bounds, us);
+	} else if (rc == REPL_FENCED) {
+		repl.fenced++;
+		repl.refresh_now = 1; /* is the lease still ours? */
+		pthread_cond_broadcast(&repl.cond);
+	}
+	if (seq > repl.tail)
+		repl.tail = seq; /* parts the stream took are in it, whatever became of the rest */
+	pthread_mutex_unlock(&repl.lock);
+	msgpack_sbuffer_destroy(&rec);
+	msgpack_sbuffer_destroy(&part);
+	msgpack_sbuffer_destroy(&msgs);
+	return rc;
+}
+
+/* After a published record's local commit: the node's position moves to it. */
+static void
+repl_committed(const struct repl_pos *pos)
+{
+	pthread_mutex_lock(&repl.lock);
+	repl.pos = *pos;
+	repl.applied_ms = now_seconds() * 1000;
+	pthread_cond_broadcast(&repl.cond);
+	pthread_mutex_unlock(&repl.lock);
+}
+
+/* ---- The applier ---- */
+
+/* A record being put together from its parts. */
+struct assembly {
+	msgpack_sbuffer bytes, msgs;
+	unsigned char prev[32], sum[32];
+	char id[160];
+	uint32_t next, parts;
+	uint64_t first;
+};
+
+/* Marks this node diverged (the stream lost or forked history) and says why. */
+static void __attribute__((format(printf, 1, 2)))
+repl_diverge(const char *fmt, ...)
+{
+	char why[256];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	pthread_mutex_lock(&repl.lock);
+	if (repl.role == RS_LEADER)
+		repl_step_down(why);
+	repl_role_set(RS_DIVERGED, "%s", why);
+	pthread_mutex_unlock(&repl.lock);
+}
+
+/*
+ * Applies a whole record (seq: its last message) in one transaction, with
+ * the position and its messages.  A record this node has already committed
+ * (its own, as leader) is skipped; one made on another history than this
+ * store's makes the node diverged.
+ */
+static void
+repl_apply(struct assembly *a, uint64_t seq, int64_t published_ms)
+{
+	struct repl_pos stored, pos;
+	unsigned char sum[32];
+	MDB_txn *txn;
+	int rc;
+
+	SHA256((const unsigned char *)a->bytes.data, a->bytes.size, sum);
+	if (memcmp(sum, a->sum, 32) != 0) {
+		repl_diverge("the record ending at %" PRIu64 " fails its checksum (%zu bytes)", seq, a->bytes.size);
+		return;
+	}
+	for (;;) {
+		pthread_rwlock_rdlock(&store.maplock);
+		if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) == 0 && (rc = repl_pos_get(txn, &stored)) == 0) {
+			if (seq <= stored.applied) {
+				mdb_txn_abort(txn);
+				pthread_rwlock_unlock(&store.maplock);
+				break;
+			}
+			if (memcmp(a->prev, stored.sum, 32) != 0) {
+				mdb_txn_abort(txn);
+				pthread_rwlock_unlock(&store.maplock);
+				repl_diverge("the record at %" PRIu64 " follows another history than the record at %" PRIu64
+				    " this node applied", seq, stored.applied);
+				return;
+			}
+			pos.applied = seq;
+			memcpy(pos.sum, sum, 32);
+			if ((rc = repl_record_apply(txn, a->bytes.data, a->bytes.size)) == 0 &&
+			    (rc = repl_pos_put(txn, &pos, a->first, &a->msgs, a->parts)) == 0)
+				rc = store_commit_local(txn);
+			else
+				mdb_txn_abort(txn);
+		}
+		pthread_rwlock_unlock(&store.maplock);
+		if (rc == 0) {
+			pthread_mutex_lock(&repl.lock);
+			repl.pos = pos;
+			repl.applied_records++;
+			repl.applied_ms = published_ms;
+			pthread_cond_broadcast(&repl.cond);
+			pthread_mutex_unlock(&repl.lock);
+			break;
+		}
+		if (rc == EINVAL) {
+			repl_diverge("the record at %" PRIu64 " does not decode (%zu bytes)", seq, a->bytes.size);
+			return;
+		}
+		if (rc == MDB_MAP_FULL && store_grow(1) == 0)
+			continue;
+		/* A full disk: nothing after this record can be applied either. */
+		log_x(L_ERR, "replication: cannot apply the record at %" PRIu64 ": %s; trying again in a second",
+		    seq, mdb_strerror(store_errno(rc)));
+		sleep(1);
+		pthread_mutex_lock(&repl.lock);
+		rc = repl.stopping;
+		pthread_mutex_unlock(&repl.lock);
+		if (rc)
+			return;
+	}
+}
+
+/* Takes in the stream message at seq: a part, or the whole, of a record. */
+static void
+repl_take(struct assembly *a, natsMsg *m, uint64_t seq, int64_t published_ms)
+{
+	msgpack_unpacked u;
+	struct part pt;
+
+	msgpack_unpacked_init(&u);
+	if (repl_part_parse(&u, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &pt) != 0) {
+		msgpack_unpacked_destroy(&u);
+		repl_diverge("the stream message at %" PRIu64 " is not a walletd record (version %" PRIu64 " is this one's)",
+		    seq, (uint64_t)RECORD_VERSION);
+		return;
+	}
+	if (pt.part == 0) {
+		/* A new record; parts of one before it that never ended (its
+		 * leader died between them) were never committed: dropped. */
+		msgpack_sbuffer_clear(&a->bytes);
+		msgpack_sbuffer_clear(&a->msgs);
+		memcpy(a->prev, pt.prev, 32);
+		memcpy(a->sum, pt.sum, 32);
+		snprintf(a->id, sizeof(a->id), "%.*s", (int)pt.id.n, pt.id.p);
+		a->parts = pt.parts;
+		a->next = 0;
+		a->first = seq;
+	}
+	if (pt.part == a->next && pt.parts == a->parts && strlen(a->id) == pt.id.n &&
+	    memcmp(a->id, pt.id.p, pt.id.n) == 0) {
+		msgpack_sbuffer_write(&a->bytes, pt.p, pt.n);
+		msgs_add(&a->msgs, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m));
+		if (++a->next == a->parts)
+			repl_apply(a, seq, published_ms);
+	}
+	msgpack_unpacked_destroy(&u);
+	pthread_mutex_lock(&repl.lock);
+	if (seq > repl.tail)
+		repl.tail = seq;
+	pthread_cond_broadcast(&repl.cond);
+	pthread_mutex_unlock(&repl.lock);
+}
+
+/* The applier: reads the stream from the record after this node's position, in order. */
+static void *
+repl_apply_main(void *arg)
+{
+	natsSubscription *sub = NULL;
+	struct assembly a;
+
+	(void)arg;
+	memset(&a, 0, sizeof(a));
+	msgpack_sbuffer_init(&a.bytes);
+	msgpack_sbuffer_init(&a.msgs);
+	for (;;) {
+		natsMsg *m = NULL;
+		jsMsgMetaData *meta = NULL;
+		natsStatus s;
+		int role, stop;
+
+		pthread_mutex_lock(&repl.lock);
+		while (!repl.stopping && (repl.role == RS_DIVERGED || repl.refusing))
+			pthread_cond_wait(&repl.cond, &repl.lock);
+		stop = repl.stopping;
+		role = repl.role;
+		if (sub == NULL)
+			repl.tail = repl.pos.applied;
+		pthread_mutex_unlock(&repl.lock);
+		if (stop)
+			break;
+		if (sub == NULL) {
+			jsSubOptions so;
+			jsErrCode err = 0;
+
+			jsSubOptions_Init(&so);
+			so.Stream = repl.stream;
+			so.Ordered = true;
+			so.Config.DeliverPolicy = js_DeliverByStartSequence;
+			so.Config.OptStartSeq = repl.tail + 1;
+			if ((s = js_SubscribeSync(&sub, repl.js, repl.subject, NULL, &so, &err)) != NATS_OK) {
+				log_x(L_WARN, "replication: cannot read the stream: %s (%d)", nats_GetLastError(NULL), (int)err);
+				sub = NULL;
+				sleep(1);
+				continue;
+			}
+			natsSubscription_SetPendingLimits(sub, -1, -1);
+			a.parts = a.next = 0;
+		}
+		s = natsSubscription_NextMsg(&m, sub, 200);
+		if (s == NATS_TIMEOUT)
+			continue;
+		if (s != NATS_OK) {
+			log_x(L_WARN, "replication: reading the stream: %s", natsStatus_GetText(s));
+			natsSubscription_Destroy(sub);
+			sub = NULL;
+			continue;
+		}
+		if (natsMsg_GetMetaData(&meta, m) == NATS_OK) {
+			if (role != RS_DIVERGED)
+				repl_take(&a, m, meta->Sequence.Stream, meta->Timestamp / 1000000);
+			jsMsgMetaData_Destroy(meta);
+		}
+		natsMsg_Destroy(m);
+	}
+	if (sub)
+		natsSubscription_Destroy(sub);
+	msgpack_sbuffer_destroy(&a.bytes);
+	msgpack_sbuffer_destroy(&a.msgs);
+	return NULL;
+}
+
+/* ---- Forwarded writes ---- */
+
+/* The writes a follower forwarded in one message, being run by the leader's writer. */
+struct remote {
+	natsMsg *msg;             /* the (last) message: its reply subject, and the bytes env points into */
+	char *data;               /* the bytes of a message that came in parts, or NULL */
+	msgpack_unpacked env;
+	struct req **reqs;
+	uint32_t n, pending;
+};
+
+static int req_parse(struct req *r, unsigned roles);
+
+static void
+remote_free(struct remote *rm)
+{
+	for (uint32_t i = 0; i < rm->n; i++)
+		if (rm->reqs[i])
+			req_free(rm->reqs[i]);
+	msgpack_unpacked_destroy(&rm->env);
+	natsMsg_Destroy(rm->msg);
+	free(rm->data);
+	free(rm->reqs);
+	free(rm);
+}
+
+/* Sends rm's answers: [seq, [[code, answer frame], ...]], seq the record of the last write. */
+static void
+repl_reply(struct remote *rm)
+{
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	uint64_t seq = 0;
+
+	for (uint32_t i = 0; i < rm->n; i++)
+		seq = rm->reqs[i]->seq > seq ? rm->reqs[i]->seq : seq;
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	msgpack_pack_array(&pk, 2);
+	msgpack_pack_uint64(&pk, seq);
+	msgpack_pack_array(&pk, rm->n);
+	for (uint32_t i = 0; i < rm->n; i++) {
+		msgpack_pack_array(&pk, 2);
+		msgpack_pack_int(&pk, rm->reqs[i]->code);
+		msgpack_pack_bin_with_body(&pk, rm->reqs[i]->out.data, rm->reqs[i]->out.size);
+	}
+	if (natsConnection_Publish(repl.nc, natsMsg_GetReply(rm->msg), sb.data, (int)sb.size) != NATS_OK)
+		log_x(L_WARN, "replication: cannot answer forwarded writes: %s", nats_GetLastError(NULL));
+	msgpack_sbuffer_destroy(&sb);
+	remote_free(rm);
+}
+
+/* done_collect: a forwarded write is answered; the last of its message sends them all back. */
+static void
+repl_answer(struct req *r)
+{
+	if (--r->remote->pending == 0)
+		repl_reply(r->remote);
+}
+
+/*
+ * A message too large for one NATS message travels in parts, each with the
+ * headers Walletd-Forward (an id) and Walletd-Part ("i/n"); the leader
+ * answers each but the last with an empty message.  One at a time per id.
+ */
+static struct pending_part {
+	char id[96];
+	char *data;
+	size_t len;
+	unsigned next;
+	struct pending_part *next_one;
+} *pending_parts; /* the callback's own: cnats calls it on one thread */
+
+/* Puts a forwarded message's parts together: returns the whole once its last part is in (*data is then the
+ * caller's), 1 when a part was kept, -1 when parts came out of order. */
+static int
+forward_part(natsMsg *msg, char **data, size_t *len)
+{
+	const char *id = NULL, *part = NULL;
+	struct pending_part **pp, *p;
+	unsigned i, n;
+
+	if (natsMsgHeader_Get(msg, "Walletd-Part", &part) != NATS_OK || sscanf(part, "%u/%u", &i, &n) != 2 ||
+	    natsMsgHeader_Get(msg, "Walletd-Forward", &id) != NATS_OK || i >= n)
+		return 0;
+	for (pp = &pending_parts; *pp && strcmp((*pp)->id, id) != 0; pp = &(*pp)->next_one)
+		;
+	if ((p = *pp) == NULL && i == 0 && (p = calloc(1, sizeof(*p))) != NULL) {
+		snprintf(p->id, sizeof(p->id), "%s", id);
+		p->next_one = pending_parts;
+		pending_parts = p;
+		pp = &pending_parts;
+	}
+	if (p == NULL || p->next != i) {
+		if (p) {
+			*pp = p->next_one;
+			free(p->data);
+			free(p);
+		}
+		return -1;
+	}
+	char *grown = realloc(p->data, p->len + (size_t)natsMsg_GetDataLength(msg) + 1);
+
+	if (grown == NULL)
+		return -1;
+	p->data = grown;
+	memcpy(p->data + p->len, natsMsg_GetData(msg), (size_t)natsMsg_GetDataLength(msg));
+	p->len += (size_t)natsMsg_GetDataLength(msg);
+	if (++p->next < n)
+		return 1;
+	*data = p->data;
+	*len = p->len;
+	*pp = p->next_one;
+	free(p);
+	return 0;
+}
+
+/*
+ * The leader's callback for a follower's forwarded writes, [node, [[uid,
+ * frame], ...]]: each becomes a request for the writer, as if read from a
+ * connection here, its roles already checked where its client is.
+ */
+static void
+repl_on_forward(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *arg)
+{
+	struct remote *rm = calloc(1, sizeof(*rm));
+	const msgpack_object *items;
+	struct req *head = NULL, *tail = NULL;
+	size_t count = 0, weight = 0, bytes = 0, len = (size_t)natsMsg_GetDataLength(msg);
+	const char *data = natsMsg_GetData(msg);
+	int part;
+
+	(void)nc, (void)sub, (void)arg;
+	if (rm == NULL || natsMsg_GetReply(msg) == NULL) {
+		free(rm);
+		natsMsg_Destroy(msg);
+		return;
+	}
+	rm->msg = msg;
+	msgpack_unpacked_init(&rm->env);
+	if ((part = forward_part(msg, &rm->data, &len)) != 0) {
+		if (part > 0)
+			natsConnection_Publish(repl.nc, natsMsg_GetReply(msg), "", 0);
+		remote_free(rm);
+		return; /* a part kept; or one out of order, then the sender times out */
+	}
+	if (rm->data)
+		data = rm->data;
+	if (msgpack_unpack_next(&rm->env, data, len, NULL) != MSGPACK_UNPACK_SUCCESS ||
+	    rm->env.data.type != MSGPACK_OBJECT_ARRAY || rm->env.data.via.array.size != 2 ||
+	    (items = &rm->env.data.via.array.ptr[1])->type != MSGPACK_OBJECT_ARRAY || items->via.array.size == 0 ||
+	    (rm->reqs = calloc(items->via.array.size, sizeof(*rm->reqs))) == NULL)
+		goto bad;
+	for (uint32_t i = 0; i < items->via.array.size; i++) {
+		const msgpack_object *it = &items->via.array.ptr[i];
+		struct req *r;
+
+		if (it->type != MSGPACK_OBJECT_ARRAY || it->via.array.size != 2 ||
+		    it->via.array.ptr[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+		    it->via.array.ptr[1].type != MSGPACK_OBJECT_BIN || (r = calloc(1, sizeof(*r))) == NULL)
+			goto bad; /* a follower of another version, or not a follower: nothing was queued */
+		rm->reqs[rm->n++] = r;
+		r->remote = rm;
+		r->fd = -1;
+		r->method = -1;
+		r->uid = (uid_t)it->via.array.ptr[0].via.u64;
+		if (rm->env.data.via.array.ptr[0].type == MSGPACK_OBJECT_STR)
+			r->origin = (struct str){ rm->env.data.via.array.ptr[0].via.str.ptr,
+			    rm->env.data.via.array.ptr[0].via.str.size };
+		r->t0 = now_micros();
+		r->bytes = it->via.array.ptr[1].via.bin.size;
+		msgpack_unpacked_init(&r->msg);
+		if (msgpack_unpack_next(&r->msg, it->via.array.ptr[1].via.bin.ptr, r->bytes, NULL) != MSGPACK_UNPACK_SUCCESS) {
+			req_error(r, E_MALFORMED_REQUEST, NULL, "The forwarded frame does not decode");
+			continue;
+		}
+		if (req_parse(r, R_ALL) != 0)
+			continue;
+		r->state = RQ_WRITER;
+		r->weight = req_weight(r);
+		weight += r->weight;
+		bytes += r->bytes;
+		count++;
+		if (tail)
+			tail->qnext = r;
+		else
+			head = r;
+		tail = r;
+	}
+	pthread_mutex_lock(&repl.lock);
+	repl.forwarded += rm->n;
+	pthread_mutex_unlock(&repl.lock);
+	if (count == 0) {
+		repl_reply(rm);
+		return;
+	}
+	rm->pending = (uint32_t)count;
+	tail->qnext = NULL;
+	pthread_mutex_lock(&srv.lock);
+	if (srv.wq_tail)
+		srv.wq_tail->qnext = head;
+	else
+		srv.wq_head = head;
+	srv.wq_tail = tail;
+	srv.wq_count += count;
+	srv.wq_weight += weight;
+	srv.wq_bytes += bytes;
+	pthread_cond_signal(&srv.cond);
+	pthread_mutex_unlock(&srv.lock);
+	return;
+bad:
+	log_x(L_WARN, "replication: a forwarded message does not decode: dropped (its sender times out)");
+	remote_free(rm);
+}
+
+/* Sends a forwarded message to the leader, in parts when it is too large for one; returns the answer. */
+static natsStatus
+forward_send(const msgpack_sbuffer *sb, int64_t timeout_ms, natsMsg **reply)
+{
+	static uint64_t counter;
+	size_t parts = sb->size / repl.part_max + 1;
+	char id[96], part[48];
+	natsStatus s = NATS_OK;
+
+	if (parts == 1)
+		return natsConnection_Request(reply, repl.nc, repl.writes, sb->data, (int)sb->size, timeout_ms);
+	snprintf(id, sizeof(id), "%s.%" PRIu64, config.node, ++counter);
+	for (size_t i = 0; i < parts && s == NATS_OK; i++) {
+		size_t off = i * repl.part_max, n = sb->size - off < repl.part_max ? sb->size - off : repl.part_max;
+		natsMsg *m = NULL;
+
+		snprintf(part, sizeof(part), "%zu/%zu", i, parts);
+		if ((s = natsMsg_Create(&m, repl.writes, NULL, sb->data + off, (int)n)) == NATS_OK &&
+		    (s = natsMsgHeader_Set(m, "Walletd-Forward", id)) == NATS_OK &&
+		    (s = natsMsgHeader_Set(m, "Walletd-Part", part)) == NATS_OK)
+			s = natsConnection_RequestMsg(reply, repl.nc, m, timeout_ms);
+		natsMsg_Destroy(m);
+		if (s == NATS_OK && i + 1 < parts) {
+			natsMsg_Destroy(*reply);
+			*reply = NULL;
+		}
+	}
+	return s;
+}
+
+/* Waits until this node has applied seq, or until deadline.  Returns 0 once applied. */
+static int
+repl_wait_applied(uint64_t seq, uint64_t deadline)
+{
+	int rc;
+
+	pthread_mutex_lock(&repl.lock);
+	while (repl.pos.applied < seq && !repl.stopping && repl.role != RS_DIVERGED && now_micros() < deadline) {
+		struct timespec until;
+
+		clock_gettime(CLOCK_REALTIME, &until);
+		until.tv_nsec += 50000000;
+		if (until.tv_nsec >= 1000000000)
+			until.tv_sec++, until.tv_nsec -= 1000000000;
+		pthread_cond_timedwait(&repl.cond, &repl.lock, &until);
+	}
+	rc = repl.pos.applied >= seq ? 0 : -1;
+	pthread_mutex_unlock(&repl.lock);
+	return rc;
+}
+
+/* Runs the read r on this node's store, in a read transaction of its own. */
+static void
+repl_read(struct req *r)
+{
+	MDB_txn *txn;
+	int rc;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) == 0) {
+		req_execute(r, txn, 0);
+		mdb_txn_abort(txn);
+	} else {
+		req_store_error(r, rc);
+	}
+	pthread_rwlock_unlock(&store.maplock);
+	r->done = 1;
+}
+
+/*
+ * A follower's writer: forwards the batch's writes to the leader, in runs up
+ * to the next read, and answers each with the leader's answer once this node
+ * has applied its record, then runs the read here: a connection reads its
+ * own writes.  Returns 0 when all are answered, -1 when no leader took them
+ * (the caller waits for one and calls again: what is answered stays).
+ */
+static int
+repl_forward(struct req *batch, uint64_t deadline)
+{
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	int rc = 0;
+
+	msgpack_sbuffer_init(&sb);
+	for (struct req *r = batch, *end; r && rc == 0; r = end) {
+		natsMsg *reply = NULL;
+		msgpack_unpacked u;
+		natsStatus s;
+		uint32_t n = 0;
+		uint64_t seq;
+		int64_t wait;
+
+		if (r->done || !(method_table[r->method].flags & MF_WRITE)) {
+			if (!r->done)
+				repl_read(r);
+			end = r->qnext;
+			continue;
+		}
+		for (end = r; end && !end->done && (method_table[end->method].flags & MF_WRITE); end = end->qnext)
+			n++;
+		msgpack_sbuffer_clear(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		msgpack_pack_array(&pk, 2);
+		msgpack_pack_str_with_body(&pk, config.node, strlen(config.node));
+		msgpack_pack_array(&pk, n);
+		for (struct req *q = r; q != end; q = q->qnext) {
+			msgpack_sbuffer frame;
+
+			msgpack_sbuffer_init(&frame);
+			msgpack_packer_init(&pk, &frame, msgpack_sbuffer_write);
+			msgpack_pack_object(&pk, q->msg.data);
+			msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+			msgpack_pack_array(&pk, 2);
+			msgpack_pack_uint32(&pk, (uint32_t)q->uid);
+			msgpack_pack_bin_with_body(&pk, frame.data, frame.size);
+			msgpack_sbuffer_destroy(&frame);
+		}
+		wait = (int64_t)(deadline > now_micros() ? deadline - now_micros() : 0) / 1000;
+		s = forward_send(&sb, wait > 1000 ? wait : 1000, &reply);
+		if (s == NATS_NO_RESPONDERS) {
+			rc = -1;
+			break;
+		}
+		msgpack_unpacked_init(&u);
+		if (s != NATS_OK || msgpack_unpack_next(&u, natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply),
+		    NULL) != MSGPACK_UNPACK_SUCCESS || u.data.type != MSGPACK_OBJECT_ARRAY || u.data.via.array.size != 2 ||
+		    u.data.via.array.ptr[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+		    u.data.via.array.ptr[1].type != MSGPACK_OBJECT_ARRAY || u.data.via.array.ptr[1].via.array.size != n) {
+			/* A timeout: the leader may have run them, or not. */
+			for (struct req *q = r; q != end; q = q->qnext) {
+				req_error(q, E_UNAVAILABLE, NULL, "the leader did not answer (%s): whether it was done is "
+				    "unknown; retry with the same ref", s == NATS_OK ? "a bad answer" : natsStatus_GetText(s));
+				q->done = 1;
+			}
+		} else {
+			const msgpack_object *ans = u.data.via.array.ptr[1].via.array.ptr;
+
+			seq = u.data.via.array.ptr[0].via.u64;
+			for (struct req *q = r; q != end; q = q->qnext, ans++) {
+				msgpack_sbuffer_clear(&q->out);
+				if (ans->type == MSGPACK_OBJECT_ARRAY && ans->via.array.size == 2 &&
+				    ans->via.array.ptr[1].type == MSGPACK_OBJECT_BIN) {
+					msgpack_sbuffer_write(&q->out, ans->via.array.ptr[1].via.bin.ptr,
+					    ans->via.array.ptr[1].via.bin.size);
+					q->code = (int)ans->via.array.ptr[0].via.i64;
+				} else {
+					req_error(q, E_INTERNAL, NULL, "the leader's answer does not decode");
+				}
+				q->seq = seq;
+				q->done = 1;
+			}
+			if (repl_wait_applied(seq, deadline) != 0)
+				log_x(L_WARN, "replication: not applied the leader's record %" PRIu64 " in time: "
+				    "answering without it", seq);
+		}
+		msgpack_unpacked_destroy(&u);
+		natsMsg_Destroy(reply);
+	}
+	msgpack_sbuffer_destroy(&sb);
+	return rc;
+}
+
+static int writer_run(struct req *batch);
+
+/*
+ * The writer's turn in a replicated group: runs the batch as leader, or
+ * forwards it to the leader, whichever this node is, again after a fence or
+ * a change of leader; a write that finds no leader for failover_wait
+ * answers unavailable.  A diverged node answers reads and refuses writes.
+ */
+static void
+repl_run(struct req *batch)
+{
+	uint64_t deadline = now_micros() + config.failover_wait * 1000000ull;
+
+	for (struct req *r = batch; r; r = r->qnext)
+		r->done = 0;
+	for (;;) {
+		int role, refusing;
+		char why[256];
+
+		pthread_mutex_lock(&repl.lock);
+		role = repl.role;
+		refusing = repl.refusing;
+		snprintf(why, sizeof(why), "%s", repl.why);
+		pthread_mutex_unlock(&repl.lock);
+		if (refusing || role == RS_DIVERGED) {
+			for (struct req *r = batch; r; r = r->qnext)
+				if (!r->done && (refusing || (method_table[r->method].flags & MF_WRITE))) {
+					req_error(r, E_UNAVAILABLE, NULL, "this node is %s (%s): it takes no writes",
+					    repl_role_names[role], why);
+					r->done = 1;
+				} else if (!r->done) {
+					repl_read(r);
+				}
+			return;
+		}
+		if (role == RS_LEADER ? writer_run(batch) == 0 : repl_forward(batch, deadline) == 0)
+			return;
+		if (now_micros() >= deadline)
+			break;
+		pthread_mutex_lock(&repl.lock);
+		if (repl.role == role && !repl.stopping) {
+			struct timespec until;
+
+			clock_gettime(CLOCK_REALTIME, &until);
+			until.tv_nsec += 100000000;
+			if (until.tv_nsec >= 1000000000)
+				until.tv_sec++, until.tv_nsec -= 1000000000;
+			pthread_cond_timedwait(&repl.cond, &repl.lock, &until);
+		}
+		pthread_mutex_unlock(&repl.lock);
+	}
+	for (struct req *r = batch; r; r = r->qnext)
+		if (!r->done) {
+			req_error(r, E_UNAVAILABLE, NULL, "no leader within failover_wait (%u s): nothing was done; "
+			    "retry with the same ref", config.failover_wait);
+			r->done = 1;
+		}
+}
+
+/* ---- The lease ---- */
+
+/* Starts leading with the lease at revision rev (repl.lock held). */
+static void
+repl_lead(uint64_t rev, uint64_t t0)
+{
+	natsStatus s = NATS_OK;
+
+	if (repl.wsub == NULL)
+		s = natsConnection_QueueSubscribe(&repl.wsub, repl.nc, repl.writes, "leader", repl_on_forward, NULL);
+	if (s != NATS_OK) {
+		log_x(L_ERR, "replication: cannot take forwarded writes: %s", nats_GetLastError(NULL));
+		repl.wsub = NULL;
+	}
+	repl.lease_rev = rev;
+	repl.lease_until = t0 + config.lease_ttl * 1000000ull * 4 / 5;
+	repl.lease_expires_ms = now_seconds() * 1000 + config.lease_ttl * 1000;
+	snprintf(repl.leader, sizeof(repl.leader), "%s", config.node);
+	repl_role_set(RS_LEADER, "took the lease at revision %" PRIu64 ", applied %" PRIu64, rev, repl.pos.applied);
+	alert_wake(); /* what the last leader left unsent */
+}
+
+/* Stops leading (repl.lock held). */
+static void
+repl_step_down(const char *why)
+{
+	if (repl.wsub) {
+		natsSubscription_Unsubscribe(repl.wsub);
+		natsSubscription_Destroy(repl.wsub);
+		repl.wsub = NULL;
+	}
+	repl.leader[0] = '\0';
+	repl.lease_until = 0;
+	repl_role_set(RS_FOLLOWER, "%s", why);
+}
+
+/* The stream's first and last sequences; 0 when they cannot be read. */
+static int
+repl_stream_state(uint64_t *first, uint64_t *last)
+{
+	jsStreamInfo *si = NULL;
+	jsErrCode err = 0;
+
+	if (js_GetStreamInfo(&si, repl.js, repl.stream, NULL, &err) != NATS_OK)
+		return -1;
+	*first = si->State.FirstSeq;
+	*last = si->State.LastSeq;
+	jsStreamInfo_Destroy(si);
+	return 0;
+}
+
+/*
+ * Whether the stream still holds the history this node applied: it reaches
+ * its position, and the message there is its record's last.  Sets role to
+ * diverged when not, and back to follower when a repair mended it.
+ */
+static void
+repl_check_history(uint64_t first, uint64_t last)
+{
+	struct repl_pos pos;
+	natsMsg *m = NULL;
+	msgpack_unpacked u;
+	struct part pt;
+	int same = 1;
+
+	pthread_mutex_lock(&repl.lock);
+	pos = repl.pos;
+	repl.last = last;
+	if (pos.applied + 1 < first && !repl.refusing) {
+		repl.refusing = 1;
+		repl_role_set(RS_CATCHING_UP, "the stream starts at %" PRIu64 ", past this node's %" PRIu64 ": seed it "
+		    "from a backup of another node", first, pos.applied);
+	}
+	pthread_mutex_unlock(&repl.lock);
+	if (pos.applied == 0)
+		return;
+	if (last < pos.applied) {
+		same = 0;
+	} else if (js_GetMsg(&m, repl.js, repl.stream, pos.applied, NULL, NULL) == NATS_OK) {
+		msgpack_unpacked_init(&u);
+		same = repl_part_parse(&u, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &pt) == 0 &&
+		    pt.part + 1 == pt.parts && memcmp(pt.sum, pos.sum, 32) == 0;
+		msgpack_unpacked_destroy(&u);
+		natsMsg_Destroy(m);
+	} else if (pos.applied >= first) {
+		return; /* not readable now: no news */
+	}
+	pthread_mutex_lock(&repl.lock);
+	if (!same && repl.role != RS_DIVERGED) {
+		if (repl.role == RS_LEADER)
+			repl_step_down("the stream lost records");
+		if (last < pos.applied)
+			repl_role_set(RS_DIVERGED, "the stream ends at %" PRIu64 ", before the record at %" PRIu64
+			    " this node applied", last, pos.applied);
+		else
+			repl_role_set(RS_DIVERGED, "the stream holds another record at %" PRIu64 " than this node applied",
+			    pos.applied);
+	} else if (same && repl.role == RS_DIVERGED) {
+		repl_role_set(RS_FOLLOWER, "the stream holds this node's history again");
+	}
+	pthread_mutex_unlock(&repl.lock);
+}
+
+/* The lease thread: refreshes the lease while leading; otherwise watches it, and takes it when free. */
+static void *
+repl_lease_main(void *arg)
+{
+	char value[128];
+
+	(void)arg;
+	for (;;) {
+		uint64_t rev = 0, first = 0, last = 0, t0 = now_micros(), wait_ms = 500;
+		kvEntry *e = NULL;
+		natsStatus s;
+		int role;
+
+		pthread_mutex_lock(&repl.lock);
+		if (repl.stopping) {
+			if (repl.role == RS_LEADER && kvStore_Delete(repl.kv, LEASE_KEY) == NATS_OK)
+				log_x(L_INFO, "replication: handed the lease back");
+			pthread_mutex_unlock(&repl.lock);
+			break;
+		}
+		role = repl.role;
+		rev = repl.lease_rev;
+		snprintf(value, sizeof(value), "%s %" PRIu64, config.node, repl.pos.applied);
+		repl.refresh_now = 0;
+		pthread_mutex_unlock(&repl.lock);
+		if (role == RS_LEADER) {
+			s = kvStore_Update(&rev, repl.kv, LEASE_KEY, value, (int)strlen(value), rev);
+			pthread_mutex_lock(&repl.lock);
+			if (repl.role != RS_LEADER) {
+			} else if (s == NATS_OK) {
+				repl.lease_rev = rev;
+				repl.lease_until = t0 + config.lease_ttl * 1000000ull * 4 / 5;
+				repl.lease_expires_ms = now_seconds() * 1000 + config.lease_ttl * 1000;
+			} else if (s == NATS_ERR) {
+				repl_step_down("another node took the lease");
+			} else if (now_micros() >= repl.lease_until) {
+				repl_step_down("the lease could not be refreshed in time");
+			}
+			pthread_mutex_unlock(&repl.lock);
+			wait_ms = config.lease_ttl * 1000 / 4;
+		} else if ((s = kvStore_Get(&e, repl.kv, LEASE_KEY)) == NATS_OK || s == NATS_NOT_FOUND) {
+			char node[64] = "";
+			unsigned long long applied = 0;
+			int caught_up;
+
+			if (e) {
+				snprintf(value, sizeof(value), "%.*s", kvEntry_ValueLen(e), (const char *)kvEntry_Value(e));
+				if (sscanf(value, "%63s %llu", node, &applied) != 2)
+					node[0] = '\0';
+				rev = kvEntry_Revision(e);
+			}
+			caught_up = repl_stream_state(&first, &last) == 0;
+			if (caught_up)
+				repl_check_history(first, last);
+			pthread_mutex_lock(&repl.lock);
+			snprintf(repl.leader, sizeof(repl.leader), "%s", node);
+			if (e) {
+				repl.leader_applied = applied;
+				repl.lease_expires_ms = kvEntry_Created(e) / 1000000 + config.lease_ttl * 1000;
+			}
+			caught_up = caught_up && repl.tail >= last && repl.pos.applied >= repl.leader_applied;
+			if (caught_up && repl.role == RS_CATCHING_UP && !repl.refusing)
+				repl_role_set(RS_FOLLOWER, "applied the stream to its end, %" PRIu64, last);
+			role = repl.role;
+			pthread_mutex_unlock(&repl.lock);
+			/* Free, or ours from before a restart: take it if this node has the whole stream. */
+			if (caught_up && role == RS_FOLLOWER && (e == NULL || strcmp(node, config.node) == 0)) {
+				t0 = now_micros();
+				s = e ? kvStore_Update(&rev, repl.kv, LEASE_KEY, value, (int)strlen(value), rev) :
+				    kvStore_Create(&rev, repl.kv, LEASE_KEY, value, (int)strlen(value));
+				pthread_mutex_lock(&repl.lock);
+				if (s == NATS_OK && repl.role == RS_FOLLOWER)
+					repl_lead(rev, t0);
+				pthread_mutex_unlock(&repl.lock);
+			}
+			kvEntry_Destroy(e);
+		}
+		pthread_mutex_lock(&repl.lock);
+		if (!repl.stopping && !repl.refresh_now) {
+			struct timespec until;
+
+			clock_gettime(CLOCK_REALTIME, &until);
+			until.tv_sec += (time_t)(wait_ms / 1000);
+			until.tv_nsec += (long)(wait_ms % 1000) * 1000000;
+			if (until.tv_nsec >= 1000000000)
+				until.tv_sec++, until.tv_nsec -= 1000000000;
+			pthread_cond_timedwait(&repl.cond, &repl.lock, &until);
+		}
+		pthread_mutex_unlock(&repl.lock);
+	}
+	return NULL;
+}
+
+/* The stream sequence of the last record this node committed. */
+static uint64_t
+repl_applied(void)
+{
+	uint64_t applied;
+
+	pthread_mutex_lock(&repl.lock);
+	applied = repl.pos.applied;
+	pthread_mutex_unlock(&repl.lock);
+	return applied;
+}
+
+/* Whether this node's side writers (alerts, events) may write: it leads, or it is single. */
+static int
+repl_may_write(void)
+{
+	int role;
+
+	if (!repl_on)
+		return 1;
+	pthread_mutex_lock(&repl.lock);
+	role = repl.role;
+	pthread_mutex_unlock(&repl.lock);
+	return role == RS_LEADER;
+}
+
+/* ---- status, stats and repair ---- */
+
+static int
+m_status(struct call *c)
+{
+	msgpack_packer *pk = c->pk;
+	struct repl r;
+	int64_t now_ms = now_seconds() * 1000;
+
+	if (!repl_on) {
+		msgpack_pack_map(pk, 8);
+		KV_STR(pk, "node", config.node);
+		KV_STR(pk, "role", repl_role_names[RS_SINGLE]);
+		KEY(pk, "leader"), msgpack_pack_nil(pk);
+		KEY(pk, "applied"), msgpack_pack_nil(pk);
+		KEY(pk, "last"), msgpack_pack_nil(pk);
+		KV_U64(pk, "lag_records", 0);
+		KV_U64(pk, "lag_ms", 0);
+		KEY(pk, "lease_expires_at"), msgpack_pack_nil(pk);
+		return E_OK;
+	}
+	pthread_mutex_lock(&repl.lock);
+	r = repl;
+	pthread_mutex_unlock(&repl.lock);
+	if (r.last < r.pos.applied)
+		r.last = r.pos.applied;
+	if (r.role != RS_DIVERGED && !r.refusing)
+		r.why[0] = '\0';
+	msgpack_pack_map(pk, r.why[0] ? 9 : 8);
+	KV_STR(pk, "node", config.node);
+	KV_STR(pk, "role", repl_role_names[r.role]);
+	KEY(pk, "leader");
+	r.leader[0] ? pack_cstr(pk, r.leader) : msgpack_pack_nil(pk);
+	KV_U64(pk, "applied", r.pos.applied);
+	KV_U64(pk, "last", r.last);
+	KV_U64(pk, "lag_records", r.last - r.pos.applied);
+	KV_U64(pk, "lag_ms", r.last > r.pos.applied && now_ms > r.applied_ms ? (uint64_t)(now_ms - r.applied_ms) : 0);
+	KEY(pk, "lease_expires_at");
+	if (r.lease_expires_ms && r.leader[0])
+		pack_time(pk, r.lease_expires_ms / 1000);
+	else
+		msgpack_pack_nil(pk);
+	if (r.why[0])
+		KV_STR(pk, "why", r.why);
+	return E_OK;
+}
+
+/* stats' "replication": nil for a single node. */
+static void
+repl_stats_pack(msgpack_packer *pk)
+{
+	struct repl r;
+
+	if (!repl_on) {
+		msgpack_pack_nil(pk);
+		return;
+	}
+	pthread_mutex_lock(&repl.lock);
+	r = repl;
+	pthread_mutex_unlock(&repl.lock);
+	msgpack_pack_map(pk, 7);
+	KV_STR(pk, "role", repl_role_names[r.role]);
+	KV_U64(pk, "records_published", r.published);
+	KV_U64(pk, "records_applied", r.applied_records);
+	KV_U64(pk, "writes_forwarded_here", r.forwarded);
+	KV_U64(pk, "fenced", r.fenced);
+	KV_U64(pk, "lag_records", r.last > r.pos.applied ? r.last - r.pos.applied : 0);
+	pack_cstr(pk, "publish_us");
+	histogram_pack(pk, &r.publish_us, latency_bounds);
+}
+
+/*
+ * On a diverged node whose stream lost its last records: publishes this
+ * node's copies of them (replog) after the stream's last, which must be the
+ * message this node holds there.  The first publish fails if anything else
+ * was appended meanwhile.
+ */
+static int
+m_replication_repair(struct call *c)
+{
+	uint64_t first = 0, last = 0, seq, got, deadline = now_micros() + config.failover_wait * 1000000ull;
+	struct repl_pos pos;
+	unsigned char key[8];
+	MDB_val k = { 8, key }, v;
+	natsMsg *m = NULL;
+	char msgid[128];
+	int role, rc;
+
+	if (!repl_on)
+		return fail(c, E_UNAVAILABLE, NULL, "this walletd is a single node: there is nothing to repair");
+	pthread_mutex_lock(&repl.lock);
+	role = repl.role;
+	pos = repl.pos;
+	pthread_mutex_unlock(&repl.lock);
+	if (role != RS_DIVERGED)
+		return fail(c, E_UNAVAILABLE, NULL, "only a diverged node repairs the stream; this one is %s",
+		    repl_role_names[role]);
+	if (repl_stream_state(&first, &last) != 0)
+		return fail(c, E_UNAVAILABLE, NULL, "cannot read the stream: %s", nats_GetLastError(NULL));
+	if (last >= pos.applied)
+		return fail(c, E_UNAVAILABLE, NULL, "the stream reaches this node's record %" PRIu64 " with another "
+		    "history: seed this node from a backup of a node that follows it", pos.applied);
+	if (last > 0) {
+		be64_put(key, last);
+		if ((rc = mdb_get(c->txn, store.replog, &k, &v)) != 0 ||
+		    js_GetMsg(&m, repl.js, repl.stream, last, NULL, NULL) != NATS_OK ||
+		    (size_t)natsMsg_GetDataLength(m) != v.mv_size || memcmp(natsMsg_GetData(m), v.mv_data, v.mv_size) != 0) {
+			natsMsg_Destroy(m);
+			return fail(c, E_UNAVAILABLE, NULL, "the stream's message %" PRIu64 " is not this node's copy of it "
+			    "(or it has none): repair from the node that has the stream's history", last);
+		}
+		natsMsg_Destroy(m);
+	}
+	for (seq = last + 1; seq <= pos.applied; seq++) {
+		be64_put(key, seq);
+		if ((rc = mdb_get(c->txn, store.replog, &k, &v)) != 0)
+			return fail(c, E_UNAVAILABLE, NULL, "this node no longer holds message %" PRIu64 " (it keeps "
+			    "the last %u)", seq, REPLOG_KEEP);
+		snprintf(msgid, sizeof(msgid), "repair.%s.%" PRIu64, config.node, seq);
+		if (repl_send(msgid, seq - 1, v.mv_data, v.mv_size, deadline, &got) != 0)
+			return fail(c, E_UNAVAILABLE, NULL, "the stream did not take message %" PRIu64 " (%" PRIu64
+			    " republished): was something else appended?", seq, seq - last - 1);
+	}
+	log_x(L_WARN, "replication: republished the stream's messages %" PRIu64 " to %" PRIu64, last + 1, pos.applied);
+	pthread_mutex_lock(&repl.lock);
+	repl.refresh_now = 1;
+	pthread_cond_broadcast(&repl.cond);
+	pthread_mutex_unlock(&repl.lock);
+	msgpack_pack_map(c->pk, 2);
+	KV_U64(c->pk, "republished", pos.applied - last);
+	KV_U64(c->pk, "last", pos.applied);
+	return E_OK;
+}
+
+/* ---- Start and stop ---- */
+
+/* Connects to NATS, makes the stream and the lease bucket if missing, starts the threads. */
+static int
+repl_start(void)
+{
+	char urls[sizeof(config.nats_url)], *servers[16], *save = NULL, bucket[96];
+	natsOptions *opts = NULL;
+	jsStreamConfig sc;
+	jsStreamInfo *si = NULL;
+	kvConfig kc;
+	jsErrCode err = 0;
+	natsStatus s;
+	MDB_txn *txn;
+	int n = 0;
+	const char *subjects[1];
+
+	if (strspn(config.node, NAME_CHARS) != strlen(config.node)) {
+		log_x(L_ERR, "set 'node' in the config: the host name '%s' is not a node name", config.node);
+		return -1;
+	}
+	snprintf(urls, sizeof(urls), "%s", config.nats_url);
+	for (char *tok = strtok_r(urls, ", ", &save); tok && n < 16; tok = strtok_r(NULL, ", ", &save))
+		servers[n++] = tok;
+	snprintf(repl.stream, sizeof(repl.stream), "walletd_%s", config.cluster);
+	snprintf(repl.subject, sizeof(repl.subject), "walletd.%s.records", config.cluster);
+	snprintf(repl.writes, sizeof(repl.writes), "walletd.%s.writes", config.cluster);
+	snprintf(bucket, sizeof(bucket), "walletd_%s_lease", config.cluster);
+	if ((s = natsOptions_Create(&opts)) != NATS_OK ||
+	    (s = natsOptions_SetServers(opts, (const char **)servers, n)) != NATS_OK ||
+	    (s = natsOptions_SetName(opts, config.node)) != NATS_OK ||
+	    (s = natsOptions_SetMaxReconnect(opts, -1)) != NATS_OK ||
+	    (s = natsOptions_SetReconnectWait(opts, 250)) != NATS_OK ||
+	    (s = natsOptions_SetRetryOnFailedConnect(opts, true, NULL, NULL)) != NATS_OK ||
+	    (config.nats_creds[0] && (s = natsOptions_SetUserCredentialsFromFiles(opts, config.nats_creds, NULL)) != NATS_OK) ||
+	    (config.nats_ca[0] && (s = natsOptions_LoadCATrustedCertificates(opts, config.nats_ca)) != NATS_OK) ||
+	    (s = natsConnection_Connect(&repl.nc, opts)) != NATS_OK || (s = natsConnection_JetStream(&repl.js, repl.nc, NULL)) != NATS_OK) {
+		log_x(L_ERR, "replication: cannot connect to %s: %s", config.nats_url, nats_GetLastError(NULL));
+		natsOptions_Destroy(opts);
+		return -1;
+	}
+	natsOptions_Destroy(opts);
+	repl.part_max = (size_t)natsConnection_GetMaxPayload(repl.nc) - PART_ROOM;
+	jsStreamConfig_Init(&sc);
+	sc.Name = repl.stream;
+	subjects[0] = repl.subject;
+	sc.Subjects = subjects;
+	sc.SubjectsLen = 1;
+	sc.Storage = js_FileStorage;
+	sc.Replicas = (int64_t)config.stream_replicas;
+	sc.MaxAge = (int64_t)config.stream_max_age * 1000000000;
+	sc.Duplicates = (int64_t)120 * 1000000000;
+	for (int tries = 0; (s = js_AddStream(&si, repl.js, &sc, NULL, &err)) != NATS_OK &&
+	    err != JSStreamNameExistErr; tries++) {
+		if (tries == 0 || tries % 10 == 0)
+			log_x(L_WARN, "replication: cannot make the stream %s yet: %s (%d); trying again", repl.stream,
+			    natsStatus_GetText(s), (int)err);
+		sleep(1);
+	}
+	jsStreamInfo_Destroy(si);
+	kvConfig_Init(&kc);
+	kc.Bucket = bucket;
+	kc.History = 1;
+	kc.TTL = (int64_t)config.lease_ttl * 1000000000;
+	kc.Replicas = (int)config.stream_replicas;
+	kc.StorageType = js_FileStorage;
+	for (int tries = 0; (s = js_CreateKeyValue(&repl.kv, repl.js, &kc)) != NATS_OK &&
+	    (s = js_KeyValue(&repl.kv, repl.js, bucket)) != NATS_OK; tries++) {
+		if (tries == 0 || tries % 10 == 0)
+			log_x(L_WARN, "replication: cannot make the lease bucket %s yet: %s", bucket, nats_GetLastError(NULL));
+		sleep(1);
+	}
+	if (mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn) != 0 || repl_pos_get(txn, &repl.pos) != 0) {
+		log_x(L_ERR, "replication: cannot read this node's position");
+		return -1;
+	}
+	mdb_txn_abort(txn);
+	repl.tail = repl.pos.applied;
+	repl.role = RS_CATCHING_UP;
+	log_x(L_INFO, "replication: node %s of %s, stream %s, applied %" PRIu64 "; catching up", config.node,
+	    config.cluster, repl.stream, repl.pos.applied);
+	if (pthread_create(&repl.applier, NULL, repl_apply_main, NULL) != 0 ||
+	    pthread_create(&repl.leaser, NULL, repl_lease_main, NULL) != 0)
+		return -1;
+	return 0;
+}
+
+/* Hands the lease back when leading, stops the threads, closes the connection. */
+static void
+repl_stop(void)
+{
+	if (!repl_on)
+		return;
+	pthread_mutex_lock(&repl.lock);
+	repl.stopping = 1;
+	pthread_cond_broadcast(&repl.cond);
+	pthread_mutex_unlock(&repl.lock);
+	pthread_join(repl.leaser, NULL);
+	pthread_join(repl.applier, NULL);
+	if (repl.wsub)
+		natsSubscription_Destroy(repl.wsub);
+	kvStore_Destroy(repl.kv);
+	jsCtx_Destroy(repl.js);
+	natsConnection_Destroy(repl.nc);
+	nats_Close();
+}
+
+/* ====================================================================== */
+/* 8. Alert thread                                                        */
 /* ====================================================================== */
 
 /*
@@ -9005,8 +10798,12 @@ alert_main(void *arg)
 		cf = config;
 		alerter.wake = 0;
 		pthread_mutex_unlock(&alerter.lock);
-		wait = alert_run(&cf);
-		events_wait = events_run(&cf);
+		if (repl_may_write()) {
+			wait = alert_run(&cf);
+			events_wait = events_run(&cf);
+		} else { /* a follower: the leader sends them, and records it */
+			wait = events_wait = cf.alert_interval;
+		}
 		if (events_wait < wait)
 			wait = events_wait;
 		pthread_mutex_lock(&alerter.lock);
@@ -9135,6 +10932,9 @@ main(int argc, char **argv)
 	raise_nofile();
 	curl_global_init(CURL_GLOBAL_DEFAULT);
 	signal(SIGPIPE, SIG_IGN);
+	if (!config.node[0] && gethostname(config.node, sizeof(config.node) - 1) != 0)
+		strcpy(config.node, "walletd");
+	repl_on = config.nats_url[0] != '\0';
 	if (store_open(config.store) != 0)
 		return 1;
 	if ((srv.listen_fd = listen_open(config.socket)) < 0)
@@ -9169,11 +10969,14 @@ main(int argc, char **argv)
 		log_x(L_ERR, "cannot start threads");
 		return 1;
 	}
+	if (repl_on && repl_start() != 0)
+		return 1;
 	printf("walletd %s ready: socket %s, store %s, pid %d\n", WALLETD_VERSION, config.socket,
 	    config.store, (int)getpid());
 	fflush(stdout);
 	loop_run();
 	loop_stop();
+	repl_stop();
 	alert_stop();
 	ahead_stop();
 	expand_free();
