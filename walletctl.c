@@ -6,7 +6,7 @@
  * are walletctl's own: help, rate export, bench.
  *
  * Exit codes: 0 success, 1 walletd answered an error, 2 usage error,
- * 3 cannot reach walletd, 4 insufficient_balance.
+ * 3 cannot reach walletd, 4 insufficient_balance, 5 unavailable (retry).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -568,15 +568,14 @@ print_response(const msgpack_object *resp)
 	result = &resp->via.array.ptr[3];
 	if (err->type != MSGPACK_OBJECT_NIL) {
 		const msgpack_object *code = map_get(err, "code");
-		int insufficient = code && code->type == MSGPACK_OBJECT_STR && code->via.str.size == 20 &&
-		    memcmp(code->via.str.ptr, "insufficient_balance", 20) == 0;
+		int c = code && code->type == MSGPACK_OBJECT_STR ? error_find(code->via.str.ptr, code->via.str.size) : -1;
 
 		if (json_output) {
 			json_print(stdout, err);
 			putchar('\n');
 		}
 		print_error("walletctl", err);
-		return insufficient ? EXIT_INSUFFICIENT : EXIT_ERROR;
+		return c == E_INSUFFICIENT_BALANCE ? EXIT_INSUFFICIENT : c == E_UNAVAILABLE ? EXIT_UNAVAILABLE : EXIT_ERROR;
 	}
 	if (json_output) {
 		json_print(stdout, result);
@@ -987,7 +986,8 @@ help_all(FILE *f)
 	    "       walletctl help [COMMAND]\n\n"
 	    "Required arguments may be given in order or as --name VALUE; '_' in a name may be '-'.\n"
 	    "Socket: -s, else $WALLETD_SOCKET, else ./var/walletd.sock, else /run/walletd/walletd.sock.\n"
-	    "Exit codes: 0 success, 1 error answer, 2 usage, 3 cannot connect, 4 insufficient_balance.\n\n"
+	    "Exit codes: 0 success, 1 error answer, 2 usage, 3 cannot connect, 4 insufficient_balance,\n"
+	    "5 unavailable (no leader yet: retry, with the same ref).\n\n"
 	    "Commands:\n");
 	for (int m = 0; m < M__COUNT; m++)
 		fprintf(f, "  %-16s %s\n", command_name(m), method_table[m].summary);

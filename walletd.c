@@ -174,7 +174,7 @@ static const struct config_key config_keys[] = {
 	CK(webhook_timeout, CF_UINT, 1, "seconds a webhook delivery may take"),
 	CK(nats_url, CF_STR, 0, "NATS server URLs, comma-separated: replicate through JetStream (empty = a single node)"),
 	CK(cluster, CF_STR, 0, "the replicated group's name: its stream, subjects and lease are named after it"),
-	CK(node, CF_STR, 0, "this node's name in the group (default: the host name)"),
+	CK(node, CF_STR, 0, "this node's name in the group; empty = the host name"),
 	CK(stream_replicas, CF_UINT, 0, "copies JetStream keeps of the group's stream (1, 3 or 5)"),
 	CK(lease_ttl, CF_UINT, 0, "seconds the leader's lease lasts without a refresh"),
 	CK(stream_max_age, CF_UINT, 0, "seconds the stream keeps a record; a node further behind must be re-seeded"),
@@ -1352,6 +1352,14 @@ touch(MDB_dbi dbi, const MDB_val *k)
 	memcpy(touched.p + touched.len, head, sizeof(head));
 	memcpy(touched.p + touched.len + sizeof(head), k->mv_data, k->mv_size);
 	touched.len += need;
+}
+
+/* At the end of a thread that wrote. */
+static void
+touched_free(void)
+{
+	free(touched.p);
+	memset(&touched, 0, sizeof(touched));
 }
 
 static int
@@ -8297,6 +8305,7 @@ writer_main(void *arg)
 			pthread_mutex_unlock(&srv.lock);
 			msgpack_sbuffer_destroy(&scratch);
 			expand_free();
+			touched_free();
 			return NULL;
 		}
 		batch = last = srv.wq_head;
@@ -9361,6 +9370,7 @@ repl_apply_main(void *arg)
 		natsSubscription_Destroy(sub);
 	msgpack_sbuffer_destroy(&a.bytes);
 	msgpack_sbuffer_destroy(&a.msgs);
+	touched_free();
 	return NULL;
 }
 
@@ -9579,32 +9589,67 @@ bad:
 	remote_free(rm);
 }
 
-/* Sends a forwarded message to the leader, in parts when it is too large for one; returns the answer. */
+/*
+ * Sends a forwarded message to leader, in parts when it is too large for one,
+ * and returns the answer: NATS_NO_RESPONDERS when no leader took it (nothing
+ * was done), NATS_TIMEOUT when the lease moved on from leader before it
+ * answered, or when it took longer than its own failover_wait could explain
+ * (it may have been done).  The writer's own inbox takes the answers.
+ */
 static natsStatus
-forward_send(const msgpack_sbuffer *sb, int64_t timeout_ms, natsMsg **reply)
+forward_send(const msgpack_sbuffer *sb, const char *leader, natsMsg **reply)
 {
+	static natsSubscription *inbox;
 	static uint64_t counter;
 	size_t parts = sb->size / repl.part_max + 1;
-	char id[96], part[48];
+	uint64_t deadline = now_micros() + config.failover_wait * 1000000ull + 5000000;
+	char subject[160], id[96], part[48];
 	natsStatus s = NATS_OK;
 
-	if (parts == 1)
-		return natsConnection_Request(reply, repl.nc, repl.writes, sb->data, (int)sb->size, timeout_ms);
-	snprintf(id, sizeof(id), "%s.%" PRIu64, config.node, ++counter);
+	if (inbox == NULL) {
+		snprintf(subject, sizeof(subject), "_INBOX.walletd.%s.%s.*", config.cluster, config.node);
+		if ((s = natsConnection_SubscribeSync(&inbox, repl.nc, subject)) != NATS_OK) {
+			inbox = NULL;
+			return s;
+		}
+		natsSubscription_SetPendingLimits(inbox, -1, -1);
+	}
+	snprintf(subject, sizeof(subject), "_INBOX.walletd.%s.%s.%" PRIu64, config.cluster, config.node, ++counter);
+	snprintf(id, sizeof(id), "%s.%" PRIu64, config.node, counter);
 	for (size_t i = 0; i < parts && s == NATS_OK; i++) {
 		size_t off = i * repl.part_max, n = sb->size - off < repl.part_max ? sb->size - off : repl.part_max;
 		natsMsg *m = NULL;
 
 		snprintf(part, sizeof(part), "%zu/%zu", i, parts);
-		if ((s = natsMsg_Create(&m, repl.writes, NULL, sb->data + off, (int)n)) == NATS_OK &&
-		    (s = natsMsgHeader_Set(m, "Walletd-Forward", id)) == NATS_OK &&
-		    (s = natsMsgHeader_Set(m, "Walletd-Part", part)) == NATS_OK)
-			s = natsConnection_RequestMsg(reply, repl.nc, m, timeout_ms);
+		if ((s = natsMsg_Create(&m, repl.writes, subject, sb->data + off, (int)n)) == NATS_OK &&
+		    (parts == 1 || ((s = natsMsgHeader_Set(m, "Walletd-Forward", id)) == NATS_OK &&
+		    (s = natsMsgHeader_Set(m, "Walletd-Part", part)) == NATS_OK)))
+			s = natsConnection_PublishMsg(repl.nc, m);
 		natsMsg_Destroy(m);
-		if (s == NATS_OK && i + 1 < parts) {
-			natsMsg_Destroy(*reply);
-			*reply = NULL;
+	}
+	while (s == NATS_OK) {
+		int moved;
+
+		*reply = NULL;
+		if ((s = natsSubscription_NextMsg(reply, inbox, 100)) == NATS_OK) {
+			if (strcmp(natsMsg_GetSubject(*reply), subject) != 0 || (natsMsg_GetDataLength(*reply) == 0 &&
+			    !natsMsg_IsNoResponders(*reply))) {
+				natsMsg_Destroy(*reply); /* an earlier forward's late answer, or a part's receipt */
+				continue;
+			}
+			if (natsMsg_IsNoResponders(*reply)) {
+				natsMsg_Destroy(*reply);
+				*reply = NULL;
+				return NATS_NO_RESPONDERS;
+			}
+			return NATS_OK;
 		}
+		if (s != NATS_TIMEOUT)
+			break;
+		pthread_mutex_lock(&repl.lock);
+		moved = strcmp(repl.leader, leader) != 0 || repl.stopping;
+		pthread_mutex_unlock(&repl.lock);
+		s = moved || now_micros() >= deadline ? NATS_TIMEOUT : NATS_OK;
 	}
 	return s;
 }
@@ -9669,7 +9714,7 @@ repl_forward(struct req *batch, uint64_t deadline)
 		natsStatus s;
 		uint32_t n = 0;
 		uint64_t seq;
-		int64_t wait;
+		char leader[64];
 
 		if (r->done || !(method_table[r->method].flags & MF_WRITE)) {
 			if (!r->done)
@@ -9696,8 +9741,10 @@ repl_forward(struct req *batch, uint64_t deadline)
 			msgpack_pack_bin_with_body(&pk, frame.data, frame.size);
 			msgpack_sbuffer_destroy(&frame);
 		}
-		wait = (int64_t)(deadline > now_micros() ? deadline - now_micros() : 0) / 1000;
-		s = forward_send(&sb, wait > 1000 ? wait : 1000, &reply);
+		pthread_mutex_lock(&repl.lock);
+		snprintf(leader, sizeof(leader), "%s", repl.leader);
+		pthread_mutex_unlock(&repl.lock);
+		s = leader[0] ? forward_send(&sb, leader, &reply) : NATS_NO_RESPONDERS;
 		if (s == NATS_NO_RESPONDERS) {
 			rc = -1;
 			break;
@@ -9709,8 +9756,8 @@ repl_forward(struct req *batch, uint64_t deadline)
 		    u.data.via.array.ptr[1].type != MSGPACK_OBJECT_ARRAY || u.data.via.array.ptr[1].via.array.size != n) {
 			/* A timeout: the leader may have run them, or not. */
 			for (struct req *q = r; q != end; q = q->qnext) {
-				req_error(q, E_UNAVAILABLE, NULL, "the leader did not answer (%s): whether it was done is "
-				    "unknown; retry with the same ref", s == NATS_OK ? "a bad answer" : natsStatus_GetText(s));
+				req_error(q, E_UNAVAILABLE, NULL, "the leader, %s, did not answer (%s): whether it was done is "
+				    "unknown; retry with the same ref", leader, s == NATS_OK ? "a bad answer" : natsStatus_GetText(s));
 				q->done = 1;
 			}
 		} else {
@@ -9776,8 +9823,24 @@ repl_run(struct req *batch)
 				}
 			return;
 		}
-		if (role == RS_LEADER ? writer_run(batch) == 0 : repl_forward(batch, deadline) == 0)
+		if (role == RS_LEADER) {
+			int rc = writer_run(batch);
+
+			if (rc == 0)
+				return;
+			if (rc == REPL_UNAVAILABLE) {
+				for (struct req *r = batch; r; r = r->qnext)
+					if (!r->done) {
+						req_error(r, E_UNAVAILABLE, NULL, "the stream did not acknowledge the record within "
+						    "failover_wait (%u s): whether it holds it is unknown; retry with the same ref",
+						    config.failover_wait);
+						r->done = 1;
+					}
+				return;
+			}
+		} else if (repl_forward(batch, deadline) == 0) {
 			return;
+		}
 		if (now_micros() >= deadline)
 			break;
 		pthread_mutex_lock(&repl.lock);
@@ -9802,6 +9865,19 @@ repl_run(struct req *batch)
 
 /* ---- The lease ---- */
 
+/*
+ * How long after the start of its last successful refresh the holder may
+ * lead: the bucket deletes the key lease_ttl after it received the refresh,
+ * so a second (or a tenth) less keeps clear of the next holder.
+ */
+static uint64_t
+lease_span(void)
+{
+	uint64_t ttl = config.lease_ttl * 1000000ull;
+
+	return ttl - (ttl / 10 > 1000000 ? ttl / 10 : 1000000);
+}
+
 /* Starts leading with the lease at revision rev (repl.lock held). */
 static void
 repl_lead(uint64_t rev, uint64_t t0)
@@ -9815,7 +9891,7 @@ repl_lead(uint64_t rev, uint64_t t0)
 		repl.wsub = NULL;
 	}
 	repl.lease_rev = rev;
-	repl.lease_until = t0 + config.lease_ttl * 1000000ull * 4 / 5;
+	repl.lease_until = t0 + lease_span();
 	repl.lease_expires_ms = now_seconds() * 1000 + config.lease_ttl * 1000;
 	snprintf(repl.leader, sizeof(repl.leader), "%s", config.node);
 	repl_role_set(RS_LEADER, "took the lease at revision %" PRIu64 ", applied %" PRIu64, rev, repl.pos.applied);
@@ -9934,7 +10010,7 @@ repl_lease_main(void *arg)
 			if (repl.role != RS_LEADER) {
 			} else if (s == NATS_OK) {
 				repl.lease_rev = rev;
-				repl.lease_until = t0 + config.lease_ttl * 1000000ull * 4 / 5;
+				repl.lease_until = t0 + lease_span();
 				repl.lease_expires_ms = now_seconds() * 1000 + config.lease_ttl * 1000;
 			} else if (s == NATS_ERR) {
 				repl_step_down("another node took the lease");
@@ -9942,7 +10018,7 @@ repl_lease_main(void *arg)
 				repl_step_down("the lease could not be refreshed in time");
 			}
 			pthread_mutex_unlock(&repl.lock);
-			wait_ms = config.lease_ttl * 1000 / 4;
+			wait_ms = 1000; /* a refresh a second: a stall of the bucket's server (seconds) is outlived */
 		} else if ((s = kvStore_Get(&e, repl.kv, LEASE_KEY)) == NATS_OK || s == NATS_NOT_FOUND) {
 			char node[64] = "";
 			unsigned long long applied = 0;
@@ -10164,6 +10240,7 @@ repl_start(void)
 {
 	char urls[sizeof(config.nats_url)], *servers[16], *save = NULL, bucket[96];
 	natsOptions *opts = NULL;
+	jsOptions jo;
 	jsStreamConfig sc;
 	jsStreamInfo *si = NULL;
 	kvConfig kc;
@@ -10177,6 +10254,8 @@ repl_start(void)
 		log_x(L_ERR, "set 'node' in the config: the host name '%s' is not a node name", config.node);
 		return -1;
 	}
+	jsOptions_Init(&jo);
+	jo.Wait = 2000; /* a JetStream call that hangs (a server re-electing) is tried again sooner */
 	snprintf(urls, sizeof(urls), "%s", config.nats_url);
 	for (char *tok = strtok_r(urls, ", ", &save); tok && n < 16; tok = strtok_r(NULL, ", ", &save))
 		servers[n++] = tok;
@@ -10192,7 +10271,7 @@ repl_start(void)
 	    (s = natsOptions_SetRetryOnFailedConnect(opts, true, NULL, NULL)) != NATS_OK ||
 	    (config.nats_creds[0] && (s = natsOptions_SetUserCredentialsFromFiles(opts, config.nats_creds, NULL)) != NATS_OK) ||
 	    (config.nats_ca[0] && (s = natsOptions_LoadCATrustedCertificates(opts, config.nats_ca)) != NATS_OK) ||
-	    (s = natsConnection_Connect(&repl.nc, opts)) != NATS_OK || (s = natsConnection_JetStream(&repl.js, repl.nc, NULL)) != NATS_OK) {
+	    (s = natsConnection_Connect(&repl.nc, opts)) != NATS_OK || (s = natsConnection_JetStream(&repl.js, repl.nc, &jo)) != NATS_OK) {
 		log_x(L_ERR, "replication: cannot connect to %s: %s", config.nats_url, nats_GetLastError(NULL));
 		natsOptions_Destroy(opts);
 		return -1;
@@ -10816,6 +10895,7 @@ alert_main(void *arg)
 				break;
 	}
 	pthread_mutex_unlock(&alerter.lock);
+	touched_free();
 	return NULL;
 }
 

@@ -127,3 +127,91 @@ class Group:
     def cleanup(self):
         for d in self.nodes:
             d.cleanup()
+
+
+class NatsClient:
+    """Just enough of the NATS protocol for the tests to read and rebuild a stream
+    through the JetStream API (Debian has no Python NATS client)."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+        self._line()  # INFO
+        self.sock.sendall(b'CONNECT {"verbose":false,"headers":true,"no_responders":true}\r\nSUB _INBOX.t 1\r\n')
+        self.n = 0
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            self.buf += self.sock.recv(65536)
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _bytes(self, n):
+        while len(self.buf) < n + 2:
+            self.buf += self.sock.recv(65536)
+        data, self.buf = self.buf[:n], self.buf[n + 2:]
+        return data
+
+    def request(self, subject, payload=b"", headers=None):
+        """Sends payload (with headers) to subject; returns the reply's body (bytes)."""
+        if isinstance(payload, str):
+            payload = payload.encode()
+        hdr = b""
+        if headers:
+            hdr = b"NATS/1.0\r\n" + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode())
+                                               for k, v in headers.items()) + b"\r\n"
+        self.sock.sendall(b"HPUB %s _INBOX.t %d %d\r\n%s%s\r\n" % (subject.encode(), len(hdr), len(hdr) + len(payload),
+                                                                  hdr, payload))
+        while True:
+            line = self._line().split()
+            if line[0] == b"PING":
+                self.sock.sendall(b"PONG\r\n")
+            elif line[0] == b"MSG":
+                return self._bytes(int(line[-1]))
+            elif line[0] == b"HMSG":
+                data = self._bytes(int(line[-1]))
+                return data[int(line[-2]):]
+            elif line[0] == b"-ERR":
+                raise RuntimeError(line)
+
+    def api(self, what, body=None):
+        import json
+        return json.loads(self.request("$JS.API." + what, json.dumps(body) if body is not None else b""))
+
+    def close(self):
+        self.sock.close()
+
+
+def rebuild_stream(port, stream, keep):
+    """Deletes stream and makes it again with only its first keep messages:
+    a stream that lost its last records."""
+    import base64
+    c = NatsClient(port)
+    try:
+        info = c.api("STREAM.INFO." + stream)
+        msgs = [c.api("STREAM.MSG.GET." + stream, {"seq": s})["message"] for s in range(1, keep + 1)]
+        assert c.api("STREAM.DELETE." + stream).get("success"), "cannot delete the stream"
+        cfg = info["config"]
+        created = c.api("STREAM.CREATE." + stream, cfg)
+        assert "error" not in created, created
+        for m in msgs:
+            ack = __import__("json").loads(c.request(m["subject"], base64.b64decode(m.get("data", ""))))
+            assert "error" not in ack, ack
+        return info["state"]["last_seq"]
+    finally:
+        c.close()
+
+
+def stream_leader(nats, stream):
+    """The index of the nats-server leading stream."""
+    for i, p in enumerate(nats.procs):
+        if p is None:
+            continue
+        c = NatsClient(nats.ports[i])
+        try:
+            leader = c.api("STREAM.INFO." + stream).get("cluster", {}).get("leader")
+        finally:
+            c.close()
+        if leader:
+            return int(leader[1:])
+    raise AssertionError("no stream leader")

@@ -70,5 +70,5 @@ while True:
                 out.flush()
                 os.fsync(out.fileno())
                 i += 1
-    except walletd.ConnectionLost:
-        time.sleep(0.02)
+    except (walletd.ConnectionLost, walletd.Unavailable):
+        time.sleep(0.02)  # walletd restarting, or (replicated) no leader yet: the same step again

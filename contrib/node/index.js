@@ -55,12 +55,13 @@ export const UnknownHold = errorClass('unknown_hold');
 export const HoldClosed = errorClass('hold_closed');
 export const LimitExceeded = errorClass('limit_exceeded');
 export const DestinationBlocked = errorClass('destination_blocked');
+export const Unavailable = errorClass('unavailable');
 
 const ERRORS = Object.fromEntries([
   MalformedRequest, FrameTooLarge, UnknownMethod, InvalidArgument, PermissionDenied, UnknownWallet,
   WalletExists, WalletFrozen, InsufficientBalance, NoRate, NoFxRate, IdempotencyConflict,
   AlreadyRefunded, NotRefundable, UnknownTxn, UnknownTopup, StorageFull, TooManyConnections, Busy,
-  Internal, UnknownHold, HoldClosed, LimitExceeded, DestinationBlocked,
+  Internal, UnknownHold, HoldClosed, LimitExceeded, DestinationBlocked, Unavailable,
 ].map((c) => [c.code, c]));
 
 export function defaultSocket() {
@@ -82,7 +83,8 @@ const METHODS = {
   topupConfirm: 'topup.confirm', topupCancel: 'topup.cancel', topupGet: 'topup.get',
   topupList: 'topup.list', credit: 'credit', debit: 'debit', refund: 'refund',
   refundBatch: 'refund.batch', history: 'history', statement: 'statement', export: 'export', reportUsage: 'report.usage',
-  notifications: 'notifications', verify: 'verify', stats: 'stats',
+  notifications: 'notifications', verify: 'verify', stats: 'stats', status: 'status',
+  replicationRepair: 'replication.repair',
 };
 
 export class Client {

@@ -66,6 +66,7 @@ class UnknownHold extends WalletdError { const CODE = 'unknown_hold'; }
 class HoldClosed extends WalletdError { const CODE = 'hold_closed'; }
 class LimitExceeded extends WalletdError { const CODE = 'limit_exceeded'; }
 class DestinationBlocked extends WalletdError { const CODE = 'destination_blocked'; }
+class Unavailable extends WalletdError { const CODE = 'unavailable'; }
 
 /** One connection to walletd; reconnects on the next call after a restart. */
 final class Client
@@ -84,7 +85,7 @@ final class Client
         'topupList' => 'topup.list', 'credit' => 'credit', 'debit' => 'debit', 'refund' => 'refund',
         'refundBatch' => 'refund.batch',
         'history' => 'history', 'statement' => 'statement', 'export' => 'export', 'reportUsage' => 'report.usage', 'notifications' => 'notifications', 'verify' => 'verify',
-        'stats' => 'stats',
+        'stats' => 'stats', 'status' => 'status', 'replicationRepair' => 'replication.repair',
     ];
 
     private $path;

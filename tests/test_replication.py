@@ -1,0 +1,319 @@
+"""Replication and failover (SPEC 11): three walletd nodes on three clustered
+nats-servers, all real processes on loopback."""
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+from harness import HERE, PY  # first: it puts the Python client on the path
+from cluster import Group, NatsCluster, rebuild_stream, stream_leader
+
+STREAM = "walletd_t"
+
+
+class ReplicationTest(unittest.TestCase):
+    config = {}
+
+    def setUp(self):
+        self.nats = NatsCluster().start()
+        self.g = Group(self.nats, config=self.config).start()
+        self.leader = self.g.leader()
+
+    def tearDown(self):
+        logs = []
+        for d in self.g.nodes:
+            running = d.proc is not None
+            rc = d.stop()
+            logs.append(d.read_log())
+            if running:
+                self.assertEqual(rc, 0, "walletd did not stop cleanly:\n" + logs[-1][-3000:])
+        self.g.cleanup()
+        self.nats.cleanup()
+        for log in logs:
+            self.assertNotIn("runtime error", log)
+            self.assertNotIn("AddressSanitizer", log)
+
+    def node(self, i):
+        return self.g.nodes[i]
+
+    def follower(self, but=()):
+        return next(i for i in range(3) if i != self.leader and i not in but)
+
+    def wait_role(self, i, ok, timeout=20):
+        deadline = time.time() + timeout
+        while not ok(self.g.status(i)["role"]):
+            self.assertLess(time.time(), deadline, self.g.status(i))
+            time.sleep(0.1)
+
+    def seed(self, i):
+        d = self.node(i)
+        d.ctl_json("wallet", "create", "acme", "USD")
+        d.ctl_json("credit", "acme", "1000000", "opening balance")
+        d.ctl_json("rate", "set", "default", "sms", "256", "35", "UGX", "--route", "ESMS_UG")
+        d.ctl_json("fx", "set", "USD", "UGX", "3723.40")
+
+    def load(self, during, clients_per_node=2):
+        """Runs crash_client.py against every node while during() runs; returns {ref: txn id}
+        of every charge answered."""
+        logdir = tempfile.mkdtemp(prefix="walletd-clients-", dir=self.nats.dir)
+        procs = []
+        for i, d in enumerate(self.g.nodes):
+            for k in range(clients_per_node):
+                procs.append(subprocess.Popen([PY, os.path.join(HERE, "crash_client.py"), d.sock,
+                                               os.path.join(logdir, "n%dc%d.log" % (i, k)), "n%dc%d" % (i, k)]))
+        try:
+            during()
+        finally:
+            time.sleep(0.5)
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait()
+        self.assertEqual([p.returncode for p in procs], [-signal.SIGTERM] * len(procs))  # none failed early
+        answered = {}
+        for name in os.listdir(logdir):
+            with open(os.path.join(logdir, name)) as f:
+                for line in f:
+                    kind, ref, *txn = line.split()
+                    if kind == "C":
+                        answered[ref] = int(txn[0])
+        self.assertGreater(len(answered), 20)
+        return answered
+
+    def charges(self, i):
+        """Every sms_charge on node i: {ref: id}; a ref twice fails."""
+        seen, before = {}, None
+        while True:
+            args = ["history", "acme", "--type", "sms_charge", "--limit", "1000"]
+            if before:
+                args += ["--before-id", str(before)]
+            txns = self.node(i).ctl_json(*args)["transactions"]
+            if not txns:
+                return seen
+            for t in txns:
+                self.assertNotIn(t["ref"], seen, "a ref was charged twice on node %d" % i)
+                seen[t["ref"]] = t["id"]
+            before = txns[-1]["id"]
+
+    def check_ledgers(self, answered=None):
+        """Every running node caught up, verify passes on each, the digests are equal, and every
+        answered charge is stored exactly once, with its answered id, on every node."""
+        self.g.caught_up(timeout=60)
+        running = [i for i, d in enumerate(self.g.nodes) if d.proc is not None]
+        digests = set()
+        for i in running:
+            v = self.node(i).ctl_json("verify")
+            self.assertTrue(v["ok"], (i, v))
+            digests.add(v["digest"])
+        self.assertEqual(len(digests), 1, "the nodes' ledgers differ")
+        for i in running if answered else []:
+            stored = self.charges(i)
+            for ref, txn in answered.items():
+                self.assertEqual(stored.get(ref), txn, "answered charge %s lost or renumbered on node %d" % (ref, i))
+
+
+class Basics(ReplicationTest):
+    def test_writes_through_a_follower_are_forwarded_and_read_back_on_the_same_connection(self):
+        f = self.follower()
+        self.seed(f)
+        for i in range(3):
+            st = self.g.status(i)
+            self.assertEqual(st["role"], "leader" if i == self.leader else "follower")
+            self.assertEqual(st["leader"], "w%d" % self.leader)
+            self.assertEqual(st["node"], "w%d" % i)
+        with self.node(f).client() as c:
+            for n in range(20):
+                charge, balance = c.pipeline([
+                    ("charge", {"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "m%d" % n}),
+                    ("balance", {"wallet": "acme"})])
+                self.assertEqual(balance["balance"], charge["balance_after"])  # its own write, at once
+        credit = self.node(f).ctl_json("credit", "acme", "1", "through a follower")
+        self.assertEqual(credit["actor"], {"uid": os.getuid(), "node": "w%d" % f})
+        self.assertEqual(self.node(self.leader).ctl_json("credit", "acme", "1", "here")["actor"], {"uid": os.getuid()})
+        other = self.follower(but=(f,))
+        r = self.node(other).ctl("charge", "acme", "sms", "+256712345678", "--ref", "m3")
+        self.assertEqual(r.returncode, 0, r.stderr)  # a replay through another node: the same charge
+        self.check_ledgers({"m%d" % n: self.charges(f)["m%d" % n] for n in range(20)})
+        self.assertEqual(len(self.charges(other)), 20)
+        st = self.node(self.leader).ctl_json("stats")["replication"]
+        self.assertGreater(st["records_published"], 20)
+        self.assertGreaterEqual(st["writes_forwarded_here"], 20)
+
+    def test_load_through_every_node_leaves_equal_ledgers(self):
+        self.seed(self.leader)
+        answered = self.load(lambda: time.sleep(4))
+        self.check_ledgers(answered)
+
+    def test_a_record_larger_than_one_message_goes_in_parts(self):
+        f = self.follower()
+        self.seed(f)
+        rows = "".join("bulk,sms,%d,R1,0.01,USD\n" % (2561000000 + n) for n in range(100000))
+        with tempfile.NamedTemporaryFile("w", suffix=".csv", dir=self.nats.dir, delete=False) as t:
+            t.write("plan,channel,prefix,route,price,currency\n" + rows)
+        self.assertEqual(self.node(f).ctl_json("rate", "import", t.name)["loaded"], 100000)
+        items = [{"wallet": "acme", "channel": "sms", "to": "+256712345678", "ref": "b%d" % n} for n in range(1000)]
+        with self.node(f).client() as c:
+            self.assertTrue(all("error" not in x for x in c.call("charge.batch", items=items)["results"]))
+        self.check_ledgers()
+        for i in range(3):
+            self.assertEqual(self.node(i).ctl_json("rate", "list", "--limit", "1")["total"], 100001)
+            self.assertEqual(len(self.charges(i)), 1000)
+
+    def test_no_nats_means_unavailable_after_failover_wait_and_reads_still_served(self):
+        f = self.follower()
+        self.seed(f)
+        for d in self.g.nodes:
+            d.stop()
+            d.config["failover_wait"] = "2"
+            d.start()
+        self.leader = self.g.leader()
+        self.nats.stop()
+        t0 = time.time()
+        r = self.node(f).ctl("credit", "acme", "1", "x")
+        self.assertEqual(r.returncode, 5, r.stdout + r.stderr)  # unavailable
+        self.assertIn("unavailable", r.stderr)
+        self.assertGreaterEqual(time.time() - t0, 2)
+        self.assertEqual(self.node(f).ctl_json("balance", "acme")["balance"], "1000000")
+        self.nats.start()
+        deadline = time.time() + 60
+        while True:  # a send service's retry, with the same ref
+            r = self.node(f).ctl("charge", "acme", "sms", "+256712345678", "--ref", "after")
+            if r.returncode == 0:
+                break
+            self.assertEqual(r.returncode, 5, r.stdout + r.stderr)
+            self.assertLess(time.time(), deadline)
+        self.check_ledgers()
+        self.assertEqual(len(self.charges(f)), 1)
+
+
+class Failover(ReplicationTest):
+    def test_sigkill_of_the_leader_under_load(self):
+        self.seed(self.leader)
+        old = self.leader
+        times = []
+
+        def kill_leader():
+            time.sleep(1.5)
+            self.node(old).kill()
+            t0 = time.time()
+            self.leader = self.g.leader()
+            survivor = self.node(self.follower(but=(old,)))
+            while True:
+                try:
+                    survivor.ctl_json("credit", "acme", "0.01", "after failover")
+                    break
+                except AssertionError:
+                    time.sleep(0.05)
+            times.append(time.time() - t0)
+            time.sleep(2)
+            self.node(old).start()
+            time.sleep(1)
+        answered = self.load(kill_leader)
+        self.assertNotEqual(self.leader, old)
+        print("\n    failover (leader SIGKILL -> first write answered): %.2f s with lease_ttl %s s" % (
+            times[0], self.g.nodes[0].config["lease_ttl"]), end=" ")
+        self.check_ledgers(answered)
+
+    def test_sigstop_of_the_leader_past_its_lease(self):
+        self.seed(self.leader)
+        old = self.leader
+
+        def pause_leader():
+            time.sleep(1)
+            self.node(old).proc.send_signal(signal.SIGSTOP)
+            time.sleep(int(self.node(old).config["lease_ttl"]) + 3)
+            self.node(old).proc.send_signal(signal.SIGCONT)
+            time.sleep(2)
+        answered = self.load(pause_leader)
+        self.assertNotEqual(self.g.leader(), old)
+        self.assertEqual(self.g.status(old)["role"], "follower")
+        self.check_ledgers(answered)
+
+    def test_sigkill_of_the_nats_server_leading_the_stream(self):
+        self.seed(self.leader)
+
+        def kill_stream_leader():
+            time.sleep(1)
+            n = stream_leader(self.nats, STREAM)
+            self.nats.kill(n)
+            time.sleep(8)
+            self.nats.start(n)
+            time.sleep(1)
+        answered = self.load(kill_stream_leader)
+        self.check_ledgers(answered)
+
+
+class Failover10s(ReplicationTest):
+    config = {"lease_ttl": "10"}
+
+    def test_one_nats_server_dying_never_moves_the_lease(self):
+        self.seed(self.leader)
+        before = self.g.status(self.leader)["lease_expires_at"]
+        for n in range(3):
+            self.nats.kill(n)
+            time.sleep(6)
+            self.nats.start(n)
+            time.sleep(3)
+            self.assertEqual(self.g.leader(), self.leader, "nats-server n%d's death moved the lease" % n)
+        self.assertNotEqual(self.g.status(self.leader)["lease_expires_at"], before)  # refreshed all along
+        self.check_ledgers()
+
+
+class Joining(ReplicationTest):
+    def test_a_node_restarted_from_an_older_backup_catches_up(self):
+        f = self.follower()
+        self.seed(f)
+        backup = os.path.join(self.nats.dir, "backup.mdb")
+        self.node(f).ctl_json("backup", backup)
+        with self.node(self.leader).client() as c:
+            for n in range(200):
+                c.call("charge", wallet="acme", channel="sms", to="+256712345678", ref="later%d" % n)
+        self.node(f).stop()
+        os.replace(backup, os.path.join(self.node(f).store, "data.mdb"))
+        self.node(f).start()
+        self.check_ledgers()
+        self.assertEqual(len(self.charges(f)), 200)
+
+    def test_an_empty_node_joins_by_replaying_the_stream(self):
+        self.seed(self.leader)
+        joiner = Group(self.nats, n=1, config={"node": "w9"}).nodes[0]
+        self.g.nodes.append(joiner)
+        joiner.start()
+        self.check_ledgers()
+        self.assertEqual(joiner.ctl_json("balance", "acme")["balance"], "1000000")
+
+
+class Divergence(ReplicationTest):
+    def test_a_stream_that_lost_records_is_repaired_by_the_node_that_has_them(self):
+        self.seed(self.leader)
+        with self.node(self.leader).client() as c:
+            for n in range(30):
+                c.call("charge", wallet="acme", channel="sms", to="+256712345678", ref="d%d" % n)
+        last = self.g.caught_up()
+        before = self.node(0).ctl_json("verify")["digest"]
+        for d in self.g.nodes:
+            d.stop()
+        self.assertEqual(rebuild_stream(self.nats.ports[0], STREAM, last - 10), last)
+        for d in self.g.nodes:
+            d.start()
+        for i in range(3):
+            self.wait_role(i, lambda role: role == "diverged")
+        r = self.node(1).ctl("credit", "acme", "1", "x")
+        self.assertEqual(r.returncode, 5, r.stdout + r.stderr)
+        self.assertIn("diverged", r.stderr)
+        self.assertEqual(self.node(1).ctl_json("balance", "acme")["balance"], self.node(0).ctl_json(
+            "balance", "acme")["balance"])  # reads still served
+        self.assertEqual(self.node(2).ctl_json("replication", "repair"), {"republished": 10, "last": last})
+        self.leader = self.g.leader()
+        for i in range(3):
+            self.wait_role(i, lambda role: role in ("leader", "follower"))
+        self.assertEqual(self.node(1).ctl_json("credit", "acme", "1", "x")["type"], "manual_credit")
+        self.check_ledgers()
+        self.assertNotEqual(before, self.node(0).ctl_json("verify")["digest"])
+        self.assertEqual(len(self.charges(1)), 30)
+
+
+if __name__ == "__main__":
+    unittest.main()
