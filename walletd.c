@@ -8776,6 +8776,7 @@ static struct repl {
 	natsSubscription *wsub;   /* while leading: forwarded writes */
 	pthread_t applier, leaser;
 	size_t part_max;          /* record bytes in one stream message */
+	int had_data;             /* the store held wallets before its first record: it may only begin a stream */
 
 	pthread_mutex_t lock;     /* guards the rest */
 	pthread_cond_t cond;      /* applied, role, leader or lease changed */
@@ -8793,7 +8794,8 @@ static struct repl {
 	uint64_t leader_applied;  /* what the lease says its holder committed */
 	int64_t applied_ms;       /* when the last record applied was published */
 	uint64_t batch_no;
-	uint64_t published, forwarded, fenced, applied_records;
+	uint64_t published, fenced, applied_records;
+	uint64_t forwarded;       /* atomic: the forwarding callback takes no lock */
 	struct histogram publish_us; /* the stream's acknowledgement of a record */
 } repl = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
 
@@ -9108,6 +9110,8 @@ repl_publish(MDB_txn *txn, struct repl_pos *pos)
 	rc = repl.role != RS_LEADER || t0 >= repl.lease_until || stored.applied != repl.pos.applied ? REPL_FENCED : 0;
 	expected = repl.tail;
 	memcpy(prev, repl.pos.sum, 32);
+	if (stored.applied == 0 && repl.had_data) /* no node can apply this on an empty store */
+		SHA256((const unsigned char *)"a store that held data", 22, prev);
 	snprintf(id, sizeof(id), "%s.%" PRIu64 ".%" PRIu64, config.node, repl.lease_rev, ++repl.batch_no);
 	pthread_mutex_unlock(&repl.lock);
 	if (rc != 0)
@@ -9221,11 +9225,15 @@ repl_apply(struct assembly *a, uint64_t seq, int64_t published_ms)
 				pthread_rwlock_unlock(&store.maplock);
 				break;
 			}
-			if (memcmp(a->prev, stored.sum, 32) != 0) {
+			if (memcmp(a->prev, stored.sum, 32) != 0 || (stored.applied == 0 && repl.had_data)) {
 				mdb_txn_abort(txn);
 				pthread_rwlock_unlock(&store.maplock);
-				repl_diverge("the record at %" PRIu64 " follows another history than the record at %" PRIu64
-				    " this node applied", seq, stored.applied);
+				if (stored.applied == 0)
+					repl_diverge("the stream holds records this node's store does not start from: seed it from a "
+					    "backup of a node of the group (a store with data may only begin a new stream)");
+				else
+					repl_diverge("the record at %" PRIu64 " follows another history than the record at %"
+					    PRIu64 " this node applied", seq, stored.applied);
 				return;
 			}
 			pos.applied = seq;
@@ -9563,9 +9571,7 @@ repl_on_forward(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *a
 			head = r;
 		tail = r;
 	}
-	pthread_mutex_lock(&repl.lock);
-	repl.forwarded += rm->n;
-	pthread_mutex_unlock(&repl.lock);
+	__atomic_add_fetch(&repl.forwarded, rm->n, __ATOMIC_RELAXED);
 	if (count == 0) {
 		repl_reply(rm);
 		return;
@@ -10247,6 +10253,7 @@ repl_start(void)
 	jsErrCode err = 0;
 	natsStatus s;
 	MDB_txn *txn;
+	MDB_stat st;
 	int n = 0;
 	const char *subjects[1];
 
@@ -10307,11 +10314,13 @@ repl_start(void)
 			log_x(L_WARN, "replication: cannot make the lease bucket %s yet: %s", bucket, nats_GetLastError(NULL));
 		sleep(1);
 	}
-	if (mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn) != 0 || repl_pos_get(txn, &repl.pos) != 0) {
+	if (mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn) != 0 || repl_pos_get(txn, &repl.pos) != 0 ||
+	    mdb_stat(txn, store.wallets, &st) != 0) {
 		log_x(L_ERR, "replication: cannot read this node's position");
 		return -1;
 	}
 	mdb_txn_abort(txn);
+	repl.had_data = repl.pos.applied == 0 && st.ms_entries > 0;
 	repl.tail = repl.pos.applied;
 	repl.role = RS_CATCHING_UP;
 	log_x(L_INFO, "replication: node %s of %s, stream %s, applied %" PRIu64 "; catching up", config.node,
@@ -10320,6 +10329,18 @@ repl_start(void)
 	    pthread_create(&repl.leaser, NULL, repl_lease_main, NULL) != 0)
 		return -1;
 	return 0;
+}
+
+/* Before the writer stops: no more forwarded writes for it. */
+static void
+repl_quiesce(void)
+{
+	if (!repl_on)
+		return;
+	pthread_mutex_lock(&repl.lock);
+	if (repl.wsub)
+		natsSubscription_Unsubscribe(repl.wsub);
+	pthread_mutex_unlock(&repl.lock);
 }
 
 /* Hands the lease back when leading, stops the threads, closes the connection. */
@@ -11055,6 +11076,7 @@ main(int argc, char **argv)
 	    config.store, (int)getpid());
 	fflush(stdout);
 	loop_run();
+	repl_quiesce();
 	loop_stop();
 	repl_stop();
 	alert_stop();

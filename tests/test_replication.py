@@ -1,6 +1,7 @@
 """Replication and failover (SPEC 11): three walletd nodes on three clustered
 nats-servers, all real processes on loopback."""
 import os
+import random
 import signal
 import subprocess
 import tempfile
@@ -54,7 +55,7 @@ class ReplicationTest(unittest.TestCase):
         d.ctl_json("rate", "set", "default", "sms", "256", "35", "UGX", "--route", "ESMS_UG")
         d.ctl_json("fx", "set", "USD", "UGX", "3723.40")
 
-    def load(self, during, clients_per_node=2):
+    def load(self, during, clients_per_node=2, prefix=""):
         """Runs crash_client.py against every node while during() runs; returns {ref: txn id}
         of every charge answered."""
         logdir = tempfile.mkdtemp(prefix="walletd-clients-", dir=self.nats.dir)
@@ -62,7 +63,8 @@ class ReplicationTest(unittest.TestCase):
         for i, d in enumerate(self.g.nodes):
             for k in range(clients_per_node):
                 procs.append(subprocess.Popen([PY, os.path.join(HERE, "crash_client.py"), d.sock,
-                                               os.path.join(logdir, "n%dc%d.log" % (i, k)), "n%dc%d" % (i, k)]))
+                                               os.path.join(logdir, "n%dc%d.log" % (i, k)),
+                                               "%sn%dc%d" % (prefix, i, k)]))
         try:
             during()
         finally:
@@ -284,6 +286,21 @@ class Joining(ReplicationTest):
         self.check_ledgers()
         self.assertEqual(joiner.ctl_json("balance", "acme")["balance"], "1000000")
 
+    def test_a_store_with_data_does_not_join_a_stream_it_did_not_begin(self):
+        self.seed(self.leader)
+        single = Group(self.nats, n=1, config={"node": "w8"}).nodes[0]
+        self.g.nodes.append(single)
+        del single.config["nats_url"]
+        single.start()
+        single.ctl_json("wallet", "create", "other", "EUR")
+        single.stop()
+        single.config["nats_url"] = self.nats.url()
+        single.start()
+        self.wait_role(3, lambda role: role == "diverged")
+        self.assertIn("seed it from a backup", self.g.status(3)["why"])
+        self.assertEqual(single.ctl_json("wallet", "get", "other")["currency"], "EUR")  # nothing was applied
+        single.ctl_json("wallet", "get", "acme", expect=1)
+
 
 class Divergence(ReplicationTest):
     def test_a_stream_that_lost_records_is_repaired_by_the_node_that_has_them(self):
@@ -313,6 +330,43 @@ class Divergence(ReplicationTest):
         self.check_ledgers()
         self.assertNotEqual(before, self.node(0).ctl_json("verify")["digest"])
         self.assertEqual(len(self.charges(1)), 30)
+
+
+class RandomFaults(ReplicationTest):
+    """Rounds of load from clients on every node while a random fault strikes: a walletd
+    SIGKILLed or paused past its lease, the leader's among them, or a nats-server SIGKILLed.
+    After each round every node has every answered charge once, and equal digests.
+    REPLICA_ROUNDS sets the count (make replicatest: 30)."""
+    rounds = int(os.environ.get("REPLICA_ROUNDS", "2"))
+
+    def test_random_kills_and_pauses_under_load(self):
+        self.seed(self.leader)
+        rnd = random.Random(int(os.environ.get("REPLICA_SEED", "20261201")))
+        answered = {}
+        for n in range(self.rounds):
+            fault = rnd.choice(["kill", "kill_leader", "pause", "nats"])
+            victim = self.g.leader() if fault == "kill_leader" else rnd.randrange(3)
+
+            def strike():
+                time.sleep(rnd.uniform(0.5, 2))
+                d = self.node(victim)
+                if fault in ("kill", "kill_leader"):
+                    d.kill()
+                    time.sleep(rnd.uniform(0, 6))
+                    d.start()
+                elif fault == "pause":
+                    d.proc.send_signal(signal.SIGSTOP)
+                    time.sleep(int(d.config["lease_ttl"]) + rnd.uniform(0, 2))
+                    d.proc.send_signal(signal.SIGCONT)
+                else:
+                    self.nats.kill(victim)
+                    time.sleep(rnd.uniform(0, 6))
+                    self.nats.start(victim)
+                time.sleep(2)
+            print("\n    round %d: %s %d" % (n, fault, victim), end="")
+            answered.update(self.load(strike, prefix="r%d" % n))
+            self.g.leader()
+            self.check_ledgers(answered)
 
 
 if __name__ == "__main__":
