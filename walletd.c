@@ -9934,22 +9934,22 @@ repl_stream_state(uint64_t *first, uint64_t *last)
 }
 
 /*
- * Whether the stream still holds the history this node applied: it reaches
- * its position, and the message there is its record's last.  Sets role to
- * diverged when not, and back to follower when a repair mended it.
+ * Whether the stream, first to last, still holds the history up to pos, this
+ * node's position read before them: it reaches pos, and the message there is
+ * that record's last.  Sets role to diverged when not, and back to follower
+ * when a repair mended it.
  */
 static void
-repl_check_history(uint64_t first, uint64_t last)
+repl_check_history(struct repl_pos pos, uint64_t first, uint64_t last)
 {
-	struct repl_pos pos;
 	natsMsg *m = NULL;
 	msgpack_unpacked u;
 	struct part pt;
 	int same = 1;
 
 	pthread_mutex_lock(&repl.lock);
-	pos = repl.pos;
-	repl.last = last;
+	if (last > repl.last)
+		repl.last = last;
 	if (pos.applied + 1 < first && !repl.refusing) {
 		repl.refusing = 1;
 		repl_role_set(RS_CATCHING_UP, "the stream starts at %" PRIu64 ", past this node's %" PRIu64 ": seed it "
@@ -9995,6 +9995,7 @@ repl_lease_main(void *arg)
 	for (;;) {
 		uint64_t rev = 0, first = 0, last = 0, t0 = now_micros(), wait_ms = 500;
 		kvEntry *e = NULL;
+		struct repl_pos pos;
 		natsStatus s;
 		int role;
 
@@ -10036,9 +10037,12 @@ repl_lease_main(void *arg)
 					node[0] = '\0';
 				rev = kvEntry_Revision(e);
 			}
+			pthread_mutex_lock(&repl.lock);
+			pos = repl.pos; /* before the stream's state: the stream cannot be behind it then */
+			pthread_mutex_unlock(&repl.lock);
 			caught_up = repl_stream_state(&first, &last) == 0;
 			if (caught_up)
-				repl_check_history(first, last);
+				repl_check_history(pos, first, last);
 			pthread_mutex_lock(&repl.lock);
 			snprintf(repl.leader, sizeof(repl.leader), "%s", node);
 			if (e) {

@@ -1,6 +1,7 @@
 #!/bin/sh
 # make bench: a fresh walletd on a temporary store, then one table of
-# throughput and latency.  Run time: about two minutes.
+# throughput and latency, then the replicated rows (contrib/bench/replicated.py).
+# Run time: about three minutes.
 set -eu
 top=$(cd "$(dirname "$0")/../.." && pwd)
 ctl=$top/walletctl
@@ -47,3 +48,7 @@ for label, data in rows:
         r["commits_per_s"], r["mean_batch"], r["mean_batch_us"], r["mean_commit_us"],
         sum(r["errors"].values()) or "0", "ok" if r["self_check"] else "FAILED"))
 PYEOF
+
+echo
+echo "replicated (three walletd nodes, three nats-servers, R3), beside one node in the same run:"
+$py "$top/contrib/bench/replicated.py"

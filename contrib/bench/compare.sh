@@ -47,6 +47,14 @@ done
 printf 'walletd\t-c 64 -P 16\t%s\n' "$($py -c 'import json,sys; print(json.load(open(sys.argv[1]))["charges_per_s"])' "$dir/wd.json")" >> "$results"
 "$ctl" bench --json -c 4 --batch 1000 -n 400 > "$dir/wd.json"
 printf 'walletd\t--batch 1000\t%s\n' "$($py -c 'import json,sys; print(json.load(open(sys.argv[1]))["charges_per_s"])' "$dir/wd.json")" >> "$results"
+# walletd replicated: three nodes on three nats-servers (R3), on this machine
+$py "$top/contrib/bench/replicated.py" --json > "$dir/repl.json"
+$py - "$dir/repl.json" >> "$results" <<'PYEOF'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    if r["label"].startswith("3 nodes, via the leader, "):
+        print("walletd\t%s (3 nodes, R3)\t%s" % (r["label"].rsplit(", ", 1)[1], r["charges_per_s"]))
+PYEOF
 
 # --- Redis: AOF, fsync before every answer
 mkdir -p "$dir/redis"
@@ -100,7 +108,8 @@ for system, setting, value in rows:
     data.setdefault(setting, {})[system] = float(value) if value else 0.0
 print("| charge workload | walletd charges/s | Redis 7 (AOF always + Lua) | PostgreSQL 15 (sync commit) | walletd / Redis | walletd / PostgreSQL |")
 print("|---|---:|---:|---:|---:|---:|")
-for setting in ["-c 1", "-c 16", "-c 64", "-c 64 -P 16", "--batch 1000"]:
+for setting in ["-c 1", "-c 16", "-c 64", "-c 64 -P 16", "--batch 1000", "-c 64 (3 nodes, R3)",
+                "-c 64 -P 16 (3 nodes, R3)"]:
     d = data.get(setting, {})
     w, r, p = d.get("walletd"), d.get("Redis"), d.get("PostgreSQL")
     f = lambda v: "%.0f" % v if v else "-"
