@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <netdb.h>
 #include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/random.h>
@@ -8284,7 +8285,7 @@ writer_main(void *arg)
 				store.next_expiry = now_seconds() + 1; /* the leader ends them; look again when leading */
 			continue;
 		}
-		if (config.commit_delay && previous > 1 && srv.wq_count * 2 < previous) {
+		if (config.commit_delay && previous > 1 && (srv.wq_count * 2 < previous || (repl_on && srv.wq_count < previous))) {
 			/* Under load, with less than half of the last commit's count
 			 * queued: the answers just sent bring requests back within
 			 * microseconds; wait a moment for them to share this commit.
@@ -8294,7 +8295,7 @@ writer_main(void *arg)
 			uint64_t ns;
 
 			clock_gettime(CLOCK_REALTIME, &until);
-			ns = (uint64_t)until.tv_nsec + (uint64_t)config.commit_delay * 1000u;
+			ns = (uint64_t)until.tv_nsec + (uint64_t)config.commit_delay * (repl_on ? 5000u : 1000u);
 			until.tv_sec += (time_t)(ns / 1000000000u);
 			until.tv_nsec = (long)(ns % 1000000000u);
 			while (!srv.stopping && srv.wq_count < previous &&
@@ -8774,6 +8775,11 @@ static struct repl {
 	kvStore *kv;
 	char stream[80], subject[96], writes[96];
 	natsSubscription *wsub;   /* while leading: forwarded writes */
+	int nurls;
+	char *urls[16], names[16][64]; /* nats_url's servers and their server_name (from their INFO) */
+	natsConnection *pnc[16];  /* the lease thread's, one per server once the stream's leader was there */
+	jsCtx *pjs[16];
+	int pub;                  /* under lock: the server to publish through (the stream's leader), -1 = any */
 	pthread_t applier, leaser;
 	size_t part_max;          /* record bytes in one stream message */
 	int had_data;             /* the store held wallets before its first record: it may only begin a stream */
@@ -9053,16 +9059,20 @@ repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, ui
 	for (int tries = 0;; tries++) {
 		natsMsg *m = NULL;
 		jsPubAck *pa = NULL;
+		jsCtx *js;
 		jsPubOptions o;
 		jsErrCode err = 0;
 		natsStatus s;
 
 		jsPubOptions_Init(&o);
 		o.MaxWait = 2000;
+		pthread_mutex_lock(&repl.lock);
+		js = repl.pub >= 0 ? repl.pjs[repl.pub] : repl.js;
+		pthread_mutex_unlock(&repl.lock);
 		if ((s = natsMsg_Create(&m, repl.subject, NULL, data, (int)len)) == NATS_OK &&
 		    (s = natsMsgHeader_Set(m, "Nats-Expected-Last-Sequence", buf)) == NATS_OK &&
 		    (s = natsMsgHeader_Set(m, "Nats-Msg-Id", msgid)) == NATS_OK)
-			s = js_PublishMsg(&pa, repl.js, m, &o, &err);
+			s = js_PublishMsg(&pa, js, m, &o, &err);
 		natsMsg_Destroy(m);
 		if (s == NATS_OK) {
 			*seq = pa->Sequence;
@@ -9079,6 +9089,9 @@ repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, ui
 		}
 		if (tries == 0 || tries % 20 == 0)
 			log_x(L_WARN, "replication: publishing %s: %s (%d); trying again", msgid, natsStatus_GetText(s), (int)err);
+		pthread_mutex_lock(&repl.lock);
+		repl.pub = -1; /* through any server, until the lease thread finds the stream's leader again */
+		pthread_mutex_unlock(&repl.lock);
 		if (now_micros() >= deadline)
 			return REPL_UNAVAILABLE;
 		usleep(100000);
@@ -9212,6 +9225,11 @@ repl_apply(struct assembly *a, uint64_t seq, int64_t published_ms)
 	MDB_txn *txn;
 	int rc;
 
+	pthread_mutex_lock(&repl.lock);
+	rc = seq <= repl.pos.applied; /* this node's own, as leader: no write transaction to see so */
+	pthread_mutex_unlock(&repl.lock);
+	if (rc)
+		return;
 	SHA256((const unsigned char *)a->bytes.data, a->bytes.size, sum);
 	if (memcmp(sum, a->sum, 32) != 0) {
 		repl_diverge("the record ending at %" PRIu64 " fails its checksum (%zu bytes)", seq, a->bytes.size);
@@ -9918,7 +9936,70 @@ repl_step_down(const char *why)
 	repl_role_set(RS_FOLLOWER, "%s", why);
 }
 
-/* The stream's first and last sequences; 0 when they cannot be read. */
+/*
+ * Reads the server_name a NATS server announces in its INFO line at url
+ * (nats://[user:pass@]host:port) into name; "" when it cannot be read.
+ */
+static void
+server_name(const char *url, char name[64])
+{
+	char host[256], line[4096], *p;
+	struct addrinfo *ai = NULL, hints = { .ai_socktype = SOCK_STREAM };
+	struct timeval tv = { 1, 0 };
+	json_t *info = NULL;
+	ssize_t n = -1;
+	int fd = -1;
+
+	name[0] = '\0';
+	snprintf(host, sizeof(host), "%s", strstr(url, "://") ? strstr(url, "://") + 3 : url);
+	if (strchr(host, '@'))
+		memmove(host, strchr(host, '@') + 1, strlen(strchr(host, '@')));
+	if ((p = strrchr(host, ':')) == NULL)
+		p = host + strlen(host), strcpy(p, ":4222");
+	*p = '\0';
+	if (getaddrinfo(host, p + 1, &hints, &ai) == 0 &&
+	    (fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0)) >= 0 &&
+	    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) == 0 &&
+	    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) == 0 &&
+	    connect(fd, ai->ai_addr, ai->ai_addrlen) == 0 && (n = read(fd, line, sizeof(line) - 1)) > 5 &&
+	    strncmp(line, "INFO ", 5) == 0) {
+		line[n] = '\0';
+		if ((info = json_loads(line + 5, JSON_DISABLE_EOF_CHECK, NULL)) != NULL && json_is_string(json_object_get(info, "server_name")))
+			snprintf(name, 64, "%s", json_string_value(json_object_get(info, "server_name")));
+	}
+	json_decref(info);
+	if (fd >= 0)
+		close(fd);
+	if (ai)
+		freeaddrinfo(ai);
+}
+
+static int repl_connect(const char **servers, int n, natsConnection **nc, jsCtx **js);
+
+/*
+ * Publishes go through the server that leads the stream when nats_url
+ * names it: one hop less than through another (measured: half the time).
+ */
+static void
+repl_prefer(const char *leader)
+{
+	int i;
+
+	for (i = 0; i < repl.nurls && strcmp(repl.names[i], leader) != 0; i++)
+		;
+	if (i == repl.nurls || !leader[0] || repl.pub == i)
+		return;
+	if (repl.pnc[i] == NULL && repl_connect((const char **)&repl.urls[i], 1, &repl.pnc[i], &repl.pjs[i]) != 0) {
+		repl.pnc[i] = NULL;
+		return;
+	}
+	log_x(L_INFO, "replication: publishing through %s (%s), the stream's leader", repl.names[i], repl.urls[i]);
+	pthread_mutex_lock(&repl.lock);
+	repl.pub = i;
+	pthread_mutex_unlock(&repl.lock);
+}
+
+/* The stream's first and last sequences, and publishes through its leader.  Returns -1 when it cannot be read. */
 static int
 repl_stream_state(uint64_t *first, uint64_t *last)
 {
@@ -9929,6 +10010,8 @@ repl_stream_state(uint64_t *first, uint64_t *last)
 		return -1;
 	*first = si->State.FirstSeq;
 	*last = si->State.LastSeq;
+	if (si->Cluster && si->Cluster->Leader)
+		repl_prefer(si->Cluster->Leader);
 	jsStreamInfo_Destroy(si);
 	return 0;
 }
@@ -10025,6 +10108,7 @@ repl_lease_main(void *arg)
 				repl_step_down("the lease could not be refreshed in time");
 			}
 			pthread_mutex_unlock(&repl.lock);
+			repl_stream_state(&first, &last); /* where to publish */
 			wait_ms = 1000; /* a refresh a second: a stall of the bucket's server (seconds) is outlived */
 		} else if ((s = kvStore_Get(&e, repl.kv, LEASE_KEY)) == NATS_OK || s == NATS_NOT_FOUND) {
 			char node[64] = "";
@@ -10244,13 +10328,35 @@ m_replication_repair(struct call *c)
 
 /* ---- Start and stop ---- */
 
+/* Connects to servers, and opens the JetStream context on that connection. */
+static int
+repl_connect(const char **servers, int n, natsConnection **nc, jsCtx **js)
+{
+	natsOptions *opts = NULL;
+	jsOptions jo;
+	natsStatus s;
+
+	jsOptions_Init(&jo);
+	jo.Wait = 2000; /* a JetStream call that hangs (a server re-electing) is tried again sooner */
+	if ((s = natsOptions_Create(&opts)) != NATS_OK ||
+	    (s = natsOptions_SetServers(opts, servers, n)) != NATS_OK ||
+	    (s = natsOptions_SetName(opts, config.node)) != NATS_OK ||
+	    (s = natsOptions_SetMaxReconnect(opts, -1)) != NATS_OK ||
+	    (s = natsOptions_SetReconnectWait(opts, 250)) != NATS_OK ||
+	    (s = natsOptions_SetRetryOnFailedConnect(opts, true, NULL, NULL)) != NATS_OK ||
+	    (config.nats_creds[0] && (s = natsOptions_SetUserCredentialsFromFiles(opts, config.nats_creds, NULL)) != NATS_OK) ||
+	    (config.nats_ca[0] && (s = natsOptions_LoadCATrustedCertificates(opts, config.nats_ca)) != NATS_OK) ||
+	    (s = natsConnection_Connect(nc, opts)) != NATS_OK || (s = natsConnection_JetStream(js, *nc, &jo)) != NATS_OK)
+		log_x(L_ERR, "replication: cannot connect to %s: %s", servers[0], nats_GetLastError(NULL));
+	natsOptions_Destroy(opts);
+	return s == NATS_OK ? 0 : -1;
+}
+
 /* Connects to NATS, makes the stream and the lease bucket if missing, starts the threads. */
 static int
 repl_start(void)
 {
-	char urls[sizeof(config.nats_url)], *servers[16], *save = NULL, bucket[96];
-	natsOptions *opts = NULL;
-	jsOptions jo;
+	char urls[sizeof(config.nats_url)], *save = NULL, bucket[96];
 	jsStreamConfig sc;
 	jsStreamInfo *si = NULL;
 	kvConfig kc;
@@ -10258,36 +10364,24 @@ repl_start(void)
 	natsStatus s;
 	MDB_txn *txn;
 	MDB_stat st;
-	int n = 0;
 	const char *subjects[1];
 
 	if (strspn(config.node, NAME_CHARS) != strlen(config.node)) {
 		log_x(L_ERR, "set 'node' in the config: the host name '%s' is not a node name", config.node);
 		return -1;
 	}
-	jsOptions_Init(&jo);
-	jo.Wait = 2000; /* a JetStream call that hangs (a server re-electing) is tried again sooner */
 	snprintf(urls, sizeof(urls), "%s", config.nats_url);
-	for (char *tok = strtok_r(urls, ", ", &save); tok && n < 16; tok = strtok_r(NULL, ", ", &save))
-		servers[n++] = tok;
+	for (char *tok = strtok_r(urls, ", ", &save); tok && repl.nurls < 16; tok = strtok_r(NULL, ", ", &save)) {
+		repl.urls[repl.nurls] = strdup(tok);
+		server_name(tok, repl.names[repl.nurls++]);
+	}
+	repl.pub = -1;
 	snprintf(repl.stream, sizeof(repl.stream), "walletd_%s", config.cluster);
 	snprintf(repl.subject, sizeof(repl.subject), "walletd.%s.records", config.cluster);
 	snprintf(repl.writes, sizeof(repl.writes), "walletd.%s.writes", config.cluster);
 	snprintf(bucket, sizeof(bucket), "walletd_%s_lease", config.cluster);
-	if ((s = natsOptions_Create(&opts)) != NATS_OK ||
-	    (s = natsOptions_SetServers(opts, (const char **)servers, n)) != NATS_OK ||
-	    (s = natsOptions_SetName(opts, config.node)) != NATS_OK ||
-	    (s = natsOptions_SetMaxReconnect(opts, -1)) != NATS_OK ||
-	    (s = natsOptions_SetReconnectWait(opts, 250)) != NATS_OK ||
-	    (s = natsOptions_SetRetryOnFailedConnect(opts, true, NULL, NULL)) != NATS_OK ||
-	    (config.nats_creds[0] && (s = natsOptions_SetUserCredentialsFromFiles(opts, config.nats_creds, NULL)) != NATS_OK) ||
-	    (config.nats_ca[0] && (s = natsOptions_LoadCATrustedCertificates(opts, config.nats_ca)) != NATS_OK) ||
-	    (s = natsConnection_Connect(&repl.nc, opts)) != NATS_OK || (s = natsConnection_JetStream(&repl.js, repl.nc, &jo)) != NATS_OK) {
-		log_x(L_ERR, "replication: cannot connect to %s: %s", config.nats_url, nats_GetLastError(NULL));
-		natsOptions_Destroy(opts);
+	if (repl_connect((const char **)repl.urls, repl.nurls, &repl.nc, &repl.js) != 0)
 		return -1;
-	}
-	natsOptions_Destroy(opts);
 	repl.part_max = (size_t)natsConnection_GetMaxPayload(repl.nc) - PART_ROOM;
 	jsStreamConfig_Init(&sc);
 	sc.Name = repl.stream;
@@ -10364,6 +10458,11 @@ repl_stop(void)
 	kvStore_Destroy(repl.kv);
 	jsCtx_Destroy(repl.js);
 	natsConnection_Destroy(repl.nc);
+	for (int i = 0; i < repl.nurls; i++) {
+		jsCtx_Destroy(repl.pjs[i]);
+		natsConnection_Destroy(repl.pnc[i]);
+		free(repl.urls[i]);
+	}
 	nats_Close();
 }
 
