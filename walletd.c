@@ -8780,6 +8780,7 @@ static struct repl {
 	natsConnection *pnc[16];  /* the lease thread's, one per server once the stream's leader was there */
 	jsCtx *pjs[16];
 	int pub;                  /* under lock: the server to publish through (the stream's leader), -1 = any */
+	int applier_started;
 	pthread_t applier, leaser;
 	size_t part_max;          /* record bytes in one stream message */
 	int had_data;             /* the store held wallets before its first record: it may only begin a stream */
@@ -9975,6 +9976,7 @@ server_name(const char *url, char name[64])
 }
 
 static int repl_connect(const char **servers, int n, natsConnection **nc, jsCtx **js);
+static int repl_setup(void);
 
 /*
  * Publishes go through the server that leads the stream when nats_url
@@ -10075,6 +10077,8 @@ repl_lease_main(void *arg)
 	char value[128];
 
 	(void)arg;
+	if (repl_setup() != 0)
+		return NULL;
 	for (;;) {
 		uint64_t rev = 0, first = 0, last = 0, t0 = now_micros(), wait_ms = 500;
 		kvEntry *e = NULL;
@@ -10328,7 +10332,14 @@ m_replication_repair(struct call *c)
 
 /* ---- Start and stop ---- */
 
-/* Connects to servers, and opens the JetStream context on that connection. */
+static void
+repl_connected(natsConnection *nc, void *arg)
+{
+	(void)nc, (void)arg;
+	log_x(L_INFO, "replication: connected to NATS");
+}
+
+/* Connects to servers (or goes on trying in the background), and opens a JetStream context on that connection. */
 static int
 repl_connect(const char **servers, int n, natsConnection **nc, jsCtx **js)
 {
@@ -10343,49 +10354,58 @@ repl_connect(const char **servers, int n, natsConnection **nc, jsCtx **js)
 	    (s = natsOptions_SetName(opts, config.node)) != NATS_OK ||
 	    (s = natsOptions_SetMaxReconnect(opts, -1)) != NATS_OK ||
 	    (s = natsOptions_SetReconnectWait(opts, 250)) != NATS_OK ||
-	    (s = natsOptions_SetRetryOnFailedConnect(opts, true, NULL, NULL)) != NATS_OK ||
+	    (s = natsOptions_SetRetryOnFailedConnect(opts, true, repl_connected, NULL)) != NATS_OK ||
 	    (config.nats_creds[0] && (s = natsOptions_SetUserCredentialsFromFiles(opts, config.nats_creds, NULL)) != NATS_OK) ||
 	    (config.nats_ca[0] && (s = natsOptions_LoadCATrustedCertificates(opts, config.nats_ca)) != NATS_OK) ||
-	    (s = natsConnection_Connect(nc, opts)) != NATS_OK || (s = natsConnection_JetStream(js, *nc, &jo)) != NATS_OK)
+	    ((s = natsConnection_Connect(nc, opts)) != NATS_OK && s != NATS_NOT_YET_CONNECTED) ||
+	    (s = natsConnection_JetStream(js, *nc, &jo)) != NATS_OK)
 		log_x(L_ERR, "replication: cannot connect to %s: %s", servers[0], nats_GetLastError(NULL));
 	natsOptions_Destroy(opts);
 	return s == NATS_OK ? 0 : -1;
 }
 
-/* Connects to NATS, makes the stream and the lease bucket if missing, starts the threads. */
+/* Waits ms, or less if walletd stops.  Returns whether it stops. */
 static int
-repl_start(void)
+repl_sleep(unsigned ms)
 {
-	char urls[sizeof(config.nats_url)], *save = NULL, bucket[96];
+	struct timespec until;
+	int stop;
+
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += (time_t)(ms / 1000);
+	until.tv_nsec += (long)(ms % 1000) * 1000000;
+	if (until.tv_nsec >= 1000000000)
+		until.tv_sec++, until.tv_nsec -= 1000000000;
+	pthread_mutex_lock(&repl.lock);
+	if (!repl.stopping)
+		pthread_cond_timedwait(&repl.cond, &repl.lock, &until);
+	stop = repl.stopping;
+	pthread_mutex_unlock(&repl.lock);
+	return stop;
+}
+
+/*
+ * The lease thread's first work: connects to NATS (in the background: the
+ * node serves reads meanwhile), makes the stream and the lease bucket if
+ * missing, starts the applier.  Returns -1 if walletd stops first.
+ */
+static int
+repl_setup(void)
+{
+	char bucket[96];
 	jsStreamConfig sc;
 	jsStreamInfo *si = NULL;
 	kvConfig kc;
 	jsErrCode err = 0;
 	natsStatus s;
-	MDB_txn *txn;
-	MDB_stat st;
-	const char *subjects[1];
+	const char *subjects[1] = { repl.subject };
 
-	if (strspn(config.node, NAME_CHARS) != strlen(config.node)) {
-		log_x(L_ERR, "set 'node' in the config: the host name '%s' is not a node name", config.node);
-		return -1;
-	}
-	snprintf(urls, sizeof(urls), "%s", config.nats_url);
-	for (char *tok = strtok_r(urls, ", ", &save); tok && repl.nurls < 16; tok = strtok_r(NULL, ", ", &save)) {
-		repl.urls[repl.nurls] = strdup(tok);
-		server_name(tok, repl.names[repl.nurls++]);
-	}
-	repl.pub = -1;
-	snprintf(repl.stream, sizeof(repl.stream), "walletd_%s", config.cluster);
-	snprintf(repl.subject, sizeof(repl.subject), "walletd.%s.records", config.cluster);
-	snprintf(repl.writes, sizeof(repl.writes), "walletd.%s.writes", config.cluster);
-	snprintf(bucket, sizeof(bucket), "walletd_%s_lease", config.cluster);
+	for (int i = 0; i < repl.nurls; i++)
+		server_name(repl.urls[i], repl.names[i]);
 	if (repl_connect((const char **)repl.urls, repl.nurls, &repl.nc, &repl.js) != 0)
 		return -1;
-	repl.part_max = (size_t)natsConnection_GetMaxPayload(repl.nc) - PART_ROOM;
 	jsStreamConfig_Init(&sc);
 	sc.Name = repl.stream;
-	subjects[0] = repl.subject;
 	sc.Subjects = subjects;
 	sc.SubjectsLen = 1;
 	sc.Storage = js_FileStorage;
@@ -10394,12 +10414,14 @@ repl_start(void)
 	sc.Duplicates = (int64_t)120 * 1000000000;
 	for (int tries = 0; (s = js_AddStream(&si, repl.js, &sc, NULL, &err)) != NATS_OK &&
 	    err != JSStreamNameExistErr; tries++) {
-		if (tries == 0 || tries % 10 == 0)
+		if (tries % 10 == 1)
 			log_x(L_WARN, "replication: cannot make the stream %s yet: %s (%d); trying again", repl.stream,
 			    natsStatus_GetText(s), (int)err);
-		sleep(1);
+		if (repl_sleep(1000))
+			return -1;
 	}
 	jsStreamInfo_Destroy(si);
+	snprintf(bucket, sizeof(bucket), "walletd_%s_lease", config.cluster);
 	kvConfig_Init(&kc);
 	kc.Bucket = bucket;
 	kc.History = 1;
@@ -10408,10 +10430,39 @@ repl_start(void)
 	kc.StorageType = js_FileStorage;
 	for (int tries = 0; (s = js_CreateKeyValue(&repl.kv, repl.js, &kc)) != NATS_OK &&
 	    (s = js_KeyValue(&repl.kv, repl.js, bucket)) != NATS_OK; tries++) {
-		if (tries == 0 || tries % 10 == 0)
+		if (tries % 10 == 1)
 			log_x(L_WARN, "replication: cannot make the lease bucket %s yet: %s", bucket, nats_GetLastError(NULL));
-		sleep(1);
+		if (repl_sleep(1000))
+			return -1;
 	}
+	repl.part_max = (size_t)natsConnection_GetMaxPayload(repl.nc) - PART_ROOM;
+	if (pthread_create(&repl.applier, NULL, repl_apply_main, NULL) != 0) {
+		log_x(L_ERR, "replication: cannot start the applier");
+		return -1;
+	}
+	repl.applier_started = 1;
+	return 0;
+}
+
+/* Reads this node's position and starts the lease thread, which connects (repl_setup). */
+static int
+repl_start(void)
+{
+	char urls[sizeof(config.nats_url)], *save = NULL;
+	MDB_txn *txn;
+	MDB_stat st;
+
+	if (strspn(config.node, NAME_CHARS) != strlen(config.node)) {
+		log_x(L_ERR, "set 'node' in the config: the host name '%s' is not a node name", config.node);
+		return -1;
+	}
+	snprintf(urls, sizeof(urls), "%s", config.nats_url);
+	for (char *tok = strtok_r(urls, ", ", &save); tok && repl.nurls < 16; tok = strtok_r(NULL, ", ", &save))
+		repl.urls[repl.nurls++] = strdup(tok);
+	repl.pub = -1;
+	snprintf(repl.stream, sizeof(repl.stream), "walletd_%s", config.cluster);
+	snprintf(repl.subject, sizeof(repl.subject), "walletd.%s.records", config.cluster);
+	snprintf(repl.writes, sizeof(repl.writes), "walletd.%s.writes", config.cluster);
 	if (mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn) != 0 || repl_pos_get(txn, &repl.pos) != 0 ||
 	    mdb_stat(txn, store.wallets, &st) != 0) {
 		log_x(L_ERR, "replication: cannot read this node's position");
@@ -10423,10 +10474,7 @@ repl_start(void)
 	repl.role = RS_CATCHING_UP;
 	log_x(L_INFO, "replication: node %s of %s, stream %s, applied %" PRIu64 "; catching up", config.node,
 	    config.cluster, repl.stream, repl.pos.applied);
-	if (pthread_create(&repl.applier, NULL, repl_apply_main, NULL) != 0 ||
-	    pthread_create(&repl.leaser, NULL, repl_lease_main, NULL) != 0)
-		return -1;
-	return 0;
+	return pthread_create(&repl.leaser, NULL, repl_lease_main, NULL) == 0 ? 0 : -1;
 }
 
 /* Before the writer stops: no more forwarded writes for it. */
@@ -10452,7 +10500,8 @@ repl_stop(void)
 	pthread_cond_broadcast(&repl.cond);
 	pthread_mutex_unlock(&repl.lock);
 	pthread_join(repl.leaser, NULL);
-	pthread_join(repl.applier, NULL);
+	if (repl.applier_started)
+		pthread_join(repl.applier, NULL);
 	if (repl.wsub)
 		natsSubscription_Destroy(repl.wsub);
 	kvStore_Destroy(repl.kv);

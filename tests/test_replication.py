@@ -21,6 +21,8 @@ class ReplicationTest(unittest.TestCase):
         self.nats = NatsCluster().start()
         self.g = Group(self.nats, config=self.config).start()
         self.leader = self.g.leader()
+        for i in range(3):
+            self.wait_role(i, lambda role: role in ("leader", "follower"))
 
     def tearDown(self):
         logs = []
