@@ -7662,6 +7662,7 @@ static void repl_run(struct req *batch);
 static int repl_may_write(void);
 static uint64_t repl_applied(void);
 static void slow_submit(struct req *r);
+static int repl_refuses(struct req *r);
 
 /*
  * Whether c already has its share of the writer: two commits' worth of its
@@ -7762,6 +7763,10 @@ conn_pump(struct conn *c)
 		if (!(flags & MF_SLOW) && ((flags & MF_WRITE) || r != c->head) && writer_share_full(c, r))
 			break;
 		c->first_wait = r->next;
+		if (repl_refuses(r)) {
+			stats_count(r);
+			continue;
+		}
 		if (!(flags & (MF_WRITE | MF_SLOW)) && r == c->head) {
 			int ran = req_run_read(r);
 
@@ -8768,6 +8773,8 @@ loop_stop(void)
 
 enum { RS_SINGLE, RS_LEADER, RS_FOLLOWER, RS_CATCHING_UP, RS_DIVERGED };
 static const char *const repl_role_names[] = { "single", "leader", "follower", "catching_up", "diverged" };
+
+static atomic_int repl_refusing; /* repl.refusing, for the event loop without the lock */
 
 static struct repl {
 	natsConnection *nc;
@@ -10037,6 +10044,7 @@ repl_check_history(struct repl_pos pos, uint64_t first, uint64_t last)
 		repl.last = last;
 	if (pos.applied + 1 < first && !repl.refusing) {
 		repl.refusing = 1;
+		atomic_store(&repl_refusing, 1);
 		repl_role_set(RS_CATCHING_UP, "the stream starts at %" PRIu64 ", past this node's %" PRIu64 ": seed it "
 		    "from a backup of another node", first, pos.applied);
 	}
@@ -10180,6 +10188,25 @@ repl_applied(void)
 	applied = repl.pos.applied;
 	pthread_mutex_unlock(&repl.lock);
 	return applied;
+}
+
+/*
+ * A node further behind than the stream keeps serves nothing until it is
+ * seeded again, but ping, status and stats: answers r so, and returns 1.
+ */
+static int
+repl_refuses(struct req *r)
+{
+	char why[256];
+
+	if (!atomic_load(&repl_refusing) || r->method == M_PING || r->method == M_STATUS || r->method == M_STATS)
+		return 0;
+	pthread_mutex_lock(&repl.lock);
+	snprintf(why, sizeof(why), "%s", repl.why);
+	pthread_mutex_unlock(&repl.lock);
+	req_error(r, E_UNAVAILABLE, NULL, "this node serves nothing: %s", why);
+	r->state = RQ_DONE;
+	return 1;
 }
 
 /* Whether this node's side writers (alerts, events) may write: it leads, or it is single. */

@@ -9,7 +9,7 @@ import time
 import unittest
 
 from harness import HERE, PY  # first: it puts the Python client on the path
-from cluster import Group, NatsCluster, rebuild_stream, stream_leader
+from cluster import Group, NatsClient, NatsCluster, rebuild_stream, stream_leader
 
 STREAM = "walletd_t"
 
@@ -288,6 +288,30 @@ class Joining(ReplicationTest):
         joiner = Group(self.nats, n=1, config={"node": "w9"}).nodes[0]
         self.g.nodes.append(joiner)
         joiner.start()
+        self.check_ledgers()
+        self.assertEqual(joiner.ctl_json("balance", "acme")["balance"], "1000000")
+
+    def test_a_node_behind_what_the_stream_keeps_serves_nothing_until_seeded(self):
+        self.seed(self.leader)
+        c = NatsClient(self.nats.ports[0])
+        try:
+            self.assertTrue(c.api("STREAM.PURGE." + STREAM, {"keep": 1})["success"])  # as max_age would
+        finally:
+            c.close()
+        joiner = Group(self.nats, n=1, config={"node": "w9"}).nodes[0]
+        self.g.nodes.append(joiner)
+        joiner.start()
+        self.wait_role(3, lambda role: role == "catching_up" and "seed it" in self.g.status(3).get("why", ""))
+        r = joiner.ctl("balance", "acme")
+        self.assertEqual(r.returncode, 5, r.stdout + r.stderr)
+        self.assertIn("serves nothing", r.stderr)
+        self.assertEqual(joiner.ctl("ping").returncode, 0)
+        backup = os.path.join(self.nats.dir, "seed.mdb")
+        self.node(self.leader).ctl_json("backup", backup)
+        joiner.stop()
+        os.replace(backup, os.path.join(joiner.store, "data.mdb"))
+        joiner.start()
+        self.wait_role(3, lambda role: role == "follower")
         self.check_ledgers()
         self.assertEqual(joiner.ctl_json("balance", "acme")["balance"], "1000000")
 
