@@ -1123,7 +1123,7 @@ static const struct prom_scalar {
 static int
 cmd_stats_prometheus(void)
 {
-	const msgpack_object *st, *requests, *errors, *histos;
+	const msgpack_object *st, *requests, *errors, *histos, *repl;
 	msgpack_unpacked resp;
 
 	call("stats", NULL, -1, &resp);
@@ -1153,6 +1153,25 @@ cmd_stats_prometheus(void)
 
 		prom_value(m->name, m->type, m->help,
 		    (double)stat_u64(m->map ? map_get(st, m->map) : st, m->key) * m->scale);
+	}
+	if ((repl = map_get(st, "replication")) != NULL && repl->type == MSGPACK_OBJECT_MAP) {
+		const msgpack_object *role = map_get(repl, "role");
+
+		prom_value("replication_leader", "gauge", "1 while this node leads its replicated group.",
+		    role && role->type == MSGPACK_OBJECT_STR && role->via.str.size == 6 &&
+		    memcmp(role->via.str.ptr, "leader", 6) == 0);
+		prom_value("replication_records_published_total", "counter", "Commit records this node published.",
+		    (double)stat_u64(repl, "records_published"));
+		prom_value("replication_records_applied_total", "counter", "Other nodes' records this node applied.",
+		    (double)stat_u64(repl, "records_applied"));
+		prom_value("replication_forwarded_total", "counter", "Writes other nodes forwarded to this one.",
+		    (double)stat_u64(repl, "writes_forwarded_here"));
+		prom_value("replication_fenced_total", "counter", "Records the stream refused (another node's turn).",
+		    (double)stat_u64(repl, "fenced"));
+		prom_value("replication_lag_records", "gauge", "Stream records this node has yet to apply.",
+		    (double)stat_u64(repl, "lag_records"));
+		prom_histogram("replication_publish_seconds", "Time for the stream to acknowledge a record.",
+		    map_get(repl, "publish_us"), 1e-6);
 	}
 	msgpack_unpacked_destroy(&resp);
 	return EXIT_OK;

@@ -147,6 +147,13 @@ class Basics(ReplicationTest):
         st = self.node(self.leader).ctl_json("stats")["replication"]
         self.assertGreater(st["records_published"], 20)
         self.assertGreaterEqual(st["writes_forwarded_here"], 20)
+        for i, leads in ((self.leader, "1"), (f, "0")):
+            r = self.node(i).ctl("stats", "--prometheus")
+            self.assertIn("\nwalletd_replication_leader %s\n" % leads, r.stdout)
+            check = subprocess.run(["promtool", "check", "metrics"], input=r.stdout, capture_output=True, text=True)
+            self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        self.assertRegex(self.node(f).ctl("stats", "--prometheus").stdout,
+                         r"\nwalletd_replication_records_applied_total [1-9]")
 
     def test_load_through_every_node_leaves_equal_ledgers(self):
         self.seed(self.leader)
