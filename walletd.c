@@ -8371,20 +8371,13 @@ slow_oldest_ms(void)
 	return oldest ? (now_micros() - oldest) / 1000 : 0;
 }
 
-/* A helper thread for one slow read (verify, backup), off the event loop. */
-static void *
-slow_main(void *arg)
+/* Runs the read r in a read transaction of its own (a helper's, or a follower writer's). */
+static void
+req_run_alone(struct req *r)
 {
-	struct req *r = arg;
 	MDB_txn *txn;
-	int rc, slot = -1;
+	int rc;
 
-	for (int i = 0; i < SLOW_MAX && slot < 0; i++) {
-		uint64_t free_slot = 0;
-
-		if (atomic_compare_exchange_strong(&slow_since[i], &free_slot, now_micros()))
-			slot = i;
-	}
 	pthread_rwlock_rdlock(&store.maplock);
 	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) == 0) {
 		req_execute(r, txn, 0);
@@ -8393,6 +8386,22 @@ slow_main(void *arg)
 		req_store_error(r, rc);
 	}
 	pthread_rwlock_unlock(&store.maplock);
+}
+
+/* A helper thread for one slow read (verify, backup), off the event loop. */
+static void *
+slow_main(void *arg)
+{
+	struct req *r = arg;
+	int slot = -1;
+
+	for (int i = 0; i < SLOW_MAX && slot < 0; i++) {
+		uint64_t free_slot = 0;
+
+		if (atomic_compare_exchange_strong(&slow_since[i], &free_slot, now_micros()))
+			slot = i;
+	}
+	req_run_alone(r);
 	if (slot >= 0)
 		atomic_store(&slow_since[slot], 0);
 	expand_free();
@@ -8816,6 +8825,20 @@ static struct repl {
 static void
 repl_role_set(int role, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void repl_step_down(const char *why);
+
+/* Waits on repl.cond (repl.lock held) for a change, or ms. */
+static void
+repl_wait(unsigned ms)
+{
+	struct timespec until;
+
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += (time_t)(ms / 1000);
+	until.tv_nsec += (long)(ms % 1000) * 1000000;
+	if (until.tv_nsec >= 1000000000)
+		until.tv_sec++, until.tv_nsec -= 1000000000;
+	pthread_cond_timedwait(&repl.cond, &repl.lock, &until);
+}
 
 /* Changes the role (repl.lock held) and logs the change. */
 static void
@@ -9693,35 +9716,18 @@ repl_wait_applied(uint64_t seq, uint64_t deadline)
 	int rc;
 
 	pthread_mutex_lock(&repl.lock);
-	while (repl.pos.applied < seq && !repl.stopping && repl.role != RS_DIVERGED && now_micros() < deadline) {
-		struct timespec until;
-
-		clock_gettime(CLOCK_REALTIME, &until);
-		until.tv_nsec += 50000000;
-		if (until.tv_nsec >= 1000000000)
-			until.tv_sec++, until.tv_nsec -= 1000000000;
-		pthread_cond_timedwait(&repl.cond, &repl.lock, &until);
-	}
+	while (repl.pos.applied < seq && !repl.stopping && repl.role != RS_DIVERGED && now_micros() < deadline)
+		repl_wait(50);
 	rc = repl.pos.applied >= seq ? 0 : -1;
 	pthread_mutex_unlock(&repl.lock);
 	return rc;
 }
 
-/* Runs the read r on this node's store, in a read transaction of its own. */
+/* Runs the read r on this node's store. */
 static void
 repl_read(struct req *r)
 {
-	MDB_txn *txn;
-	int rc;
-
-	pthread_rwlock_rdlock(&store.maplock);
-	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) == 0) {
-		req_execute(r, txn, 0);
-		mdb_txn_abort(txn);
-	} else {
-		req_store_error(r, rc);
-	}
-	pthread_rwlock_unlock(&store.maplock);
+	req_run_alone(r);
 	r->done = 1;
 }
 
@@ -9876,15 +9882,8 @@ repl_run(struct req *batch)
 		if (now_micros() >= deadline)
 			break;
 		pthread_mutex_lock(&repl.lock);
-		if (repl.role == role && !repl.stopping) {
-			struct timespec until;
-
-			clock_gettime(CLOCK_REALTIME, &until);
-			until.tv_nsec += 100000000;
-			if (until.tv_nsec >= 1000000000)
-				until.tv_sec++, until.tv_nsec -= 1000000000;
-			pthread_cond_timedwait(&repl.cond, &repl.lock, &until);
-		}
+		if (repl.role == role && !repl.stopping)
+			repl_wait(100);
 		pthread_mutex_unlock(&repl.lock);
 	}
 	for (struct req *r = batch; r; r = r->qnext)
@@ -10163,16 +10162,8 @@ repl_lease_main(void *arg)
 			kvEntry_Destroy(e);
 		}
 		pthread_mutex_lock(&repl.lock);
-		if (!repl.stopping && !repl.refresh_now) {
-			struct timespec until;
-
-			clock_gettime(CLOCK_REALTIME, &until);
-			until.tv_sec += (time_t)(wait_ms / 1000);
-			until.tv_nsec += (long)(wait_ms % 1000) * 1000000;
-			if (until.tv_nsec >= 1000000000)
-				until.tv_sec++, until.tv_nsec -= 1000000000;
-			pthread_cond_timedwait(&repl.cond, &repl.lock, &until);
-		}
+		if (!repl.stopping && !repl.refresh_now)
+			repl_wait((unsigned)wait_ms);
 		pthread_mutex_unlock(&repl.lock);
 	}
 	return NULL;
@@ -10395,17 +10386,11 @@ repl_connect(const char **servers, int n, natsConnection **nc, jsCtx **js)
 static int
 repl_sleep(unsigned ms)
 {
-	struct timespec until;
 	int stop;
 
-	clock_gettime(CLOCK_REALTIME, &until);
-	until.tv_sec += (time_t)(ms / 1000);
-	until.tv_nsec += (long)(ms % 1000) * 1000000;
-	if (until.tv_nsec >= 1000000000)
-		until.tv_sec++, until.tv_nsec -= 1000000000;
 	pthread_mutex_lock(&repl.lock);
 	if (!repl.stopping)
-		pthread_cond_timedwait(&repl.cond, &repl.lock, &until);
+		repl_wait(ms);
 	stop = repl.stopping;
 	pthread_mutex_unlock(&repl.lock);
 	return stop;
