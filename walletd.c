@@ -8825,6 +8825,9 @@ static struct repl {
 static void
 repl_role_set(int role, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void repl_step_down(const char *why);
+static int repl_stream_state(uint64_t *first, uint64_t *last, int prefer);
+static int repl_behind(uint64_t applied, uint64_t first, uint64_t last);
+static int repl_sleep(unsigned ms);
 
 /* Waits on repl.cond (repl.lock held) for a change, or ms. */
 static void
@@ -9390,9 +9393,16 @@ repl_apply_main(void *arg)
 		if (stop)
 			break;
 		if (sub == NULL) {
+			uint64_t first, last;
 			jsSubOptions so;
 			jsErrCode err = 0;
 
+			if (repl_stream_state(&first, &last, 0) != 0) {
+				repl_sleep(1000);
+				continue;
+			}
+			if (repl_behind(repl_applied(), first, last))
+				continue; /* serves nothing until seeded: waits above */
 			jsSubOptions_Init(&so);
 			so.Stream = repl.stream;
 			so.Ordered = true;
@@ -10007,9 +10017,10 @@ repl_prefer(const char *leader)
 	pthread_mutex_unlock(&repl.lock);
 }
 
-/* The stream's first and last sequences, and publishes through its leader.  Returns -1 when it cannot be read. */
+/* The stream's first and last sequences; the lease thread (prefer) also publishes through its leader.
+ * Returns -1 when they cannot be read. */
 static int
-repl_stream_state(uint64_t *first, uint64_t *last)
+repl_stream_state(uint64_t *first, uint64_t *last, int prefer)
 {
 	jsStreamInfo *si = NULL;
 	jsErrCode err = 0;
@@ -10018,10 +10029,32 @@ repl_stream_state(uint64_t *first, uint64_t *last)
 		return -1;
 	*first = si->State.FirstSeq;
 	*last = si->State.LastSeq;
-	if (si->Cluster && si->Cluster->Leader)
+	if (prefer && si->Cluster && si->Cluster->Leader)
 		repl_prefer(si->Cluster->Leader);
 	jsStreamInfo_Destroy(si);
 	return 0;
+}
+
+/*
+ * Whether the stream, which holds first to last, no longer holds the records
+ * after applied: then this node serves nothing until it is seeded again.
+ */
+static int
+repl_behind(uint64_t applied, uint64_t first, uint64_t last)
+{
+	int behind;
+
+	pthread_mutex_lock(&repl.lock);
+	if (last > repl.last)
+		repl.last = last;
+	if ((behind = applied + 1 < first) && !repl.refusing) {
+		repl.refusing = 1;
+		atomic_store(&repl_refusing, 1);
+		repl_role_set(RS_CATCHING_UP, "the stream starts at %" PRIu64 ", past this node's %" PRIu64 ": seed it "
+		    "from a backup of another node", first, applied);
+	}
+	pthread_mutex_unlock(&repl.lock);
+	return behind;
 }
 
 /*
@@ -10038,16 +10071,8 @@ repl_check_history(struct repl_pos pos, uint64_t first, uint64_t last)
 	struct part pt;
 	int same = 1;
 
-	pthread_mutex_lock(&repl.lock);
-	if (last > repl.last)
-		repl.last = last;
-	if (pos.applied + 1 < first && !repl.refusing) {
-		repl.refusing = 1;
-		atomic_store(&repl_refusing, 1);
-		repl_role_set(RS_CATCHING_UP, "the stream starts at %" PRIu64 ", past this node's %" PRIu64 ": seed it "
-		    "from a backup of another node", first, pos.applied);
-	}
-	pthread_mutex_unlock(&repl.lock);
+	if (repl_behind(pos.applied, first, last))
+		return;
 	if (pos.applied == 0)
 		return;
 	if (last < pos.applied) {
@@ -10119,7 +10144,7 @@ repl_lease_main(void *arg)
 				repl_step_down("the lease could not be refreshed in time");
 			}
 			pthread_mutex_unlock(&repl.lock);
-			repl_stream_state(&first, &last); /* where to publish */
+			repl_stream_state(&first, &last, 1); /* where to publish */
 			wait_ms = 1000; /* a refresh a second: a stall of the bucket's server (seconds) is outlived */
 		} else if ((s = kvStore_Get(&e, repl.kv, LEASE_KEY)) == NATS_OK || s == NATS_NOT_FOUND) {
 			char node[64] = "";
@@ -10135,7 +10160,7 @@ repl_lease_main(void *arg)
 			pthread_mutex_lock(&repl.lock);
 			pos = repl.pos; /* before the stream's state: the stream cannot be behind it then */
 			pthread_mutex_unlock(&repl.lock);
-			caught_up = repl_stream_state(&first, &last) == 0;
+			caught_up = repl_stream_state(&first, &last, 1) == 0;
 			if (caught_up)
 				repl_check_history(pos, first, last);
 			pthread_mutex_lock(&repl.lock);
@@ -10250,7 +10275,11 @@ m_status(struct call *c)
 	KV_U64(pk, "applied", r.pos.applied);
 	KV_U64(pk, "last", r.last);
 	KV_U64(pk, "lag_records", r.last - r.pos.applied);
-	KV_U64(pk, "lag_ms", r.last > r.pos.applied && now_ms > r.applied_ms ? (uint64_t)(now_ms - r.applied_ms) : 0);
+	KEY(pk, "lag_ms"); /* since the last record applied was published; nil: none applied yet */
+	if (r.last > r.pos.applied && r.applied_ms == 0)
+		msgpack_pack_nil(pk);
+	else
+		msgpack_pack_uint64(pk, r.last > r.pos.applied && now_ms > r.applied_ms ? (uint64_t)(now_ms - r.applied_ms) : 0);
 	KEY(pk, "lease_expires_at");
 	if (r.lease_expires_ms && r.leader[0])
 		pack_time(pk, r.lease_expires_ms / 1000);
@@ -10311,7 +10340,7 @@ m_replication_repair(struct call *c)
 	if (role != RS_DIVERGED)
 		return fail(c, E_UNAVAILABLE, NULL, "only a diverged node repairs the stream; this one is %s",
 		    repl_role_names[role]);
-	if (repl_stream_state(&first, &last) != 0)
+	if (repl_stream_state(&first, &last, 0) != 0)
 		return fail(c, E_UNAVAILABLE, NULL, "cannot read the stream: %s", nats_GetLastError(NULL));
 	if (last >= pos.applied)
 		return fail(c, E_UNAVAILABLE, NULL, "the stream reaches this node's record %" PRIu64 " with another "
