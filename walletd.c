@@ -7098,6 +7098,7 @@ struct req {
 	struct remote *remote;    /* forwarded by a follower (section 7): conn is NULL */
 	struct str origin;        /* ... that follower's node name */
 	uint64_t seq;             /* replicated: the stream record that holds what it wrote */
+	int64_t expires_ms;       /* forwarded: not run after this (wall clock, ms) */
 	int done;                 /* replicated: answered in this turn of the writer */
 };
 
@@ -8171,6 +8172,11 @@ writer_run(struct req *batch)
 
 			if (r->done)
 				continue;
+			if (r->expires_ms && now_seconds() * 1000 > r->expires_ms) {
+				req_error(r, E_UNAVAILABLE, NULL, "the write reached the leader after its sender stopped "
+				    "waiting: nothing was done");
+				continue;
+			}
 			if (r->failed) {
 				req_store_error(r, r->failed);
 				continue;
@@ -9559,9 +9565,9 @@ forward_part(natsMsg *msg, char **data, size_t *len)
 }
 
 /*
- * The leader's callback for a follower's forwarded writes, [node, [[uid,
- * frame], ...]]: each becomes a request for the writer, as if read from a
- * connection here, its roles already checked where its client is.
+ * The leader's callback for a follower's forwarded writes, [node, expires,
+ * [[uid, frame], ...]]: each becomes a request for the writer, as if read
+ * from a connection here, its roles already checked where its client is.
  */
 static void
 repl_on_forward(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *arg)
@@ -9590,8 +9596,9 @@ repl_on_forward(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *a
 	if (rm->data)
 		data = rm->data;
 	if (msgpack_unpack_next(&rm->env, data, len, NULL) != MSGPACK_UNPACK_SUCCESS ||
-	    rm->env.data.type != MSGPACK_OBJECT_ARRAY || rm->env.data.via.array.size != 2 ||
-	    (items = &rm->env.data.via.array.ptr[1])->type != MSGPACK_OBJECT_ARRAY || items->via.array.size == 0 ||
+	    rm->env.data.type != MSGPACK_OBJECT_ARRAY || rm->env.data.via.array.size != 3 ||
+	    rm->env.data.via.array.ptr[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+	    (items = &rm->env.data.via.array.ptr[2])->type != MSGPACK_OBJECT_ARRAY || items->via.array.size == 0 ||
 	    (rm->reqs = calloc(items->via.array.size, sizeof(*rm->reqs))) == NULL)
 		goto bad;
 	for (uint32_t i = 0; i < items->via.array.size; i++) {
@@ -9607,6 +9614,7 @@ repl_on_forward(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *a
 		r->fd = -1;
 		r->method = -1;
 		r->uid = (uid_t)it->via.array.ptr[0].via.u64;
+		r->expires_ms = (int64_t)rm->env.data.via.array.ptr[1].via.u64;
 		if (rm->env.data.via.array.ptr[0].type == MSGPACK_OBJECT_STR)
 			r->origin = (struct str){ rm->env.data.via.array.ptr[0].via.str.ptr,
 			    rm->env.data.via.array.ptr[0].via.str.size };
@@ -9774,8 +9782,11 @@ repl_forward(struct req *batch, uint64_t deadline)
 			n++;
 		msgpack_sbuffer_clear(&sb);
 		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-		msgpack_pack_array(&pk, 2);
+		msgpack_pack_array(&pk, 3);
 		msgpack_pack_str_with_body(&pk, config.node, strlen(config.node));
+		/* Run by then or never: a message NATS held back (this node cut off, then
+		 * back) must not charge after this node answered that it may not have. */
+		msgpack_pack_int64(&pk, now_seconds() * 1000 + config.failover_wait * 1000);
 		msgpack_pack_array(&pk, n);
 		for (struct req *q = r; q != end; q = q->qnext) {
 			msgpack_sbuffer frame;
@@ -9886,8 +9897,17 @@ repl_run(struct req *batch)
 					}
 				return;
 			}
-		} else if (repl_forward(batch, deadline) == 0) {
-			return;
+		} else {
+			/* Another node's writes this node took while leading: never passed on
+			 * (their sender may have given up on them when the lease moved). */
+			for (struct req *r = batch; r; r = r->qnext)
+				if (r->remote && !r->done) {
+					req_error(r, E_UNAVAILABLE, NULL, "%s stopped leading before it ran the write: nothing "
+					    "was done", config.node);
+					r->done = 1;
+				}
+			if (repl_forward(batch, deadline) == 0)
+				return;
 		}
 		if (now_micros() >= deadline)
 			break;

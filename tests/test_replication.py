@@ -259,6 +259,27 @@ class Failover(ReplicationTest):
         self.check_ledgers(answered)
 
 
+class LateForward(ReplicationTest):
+    def test_a_forwarded_write_that_reaches_a_paused_leader_too_late_is_never_run(self):
+        self.seed(self.leader)
+        old, f = self.leader, self.follower()
+        self.node(old).proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.time()
+            r = self.node(f).ctl("charge", "acme", "sms", "+256712345678", "--ref", "late")
+            self.assertEqual(r.returncode, 5, r.stdout + r.stderr)  # unavailable: the outcome unknown
+            self.assertIn("unknown", r.stderr)
+            self.assertLess(time.time() - t0, 12)  # given up when the lease moved, before failover_wait
+            self.leader = self.g.leader()  # another node leads
+        finally:
+            self.node(old).proc.send_signal(signal.SIGCONT)
+        self.wait_role(old, lambda role: role == "follower")
+        time.sleep(1)
+        self.check_ledgers()
+        for i in range(3):
+            self.assertNotIn("late", self.charges(i), "a write answered unavailable was run after all")
+
+
 class Failover10s(ReplicationTest):
     config = {"lease_ttl": "10"}
 
