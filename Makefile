@@ -132,6 +132,7 @@ install: all
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+	rm -rf $(DESTDIR)$(pythondir)/walletd/__pycache__
 	-rmdir $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir)/php $(DESTDIR)$(libdir) 2>/dev/null
 
 clean:

@@ -30,6 +30,7 @@
 #define HISTORY_LIMIT_MAX   1000
 #define RATE_LIST_LIMIT_MAX 10000
 #define EXPORT_LIMIT_MAX    10000
+#define STATEMENT_LIMIT_MAX 10000       /* a statement's transactions, a page at a time */
 #define BATCH_ITEMS_MAX     1000        /* (config) charge_batch_max */
 #define EMAILS_MAX          8           /* alert_emails per wallet */
 #define PREFIXES_MAX        32          /* allowed_prefixes, blocked_prefixes: each */
@@ -142,8 +143,9 @@ X(M_REFUND_BATCH, refund_batch, "refund.batch", R_AC, MF_WRITE | MF_FLAT, "items
 X(M_HISTORY, history, "history", R_AC, MF_SCAN, \
   "wallet ?page:i ?before_id:i ?limit:i ?type:l ?since ?until", \
   "A wallet's transactions, newest first.") \
-X(M_STATEMENT, statement, "statement", R_AC, MF_SCAN, "wallet ?from ?until", \
-  "A wallet's statement: opening and closing balance, totals, messages, by country (default: this UTC month).") \
+X(M_STATEMENT, statement, "statement", R_AC, MF_SCAN, "wallet ?from ?until ?after_id:i ?limit:i", \
+  "A wallet's statement: opening and closing balance, totals, messages, by country (default: this UTC month); " \
+  "its transactions a page at a time.") \
 X(M_EXPORT, export, "export", R_A, MF_SCAN, "?after_id:i ?limit:i", \
   "Every wallet's transactions in id order, a page at a time, for accounting (--csv: all of them).") \
 X(M_REPORT_USAGE, report_usage, "report.usage", R_A, MF_SCAN, "from until group_by", \

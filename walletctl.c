@@ -1111,6 +1111,8 @@ static const struct prom_scalar {
 	  "store", "oldest_read_ms", 0.001 },
 	{ "alerts_pending", "gauge", "Notifications whose e-mail is still to be sent.",
 	  NULL, "alerts_pending", 1 },
+	{ "webhooks_pending", "gauge", "Events still to be delivered to webhook_url.",
+	  NULL, "webhooks_pending", 1 },
 	{ "uptime_seconds", "gauge", "Seconds since walletd started.",
 	  NULL, "uptime", 1 },
 };
@@ -1123,6 +1125,7 @@ static const struct prom_scalar {
 static int
 cmd_stats_prometheus(void)
 {
+	static const char *const roles[] = { "single", "leader", "follower", "catching_up", "diverged" };
 	const msgpack_object *st, *requests, *errors, *histos, *repl;
 	msgpack_unpacked resp;
 
@@ -1154,7 +1157,18 @@ cmd_stats_prometheus(void)
 		prom_value(m->name, m->type, m->help,
 		    (double)stat_u64(m->map ? map_get(st, m->map) : st, m->key) * m->scale);
 	}
-	if ((repl = map_get(st, "replication")) != NULL && repl->type == MSGPACK_OBJECT_MAP) {
+	repl = map_get(st, "replication");
+	prom_family("replication_role", "gauge", "1 for this node's role: single (no replication), leader, "
+	    "follower, catching_up or diverged.");
+	for (size_t i = 0; i < sizeof(roles) / sizeof(roles[0]); i++) {
+		const msgpack_object *role = map_get(repl, "role");
+		int is = role && role->type == MSGPACK_OBJECT_STR ?
+		    role->via.str.size == strlen(roles[i]) && memcmp(role->via.str.ptr, roles[i], role->via.str.size) == 0 :
+		    i == 0;
+
+		printf("walletd_replication_role{role=\"%s\"} %d\n", roles[i], is);
+	}
+	if (repl != NULL && repl->type == MSGPACK_OBJECT_MAP) {
 		const msgpack_object *role = map_get(repl, "role");
 
 		prom_value("replication_leader", "gauge", "1 while this node leads its replicated group.",
@@ -1278,21 +1292,71 @@ cmd_export_csv(int argc, char **argv)
 	return EXIT_OK;
 }
 
+/* Copies string v into buf (size bytes, cut to fit), "" when v is not a string. */
+static void
+str_copy(char *buf, size_t size, const msgpack_object *v)
+{
+	int n = v && v->type == MSGPACK_OBJECT_STR ? (int)v->via.str.size : 0;
+
+	snprintf(buf, size, "%.*s", n, n ? v->via.str.ptr : "");
+}
+
+/* Asks for one page of wallet's statement [from, until) after after_id (0: the first), limit rows (0: the default). */
+static void
+statement_page(const char *wallet, const char *from, const char *until, uint64_t after, uint64_t limit,
+    msgpack_unpacked *resp)
+{
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	msgpack_pack_map(&pk, 1 + (from != NULL) + (until != NULL) + (after != 0) + (limit != 0));
+	pk_kv(&pk, "wallet", wallet);
+	if (from)
+		pk_kv(&pk, "from", from);
+	if (until)
+		pk_kv(&pk, "until", until);
+	if (after) {
+		msgpack_pack_str_with_body(&pk, "after_id", 8);
+		msgpack_pack_uint64(&pk, after);
+	}
+	if (limit) {
+		msgpack_pack_str_with_body(&pk, "limit", 5);
+		msgpack_pack_uint64(&pk, limit);
+	}
+	call("statement", &sb, -1, resp);
+	msgpack_sbuffer_destroy(&sb);
+}
+
+/* Writes one CSV row of the statement: date, id, type, description, amount, balance, currency. */
+static void
+statement_row(const msgpack_object *t)
+{
+	static const char *const cols[] = { "created_at", "id", "type", "description", "amount", "balance_after",
+		"currency" };
+
+	for (int k = 0; k < 7; k++) {
+		csv_field(map_get(t, cols[k]));
+		fputs(k < 6 ? "," : "\r\n", stdout);
+	}
+}
+
 /*
- * statement WALLET [--month YYYY-MM | --from T --until T] [--csv]: the
- * statement method; --month names a UTC month; --csv writes it for a
- * spreadsheet: the opening balance, each transaction, the closing balance.
+ * statement WALLET [--month YYYY-MM | --from T --until T] [--after-id N]
+ * [--limit N] [--csv]: the statement method; --month names a UTC month;
+ * --csv writes it for a spreadsheet: the opening balance, every transaction
+ * of the period (page after page), the closing balance.
  */
 static int
 cmd_statement(int argc, char **argv)
 {
 	const char *wallet = NULL, *month = NULL, *from = NULL, *until = NULL;
-	char from_buf[32], until_buf[32];
+	char from_buf[40], until_buf[40], closing[40], currency[8], *end;
+	uint64_t after = 0, limit = 0;
 	int csv = 0, rc;
-	msgpack_sbuffer sb;
-	msgpack_packer pk;
 	msgpack_unpacked resp;
-	const msgpack_object *r, *txns;
+	const msgpack_object *r, *txns, *next;
 
 	for (int i = 0; i < argc; i++) {
 		if (strcmp(argv[i], "--csv") == 0)
@@ -1303,6 +1367,12 @@ cmd_statement(int argc, char **argv)
 			from = argv[++i];
 		else if (strcmp(argv[i], "--until") == 0 && i + 1 < argc)
 			until = argv[++i];
+		else if (strcmp(argv[i], "--after-id") == 0 && i + 1 < argc &&
+		    (after = strtoull(argv[i + 1], &end, 10), *end == '\0'))
+			i++;
+		else if (strcmp(argv[i], "--limit") == 0 && i + 1 < argc &&
+		    (limit = strtoull(argv[i + 1], &end, 10), *end == '\0' && limit > 0))
+			i++;
 		else if (wallet == NULL && argv[i][0] != '-')
 			wallet = argv[i];
 		else
@@ -1318,45 +1388,41 @@ cmd_statement(int argc, char **argv)
 		from = from_buf;
 		until = until_buf;
 	}
-	if (wallet == NULL)
-		die(EXIT_USAGE, "usage: walletctl statement WALLET [--month YYYY-MM | --from T --until T] [--csv]");
-	msgpack_sbuffer_init(&sb);
-	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	msgpack_pack_map(&pk, 1 + (from != NULL) + (until != NULL));
-	pk_kv(&pk, "wallet", wallet);
-	if (from)
-		pk_kv(&pk, "from", from);
-	if (until)
-		pk_kv(&pk, "until", until);
-	call("statement", &sb, -1, &resp);
-	msgpack_sbuffer_destroy(&sb);
+	if (wallet == NULL || (csv && (after || limit)))
+		die(EXIT_USAGE, "usage: walletctl statement WALLET [--month YYYY-MM | --from T --until T] "
+		    "[--after-id N] [--limit N] [--csv]");
+	statement_page(wallet, from, until, after, csv ? STATEMENT_LIMIT_MAX : limit, &resp);
 	if (!csv || (r = ok_result(&resp.data)) == NULL) {
 		rc = print_response(&resp.data);
 		msgpack_unpacked_destroy(&resp);
 		return rc;
 	}
-	txns = map_get(r, "transactions");
+	/* Every page of the period as the first answer bounds it, its closing balance last. */
+	str_copy(from_buf, sizeof(from_buf), map_get(r, "from"));
+	str_copy(until_buf, sizeof(until_buf), map_get(r, "until"));
+	str_copy(closing, sizeof(closing), map_get(r, "closing_balance"));
+	str_copy(currency, sizeof(currency), map_get(r, "currency"));
 	printf("date,id,type,description,amount,balance,currency\r\n");
-	printf("%.10s,,opening_balance,Opening balance,,", map_get(r, "from")->via.str.ptr);
+	printf("%.10s,,opening_balance,Opening balance,,", from_buf);
 	csv_field(map_get(r, "opening_balance"));
-	printf(",");
-	csv_field(map_get(r, "currency"));
-	printf("\r\n");
-	for (uint32_t i = 0; txns && txns->type == MSGPACK_OBJECT_ARRAY && i < txns->via.array.size; i++) {
-		const msgpack_object *t = &txns->via.array.ptr[i];
-		const char *cols[] = { "created_at", "id", "type", "description", "amount", "balance_after", "currency" };
-
-		for (int k = 0; k < 7; k++) {
-			csv_field(map_get(t, cols[k]));
-			fputs(k < 6 ? "," : "\r\n", stdout);
-		}
+	printf(",%s\r\n", currency);
+	for (;;) {
+		txns = map_get(r, "transactions");
+		for (uint32_t i = 0; txns && txns->type == MSGPACK_OBJECT_ARRAY && i < txns->via.array.size; i++)
+			statement_row(&txns->via.array.ptr[i]);
+		next = map_get(r, "next_after_id");
+		if (next == NULL || next->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+			break;
+		after = next->via.u64;
+		msgpack_unpacked_destroy(&resp);
+		statement_page(wallet, from_buf, until_buf, after, STATEMENT_LIMIT_MAX, &resp);
+		if ((r = ok_result(&resp.data)) == NULL)
+			return print_response(&resp.data);
 	}
-	printf("%.10s,,closing_balance,Closing balance,,", map_get(r, "until")->via.str.ptr);
-	csv_field(map_get(r, "closing_balance"));
-	printf(",");
-	csv_field(map_get(r, "currency"));
-	printf("\r\n");
+	printf("%.10s,,closing_balance,Closing balance,,%s,%s\r\n", until_buf, closing, currency);
 	msgpack_unpacked_destroy(&resp);
+	if (fflush(stdout) != 0)
+		die(EXIT_ERROR, "cannot write the CSV: %s", strerror(errno));
 	return EXIT_OK;
 }
 

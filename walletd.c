@@ -1102,6 +1102,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
 #define WF_HOURLY    8u           /* hourly_messages set */
 #define WF_CREDIT_EVER 16u        /* a credit limit was set once: past balances may be negative */
 #define WF_EXTENDED  32u          /* stored: the record holds the layout 5 fields (wallet_put) */
+#define WF_COUNTS    64u          /* stored: the record holds slot_counts (wallet_put) */
 
 struct wallet {
 	int64_t balance;
@@ -1124,8 +1125,9 @@ struct wallet {
 	int64_t day;              /* the UTC day (since the epoch) that day_spent counts */
 	int64_t day_spent;        /* charged on that day */
 	int64_t slot;             /* the last HOUR_SLOT (since the epoch) slot_counts holds */
-	uint64_t hour_total;      /* slot_counts added up (0 without WF_HOURLY) */
-	/* Stored only with WF_HOURLY: the hour is counted from when the limit is set. */
+	uint64_t hour_total;      /* slot_counts added up */
+	/* Stored only while hour_total is not 0 (or with WF_HOURLY): every charge is
+	 * counted, limit or none, so a limit set mid-hour applies at once. */
 	uint32_t slot_counts[HOUR_SLOTS]; /* messages charged in each of the hour's slots, at slot % HOUR_SLOTS */
 	char allowed[PREFIXES_BYTES]; /* comma-separated digit prefixes; "" = any */
 	char blocked[PREFIXES_BYTES];
@@ -1872,7 +1874,8 @@ record_copy(void *dst, size_t size, MDB_val v)
  * credit limit, hold and spend-control fields only with WF_EXTENDED (most
  * wallets have none: a small record keeps more wallets in a page, and a
  * commit of many charges writes fewer pages), then its slot counts only
- * with WF_HOURLY, then its three strings, each up to its NUL.
+ * with WF_COUNTS (layout 5 before 2026-12: with WF_HOURLY), then its three
+ * strings, each up to its NUL.
  */
 #define WALLET_BASE     offsetof(struct wallet, credit_limit)
 #define WALLET_EXTENDED (offsetof(struct wallet, slot_counts) - WALLET_BASE)
@@ -1882,7 +1885,8 @@ record_copy(void *dst, size_t size, MDB_val v)
 static int
 wallet_extended(const struct wallet *w)
 {
-	return w->credit_limit || w->held || w->holds_active || (w->flags & (WF_DAILY | WF_HOURLY));
+	return w->credit_limit || w->held || w->holds_active || w->day_spent || w->hour_total ||
+	    (w->flags & (WF_DAILY | WF_HOURLY));
 }
 
 /* Decodes a stored wallet record v into *w.  Returns 0 or MDB_CORRUPTED. */
@@ -1904,14 +1908,15 @@ wallet_decode(MDB_val v, struct wallet *w)
 		memcpy((char *)w + WALLET_BASE, p, WALLET_EXTENDED);
 		p += WALLET_EXTENDED;
 	}
-	if (!(w->flags & WF_HOURLY))
-		w->hour_total = 0;
-	if (w->flags & WF_HOURLY) {
+	if (w->flags & (WF_COUNTS | WF_HOURLY)) {
 		if ((size_t)(end - p) < WALLET_COUNTS)
 			return MDB_CORRUPTED;
 		memcpy(w->slot_counts, p, WALLET_COUNTS);
 		p += WALLET_COUNTS;
+	} else {
+		w->hour_total = 0; /* a record without counts counts nothing */
 	}
+	w->flags &= ~(WF_EXTENDED | WF_COUNTS);
 	for (int i = 0; i < 3; i++) {
 		size_t n = strnlen(p, (size_t)(end - p));
 
@@ -1944,7 +1949,7 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	char buf[sizeof(*w)];
 	size_t n = WALLET_BASE;
 	const char *strings[3] = { w->allowed, w->blocked, w->emails };
-	uint32_t flags = w->flags & ~WF_EXTENDED;
+	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS);
 
 	memcpy(buf, w, WALLET_BASE);
 	if (wallet_extended(w)) {
@@ -1952,11 +1957,12 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 		memcpy(buf + n, (const char *)w + WALLET_BASE, WALLET_EXTENDED);
 		n += WALLET_EXTENDED;
 	}
-	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
-	if (w->flags & WF_HOURLY) {
+	if (w->hour_total || (w->flags & WF_HOURLY)) {
+		flags |= WF_COUNTS;
 		memcpy(buf + n, w->slot_counts, WALLET_COUNTS);
 		n += WALLET_COUNTS;
 	}
+	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
 	for (int i = 0; i < 3; i++) {
 		size_t len = strlen(strings[i]) + 1;
 
@@ -3308,7 +3314,8 @@ p_e164(struct call *c, const char *name, char *digits, size_t *n)
 /*
  * Reads list param name: at most max strings, each passing valid (what
  * says what one must be, for the error), joined with commas into out (size
- * bytes); nil or [] is "".  *present as p_amount.
+ * bytes); nil or [] is "".  An absent param leaves out as it was (an update
+ * that does not name a list keeps it).  *present as p_amount.
  */
 static int
 p_list(struct call *c, const char *name, unsigned max, int (*valid)(struct str), const char *what,
@@ -3317,9 +3324,11 @@ p_list(struct call *c, const char *name, unsigned max, int (*valid)(struct str),
 	const msgpack_object *o = param(c, name);
 	size_t n = 0;
 
-	out[0] = '\0';
 	*present = o == NULL ? 0 : 1;
-	if (o == NULL || o->type == MSGPACK_OBJECT_NIL)
+	if (o == NULL)
+		return E_OK;
+	out[0] = '\0';
+	if (o->type == MSGPACK_OBJECT_NIL)
 		return E_OK;
 	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size > max)
 		return fail(c, E_INVALID_ARGUMENT, name, "%s must be a list of at most %u", name, max);
@@ -3760,6 +3769,33 @@ m_balance(struct call *c)
 	return E_OK;
 }
 
+/*
+ * Checks w's credit limit against its balance and holds: the balance may
+ * not be below -credit_limit, the active holds must fit in balance +
+ * credit_limit (available never negative), and that sum must stay in the
+ * amount range.  E_OK or invalid_argument naming credit_limit.
+ */
+static int
+wallet_fits_credit_limit(struct call *c, const struct wallet *w)
+{
+	int64_t held, room;
+	int rc;
+
+	if (__builtin_add_overflow(w->balance, w->credit_limit, &room))
+		return fail(c, E_INVALID_ARGUMENT, "credit_limit",
+		    "credit_limit is out of range: with the balance it passes the largest amount");
+	if (room < 0)
+		return fail(c, E_INVALID_ARGUMENT, "credit_limit",
+		    "credit_limit must be at least what the wallet owes (its balance is below minus it)");
+	if ((rc = wallet_held(c->txn, w, now_seconds(), &held)))
+		return store_error(c, rc);
+	if (held > room)
+		return fail(c, E_INVALID_ARGUMENT, "credit_limit",
+		    "credit_limit must leave room for the wallet's active holds (%s held; release holds first)",
+		    amount_format(held, (char[32]){ 0 }, 0));
+	return E_OK;
+}
+
 /* Whether param name is there with the value nil (an explicit "clear"). */
 static int
 param_nil(struct call *c, const char *name)
@@ -3794,9 +3830,8 @@ m_wallet_update(struct call *c)
 		return fail(c, E_INVALID_ARGUMENT, "status", "status must be active or frozen");
 	if ((rc = load_wallet(c, id, &w)) || (rc = p_threshold(c, &w)) || (rc = p_controls(c, &w)))
 		return rc;
-	if (w.balance < -w.credit_limit)
-		return fail(c, E_INVALID_ARGUMENT, "credit_limit",
-		    "credit_limit must be at least what the wallet owes (its balance is below minus it)");
+	if (param(c, "credit_limit") && (rc = wallet_fits_credit_limit(c, &w)))
+		return rc;
 	if (plan.p) {
 		memset(w.plan, 0, sizeof(w.plan));
 		memcpy(w.plan, plan.p, plan.n);
@@ -4449,20 +4484,18 @@ limits_exceeded(struct call *c, const struct wallet *w, int64_t now, int64_t cos
 	return 0;
 }
 
-/* Counts a charge of cost and messages at now in w's day and hour. */
+/* Counts a charge of cost and messages at now in w's day and hour, whether
+ * or not w has limits: one set later applies at once to what was spent. */
 static void
 limits_count(struct wallet *w, int64_t now, int64_t cost, uint32_t messages)
 {
 	int64_t day = now / 86400, slot = now / HOUR_SLOT;
 
-	if ((w->flags & WF_DAILY) && w->day != day) {
+	if (w->day != day) {
 		w->day = day;
 		w->day_spent = 0;
 	}
-	if (w->flags & WF_DAILY)
-		w->day_spent = add_saturating(w->day_spent, cost);
-	if (!(w->flags & WF_HOURLY))
-		return;
+	w->day_spent = add_saturating(w->day_spent, cost);
 	if (slot - w->slot >= HOUR_SLOTS) {
 		memset(w->slot_counts, 0, sizeof(w->slot_counts));
 		w->hour_total = 0;
@@ -4939,6 +4972,9 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 /*
  * precheck: prices a campaign (campaign_price) and says whether the wallet
  * may spend it now, and which of its limits it would cross; changes nothing.
+ * sufficient: the whole campaign can go (every recipient valid, priced and
+ * not blocked, no limit crossed, and the money there); missing: how much
+ * more money it needs.
  */
 static int
 m_precheck(struct call *c)
@@ -4964,10 +5000,12 @@ m_precheck(struct call *c)
 		msgpack_packer *pk = c->pk;
 
 		crossed = limits_exceeded(c, &w, now, cp.required, cp.messages);
-		msgpack_pack_map(pk, 9);
-		KV_BOOL(pk, "sufficient", cp.required <= available);
+		msgpack_pack_map(pk, 10);
+		KV_BOOL(pk, "sufficient", cp.required <= available && !crossed &&
+		    cp.nunpriced + cp.ninvalid + cp.nblocked == 0);
 		KV_AMOUNT(pk, "required", cp.required);
 		KV_AMOUNT(pk, "available", available);
+		KV_AMOUNT(pk, "missing", cp.required > available ? cp.required - available : 0);
 		KV_STR(pk, "currency", w.currency);
 		KEY(pk, "breakdown");
 		msgpack_pack_array(pk, cp.groups.n);
@@ -6422,15 +6460,16 @@ struct country_group {
 	int64_t amount;
 };
 
-#define STATEMENT_TXNS_MAX 10000 /* transactions a statement lists; totals count them all */
+#define STATEMENT_PAGE_DEFAULT 1000 /* transactions a statement lists at a time */
 
 /*
  * statement: a wallet's period [from, until) (default: this UTC month):
  * opening balance (balance_after of the last transaction before it), totals
  * by type, messages by channel, by country (E.164 calling code), closing
- * balance (= opening + totals, exactly), and the period's transactions
- * (the first STATEMENT_TXNS_MAX).  Two binary searches, then O(the
- * period's transactions).
+ * balance (= opening + totals, exactly), all over the whole period, and a
+ * page of its transactions: the first limit after after_id, in id order,
+ * with transactions_total (the period's) and next_after_id (nil on the last
+ * page).  Two binary searches, then O(the period's transactions).
  */
 static int
 m_statement(struct call *c)
@@ -6438,6 +6477,7 @@ m_statement(struct call *c)
 	struct group_table countries = { .size = sizeof(struct country_group) };
 	int64_t from, until, opening = 0, totals[T__COUNT] = { 0 }, closing;
 	uint64_t seq_from, seq_until, n, *ids = NULL, sms[2] = { 0 }, wa = 0;
+	uint64_t after = 0, limit = STATEMENT_PAGE_DEFAULT, first, end;
 	int64_t sms_amount = 0, wa_amount = 0;
 	struct str id, from_s, until_s;
 	msgpack_zone *zone = NULL;
@@ -6445,7 +6485,9 @@ m_statement(struct call *c)
 	msgpack_packer *pk = c->pk;
 	int rc;
 
-	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "from", 0, 40, &from_s)) || (rc = p_str(c, "until", 0, 40, &until_s)))
+	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "from", 0, 40, &from_s)) ||
+	    (rc = p_str(c, "until", 0, 40, &until_s)) || (rc = p_uint(c, "after_id", 0, 0, UINT64_MAX, &after)) ||
+	    (rc = p_uint(c, "limit", 0, 1, STATEMENT_LIMIT_MAX, &limit)))
 		return rc;
 	{
 		time_t now = (time_t)now_seconds();
@@ -6532,12 +6574,21 @@ m_statement(struct call *c)
 		g->segments += seg && seg->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? seg->via.u64 : 1;
 		g->amount -= h.amount;
 	}
+	for (first = 0, end = n; first < end;) { /* the page: the first id above after */
+		uint64_t mid = first + (end - first) / 2;
+
+		if (ids[mid] <= after)
+			first = mid + 1;
+		else
+			end = mid;
+	}
+	end = n - first > limit ? first + limit : n;
 	if (rc == 0) {
 		qsort(countries.entries, countries.n, countries.size, usage_compare);
 		closing = opening;
 		for (int t = 1; t < T__COUNT; t++)
 			closing += totals[t];
-		msgpack_pack_map(pk, 11);
+		msgpack_pack_map(pk, 12);
 		KV_SSTR(pk, "wallet", id);
 		KV_STR(pk, "currency", w.currency);
 		KV_TIME(pk, "from", from);
@@ -6580,8 +6631,8 @@ m_statement(struct call *c)
 			KV_AMOUNT(pk, "amount", g->amount);
 		}
 		KEY(pk, "transactions");
-		msgpack_pack_array(pk, n < STATEMENT_TXNS_MAX ? n : STATEMENT_TXNS_MAX);
-		for (uint64_t i = 0; i < n && i < STATEMENT_TXNS_MAX; i++) {
+		msgpack_pack_array(pk, end - first);
+		for (uint64_t i = first; i < end; i++) {
 			struct txn_head h;
 			MDB_val rec;
 
@@ -6589,6 +6640,11 @@ m_statement(struct call *c)
 				msgpack_pack_nil(pk);
 		}
 		KV_U64(pk, "transactions_total", n);
+		KEY(pk, "next_after_id");
+		if (end < n)
+			msgpack_pack_uint64(pk, ids[end - 1]);
+		else
+			msgpack_pack_nil(pk);
 	}
 	free(ids);
 	msgpack_zone_free(zone);
@@ -6703,6 +6759,9 @@ verify_holds(MDB_txn *txn, const struct wallet *w, struct str id, msgpack_packer
 	if (hc.sum.held != w->held || hc.sum.active != w->holds_active ||
 	    (w->holds_active && hc.sum.first_expiry != w->hold_expiry))
 		verify_breach(pk, breaches, id, 0, "the wallet's held money disagrees with its active holds");
+	if (w->held > add_saturating(w->balance, w->credit_limit))
+		verify_breach(pk, breaches, id, 0, "its active holds exceed its balance plus credit limit "
+		    "(available below zero)");
 }
 
 /* Checks that the refunds of every charge add up to no more than it, and refund it. */
@@ -6967,7 +7026,7 @@ m_stats(struct call *c)
 	const char *qn[5] = { "p50", "p90", "p99", "p999", "max" };
 	int methods = 0, codes = 0, rc;
 	MDB_envinfo info;
-	MDB_stat alertq;
+	MDB_stat alertq, eventq;
 	struct stats s;
 
 	if (lat == NULL)
@@ -6983,12 +7042,13 @@ m_stats(struct call *c)
 	for (int i = 1; i < E__COUNT; i++)
 		codes += s.codes[i] != 0;
 
-	if ((rc = mdb_stat(c->txn, store.alertq, &alertq)) != 0) {
+	if ((rc = mdb_stat(c->txn, store.alertq, &alertq)) != 0 ||
+	    (rc = mdb_stat(c->txn, store.eventq, &eventq)) != 0) {
 		free(lat);
 		return store_error(c, rc);
 	}
 
-	msgpack_pack_map(pk, 16);
+	msgpack_pack_map(pk, 17);
 	KV_U64(pk, "uptime", (uint64_t)(now_seconds() - s.started));
 	KEY(pk, "requests");
 	msgpack_pack_map(pk, (size_t)methods);
@@ -7041,6 +7101,7 @@ m_stats(struct call *c)
 	KV_U64(pk, "failed_commits", s.failed_commits);
 	KV_U64(pk, "oldest_read_ms", slow_oldest_ms());
 	KV_U64(pk, "alerts_pending", alertq.ms_entries);
+	KV_U64(pk, "webhooks_pending", eventq.ms_entries);
 	KEY(pk, "histograms");
 	msgpack_pack_map(pk, 2);
 	pack_cstr(pk, "request_latency_us");

@@ -107,14 +107,24 @@ class Charging(DaemonTest):
         by = {b["prefix"]: b for b in p["breakdown"]}
         self.assertEqual((by["2567"]["count"], by["2567"]["subtotal"]), (2, "0.02"))
         self.assertEqual((by["256"]["count"], by["256"]["unit_cost"], by["256"]["subtotal"]), (4, "0.0094", "0.0376"))
-        self.assertEqual(p["required"], "0.0576")
-        self.assertTrue(p["sufficient"])
+        self.assertEqual((p["required"], p["missing"]), ("0.0576", "0"))
+        self.assertFalse(p["sufficient"])  # the money is there, but not every recipient can go
+        with d.client() as c:
+            p = c.precheck(wallet="acme", channel="sms", recipients=["+256712345678", "+256800000000"])
+            self.assertEqual((p["sufficient"], p["missing"]), (True, D(0)))
+            c.wallet_update(wallet="acme", blocked_prefixes=["2568"])
+            p = c.precheck(wallet="acme", channel="sms", recipients=["+256712345678", "+256800000000"])
+            self.assertEqual((p["sufficient"], p["blocked"]), (False, ["+256800000000"]))
+            c.wallet_update(wallet="acme", blocked_prefixes=None, hourly_messages=1)
+            p = c.precheck(wallet="acme", channel="sms", recipients=["+256712345678", "+256800000000"])
+            self.assertEqual((p["sufficient"], p["limit_exceeded"]["limit"]), (False, "hourly_messages"))
+            c.wallet_update(wallet="acme", hourly_messages=None)
         self.assertEqual(d.ctl_json("balance", "acme")["balance"], "1")
         big = [{"to": "+2567%08d" % i, "count": 1} for i in range(100000)]
         with d.client() as c:
             p = c.precheck(wallet="acme", channel="sms", recipients=big, text="hello")
         self.assertEqual(p["breakdown"][0]["count"], 100000)
-        self.assertEqual(p["required"], D("1000"))
+        self.assertEqual((p["required"], p["missing"]), (D("1000"), D("999")))
         self.assertFalse(p["sufficient"])
 
     def test_quote(self):

@@ -60,9 +60,14 @@ class Events(DaemonTest):
         d.ctl_json("hold", "create", "acme", "--ref", "h1", "--amount", "1", "--expires-in", "1")
         time.sleep(2.5)  # the hold expires meanwhile: hold_expired
         d.restart()  # the webhook is down all this time: the events wait, durable
+        self.assertIn("\nwalletd_webhooks_pending 3\n", d.ctl("stats", "--prometheus").stdout)  # a dead receiver shows
         self.start_sink(fail=2)  # and its first two answers are 500
         ok = self.delivered(3)
         self.assertEqual(len(ok), 3)
+        deadline = time.time() + 10
+        while d.ctl_json("stats")["webhooks_pending"] and time.time() < deadline:
+            time.sleep(0.1)
+        self.assertIn("\nwalletd_webhooks_pending 0\n", d.ctl("stats", "--prometheus").stdout)
         bodies = [json.loads(p["body"]) for p in ok]
         self.assertEqual(sorted(b["type"] for b in bodies), ["hold_expired", "low_balance", "topup_paid"])
         for p, b in zip(ok, bodies):

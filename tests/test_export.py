@@ -11,6 +11,7 @@ import threading
 import time
 
 from harness import DaemonTest, WALLETCTL, request, read_frames
+import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
 UG = "+256712345678"
@@ -207,6 +208,39 @@ class Statements(ClockTest):
         self.assertEqual((rows[1][2], rows[1][5]), ("opening_balance", "99.9906"))
         self.assertEqual((rows[-1][2], rows[-1][5]), ("closing_balance", "118.9118"))
         self.assertEqual(len(rows), 9)
+
+    def test_a_statement_pages_and_its_csv_holds_every_transaction(self):
+        d = self.d
+        self.seed("1000")
+        self.at("2026-11-02T00:00:00Z")
+        self.charge_sms(12345)  # more than one page of the CSV's 10,000
+        self.at("2026-11-03T00:00:00Z")
+        d.ctl_json("credit", "acme", "1", "late")
+        pages, after = [], None
+        with d.client() as c:
+            while True:
+                s = c.statement(wallet="acme", limit=5000, **({"after_id": after} if after else {}))
+                pages.append(s)
+                if s["next_after_id"] is None:
+                    break
+                after = s["next_after_id"]
+                self.assertEqual(after, s["transactions"][-1]["id"])
+            with self.assertRaises(walletd.InvalidArgument) as err:
+                c.statement(wallet="acme", limit=10001)
+            self.assertEqual(err.exception.field, "limit")
+        self.assertEqual([len(p["transactions"]) for p in pages], [5000, 5000, 2346])
+        ids = [t["id"] for p in pages for t in p["transactions"]]
+        self.assertEqual(ids, sorted(set(ids)))
+        self.assertEqual({p["transactions_total"] for p in pages}, {12346})
+        self.assertEqual({p["closing_balance"] for p in pages}, {pages[0]["closing_balance"]})  # totals: the period's
+        r = subprocess.run([WALLETCTL, "-s", d.sock, "statement", "acme", "--month", "2026-11", "--csv"],
+                           capture_output=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        rows = list(csv.reader(io.StringIO(r.stdout.decode(), newline="")))
+        body = rows[2:-1]
+        self.assertEqual([int(x[1]) for x in body], ids)
+        self.assertEqual(D(rows[1][5]) + sum(D(x[4]) for x in body), D(rows[-1][5]))  # the sheet adds up
+        self.assertEqual(D(rows[-1][5]), D(pages[0]["closing_balance"]))
 
     def test_opening_plus_totals_is_closing_for_random_histories(self):
         d = self.d

@@ -9,6 +9,7 @@ import tempfile
 import time
 
 from harness import Daemon, DaemonTest, ROOT, request
+import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
 UG = "+256712345678"
@@ -134,6 +135,84 @@ class CreditAndControls(DaemonTest):
         d.ctl_json("credit", "acme", "1", "top up")
         self.assertEqual(d.ctl_json("wallet", "update", "acme", "--credit-limit", "none")["credit_limit"], "0")
         self.assertTrue(d.ctl_json("verify")["ok"])  # past negative balances are legitimate: a limit was set
+
+    def test_an_update_changes_only_what_it_names_in_every_order(self):
+        d = self.d
+        self.seed("10")
+        d.ctl_json("rate", "set", "default", "sms", "254", "0.01", "USD")
+        d.ctl_json("rate", "set", "gold", "sms", "256", "0.01", "USD")
+        start = {"plan": "default", "threshold": D("5"), "alert_emails": ["ops@acme.example"], "status": "active",
+                 "credit_limit": D("2"), "daily_limit": D("100"), "hourly_messages": 1000,
+                 "allowed_prefixes": ["25"], "blocked_prefixes": ["2567"]}
+        other = {"plan": "gold", "threshold": D("3"), "alert_emails": ["b@acme.example"], "status": "frozen",
+                 "credit_limit": D("4"), "daily_limit": D("50"), "hourly_messages": 7,
+                 "allowed_prefixes": ["256", "254"], "blocked_prefixes": ["2541"]}
+        cleared = {"plan": "default", "threshold": None, "alert_emails": [], "credit_limit": D("0"),
+                   "daily_limit": None, "hourly_messages": None, "allowed_prefixes": [], "blocked_prefixes": []}
+        with d.client() as c:
+            def settings():
+                w = c.wallet_get(wallet="acme")
+                return {k: w[k] for k in start}
+
+            c.wallet_update(wallet="acme", **start)
+            self.assertEqual(settings(), start)
+            for p in start:
+                for q in start:  # p changed, then q: p keeps its new value, the rest their old ones
+                    for value in ([other[q]] + ([None] if q in cleared else [])):
+                        c.wallet_update(wallet="acme", **{p: other[p]})
+                        c.wallet_update(wallet="acme", **{q: value})
+                        want = dict(start, **{p: other[p]})
+                        want[q] = cleared[q] if value is None else value
+                        self.assertEqual(settings(), want, (p, q, value))
+                        c.wallet_update(wallet="acme", **start)
+            self.assertEqual(settings(), start)
+            for p in start:  # the blocklist holds whatever else is updated
+                if p not in ("allowed_prefixes", "blocked_prefixes", "status"):
+                    c.wallet_update(wallet="acme", **{p: other[p]})
+                with self.assertRaises(walletd.DestinationBlocked):
+                    c.charge(wallet="acme", channel="sms", to="+256712345678", ref="b-" + p)
+                c.wallet_update(wallet="acme", **start)
+        self.assertEqual(d.ctl_json("history", "acme")["total"], 1)  # the opening credit only
+
+    def test_limits_count_what_was_spent_before_they_were_set(self):
+        d = self.d
+        self.seed("10")
+        d.ctl_json("rate", "set", "default", "sms", "1", "1", "USD")
+        for i in range(4):
+            d.ctl_json("charge", "acme", "sms", "+1555000000%d" % i, "h%d" % i)
+        d.ctl_json("wallet", "update", "acme", "--hourly-messages", "2")
+        e = d.ctl_json("charge", "acme", "sms", "+15550000009", "h9", expect=1)
+        self.assertEqual((e["code"], e["limit"], e["used"], e["max"]), ("limit_exceeded", "hourly_messages", "4", "2"))
+        d.ctl_json("wallet", "update", "acme", "--hourly-messages", "none", "--daily-limit", "4")
+        e = d.ctl_json("charge", "acme", "sms", "+15550000009", "h9", expect=1)
+        self.assertEqual((e["limit"], e["used"], e["max"]), ("daily_limit", "4", "4"))
+        d.ctl_json("wallet", "update", "acme", "--daily-limit", "5")
+        d.ctl_json("charge", "acme", "sms", "+15550000009", "h9")
+        d.restart()  # the counts are stored with the wallet
+        e = d.ctl_json("charge", "acme", "sms", "+15550000008", "h8", expect=1)
+        self.assertEqual((e["limit"], e["used"]), ("daily_limit", "5"))
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_credit_limit_never_leaves_holds_uncovered_nor_leaves_the_amount_range(self):
+        d = self.d
+        self.seed("0")
+        d.ctl_json("wallet", "update", "acme", "--credit-limit", "10")
+        d.ctl_json("hold", "create", "acme", "--ref", "cmp", "--amount", "8")
+        e = d.ctl_json("wallet", "update", "acme", "--credit-limit", "7.99", expect=1)
+        self.assertEqual((e["code"], e["field"]), ("invalid_argument", "credit_limit"))
+        self.assertIn("holds", e["message"])
+        w = d.ctl_json("wallet", "update", "acme", "--credit-limit", "8")
+        self.assertEqual((w["credit_limit"], w["held"], w["available"]), ("8", "8", "0"))
+        d.ctl_json("charge", "acme", "sms", UG, "m1", "--hold", "cmp")  # the held money is still there
+        d.ctl_json("credit", "acme", "1", "top up")
+        big = "9223372036854"  # with a balance of 0.99 it passes the largest amount
+        e = d.ctl_json("wallet", "update", "acme", "--credit-limit", big, expect=1)
+        self.assertEqual((e["code"], e["field"]), ("invalid_argument", "credit_limit"))
+        self.assertEqual(d.ctl_json("wallet", "get", "acme")["credit_limit"], "8")
+        e = d.ctl_json("wallet", "create", "beta", "USD", "--credit-limit", "9223372036855", expect=1)
+        self.assertEqual(e["field"], "credit_limit")
+        d.ctl_json("wallet", "update", "acme", "--threshold", "1")  # other settings need no room
+        self.assertTrue(d.ctl_json("verify")["ok"])
 
     def test_blocked_and_allowed_prefixes(self):
         d = self.d

@@ -55,7 +55,10 @@ class Metrics(DaemonTest):
         self.assertEqual(m["walletd_commit_batch_size_count"], m["walletd_commits_total"])
         self.assertGreater(m["walletd_store_map_used_bytes"], 0)
         self.assertEqual(m["walletd_connections"], 2)  # s, and walletctl's own
-        self.assertEqual(m["walletd_alerts_pending"], 0)
+        self.assertEqual((m["walletd_alerts_pending"], m["walletd_webhooks_pending"]), (0, 0))
+        self.assertEqual({k: v for k, v in m.items() if k.startswith("walletd_replication_role")},
+                         {'walletd_replication_role{role="%s"}' % r: float(r == "single")
+                          for r in ("single", "leader", "follower", "catching_up", "diverged")})
 
     def test_textfile_script_writes_atomically_and_says_when_walletd_is_down(self):
         d = self.d
@@ -94,8 +97,9 @@ class Install(DaemonTest):
         # Debian's python3 imports the installed client from where it was put, and it works
         libdir = os.path.join(dest, os.path.dirname(os.path.dirname(pkg[0])))
         code = "import walletd; print(walletd.__file__); print(walletd.Client(%r).ping()['api'])" % self.d.sock
-        r = subprocess.run([PY, "-c", code], env=dict(os.environ, PYTHONPATH=libdir), capture_output=True, text=True,
-                           cwd=dest)
+        env = dict(os.environ, PYTHONPATH=libdir)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # as on a fresh Debian: the first import writes __pycache__
+        r = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, cwd=dest)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertTrue(r.stdout.startswith(dest), r.stdout)
         self.assertTrue(pkg[0].startswith("usr/local/lib/python3"), pkg[0])

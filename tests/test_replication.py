@@ -150,6 +150,9 @@ class Basics(ReplicationTest):
         for i, leads in ((self.leader, "1"), (f, "0")):
             r = self.node(i).ctl("stats", "--prometheus")
             self.assertIn("\nwalletd_replication_leader %s\n" % leads, r.stdout)
+            for role in ("single", "leader", "follower", "catching_up", "diverged"):
+                is_it = role == ("leader" if leads == "1" else "follower")
+                self.assertIn('\nwalletd_replication_role{role="%s"} %d\n' % (role, is_it), r.stdout)
             check = subprocess.run(["promtool", "check", "metrics"], input=r.stdout, capture_output=True, text=True)
             self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
         self.assertRegex(self.node(f).ctl("stats", "--prometheus").stdout,

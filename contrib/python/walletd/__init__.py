@@ -23,7 +23,7 @@ __all__ = ["Client", "WalletdError", "ConnectionLost"]
 # Keys whose values are amounts (decimal strings on the wire).
 AMOUNT_KEYS = frozenset("""balance amount balance_after price threshold required available
     subtotal unit_price unit_cost cost credited paid_amount held remaining credit_limit
-    daily_limit""".split())
+    daily_limit missing""".split())
 
 
 class WalletdError(Exception):
