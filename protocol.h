@@ -38,14 +38,25 @@
 #define HOLD_TTL_MAX        (30 * 86400)
 #define REFUNDS_MAX         64          /* refunds of one charge (partial ones add up to it) */
 
-/* Roles, as bits.  admin may call everything. */
+/*
+ * Roles, as bits, in the order of role_names.  admin may call everything;
+ * client is a send service; payments the webhook receiver; staff a support
+ * desk or a customer dashboard (no charges, rates, FX, exports or a
+ * wallet's limits).
+ */
 #define ROLE_ADMIN    1u
 #define ROLE_CLIENT   2u
 #define ROLE_PAYMENTS 4u
+#define ROLE_STAFF    8u
+#define ROLES_COUNT   4
+static const char *const role_names[ROLES_COUNT] = { "admin", "client", "payments", "staff" };
 #define R_A   ROLE_ADMIN
+#define R_AS  (ROLE_ADMIN | ROLE_STAFF)
 #define R_AC  (ROLE_ADMIN | ROLE_CLIENT)
+#define R_ACS (ROLE_ADMIN | ROLE_CLIENT | ROLE_STAFF)
 #define R_AP  (ROLE_ADMIN | ROLE_PAYMENTS)
-#define R_ALL (ROLE_ADMIN | ROLE_CLIENT | ROLE_PAYMENTS)
+#define R_APS (ROLE_ADMIN | ROLE_PAYMENTS | ROLE_STAFF)
+#define R_ALL (ROLE_ADMIN | ROLE_CLIENT | ROLE_PAYMENTS | ROLE_STAFF)
 
 /* Method flags. */
 #define MF_WRITE 1u /* changes the store: runs in the group-commit writer */
@@ -64,99 +75,100 @@
  * flags, params, summary.
  *
  * params, for walletctl: space-separated `name[:type]`; a leading `?` marks
- * an optional one.  Required params may be given in order as positional
+ * an optional one, and a `!` after it one that only admin may pass (a
+ * wallet's credit limit and spend controls: staff may change the rest).  Required params may be given in order as positional
  * arguments; any param may be given as `--name value` (`-` for `_`; a list
  * also repeated in the singular, `--alert-email a --alert-email b`).
  * Types: s string (default), a amount, n amount or `none` (nil), i integer,
- * I integer or `none` (nil),
+ * I integer or `none` (nil), b true or false,
  * l list of strings, c CSV file of rows, f file of numbers (`-` = stdin),
  * F output file passed as a descriptor (SCM_RIGHTS), not a map entry.
  */
 #define WALLETD_METHODS(X) \
 X(M_PING, ping, "ping", R_ALL, 0, "", \
   "Check that walletd answers; returns its version and API level.") \
-X(M_WALLET_CREATE, wallet_create, "wallet.create", R_A, MF_WRITE | MF_FLAT, \
-  "wallet currency ?plan ?threshold:a ?alert_emails:l ?credit_limit:a ?daily_limit:a ?hourly_messages:i " \
-  "?allowed_prefixes:l ?blocked_prefixes:l", \
+X(M_WALLET_CREATE, wallet_create, "wallet.create", R_AS, MF_WRITE | MF_FLAT, \
+  "wallet currency ?plan ?threshold:a ?alert_emails:l ?!credit_limit:a ?!daily_limit:a ?!hourly_messages:i " \
+  "?!allowed_prefixes:l ?!blocked_prefixes:l", \
   "Create a wallet with a zero balance in one currency.") \
-X(M_WALLET_GET, wallet_get, "wallet.get", R_AC, 0, "wallet", \
+X(M_WALLET_GET, wallet_get, "wallet.get", R_ACS, 0, "wallet", \
   "Show a wallet: balance, plan, threshold, alert e-mails, status.") \
-X(M_BALANCE, balance, "balance", R_AC, 0, "wallet", \
+X(M_BALANCE, balance, "balance", R_ACS, 0, "wallet", \
   "Show a wallet's balance and currency.") \
-X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_A, MF_WRITE | MF_FLAT, \
-  "wallet ?plan ?threshold:n ?alert_emails:l ?status ?credit_limit:n ?daily_limit:n ?hourly_messages:I " \
-  "?allowed_prefixes:l ?blocked_prefixes:l", \
+X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_AS, MF_WRITE | MF_FLAT, \
+  "wallet ?plan ?threshold:n ?alert_emails:l ?status ?!credit_limit:n ?!daily_limit:n ?!hourly_messages:I " \
+  "?!allowed_prefixes:l ?!blocked_prefixes:l", \
   "Change a wallet's plan, threshold, alert e-mails, status (active|frozen), credit limit or spend controls; none = off.") \
-X(M_WALLET_LIST, wallet_list, "wallet.list", R_A, MF_SCAN, "?page:i ?limit:i", \
+X(M_WALLET_LIST, wallet_list, "wallet.list", R_AS, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
 X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \
   "plan channel prefix price:a currency ?route ?effective_from", \
   "Set the price of a message on a channel to a number prefix (and route); now, or from effective_from.") \
 X(M_RATE_DELETE, rate_delete, "rate.delete", R_A, MF_WRITE | MF_FLAT, "plan channel prefix ?route", \
   "Delete one rate.") \
-X(M_RATE_LIST, rate_list, "rate.list", R_A, MF_SCAN, "?plan ?channel ?page:i ?limit:i", \
+X(M_RATE_LIST, rate_list, "rate.list", R_AS, MF_SCAN, "?plan ?channel ?page:i ?limit:i", \
   "List rates, a page at a time.") \
-X(M_RATE_LOOKUP, rate_lookup, "rate.lookup", R_AC, 0, "channel to ?plan ?wallet ?route ?at", \
+X(M_RATE_LOOKUP, rate_lookup, "rate.lookup", R_ACS, 0, "channel to ?plan ?wallet ?route ?at", \
   "Show the rate that would apply to a message (longest prefix, cheapest route).") \
 X(M_RATE_IMPORT, rate_import, "rate.import", R_A, MF_WRITE | MF_FLAT, "rows:c ?mode", \
   "Load a CSV rate card (plan,channel,prefix,route,price,currency) in one commit; mode replace|upsert.") \
-X(M_FX_SET, fx_set, "fx.set", R_A, MF_WRITE | MF_FLAT, "base quote rate", \
-  "Set an exchange rate: 1 base = rate quote.") \
-X(M_FX_LIST, fx_list, "fx.list", R_A, 0, "", "List exchange rates.") \
+X(M_FX_SET, fx_set, "fx.set", R_A, MF_WRITE | MF_FLAT, "base quote rate ?force:b", \
+  "Set an exchange rate: 1 base = rate quote; one 10 times away from the known rate needs --force true.") \
+X(M_FX_LIST, fx_list, "fx.list", R_AS, 0, "", "List exchange rates.") \
 X(M_CHARGE, charge, "charge", R_AC, MF_WRITE | MF_FLAT, \
   "wallet channel to ref ?route ?segments:i ?text ?description ?hold", \
   "Charge one message (from a hold's money first, when hold names one); idempotent on ref.") \
 X(M_CHARGE_BATCH, charge_batch, "charge.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
   "Charge many messages in one commit; each item succeeds or fails alone.") \
-X(M_PRECHECK, precheck, "precheck", R_AC, 0, \
+X(M_PRECHECK, precheck, "precheck", R_ACS, 0, \
   "wallet channel recipients:f ?segments:i ?text ?at", \
   "Price a campaign and say whether the balance covers it; changes nothing.") \
-X(M_QUOTE, quote, "quote", R_AC, 0, "channel to amount:a ?wallet ?plan ?currency ?at", \
+X(M_QUOTE, quote, "quote", R_ACS, 0, "channel to amount:a ?wallet ?plan ?currency ?at", \
   "How many messages an amount buys.") \
-X(M_HOLD_CREATE, hold_create, "hold.create", R_AC, MF_WRITE | MF_FLAT, \
+X(M_HOLD_CREATE, hold_create, "hold.create", R_ACS, MF_WRITE | MF_FLAT, \
   "wallet ref ?amount:a ?channel ?recipients:f ?segments:i ?text ?expires_in:i ?description", \
   "Reserve money for a campaign: an amount, or recipients priced as precheck; idempotent on ref.") \
-X(M_HOLD_RELEASE, hold_release, "hold.release", R_AC, MF_WRITE | MF_FLAT, "wallet hold", \
+X(M_HOLD_RELEASE, hold_release, "hold.release", R_ACS, MF_WRITE | MF_FLAT, "wallet hold", \
   "End a hold: what remains of it is available again.") \
-X(M_HOLD_GET, hold_get, "hold.get", R_AC, 0, "wallet hold", "Show a hold.") \
-X(M_HOLD_LIST, hold_list, "hold.list", R_AC, MF_SCAN, "wallet ?status", \
+X(M_HOLD_GET, hold_get, "hold.get", R_ACS, 0, "wallet hold", "Show a hold.") \
+X(M_HOLD_LIST, hold_list, "hold.list", R_ACS, MF_SCAN, "wallet ?status", \
   "List a wallet's holds (active|released|expired).") \
-X(M_TOPUP_CREATE, topup_create, "topup.create", R_AC, MF_WRITE | MF_FLAT, "wallet amount:a", \
+X(M_TOPUP_CREATE, topup_create, "topup.create", R_ACS, MF_WRITE | MF_FLAT, "wallet amount:a", \
   "Start a top-up: a reference and a checkout URL.") \
 X(M_TOPUP_CONFIRM, topup_confirm, "topup.confirm", R_AP, MF_WRITE | MF_FLAT, \
   "ref amount:a provider provider_ref ?currency", \
   "Record a gateway's payment: credits the wallet once.") \
-X(M_TOPUP_CANCEL, topup_cancel, "topup.cancel", R_AP, MF_WRITE | MF_FLAT, "ref", \
+X(M_TOPUP_CANCEL, topup_cancel, "topup.cancel", R_APS, MF_WRITE | MF_FLAT, "ref", \
   "Cancel a pending top-up.") \
 X(M_TOPUP_GET, topup_get, "topup.get", R_ALL, 0, "ref", "Show a top-up.") \
-X(M_TOPUP_LIST, topup_list, "topup.list", R_A, MF_SCAN, "wallet ?status", \
+X(M_TOPUP_LIST, topup_list, "topup.list", R_AS, MF_SCAN, "wallet ?status", \
   "List a wallet's top-ups (status: pending|paid|cancelled|expired|problem).") \
-X(M_CREDIT, credit, "credit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
+X(M_CREDIT, credit, "credit", R_AS, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Add money by hand (manual_credit).") \
-X(M_DEBIT, debit, "debit", R_A, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
+X(M_DEBIT, debit, "debit", R_AS, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Take money by hand (manual_debit); never below zero.") \
-X(M_REFUND, refund, "refund", R_AC, MF_WRITE | MF_FLAT, \
+X(M_REFUND, refund, "refund", R_ACS, MF_WRITE | MF_FLAT, \
   "wallet ?txn:i ?ref ?amount:a ?refund_ref ?reason ?actor", \
   "Refund a charge (by txn id or ref): what is left of it, or amount of it with a refund_ref.") \
-X(M_REFUND_BATCH, refund_batch, "refund.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
+X(M_REFUND_BATCH, refund_batch, "refund.batch", R_ACS, MF_WRITE | MF_FLAT, "items:c", \
   "Refund many charges in one commit; each item succeeds or fails alone.") \
-X(M_HISTORY, history, "history", R_AC, MF_SCAN, \
+X(M_HISTORY, history, "history", R_ACS, MF_SCAN, \
   "wallet ?page:i ?before_id:i ?limit:i ?type:l ?since ?until", \
   "A wallet's transactions, newest first.") \
-X(M_STATEMENT, statement, "statement", R_AC, MF_SCAN, "wallet ?from ?until ?after_id:i ?limit:i", \
+X(M_STATEMENT, statement, "statement", R_ACS, MF_SCAN, "wallet ?from ?until ?after_id:i ?limit:i", \
   "A wallet's statement: opening and closing balance, totals, messages, by country (default: this UTC month); " \
   "its transactions a page at a time.") \
 X(M_EXPORT, export, "export", R_A, MF_SCAN, "?after_id:i ?limit:i", \
   "Every wallet's transactions in id order, a page at a time, for accounting (--csv: all of them).") \
 X(M_REPORT_USAGE, report_usage, "report.usage", R_A, MF_SCAN, "from until group_by", \
   "Messages, segments and money charged and refunded in [from, until), by country|route|channel|plan|wallet.") \
-X(M_NOTIFICATIONS, notifications, "notifications", R_AC, 0, "wallet", \
+X(M_NOTIFICATIONS, notifications, "notifications", R_ACS, 0, "wallet", \
   "A wallet's low-balance notifications and their e-mail state.") \
-X(M_VERIFY, verify, "verify", R_A, MF_SLOW, "", \
+X(M_VERIFY, verify, "verify", R_AS, MF_SLOW, "", \
   "Check that every balance equals the sum of its transactions.") \
 X(M_BACKUP, backup, "backup", R_A, MF_SLOW, "file:F", \
   "Write a consistent, compacted copy of the store into FILE.") \
-X(M_STATS, stats, "stats", R_A, 0, "", \
+X(M_STATS, stats, "stats", R_AS, 0, "", \
   "Counters: requests, errors, commits, batch sizes, latency, store size, replication.") \
 X(M_STATUS, status, "status", R_ALL, 0, "", \
   "This node: its role in a replicated group, the leader, its position in the stream and its lag.") \

@@ -49,18 +49,22 @@ die(int code, const char *fmt, ...)
 /* Connection                                                             */
 /* ---------------------------------------------------------------------- */
 
-/* Picks the socket: -s, $WALLETD_SOCKET, ./var/walletd.sock, the installed default. */
+/*
+ * Picks the socket: -s, $WALLETD_SOCKET, ./var/walletd.sock (what make run
+ * serves), the installed default; *why says which, for an error message.
+ */
 static const char *
-socket_pick(void)
+socket_pick(const char **why)
 {
 	struct stat st;
 
 	if (socket_path)
-		return socket_path;
+		return *why = "from -s", socket_path;
 	if (getenv("WALLETD_SOCKET") && *getenv("WALLETD_SOCKET"))
-		return getenv("WALLETD_SOCKET");
+		return *why = "from $WALLETD_SOCKET", getenv("WALLETD_SOCKET");
 	if (stat("./var/walletd.sock", &st) == 0 && S_ISSOCK(st.st_mode))
-		return "./var/walletd.sock";
+		return *why = "found in ./var, as make run serves it", "./var/walletd.sock";
+	*why = "the installed default: no -s, no $WALLETD_SOCKET, no ./var/walletd.sock here";
 	return "/run/walletd/walletd.sock";
 }
 
@@ -248,13 +252,13 @@ out_finish(const msgpack_object *resp)
 static void
 call(const char *method, const msgpack_sbuffer *params, int fd_pass, msgpack_unpacked *resp)
 {
-	const char *path = socket_pick();
+	const char *why, *path = socket_pick(&why);
 	msgpack_sbuffer sb;
 	msgpack_unpacker up;
 	int fd = sock_connect(path);
 
 	if (fd < 0)
-		die(EXIT_CONNECT, "cannot connect to walletd at %s: %s", path, strerror(errno));
+		die(EXIT_CONNECT, "cannot connect to walletd at %s (%s): %s", path, why, strerror(errno));
 	msgpack_sbuffer_init(&sb);
 	pack_request(&sb, 1, method, params);
 	msgpack_unpacker_init(&up, 65536);
@@ -595,6 +599,7 @@ struct pspec {
 	char name[32];
 	char type;
 	int optional;
+	int admin_only;           /* `!`: only admin may pass it */
 };
 
 /* Short flags for long names: --block 2547 is --blocked-prefix 2547. */
@@ -623,8 +628,10 @@ spec_parse(const char *spec, struct pspec *out, int max)
 		struct pspec *p = &out[n++];
 
 		p->optional = spec[0] == '?';
-		snprintf(p->name, sizeof(p->name), "%.*s", (int)((colon ? (size_t)(colon - spec) : len) - (size_t)p->optional),
-		    spec + p->optional);
+		p->admin_only = spec[p->optional] == '!';
+		snprintf(p->name, sizeof(p->name), "%.*s",
+		    (int)((colon ? (size_t)(colon - spec) : len) - (size_t)(p->optional + p->admin_only)),
+		    spec + p->optional + p->admin_only);
 		p->type = colon ? colon[1] : 's';
 		spec += len;
 		while (*spec == ' ')
@@ -831,6 +838,10 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 			if (p < 0)
 				die(EXIT_USAGE, "%s takes no option --%s (see: walletctl help %s)",
 				    method_table[m].name, argv[i] + 2, method_table[m].name);
+			if (ps[p].type == 'b' && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0)) {
+				values[p][counts[p]++] = "true"; /* a bare --force */
+				continue;
+			}
 			if (++i >= argc)
 				die(EXIT_USAGE, "--%s needs a value", argv[i - 1] + 2);
 		} else {
@@ -877,6 +888,14 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 			msgpack_pack_uint64(&pk, x);
 			break;
 		}
+		case 'b':
+			if (strcmp(v, "true") != 0 && strcmp(v, "false") != 0)
+				die(EXIT_USAGE, "%s takes true or false, not '%s'", ps[j].name, v);
+			if (v[0] == 't')
+				msgpack_pack_true(&pk);
+			else
+				msgpack_pack_false(&pk);
+			break;
 		case 'n':
 			if (strcmp(v, "none") == 0)
 				msgpack_pack_nil(&pk);
@@ -938,6 +957,76 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 /* Commands                                                               */
 /* ---------------------------------------------------------------------- */
 
+/* The edit distance of a and b (insertions, deletions, substitutions), up to 63 bytes each. */
+static int
+edit_distance(const char *a, const char *b)
+{
+	int row[64], n = (int)strlen(b), m = (int)strlen(a);
+
+	if (n > 63 || m > 63)
+		return 64;
+	for (int j = 0; j <= n; j++)
+		row[j] = j;
+	for (int i = 1; i <= m; i++) {
+		int diag = row[0];
+
+		row[0] = i;
+		for (int j = 1; j <= n; j++) {
+			int up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+
+			if (up + 1 < best)
+				best = up + 1;
+			if (row[j - 1] + 1 < best)
+				best = row[j - 1] + 1;
+			diag = up;
+			row[j] = best;
+		}
+	}
+	return row[n];
+}
+
+/*
+ * Exits 2 for a command that is no method: word, or word next ("wallet
+ * creat"), with the nearest command when one is near ("did you mean
+ * wallet create?").
+ */
+static void __attribute__((noreturn))
+no_command(const char *word, const char *next)
+{
+	char typed[128], best_name[64] = "", group[256] = "";
+	int best = 4;
+
+	snprintf(typed, sizeof(typed), "%s%s%s", word, next ? "." : "", next ? next : "");
+	for (int m = 0; m < M__COUNT; m++) {
+		const char *name = method_table[m].name;
+		int d = edit_distance(strchr(name, '.') && next ? typed : word, name);
+
+		if (d < best) {
+			best = d;
+			snprintf(best_name, sizeof(best_name), "%s", name);
+		}
+	}
+	if (best_name[0]) {
+		char *dot = strchr(best_name, '.');
+
+		if (dot)
+			*dot = ' ';
+		die(EXIT_USAGE, "no command '%s%s%s': did you mean %s? (see: walletctl help)", word,
+		    next && dot ? " " : "", next && dot ? next : "", best_name);
+	}
+	for (int m = 0; m < M__COUNT; m++) { /* "wallet": what may follow it */
+		const char *name = method_table[m].name;
+		size_t n = strlen(word), len = strlen(group);
+
+		if (strncmp(name, word, n) == 0 && name[n] == '.')
+			snprintf(group + len, sizeof(group) - len, "%s%s", len ? ", " : "", name + n + 1);
+	}
+	if (group[0])
+		die(EXIT_USAGE, "no command '%s%s%s'; %s takes: %s (see: walletctl help)", word, next ? " " : "",
+		    next ? next : "", word, group);
+	die(EXIT_USAGE, "no command '%s' (see: walletctl help)", word);
+}
+
 /* The command-line name of method m: "rate.import" -> "rate import". */
 static const char *
 command_name(int m)
@@ -951,18 +1040,76 @@ command_name(int m)
 	return buf;
 }
 
+/* The roles that may call method m, as "admin, client, staff" (into buf). */
+static const char *
+roles_text(int m, char *buf, size_t size)
+{
+	size_t n = 0;
+
+	buf[0] = '\0';
+	for (int r = 0; r < ROLES_COUNT; r++)
+		if (method_table[m].roles & (1u << r))
+			n += (size_t)snprintf(buf + n, size - n, "%s%s", n ? ", " : "", role_names[r]);
+	return buf;
+}
+
+/* Method m's params that only admin may pass, as "credit_limit, daily_limit" (into buf; "" if none). */
+static const char *
+admin_params_text(int m, char *buf, size_t size)
+{
+	struct pspec ps[16];
+	int np = spec_parse(method_table[m].params, ps, 16);
+	size_t n = 0;
+
+	buf[0] = '\0';
+	for (int i = 0; i < np; i++)
+		if (ps[i].admin_only)
+			n += (size_t)snprintf(buf + n, size - n, "%s`%s`", n ? ", " : "", ps[i].name);
+	return buf;
+}
+
+/*
+ * walletctl help roles: who may call what, as a Markdown table (the
+ * README's is this output), from the method table.
+ */
+static void
+help_roles(void)
+{
+	char admin_params[256];
+
+	printf("| method |");
+	for (int r = 0; r < ROLES_COUNT; r++)
+		printf(" %s |", role_names[r]);
+	printf("\n|---|");
+	for (int r = 0; r < ROLES_COUNT; r++)
+		printf("---|");
+	putchar('\n');
+	for (int m = 0; m < M__COUNT; m++) {
+		printf("| `%s` |", method_table[m].name);
+		admin_params_text(m, admin_params, sizeof(admin_params));
+		for (int r = 0; r < ROLES_COUNT; r++) {
+			if (!(method_table[m].roles & (1u << r)))
+				printf(" |");
+			else if (r > 0 && admin_params[0])
+				printf(" yes, but not %s |", admin_params);
+			else
+				printf(" yes |");
+		}
+		putchar('\n');
+	}
+}
+
 static void
 help_one(int m)
 {
 	struct pspec ps[16];
 	int np = spec_parse(method_table[m].params, ps, 16);
-	const char *roles = method_table[m].roles == R_ALL ? "any role" :
-	    method_table[m].roles == R_AC ? "admin, client" :
-	    method_table[m].roles == R_AP ? "admin, payments" : "admin";
+	char roles[64], admin_params[256];
 
 	printf("walletctl %s", command_name(m));
 	for (int i = 0; i < np; i++) {
 		const char *type = ps[i].type == 'a' ? "AMOUNT" : ps[i].type == 'n' ? "AMOUNT|none" :
+		    ps[i].type == 'b' ? "true|false" :
 		    ps[i].type == 'i' ? "N" : ps[i].type == 'l' ? "A,B,..." : ps[i].type == 'c' ? "FILE.csv" :
 		    ps[i].type == 'f' ? "FILE|-" : ps[i].type == 'F' ? "FILE" : NULL;
 		char upper[32];
@@ -974,8 +1121,12 @@ help_one(int m)
 		else
 			printf(" %s", type && ps[i].type != 'i' && ps[i].type != 'a' ? type : upper);
 	}
-	printf("\n    %s\n    method %s; %s%s.\n", method_table[m].summary, method_table[m].name, roles,
-	    method_table[m].flags & MF_WRITE ? "; changes the store" : "");
+	roles_text(m, roles, sizeof(roles));
+	admin_params_text(m, admin_params, sizeof(admin_params));
+	printf("\n    %s\n    method %s; roles: %s%s%s%s.\n", method_table[m].summary, method_table[m].name,
+	    roles, admin_params[0] ? " (only admin may pass " : "", admin_params, admin_params[0] ? ")" : "");
+	if (method_table[m].flags & MF_WRITE)
+		printf("    It changes the store.\n");
 }
 
 static void
@@ -983,7 +1134,8 @@ help_all(FILE *f)
 {
 	fprintf(f,
 	    "usage: walletctl [-s SOCKET] [--json] COMMAND [ARGS]\n"
-	    "       walletctl help [COMMAND]\n\n"
+	    "       walletctl help [COMMAND]\n"
+	    "       walletctl help roles     (who may call what)\n\n"
 	    "Required arguments may be given in order or as --name VALUE; '_' in a name may be '-'.\n"
 	    "Socket: -s, else $WALLETD_SOCKET, else ./var/walletd.sock, else /run/walletd/walletd.sock.\n"
 	    "Exit codes: 0 success, 1 error answer, 2 usage, 3 cannot connect, 4 insufficient_balance,\n"
@@ -1851,8 +2003,10 @@ cmd_bench(int argc, char **argv)
 	if ((ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
 		die(EXIT_ERROR, "bench: epoll: %s", strerror(errno));
 	for (unsigned i = 0; i < conns; i++) {
-		if ((bc[i].fd = sock_connect(socket_pick())) < 0)
-			die(EXIT_CONNECT, "bench: cannot connect: %s", strerror(errno));
+		const char *why, *path = socket_pick(&why);
+
+		if ((bc[i].fd = sock_connect(path)) < 0)
+			die(EXIT_CONNECT, "bench: cannot connect to %s (%s): %s", path, why, strerror(errno));
 		msgpack_unpacker_init(&bc[i].up, 1 << 16);
 		bc[i].sent_at = calloc(depth, sizeof(uint64_t));
 		bc[i].wallet_of = calloc(depth, sizeof(uint32_t));
@@ -2116,9 +2270,13 @@ main(int argc, char **argv)
 			bench_usage(stdout);
 			return EXIT_OK;
 		}
+		if (strcmp(argv[i + 1], "roles") == 0) {
+			help_roles();
+			return EXIT_OK;
+		}
 		snprintf(name, sizeof(name), "%s%s%s", argv[i + 1], i + 2 < argc ? "." : "", i + 2 < argc ? argv[i + 2] : "");
 		if ((m = method_find(name, strlen(name))) < 0 && (m = method_find(argv[i + 1], strlen(argv[i + 1]))) < 0)
-			die(EXIT_USAGE, "no command '%s' (see: walletctl help)", argv[i + 1]);
+			no_command(argv[i + 1], i + 2 < argc ? argv[i + 2] : NULL);
 		help_one(m);
 		return EXIT_OK;
 	}
@@ -2141,7 +2299,7 @@ main(int argc, char **argv)
 	if (m < 0 && (m = method_find(argv[i], strlen(argv[i]))) >= 0)
 		used = 1;
 	if (m < 0)
-		die(EXIT_USAGE, "no command '%s' (see: walletctl help)", argv[i]);
+		no_command(argv[i], i + 1 < argc ? argv[i + 1] : NULL);
 	msgpack_sbuffer_init(&params);
 	build_params(m, argc - i - used, argv + i + used, &params, &fd_pass);
 	call(method_table[m].name, &params, fd_pass, &resp);

@@ -90,6 +90,7 @@ struct config {
 	char admin_users[256], admin_groups[256];
 	char client_users[256], client_groups[256];
 	char payments_users[256], payments_groups[256];
+	char staff_users[256], staff_groups[256];
 	char topup_url[512];
 	unsigned topup_ttl;
 	char smtp_url[256];
@@ -106,6 +107,7 @@ struct config {
 	char webhook_url[512];
 	char webhook_secret_file[PATH_MAX];
 	unsigned webhook_timeout;
+	char currencies[256];
 	char nats_url[1024];
 	char cluster[64];
 	char node[64];
@@ -138,7 +140,7 @@ static const struct config_key config_keys[] = {
 	CK(socket, CF_STR, 0, "Unix socket path"),
 	CK(socket_group, CF_STR, 0, "group owning the socket (mode 0660): a name or a numeric gid"),
 	CK(max_connections, CF_UINT, 1, "connections at once; beyond: too_many_connections"),
-	CK(reserved_connections, CF_UINT, 1, "of those, kept for admin and payments peers (at most half)"),
+	CK(reserved_connections, CF_UINT, 1, "of those, kept for admin, payments and staff peers (at most half)"),
 	CK(max_frame, CF_SIZE, 1, "largest request frame, bytes"),
 	CK(max_output, CF_SIZE, 1, "unread answers a client may leave, bytes; beyond: cut off"),
 	CK(max_output_total, CF_SIZE, 1, "unread answers across connections, bytes; beyond: those with 64K+ unread wait"),
@@ -157,6 +159,8 @@ static const struct config_key config_keys[] = {
 	CK(client_groups, CF_STR, 1, "groups with the client role"),
 	CK(payments_users, CF_STR, 1, "users with the payments role"),
 	CK(payments_groups, CF_STR, 1, "groups with the payments role"),
+	CK(staff_users, CF_STR, 1, "users with the staff role (support desk, dashboards: walletctl help roles)"),
+	CK(staff_groups, CF_STR, 1, "groups with the staff role"),
 	CK(topup_url, CF_STR, 1, "checkout URL template: {ref} {amount} {currency} {wallet}"),
 	CK(topup_ttl, CF_UINT, 1, "seconds before a pending top-up expires"),
 	CK(smtp_url, CF_STR, 1, "smtp://host:port (STARTTLS if offered) or smtps://host:port; empty = no e-mail"),
@@ -173,6 +177,7 @@ static const struct config_key config_keys[] = {
 	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired) are POSTed as JSON; empty = none"),
 	CK(webhook_secret_file, CF_STR, 1, "file whose first line is the secret events are signed with (HMAC-SHA256)"),
 	CK(webhook_timeout, CF_UINT, 1, "seconds a webhook delivery may take"),
+	CK(currencies, CF_STR, 0, "a platform's own units beside ISO 4217, comma-separated 3-letter codes (CRD, ...)"),
 	CK(nats_url, CF_STR, 0, "NATS server URLs, comma-separated: replicate through JetStream (empty = a single node)"),
 	CK(cluster, CF_STR, 0, "the replicated group's name: its stream, subjects and lease are named after it"),
 	CK(node, CF_STR, 0, "this node's name in the group; empty = the host name"),
@@ -358,6 +363,16 @@ config_check(const struct config *cf)
 		log_x(L_ERR, "config key 'receipts' must be on or off, not '%s'", cf->receipts);
 		rc = -1;
 	}
+	for (const char *p = cf->currencies + strspn(cf->currencies, ", "); *p; p += strspn(p, ", ")) {
+		size_t n = strspn(p, "ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+
+		if (n != 3 || (p[n] && p[n] != ',' && p[n] != ' ')) {
+			log_x(L_ERR, "config key 'currencies' takes 3-letter upper-case codes, comma-separated");
+			rc = -1;
+			break;
+		}
+		p += n;
+	}
 	if (strspn(cf->cluster, NAME_CHARS) != strlen(cf->cluster) || !cf->cluster[0] ||
 	    strspn(cf->node, NAME_CHARS) != strlen(cf->node)) {
 		log_x(L_ERR, "config keys 'cluster' and 'node' take letters, digits, '-' and '_' only");
@@ -450,9 +465,9 @@ static struct server {
 	struct req *pend_head, *pend_tail; /* for the writer at the end of this turn */
 	size_t pend_count, pend_weight, pend_bytes;
 	uid_t self_uid;
-	uid_t role_uids[3][ID_LIST_MAX];
-	gid_t role_gids[3][ID_LIST_MAX];
-	int role_nuids[3], role_ngids[3];
+	uid_t role_uids[ROLES_COUNT][ID_LIST_MAX]; /* by role bit: admin, client, payments, staff */
+	gid_t role_gids[ROLES_COUNT][ID_LIST_MAX];
+	int role_nuids[ROLES_COUNT], role_ngids[ROLES_COUNT];
 
 	/* Shared with the writer and the helpers: under lock. */
 	pthread_mutex_t lock;     /* guards these, and the writer's stats */
@@ -776,12 +791,74 @@ valid_name(struct str s, size_t max)
 	return 1;
 }
 
-/* Returns 1 if s is a currency code: 3 upper-case letters. */
+/* Returns 1 if s is 3 upper-case letters, the shape of a currency code. */
 static int
-valid_currency(struct str s)
+currency_shaped(struct str s)
 {
 	return s.n == 3 && s.p[0] >= 'A' && s.p[0] <= 'Z' && s.p[1] >= 'A' &&
 	    s.p[1] <= 'Z' && s.p[2] >= 'A' && s.p[2] <= 'Z';
+}
+
+/*
+ * The active ISO 4217 codes (and those withdrawn since 2023 that a
+ * gateway may still report), without XTS and XXX, space-separated in order.
+ * A platform's own units (messaging credits) come from config currencies.
+ */
+static const char iso4217[] =
+	"AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BOV BRL BSD BTN BWP "
+	"BYN BZD CAD CDF CHE CHF CHW CLF CLP CNY COP COU CRC CUC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB "
+	"EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HRK HTG HUF IDR ILS INR IQD IRR ISK JMD JOD "
+	"JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU "
+	"MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD "
+	"RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY "
+	"TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV WST XAF XAG XAU XBA XBB XBC XBD XCD "
+	"XCG XDR XOF XPD XPF XPT XSU XUA YER ZAR ZMW ZWG ZWL";
+
+/* Whether code (3 letters) is in list (codes separated by spaces or commas). */
+static int
+currency_in(const char *list, const char *code)
+{
+	for (const char *p = list; (p = strstr(p, code)) != NULL; p++)
+		if ((p == list || p[-1] == ' ' || p[-1] == ',') && (p[3] == '\0' || p[3] == ' ' || p[3] == ','))
+			return 1;
+	return 0;
+}
+
+/*
+ * Returns 1 if s is a currency walletd takes: an ISO 4217 code, or one of
+ * config currencies (a platform's own units).  Else 0, with the nearest
+ * ISO codes in near (same first letter, most letters in common: KSH gives
+ * "KES, KGS, KHR"), up to five.
+ */
+static int
+valid_currency(struct str s, const char *units, char near[32])
+{
+	char code[4];
+	int best = 0, named = 0;
+
+	near[0] = '\0';
+	if (!currency_shaped(s))
+		return 0;
+	memcpy(code, s.p, 3);
+	code[3] = '\0';
+	if (currency_in(iso4217, code) || currency_in(units, code))
+		return 1;
+	for (int pass = 0; pass < 2; pass++)
+		for (const char *p = iso4217; *p; p += p[3] ? 4 : 3) {
+			int score = (p[0] == code[0]) * 2, used[3] = { 0 }, n = (int)strlen(near);
+
+			for (int i = 0; i < 3; i++)
+				for (int j = 0; j < 3; j++)
+					if (!used[j] && code[i] == p[j]) {
+						used[j] = 1, score++;
+						break;
+					}
+			if (pass == 0 && score > best)
+				best = score;
+			else if (pass == 1 && score == best && named++ < 5)
+				snprintf(near + n, 32 - (size_t)n, "%s%.3s", n ? ", " : "", p);
+		}
+	return 0;
 }
 
 /*
@@ -3073,13 +3150,14 @@ param(struct call *c, const char *name)
 
 /*
  * The names each method takes, from the method table's params column
- * (`?name:type`; an F param is a descriptor passed beside the request,
+ * (`?!name:type`; an F param is a descriptor passed beside the request,
  * never a map key), built once.
  */
 #define PARAMS_MAX 16
 static struct param_name {
 	const char *p;
 	size_t n;
+	int admin_only;           /* `!`: a wallet's limits, which only admin may set */
 } method_params[M__COUNT][PARAMS_MAX];
 
 static void __attribute__((constructor))
@@ -3089,12 +3167,13 @@ method_params_init(void)
 		int k = 0;
 
 		for (const char *p = method_table[m].params; *p;) {
-			size_t len = strcspn(p, " ");  /* one `?name:type` */
+			size_t len = strcspn(p, " ");  /* one `?!name:type` */
 			const char *name = p + (*p == '?');
-			size_t n = strcspn(name, ": ");
+			int admin_only = *name == '!';
+			size_t n = strcspn(name += admin_only, ": ");
 
 			if (!(name[n] == ':' && name[n + 1] == 'F') && k < PARAMS_MAX - 1)
-				method_params[m][k++] = (struct param_name){ name, n };
+				method_params[m][k++] = (struct param_name){ name, n, admin_only };
 			p += len + (p[len] == ' ');
 		}
 	}
@@ -3103,11 +3182,12 @@ method_params_init(void)
 /*
  * Returns the first key of params (a map, or NULL) that method m does not
  * take - a misspelt `text` must never charge one segment - or NULL when
- * every key is one of m's.  A key that is not a string is never m's.
+ * every key is one of m's.  A key that is not a string is never m's.  With
+ * admin_only, returns instead the first key of m's that only admin may pass.
  * Costs O(keys x m's params).
  */
 static const msgpack_object *
-param_unknown(int m, const msgpack_object *params)
+param_unknown(int m, const msgpack_object *params, int admin_only)
 {
 	if (params == NULL || params->type != MSGPACK_OBJECT_MAP)
 		return NULL;
@@ -3116,10 +3196,10 @@ param_unknown(int m, const msgpack_object *params)
 		const struct param_name *pn = method_params[m];
 
 		if (key->type != MSGPACK_OBJECT_STR)
-			return key;
+			return admin_only ? NULL : key;
 		while (pn->p && !(pn->n == key->via.str.size && memcmp(pn->p, key->via.str.ptr, pn->n) == 0))
 			pn++;
-		if (pn->p == NULL)
+		if (admin_only ? pn->p && pn->admin_only : pn->p == NULL)
 			return key;
 	}
 	return NULL;
@@ -3217,11 +3297,16 @@ p_name(struct call *c, const char *name, int required, int allow_empty, struct s
 static int
 p_currency(struct call *c, const char *name, int required, struct str *s)
 {
+	char near[32];
 	int rc = p_str(c, name, required, 3, s);
 
-	if (rc == E_OK && s->p && !valid_currency(*s))
-		return fail(c, E_INVALID_ARGUMENT, name, "%s must be 3 upper-case letters", name);
-	return rc;
+	if (rc != E_OK || s->p == NULL || valid_currency(*s, config.currencies, near))
+		return rc;
+	if (near[0])
+		return fail(c, E_INVALID_ARGUMENT, name, "%s: '%.3s' is not an ISO 4217 currency code; nearest: %s "
+		    "(a platform's own units go in config currencies)", name, s->p, near);
+	return fail(c, E_INVALID_ARGUMENT, name, "%s must be an ISO 4217 currency code (3 upper-case letters, "
+	    "e.g. KES, UGX, USD) or one of config currencies", name);
 }
 
 /*
@@ -3266,6 +3351,20 @@ p_amount(struct call *c, const char *name, int required, int positive, int64_t *
 		return fail(c, E_INVALID_ARGUMENT, name, "%s must not be negative", name);
 	*v = x;
 	*present = 1;
+	return E_OK;
+}
+
+/* Reads boolean param name into *v (absent or nil: *v unchanged).  E_OK or invalid_argument. */
+static int
+p_bool(struct call *c, const char *name, int *v)
+{
+	const msgpack_object *o = param(c, name);
+
+	if (o == NULL || o->type == MSGPACK_OBJECT_NIL)
+		return E_OK;
+	if (o->type != MSGPACK_OBJECT_BOOLEAN)
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must be true or false", name);
+	*v = o->via.boolean;
 	return E_OK;
 }
 
@@ -4253,7 +4352,7 @@ m_rate_import(struct call *c)
 			rowcall.pk = &rpk;
 			if (row->type != MSGPACK_OBJECT_MAP)
 				rc = fail(&rowcall, E_INVALID_ARGUMENT, "rows", "a row must be a map");
-			else if ((key = param_unknown(M_RATE_SET, row)) != NULL)
+			else if ((key = param_unknown(M_RATE_SET, row, 0)) != NULL)
 				rc = fail_unknown_param(&rowcall, M_RATE_SET, key);
 			else if ((rc = p_name(&rowcall, "plan", 1, 0, &plan)) == E_OK && pass == 1) {
 				msgpack_sbuffer sink;
@@ -4307,13 +4406,12 @@ m_rate_import(struct call *c)
 	return rc;
 }
 
-/* Packs one FX pair. */
+/* Packs the four fields of an FX pair: base, quote, rate, updated_at (the caller packs the map's head). */
 static void
-fx_pack(msgpack_packer *pk, const char *pair, const struct fx_val *fv)
+fx_pack_fields(msgpack_packer *pk, const char *pair, const struct fx_val *fv)
 {
 	char buf[48];
 
-	msgpack_pack_map(pk, 4);
 	KEY(pk, "base");
 	msgpack_pack_str_with_body(pk, pair, 3);
 	KEY(pk, "quote");
@@ -4322,18 +4420,125 @@ fx_pack(msgpack_packer *pk, const char *pair, const struct fx_val *fv)
 	KV_TIME(pk, "updated_at", fv->updated_at);
 }
 
+/* Packs one FX pair. */
+static void
+fx_pack(msgpack_packer *pk, const char *pair, const struct fx_val *fv)
+{
+	msgpack_pack_map(pk, 4);
+	fx_pack_fields(pk, pair, fv);
+}
+
+/*
+ * Formats FX rate v (FX_SCALE units) for people into out (48 bytes): at most
+ * significant digits when significant > 0 (rounded half up), thousands
+ * grouped, at least 2 decimals: 3,723.40, 0.000268572.
+ */
+static char *
+fx_human(i128 v, int significant, char *out)
+{
+	char plain[48], *dot;
+	size_t whole, n = 0;
+
+	if (significant > 0) {
+		i128 unit = 1;
+
+		for (i128 x = v; x >= 10; x /= 10)
+			unit *= 10;
+		for (int i = 1; i < significant && unit > 1; i++)
+			unit /= 10;
+		v = (v + unit / 2) / unit * unit;
+	}
+	fx_rate_format(v, plain);
+	if ((dot = strchr(plain, '.')) == NULL)
+		strcat(plain, ".00");
+	else if (strlen(dot) == 2)
+		strcat(plain, "0");
+	whole = (size_t)(strchr(plain, '.') - plain);
+	for (size_t i = 0; plain[i]; i++) {
+		if (i && i < whole && (whole - i) % 3 == 0)
+			out[n++] = ',';
+		out[n++] = plain[i];
+	}
+	out[n] = '\0';
+	return out;
+}
+
+/* Reads the rate of pair (6 bytes: base then quote) into *rate.  0, MDB_NOTFOUND or an LMDB error. */
+static int
+fx_pair_get(MDB_txn *txn, const char *pair, i128 *rate)
+{
+	MDB_val k = { 6, (void *)pair }, v;
+	struct fx_val fv;
+	int rc = mdb_get(txn, store.fx, &k, &v);
+
+	if (rc == 0) {
+		memcpy(&fv, v.mv_data, sizeof(fv));
+		*rate = fv.rate;
+	}
+	return rc;
+}
+
+/*
+ * Whether rate for pair is more than 10 times away from what the store
+ * says of it: the pair's own rate, or the inverse of its reverse pair's (a
+ * reversed pair is the usual slip: TZS EUR 2800 meant as 1 EUR = 2,800
+ * TZS).  Returns 0 (no or a near rate), 1 with the rate it is far from in
+ * *known, or an LMDB error.
+ */
+static int
+fx_far(MDB_txn *txn, const char *pair, i128 rate, i128 *known)
+{
+	char reverse[6];
+	i128 r;
+	int rc;
+
+	if ((rc = fx_pair_get(txn, pair, &r)) == 0) {
+		*known = r;
+		return (long double)rate > 10.0L * (long double)r || 10.0L * (long double)rate < (long double)r;
+	}
+	if (rc != MDB_NOTFOUND)
+		return rc;
+	memcpy(reverse, pair + 3, 3);
+	memcpy(reverse + 3, pair, 3);
+	if ((rc = fx_pair_get(txn, reverse, &r)) != 0)
+		return rc == MDB_NOTFOUND ? 0 : rc;
+	/* rate against 1 / r, both in FX_SCALE units: rate * r against FX_SCALE^2 */
+	*known = (i128)(((long double)FX_SCALE * (long double)FX_SCALE) / (long double)r + 0.5L);
+	return (long double)rate * (long double)r > 10.0L * (long double)FX_SCALE * (long double)FX_SCALE ||
+	    10.0L * (long double)rate * (long double)r < (long double)FX_SCALE * (long double)FX_SCALE;
+}
+
+/* "1 USD = 3,723.40 UGX; 1 UGX = 0.000268572 USD" for rate of pair, into out (160 bytes). */
+static char *
+fx_words(const char *pair, i128 rate, char *out)
+{
+	char direct[48], inverse[48];
+	i128 inv = (i128)(((long double)FX_SCALE * (long double)FX_SCALE) / (long double)rate + 0.5L);
+
+	snprintf(out, 160, "1 %.3s = %s %.3s; 1 %.3s = %s %.3s", pair, fx_human(rate, 0, direct), pair + 3,
+	    pair + 3, fx_human(inv, 6, inverse), pair);
+	return out;
+}
+
+/*
+ * fx.set: 1 base = rate quote.  A rate more than 10 times away from what
+ * the store says of the pair (fx_far) is invalid_argument unless force is
+ * true.  Answers the pair and, in words, both directions.
+ */
 static int
 m_fx_set(struct call *c)
 {
 	const msgpack_object *whole = param(c, "rate");
 	struct str base, quote, rate = { NULL, 0 };
 	struct fx_val fv;
-	char pair[6];
+	char pair[6], words[160];
 	MDB_val k = { 6, pair }, v = { sizeof(fv), &fv };
-	int rc;
+	i128 known = 0;
+	int rc, force = 0;
 
 	memset(&fv, 0, sizeof(fv));
-	if ((rc = p_currency(c, "base", 1, &base)) || (rc = p_currency(c, "quote", 1, &quote)))
+	if ((rc = p_currency(c, "base", 1, &base)) || (rc = p_currency(c, "quote", 1, &quote)) ||
+	    (rc = p_bool(c, "force", &force)))
 		return rc;
 	if (whole && whole->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
 		/* like an amount, a rate may be a msgpack integer of whole units */
@@ -4351,9 +4556,21 @@ m_fx_set(struct call *c)
 	fv.updated_at = now_seconds();
 	memcpy(pair, base.p, 3);
 	memcpy(pair + 3, quote.p, 3);
+	if (!force && (rc = fx_far(c->txn, pair, fv.rate, &known)) != 0) {
+		char said[48], now[48];
+
+		if (rc != 1)
+			return store_error(c, rc);
+		return fail(c, E_INVALID_ARGUMENT, "rate", "1 %.3s = %s %.3s is more than 10 times away from the "
+		    "rate known now (1 %.3s = %s %.3s): is the pair reversed? If it is right, pass force: true "
+		    "(walletctl fx set ... --force)",
+		    pair, fx_human(fv.rate, 0, said), pair + 3, pair, fx_human(known, 6, now), pair + 3);
+	}
 	if ((rc = mdb_put(c->txn, store.fx, &k, &v, 0)))
 		return store_error(c, rc);
-	fx_pack(c->pk, pair, &fv);
+	msgpack_pack_map(c->pk, 5);
+	fx_pack_fields(c->pk, pair, &fv);
+	KV_STR(c->pk, "meaning", fx_words(pair, fv.rate, words));
 	return E_OK;
 }
 
@@ -4759,7 +4976,7 @@ batch_run(struct call *c, int m)
 		item.params = &items->via.array.ptr[i];
 		if (item.params->type != MSGPACK_OBJECT_MAP)
 			rc = fail(&item, E_INVALID_ARGUMENT, "items", "each item must be a map");
-		else if ((key = param_unknown(m, item.params)) != NULL)
+		else if ((key = param_unknown(m, item.params, 0)) != NULL)
 			rc = fail_unknown_param(&item, m, key);
 		else
 			rc = method_fns[m](&item);
@@ -6396,7 +6613,8 @@ m_report_usage(struct call *c)
 		}
 	}
 	if (rc == 0) {
-		qsort(groups.entries, groups.n, groups.size, usage_compare);
+		if (groups.n)
+			qsort(groups.entries, groups.n, groups.size, usage_compare);
 		msgpack_pack_map(c->pk, 4);
 		KV_TIME(c->pk, "from", from);
 		KV_TIME(c->pk, "until", until);
@@ -6584,7 +6802,8 @@ m_statement(struct call *c)
 	}
 	end = n - first > limit ? first + limit : n;
 	if (rc == 0) {
-		qsort(countries.entries, countries.n, countries.size, usage_compare);
+		if (countries.n)
+			qsort(countries.entries, countries.n, countries.size, usage_compare);
 		closing = opening;
 		for (int t = 1; t < T__COUNT; t++)
 			closing += totals[t];
@@ -7230,10 +7449,12 @@ roles_parse(const char *list, int groups, unsigned *ids, const char *key)
 static void
 roles_load(void)
 {
-	const char *users[3] = { config.admin_users, config.client_users, config.payments_users };
-	const char *groups[3] = { config.admin_groups, config.client_groups, config.payments_groups };
+	const char *users[ROLES_COUNT] = { config.admin_users, config.client_users, config.payments_users,
+		config.staff_users };
+	const char *groups[ROLES_COUNT] = { config.admin_groups, config.client_groups, config.payments_groups,
+		config.staff_groups };
 
-	for (int i = 0; i < 3; i++) {
+	for (int i = 0; i < ROLES_COUNT; i++) {
 		srv.role_nuids[i] = roles_parse(users[i], 0, srv.role_uids[i], "role users");
 		srv.role_ngids[i] = roles_parse(groups[i], 1, srv.role_gids[i], "role groups");
 	}
@@ -7253,7 +7474,7 @@ roles_of(uid_t uid, gid_t gid)
 	groups[0] = gid;
 	if ((pw = getpwuid(uid)) == NULL || getgrouplist(pw->pw_name, gid, groups, &ngroups) < 0)
 		ngroups = 1;
-	for (int r = 0; r < 3; r++) {
+	for (int r = 0; r < ROLES_COUNT; r++) {
 		for (int i = 0; i < srv.role_nuids[r]; i++)
 			if (srv.role_uids[r][i] == uid)
 				roles |= 1u << r;
@@ -7497,12 +7718,20 @@ req_parse(struct req *r, unsigned roles)
 		    (unsigned)r->uid, method_table[method].name);
 		return -1;
 	}
-	if ((key = param_unknown(method, r->params)) != NULL) {
+	if ((key = param_unknown(method, r->params, 0)) != NULL) {
 		struct call call;
 
 		memset(&call, 0, sizeof(call));
 		fail_unknown_param(&call, method, key);
 		req_error(r, call.code, call.field, "%s", call.message);
+		return -1;
+	}
+	if (!(roles & ROLE_ADMIN) && (key = param_unknown(method, r->params, 1)) != NULL) {
+		char field[64];
+
+		snprintf(field, sizeof(field), "%.*s", (int)key->via.str.size, key->via.str.ptr);
+		req_error(r, E_PERMISSION_DENIED, field, "uid %u may not set %s: a wallet's limits are admin's",
+		    (unsigned)r->uid, field);
 		return -1;
 	}
 	return 0;
@@ -8088,7 +8317,7 @@ conn_accept(void)
 		    config.reserved_connections : config.max_connections / 2;
 		roles = srv.nconns < config.max_connections ? roles_of(cred.uid, cred.gid) : 0;
 		refuse = srv.nconns >= config.max_connections ||
-		    (srv.nconns + reserve >= config.max_connections && !(roles & (ROLE_ADMIN | ROLE_PAYMENTS)));
+		    (srv.nconns + reserve >= config.max_connections && !(roles & (ROLE_ADMIN | ROLE_PAYMENTS | ROLE_STAFF)));
 		if (refuse && srv.nlinger >= LINGER_MAX) {
 			conn_refuse(fd, NULL);
 			continue;
@@ -10536,7 +10765,12 @@ repl_setup(void)
 	sc.Duplicates = (int64_t)120 * 1000000000;
 	for (int tries = 0; (s = js_AddStream(&si, repl.js, &sc, NULL, &err)) != NATS_OK &&
 	    err != JSStreamNameExistErr; tries++) {
-		if (tries % 10 == 1)
+		if ((err == JSStreamReplicasNotSupportedErr || err == JSClusterNoPeersErr) && tries % 10 == 0)
+			log_x(L_ERR, "replication: NATS cannot keep %u copies of the stream %s (%s, error %d): a single "
+			    "nats-server, or a cluster smaller than stream_replicas; set stream_replicas = 1 for one server",
+			    config.stream_replicas, repl.stream, err == JSClusterNoPeersErr ? "too few servers" :
+			    "not clustered", (int)err);
+		else if (tries % 10 == 1)
 			log_x(L_WARN, "replication: cannot make the stream %s yet: %s (%d); trying again", repl.stream,
 			    natsStatus_GetText(s), (int)err);
 		if (repl_sleep(1000))

@@ -127,6 +127,32 @@ class PhpBinding(DaemonTest):
         self.assertTrue(self.d.ctl_json("verify")["ok"])
 
 
+class AsANewUser(DaemonTest):
+    def test_php_finds_no_socket_in_var_without_a_warning(self):
+        work = self.d.dir  # a dashboard's directory: no ./var in it
+        env = {k: v for k, v in os.environ.items() if k != "WALLETD_SOCKET"}
+        code = "require %r; echo Walletd\\Client::defaultSocket();" % os.path.join(ROOT, "contrib", "php", "Walletd.php")
+        r = subprocess.run(["php", "-d", "error_reporting=E_ALL", "-d", "display_errors=1", "-r", code], cwd=work,
+                           env=env, capture_output=True, text=True)
+        self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "/run/walletd/walletd.sock", ""))
+
+    def test_walletctl_says_what_it_tried_and_what_was_meant(self):
+        env = {k: v for k, v in os.environ.items() if k != "WALLETD_SOCKET"}
+        ctl = os.environ.get("WALLETCTL", os.path.join(ROOT, "walletctl"))
+        r = subprocess.run([ctl, "wallet", "creat", "acme", "USD"], capture_output=True, text=True, env=env)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("did you mean wallet create?", r.stderr)
+        r = subprocess.run([ctl, "wallet"], capture_output=True, text=True, env=env)
+        self.assertIn("wallet takes: create, get, update, list", r.stderr)
+        for args, extra, says in (([], {}, "(the installed default: no -s, no $WALLETD_SOCKET, no ./var/walletd.sock"),
+                                  (["-s", "/nonexistent.sock"], {}, "/nonexistent.sock (from -s)"),
+                                  ([], {"WALLETD_SOCKET": "/gone.sock"}, "/gone.sock (from $WALLETD_SOCKET)")):
+            r = subprocess.run([ctl] + args + ["ping"], capture_output=True, text=True, cwd=self.d.dir,
+                               env=dict(env, **extra))
+            self.assertEqual(r.returncode, 3)
+            self.assertIn(says, r.stderr)
+
+
 class EveryCode(unittest.TestCase):
     def test_every_error_code_has_its_class_in_each_client(self):
         with open(os.path.join(ROOT, "protocol.h")) as f:

@@ -209,3 +209,44 @@ class Concurrency(DaemonTest):
         self.assertEqual(len({r["id"] for r in results}), 1)
         self.assertEqual(sum(1 for r in results if not r["replayed"]), 1)
         self.assertEqual(d.ctl_json("balance", "acme")["balance"], "0.9906")
+
+
+class Currencies(DaemonTest):
+    config = {"currencies": "CRD"}
+
+    def test_iso_4217_codes_and_configured_units_only(self):
+        d = self.d
+        e = d.ctl_json("wallet", "create", "acme", "KSH", expect=1)
+        self.assertEqual((e["code"], e["field"]), ("invalid_argument", "currency"))
+        self.assertIn("nearest: KES", e["message"])
+        self.assertEqual(d.ctl_json("rate", "set", "default", "sms", "254", "1", "XYZ", expect=1)["field"], "currency")
+        self.assertEqual(d.ctl_json("wallet", "create", "credits", "CRD")["currency"], "CRD")  # a platform's unit
+        d.ctl_json("wallet", "create", "acme", "KES")
+        self.assertEqual(d.ctl_json("wallet", "list")["total"], 2)
+        self.d.config["currencies"] = "CR1"
+        self.d.write_config()
+        self.d.stop()
+        with self.assertRaises(RuntimeError):
+            self.d.start()
+        self.assertIn("'currencies' takes 3-letter upper-case codes", self.d.read_log())
+        self.d.config["currencies"] = "CRD"
+        self.d.start()
+
+    def test_fx_set_says_both_directions_and_refuses_a_reversed_pair(self):
+        d = self.d
+        r = d.ctl("fx", "set", "USD", "UGX", "3723.40")
+        self.assertIn("1 USD = 3,723.40 UGX; 1 UGX = 0.000268572 USD", r.stdout)
+        for base, quote, rate in (("UGX", "USD", "3723.40"), ("USD", "UGX", "40000"), ("USD", "UGX", "372"),
+                                  ("UGX", "USD", "0.0000268")):
+            e = d.ctl_json("fx", "set", base, quote, rate, expect=1)
+            self.assertEqual((e["code"], e["field"]), ("invalid_argument", "rate"), (base, quote, rate))
+            self.assertIn("reversed", e["message"])
+        self.assertEqual(d.ctl_json("fx", "list")["rates"][0]["rate"], "3723.4")  # nothing changed
+        self.assertEqual(d.ctl_json("fx", "set", "USD", "UGX", "3800")["rate"], "3800")  # a real move
+        self.assertEqual(d.ctl_json("fx", "set", "UGX", "USD", "0.0003")["meaning"],
+                         "1 UGX = 0.0003 USD; 1 USD = 3,333.33 UGX")  # the reverse pair, near its inverse
+        f = d.ctl_json("fx", "set", "USD", "UGX", "3723.40", "--force")
+        self.assertEqual(f["rate"], "3723.4")
+        with d.client() as c:
+            self.assertEqual(c.fx_set(base="USD", quote="UGX", rate="37234", force=False)["rate"], "37234")  # 10x: not more
+

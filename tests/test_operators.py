@@ -4,7 +4,6 @@ uninstall, the Python package, npm install of the Node.js package, walletd -h
 defaults and the man page against the method table."""
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 
@@ -107,34 +106,6 @@ class Install(DaemonTest):
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         left = [os.path.join(p, f) for p, _, fs in os.walk(dest) for f in fs]
         self.assertEqual(left, [])
-
-    def test_pip_installs_the_python_client_with_debians_setuptools(self):
-        work = tempfile.mkdtemp(dir=self.d.dir)
-        src = os.path.join(work, "python")
-        shutil.copytree(os.path.join(ROOT, "contrib", "python"), src,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        venv = os.path.join(work, "venv")
-        subprocess.run([PY, "-m", "venv", "--system-site-packages", venv], check=True)
-        r = subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-build-isolation", "--no-index",
-                            src], capture_output=True, text=True)
-        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        r = subprocess.run([os.path.join(venv, "bin", "pip"), "show", "walletd"], capture_output=True, text=True)
-        self.assertIn("Requires: msgpack", r.stdout)
-        code = "import walletd; print(walletd.Client(%r).ping()['api'])" % self.d.sock
-        r = subprocess.run([os.path.join(venv, "bin", "python"), "-c", code], capture_output=True, text=True, cwd=work)
-        self.assertEqual((r.returncode, r.stdout.strip()), (0, "1"), r.stderr)
-
-    def test_npm_installs_the_node_client_from_its_path(self):
-        app = tempfile.mkdtemp(dir=self.d.dir)
-        r = subprocess.run(["npm", "install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error",
-                            os.path.join(ROOT, "contrib", "node")], cwd=app, capture_output=True, text=True,
-                           timeout=300)
-        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        code = ("import { Client } from 'walletd-client';"
-                "const w = new Client(%r); console.log((await w.ping()).api); w.close();" % self.d.sock)
-        r = subprocess.run(["node", "--input-type=module", "-e", code], cwd=app, capture_output=True, text=True,
-                           timeout=60)
-        self.assertEqual((r.returncode, r.stdout.strip()), (0, "1"), r.stderr)
 
 
 class Docs(DaemonTest):

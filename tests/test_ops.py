@@ -1,5 +1,6 @@
 """Operations: access control, config reload, limits, store growth, backup, crashes."""
 import grp
+import json
 import os
 import pwd
 import random
@@ -11,7 +12,7 @@ import threading
 import time
 import unittest
 
-from harness import Daemon, DaemonTest, request, read_frames, walletd, msgpack, WALLETD, PY, HERE
+from harness import Daemon, DaemonTest, request, read_frames, walletd, msgpack, WALLETD, PY, HERE, ROOT
 
 
 class AccessControl(DaemonTest):
@@ -39,6 +40,43 @@ class AccessControl(DaemonTest):
             r = d.ctl("--json", *admin_only, user=nobody)
             self.assertIn("permission_denied", r.stderr, admin_only)
         self.assertEqual(d.ctl_json("balance", "acme")["balance"], "1")
+
+
+class StaffRole(DaemonTest):
+    config = {"socket_group": "nogroup", "staff_groups": "nogroup"}
+
+    def test_staff_serve_customers_but_neither_charge_nor_change_limits(self):
+        d = self.d
+        self.seed("1")
+        d.ctl_json("wallet", "update", "acme", "--block", "2567", "--daily-limit", "50")
+        desk = "nobody:nogroup"
+        backup = tempfile.mktemp(prefix="walletd-staff-backup-")
+        self.addCleanup(lambda: os.path.exists(backup) and os.unlink(backup))
+        for ok in (("wallet", "create", "beta", "USD", "--threshold", "5"), ("wallet", "update", "acme", "--threshold", "2"),
+                   ("credit", "acme", "5", "goodwill", "--actor", "carol"), ("topup", "list", "acme"),
+                   ("statement", "acme"), ("history", "acme"), ("wallet", "list"), ("hold", "create", "acme",
+                   "--ref", "h1", "--amount", "1"), ("wallet", "update", "acme", "--status", "frozen")):
+            r = d.ctl("--json", *ok, user=desk)
+            self.assertEqual(r.returncode, 0, (ok, r.stderr))
+        for refused, field in ((("charge", "acme", "sms", "+256712345678", "n1"), None),
+                               (("rate", "set", "default", "sms", "1", "1", "USD"), None), (("export",), None),
+                               (("fx", "set", "USD", "UGX", "1"), None), (("backup", backup), None),
+                               (("wallet", "update", "acme", "--credit-limit", "100"), "credit_limit"),
+                               (("wallet", "update", "acme", "--block", "none"), "blocked_prefixes"),
+                               (("wallet", "create", "gamma", "USD", "--daily-limit", "1"), "daily_limit")):
+            r = d.ctl("--json", *refused, user=desk)
+            self.assertEqual(r.returncode, 1, refused)
+            e = json.loads(r.stdout)
+            self.assertEqual((e["code"], e.get("field")), ("permission_denied", field), refused)
+        w = d.ctl_json("wallet", "get", "acme")
+        self.assertEqual((w["blocked_prefixes"], w["daily_limit"], w["credit_limit"], w["threshold"], w["status"]),
+                         (["2567"], "50", "0", "2", "frozen"))
+        self.assertEqual(d.ctl_json("wallet", "list")["total"], 2)  # gamma was never made
+        self.assertEqual(d.ctl_json("history", "acme")["total"], 2)
+        r = d.ctl("help", "roles")
+        self.assertIn("| `credit` | yes | | | yes |", r.stdout)
+        with open(os.path.join(ROOT, "README.md")) as f:
+            self.assertIn(r.stdout, f.read())  # the README's table is walletctl's
 
 
 class ReservedConnections(DaemonTest):

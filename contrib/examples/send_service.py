@@ -27,8 +27,12 @@ def setup(w):
         w.credit(wallet=WALLET, amount=decimal.Decimal("20"), reason="demo opening balance", actor="example")
     except walletd.WalletExists:
         pass
-    w.rate_set(plan="default", channel="sms", prefix="256", price="35", currency="UGX", route="ESMS_UG")
-    w.fx_set(base="USD", quote="UGX", rate="3723.40")
+    try:
+        w.rate_lookup(plan="default", channel="sms", to="+256712345678")
+    except walletd.NoRate:
+        w.rate_set(plan="default", channel="sms", prefix="256", price="35", currency="UGX", route="ESMS_UG")
+    if not any((r["base"], r["quote"]) in (("USD", "UGX"), ("UGX", "USD")) for r in w.fx_list()["rates"]):
+        w.fx_set(base="USD", quote="UGX", rate="3723.40")
 
 
 def send_to_route(message):

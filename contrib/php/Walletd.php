@@ -107,7 +107,9 @@ final class Client
         if ($env !== false && $env !== '') {
             return $env;
         }
-        return filetype('var/walletd.sock') === 'socket' ? 'var/walletd.sock' : '/run/walletd/walletd.sock';
+        // file_exists first: filetype() warns on a missing file (a dashboard's every request)
+        return file_exists('var/walletd.sock') && filetype('var/walletd.sock') === 'socket'
+            ? 'var/walletd.sock' : '/run/walletd/walletd.sock';
     }
 
     public function close(): void
