@@ -14,7 +14,7 @@ PLAUSIBLE = {"wallet": "acme", "currency": "USD", "plan": "default", "channel": 
              "prefix": "256", "base": "USD", "quote": "UGX", "rate": "3723.40", "provider": "flutterwave",
              "provider_ref": "FLW-1", "status": "active", "mode": "upsert", "since": "2026-11-01",
              "until": "2026-12-01T00:00:00Z", "hold": "cmp-1", "refund_ref": "dlr-1"}
-OTHER = {"a": "1.5", "n": "2", "i": 1, "I": 5, "l": ["ops@example.com"], "f": ["+256712345678"]}
+OTHER = {"a": "1.5", "n": "2", "i": 1, "I": 5, "b": True, "l": ["ops@example.com"], "f": ["+256712345678"]}
 
 
 def main():
@@ -25,7 +25,7 @@ def main():
     for method, spec in rows:
         params, strings = {}, []
         for p in spec.split():
-            name, _, kind = p.lstrip("?").partition(":")
+            name, _, kind = p.lstrip("?!").partition(":")
             if kind in ("F", "c"):
                 continue
             if kind:
