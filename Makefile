@@ -8,6 +8,7 @@
 #   make bench     throughput and latency on a temporary store
 #   make fuzz      run the libFuzzer target for FUZZ_SECONDS
 #   make crashtest kill -9 walletd, and cut its power, under load, again and again
+#   make weakentest  walletd weakened on purpose must fail the power cuts
 #   make replicatest  three nodes on three nats-servers: random kills and pauses under load
 
 # ---- configuration -----------------------------------------------------
@@ -98,6 +99,11 @@ test: all tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults
 crashtest: all tests/walletd-asan
 	CRASH_KILLS=100 POWER_CUTS=100 WALLETD=$(CURDIR)/walletd WALLETCTL=$(CURDIR)/walletctl $(PY) tests/e2e.py test_ops.py
 
+# The power-cut model as judge: walletd weakened on purpose (no checkpoint pin, no restore, the answer
+# before the journal's sync) must each lose or break something under 30 cuts (CUTS=...).
+weakentest: all tests/faults.so
+	$(PY) tests/weakened.py $${CUTS:-30}
+
 # Replication at length: 30 rounds of random kills and pauses of walletd nodes and nats-servers under load.
 replicatest: all tests/walletd-asan
 	REPLICA_ROUNDS=$${REPLICA_ROUNDS:-30} WALLETD=$(CURDIR)/walletd WALLETCTL=$(CURDIR)/walletctl \
@@ -139,7 +145,7 @@ clean:
 	rm -f walletd walletctl tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults.so .deps-build .deps-test
 	rm -rf tests/__pycache__ contrib/python/walletd/__pycache__
 
-.PHONY: all run test crashtest replicatest install uninstall clean
+.PHONY: all run test crashtest weakentest replicatest install uninstall clean
 
 # ---- benchmarks and robustness (not part of make test) -------------------
 bench: all

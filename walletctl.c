@@ -1267,6 +1267,14 @@ static const struct prom_scalar {
 	  NULL, "webhooks_pending", 1 },
 	{ "uptime_seconds", "gauge", "Seconds since walletd started.",
 	  NULL, "uptime", 1 },
+	{ "journal_bytes_total", "counter", "Bytes of commit records appended to the journal.",
+	  "journal", "journal_bytes", 1 },
+	{ "checkpoints_total", "counter", "Checkpoints made durable (LMDB synced, the journal before them reusable).",
+	  "journal", "checkpoints", 1 },
+	{ "checkpoint_age_seconds", "gauge", "Age of the last durable checkpoint.",
+	  "journal", "checkpoint_age_ms", 0.001 },
+	{ "journal_replayed_at_start", "gauge", "Journal records applied again when walletd started.",
+	  "journal", "replayed_at_start", 1 },
 };
 
 /*

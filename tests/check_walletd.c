@@ -314,6 +314,7 @@ store_setup(void)
 static void
 store_teardown(void)
 {
+	journal_stop();
 	mdb_env_close(store.env);
 	close(store.lock_fd);
 	nftw(store_dir, rm_one, 8, FTW_DEPTH | FTW_PHYS);
@@ -528,6 +529,7 @@ put_version(MDB_txn *txn, uint32_t v)
 static int
 store_reopen(void)
 {
+	journal_stop(); /* as a clean stop: a last checkpoint */
 	mdb_env_close(store.env);
 	close(store.lock_fd);
 	return store_open(store_dir);

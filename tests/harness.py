@@ -93,11 +93,17 @@ class Daemon:
         """Restarts as the plain build (LD_PRELOAD and prlimit --as do not mix with ASan),
         with tests/faults.so loaded and its WALLETD_FAULT_<NAME> set from faults, if any."""
         self.stop()
-        self.binary = os.path.join(ROOT, "walletd")
+        self.binary = os.environ.get("WALLETD_PLAIN", os.path.join(ROOT, "walletd"))
         if faults:
             self.wrap = ["env", "LD_PRELOAD=" + os.path.join(HERE, "faults.so")] + [
                 "WALLETD_FAULT_%s=%s" % (k.upper(), v) for k, v in faults.items()]
         return self.start()
+
+    def restore_backup(self, backup):
+        """The README's restore: walletd stopped, the store directory holding only the backup, as data.mdb."""
+        shutil.rmtree(self.store, ignore_errors=True)
+        os.makedirs(self.store)
+        os.replace(backup, os.path.join(self.store, "data.mdb"))
 
     def read_log(self):
         try:

@@ -189,16 +189,20 @@ class Bench(DaemonTest):
             self.assertEqual((w["balance"], w["status"]), ("0", "frozen"), w)
         self.assertEqual(d.ctl_json("rate", "list")["rates"], [])
 
+class WrittenAhead(DaemonTest):
+    def written_ahead(self):
+        """The file commits write into, and the bytes they have written of it."""
+        return os.path.join(self.d.store, "journal.0"), self.d.ctl_json("stats")["journal"]["journal_bytes"]
+
     def test_store_file_is_written_ahead_and_survives_a_kill(self):
         d = self.d
         out = d.ctl_json("bench", "-n", "3000", "-c", "8", "--wallets", "5", "--random-refs")
         self.assertTrue(out["self_check"])
-        used = d.ctl_json("stats")["store"]["map_used"]
-        path = os.path.join(d.store, "data.mdb")
+        path, used = self.written_ahead()
         deadline = time.time() + 10
         while os.stat(path).st_size < used + (8 << 20) and time.time() < deadline:
             time.sleep(0.05)
-        # zeros kept past LMDB's last page, so a commit never makes the file longer
+        # zeros kept past the last commit's bytes, so a commit never makes the file longer
         self.assertGreaterEqual(os.stat(path).st_size, used + (8 << 20))
         self.seed("1")
         c = {"wallet": "acme", "channel": "sms", "to": "+256712345678"}
@@ -314,3 +318,12 @@ class MixedTraffic(DaemonTest):
         refunded = [t["refund_of"] for t in stored.values() if t["type"] == "refund"]
         self.assertEqual(len(refunded), len(set(refunded)))  # each charge refunded once at most
         self.assertTrue(d.ctl_json("verify")["ok"])
+
+
+class LmdbWrittenAhead(WrittenAhead):
+    """The same with durability = lmdb: LMDB's own file is written ahead."""
+    config = {"durability": "lmdb"}
+
+    def written_ahead(self):
+        return os.path.join(self.d.store, "data.mdb"), self.d.ctl_json("stats")["store"]["map_used"]
+

@@ -343,9 +343,10 @@ class PartialRefunds(DaemonTest):
 
 
 class Upgrade(DaemonTest):
-    """A store written by the previous release (commit 609647a, layout 4) opens, keeps
+    """A store written by an earlier release (commit 609647a, layout 4) opens, keeps
     every wallet and transaction, and passes verify; then it takes holds and limits."""
     PREVIOUS = "609647a"
+    LIBS = ["msgpack", "lmdb", "libcurl"]
 
     def setUp(self):
         self.work = tempfile.mkdtemp(prefix="walletd-upgrade-")
@@ -356,7 +357,7 @@ class Upgrade(DaemonTest):
             self.assertEqual(r.returncode, 0, "this test needs the git history: %s" % r.stderr.decode())
             with open(os.path.join(src, name), "wb") as f:
                 f.write(r.stdout)
-        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "msgpack", "lmdb", "libcurl"],
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs"] + self.LIBS,
                                capture_output=True, text=True, check=True).stdout.split()
         self.old = os.path.join(self.work, "walletd-previous")
         subprocess.run(["cc", "-std=c11", "-O1", "-o", self.old, os.path.join(src, "walletd.c")] + flags +
@@ -386,7 +387,7 @@ class Upgrade(DaemonTest):
         d.stop()
         d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
         d.start()
-        self.assertIn("wallets to layout 5", d.read_log())
+        self.assertIn("to layout 6 (journaled", d.read_log())
         v = d.ctl_json("verify")
         self.assertEqual((v["ok"], v["wallets"], v["transactions"], v["breaches"]),
                          (True, 2, old_verify["transactions"], []))
@@ -405,5 +406,34 @@ class Upgrade(DaemonTest):
         d.ctl_json("charge", "acme", "sms", UG, "new", "--hold", "after")
         self.assertTrue(d.ctl_json("verify")["ok"])
         d.restart()
-        self.assertNotIn("wallets to layout", d.read_log().split("stopped")[-1])  # once
+        self.assertNotIn("to layout", d.read_log().split("stopped")[-1])  # once
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+
+class UpgradeFromTheJournallessRelease(Upgrade):
+    """The same from the release before the journal (commit b9704a6, layout 5, LMDB synced
+    at every commit): with its spend controls set, and counted, before the upgrade."""
+    PREVIOUS = "b9704a6"
+    LIBS = ["msgpack", "lmdb", "libcurl", "jansson", "libcrypto", "libnats"]
+
+    def test_limits_set_before_the_upgrade_keep_counting(self):
+        d = self.d
+        self.seed("50")
+        d.ctl_json("rate", "set", "default", "sms", "1", "1", "USD")
+        d.ctl_json("wallet", "update", "acme", "--hourly-messages", "3", "--daily-limit", "10", "--block", "2567")
+        for i in range(2):
+            d.ctl_json("charge", "acme", "sms", "+1555000000%d" % i, "h%d" % i)
+        d.stop()
+        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
+        d.start()
+        self.assertIn("to layout 6 (journaled", d.read_log())
+        w = d.ctl_json("wallet", "get", "acme")
+        self.assertEqual((w["hourly_messages"], w["daily_limit"], w["blocked_prefixes"]), (3, "10", ["2567"]))
+        d.ctl_json("charge", "acme", "sms", "+15550000002", "h2")  # the third of the hour
+        e = d.ctl_json("charge", "acme", "sms", "+15550000003", "h3", expect=1)
+        self.assertEqual((e["limit"], e["used"]), ("hourly_messages", "3"))
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", UG, "b1", expect=1)["code"], "destination_blocked")
+        d.kill()  # journaled from the upgrade on
+        d.start()
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", "+15550000003", "h3", expect=1)["used"], "3")
         self.assertTrue(d.ctl_json("verify")["ok"])

@@ -55,6 +55,9 @@ class Metrics(DaemonTest):
         self.assertGreater(m["walletd_store_map_used_bytes"], 0)
         self.assertEqual(m["walletd_connections"], 2)  # s, and walletctl's own
         self.assertEqual((m["walletd_alerts_pending"], m["walletd_webhooks_pending"]), (0, 0))
+        self.assertGreater(m["walletd_journal_bytes_total"], 0)
+        self.assertGreaterEqual(m["walletd_checkpoints_total"], 1)
+        self.assertLess(m["walletd_checkpoint_age_seconds"], 10)
         self.assertEqual({k: v for k, v in m.items() if k.startswith("walletd_replication_role")},
                          {'walletd_replication_role{role="%s"}' % r: float(r == "single")
                           for r in ("single", "leader", "follower", "catching_up", "diverged")})

@@ -250,7 +250,7 @@ class EarlyGrowth(DaemonTest):
         with d.client() as c:
             for i in range(5000):
                 c.charge(wallet="acme", channel="sms", to="+256712345678", ref="g%d" % i)
-                store = d.ctl_json("stats")["store"] if i % 100 == 99 else None
+                store = d.ctl_json("stats")["store"] if i % 10 == 9 else None
                 if store and store["map_used"] > (600 << 10):
                     break
         self.assertGreater(store["map_used"], 600 << 10)
@@ -334,7 +334,8 @@ class DiskFull(unittest.TestCase):
         self.backup = os.path.join(self.mnt, "backup.mdb")
         with open(self.backup, "wb") as f:
             f.write(os.urandom(65536))  # the last good backup, before walletd fills the disk
-        self.d = Daemon({"store": os.path.join(self.mnt, "db")})
+        # the journal's files hold twice checkpoint_bytes: 2 MiB of the 4
+        self.d = Daemon({"store": os.path.join(self.mnt, "db"), "checkpoint_bytes": "1M"})
         self.addCleanup(self.d.cleanup)
         self.d.start()
 
@@ -551,7 +552,9 @@ class MetaWriteFailure(DaemonTest):
         d.start()
         with d.client() as c:
             self.assertTrue(c.charge(ref="m1", **charge)["replayed"])
-            self.assertFalse(c.charge(ref="m2", **charge)["replayed"])  # not applied, so charged now
+            # its record was in the journal before LMDB failed: applied at start (the answer
+            # said internal: its outcome unknown, a retry with the same ref finds it)
+            self.assertTrue(c.charge(ref="m2", **charge)["replayed"])
         self.assertEqual([t["ref"] for t in d.ctl_json("history", "acme", "--type", "sms_charge")["transactions"]],
                          ["m2", "m1"])
         self.assertTrue(d.ctl_json("verify")["ok"])

@@ -309,7 +309,7 @@ class Joining(ReplicationTest):
             for n in range(200):
                 c.call("charge", wallet="acme", channel="sms", to="+256712345678", ref="later%d" % n)
         self.node(f).stop()
-        os.replace(backup, os.path.join(self.node(f).store, "data.mdb"))
+        self.node(f).restore_backup(backup)
         self.node(f).start()
         self.check_ledgers()
         self.assertEqual(len(self.charges(f)), 200)
@@ -340,7 +340,7 @@ class Joining(ReplicationTest):
         backup = os.path.join(self.nats.dir, "seed.mdb")
         self.node(self.leader).ctl_json("backup", backup)
         joiner.stop()
-        os.replace(backup, os.path.join(joiner.store, "data.mdb"))
+        joiner.restore_backup(backup)
         joiner.start()
         self.wait_role(3, lambda role: role == "follower")
         self.check_ledgers()
