@@ -190,7 +190,7 @@ static const struct config_key config_keys[] = {
 	CK(cluster, CF_STR, 0, "the replicated group's name: its stream, subjects and lease are named after it"),
 	CK(node, CF_STR, 0, "this node's name in the group; empty = the host name"),
 	CK(stream_replicas, CF_UINT, 0, "copies JetStream keeps of the group's stream (1, 3 or 5)"),
-	CK(lease_ttl, CF_UINT, 0, "seconds the leader's lease lasts without a refresh"),
+	CK(lease_ttl, CF_UINT, 0, "seconds the leader's lease lasts without a refresh (a failover takes about this)"),
 	CK(stream_max_age, CF_UINT, 0, "seconds the stream keeps a record; a node further behind must be re-seeded"),
 	CK(failover_wait, CF_UINT, 1, "seconds a write waits for a leader before it answers unavailable"),
 	CK(nats_creds, CF_STR, 0, "NATS .creds file (empty = none)"),
@@ -231,7 +231,7 @@ config_defaults(struct config *cf)
 	cf->webhook_timeout = 10;
 	strcpy(cf->cluster, "walletd");
 	cf->stream_replicas = 3;
-	cf->lease_ttl = 10;
+	cf->lease_ttl = 4;
 	cf->stream_max_age = 7 * 86400;
 	cf->failover_wait = 15;
 }
@@ -477,6 +477,7 @@ static struct server {
 	size_t unread, unread_peak; /* bytes of answers in connections' output, now and at most */
 	struct conn *conns;
 	struct conn *dirty;
+	struct conn *held;        /* connections whose next answer waits for the journal's sync */
 	MDB_txn *rtxn;            /* the event loop's read transaction, reset between uses */
 	struct req *pend_head, *pend_tail; /* for the writer at the end of this turn */
 	size_t pend_count, pend_weight, pend_bytes;
@@ -2163,6 +2164,7 @@ ahead_stop(void)
 #define JOURNAL_HEAD   48
 #define CHECKPOINT_MAGIC 0x31504357u      /* "WCP1" */
 #define META_BYTES     152                /* a meta page's header and MDB_meta (LMDB 0.9) */
+#define HANDED_MAX     256                /* batches handed to the syncer at most (then the writer waits) */
 #define META_TXNID     144                /* where in a meta page its txnid is */
 #define META_LAST_PG   136                /* its last page number */
 #define META_MAGIC     16                 /* its magic number, */
@@ -2216,6 +2218,22 @@ static struct journal {
 	uint64_t bytes;           /* appended since start */
 	uint64_t checkpoints, replayed;
 	int failed;               /* a checkpoint could not be written: stopping */
+	/* The pipeline: the writer runs the next batch while the syncer syncs the last. */
+	pthread_t syncer;
+	int syncing;              /* the syncer runs */
+	_Atomic uint64_t written;   /* the last record written to the journal (maybe not yet committed) */
+	_Atomic uint64_t committed; /* the last record LMDB committed (maybe not yet synced) */
+	_Atomic uint64_t synced;  /* the last record synced: what answers may reveal */
+	struct journal_pos written_end;   /* under lock: where the last written record ends */
+	int sync_busy;            /* under lock: a round of the syncer's is syncing */
+	struct journal_pos synced_end;    /* under lock: where the last synced one does */
+	struct handed {
+		struct req *first, *last;
+		uint64_t need;    /* answered once this record is synced */
+	} handed[HANDED_MAX];     /* under lock: batches the writer handed over, in order */
+	unsigned handed_head, handed_count;
+	int posting;              /* batches taken off handed, not yet on the done list */
+	uint64_t syncs, sync_us;  /* fdatasyncs of the journal, and their time */
 } journal = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER, .dir_fd = -1, .data_fd = -1,
 	.fds = { -1, -1, -1, -1 } };
 
@@ -2495,11 +2513,11 @@ journal_room(uint64_t segment)
 }
 
 /*
- * Appends record (len bytes) to the journal as the next entry and syncs it,
- * with LMDB's write lock held.  Returns 0 with journal.number and
- * journal.next moved on, or an errno: nothing then counts as written (a
- * part written is overwritten by the next entry, and fails its checksum
- * until then).
+ * Writes record (len bytes) to the journal as the next entry, with LMDB's
+ * write lock held; the syncer makes it durable (journal_sync_main).
+ * Returns 0 with journal.number and journal.next moved on, or an errno:
+ * nothing then counts as written (a part written is overwritten by the next
+ * entry, and fails its checksum until then).
  */
 static int
 journal_append(const char *record, size_t len)
@@ -2543,24 +2561,15 @@ journal_append(const char *record, size_t len)
 		}
 	}
 	pthread_mutex_unlock(&ahead.lock);
-	if (fdatasync(fd) != 0) {
-		/* Whether the entry is on disk is unknown, and the kernel may have dropped what it could
-		 * not write: stop, and let a restart apply the journal as the disk holds it. */
-		rc = errno;
-		log_x(L_ERR, "journal: cannot sync record %" PRIu64 ": %s; stopping", number, strerror(rc));
-		pthread_mutex_lock(&journal.lock);
-		journal.failed = 1;
-		pthread_cond_broadcast(&journal.cond);
-		pthread_mutex_unlock(&journal.lock);
-		store_panic();
-		return rc;
-	}
 	pthread_mutex_lock(&journal.lock);
 	journal.unsettled = 1;
 	journal.number = number;
 	journal.last = at;
 	journal.next = (struct journal_pos){ at.segment, at.offset + JOURNAL_HEAD + len };
 	journal.bytes += JOURNAL_HEAD + len;
+	atomic_store(&journal.written, number);
+	journal.written_end = journal.next;
+	pthread_cond_broadcast(&journal.cond); /* the syncer */
 	pthread_mutex_unlock(&journal.lock);
 	return 0;
 }
@@ -2581,8 +2590,15 @@ journal_unappend(void)
 	if ((rc = write_all(fd, &none, 4, (off_t)at.offset)) != 0 || (fdatasync(fd) != 0 && (rc = errno) != 0))
 		return rc;
 	pthread_mutex_lock(&journal.lock);
+	while (journal.sync_busy) /* a round that took the entry for synced must end first */
+		pthread_cond_wait(&journal.cond, &journal.lock);
 	journal.number--;
 	journal.next = at;
+	atomic_store(&journal.written, journal.number);
+	journal.written_end = at;
+	if (atomic_load(&journal.synced) > journal.number)
+		atomic_store(&journal.synced, journal.number);
+	journal.synced_end = at;
 	pthread_mutex_unlock(&journal.lock);
 	return 0;
 }
@@ -2826,6 +2842,10 @@ fail:
 	return rc;
 }
 
+static int journal_wait(uint64_t number);
+static int journal_pipelined(void);
+static void *journal_sync_main(void *arg);
+
 /*
  * Before LMDB opens dir's store: opens data.mdb and the journal's files
  * that exist, reads the side file into f and puts data.mdb back to it
@@ -2952,6 +2972,10 @@ journal_ready(const char *dir, int restored)
 	mdb_env_set_flags(store.env, MDB_NOSYNC, 1);
 	journal.captured_us = now_micros();
 	journal.captured_number = journal.number;
+	atomic_store(&journal.written, journal.number);
+	atomic_store(&journal.committed, journal.number);
+	atomic_store(&journal.synced, journal.number);
+	journal.written_end = journal.synced_end = journal.next;
 	return 0;
 }
 
@@ -2966,6 +2990,11 @@ journal_start(void)
 		return -1;
 	}
 	journal.running = 1;
+	if (pthread_create(&journal.syncer, NULL, journal_sync_main, NULL) != 0) {
+		log_x(L_ERR, "cannot start the journal's syncer");
+		return -1;
+	}
+	journal.syncing = 1;
 	pthread_mutex_lock(&ahead.lock);
 	ahead_follow(journal.fds[journal.next.segment % JOURNAL_FILES], journal.next.offset, journal.segment_size);
 	ahead.running = pthread_create(&ahead.thread, NULL, ahead_main, NULL) == 0;
@@ -2977,19 +3006,24 @@ journal_start(void)
 static void
 journal_stats_pack(msgpack_packer *pk)
 {
-	uint64_t bytes, checkpoints, number;
+	uint64_t bytes, checkpoints, number, syncs, sync_us;
 	uint64_t durable_us;
 
 	pthread_mutex_lock(&journal.lock);
+	syncs = journal.syncs;
+	sync_us = journal.sync_us;
 	bytes = journal.bytes;
 	checkpoints = journal.checkpoints;
 	durable_us = journal.durable_us;
 	number = journal.number;
 	pthread_mutex_unlock(&journal.lock);
 	KEY(pk, "journal");
-	msgpack_pack_map(pk, 6);
+	msgpack_pack_map(pk, 8);
 	KV_STR(pk, "durability", config.durability);
 	KV_U64(pk, "journal_bytes", bytes);
+	KV_U64(pk, "syncs", syncs);
+	KEY(pk, "mean_sync_us");
+	msgpack_pack_double(pk, syncs ? (double)sync_us / (double)syncs : 0.0);
 	KV_U64(pk, "checkpoints", checkpoints);
 	KEY(pk, "checkpoint_age_ms");
 	if (journal.on)
@@ -3012,6 +3046,9 @@ journal_stop(void)
 	pthread_mutex_unlock(&journal.lock);
 	if (journal.running)
 		pthread_join(journal.thread, NULL);
+	if (journal.syncing)
+		pthread_join(journal.syncer, NULL);
+	journal.syncing = 0;
 	if (!journal.failed && !store.panicked)
 		checkpoint_now();
 	if (journal.pin)
@@ -3025,56 +3062,77 @@ journal_stop(void)
 }
 
 /*
- * Commits a top-level write transaction durably: in journal mode, its record
- * appended and synced first, then LMDB without a sync; in lmdb mode, with
- * LMDB's own syncs (section "Room ahead").  txn is gone either way.  A
- * commit that finds a checkpoint due captures it first.  A record in the
- * journal that LMDB then fails to commit stops walletd (store_panic): a
- * restart applies it.
+ * The first half of a journaled commit of the top-level write transaction
+ * txn, with LMDB's write lock held: its record written to the journal as
+ * *number (the syncer syncs it meanwhile).  A commit that finds a checkpoint
+ * due captures it first.  Returns 0, or an error with txn aborted.
  */
 static int
-store_commit_durable(MDB_txn *txn)
+journal_prepare(MDB_txn *txn, uint64_t *number)
 {
 	msgpack_sbuffer rec;
 	MDB_val k = { 7, "journal" }, v;
-	uint64_t number;
 	int rc;
 
-	if (!journal.on)
-		return store_commit_local(txn);
-	if (touched.len == 0)
-		return store_commit_local(txn); /* nothing changed: no record */
 	pthread_mutex_lock(&journal.lock);
 	while (journal.unsettled && !journal.failed) /* a commit that failed, taking its entry back */
 		pthread_cond_wait(&journal.cond, &journal.lock);
-	number = journal.number + 1;
+	*number = journal.number + 1;
 	rc = journal.failed ? EIO : 0;
 	pthread_mutex_unlock(&journal.lock);
-	if (rc != 0) {
-		mdb_txn_abort(txn);
-		return rc;
-	}
-	if (checkpoint_due() && (rc = checkpoint_begin()) != 0) {
-		mdb_txn_abort(txn);
-		return rc;
-	}
-	v = (MDB_val){ 8, &number };
-	if ((rc = mdb_put(txn, store.meta, &k, &v, 0)) != 0) {
-		mdb_txn_abort(txn);
-		return rc;
-	}
+	if (rc == 0 && checkpoint_due())
+		rc = checkpoint_begin();
+	v = (MDB_val){ 8, number };
+	if (rc == 0)
+		rc = mdb_put(txn, store.meta, &k, &v, 0);
 	msgpack_sbuffer_init(&rec);
-	if ((rc = record_pack(txn, &rec, 0)) == 0)
+	if (rc == 0 && (rc = record_pack(txn, &rec, 0)) == 0)
 		rc = journal_append(rec.data, rec.size);
 	msgpack_sbuffer_destroy(&rec);
-	if (rc != 0) {
+	if (rc != 0)
 		mdb_txn_abort(txn);
-		return rc;
-	}
-	if ((rc = mdb_txn_commit(txn)) != 0 && !store_panicked() && journal_unappend() == 0) {
+	return rc;
+}
+
+/*
+ * Takes back the record journal_prepare wrote (the stream refused it, or
+ * LMDB could not commit it): no replay applies it.  Aborts txn when given.
+ * Returns 0, or an error: then walletd stops (store_panic), for a restart
+ * applies the record.
+ */
+static int
+journal_cancel(MDB_txn *txn, uint64_t number, const char *why)
+{
+	int rc = journal_unappend();
+
+	if (txn)
+		mdb_txn_abort(txn);
+	if (rc == 0) {
 		journal_settled();
-		return rc; /* nothing done: a full map or disk (the writer grows the map and runs the batch again) */
+		return 0;
 	}
+	log_x(L_ERR, "journal: record %" PRIu64 " is in the journal, but %s, and it cannot be taken back (%s): "
+	    "stopping; a restart applies it", number, why, strerror(rc));
+	pthread_mutex_lock(&journal.lock);
+	journal.failed = 1; /* nothing more is appended */
+	pthread_cond_broadcast(&journal.cond);
+	pthread_mutex_unlock(&journal.lock);
+	store_panic();
+	return rc;
+}
+
+/*
+ * The second half: LMDB commits txn without a sync.  A commit LMDB refuses
+ * (a full map or disk) takes the record back; one that leaves LMDB refusing
+ * everything stops walletd (a restart applies the record).  0, or an error.
+ */
+static int
+journal_finish(MDB_txn *txn, uint64_t number)
+{
+	int rc = mdb_txn_commit(txn);
+
+	if (rc != 0 && !store_panicked() && journal_cancel(NULL, number, "LMDB's commit failed") == 0)
+		return rc; /* nothing done: the writer grows the map and runs the batch again */
 	if (rc != 0) {
 		log_x(L_ERR, "journal: record %" PRIu64 " is in the journal, but LMDB's commit failed (%s): stopping; "
 		    "a restart applies it", number, mdb_strerror(rc));
@@ -3082,16 +3140,53 @@ store_commit_durable(MDB_txn *txn)
 		journal.failed = 1; /* nothing more is appended */
 		pthread_cond_broadcast(&journal.cond);
 		pthread_mutex_unlock(&journal.lock);
-		store_panic();
 		return rc;
 	}
-	journal_settled();
+	pthread_mutex_lock(&journal.lock);
+	journal.unsettled = 0;
+	atomic_store(&journal.committed, number);
+	pthread_cond_broadcast(&journal.cond);
+	pthread_mutex_unlock(&journal.lock);
 	return 0;
+}
+
+/*
+ * Commits a top-level write transaction: in journal mode, its record
+ * written to the journal, then LMDB without a sync, and with wait until the
+ * syncer made the record durable (without, the caller hands its answers to
+ * the syncer: journal_hand); in lmdb mode, with LMDB's own syncs (section
+ * "Room ahead").  txn is gone either way.
+ */
+static int
+store_commit_durable(MDB_txn *txn, int wait)
+{
+	uint64_t number;
+	int rc;
+
+	if (!journal.on)
+		return store_commit_local(txn);
+	if (touched.len == 0) {
+		rc = store_commit_local(txn); /* nothing changed: no record */
+		return rc == 0 && wait ? journal_wait(atomic_load(&journal.committed)) : rc;
+	}
+	if ((rc = journal_prepare(txn, &number)) != 0 || (rc = journal_finish(txn, number)) != 0)
+		return rc;
+	return wait ? journal_wait(number) : 0;
 }
 
 #define REPL_FENCED      (-31001) /* the stream refused the record: not this node's turn */
 #define REPL_UNAVAILABLE (-31002) /* the stream did not answer within failover_wait */
-static int repl_publish(MDB_txn *txn, struct repl_pos *pos);
+/* A record on its way to the stream: its messages (repl_prepare) and what they are published after. */
+struct outgoing {
+	msgpack_sbuffer msgs;     /* each a u32 length, then the stream message */
+	uint32_t parts;
+	uint64_t expected;        /* the stream sequence its first part follows */
+	uint64_t t0;
+	char id[160];
+};
+static int repl_prepare(MDB_txn *txn, struct repl_pos *pos, struct outgoing *o);
+static int repl_send_record(struct outgoing *o);
+static void outgoing_free(struct outgoing *o);
 static void repl_committed(const struct repl_pos *pos);
 
 /* Commits a top-level write transaction: in a replicated group, once the
@@ -3099,16 +3194,36 @@ static void repl_committed(const struct repl_pos *pos);
 static int
 store_commit(MDB_txn *txn)
 {
+	struct outgoing o;
 	struct repl_pos pos;
+	uint64_t number;
 	int rc;
 
-	if (!repl_on || touched.len == 0)
-		return store_commit_durable(txn); /* single, or nothing changed: no stream record */
-	if ((rc = repl_publish(txn, &pos)) != 0) {
+	if (!repl_on || touched.len == 0) /* single, or nothing changed: no stream record */
+		return store_commit_durable(txn, !journal_pipelined());
+	/* The record goes to the stream and to the journal at once; LMDB commits once both hold it. */
+	if ((rc = repl_prepare(txn, &pos, &o)) != 0) {
 		mdb_txn_abort(txn);
 		return rc;
 	}
-	if ((rc = store_commit_durable(txn)) == 0)
+	if (journal.on && (rc = journal_prepare(txn, &number)) != 0) {
+		outgoing_free(&o);
+		return rc;
+	}
+	rc = repl_send_record(&o);
+	outgoing_free(&o);
+	if (rc != 0) {
+		if (journal.on)
+			journal_cancel(txn, number, "the stream did not take it");
+		else
+			mdb_txn_abort(txn);
+		return rc;
+	}
+	if (journal.on && (rc = journal_wait(number)) == 0)
+		rc = journal_finish(txn, number);
+	else if (!journal.on)
+		rc = store_commit_local(txn);
+	if (rc == 0)
 		repl_committed(&pos);
 	return rc;
 }
@@ -8560,6 +8675,7 @@ struct req {
 	uint64_t seq;             /* replicated: the stream record that holds what it wrote */
 	int64_t expires_ms;       /* forwarded: not run after this (wall clock, ms) */
 	int done;                 /* replicated: answered in this turn of the writer */
+	uint64_t need;            /* the journal record that must be synced before its answer leaves */
 };
 
 #define ANSWER_ROOM 512
@@ -8579,6 +8695,8 @@ struct conn {
 	struct buf out;
 	struct req *head, *tail;  /* requests in order; answers leave from head */
 	struct req *first_wait;   /* the first not yet dispatched */
+	int held;                 /* its next answer waits for the journal's sync (srv.held) */
+	struct conn *held_next;
 	unsigned queued;          /* requests in the queue, answered or not */
 	unsigned inflight;        /* with the writer or a helper */
 	size_t wweight, wbytes;   /* the weight and bytes of those with the writer */
@@ -9022,6 +9140,11 @@ conn_free(struct conn *c)
 	}
 	if (c->up_ready)
 		msgpack_unpacker_destroy(&c->up);
+	for (struct conn **p = &srv.held; c->held && *p; p = &(*p)->held_next)
+		if (*p == c) {
+			*p = c->held_next;
+			break;
+		}
 	free(c->out.p);
 	if (c->passed_fd >= 0)
 		close(c->passed_fd);
@@ -9171,6 +9294,7 @@ req_run_read(struct req *r)
 	} else {
 		req_store_error(r, rc);
 	}
+	r->need = atomic_load(&journal.committed); /* what the read may have seen */
 	pthread_rwlock_unlock(&store.maplock);
 	if (r->code == E_OFF_LOOP) {
 		stats.reads_off_loop++;
@@ -9198,6 +9322,15 @@ conn_pump(struct conn *c)
 		unsigned flags;
 
 		while ((r = c->head) && r->state == RQ_DONE) {
+			if (!c->dead && r->need > atomic_load(&journal.synced)) {
+				/* It saw records not yet synced: out once they are (done_collect). */
+				if (!c->held) {
+					c->held = 1;
+					c->held_next = srv.held;
+					srv.held = c;
+				}
+				break;
+			}
 			if (!c->dead) {
 				if (buf_append(&c->out, r->out.data, r->out.size) != 0)
 					c->closing = 1;
@@ -9577,12 +9710,20 @@ writer_handover(void)
 	srv.pend_count = srv.pend_weight = srv.pend_bytes = 0;
 }
 
+/* Wakes the event loop (done_collect). */
+static void
+loop_wake(void)
+{
+	uint64_t one = 1;
+
+	if (write(srv.event_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		log_p("eventfd");
+}
+
 /* Puts answered requests on the done list and wakes the event loop. */
 static void
 done_post(struct req *first, struct req *last)
 {
-	uint64_t one = 1;
-
 	pthread_mutex_lock(&srv.lock);
 	if (srv.done_tail)
 		srv.done_tail->qnext = first;
@@ -9590,8 +9731,171 @@ done_post(struct req *first, struct req *last)
 		srv.done_head = first;
 	srv.done_tail = last;
 	pthread_mutex_unlock(&srv.lock);
-	if (write(srv.event_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-		log_p("eventfd");
+	loop_wake();
+}
+
+/* ---- The syncer ---- */
+
+/*
+ * Whether the caller, the writer, leaves its records' sync to the syncer
+ * and hands it its answers (journal_hand) rather than waiting: a single node
+ * with the journal.  The writer then runs the next batch while the last is
+ * synced; what any answer reveals is synced first (the event loop holds a
+ * read's answer until the records it saw are: conn_pump).
+ */
+static int
+journal_pipelined(void)
+{
+	return journal.syncing && !repl_on && pthread_equal(pthread_self(), srv.writer);
+}
+
+/*
+ * One round of the syncer's: syncs the journal's files that hold the records
+ * committed since the last round, then posts the answers of the batches
+ * handed over that are now durable, and wakes the event loop.  A failed
+ * sync stops walletd: the kernel may have dropped what it could not write,
+ * and a restart applies the journal as the disk holds it.
+ */
+static void
+journal_sync_round(void)
+{
+	struct journal_pos from, to;
+	struct req *first = NULL, *last = NULL;
+	uint64_t target, t0 = now_micros();
+	int advanced = 0;
+
+	pthread_mutex_lock(&journal.lock);
+	target = atomic_load(&journal.written);
+	from = journal.synced_end;
+	to = journal.written_end;
+	journal.sync_busy = target > atomic_load(&journal.synced);
+	pthread_mutex_unlock(&journal.lock);
+	if (target > atomic_load(&journal.synced) && !journal.failed) {
+		advanced = 1;
+		for (uint64_t seg = from.segment; seg <= to.segment && seg < from.segment + JOURNAL_FILES; seg++)
+			if (fdatasync(journal.fds[seg % JOURNAL_FILES]) != 0) {
+				log_p("journal: cannot sync records up to %" PRIu64 "; stopping", target);
+				pthread_mutex_lock(&journal.lock);
+				journal.failed = 1;
+				pthread_mutex_unlock(&journal.lock);
+				store_panic();
+				advanced = 0;
+				break;
+			}
+	}
+	pthread_mutex_lock(&journal.lock);
+	journal.sync_busy = 0;
+	if (advanced) {
+		atomic_store(&journal.synced, target);
+		journal.synced_end = to;
+		journal.syncs++;
+		journal.sync_us += now_micros() - t0;
+	}
+	while (journal.handed_count && (journal.failed ||
+	    journal.handed[journal.handed_head].need <= atomic_load(&journal.synced))) {
+		struct handed *h = &journal.handed[journal.handed_head];
+
+		if (h->need > atomic_load(&journal.synced)) /* the journal failed first: unknown */
+			for (struct req *r = h->first; r; r = r == h->last ? NULL : r->qnext)
+				if (r->code == E_OK)
+					req_error(r, E_INTERNAL, NULL, "The journal could not be synced: walletd is stopping; "
+					    "whether this was done is unknown: retry (a write with the same ref) once it is back");
+		if (last)
+			last->qnext = h->first;
+		else
+			first = h->first;
+		last = h->last;
+		journal.handed_head = (journal.handed_head + 1) % HANDED_MAX;
+		journal.handed_count--;
+	}
+	journal.posting += first != NULL;
+	pthread_cond_broadcast(&journal.cond);
+	pthread_mutex_unlock(&journal.lock);
+	if (first) {
+		done_post(first, last); /* wakes the loop, which also releases the reads it held */
+		pthread_mutex_lock(&journal.lock);
+		journal.posting--;
+		pthread_cond_broadcast(&journal.cond);
+		pthread_mutex_unlock(&journal.lock);
+	} else if (advanced) {
+		loop_wake();
+	}
+}
+
+/* The syncer thread: a round each time records were committed, or batches handed over. */
+static void *
+journal_sync_main(void *arg)
+{
+	(void)arg;
+	pthread_mutex_lock(&journal.lock);
+	for (;;) {
+		/* Work: records to sync (unless the journal failed), or batches to post (all of them once it
+		 * failed: their answers then say so). */
+		int work = (!journal.failed && atomic_load(&journal.written) > atomic_load(&journal.synced)) ||
+		    (journal.handed_count && (journal.failed ||
+		    journal.handed[journal.handed_head].need <= atomic_load(&journal.synced)));
+
+		if (!work && journal.stop)
+			break;
+		if (!work) {
+			pthread_cond_wait(&journal.cond, &journal.lock);
+			continue;
+		}
+		pthread_mutex_unlock(&journal.lock);
+		journal_sync_round();
+		pthread_mutex_lock(&journal.lock);
+	}
+	pthread_mutex_unlock(&journal.lock);
+	return NULL;
+}
+
+/* Waits until record number is synced (a round of its own without the syncer).  0, or EIO. */
+static int
+journal_wait(uint64_t number)
+{
+	int rc;
+
+	if (!journal.syncing)
+		journal_sync_round();
+	pthread_mutex_lock(&journal.lock);
+	while (atomic_load(&journal.synced) < number && !journal.failed)
+		pthread_cond_wait(&journal.cond, &journal.lock);
+	rc = atomic_load(&journal.synced) >= number ? 0 : EIO;
+	pthread_mutex_unlock(&journal.lock);
+	return rc;
+}
+
+/*
+ * The writer hands a batch's requests (first to last, answered) to the
+ * syncer, which posts them once the records they may reveal are synced:
+ * every record committed so far.  Waits while HANDED_MAX batches wait.
+ */
+static void
+journal_hand(struct req *first, struct req *last)
+{
+	struct handed *h;
+
+	pthread_mutex_lock(&journal.lock);
+	while (journal.handed_count == HANDED_MAX && !journal.failed)
+		pthread_cond_wait(&journal.cond, &journal.lock);
+	h = &journal.handed[(journal.handed_head + journal.handed_count) % HANDED_MAX];
+	h->first = first;
+	h->last = last;
+	h->need = atomic_load(&journal.committed);
+	journal.handed_count++;
+	pthread_cond_broadcast(&journal.cond);
+	pthread_mutex_unlock(&journal.lock);
+}
+
+/* After the writer stopped: waits until the syncer has synced and posted everything. */
+static void
+journal_drain(void)
+{
+	pthread_mutex_lock(&journal.lock);
+	while (journal.syncing && (journal.handed_count || journal.posting ||
+	    (!journal.failed && atomic_load(&journal.written) > atomic_load(&journal.synced))))
+		pthread_cond_wait(&journal.cond, &journal.lock);
+	pthread_mutex_unlock(&journal.lock);
 }
 
 /*
@@ -9841,7 +10145,10 @@ writer_main(void *arg)
 			repl_run(batch);
 		else
 			writer_run(batch);
-		done_post(batch, last);
+		if (journal_pipelined())
+			journal_hand(batch, last);
+		else
+			done_post(batch, last);
 	}
 }
 
@@ -9898,6 +10205,7 @@ slow_main(void *arg)
 			slot = i;
 	}
 	req_run_alone(r);
+	r->need = atomic_load(&journal.committed);
 	if (slot >= 0)
 		atomic_store(&slow_since[slot], 0);
 	expand_free();
@@ -9987,6 +10295,11 @@ done_collect(void)
 		stats_count(r);
 		conn_mark_dirty(c);
 	}
+	for (struct conn *c = srv.held; c; c = c->held_next) { /* the journal's syncer moved on */
+		c->held = 0;
+		conn_mark_dirty(c);
+	}
+	srv.held = NULL;
 	slow_drain();
 }
 
@@ -10227,6 +10540,7 @@ loop_stop(void)
 	pthread_cond_broadcast(&srv.cond);
 	pthread_mutex_unlock(&srv.lock);
 	pthread_join(srv.writer, NULL);
+	journal_drain();
 	if (srv.slow_running)
 		log_x(L_INFO, "waiting for %u slow reads to finish", srv.slow_running);
 	deadline = now_micros() + 2000000u;
@@ -10256,8 +10570,9 @@ loop_stop(void)
  * layout).  The parts:
  *   - the writer (section 6): while this node leads, store_commit publishes
  *     each batch's record with the stream's expected last sequence and a
- *     unique message id, and commits only once the stream acknowledged it
- *     (repl_publish); while another node leads, it forwards the batch's
+ *     unique message id, writes it to its journal meanwhile, and commits
+ *     only once the stream acknowledged it and the journal synced it
+ *     (repl_prepare, repl_send_record); while another node leads, it forwards the batch's
  *     writes to the leader and answers each with the leader's answer, once
  *     this node has applied it (repl_forward);
  *   - the leader's callback queues the writes forwarded to it for its writer
@@ -10523,61 +10838,93 @@ repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, ui
 }
 
 /*
- * The leader's half of store_commit: publishes the record of txn (from the
- * writing thread's touched keys) in parts after the stream's last sequence,
- * then stores the new position and the messages in txn.  Returns 0 with pos,
- * REPL_FENCED when this node may not write now (not leading, its lease run
- * out, the store behind the stream, or the stream refused), REPL_UNAVAILABLE,
- * or an error.
+ * The leader's first half of store_commit: packs the record of txn (from
+ * the writing thread's touched keys) into its stream messages, in o, and
+ * stores in txn the position it will have once the stream took them right
+ * after its last sequence, with the messages (the journal's record then
+ * holds them too).  Returns 0 with pos and o (outgoing_free), REPL_FENCED
+ * when this node may not write now (not leading, its lease run out, the
+ * store behind the stream), or an error.
  */
 static int
-repl_publish(MDB_txn *txn, struct repl_pos *pos)
+repl_prepare(MDB_txn *txn, struct repl_pos *pos, struct outgoing *o)
 {
-	msgpack_sbuffer rec, part, msgs;
+	msgpack_sbuffer rec, part;
 	struct repl_pos stored;
-	uint64_t expected, first = 0, seq = 0, t0 = now_micros(), deadline, us;
 	unsigned char prev[32];
-	char id[160], msgid[180];
-	uint32_t parts;
 	int rc;
 
+	memset(o, 0, sizeof(*o));
+	msgpack_sbuffer_init(&o->msgs);
+	o->t0 = now_micros();
 	if ((rc = repl_pos_get(txn, &stored)) != 0)
 		return rc;
 	pthread_mutex_lock(&repl.lock);
-	rc = repl.role != RS_LEADER || t0 >= repl.lease_until || stored.applied != repl.pos.applied ? REPL_FENCED : 0;
-	expected = repl.tail;
+	rc = repl.role != RS_LEADER || o->t0 >= repl.lease_until || stored.applied != repl.pos.applied ? REPL_FENCED : 0;
+	o->expected = repl.tail;
 	memcpy(prev, repl.pos.sum, 32);
 	if (stored.applied == 0 && repl.had_data) /* no node can apply this on an empty store */
 		SHA256((const unsigned char *)"a store that held data", 22, prev);
-	snprintf(id, sizeof(id), "%s.%" PRIu64 ".%" PRIu64, config.node, repl.lease_rev, ++repl.batch_no);
+	snprintf(o->id, sizeof(o->id), "%s.%" PRIu64 ".%" PRIu64, config.node, repl.lease_rev, ++repl.batch_no);
+	if (rc == REPL_FENCED) {
+		repl.fenced++;
+		repl.refresh_now = 1; /* is the lease still ours? */
+		pthread_cond_broadcast(&repl.cond);
+	}
 	pthread_mutex_unlock(&repl.lock);
 	if (rc != 0)
 		return rc;
 	msgpack_sbuffer_init(&rec);
 	msgpack_sbuffer_init(&part);
-	msgpack_sbuffer_init(&msgs);
-	if ((rc = record_pack(txn, &rec, 1)) != 0)
-		goto out;
-	SHA256((const unsigned char *)rec.data, rec.size, pos->sum);
-	parts = (uint32_t)(rec.size / repl.part_max + 1);
-	deadline = t0 + config.failover_wait * 1000000ull;
-	for (uint32_t i = 0; i < parts && rc == 0; i++) {
-		size_t off = (size_t)i * repl.part_max, n = rec.size - off < repl.part_max ? rec.size - off : repl.part_max;
+	if ((rc = record_pack(txn, &rec, 1)) == 0) {
+		SHA256((const unsigned char *)rec.data, rec.size, pos->sum);
+		o->parts = (uint32_t)(rec.size / repl.part_max + 1);
+		for (uint32_t i = 0; i < o->parts; i++) {
+			size_t off = (size_t)i * repl.part_max, n = rec.size - off < repl.part_max ? rec.size - off : repl.part_max;
 
-		repl_part_pack(&part, prev, id, i, parts, pos->sum, rec.data + off, n);
-		snprintf(msgid, sizeof(msgid), "%s.%" PRIu32, id, i);
-		if ((rc = repl_send(msgid, expected, part.data, part.size, deadline, &seq)) == 0) {
-			msgs_add(&msgs, part.data, part.size);
-			first = first ? first : seq;
-			expected = seq;
+			repl_part_pack(&part, prev, o->id, i, o->parts, pos->sum, rec.data + off, n);
+			msgs_add(&o->msgs, part.data, part.size);
 		}
+		pos->applied = o->expected + o->parts;
+		rc = repl_pos_put(txn, pos, o->expected + 1, &o->msgs, o->parts);
 	}
-	if (rc == 0) {
-		pos->applied = seq;
-		rc = repl_pos_put(txn, pos, first, &msgs, parts);
+	msgpack_sbuffer_destroy(&rec);
+	msgpack_sbuffer_destroy(&part);
+	return rc;
+}
+
+static void
+outgoing_free(struct outgoing *o)
+{
+	msgpack_sbuffer_destroy(&o->msgs);
+}
+
+/*
+ * The second half: publishes o's messages, each right after the one before
+ * (the first after o->expected), with unique message ids.  Returns 0 once
+ * the stream took them all where repl_prepare said, REPL_FENCED (the stream's
+ * last is another: not this node's turn), or REPL_UNAVAILABLE (no answer
+ * within failover_wait: whether the stream holds them is unknown; if it does,
+ * the applier applies them).
+ */
+static int
+repl_send_record(struct outgoing *o)
+{
+	uint64_t expected = o->expected, seq = 0, deadline = o->t0 + config.failover_wait * 1000000ull, us;
+	char msgid[180];
+	size_t off = 0;
+	int rc = 0;
+
+	for (uint32_t i = 0; i < o->parts && rc == 0; i++) {
+		uint32_t len;
+
+		memcpy(&len, o->msgs.data + off, 4);
+		snprintf(msgid, sizeof(msgid), "%s.%" PRIu32, o->id, i);
+		if ((rc = repl_send(msgid, expected, o->msgs.data + off + 4, len, deadline, &seq)) == 0)
+			expected = seq;
+		off += 4 + len;
 	}
-out:
-	us = now_micros() - t0;
+	us = now_micros() - o->t0;
 	pthread_mutex_lock(&repl.lock);
 	if (rc == 0) {
 		repl.published++;
@@ -10590,9 +10937,6 @@ out:
 	if (seq > repl.tail)
 		repl.tail = seq; /* parts the stream took are in it, whatever became of the rest */
 	pthread_mutex_unlock(&repl.lock);
-	msgpack_sbuffer_destroy(&rec);
-	msgpack_sbuffer_destroy(&part);
-	msgpack_sbuffer_destroy(&msgs);
 	return rc;
 }
 
@@ -10682,7 +11026,7 @@ repl_apply(struct assembly *a, uint64_t seq, int64_t published_ms)
 			memcpy(pos.sum, sum, 32);
 			if ((rc = record_apply(txn, a->bytes.data, a->bytes.size, STORE_DBS_REPLICATED)) == 0 &&
 			    (rc = repl_pos_put(txn, &pos, a->first, &a->msgs, a->parts)) == 0)
-				rc = store_commit_durable(txn);
+				rc = store_commit_durable(txn, 1);
 			else
 				mdb_txn_abort(txn);
 		}

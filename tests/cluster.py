@@ -83,7 +83,7 @@ class Group:
         self.nats = nats
         self.nodes = []
         for i in range(n):
-            conf = {"nats_url": nats.url(), "cluster": cluster, "node": "w%d" % i, "lease_ttl": "4",
+            conf = {"nats_url": nats.url(), "cluster": cluster, "node": "w%d" % i,
                     "failover_wait": "15", "alert_interval": "1"}
             conf.update(config or {})
             self.nodes.append(Daemon(conf))

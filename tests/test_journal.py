@@ -4,8 +4,10 @@ applies and removes the journal, a backup copied over a journaled store is refus
 import glob
 import os
 import shutil
+import threading
+import time
 
-from harness import Daemon, DaemonTest
+from harness import DaemonTest
 
 UG = "+256712345678"
 
@@ -94,3 +96,34 @@ class Checkpoints(DaemonTest):
         with d.client() as c:
             self.assertEqual(c.history(wallet="acme", type="sms_charge", limit=1)["total"], 30000)
         self.assertTrue(d.ctl_json("verify")["ok"])
+
+
+class Pipeline(DaemonTest):
+    def test_no_answer_reveals_a_write_before_its_record_is_synced(self):
+        # the writer commits LMDB before the syncer syncs the journal (the next batch runs
+        # meanwhile): a read of what it wrote must wait for the sync, as the write's answer does
+        d = self.d
+        self.seed("10")
+        d.restart_plain(sync_ms=400)  # every fdatasync 0.4 s longer
+        done = {}
+
+        def charge():
+            with d.client() as c:
+                c.charge(wallet="acme", channel="sms", to=UG, ref="slow")
+                done["charge"] = time.time()
+
+        t = threading.Thread(target=charge)
+        start = time.time()
+        t.start()
+        time.sleep(0.15)  # the charge is committed in LMDB by now, its sync under way
+        with d.client() as c:
+            balance = c.balance(wallet="acme")["balance"]
+            read_at = time.time()
+        t.join()
+        if str(balance) == "10":  # the read came before the charge was committed: nothing to hold
+            self.assertLess(read_at, done["charge"])
+        else:
+            self.assertGreaterEqual(read_at - start, 0.35, "a read showed a write not yet durable")
+            self.assertGreaterEqual(read_at, done["charge"] - 0.05)
+        self.assertEqual(str(d.ctl_json("balance", "acme")["balance"]), "9.9906")
+

@@ -230,7 +230,7 @@ class Failover(ReplicationTest):
         answered = self.load(kill_leader)
         self.assertNotEqual(self.leader, old)
         print("\n    failover (leader SIGKILL -> first write answered): %.2f s with lease_ttl %s s" % (
-            times[0], self.g.nodes[0].config["lease_ttl"]), end=" ")
+            times[0], self.g.nodes[0].config.get("lease_ttl", "4 (the default)")), end=" ")
         self.check_ledgers(answered)
 
     def test_sigstop_of_the_leader_past_its_lease(self):
@@ -240,7 +240,7 @@ class Failover(ReplicationTest):
         def pause_leader():
             time.sleep(1)
             self.node(old).proc.send_signal(signal.SIGSTOP)
-            time.sleep(int(self.node(old).config["lease_ttl"]) + 3)
+            time.sleep(int(self.node(old).config.get("lease_ttl", 4)) + 3)
             self.node(old).proc.send_signal(signal.SIGCONT)
             time.sleep(2)
         answered = self.load(pause_leader)
@@ -416,7 +416,7 @@ class RandomFaults(ReplicationTest):
                     d.start()
                 elif fault == "pause":
                     d.proc.send_signal(signal.SIGSTOP)
-                    time.sleep(int(d.config["lease_ttl"]) + rnd.uniform(0, 2))
+                    time.sleep(int(d.config.get("lease_ttl", 4)) + rnd.uniform(0, 2))
                     d.proc.send_signal(signal.SIGCONT)
                 else:
                     self.nats.kill(victim)
