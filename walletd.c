@@ -2943,7 +2943,7 @@ journal_recover(const struct checkpoint_file *f)
 		return -1;
 	}
 	if ((rc = journal_replay(f->number, f->next)) != 0) {
-		if (rc > 0)
+		if (rc != -1)
 			log_x(L_ERR, "journal: cannot apply record %" PRIu64 ": %s", journal.number + 1, mdb_strerror(rc));
 		return -1;
 	}
