@@ -21,7 +21,9 @@
  *     the time a random subset of them (in any order); the file loses the
  *     growth that did not survive; the directory keeps its operations up to
  *     a random point, the later ones undone; the process ends at once with
- *     status 137, as if killed.
+ *     status 137, as if killed.  Each file's state after the cut is made in
+ *     a copy renamed over it, so no thread still running sees a file half
+ *     put back.
  *     Writes and syncs hold one lock, so the cut falls between them: once
  *     FILE exists, at a random one of the next writes or syncs of the store
  *     (most often in the middle of a commit), or after 100 ms of none.
@@ -306,6 +308,33 @@ put_file(const char *path, const char *data, size_t len)
 	raw_close(fd);
 }
 
+/*
+ * A copy of path beside it, path.cut, in which power_cut puts the bytes the
+ * disk holds after the cut, then renames it over path: walletd's other
+ * threads run on until the process ends, and LMDB's map of data.mdb must
+ * not show them a file half put back (the writer read one, took the store
+ * for broken, and aborted before the cut could end it).  Returns the copy's
+ * descriptor, or -1 when path is gone.
+ */
+static int
+beside(const char *path, char tmp[PATH_MAX + 8])
+{
+	char buf[1 << 16];
+	int from = raw_open(path, O_RDONLY), to;
+	ssize_t n;
+
+	if (from < 0)
+		return -1;
+	snprintf(tmp, PATH_MAX + 8, "%s.cut", path);
+	if ((to = raw_open(tmp, O_RDWR | O_CREAT | O_TRUNC)) < 0)
+		_exit(3);
+	while ((n = read(from, buf, sizeof(buf))) > 0)
+		if (write(to, buf, (size_t)n) != n)
+			_exit(3);
+	raw_close(from);
+	return to;
+}
+
 /* The power goes out; called with cut.lock held. */
 static void
 power_cut(void)
@@ -320,8 +349,9 @@ power_cut(void)
 		int subset = rand_r(&cut.seed) % 2, fd;
 		size_t keep = f->n ? (size_t)rand_r(&cut.seed) % (f->n + 1) : 0;
 		off_t size = f->synced_size;
+		char tmp[PATH_MAX + 8];
 
-		if (f->n == 0 || (fd = raw_open(f->path, O_WRONLY)) < 0)
+		if (f->n == 0 || (fd = beside(f->path, tmp)) < 0)
 			continue;
 		/* Back to the file as of its last sync, newest first (past its old end, a hole)... */
 		for (size_t j = f->n; j-- > 0;) {
@@ -348,6 +378,8 @@ power_cut(void)
 		if (ftruncate(fd, size) != 0)
 			_exit(3);
 		raw_close(fd);
+		if (real_rename(tmp, f->path) != 0)
+			_exit(3);
 	}
 	/* The directory: its operations up to a random point; the later ones undone, newest first. */
 	for (size_t j = cut.nops; j-- > ops_kept;) {
