@@ -1358,9 +1358,27 @@ pk_kv(msgpack_packer *pk, const char *k, const char *v)
 	msgpack_pack_str_with_body(pk, v, strlen(v));
 }
 
-/* Writes one CSV field of v (a string, an integer, or nil as empty), RFC 4180 quoted when it must be. */
+/* Whether column col of an export or statement holds a number (amounts are decimal strings, "-" first when negative). */
+static int
+csv_number(const char *col)
+{
+	static const char *const numbers[] = { "id", "amount", "balance_after", "segments", "price", "refund_of",
+		"paid_amount", "opening_balance" };
+
+	for (size_t i = 0; i < sizeof(numbers) / sizeof(numbers[0]); i++)
+		if (strcmp(col, numbers[i]) == 0)
+			return 1;
+	return 0;
+}
+
+/*
+ * Writes one CSV field of v (a string, an integer, or nil as empty), RFC
+ * 4180 quoted when it must be.  Text (column col not a number) that a
+ * spreadsheet would run as a formula, beginning with =, +, -, @, a tab or
+ * a carriage return, is written after a ' (which the spreadsheet hides).
+ */
 static void
-csv_field(const msgpack_object *v)
+csv_field(const msgpack_object *v, const char *col)
 {
 	if (v == NULL || v->type == MSGPACK_OBJECT_NIL)
 		return;
@@ -1371,12 +1389,14 @@ csv_field(const msgpack_object *v)
 	} else if (v->type == MSGPACK_OBJECT_STR) {
 		const char *p = v->via.str.ptr;
 		size_t n = v->via.str.size;
+		const char *quote = n && p[0] && strchr("=+-@\t\r", p[0]) && !csv_number(col) ? "'" : "";
 
 		if (strcspn(p, ",\"\r\n") >= n && memchr(p, '\0', n) == NULL) {
+			fputs(quote, stdout);
 			fwrite(p, 1, n, stdout);
 			return;
 		}
-		putchar('"');
+		printf("\"%s", quote);
 		for (size_t i = 0; i < n; i++) {
 			if (p[i] == '"')
 				putchar('"');
@@ -1441,7 +1461,7 @@ cmd_export_csv(int argc, char **argv)
 		}
 		for (uint32_t i = 0; i < txns->via.array.size; i++)
 			for (size_t k = 0; k < ncols; k++) {
-				csv_field(map_get(&txns->via.array.ptr[i], cols[k]));
+				csv_field(map_get(&txns->via.array.ptr[i], cols[k]), cols[k]);
 				fputs(k + 1 < ncols ? "," : "\r\n", stdout);
 			}
 		after = last->via.u64;
@@ -1497,7 +1517,7 @@ statement_row(const msgpack_object *t)
 		"currency" };
 
 	for (int k = 0; k < 7; k++) {
-		csv_field(map_get(t, cols[k]));
+		csv_field(map_get(t, cols[k]), cols[k]);
 		fputs(k < 6 ? "," : "\r\n", stdout);
 	}
 }
@@ -1564,7 +1584,7 @@ cmd_statement(int argc, char **argv)
 	str_copy(currency, sizeof(currency), map_get(r, "currency"));
 	printf("date,id,type,description,amount,balance,currency\r\n");
 	printf("%.10s,,opening_balance,Opening balance,,", from_buf);
-	csv_field(map_get(r, "opening_balance"));
+	csv_field(map_get(r, "opening_balance"), "opening_balance");
 	printf(",%s\r\n", currency);
 	for (;;) {
 		txns = map_get(r, "transactions");

@@ -183,7 +183,7 @@ static const struct config_key config_keys[] = {
 	CK(receipts, CF_STR, 1, "on: e-mail a receipt of each credited top-up to the wallet's alert e-mails; off: none"),
 	CK(ops_emails, CF_STR, 1, "comma-separated: who is e-mailed a payment that could not be credited"),
 	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired) are POSTed as JSON; empty = none"),
-	CK(webhook_secret_file, CF_STR, 1, "file whose first line is the secret events are signed with (HMAC-SHA256)"),
+	CK(webhook_secret_file, CF_STR, 1, "file whose first line (and second, while rotating) is the secret events are signed with"),
 	CK(webhook_timeout, CF_UINT, 1, "seconds a webhook delivery may take"),
 	CK(currencies, CF_STR, 0, "a platform's own units beside ISO 4217, comma-separated 3-letter codes (CRD, ...)"),
 	CK(nats_url, CF_STR, 0, "NATS server URLs, comma-separated: replicate through JetStream (empty = a single node)"),
@@ -7685,7 +7685,7 @@ static void
 calling_code(const char *digits, char out[4])
 {
 	static const char two[] = "20 27 30 31 32 33 34 36 39 40 41 43 44 45 46 47 48 49 51 52 53 54 55 56 57 58 "
-	    "60 61 62 63 64 65 66 81 82 84 86 90 91 92 93 94 95 98";
+	    "60 61 62 63 64 65 66 81 82 84 86 90 91 92 93 94 95 98 ";
 	size_t n = 3;
 
 	if (digits[0] == '1' || digits[0] == '7')
@@ -12702,46 +12702,87 @@ discard(char *buf, size_t size, size_t nmemb, void *arg)
 }
 
 /*
- * POSTs event body to cf's webhook_url, signed: X-Walletd-Signature is
- * sha256= and the hex HMAC-SHA256 of the body with the secret (the first
- * line of webhook_secret_file).  Returns 0 when a 2xx answered, or -1 with
- * the reason in err.
+ * The HMAC key of a secret line: a Standard Webhooks secret ("whsec_" and
+ * base64) is the bytes it encodes, any other line its own bytes.  Returns
+ * the key's length in key (room for 512).
  */
 static int
-event_post(const struct config *cf, const char *body, char *err, size_t errcap)
+webhook_key(const char *line, unsigned char key[512])
 {
-	char secret[512] = "", header[128], errbuf[CURL_ERROR_SIZE] = "";
-	unsigned char mac[EVP_MAX_MD_SIZE];
+	size_t n = strlen(line);
+	int len;
+
+	if (strncmp(line, "whsec_", 6) == 0 && n > 6 && (n - 6) % 4 == 0 && n - 6 <= 512 / 3 * 4 &&
+	    (len = EVP_DecodeBlock(key, (const unsigned char *)line + 6, (int)(n - 6))) >= 0)
+		return len - (line[n - 1] == '=') - (line[n - 2] == '=');
+	memcpy(key, line, n);
+	return (int)n;
+}
+
+/*
+ * POSTs event e to cf's webhook_url, signed as Standard Webhooks sign:
+ * webhook-id, webhook-timestamp (of this attempt) and webhook-signature,
+ * "v1," and the base64 HMAC-SHA256 of "id.timestamp.body" for each of the
+ * first two lines of webhook_secret_file (two while a secret is rotated);
+ * and with the deprecated X-Walletd-Signature, "sha256=" and the hex HMAC
+ * of the body alone with the first line.  Returns 0 when a 2xx answered,
+ * or -1 with the reason in err.
+ */
+static int
+event_post(const struct config *cf, const struct event *e, char *err, size_t errcap)
+{
+	char lines[2][512], id[32], id_header[64], ts_header[64], sig_header[300] = "webhook-signature:",
+	    legacy[128] = "X-Walletd-Signature: sha256=", errbuf[CURL_ERROR_SIZE] = "", *content;
+	unsigned char key[512], mac[EVP_MAX_MD_SIZE];
 	unsigned int maclen = 0;
 	struct curl_slist *headers = NULL;
+	int nsecrets = 0, n;
 	long status = 0;
 	CURLcode res;
 	CURL *curl;
 	FILE *f;
 
 	if ((f = fopen(cf->webhook_secret_file, "r")) != NULL) {
-		if (fgets(secret, sizeof(secret), f) == NULL)
-			secret[0] = '\0';
+		while (nsecrets < 2 && fgets(lines[nsecrets], sizeof(lines[0]), f) != NULL)
+			if ((lines[nsecrets][strcspn(lines[nsecrets], "\r\n")] = '\0', lines[nsecrets][0]))
+				nsecrets++;
 		fclose(f);
 	}
-	secret[strcspn(secret, "\r\n")] = '\0';
-	if (secret[0] == '\0') {
+	if (nsecrets == 0) {
 		snprintf(err, errcap, "no secret to sign with in webhook_secret_file '%.100s'", cf->webhook_secret_file);
 		return -1;
 	}
-	HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)body, strlen(body), mac, &maclen);
-	memset(secret, 0, sizeof(secret));
-	strcpy(header, "X-Walletd-Signature: sha256=");
+	snprintf(id, sizeof(id), "evt_%" PRIu64, e->number);
+	snprintf(id_header, sizeof(id_header), "webhook-id: %s", id);
+	snprintf(ts_header, sizeof(ts_header), "webhook-timestamp: %" PRId64, now_seconds());
+	if ((n = asprintf(&content, "%s.%s.%s", id, ts_header + 19, e->body)) < 0) {
+		snprintf(err, errcap, "out of memory");
+		return -1;
+	}
+	for (int i = 0; i < nsecrets; i++) {
+		size_t at = strlen(sig_header);
+
+		HMAC(EVP_sha256(), key, webhook_key(lines[i], key), (const unsigned char *)content, (size_t)n, mac, &maclen);
+		at += (size_t)snprintf(sig_header + at, sizeof(sig_header) - at, " v1,");
+		EVP_EncodeBlock((unsigned char *)sig_header + at, mac, (int)maclen);
+	}
+	free(content);
+	HMAC(EVP_sha256(), lines[0], (int)strlen(lines[0]), (const unsigned char *)e->body, strlen(e->body), mac, &maclen);
+	memset(lines, 0, sizeof(lines));
+	memset(key, 0, sizeof(key));
 	for (unsigned int i = 0; i < maclen; i++)
-		snprintf(header + 28 + 2 * i, 3, "%02x", mac[i]);
+		snprintf(legacy + 28 + 2 * i, 3, "%02x", mac[i]);
 	if ((curl = curl_easy_init()) == NULL) {
 		snprintf(err, errcap, "curl_easy_init failed");
 		return -1;
 	}
 	headers = curl_slist_append(headers, "Content-Type: application/json");
-	headers = curl_slist_append(headers, header);
+	headers = curl_slist_append(headers, id_header);
+	headers = curl_slist_append(headers, ts_header);
+	headers = curl_slist_append(headers, sig_header);
+	headers = curl_slist_append(headers, legacy);
 	curl_easy_setopt(curl, CURLOPT_URL, cf->webhook_url);
-	curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body);
+	curl_easy_setopt(curl, CURLOPT_POSTFIELDS, e->body);
 	curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
 	curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, discard);
 	curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
@@ -12839,7 +12880,7 @@ events_run(const struct config *cf)
 	pthread_rwlock_unlock(&store.maplock);
 	for (int i = 0; i < ndue; i++) {
 		char err[256] = "";
-		int ok = event_post(cf, due[i].body, err, sizeof(err)) == 0;
+		int ok = event_post(cf, &due[i], err, sizeof(err)) == 0;
 
 		if (!ok)
 			log_x(L_WARN, "event %" PRIu64 " not delivered to the webhook: %s", due[i].number, err);

