@@ -119,7 +119,7 @@ INSTALLED = $(sbindir)/walletd $(bindir)/walletctl $(mandir)/man8/walletd.8 $(ma
 	$(unitdir)/walletd.service $(unitdir)/walletd-webhook.service $(sbindir)/walletd-webhook \
 	$(pythondir)/walletd/__init__.py $(docdir)/README.md $(docdir)/walletd.conf.example \
 	$(docdir)/webhook.env.example $(libdir)/walletd-textfile $(unitdir)/walletd-metrics.service \
-	$(unitdir)/walletd-metrics.timer $(libdir)/php/Walletd.php
+	$(unitdir)/walletd-metrics.timer $(libdir)/php/Walletd.php $(unitdir)/walletd-http.service $(sbindir)/walletd-http
 
 install: all
 	install -d $(DESTDIR)$(sbindir) $(DESTDIR)$(bindir) $(DESTDIR)$(mandir)/man8 $(DESTDIR)$(mandir)/man1 \
@@ -129,8 +129,10 @@ install: all
 	install -m 644 contrib/man/walletd.8 $(DESTDIR)$(mandir)/man8/walletd.8
 	install -m 644 contrib/man/walletctl.1 $(DESTDIR)$(mandir)/man1/walletctl.1
 	install -m 644 contrib/systemd/walletd.service contrib/systemd/walletd-webhook.service \
-	  contrib/systemd/walletd-metrics.service contrib/systemd/walletd-metrics.timer $(DESTDIR)$(unitdir)/
+	  contrib/systemd/walletd-metrics.service contrib/systemd/walletd-metrics.timer \
+	  contrib/systemd/walletd-http.service $(DESTDIR)$(unitdir)/
 	install -m 755 contrib/payments/webhook.py $(DESTDIR)$(sbindir)/walletd-webhook
+	install -m 755 contrib/http/walletd-http $(DESTDIR)$(sbindir)/walletd-http
 	install -m 644 contrib/python/walletd/__init__.py $(DESTDIR)$(pythondir)/walletd/__init__.py
 	install -m 755 contrib/metrics/walletd-textfile $(DESTDIR)$(libdir)/walletd-textfile
 	install -m 644 contrib/php/Walletd.php $(DESTDIR)$(libdir)/php/Walletd.php

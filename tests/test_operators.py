@@ -92,7 +92,8 @@ class Install(DaemonTest):
                      "lib/systemd/system/walletd.service", "lib/systemd/system/walletd-webhook.service",
                      "lib/systemd/system/walletd-metrics.timer", "usr/local/share/man/man1/walletctl.1",
                      "usr/local/share/doc/walletd/webhook.env.example", "usr/local/lib/walletd/walletd-textfile",
-                     "usr/local/lib/walletd/php/Walletd.php"):
+                     "usr/local/lib/walletd/php/Walletd.php", "usr/local/sbin/walletd-http",
+                     "lib/systemd/system/walletd-http.service"):
             self.assertIn(want, files)
         pkg = [f for f in files if f.endswith("walletd/__init__.py")]
         self.assertEqual(len(pkg), 1)
@@ -105,6 +106,9 @@ class Install(DaemonTest):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertTrue(r.stdout.startswith(dest), r.stdout)
         self.assertTrue(pkg[0].startswith("usr/local/lib/python3"), pkg[0])
+        r = subprocess.run([os.path.join(dest, "usr/local/sbin/walletd-http"), "--help"], env=env, capture_output=True,
+                           text=True, cwd=dest)  # the HTTP API finds the installed client too
+        self.assertEqual(r.returncode, 0, r.stderr)
         r = subprocess.run(make + ["uninstall"], capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         left = [os.path.join(p, f) for p, _, fs in os.walk(dest) for f in fs]
