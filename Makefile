@@ -3,8 +3,10 @@
 #   make           build walletd and walletctl
 #   make run       install what is missing, build, run walletd on ./var/
 #   make test      install what is missing, build, run every test
-#   make install   install binaries, man pages, systemd units, the Python client
-#                  and the webhook receiver; make uninstall removes them
+#   make install   install binaries, man pages, systemd units, the clients, the webhook
+#                  receiver and the HTTP API; make uninstall removes them
+#   make deb       the Debian package, dist/walletd_VERSION_ARCH.deb (make debtest: installed,
+#                  run and purged in a fresh Debian 12 chroot)
 #   make bench     throughput and latency on a temporary store
 #   make fuzz      run the libFuzzer target for FUZZ_SECONDS
 #   make crashtest kill -9 walletd, and cut its power, under load, again and again
@@ -21,6 +23,7 @@ sbindir    = $(prefix)/sbin
 mandir     = $(prefix)/share/man
 docdir     = $(prefix)/share/doc/walletd
 libdir     = $(prefix)/lib/walletd
+sharedir   = $(prefix)/share/walletd
 unitdir   ?= /lib/systemd/system
 # The Python client goes where Debian's python3 looks under prefix (dist-packages).
 pythondir ?= $(prefix)/lib/python$(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo 3)/dist-packages
@@ -44,10 +47,10 @@ PY         = /usr/bin/python3
 all: walletd walletctl
 
 walletd: walletd.c protocol.h .deps-build
-	$(CC) $(WARN) $(CFLAGS) $(PKG_CFLAGS) -o $@ walletd.c $(PKG_LIBS)
+	$(CC) $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ walletd.c $(PKG_LIBS)
 
 walletctl: walletctl.c protocol.h .deps-build
-	$(CC) $(WARN) $(CFLAGS) $(PKG_CFLAGS) -o $@ walletctl.c $(PKG_LIBS) -lm
+	$(CC) $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(LDFLAGS) -o $@ walletctl.c $(PKG_LIBS) -lm
 
 # Installs missing Debian packages (as root), else says what to install.
 define apt_install
@@ -119,35 +122,59 @@ INSTALLED = $(sbindir)/walletd $(bindir)/walletctl $(mandir)/man8/walletd.8 $(ma
 	$(unitdir)/walletd.service $(unitdir)/walletd-webhook.service $(sbindir)/walletd-webhook \
 	$(pythondir)/walletd/__init__.py $(docdir)/README.md $(docdir)/walletd.conf.example \
 	$(docdir)/webhook.env.example $(libdir)/walletd-textfile $(unitdir)/walletd-metrics.service \
-	$(unitdir)/walletd-metrics.timer $(libdir)/php/Walletd.php $(unitdir)/walletd-http.service $(sbindir)/walletd-http
+	$(unitdir)/walletd-metrics.timer $(sharedir)/php/Walletd.php $(unitdir)/walletd-http.service $(sbindir)/walletd-http \
+	$(sharedir)/node/package.json $(sharedir)/node/index.js $(mandir)/man8/walletd-http.8 $(mandir)/man8/walletd-webhook.8
+UNITS = walletd.service walletd-webhook.service walletd-http.service walletd-metrics.service walletd-metrics.timer
 
 install: all
 	install -d $(DESTDIR)$(sbindir) $(DESTDIR)$(bindir) $(DESTDIR)$(mandir)/man8 $(DESTDIR)$(mandir)/man1 \
-	  $(DESTDIR)$(unitdir) $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir)/php
+	  $(DESTDIR)$(unitdir) $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir) \
+	  $(DESTDIR)$(sharedir)/php $(DESTDIR)$(sharedir)/node
 	install -m 755 walletd $(DESTDIR)$(sbindir)/walletd
 	install -m 755 walletctl $(DESTDIR)$(bindir)/walletctl
-	install -m 644 contrib/man/walletd.8 $(DESTDIR)$(mandir)/man8/walletd.8
+	install -m 644 contrib/man/walletd.8 contrib/man/walletd-http.8 contrib/man/walletd-webhook.8 $(DESTDIR)$(mandir)/man8/
 	install -m 644 contrib/man/walletctl.1 $(DESTDIR)$(mandir)/man1/walletctl.1
-	install -m 644 contrib/systemd/walletd.service contrib/systemd/walletd-webhook.service \
-	  contrib/systemd/walletd-metrics.service contrib/systemd/walletd-metrics.timer \
-	  contrib/systemd/walletd-http.service $(DESTDIR)$(unitdir)/
+	for u in $(UNITS); do sed 's|/usr/local/|$(prefix)/|g' contrib/systemd/$$u > $(DESTDIR)$(unitdir)/$$u; done
 	install -m 755 contrib/payments/webhook.py $(DESTDIR)$(sbindir)/walletd-webhook
 	install -m 755 contrib/http/walletd-http $(DESTDIR)$(sbindir)/walletd-http
 	install -m 644 contrib/python/walletd/__init__.py $(DESTDIR)$(pythondir)/walletd/__init__.py
 	install -m 755 contrib/metrics/walletd-textfile $(DESTDIR)$(libdir)/walletd-textfile
-	install -m 644 contrib/php/Walletd.php $(DESTDIR)$(libdir)/php/Walletd.php
+	install -m 644 contrib/php/Walletd.php $(DESTDIR)$(sharedir)/php/Walletd.php
+	install -m 644 contrib/node/package.json contrib/node/index.js $(DESTDIR)$(sharedir)/node/
 	install -m 644 README.md contrib/walletd.conf.example contrib/payments/webhook.env.example $(DESTDIR)$(docdir)/
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
 	rm -rf $(DESTDIR)$(pythondir)/walletd/__pycache__
-	-rmdir $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir)/php $(DESTDIR)$(libdir) 2>/dev/null
+	-rmdir $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir) $(DESTDIR)$(sharedir)/php \
+	  $(DESTDIR)$(sharedir)/node $(DESTDIR)$(sharedir) 2>/dev/null
+
+# ---- Debian package ------------------------------------------------------
+# dist/walletd_VERSION_ARCH.deb, built by debhelper from contrib/debian on a copy of the tree;
+# the version is protocol.h's. make debtest installs it in a fresh Debian 12 chroot (root, network).
+VERSION = $(shell sed -n 's/^\#define WALLETD_VERSION "\(.*\)"/\1/p' protocol.h)
+DEB_PKGS = debhelper dh-python dpkg-dev lintian
+
+deb: .deps-build
+	$(call apt_install,$(DEB_PKGS))
+	rm -rf dist && mkdir -p dist/walletd-$(VERSION)
+	tar -c --exclude=./dist --exclude=./var --exclude=./.git --exclude=node_modules . | tar -x -C dist/walletd-$(VERSION)
+	$(MAKE) -s -C dist/walletd-$(VERSION) clean
+	cp -r contrib/debian dist/walletd-$(VERSION)/debian
+	printf 'walletd (%s) bookworm; urgency=medium\n\n  * Release %s.\n\n -- %s  %s\n' "$(VERSION)" "$(VERSION)" \
+	  "$$(sed -n 's/^Maintainer: //p' contrib/debian/control)" "$$(date -R)" > dist/walletd-$(VERSION)/debian/changelog
+	cd dist/walletd-$(VERSION) && dpkg-buildpackage -b -us -uc
+	rm -rf dist/walletd-$(VERSION) dist/*.buildinfo dist/*.changes dist/*-dbgsym_*.deb
+	lintian --fail-on error dist/walletd_$(VERSION)_*.deb
+
+debtest: deb
+	sh tests/debtest.sh dist/walletd_$(VERSION)_*.deb
 
 clean:
 	rm -f walletd walletctl tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults.so .deps-build .deps-test
-	rm -rf tests/__pycache__ contrib/python/walletd/__pycache__
+	rm -rf tests/__pycache__ contrib/python/walletd/__pycache__ dist
 
-.PHONY: all run test crashtest weakentest replicatest install uninstall clean
+.PHONY: all run test crashtest weakentest replicatest install uninstall clean deb debtest
 
 # ---- benchmarks and robustness (not part of make test) -------------------
 bench: all

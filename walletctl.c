@@ -1135,6 +1135,7 @@ help_all(FILE *f)
 	fprintf(f,
 	    "usage: walletctl [-s SOCKET] [--json] COMMAND [ARGS]\n"
 	    "       walletctl help [COMMAND]\n"
+	    "       walletctl -V             (the version)\n"
 	    "       walletctl help roles     (who may call what)\n\n"
 	    "Required arguments may be given in order or as --name VALUE; '_' in a name may be '-'.\n"
 	    "Socket: -s, else $WALLETD_SOCKET, else ./var/walletd.sock, else /run/walletd/walletd.sock.\n"
@@ -2271,7 +2272,10 @@ main(int argc, char **argv)
 			socket_path = argv[++i];
 		else if (strcmp(argv[i], "--json") == 0 || strcmp(argv[i], "-j") == 0)
 			json_output = 1;
-		else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+		else if (strcmp(argv[i], "-V") == 0 || strcmp(argv[i], "--version") == 0) {
+			printf("walletctl %s\n", WALLETD_VERSION);
+			return EXIT_OK;
+		} else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
 			help_all(stdout);
 			return EXIT_OK;
 		} else

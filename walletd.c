@@ -12971,11 +12971,12 @@ usage(FILE *f)
 	char value[PATH_MAX];
 
 	fprintf(f,
-	    "usage: walletd [-c FILE] [-d STORE_DIR] [-s SOCKET_PATH] [-f]\n"
+	    "usage: walletd [-c FILE] [-d STORE_DIR] [-s SOCKET_PATH] [-f] | -V | -h\n"
 	    "  -c FILE  read this config file (key = value lines; SIGHUP reloads it)\n"
 	    "  -d DIR   store directory (default /var/lib/walletd)\n"
 	    "  -s PATH  socket path (default /run/walletd/walletd.sock)\n"
 	    "  -f       stay in the foreground\n"
+	    "  -V       print the version\n"
 	    "  -h       this help\n"
 	    "Flags override the config file, which overrides the built-in defaults.\n"
 	    "\nConfig keys (* = reloaded on SIGHUP), each with its default:\n");
@@ -13014,12 +13015,13 @@ main(int argc, char **argv)
 	sigset_t mask;
 
 	config_defaults(&config);
-	while ((opt = getopt(argc, argv, "c:d:s:fh")) != -1) {
+	while ((opt = getopt(argc, argv, "c:d:s:fVh")) != -1) {
 		switch (opt) {
 		case 'c': srv.config_path = optarg; break;
 		case 'd': store_dir = optarg; break;
 		case 's': socket_path = optarg; break;
 		case 'f': foreground = 1; break;
+		case 'V': printf("walletd %s\n", WALLETD_VERSION); return 0;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}

@@ -92,7 +92,7 @@ class Install(DaemonTest):
                      "lib/systemd/system/walletd.service", "lib/systemd/system/walletd-webhook.service",
                      "lib/systemd/system/walletd-metrics.timer", "usr/local/share/man/man1/walletctl.1",
                      "usr/local/share/doc/walletd/webhook.env.example", "usr/local/lib/walletd/walletd-textfile",
-                     "usr/local/lib/walletd/php/Walletd.php", "usr/local/sbin/walletd-http",
+                     "usr/local/share/walletd/php/Walletd.php", "usr/local/sbin/walletd-http",
                      "lib/systemd/system/walletd-http.service"):
             self.assertIn(want, files)
         pkg = [f for f in files if f.endswith("walletd/__init__.py")]
@@ -116,6 +116,18 @@ class Install(DaemonTest):
 
 
 class Docs(DaemonTest):
+    def test_the_version_is_protocol_hs_everywhere(self):
+        with open(os.path.join(ROOT, "protocol.h")) as f:
+            version = re.search(r'#define WALLETD_VERSION "([^"]+)"', f.read()).group(1)
+        for binary, name in ((WALLETD, "walletd"), (WALLETCTL, "walletctl")):
+            r = subprocess.run([binary, "-V"], capture_output=True, text=True)
+            self.assertEqual((r.returncode, r.stdout), (0, "%s %s\n" % (name, version)))
+        self.assertEqual(self.d.ctl_json("ping")["version"], version)
+        for path, pattern in (("contrib/node/package.json", r'"version": "([^"]+)"'),
+                              ("contrib/python/pyproject.toml", r'^version = "([^"]+)"')):
+            with open(os.path.join(ROOT, path)) as f:
+                self.assertEqual(re.search(pattern, f.read(), re.M).group(1), version, path)
+
     def test_walletd_help_shows_every_key_with_its_default(self):
         r = subprocess.run([WALLETD, "-h"], capture_output=True, text=True)
         self.assertEqual(r.returncode, 0)
