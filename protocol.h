@@ -292,6 +292,15 @@ map_get(const msgpack_object *o, const char *name)
 	return NULL;
 }
 
+/* The unsigned integer under key name in map o, or 0. */
+static inline uint64_t
+map_u64(const msgpack_object *o, const char *name)
+{
+	const msgpack_object *v = map_get(o, name);
+
+	return v && v->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? v->via.u64 : 0;
+}
+
 /* walletctl's exit codes. */
 #define EXIT_OK           0 /* success */
 #define EXIT_ERROR        1 /* walletd answered with an error */

@@ -1148,15 +1148,6 @@ help_all(FILE *f)
 	fprintf(f, "  %-16s %s\n", "bench", "Load generator with a self-check (walletctl help bench).");
 }
 
-/* A stats counter, or 0. */
-static uint64_t
-stat_u64(const msgpack_object *stats, const char *name)
-{
-	const msgpack_object *o = map_get(stats, name);
-
-	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
-}
-
 /* A stats mean, or 0. */
 static double
 stat_f64(const msgpack_object *stats, const char *name)
@@ -1223,8 +1214,8 @@ prom_histogram(const char *name, const char *help, const msgpack_object *h, doub
 		printf("\"} %" PRIu64 "\n", cumulative);
 	}
 	printf("walletd_%s_sum ", name);
-	prom_number((double)stat_u64(h, "sum") * scale);
-	printf("\nwalletd_%s_count %" PRIu64 "\n", name, stat_u64(h, "count"));
+	prom_number((double)map_u64(h, "sum") * scale);
+	printf("\nwalletd_%s_count %" PRIu64 "\n", name, map_u64(h, "count"));
 }
 
 /* The scalar metrics: name, type, help, and where stats has them (its map, NULL = the top; the key). */
@@ -1300,14 +1291,14 @@ cmd_stats_prometheus(void)
 	prom_family("requests_total", "counter", "Requests answered, by method.");
 	for (int m = 0; m < M__COUNT; m++)
 		printf("walletd_requests_total{method=\"%s\"} %" PRIu64 "\n", method_table[m].name,
-		    stat_u64(map_get(requests, method_table[m].name), "calls"));
+		    map_u64(map_get(requests, method_table[m].name), "calls"));
 	prom_family("request_errors_total", "counter", "Requests answered with an error, by method.");
 	for (int m = 0; m < M__COUNT; m++)
 		printf("walletd_request_errors_total{method=\"%s\"} %" PRIu64 "\n", method_table[m].name,
-		    stat_u64(map_get(requests, method_table[m].name), "errors"));
+		    map_u64(map_get(requests, method_table[m].name), "errors"));
 	prom_family("errors_total", "counter", "Error answers, by code.");
 	for (int e = 1; e < E__COUNT; e++)
-		printf("walletd_errors_total{code=\"%s\"} %" PRIu64 "\n", error_name(e), stat_u64(errors, error_name(e)));
+		printf("walletd_errors_total{code=\"%s\"} %" PRIu64 "\n", error_name(e), map_u64(errors, error_name(e)));
 	prom_histogram("request_duration_seconds", "Time from a request's frame to its answer.",
 	    map_get(histos, "request_latency_us"), 1e-6);
 	prom_histogram("commit_batch_size", "Requests in one durable commit (a charge.batch counts once).",
@@ -1316,7 +1307,7 @@ cmd_stats_prometheus(void)
 		const struct prom_scalar *m = &prom_scalars[i];
 
 		prom_value(m->name, m->type, m->help,
-		    (double)stat_u64(m->map ? map_get(st, m->map) : st, m->key) * m->scale);
+		    (double)map_u64(m->map ? map_get(st, m->map) : st, m->key) * m->scale);
 	}
 	repl = map_get(st, "replication");
 	prom_family("replication_role", "gauge", "1 for this node's role: single (no replication), leader, "
@@ -1336,15 +1327,15 @@ cmd_stats_prometheus(void)
 		    role && role->type == MSGPACK_OBJECT_STR && role->via.str.size == 6 &&
 		    memcmp(role->via.str.ptr, "leader", 6) == 0);
 		prom_value("replication_records_published_total", "counter", "Commit records this node published.",
-		    (double)stat_u64(repl, "records_published"));
+		    (double)map_u64(repl, "records_published"));
 		prom_value("replication_records_applied_total", "counter", "Other nodes' records this node applied.",
-		    (double)stat_u64(repl, "records_applied"));
+		    (double)map_u64(repl, "records_applied"));
 		prom_value("replication_forwarded_total", "counter", "Writes other nodes forwarded to this one.",
-		    (double)stat_u64(repl, "writes_forwarded_here"));
+		    (double)map_u64(repl, "writes_forwarded_here"));
 		prom_value("replication_fenced_total", "counter", "Records the stream refused (another node's turn).",
-		    (double)stat_u64(repl, "fenced"));
+		    (double)map_u64(repl, "fenced"));
 		prom_value("replication_lag_records", "gauge", "Stream records this node has yet to apply.",
-		    (double)stat_u64(repl, "lag_records"));
+		    (double)map_u64(repl, "lag_records"));
 		prom_histogram("replication_publish_seconds", "Time for the stream to acknowledge a record.",
 		    map_get(repl, "publish_us"), 1e-6);
 	}
@@ -1813,8 +1804,8 @@ bench_counts(void)
 	msgpack_unpacked resp;
 	const msgpack_object *res = bench_call("stats", NULL, &resp);
 
-	n.commits = stat_u64(res, "commits");
-	n.requests = stat_u64(res, "committed_requests");
+	n.commits = map_u64(res, "commits");
+	n.requests = map_u64(res, "committed_requests");
 	/* stats gives means since walletd started: back to totals */
 	n.batch_us = stat_f64(res, "mean_batch_us") * (double)n.commits;
 	n.commit_us = stat_f64(res, "mean_commit_us") * (double)n.commits;

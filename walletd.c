@@ -1163,7 +1163,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  * Numbers inside values are host-endian: a store lives on one host, and the
  * nodes of a replicated group share one byte order (x86-64 and arm64 do).
  *
- * The commit record (SPEC 11): a replicated group writes each top-level
+ * The commit record (README: High availability): a replicated group writes each top-level
  * write transaction as one record in the stream "walletd_<cluster>": a
  * msgpack array of changes [db index (store_dbs), key (bin), value (bin) or
  * nil for a deletion], sorted by db and key, each key once with its final
@@ -1235,7 +1235,7 @@ struct wallet {
 enum hold_status { HS_ACTIVE, HS_RELEASED, HS_EXPIRED };
 static const char *const hold_status_names[] = { "active", "released", "expired" };
 
-/* A hold: money of a wallet reserved for a campaign (SPEC 12).  Stored as
+/* A hold: money of a wallet reserved for a campaign (README: Holds).  Stored as
  * its fields up to wallet, then wallet, ref and description, each up to its
  * NUL (a charge under it rewrites the record: small is cheaper). */
 struct hold {
@@ -1414,8 +1414,10 @@ struct repl_pos {
 /* ---- Change capture ---- */
 
 /*
- * Every write to the store goes through these wrappers, which note (db, key)
- * on the writing thread; the commit record then reads each key's final value
+ * Every write to the store goes through these wrappers (captured_put,
+ * captured_del, captured_cursor_del, in a captured_txn_begin transaction;
+ * mdb_put and its kin are never called directly), which note (db, key) on
+ * the writing thread; the commit record then reads each key's final value
  * from the transaction (record_pack), so a wallet charged 500 times in a
  * batch is written once, to the journal and to the stream alike.  With
  * durability = lmdb and no replication, nothing is noted (one branch a write).
@@ -1461,16 +1463,17 @@ touched_free(void)
 	memset(&touched, 0, sizeof(touched));
 }
 
+/* Begins a write transaction of the store: what it writes is noted from nothing. */
 static int
-touch_txn_begin(MDB_env *env, MDB_txn *parent, unsigned flags, MDB_txn **txn)
+captured_txn_begin(MDB_txn **txn)
 {
-	if (capture_on && parent == NULL && !(flags & MDB_RDONLY))
+	if (capture_on)
 		touched.len = 0, touched.lost = 0;
-	return mdb_txn_begin(env, parent, flags, txn);
+	return mdb_txn_begin(store.env, NULL, 0, txn);
 }
 
 static int
-touch_put(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v, unsigned flags)
+captured_put(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v, unsigned flags)
 {
 	if (capture_on)
 		touch(dbi, k);
@@ -1478,7 +1481,7 @@ touch_put(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v, unsigned flags)
 }
 
 static int
-touch_del(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v)
+captured_del(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v)
 {
 	if (capture_on)
 		touch(dbi, k);
@@ -1486,7 +1489,7 @@ touch_del(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v)
 }
 
 static int
-touch_cursor_del(MDB_cursor *cur, unsigned flags)
+captured_cursor_del(MDB_cursor *cur, unsigned flags)
 {
 	MDB_val k, v;
 
@@ -1494,11 +1497,6 @@ touch_cursor_del(MDB_cursor *cur, unsigned flags)
 		touch(mdb_cursor_dbi(cur), &k);
 	return mdb_cursor_del(cur, flags);
 }
-
-#define mdb_txn_begin  touch_txn_begin
-#define mdb_put        touch_put
-#define mdb_del        touch_del
-#define mdb_cursor_del touch_cursor_del
 
 struct touch_ref {
 	uint32_t db, len;
@@ -1611,11 +1609,11 @@ record_apply(MDB_txn *txn, const char *p, size_t n, int dbs)
 		}
 		k = (MDB_val){ o->via.array.ptr[1].via.bin.size, (void *)o->via.array.ptr[1].via.bin.ptr };
 		if (o->via.array.ptr[2].type == MSGPACK_OBJECT_NIL) {
-			if ((rc = mdb_del(txn, *store_dbs[o->via.array.ptr[0].via.u64].dbi, &k, NULL)) == MDB_NOTFOUND)
+			if ((rc = captured_del(txn, *store_dbs[o->via.array.ptr[0].via.u64].dbi, &k, NULL)) == MDB_NOTFOUND)
 				rc = 0;
 		} else if (o->via.array.ptr[2].type == MSGPACK_OBJECT_BIN) {
 			v = (MDB_val){ o->via.array.ptr[2].via.bin.size, (void *)o->via.array.ptr[2].via.bin.ptr };
-			rc = mdb_put(txn, *store_dbs[o->via.array.ptr[0].via.u64].dbi, &k, &v, 0);
+			rc = captured_put(txn, *store_dbs[o->via.array.ptr[0].via.u64].dbi, &k, &v, 0);
 		} else {
 			rc = EINVAL;
 		}
@@ -1691,7 +1689,7 @@ store_rekey_refs(MDB_txn *txn)
 				nk = ref_key(key, (struct str){ (char *)k.mv_data + 8, k.mv_size - 8 },
 				    be64_get(k.mv_data));
 			}
-			if ((rc = mdb_put(txn, to, &nk, &v, pass ? MDB_APPEND : 0)) != 0)
+			if ((rc = captured_put(txn, to, &nk, &v, pass ? MDB_APPEND : 0)) != 0)
 				break;
 		}
 		mdb_cursor_close(cur);
@@ -1804,7 +1802,7 @@ store_upgrade(MDB_txn *txn, const char *dir)
 	if (found < 6)
 		log_x(L_INFO, "store %s: to layout %u (journaled; spend counted without limits)", dir, version);
 	v = (MDB_val){ sizeof(version), &version };
-	return mdb_put(txn, store.meta, &k, &v, 0);
+	return captured_put(txn, store.meta, &k, &v, 0);
 }
 
 /* Sets store.next_expiry from holdexp's first key (INT64_MAX: no active hold). */
@@ -1892,7 +1890,7 @@ store_open(const char *dir)
 	 * applies the journal, then upgrades the layout: records are of the layout they were made in. */
 	if (restored && journal_pin((struct checkpoint_file *)cp) != 0)
 		return -1;
-	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
+	if ((rc = captured_txn_begin(&txn)) != 0)
 		goto fail;
 	for (size_t i = 0; i < sizeof(store_dbs) / sizeof(store_dbs[0]); i++) {
 		if ((rc = mdb_dbi_open(txn, store_dbs[i].name, store_dbs[i].flags | MDB_CREATE, store_dbs[i].dbi)) != 0) {
@@ -1905,7 +1903,7 @@ store_open(const char *dir)
 		goto fail;
 	if (restored && journal_recover((struct checkpoint_file *)cp) != 0)
 		return -1;
-	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
+	if ((rc = captured_txn_begin(&txn)) != 0)
 		goto fail;
 	if ((rc = store_upgrade(txn, dir)) != 0 || (rc = store_first_expiry(txn)) != 0) {
 		mdb_txn_abort(txn);
@@ -2127,7 +2125,7 @@ ahead_stop(void)
 /* ---- Journal and checkpoints ---- */
 
 /*
- * Durability (SPEC 6).  With durability = journal (the default) a commit is
+ * Durability (README: How it is built).  With durability = journal (the default) a commit is
  * one sequential append: a write transaction's record (every key it
  * changed, with its final value: the commit record of section 7, here with
  * the node's own keys too) is appended to the journal and synced, then LMDB
@@ -2686,7 +2684,7 @@ journal_replay(uint64_t number, struct journal_pos at)
 				break;
 		}
 		do {
-			if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
+			if ((rc = captured_txn_begin(&txn)) != 0)
 				break;
 			if ((rc = record_apply(txn, rec, len, (int)(sizeof(store_dbs) / sizeof(store_dbs[0])))) == 0)
 				rc = mdb_txn_commit(txn);
@@ -2843,7 +2841,7 @@ checkpoint_now(void)
 	MDB_txn *txn;
 	int rc;
 
-	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
+	if ((rc = captured_txn_begin(&txn)) != 0)
 		goto fail;
 	rc = checkpoint_capture(&c);
 	mdb_txn_abort(txn);
@@ -3103,7 +3101,7 @@ journal_prepare(MDB_txn *txn, uint64_t *number)
 		rc = checkpoint_begin();
 	v = (MDB_val){ 8, number };
 	if (rc == 0)
-		rc = mdb_put(txn, store.meta, &k, &v, 0);
+		rc = captured_put(txn, store.meta, &k, &v, 0);
 	msgpack_sbuffer_init(&rec);
 	if (rc == 0 && (rc = record_pack(txn, &rec, 0)) == 0)
 		rc = journal_append(rec.data, rec.size);
@@ -3357,7 +3355,7 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 		memcpy(buf + n, strings[i], len);
 		n += len;
 	}
-	return mdb_put(txn, store.wallets, &k, &(MDB_val){ n, buf }, 0);
+	return captured_put(txn, store.wallets, &k, &(MDB_val){ n, buf }, 0);
 }
 
 /* ---- Events ---- */
@@ -3410,9 +3408,9 @@ event_add(MDB_txn *txn, const char *type, struct str wallet, json_t *data)
 	be64_put(key, number++);
 	v = (MDB_val){ EVENT_FIXED + strlen(body) + 1, &e };
 	free(body);
-	if ((rc = mdb_put(txn, store.events, &(MDB_val){ 8, key }, &v, 0)) ||
-	    (rc = mdb_put(txn, store.eventq, &(MDB_val){ 8, key }, &(MDB_val){ 0, "" }, 0)) ||
-	    (rc = mdb_put(txn, store.meta, &k, &(MDB_val){ sizeof(number), &number }, 0)))
+	if ((rc = captured_put(txn, store.events, &(MDB_val){ 8, key }, &v, 0)) ||
+	    (rc = captured_put(txn, store.eventq, &(MDB_val){ 8, key }, &(MDB_val){ 0, "" }, 0)) ||
+	    (rc = captured_put(txn, store.meta, &k, &(MDB_val){ sizeof(number), &number }, 0)))
 		return rc;
 	events_added = 1;
 	return 0;
@@ -3517,12 +3515,12 @@ hold_put(MDB_txn *txn, uint64_t number, const struct hold *h, int queue)
 		memcpy(buf + n, strings[i], len);
 		n += len;
 	}
-	if ((rc = mdb_put(txn, store.holds, &k, &(MDB_val){ n, buf }, 0)) != 0 || !queue)
+	if ((rc = captured_put(txn, store.holds, &k, &(MDB_val){ n, buf }, 0)) != 0 || !queue)
 		return rc;
 	k = holdexp_key(key, h, number);
 	if (h->status == HS_ACTIVE)
-		return mdb_put(txn, store.holdexp, &k, &(MDB_val){ 0, "" }, 0);
-	rc = mdb_del(txn, store.holdexp, &k, NULL);
+		return captured_put(txn, store.holdexp, &k, &(MDB_val){ 0, "" }, 0);
+	rc = captured_del(txn, store.holdexp, &k, NULL);
 	return rc == MDB_NOTFOUND ? 0 : rc;
 }
 
@@ -3655,13 +3653,13 @@ holds_expire(MDB_txn *txn, int64_t now)
 			break;
 		}
 		if ((rc = hold_get(txn, number, ref, &h)) == MDB_NOTFOUND || (rc == 0 && h.status != HS_ACTIVE)) {
-			if ((rc = mdb_cursor_del(cur, 0)) != 0)
+			if ((rc = captured_cursor_del(cur, 0)) != 0)
 				break;
 			continue; /* not queued by hold_put: nothing to end */
 		}
 		if (rc != 0 || (rc = wallet_get(txn, (struct str){ h.wallet, strlen(h.wallet) }, &w)) != 0)
 			break;
-		if ((rc = mdb_cursor_del(cur, 0)) != 0)
+		if ((rc = captured_cursor_del(cur, 0)) != 0)
 			break;
 		h.status = HS_EXPIRED;
 		h.closed_at = h.expires_at;
@@ -3978,14 +3976,14 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 	h.type = (uint32_t)t->type;
 	k = (MDB_val){ sizeof(t->id), &t->id };
 	v = (MDB_val){ sizeof(h) + scratch->size, NULL };
-	if ((rc = mdb_put(txn, store.txns, &k, &v, MDB_APPEND | MDB_RESERVE)) != 0)
+	if ((rc = captured_put(txn, store.txns, &k, &v, MDB_APPEND | MDB_RESERVE)) != 0)
 		return rc;
 	memcpy(v.mv_data, &h, sizeof(h));
 	memcpy((char *)v.mv_data + sizeof(h), scratch->data, scratch->size);
 	if (w->txn_count % HIST_STRIDE == HIST_STRIDE - 1) {
 		k = key_pair(hkey, w->number, w->txn_count);
 		v = (MDB_val){ sizeof(t->id), &t->id };
-		if ((rc = mdb_put(txn, store.hist, &k, &v, 0)) != 0)
+		if ((rc = captured_put(txn, store.hist, &k, &v, 0)) != 0)
 			return rc;
 	}
 	w->last_txn = t->id;
@@ -4875,11 +4873,11 @@ note_add(struct call *c, struct str id, struct wallet *w, struct note *n)
 	memcpy(n->wallet, id.p, id.n);
 	k = key_pair(key, w->number, w->note_count++);
 	v = (MDB_val){ sizeof(*n), n };
-	if ((rc = mdb_put(c->txn, store.notes, &k, &v, 0)) != 0)
+	if ((rc = captured_put(c->txn, store.notes, &k, &v, 0)) != 0)
 		return rc;
 	if (n->state == NS_PENDING) {
 		v = (MDB_val){ 1, "" };
-		if ((rc = mdb_put(c->txn, store.alertq, &k, &v, 0)) != 0)
+		if ((rc = captured_put(c->txn, store.alertq, &k, &v, 0)) != 0)
 			return rc;
 		c->alert = 1;
 	}
@@ -5135,7 +5133,7 @@ m_wallet_create(struct call *c)
 		return store_error(c, rc);
 	w.number = seq++;
 	v = (MDB_val){ sizeof(seq), &seq };
-	if ((rc = mdb_put(c->txn, store.meta, &k, &v, 0)) != 0)
+	if ((rc = captured_put(c->txn, store.meta, &k, &v, 0)) != 0)
 		return store_error(c, rc);
 	memcpy(w.currency, currency.p, 3);
 	if (plan.p)
@@ -5369,7 +5367,7 @@ m_rate_set(struct call *c)
 		return fail(c, E_INVALID_ARGUMENT, "effective_from", "a rate holds at most %d scheduled prices",
 		    RATE_SCHEDULE_MAX);
 	v = (MDB_val){ (n - first) * sizeof(e), &entries[first] };
-	if ((rc = mdb_put(c->txn, store.rates, &k, &v, 0)) != 0)
+	if ((rc = captured_put(c->txn, store.rates, &k, &v, 0)) != 0)
 		return store_error(c, rc);
 	lengths = rate_lengths(c->txn, plan, channel);
 	if (lengths == UINT32_MAX)
@@ -5378,7 +5376,7 @@ m_rate_set(struct call *c)
 		lengths |= 1u << prefix.n;
 		k = (MDB_val){ rate_lengths_key(key, plan, channel), key };
 		v = (MDB_val){ sizeof(lengths), &lengths };
-		if ((rc = mdb_put(c->txn, store.meta, &k, &v, 0)) != 0)
+		if ((rc = captured_put(c->txn, store.meta, &k, &v, 0)) != 0)
 			return store_error(c, rc);
 	}
 	msgpack_pack_map(c->pk, 7);
@@ -5412,7 +5410,7 @@ m_rate_delete(struct call *c)
 	if (route.p == NULL)
 		route = (struct str){ "", 0 };
 	k = (MDB_val){ rate_key(key, plan, channel, digits, prefix.n, route), key };
-	rc = mdb_del(c->txn, store.rates, &k, NULL);
+	rc = captured_del(c->txn, store.rates, &k, NULL);
 	if (rc == MDB_NOTFOUND)
 		return fail(c, E_NO_RATE, "prefix", "No such rate");
 	if (rc)
@@ -5621,7 +5619,7 @@ rate_delete_plan(MDB_txn *txn, struct str plan)
 	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
 		if (k.mv_size < plan.n + 1 || memcmp(k.mv_data, start, plan.n + 1) != 0)
 			break;
-		if ((rc = mdb_cursor_del(cur, 0)))
+		if ((rc = captured_cursor_del(cur, 0)))
 			break;
 	}
 	mdb_cursor_close(cur);
@@ -5879,7 +5877,7 @@ m_fx_set(struct call *c)
 		    "(walletctl fx set ... --force)",
 		    pair, fx_human(fv.rate, 0, said), pair + 3, pair, fx_human(known, 6, now), pair + 3);
 	}
-	if ((rc = mdb_put(c->txn, store.fx, &k, &v, 0)))
+	if ((rc = captured_put(c->txn, store.fx, &k, &v, 0)))
 		return store_error(c, rc);
 	msgpack_pack_map(c->pk, 5);
 	fx_pack_fields(c->pk, pair, &fv);
@@ -6251,7 +6249,7 @@ m_charge(struct call *c)
 		memcpy(val, &t.id, 8);
 		memcpy(val + 8, fingerprint, flen);
 		v = (MDB_val){ 8 + flen, val };
-		if ((rc = mdb_put(c->txn, store.refs, &k, &v, 0)))
+		if ((rc = captured_put(c->txn, store.refs, &k, &v, 0)))
 			return store_error(c, rc);
 	}
 	if ((rc = note_on_crossing(c, id, &w, before, t.id)) || (rc = wallet_put(c->txn, id, &w)))
@@ -6833,15 +6831,6 @@ m_quote(struct call *c)
 	return E_OK;
 }
 
-/* Reads the u64 field name of a decoded map, or 0. */
-static uint64_t
-obj_u64(const msgpack_object *map, const char *name)
-{
-	const msgpack_object *o = map_get(map, name);
-
-	return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? o->via.u64 : 0;
-}
-
 /* ---- Top-ups ---- */
 
 /* Copies what a top-up URL template needs, URL-encoded, into out. */
@@ -6958,7 +6947,7 @@ static int
 topup_put(struct call *c, const struct topup *tp)
 {
 	MDB_val k = { strlen(tp->ref), (void *)tp->ref }, v = { sizeof(*tp), (void *)tp };
-	int rc = mdb_put(c->txn, store.topups, &k, &v, 0);
+	int rc = captured_put(c->txn, store.topups, &k, &v, 0);
 
 	return rc ? store_error(c, rc) : E_OK;
 }
@@ -7445,7 +7434,7 @@ m_refund(struct call *c)
 		return store_error(c, rc);
 	ids[nrefunds++] = t.id;
 	k = (MDB_val){ sizeof(charge_id), &charge_id };
-	if ((rc = mdb_put(c->txn, store.refunds, &k, &(MDB_val){ nrefunds * 8, ids }, 0)) ||
+	if ((rc = captured_put(c->txn, store.refunds, &k, &(MDB_val){ nrefunds * 8, ids }, 0)) ||
 	    (rc = wallet_put(c->txn, id, &w)))
 		return store_error(c, rc);
 	if (refund_ref.p && refund_ref.n) {
@@ -7454,7 +7443,7 @@ m_refund(struct call *c)
 		memcpy(val, &t.id, 8);
 		memcpy(val + 8, fingerprint, sizeof(fingerprint));
 		k = ref_key(rkey, refund_ref, w.number);
-		if ((rc = mdb_put(c->txn, store.rrefs, &k, &(MDB_val){ sizeof(val), val }, 0)))
+		if ((rc = captured_put(c->txn, store.rrefs, &k, &(MDB_val){ sizeof(val), val }, 0)))
 			return store_error(c, rc);
 	}
 	txn_pack(c->pk, &t, 0);
@@ -8413,7 +8402,7 @@ m_verify(struct call *c)
 				verify_breach(&rpk, &breaches, id, next, "the history index disagrees with the chain");
 			msgpack_unpacked_init(&rec);
 			if (msgpack_unpack_next(&rec, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS ||
-			    !obj_str_eq(&rec.data, "wallet", id) || obj_u64(&rec.data, "id") != next ||
+			    !obj_str_eq(&rec.data, "wallet", id) || map_u64(&rec.data, "id") != next ||
 			    (a = map_get(&rec.data, "amount")) == NULL || a->type != MSGPACK_OBJECT_STR ||
 			    (b = map_get(&rec.data, "balance_after")) == NULL || b->type != MSGPACK_OBJECT_STR ||
 			    amount_parse(a->via.str.ptr, a->via.str.size, &amount) != 0 ||
@@ -9947,7 +9936,7 @@ writer_run(struct req *batch)
 		MDB_txn *parent;
 		int store_failed = 0, map_full = 0;
 
-		if ((rc = mdb_txn_begin(store.env, NULL, 0, &parent)) != 0) {
+		if ((rc = captured_txn_begin(&parent)) != 0) {
 			for (struct req *r = batch; r; r = r->qnext)
 				req_store_error(r, rc);
 			break;
@@ -10094,7 +10083,7 @@ writer_main(void *arg)
 			MDB_txn *txn;
 
 			pthread_mutex_unlock(&srv.lock);
-			if (mdb_txn_begin(store.env, NULL, 0, &txn) == 0) { /* LMDB's write lock: no commit meanwhile */
+			if (captured_txn_begin(&txn) == 0) { /* LMDB's write lock: no commit meanwhile */
 				if (checkpoint_begin() != 0)
 					log_x(L_ERR, "checkpoint: cannot capture the store");
 				mdb_txn_abort(txn);
@@ -10584,7 +10573,7 @@ loop_stop(void)
 /* ====================================================================== */
 
 /*
- * SPEC 11.  With nats_url set, walletd is one node of a group that shares
+ * README: High availability.  With nats_url set, walletd is one node of a group that shares
  * one JetStream stream of commit records (their format is with the store
  * layout).  The parts:
  *   - the writer (section 6): while this node leads, store_commit publishes
@@ -10716,14 +10705,14 @@ repl_pos_put(MDB_txn *txn, const struct repl_pos *pos, uint64_t first, const msg
 	size_t off = 0;
 	int rc;
 
-	if ((rc = mdb_put(txn, store.meta, &k, &v, 0)) != 0)
+	if ((rc = captured_put(txn, store.meta, &k, &v, 0)) != 0)
 		return rc;
 	for (size_t i = 0; i < nmsgs; i++) {
 		uint32_t len;
 
 		memcpy(&len, msgs->data + off, 4);
 		be64_put(key, first + i);
-		if ((rc = mdb_put(txn, store.replog, &(MDB_val){ 8, key }, &(MDB_val){ len, msgs->data + off + 4 }, 0)))
+		if ((rc = captured_put(txn, store.replog, &(MDB_val){ 8, key }, &(MDB_val){ len, msgs->data + off + 4 }, 0)))
 			return rc;
 		off += 4 + len;
 	}
@@ -10731,7 +10720,7 @@ repl_pos_put(MDB_txn *txn, const struct repl_pos *pos, uint64_t first, const msg
 		return rc;
 	for (int i = 0; i < 4 && (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)) == 0 &&
 	    be64_get(k.mv_data) + REPLOG_KEEP < pos->applied; i++)
-		rc = mdb_cursor_del(cur, 0);
+		rc = captured_cursor_del(cur, 0);
 	mdb_cursor_close(cur);
 	return rc == MDB_NOTFOUND ? 0 : rc;
 }
@@ -11024,7 +11013,7 @@ repl_apply(struct assembly *a, uint64_t seq, int64_t published_ms)
 	}
 	for (;;) {
 		pthread_rwlock_rdlock(&store.maplock);
-		if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) == 0 && (rc = repl_pos_get(txn, &stored)) == 0) {
+		if ((rc = captured_txn_begin(&txn)) == 0 && (rc = repl_pos_get(txn, &stored)) == 0) {
 			if (seq <= stored.applied) {
 				mdb_txn_abort(txn);
 				pthread_rwlock_unlock(&store.maplock);
@@ -12349,12 +12338,6 @@ static struct alerter {
 static void alert_config_lock(void) { pthread_mutex_lock(&alerter.lock); }
 static void alert_config_unlock(void) { pthread_mutex_unlock(&alerter.lock); }
 
-/* A notification due for an e-mail. */
-struct due {
-	unsigned char key[16];
-	struct note note;
-};
-
 struct payload {
 	const char *data;
 	size_t len, off;
@@ -12378,9 +12361,8 @@ payload_read(char *buf, size_t size, size_t nmemb, void *arg)
  * low-balance alert, or a receipt.
  */
 static void
-alert_message(const struct config *cf, const struct due *d, char *buf, size_t cap)
+alert_message(const struct config *cf, const struct note *n, const unsigned char key[16], char *buf, size_t cap)
 {
-	const struct note *n = &d->note;
 	char date[64], bal[32], thr[32], amt[32], host[128] = "localhost";
 	time_t now = time(NULL);
 	struct tm tm;
@@ -12414,7 +12396,7 @@ alert_message(const struct config *cf, const struct due *d, char *buf, size_t ca
 		    "\r\n"
 		    "-- \r\n"
 		    "walletd\r\n",
-		    date, be64_get(d->key), be64_get(d->key + 8), n->wallet, host, cf->smtp_from, n->emails,
+		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails,
 		    amt, n->currency, n->wallet, n->wallet, amt, n->currency, n->provider_ref, n->wallet);
 		return;
 	}
@@ -12442,7 +12424,7 @@ alert_message(const struct config *cf, const struct due *d, char *buf, size_t ca
 		    "\r\n"
 		    "-- \r\n"
 		    "walletd\r\n",
-		    date, be64_get(d->key), be64_get(d->key + 8), n->wallet, host, cf->smtp_from, n->emails,
+		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails,
 		    amt, n->currency, n->wallet, amt, n->currency, n->wallet, n->provider_ref, n->txn_id,
 		    bal, n->currency);
 		return;
@@ -12471,14 +12453,14 @@ alert_message(const struct config *cf, const struct due *d, char *buf, size_t ca
 	    "\r\n"
 	    "-- \r\n"
 	    "walletd\r\n",
-	    date, be64_get(d->key), be64_get(d->key + 8), n->reminder, n->wallet, host,
+	    date, be64_get(key), be64_get(key + 8), n->reminder, n->wallet, host,
 	    cf->smtp_from, n->emails, n->reminder ? "Reminder: " : "", n->wallet, bal,
 	    n->currency, thr, n->currency, n->wallet, bal, n->currency, thr, n->currency);
 }
 
 /* Sends one notification's e-mail.  Returns 0, or -1 with the reason in err. */
 static int
-alert_send(const struct config *cf, const struct due *d, char *err, size_t errcap)
+alert_send(const struct config *cf, const struct note *n, const unsigned char key[16], char *err, size_t errcap)
 {
 	char message[4096], from[300], errbuf[CURL_ERROR_SIZE] = "", password[256] = "";
 	struct curl_slist *rcpt = NULL;
@@ -12486,13 +12468,13 @@ alert_send(const struct config *cf, const struct due *d, char *err, size_t errca
 	CURL *curl;
 	CURLcode res;
 
-	alert_message(cf, d, message, sizeof(message));
+	alert_message(cf, n, key, message, sizeof(message));
 	p = (struct payload){ message, strlen(message), 0 };
 	if ((curl = curl_easy_init()) == NULL) {
 		snprintf(err, errcap, "curl_easy_init failed");
 		return -1;
 	}
-	for (const char *e = d->note.emails; *e;) {
+	for (const char *e = n->emails; *e;) {
 		size_t len = strcspn(e, ",");
 		char addr[300];
 
@@ -12546,57 +12528,176 @@ retry_at(const struct config *cf, uint32_t attempts)
 	return now_seconds() + (int64_t)(backoff < 3600 ? backoff : 3600);
 }
 
-/* Records the outcome of one delivery in a short write transaction. */
+/*
+ * The outbox.  E-mails (notes) and webhook events wait the same way: a
+ * queue db whose keys name records in a db of their own, each record with
+ * its next attempt.  The alert thread reads what is due (outbox_due), tries
+ * each outside any transaction, and records each outcome in a short write
+ * of its own (outbox_record).
+ */
+struct outbox {
+	MDB_dbi *queue, *records;
+	size_t key_len;           /* notes 16, events 8 */
+	size_t size, min;         /* a record's room, and the least a stored one holds */
+	size_t next_at;           /* offsetof the record's int64_t next_attempt */
+	const char *what;         /* for the log */
+};
+
+enum { OB_DUE, OB_DROP };               /* a record whose time has come: tried, or out of the queue */
+enum { OB_KEEP, OB_DONE, OB_GONE };     /* what an outcome does: stays queued, leaves the queue, is deleted */
+#define OUTBOX_RUN 32                   /* records tried in one run at most */
+
+/* What a delivery came to, for outbox_record's apply. */
+struct outcome {
+	const struct config *cf;
+	int ok;
+	const char *err;
+	uint32_t reminder;        /* a note's: which reminder was sent */
+};
+
+/* Removes keys from ob's queue, in one write. */
 static void
-alert_record(const struct config *cf, const struct due *d, int ok, const char *err)
+outbox_drop(const struct outbox *ob, unsigned char keys[][16], int n)
 {
 	MDB_txn *txn;
-	MDB_val k = { 16, (void *)d->key }, v;
-	struct note n;
-	int rc, done;
+	int rc;
 
 	pthread_rwlock_rdlock(&store.maplock);
-	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
-		goto out;
-	if ((rc = mdb_get(txn, store.notes, &k, &v)) != 0) {
-		mdb_txn_abort(txn);
-		goto out;
+	if ((rc = captured_txn_begin(&txn)) == 0) {
+		for (int i = 0; i < n; i++)
+			captured_del(txn, *ob->queue, &(MDB_val){ ob->key_len, keys[i] }, NULL);
+		rc = store_commit(txn);
 	}
-	record_copy(&n, sizeof(n), v);
-	n.attempts++;
-	if (ok) {
-		n.state = NS_SENT;
-		n.sent_at = now_seconds();
-		n.last_error[0] = '\0';
-		n.reminder = d->note.reminder;
-		done = cf->alert_remind == 0;
-		n.next_attempt = n.sent_at + cf->alert_remind;
-	} else {
-		snprintf(n.last_error, sizeof(n.last_error), "%s", err);
-		done = n.attempts >= cf->alert_max_attempts && n.state == NS_PENDING;
-		if (done) {
-			n.state = NS_FAILED;
-			log_x(L_ERR, "%s e-mail for %s failed after %u attempts: %s", note_kind_names[n.kind % 3], n.wallet,
-			    n.attempts, err);
-		}
-		n.next_attempt = retry_at(cf, n.attempts);
-	}
-	v = (MDB_val){ sizeof(n), &n };
-	if ((rc = mdb_put(txn, store.notes, &k, &v, 0)) != 0 ||
-	    (done && (rc = mdb_del(txn, store.alertq, &k, NULL)) != 0 && rc != MDB_NOTFOUND)) {
-		mdb_txn_abort(txn);
-		goto out;
-	}
-	rc = store_commit(txn);
-out:
 	pthread_rwlock_unlock(&store.maplock);
 	if (rc != 0)
-		log_x(L_ERR, "cannot record an alert's outcome: %s", mdb_strerror(rc));
+		log_x(L_ERR, "cannot update the queue of %s: %s", ob->what, mdb_strerror(rc));
+}
+
+/*
+ * Reads into recs (ob->size each) and keys up to OUTBOX_RUN queued records
+ * of ob whose next attempt has come, in queue order, and check (if any)
+ * calls due; those it drops leave the queue.  *next: seconds until the
+ * first one still waiting is due, if sooner.  Returns how many are due.
+ */
+static int
+outbox_due(const struct outbox *ob, const struct config *cf, int (*check)(MDB_txn *, const struct config *, void *),
+    void *recs, unsigned char keys[][16], int64_t *next)
+{
+	unsigned char drop[OUTBOX_RUN][16];
+	int n = 0, ndrop = 0;
+	int64_t now = now_seconds(), at;
+	MDB_cursor *cur;
+	MDB_txn *txn;
+	MDB_val k, v, rv;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if (mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn) == 0) {
+		if (mdb_cursor_open(txn, *ob->queue, &cur) == 0) {
+			for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && n < OUTBOX_RUN && ndrop < OUTBOX_RUN;
+			    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+				char *rec = (char *)recs + (size_t)n * ob->size;
+
+				if (k.mv_size != ob->key_len || mdb_get(txn, *ob->records, &k, &rv) != 0 ||
+				    rv.mv_size < ob->min || rv.mv_size > ob->size)
+					continue;
+				record_copy(rec, ob->size, rv);
+				memcpy(&at, rec + ob->next_at, sizeof(at));
+				if (at > now) {
+					*next = at - now < *next ? at - now : *next;
+					continue;
+				}
+				switch (check ? check(txn, cf, rec) : OB_DUE) {
+				case OB_DUE: memcpy(keys[n++], k.mv_data, ob->key_len); break;
+				case OB_DROP: memcpy(drop[ndrop++], k.mv_data, ob->key_len); break;
+				}
+			}
+			mdb_cursor_close(cur);
+		}
+		mdb_txn_abort(txn);
+	}
+	pthread_rwlock_unlock(&store.maplock);
+	if (ndrop)
+		outbox_drop(ob, drop, ndrop);
+	return n;
+}
+
+/*
+ * Records the outcome o of key's delivery in one short write: apply
+ * updates the record (written back as long as it was) and says whether it
+ * stays queued, leaves the queue or is deleted.
+ */
+static void
+outbox_record(const struct outbox *ob, const unsigned char *key, int (*apply)(void *, const struct outcome *),
+    const struct outcome *o)
+{
+	MDB_val k = { ob->key_len, (void *)key }, v;
+	char *rec = malloc(ob->size);
+	MDB_txn *txn;
+	int rc = ENOMEM;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if (rec == NULL || (rc = captured_txn_begin(&txn)) != 0)
+		goto out;
+	if ((rc = mdb_get(txn, *ob->records, &k, &v)) == 0) {
+		size_t len = v.mv_size < ob->size ? v.mv_size : ob->size;
+
+		record_copy(rec, ob->size, v);
+		switch (apply(rec, o)) {
+		case OB_GONE:
+			if ((rc = captured_del(txn, *ob->records, &k, NULL)) == 0)
+				rc = captured_del(txn, *ob->queue, &k, NULL);
+			break;
+		case OB_DONE:
+			if ((rc = captured_put(txn, *ob->records, &k, &(MDB_val){ len, rec }, 0)) == 0 &&
+			    (rc = captured_del(txn, *ob->queue, &k, NULL)) == MDB_NOTFOUND)
+				rc = 0;
+			break;
+		default:
+			rc = captured_put(txn, *ob->records, &k, &(MDB_val){ len, rec }, 0);
+		}
+	}
+	if (rc != 0)
+		mdb_txn_abort(txn);
+	else
+		rc = store_commit(txn);
+out:
+	pthread_rwlock_unlock(&store.maplock);
+	free(rec);
+	if (rc != 0)
+		log_x(L_ERR, "cannot record the outcome of %s: %s", ob->what, rc == ENOMEM ? "out of memory" : mdb_strerror(rc));
+}
+
+/* A note's record after its e-mail was tried: sent, or when to try again (failed for good after the last). */
+static int
+note_outcome(void *rec, const struct outcome *o)
+{
+	struct note *n = rec;
+	int done;
+
+	n->attempts++;
+	if (o->ok) {
+		n->state = NS_SENT;
+		n->sent_at = now_seconds();
+		n->last_error[0] = '\0';
+		n->reminder = o->reminder;
+		done = o->cf->alert_remind == 0;
+		n->next_attempt = n->sent_at + o->cf->alert_remind;
+	} else {
+		snprintf(n->last_error, sizeof(n->last_error), "%s", o->err);
+		done = n->attempts >= o->cf->alert_max_attempts && n->state == NS_PENDING;
+		if (done) {
+			n->state = NS_FAILED;
+			log_x(L_ERR, "%s e-mail for %s failed after %u attempts: %s", note_kind_names[n->kind % 3], n->wallet,
+			    n->attempts, o->err);
+		}
+		n->next_attempt = retry_at(o->cf, n->attempts);
+	}
+	return done ? OB_DONE : OB_KEEP;
 }
 
 /*
  * Whether a sent notification still calls for a reminder: its wallet is
- * still below the same threshold.  Drops it from the queue otherwise.
+ * still below the same threshold.
  */
 static int
 alert_still_low(MDB_txn *txn, const struct note *n)
@@ -12607,87 +12708,52 @@ alert_still_low(MDB_txn *txn, const struct note *n)
 	    (w.flags & WF_THRESHOLD) && w.threshold == n->threshold && w.balance < w.threshold;
 }
 
-/* Removes key from the alert queue. */
-static void
-alert_dequeue(const unsigned char key[16])
+/* Whether a note in the queue is due: a pending one is; a sent one only for a reminder, else it leaves. */
+static int
+note_due(MDB_txn *txn, const struct config *cf, void *rec)
 {
-	MDB_txn *txn;
-	MDB_val k = { 16, (void *)key };
+	struct note *n = rec;
 
-	pthread_rwlock_rdlock(&store.maplock);
-	if (mdb_txn_begin(store.env, NULL, 0, &txn) == 0) {
-		mdb_del(txn, store.alertq, &k, NULL);
-		if (store_commit(txn) != 0)
-			log_x(L_ERR, "cannot update the alert queue");
-	}
-	pthread_rwlock_unlock(&store.maplock);
+	if (n->state != NS_SENT)
+		return OB_DUE;
+	if (n->kind != NK_LOW_BALANCE || cf->alert_remind == 0 || !alert_still_low(txn, n))
+		return OB_DROP;
+	n->reminder++;
+	return OB_DUE;
 }
 
-/* One run: sends what is due.  Returns seconds until the next is due. */
+static const struct outbox alert_outbox = { &store.alertq, &store.notes, 16, sizeof(struct note), 0,
+	offsetof(struct note, next_attempt), "an e-mail" };
+
+/* One run: sends the e-mails that are due.  Returns seconds until the next is due. */
 static int64_t
 alert_run(const struct config *cf)
 {
-	struct due due[32];
-	unsigned char drop[32][16];
-	int ndue = 0, ndrop = 0;
-	int64_t now = now_seconds(), next = cf->alert_interval;
-	MDB_txn *txn;
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc;
+	struct note *due;
+	unsigned char keys[OUTBOX_RUN][16];
+	int64_t next = cf->alert_interval;
+	int ndue;
 
-	pthread_rwlock_rdlock(&store.maplock);
-	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) != 0) {
-		pthread_rwlock_unlock(&store.maplock);
+	if ((due = malloc(OUTBOX_RUN * sizeof(*due))) == NULL)
 		return next;
+	ndue = outbox_due(&alert_outbox, cf, note_due, due, keys, &next);
+	if (cf->smtp_url[0] == '\0') { /* no SMTP configured: they wait */
+		free(due);
+		return ndue ? cf->alert_interval : next;
 	}
-	if (mdb_cursor_open(txn, store.alertq, &cur) == 0) {
-		for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && ndue < 32 && ndrop < 32;
-		    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-			MDB_val nv;
-			struct due *d = &due[ndue];
-
-			if (k.mv_size != 16 || mdb_get(txn, store.notes, &k, &nv) != 0)
-				continue;
-			record_copy(&d->note, sizeof(d->note), nv);
-			memcpy(d->key, k.mv_data, 16);
-			if (d->note.next_attempt > now) {
-				if (d->note.next_attempt - now < next)
-					next = d->note.next_attempt - now;
-				continue;
-			}
-			if (d->note.state == NS_SENT) {
-				if (d->note.kind != NK_LOW_BALANCE || cf->alert_remind == 0 ||
-				    !alert_still_low(txn, &d->note)) {
-					memcpy(drop[ndrop++], d->key, 16);
-					continue;
-				}
-				d->note.reminder++;
-			}
-			ndue++;
-		}
-		mdb_cursor_close(cur);
-	}
-	mdb_txn_abort(txn);
-	pthread_rwlock_unlock(&store.maplock);
-
-	for (int i = 0; i < ndrop; i++)
-		alert_dequeue(drop[i]);
-	if (cf->smtp_url[0] == '\0')
-		return ndue ? cf->alert_interval : next; /* no SMTP configured: they wait */
 	for (int i = 0; i < ndue; i++) {
 		char err[256] = "";
-		int ok = alert_send(cf, &due[i], err, sizeof(err)) == 0;
+		struct outcome o = { cf, alert_send(cf, &due[i], keys[i], err, sizeof(err)) == 0, err, due[i].reminder };
 
-		if (ok)
-			log_x(L_INFO, "%s e-mail for %s sent to %s", note_kind_names[due[i].note.kind % 3],
-			    due[i].note.wallet, due[i].note.emails);
+		if (o.ok)
+			log_x(L_INFO, "%s e-mail for %s sent to %s", note_kind_names[due[i].kind % 3], due[i].wallet,
+			    due[i].emails);
 		else
-			log_x(L_WARN, "%s e-mail for %s not sent: %s", note_kind_names[due[i].note.kind % 3],
-			    due[i].note.wallet, err);
-		alert_record(cf, &due[i], ok, err);
+			log_x(L_WARN, "%s e-mail for %s not sent: %s", note_kind_names[due[i].kind % 3], due[i].wallet, err);
+		outbox_record(&alert_outbox, keys[i], note_outcome, &o);
 	}
-	return ndue == 32 ? 0 : next;
+	free(due);
+	return ndue == OUTBOX_RUN ? 0 : next;
 }
 
 /* ---- Event webhooks ---- */
@@ -12803,91 +12869,49 @@ event_post(const struct config *cf, const struct event *e, char *err, size_t err
 	return 0;
 }
 
-/* Records the outcome of an event's delivery: delivered (then it is deleted), or when to try again. */
-static void
-event_record(const struct config *cf, const unsigned char key[8], int ok, const char *err)
+/* An event's record after it was posted: delivered (then it goes: the log and notes keep the facts), or when to try again. */
+static int
+event_outcome(void *rec, const struct outcome *o)
 {
-	MDB_val k = { 8, (void *)key }, v;
-	struct event e;
-	MDB_txn *txn;
-	int rc;
+	struct event *e = rec;
 
-	pthread_rwlock_rdlock(&store.maplock);
-	if ((rc = mdb_txn_begin(store.env, NULL, 0, &txn)) != 0)
-		goto out;
-	if (ok) { /* delivered: nothing more to keep (the log and the notifications keep the facts) */
-		if ((rc = mdb_del(txn, store.events, &k, NULL)) == 0)
-			rc = mdb_del(txn, store.eventq, &k, NULL);
-	} else if ((rc = mdb_get(txn, store.events, &k, &v)) == 0 && v.mv_size <= sizeof(e)) {
-		memcpy(&e, v.mv_data, v.mv_size);
-		e.attempts++;
-		snprintf(e.last_error, sizeof(e.last_error), "%s", err);
-		e.next_attempt = retry_at(cf, e.attempts);
-		v.mv_data = &e;
-		rc = mdb_put(txn, store.events, &k, &v, 0);
-	}
-	if (rc != 0) {
-		mdb_txn_abort(txn);
-		goto out;
-	}
-	rc = store_commit(txn);
-out:
-	pthread_rwlock_unlock(&store.maplock);
-	if (rc != 0)
-		log_x(L_ERR, "cannot record an event's delivery: %s", mdb_strerror(rc));
+	if (o->ok)
+		return OB_GONE;
+	e->attempts++;
+	snprintf(e->last_error, sizeof(e->last_error), "%s", o->err);
+	e->next_attempt = retry_at(o->cf, e->attempts);
+	return OB_KEEP;
 }
 
+static const struct outbox event_outbox = { &store.eventq, &store.events, 8, sizeof(struct event), EVENT_FIXED + 1,
+	offsetof(struct event, next_attempt), "a webhook event" };
+
 /*
- * Delivers the events that are due (32 at most a run), in order, until a
- * 2xx answers each (retried with back-off, up to an hour apart: at least
- * once, with a stable id).  Returns seconds until the next is due.
+ * Delivers the events that are due (OUTBOX_RUN at most a run), in order,
+ * until a 2xx answers each (retried with back-off, up to an hour apart: at
+ * least once, with a stable id).  Returns seconds until the next is due.
  */
 static int64_t
 events_run(const struct config *cf)
 {
 	struct event *due;
-	unsigned char keys[32][8];
-	int ndue = 0;
-	int64_t now = now_seconds(), next = cf->alert_interval;
-	MDB_cursor *cur;
-	MDB_txn *txn;
-	MDB_val k, v;
-	int rc;
+	unsigned char keys[OUTBOX_RUN][16];
+	int64_t next = cf->alert_interval;
+	int ndue;
 
-	if (cf->webhook_url[0] == '\0' || (due = malloc(32 * sizeof(*due))) == NULL)
+	if (cf->webhook_url[0] == '\0' || (due = malloc(OUTBOX_RUN * sizeof(*due))) == NULL)
 		return next;
-	pthread_rwlock_rdlock(&store.maplock);
-	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) == 0) {
-		if (mdb_cursor_open(txn, store.eventq, &cur) == 0) {
-			for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && ndue < 32;
-			    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-				MDB_val ev;
-
-				if (k.mv_size != 8 || mdb_get(txn, store.events, &k, &ev) != 0 || ev.mv_size > sizeof(*due) ||
-				    ev.mv_size <= EVENT_FIXED)
-					continue;
-				memcpy(&due[ndue], ev.mv_data, ev.mv_size);
-				if (due[ndue].next_attempt > now) {
-					next = due[ndue].next_attempt - now < next ? due[ndue].next_attempt - now : next;
-					continue;
-				}
-				memcpy(keys[ndue++], k.mv_data, 8);
-			}
-			mdb_cursor_close(cur);
-		}
-		mdb_txn_abort(txn);
-	}
-	pthread_rwlock_unlock(&store.maplock);
+	ndue = outbox_due(&event_outbox, cf, NULL, due, keys, &next);
 	for (int i = 0; i < ndue; i++) {
 		char err[256] = "";
-		int ok = event_post(cf, &due[i], err, sizeof(err)) == 0;
+		struct outcome o = { cf, event_post(cf, &due[i], err, sizeof(err)) == 0, err, 0 };
 
-		if (!ok)
+		if (!o.ok)
 			log_x(L_WARN, "event %" PRIu64 " not delivered to the webhook: %s", due[i].number, err);
-		event_record(cf, keys[i], ok, err);
+		outbox_record(&event_outbox, keys[i], event_outcome, &o);
 	}
 	free(due);
-	return ndue == 32 ? 0 : next;
+	return ndue == OUTBOX_RUN ? 0 : next;
 }
 
 static void *

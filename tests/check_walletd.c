@@ -231,7 +231,7 @@ START_TEST(fx_seed_example_rounds_per_message)
 	ck_assert_int_eq(fx_apply(3500000000, rate_of("3723.40"), 1, &out), 0);
 	ck_assert_int_eq(out, 940001);   /* 0.94000107 */
 	ck_assert_int_eq(fx_apply(2686, rate_of("3723.40"), 0, &out), 0);
-	ck_assert_int_eq(out, 10001052); /* the SPEC's available: 10.001052 */
+	ck_assert_int_eq(out, 10001052); /* 0.002686 USD is 10.001052 UGX available */
 }
 END_TEST
 

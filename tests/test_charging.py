@@ -20,7 +20,7 @@ class SeedExample(DaemonTest):
             self.assertEqual(t["description"], "SMS to +256712345678 via ESMS_UG (1 seg)")
             self.assertFalse(t["replayed"])
         bal = D(d.ctl_json("balance", "acme")["balance"])
-        # Rounding is once per message (SPEC 3): 100 x 0.0094, which is the seed's own
+        # Rounding is once per message (README: Money): 100 x 0.0094, which is the billing page's own
         # 1,499.06, within 100 half-micro-units of the unrounded 1500 - 3500/3723.40.
         self.assertEqual(bal, D("1499.06"))
         self.assertLessEqual(abs(bal - (D(1500) - D(3500) / D("3723.40"))), D("0.00005"))

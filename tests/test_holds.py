@@ -1,4 +1,4 @@
-"""Holds, credit limits, spend controls and partial refunds (SPEC 12), and the
+"""Holds, credit limits, spend controls and partial refunds (README: Holds), and the
 store of the previous release upgraded in place."""
 import calendar
 import decimal

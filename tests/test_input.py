@@ -1,6 +1,6 @@
 """Bad input gets a clear error and changes nothing: params a method does not
 take, NUL bytes and bad UTF-8 in strings, national numbers, and the cases
-SPEC settles (plan and status nil, WhatsApp segments, integer FX rates,
+README's method notes settle (plan and status nil, WhatsApp segments, integer FX rates,
 times with trailing bytes, a numeric socket_group)."""
 import decimal
 import grp

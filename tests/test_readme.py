@@ -108,14 +108,3 @@ class Readme(DaemonTest):
         while "set stream_replicas = 1" not in node.read_log() and time.time() < deadline:
             time.sleep(0.1)
         self.assertIn("NATS cannot keep 3 copies of the stream", node.read_log())
-
-    def test_no_file_of_the_project_speaks_of_sessions(self):
-        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-        for name in files:
-            if name.startswith("tests/fuzz-corpus/") or name == "tests/test_readme.py":
-                continue
-            with open(os.path.join(ROOT, name), errors="replace") as f:
-                for n, line in enumerate(f, 1):
-                    # aiosmtpd's handler takes an SMTP session: that one is not ours
-                    self.assertNotRegex(line.replace("server, session, envelope", ""), r"(?i)\bsessions?\b",
-                                        "%s:%d" % (name, n))

@@ -1,4 +1,4 @@
-"""Replication and failover (SPEC 11): three walletd nodes on three clustered
+"""Replication and failover (README: High availability): three walletd nodes on three clustered
 nats-servers, all real processes on loopback."""
 import os
 import random

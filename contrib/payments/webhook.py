@@ -6,7 +6,7 @@ topup.create issued (the top-up ref is the gateway's tx_ref / reference).
 A good signature and a successful payment call topup.confirm, which credits
 the wallet exactly once however often the gateway retries.  A bad signature
 is answered 401 and changes nothing.  A failed attempt changes nothing
-either: the customer may pay again on the same checkout (SPEC 5).
+either: the customer may pay again on the same checkout.
 
 A real, successful payment that walletd did not credit is never answered
 2xx: 503 when walletd cannot take it now (unreachable, a full store, busy),
