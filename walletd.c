@@ -8,15 +8,19 @@
  * after one durable commit (group commit), and an alert thread that e-mails
  * low-balance notifications over SMTP.
  *
- * Sections, in the order data flows:
+ * Sections, each function defined before its first use (so each section
+ * reads from its helpers up to what the next sections call), with a few
+ * prototypes where a section calls into a later one (replication's are
+ * gathered at the end of section 1):
  *   1. config, process state and logging
- *   2. utilities: money, text, time
- *   3. store
- *   4. methods
- *   5. protocol and connections
- *   6. event loop, writer and helper threads
+ *   2. utilities: money, text, time, MessagePack output
+ *   3. store: layout, change capture, opening and committing, the journal
+ *      and checkpoints, wallets, events, holds, the transaction log, rates
+ *   4. methods, one m_<name> each, grouped as the README's method table
+ *   5. protocol and connections: roles, requests, frames, accepting
+ *   6. event loop, writer, syncer and the thread for slow reads
  *   7. replication (a group of nodes sharing a NATS JetStream stream)
- *   8. alert thread
+ *   8. alert thread: the outbox, e-mails and webhook events
  *   9. main
  */
 #define _GNU_SOURCE
@@ -545,6 +549,39 @@ static struct latency {
 	uint64_t n;
 	struct histogram histogram; /* of every request since start */
 } latency;
+
+/* ---- Doorways into replication (section 7) ---- */
+
+/*
+ * Replication comes after everything it builds on; these are the calls the
+ * earlier sections make into it, and why:
+ *   the store (3): store_commit, replicated, packs the commit record
+ *     (repl_prepare), publishes it (repl_send_record, outgoing_free) and
+ *     notes the stream position it reached (repl_committed);
+ *   the methods (4): status, replication.repair, and stats' replication part;
+ *   connections and the writer (5, 6): a node too far behind refuses
+ *     requests (repl_refuses), the writer hands each batch to replication
+ *     (repl_run: run as leader, or forwarded to it), answers a write
+ *     forwarded here (repl_answer), stamps answers with the stream
+ *     position (repl_applied), and ends expired holds only where this
+ *     node may write (repl_may_write: the leader).
+ */
+struct repl_pos;
+struct outgoing;
+struct call;
+struct req;
+static int repl_prepare(MDB_txn *txn, struct repl_pos *pos, struct outgoing *o);
+static int repl_send_record(struct outgoing *o);
+static void outgoing_free(struct outgoing *o);
+static void repl_committed(const struct repl_pos *pos);
+static int m_status(struct call *c);
+static int m_replication_repair(struct call *c);
+static void repl_stats_pack(msgpack_packer *pk);
+static int repl_refuses(struct req *r);
+static void repl_run(struct req *batch);
+static void repl_answer(struct req *r);
+static uint64_t repl_applied(void);
+static int repl_may_write(void);
 
 /* ====================================================================== */
 /* 2. Utilities: money, text, time                                        */
@@ -3201,10 +3238,6 @@ struct outgoing {
 	uint64_t t0;
 	char id[160];
 };
-static int repl_prepare(MDB_txn *txn, struct repl_pos *pos, struct outgoing *o);
-static int repl_send_record(struct outgoing *o);
-static void outgoing_free(struct outgoing *o);
-static void repl_committed(const struct repl_pos *pos);
 
 /* Commits a top-level write transaction: in a replicated group, once the
  * stream took its record (section 7); txn is gone either way. */
@@ -3676,6 +3709,8 @@ holds_expire(MDB_txn *txn, int64_t now)
 	mdb_cursor_close(cur);
 	return rc == MDB_NOTFOUND || rc == 0 ? 0 : rc;
 }
+
+/* ---- The transaction log ---- */
 
 /* Builds the 16-byte key BE64(a) . BE64(b) into key. */
 static MDB_val
@@ -4371,9 +4406,6 @@ struct call {
 
 typedef int (*method_fn)(struct call *);
 static const method_fn method_fns[M__COUNT]; /* the handlers, at the end of this section */
-static int m_status(struct call *c);             /* these three in section 7 */
-static int m_replication_repair(struct call *c);
-static void repl_stats_pack(msgpack_packer *pk);
 
 /*
  * What a method returns when it ran out of its budget: a read on the event
@@ -5908,8 +5940,6 @@ m_fx_list(struct call *c)
 	return E_OK;
 }
 
-/* ---- Charges ---- */
-
 /* ---- Spend controls ---- */
 
 /* The first prefix of list (comma-separated digits) that digits starts with, copied into out[16]; 0 if none. */
@@ -6046,6 +6076,8 @@ fail_limit(struct call *c)
 	return fail(c, E_LIMIT_EXCEEDED, NULL, "The wallet's %s is reached: used %s of %s", c->limit,
 	    c->limit_used, c->limit_max);
 }
+
+/* ---- Charges ---- */
 
 /*
  * Loads wallet w's hold ref for drawing on at now: unknown_hold, or
@@ -6309,6 +6341,9 @@ batch_run(struct call *c, int m)
 }
 
 static int m_charge_batch(struct call *c) { return batch_run(c, M_CHARGE); }
+
+/* ---- Pricing a campaign: precheck ---- */
+
 static uint64_t
 hash_bytes(uint64_t h, const char *p, size_t n)
 {
@@ -8658,6 +8693,8 @@ static const method_fn method_fns[M__COUNT] = {
 
 enum { RQ_WAITING, RQ_WRITER, RQ_SLOW, RQ_DONE };
 
+/* ---- Requests and connections ---- */
+
 /* One request, from its frame to its answer. */
 struct req {
 	struct req *next;         /* in its connection's FIFO */
@@ -8722,6 +8759,8 @@ struct conn {
 	struct conn *dirty_next;
 	struct conn *prev, *next;
 };
+
+/* ---- Roles ---- */
 
 /* Parses a list of user or group names / ids into ids.  Returns the count. */
 static int
@@ -8791,6 +8830,8 @@ roles_of(uid_t uid, gid_t gid)
 	}
 	return roles;
 }
+
+/* ---- Requests: run, answer, fail ---- */
 
 /* Writes a response header [1, msgid, into out. */
 static void
@@ -8918,6 +8959,8 @@ stats_count(const struct req *r)
 	latency.us[latency.n++ % LAT_RING] = (uint32_t)us;
 	histogram_add(&latency.histogram, latency_bounds, us);
 }
+
+/* ---- Connections: queues and output ---- */
 
 static void
 conn_mark_dirty(struct conn *c)
@@ -9259,12 +9302,9 @@ conn_flush(struct conn *c)
 }
 
 static void writer_submit(struct req *r);
-static void repl_answer(struct req *r);
-static void repl_run(struct req *batch);
-static int repl_may_write(void);
-static uint64_t repl_applied(void);
 static void slow_submit(struct req *r);
-static int repl_refuses(struct req *r);
+
+/* ---- Running what was read ---- */
 
 /*
  * Whether c already has its share of the writer: two commits' worth of its
@@ -9401,6 +9441,8 @@ conn_pump(struct conn *c)
 		}
 	}
 }
+
+/* ---- Frames in ---- */
 
 /* Reads the msgid from the head of a frame [0, msgid, ...: 1 if it shows. */
 static int
@@ -9555,6 +9597,8 @@ conn_drop_decoder(struct conn *c, uint64_t now)
 	}
 }
 
+/* ---- Accepting ---- */
+
 /* Answers a new connection too_many_connections; closes it unless c holds it
  * (then it lingers). */
 static void
@@ -9679,6 +9723,8 @@ conn_accept(void)
 static void alert_wake(void);
 static void alert_config_lock(void);
 static void alert_config_unlock(void);
+
+/* ---- Handing writes to the writer ---- */
 
 /* Queues r for the writer; the queue is handed over at the end of the turn. */
 static void
@@ -9905,6 +9951,8 @@ journal_drain(void)
 		pthread_cond_wait(&journal.cond, &journal.lock);
 	pthread_mutex_unlock(&journal.lock);
 }
+
+/* ---- The writer ---- */
 
 /*
  * Runs one batch in one write transaction, then one durable commit.  Each
@@ -10167,6 +10215,8 @@ writer_main(void *arg)
  */
 static _Atomic uint64_t slow_since[SLOW_MAX];
 
+/* ---- Slow reads, off the loop ---- */
+
 /* How long the oldest running helper read has been open, in ms; 0 = none. */
 static uint64_t
 slow_oldest_ms(void)
@@ -10268,6 +10318,8 @@ slow_submit(struct req *r)
 	srv.slow_tail = r;
 	slow_drain();
 }
+
+/* ---- The event loop ---- */
 
 /* Takes the answered requests back into their connections. */
 static void
@@ -12984,7 +13036,7 @@ alert_stop(void)
 }
 
 /* ====================================================================== */
-/* 8. Main                                                                */
+/* 9. Main                                                                */
 /* ====================================================================== */
 
 #ifndef WALLETD_NO_MAIN
