@@ -2,7 +2,7 @@
 #
 #   make           build walletd and walletctl
 #   make run       install what is missing, build, run walletd on ./var/
-#   make test      install what is missing, build, run every test
+#   make test      install what is missing, build, run every test (T=tests/test_x.py: one file)
 #   make install   install binaries, man pages, systemd units, the clients, the webhook
 #                  receiver and the HTTP API; make uninstall removes them
 #   make deb       the Debian package, dist/walletd_VERSION_ARCH.deb (make debtest: installed,
@@ -77,12 +77,14 @@ endef
 	$(call apt_install,$(TEST_PKGS) $(NODE_PKGS))
 	@touch $@
 
+# walletd in the foreground on ./var/db and ./var/walletd.sock, single node.
 run: all
 	@mkdir -p var
 	@echo "export WALLETD_SOCKET=$(CURDIR)/var/walletd.sock"
 	./walletd -f -d var/db -s var/walletd.sock
 
 # ---- tests --------------------------------------------------------------
+# The Check unit tests, and walletd with ASan + UBSan for the end-to-end tests.
 tests/check_walletd: tests/check_walletd.c walletd.c protocol.h .deps-test
 	$(CC) $(WARN) -Wno-unused-function $(CFLAGS) $(SANITIZE) $(PKG_CFLAGS) -o $@ tests/check_walletd.c $(PKG_LIBS) $(CHECK_LIBS)
 
@@ -92,11 +94,14 @@ tests/walletd-asan: walletd.c protocol.h .deps-test
 FUZZ_FLAGS = -max_len=65536 -timeout=10 -rss_limit_mb=4096 -malloc_limit_mb=262144
 FUZZ_ENV   = ASAN_OPTIONS=allocator_may_return_null=1
 
+# Every test (tests/README.md says which file covers what); T=tests/test_holds.py runs that file alone.
 test: all tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults.so contrib/node/node_modules
+ifeq ($(T),)
 	./tests/check_walletd
 	mkdir -p var/fuzz-corpus
 	$(FUZZ_ENV) ./tests/fuzz_walletd -max_total_time=15 $(FUZZ_FLAGS) var/fuzz-corpus tests/fuzz-corpus 2>&1 | tail -1
-	WALLETD=$(CURDIR)/tests/walletd-asan WALLETCTL=$(CURDIR)/walletctl $(PY) tests/e2e.py
+endif
+	WALLETD=$(CURDIR)/tests/walletd-asan WALLETCTL=$(CURDIR)/walletctl $(PY) tests/e2e.py $(notdir $(T))
 
 # The crash tests at length: walletd killed with SIGKILL, and its power cut, 100 times each under load.
 crashtest: all tests/walletd-asan
@@ -112,6 +117,7 @@ replicatest: all tests/walletd-asan
 	REPLICA_ROUNDS=$${REPLICA_ROUNDS:-30} WALLETD=$(CURDIR)/walletd WALLETCTL=$(CURDIR)/walletctl \
 	  $(PY) tests/e2e.py test_replication.py
 
+# The Node.js client's one dependency, for its tests.
 contrib/node/node_modules: contrib/node/package.json contrib/node/package-lock.json .deps-test
 	cd contrib/node && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
@@ -126,6 +132,7 @@ INSTALLED = $(sbindir)/walletd $(bindir)/walletctl $(mandir)/man8/walletd.8 $(ma
 	$(sharedir)/node/package.json $(sharedir)/node/index.js $(mandir)/man8/walletd-http.8 $(mandir)/man8/walletd-webhook.8
 UNITS = walletd.service walletd-webhook.service walletd-http.service walletd-metrics.service walletd-metrics.timer
 
+# Into $(DESTDIR)$(prefix) (/usr/local); uninstall removes exactly what it put.
 install: all
 	install -d $(DESTDIR)$(sbindir) $(DESTDIR)$(bindir) $(DESTDIR)$(mandir)/man8 $(DESTDIR)$(mandir)/man1 \
 	  $(DESTDIR)$(unitdir) $(DESTDIR)$(pythondir)/walletd $(DESTDIR)$(docdir) $(DESTDIR)$(libdir) \
@@ -170,6 +177,7 @@ deb: .deps-build
 debtest: deb
 	sh tests/debtest.sh dist/walletd_$(VERSION)_*.deb
 
+# What the builds and tests leave here (not ./var: a store of make run).
 clean:
 	rm -f walletd walletctl tests/check_walletd tests/walletd-asan tests/fuzz_walletd tests/faults.so .deps-build .deps-test
 	rm -rf tests/__pycache__ contrib/python/walletd/__pycache__ dist
@@ -177,15 +185,17 @@ clean:
 .PHONY: all run test crashtest weakentest replicatest install uninstall clean deb debtest
 
 # ---- benchmarks and robustness (not part of make test) -------------------
+# Throughput and latency of walletd on a temporary store (contrib/bench/README.md).
 bench: all
 	sh contrib/bench/bench.sh
 
 .PHONY: bench
 
-# libFuzzer over the frame decoder and method dispatch (clang).
+# The fault injection the tests preload: power cuts, failing and slow syncs, a set clock (tests/faults.c).
 tests/faults.so: tests/faults.c .deps-test
 	$(CC) $(WARN) -O2 -shared -fPIC -o $@ tests/faults.c -ldl
 
+# libFuzzer over the frame decoder and method dispatch (clang).
 tests/fuzz_walletd: tests/fuzz_walletd.c walletd.c protocol.h .deps-test
 	clang $(WARN) -Wno-unused-function -O1 -g -fsanitize=fuzzer,address,undefined $(PKG_CFLAGS) -o $@ tests/fuzz_walletd.c $(PKG_LIBS)
 
@@ -195,6 +205,7 @@ fuzz: tests/fuzz_walletd
 
 .PHONY: fuzz
 
+# walletd beside Redis and PostgreSQL doing the same charges, side by side in one run.
 compare: all
 	sh contrib/bench/compare.sh
 

@@ -2,6 +2,7 @@
 (checked by promtool), the textfile collector script, make install and make
 uninstall, the Python package, npm install of the Node.js package, walletd -h
 defaults and the man page against the method table."""
+import ast
 import os
 import re
 import subprocess
@@ -115,7 +116,41 @@ class Install(DaemonTest):
         self.assertEqual(left, [])
 
 
+def mentions(source, method):
+    """Whether a test's source calls method: by its wire name, walletctl's words or the Python client."""
+    words = method.split(".")
+    patterns = [r"\.%s\(" % method.replace(".", "_"), r'(ctl_json|ctl|call)\(\s*"%s"' % re.escape(method)]
+    if len(words) == 2:
+        patterns += [r'"%s"' % re.escape(method), r'"%s",\s*"%s"' % tuple(words)]
+    return any(re.search(p, source) for p in patterns)
+
+
+def test_sources():
+    """{file.Class.test: its source} of every end-to-end test."""
+    out = {}
+    for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+        if name.startswith("test_") and name.endswith(".py"):
+            with open(os.path.join(ROOT, "tests", name)) as f:
+                src = f.read()
+            for node in ast.parse(src).body:
+                for fn in node.body if isinstance(node, ast.ClassDef) else []:
+                    if isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_"):
+                        out["%s.%s.%s" % (name[:-3], node.name, fn.name)] = ast.get_source_segment(src, fn)
+    return out
+
+
 class Docs(DaemonTest):
+    def test_every_method_has_tests_named_in_the_tests_readme(self):
+        with open(os.path.join(ROOT, "tests", "README.md")) as f:
+            table = dict(re.findall(r"^\| `([a-z.]+)` \| (.*) \|$", f.read(), re.M))
+        sources = test_sources()
+        for method in methods():
+            named = [t.strip() for t in table.get(method, "").split(",") if t.strip()]
+            self.assertTrue(named, "no test named for %s in tests/README.md" % method)
+            for test in named:
+                self.assertIn(test, sources, method)
+                self.assertTrue(mentions(sources[test], method), "%s does not call %s" % (test, method))
+
     def test_the_version_is_protocol_hs_everywhere(self):
         with open(os.path.join(ROOT, "protocol.h")) as f:
             version = re.search(r'#define WALLETD_VERSION "([^"]+)"', f.read()).group(1)
