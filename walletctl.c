@@ -1846,31 +1846,31 @@ bench_pack_charge(msgpack_packer *pk, const char *run, uint32_t w, uint64_t seq)
 		pk_kv(pk, "hold", "bench");
 }
 
-static int
-cmd_bench(int argc, char **argv)
-{
-	unsigned conns = 16, depth = 1, batch = 0, wallets = 100, recipients = 100000;
-	uint64_t total = 100000, sent = 0, done = 0, ok_charges = 0, errors[E__COUNT] = { 0 }, *lat;
-	const char *method = "charge";
-	char run[16], buf[64];
-	struct bench_conn *bc;
-	struct epoll_event *evs;
-	unsigned *ready, nready;
-	int ep;
-	msgpack_sbuffer sb, precheck_params;
-	msgpack_packer pk;
-	msgpack_unpacked resp;
-	const msgpack_object *res;
-	uint64_t *charged, t0, t1;
+/* One run of walletctl bench: its options, then what it measured. */
+struct bench {
+	unsigned conns, depth, batch, wallets, recipients;
+	uint64_t total;
+	const char *method;
+	int json, controls;
+	char run[16];                /* names the run's plan bench-RUN and wallets bench-RUN-N */
+	msgpack_sbuffer precheck;    /* precheck's params, packed once and sent as they are */
+	uint64_t *charged;           /* answered charges, per wallet */
+	uint64_t *lat, done, ok_charges, errors[E__COUNT];
+	double secs;
 	struct bench_counts n0, n1;
-	int json = json_output, failed = 0, controls = 0;
-	unsigned retire_failed = 0;
+};
 
+/* Reads bench's options into b.  Returns EXIT_OK, or EXIT_USAGE after saying how. */
+static int
+bench_options(struct bench *b, int argc, char **argv)
+{
+	*b = (struct bench){ .conns = 16, .depth = 1, .wallets = 100, .recipients = 100000, .total = 100000,
+		.method = "charge", .json = json_output };
 	for (int i = 0; i < argc; i++) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 
 		if (strcmp(a, "--json") == 0) {
-			json = 1;
+			b->json = 1;
 			continue;
 		}
 		if (strcmp(a, "--random-refs") == 0) {
@@ -1882,7 +1882,7 @@ cmd_bench(int argc, char **argv)
 			continue;
 		}
 		if (strcmp(a, "--controls") == 0) {
-			controls = 1;
+			b->controls = 1;
 			continue;
 		}
 		if (v == NULL) {
@@ -1891,48 +1891,54 @@ cmd_bench(int argc, char **argv)
 		}
 		i++;
 		if (strcmp(a, "-c") == 0)
-			conns = (unsigned)atoi(v);
+			b->conns = (unsigned)atoi(v);
 		else if (strcmp(a, "-n") == 0)
-			total = strtoull(v, NULL, 10);
+			b->total = strtoull(v, NULL, 10);
 		else if (strcmp(a, "-P") == 0)
-			depth = (unsigned)atoi(v);
+			b->depth = (unsigned)atoi(v);
 		else if (strcmp(a, "--batch") == 0)
-			batch = (unsigned)atoi(v);
+			b->batch = (unsigned)atoi(v);
 		else if (strcmp(a, "--method") == 0)
-			method = v;
+			b->method = v;
 		else if (strcmp(a, "--wallets") == 0)
-			wallets = (unsigned)atoi(v);
+			b->wallets = (unsigned)atoi(v);
 		else if (strcmp(a, "--recipients") == 0)
-			recipients = (unsigned)atoi(v);
+			b->recipients = (unsigned)atoi(v);
 		else {
 			bench_usage(stderr);
 			return EXIT_USAGE;
 		}
 	}
-	if (conns == 0 || depth == 0 || wallets == 0 || total == 0 ||
-	    (strcmp(method, "charge") && strcmp(method, "precheck") && strcmp(method, "balance") &&
-	    strcmp(method, "history") && strcmp(method, "lookup")))
+	if (b->conns == 0 || b->depth == 0 || b->wallets == 0 || b->total == 0 ||
+	    (strcmp(b->method, "charge") && strcmp(b->method, "precheck") && strcmp(b->method, "balance") &&
+	    strcmp(b->method, "history") && strcmp(b->method, "lookup")))
 		die(EXIT_USAGE, "bench: bad options (see: walletctl help bench)");
-	if (batch)
-		method = "charge.batch";
-	if (strcmp(method, "lookup") == 0)
-		method = "rate.lookup";
-	snprintf(run, sizeof(run), "%x%04x", (unsigned)time(NULL) & 0xffffff, (unsigned)getpid() & 0xffff);
-	{
-		struct timespec ts;
+	if (b->batch)
+		b->method = "charge.batch";
+	if (strcmp(b->method, "lookup") == 0)
+		b->method = "rate.lookup";
+	return EXIT_OK;
+}
 
-		clock_gettime(CLOCK_REALTIME, &ts);
-		bench_ref_base = (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-	}
+/*
+ * Sets the run up: a plan of its own with one rate, its wallets (each
+ * credited 1,000,000,000, half of it held with --hold, every spend control
+ * set with --controls), 200 charges a wallet for history to page through,
+ * and precheck's campaign.
+ */
+static void
+bench_setup(struct bench *b)
+{
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	msgpack_unpacked resp;
+	char plan[32], wallet[64];
 
-	if ((charged = calloc(wallets, sizeof(*charged))) == NULL)
-		die(EXIT_ERROR, "out of memory");
-	/* Set-up: a plan, a rate and wallets of our own. */
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	snprintf(buf, sizeof(buf), "bench-%s", run);
+	snprintf(plan, sizeof(plan), "bench-%s", b->run);
 	msgpack_pack_map(&pk, 6);
-	pk_kv(&pk, "plan", buf);
+	pk_kv(&pk, "plan", plan);
 	pk_kv(&pk, "channel", "sms");
 	pk_kv(&pk, "prefix", "1");
 	pk_kv(&pk, "route", "");
@@ -1940,16 +1946,14 @@ cmd_bench(int argc, char **argv)
 	pk_kv(&pk, "currency", "USD");
 	bench_call("rate.set", &sb, &resp);
 	msgpack_unpacked_destroy(&resp);
-	for (unsigned w = 0; w < wallets; w++) {
-		char wallet[64];
-
-		snprintf(wallet, sizeof(wallet), "bench-%s-%u", run, w);
+	for (unsigned w = 0; w < b->wallets; w++) {
+		snprintf(wallet, sizeof(wallet), "bench-%s-%u", b->run, w);
 		msgpack_sbuffer_clear(&sb);
-		msgpack_pack_map(&pk, 3 + 4 * controls);
+		msgpack_pack_map(&pk, 3 + 4 * b->controls);
 		pk_kv(&pk, "wallet", wallet);
 		pk_kv(&pk, "currency", "USD");
-		pk_kv(&pk, "plan", buf);
-		if (controls) { /* every control set, none reached: what checking them costs */
+		pk_kv(&pk, "plan", plan);
+		if (b->controls) { /* every control set, none reached: what checking them costs */
 			pk_kv(&pk, "daily_limit", "1000000000");
 			msgpack_pack_str_with_body(&pk, "hourly_messages", 15);
 			msgpack_pack_uint32(&pk, UINT32_MAX);
@@ -1982,47 +1986,129 @@ cmd_bench(int argc, char **argv)
 			msgpack_unpacked_destroy(&resp);
 		}
 	}
-	/* history pages through a wallet with a history: 200 charges each first. */
-	if (strcmp(method, "history") == 0)
-		for (unsigned w = 0; w < wallets; w++) {
+	if (strcmp(b->method, "history") == 0)
+		for (unsigned w = 0; w < b->wallets; w++) {
 			msgpack_sbuffer_clear(&sb);
 			msgpack_pack_map(&pk, 1);
 			msgpack_pack_str_with_body(&pk, "items", 5);
 			msgpack_pack_array(&pk, 200);
 			for (unsigned k = 0; k < 200; k++)
-				bench_pack_charge(&pk, run, w, (uint64_t)w * 200 + k + (1ull << 40));
+				bench_pack_charge(&pk, b->run, w, (uint64_t)w * 200 + k + (1ull << 40));
 			bench_call("charge.batch", &sb, &resp);
-			charged[w] += 200;
+			b->charged[w] += 200;
 			msgpack_unpacked_destroy(&resp);
 		}
-	/* A precheck campaign is packed once and sent as is. */
-	msgpack_sbuffer_init(&precheck_params);
-	if (strcmp(method, "precheck") == 0) {
-		msgpack_packer ppk;
-
-		msgpack_packer_init(&ppk, &precheck_params, msgpack_sbuffer_write);
-		snprintf(buf, sizeof(buf), "bench-%s-0", run);
-		msgpack_pack_map(&ppk, 3);
-		pk_kv(&ppk, "wallet", buf);
-		pk_kv(&ppk, "channel", "sms");
-		msgpack_pack_str_with_body(&ppk, "recipients", 10);
-		msgpack_pack_array(&ppk, recipients);
-		for (unsigned r = 0; r < recipients; r++) {
-			snprintf(buf, sizeof(buf), "+1%010u", r * 7919u % 1000000000u);
-			msgpack_pack_str_with_body(&ppk, buf, strlen(buf));
+	msgpack_sbuffer_destroy(&sb);
+	msgpack_sbuffer_init(&b->precheck);
+	if (strcmp(b->method, "precheck") == 0) {
+		msgpack_packer_init(&pk, &b->precheck, msgpack_sbuffer_write);
+		snprintf(wallet, sizeof(wallet), "bench-%s-0", b->run);
+		msgpack_pack_map(&pk, 3);
+		pk_kv(&pk, "wallet", wallet);
+		pk_kv(&pk, "channel", "sms");
+		msgpack_pack_str_with_body(&pk, "recipients", 10);
+		msgpack_pack_array(&pk, b->recipients);
+		for (unsigned r = 0; r < b->recipients; r++) {
+			snprintf(wallet, sizeof(wallet), "+1%010u", r * 7919u % 1000000000u);
+			msgpack_pack_str_with_body(&pk, wallet, strlen(wallet));
 		}
 	}
-	n0 = bench_counts();
+}
 
-	bc = calloc(conns, sizeof(*bc));
-	evs = calloc(conns, sizeof(*evs));
-	ready = calloc(conns, sizeof(*ready));
-	lat = calloc(total, sizeof(*lat));
-	if (!bc || !evs || !ready || !lat)
+/* Packs request number sent (to wallet w) of the run's method into out. */
+static void
+bench_pack_request(struct bench *b, msgpack_sbuffer *out, uint32_t msgid, uint32_t w, uint64_t sent)
+{
+	msgpack_packer pk;
+	char buf[64];
+
+	msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
+	msgpack_pack_array(&pk, 4);
+	msgpack_pack_int(&pk, 0);
+	msgpack_pack_uint32(&pk, msgid);
+	msgpack_pack_str_with_body(&pk, b->method, strlen(b->method));
+	msgpack_pack_array(&pk, 1);
+	if (strcmp(b->method, "charge") == 0) {
+		bench_pack_charge(&pk, b->run, w, sent);
+	} else if (b->batch) {
+		msgpack_pack_map(&pk, 1);
+		msgpack_pack_str_with_body(&pk, "items", 5);
+		msgpack_pack_array(&pk, b->batch);
+		for (unsigned k = 0; k < b->batch; k++)
+			bench_pack_charge(&pk, b->run, w, sent * b->batch + k);
+	} else if (strcmp(b->method, "precheck") == 0) {
+		msgpack_sbuffer_write(out, b->precheck.data, b->precheck.size);
+	} else if (strcmp(b->method, "rate.lookup") == 0) {
+		snprintf(buf, sizeof(buf), "bench-%s-%u", b->run, w);
+		msgpack_pack_map(&pk, 3);
+		pk_kv(&pk, "wallet", buf);
+		pk_kv(&pk, "channel", "sms");
+		snprintf(buf, sizeof(buf), "+1%010" PRIu64, sent * 7919u % 10000000000u);
+		pk_kv(&pk, "to", buf);
+	} else {
+		snprintf(buf, sizeof(buf), "bench-%s-%u", b->run, w);
+		msgpack_pack_map(&pk, strcmp(b->method, "history") == 0 ? 2 : 1);
+		pk_kv(&pk, "wallet", buf);
+		if (strcmp(b->method, "history") == 0) {
+			msgpack_pack_str_with_body(&pk, "limit", 5);
+			msgpack_pack_int(&pk, 50);
+		}
+	}
+}
+
+/* Counts an error answer (or a charge.batch item's error) by its code. */
+static void
+bench_count_error(struct bench *b, const msgpack_object *err)
+{
+	const msgpack_object *code = map_get(err, "code");
+	int e = code ? error_find(code->via.str.ptr, code->via.str.size) : -1;
+
+	b->errors[e > 0 ? e : E_INTERNAL]++;
+}
+
+/* Counts answer o to a request for wallet w: an error by its code, charges by wallet. */
+static void
+bench_answer(struct bench *b, const msgpack_object *o, uint32_t w)
+{
+	const msgpack_object *err = &o->via.array.ptr[2], *results;
+
+	if (err->type != MSGPACK_OBJECT_NIL) {
+		bench_count_error(b, err);
+	} else if (strcmp(b->method, "charge") == 0) {
+		b->ok_charges++;
+		b->charged[w]++;
+	} else if (b->batch && (results = map_get(&o->via.array.ptr[3], "results")) != NULL) {
+		for (uint32_t k = 0; k < results->via.array.size; k++) {
+			const msgpack_object *ie = map_get(&results->via.array.ptr[k], "error");
+
+			if (ie) {
+				bench_count_error(b, ie);
+			} else {
+				b->ok_charges++;
+				b->charged[w]++;
+			}
+		}
+	}
+}
+
+/*
+ * The load: b->conns connections, each keeping b->depth requests in flight,
+ * until b->total are answered; each answer's latency in b->lat.
+ */
+static void
+bench_load(struct bench *b)
+{
+	struct bench_conn *bc = calloc(b->conns, sizeof(*bc));
+	struct epoll_event *evs = calloc(b->conns, sizeof(*evs));
+	unsigned *ready = calloc(b->conns, sizeof(*ready)), nready = b->conns, depth = b->depth;
+	uint64_t sent = 0, t0;
+	int ep;
+
+	if (!bc || !evs || !ready || (b->lat = calloc(b->total, sizeof(*b->lat))) == NULL)
 		die(EXIT_ERROR, "out of memory");
 	if ((ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
 		die(EXIT_ERROR, "bench: epoll: %s", strerror(errno));
-	for (unsigned i = 0; i < conns; i++) {
+	for (unsigned i = 0; i < b->conns; i++) {
 		const char *why, *path = socket_pick(&why);
 
 		if ((bc[i].fd = sock_connect(path)) < 0)
@@ -2035,204 +2121,58 @@ cmd_bench(int argc, char **argv)
 			die(EXIT_ERROR, "bench: epoll: %s", strerror(errno));
 		ready[i] = i;
 	}
-	nready = conns;
 	t0 = mono_ns();
-	while (done < total) {
+	while (b->done < b->total) {
 		int nev;
 
 		/* Fill the pipelines of the connections that just had answers (all, at first). */
 		for (unsigned q = 0; q < nready; q++) {
-			unsigned i = ready[q];
+			struct bench_conn *c = &bc[ready[q]];
 			msgpack_sbuffer out;
-			msgpack_packer opk;
 
 			msgpack_sbuffer_init(&out);
-			msgpack_packer_init(&opk, &out, msgpack_sbuffer_write);
-			while (bc[i].inflight < (int)depth && sent < total) {
-				uint32_t id = bc[i].next_msgid++;
-				uint32_t w = (uint32_t)(sent % wallets);
+			while (c->inflight < (int)depth && sent < b->total) {
+				uint32_t id = c->next_msgid++, w = (uint32_t)(sent % b->wallets);
 
-				msgpack_pack_array(&opk, 4);
-				msgpack_pack_int(&opk, 0);
-				msgpack_pack_uint32(&opk, id);
-				msgpack_pack_str_with_body(&opk, method, strlen(method));
-				msgpack_pack_array(&opk, 1);
-				if (strcmp(method, "charge") == 0) {
-					bench_pack_charge(&opk, run, w, sent);
-				} else if (batch) {
-					msgpack_pack_map(&opk, 1);
-					msgpack_pack_str_with_body(&opk, "items", 5);
-					msgpack_pack_array(&opk, batch);
-					for (unsigned k = 0; k < batch; k++)
-						bench_pack_charge(&opk, run, w, sent * batch + k);
-				} else if (strcmp(method, "precheck") == 0) {
-					msgpack_sbuffer_write(&out, precheck_params.data, precheck_params.size);
-				} else if (strcmp(method, "rate.lookup") == 0) {
-					snprintf(buf, sizeof(buf), "bench-%s-%u", run, w);
-					msgpack_pack_map(&opk, 3);
-					pk_kv(&opk, "wallet", buf);
-					pk_kv(&opk, "channel", "sms");
-					snprintf(buf, sizeof(buf), "+1%010" PRIu64, sent * 7919u % 10000000000u);
-					pk_kv(&opk, "to", buf);
-				} else {
-					snprintf(buf, sizeof(buf), "bench-%s-%u", run, w);
-					msgpack_pack_map(&opk, strcmp(method, "history") == 0 ? 2 : 1);
-					pk_kv(&opk, "wallet", buf);
-					if (strcmp(method, "history") == 0) {
-						msgpack_pack_str_with_body(&opk, "limit", 5);
-						msgpack_pack_int(&opk, 50);
-					}
-				}
-				bc[i].sent_at[id % depth] = mono_ns();
-				bc[i].wallet_of[id % depth] = w;
-				bc[i].inflight++;
+				bench_pack_request(b, &out, id, w, sent);
+				c->sent_at[id % depth] = mono_ns();
+				c->wallet_of[id % depth] = w;
+				c->inflight++;
 				sent++;
 			}
-			if (out.size && send_all(bc[i].fd, out.data, out.size, -1) != 0)
+			if (out.size && send_all(c->fd, out.data, out.size, -1) != 0)
 				die(EXIT_CONNECT, "bench: walletd went away");
 			msgpack_sbuffer_destroy(&out);
 		}
-		if ((nev = epoll_wait(ep, evs, (int)conns, 10000)) <= 0)
+		if ((nev = epoll_wait(ep, evs, (int)b->conns, 10000)) <= 0)
 			die(EXIT_ERROR, "bench: no answer for 10 s");
 		nready = (unsigned)nev;
 		for (unsigned q = 0; q < nready; q++) {
-			unsigned i = ready[q] = evs[q].data.u32;
+			struct bench_conn *c = &bc[ready[q] = evs[q].data.u32];
 			msgpack_unpacked msg;
 			ssize_t n;
 
-			msgpack_unpacker_reserve_buffer(&bc[i].up, 1 << 16);
-			n = read(bc[i].fd, msgpack_unpacker_buffer(&bc[i].up), msgpack_unpacker_buffer_capacity(&bc[i].up));
+			msgpack_unpacker_reserve_buffer(&c->up, 1 << 16);
+			n = read(c->fd, msgpack_unpacker_buffer(&c->up), msgpack_unpacker_buffer_capacity(&c->up));
 			if (n <= 0)
 				die(EXIT_CONNECT, "bench: walletd closed a connection");
-			msgpack_unpacker_buffer_consumed(&bc[i].up, (size_t)n);
+			msgpack_unpacker_buffer_consumed(&c->up, (size_t)n);
 			msgpack_unpacked_init(&msg);
-			while (msgpack_unpacker_next(&bc[i].up, &msg) == MSGPACK_UNPACK_SUCCESS) {
-				const msgpack_object *o = &msg.data, *err, *result;
+			while (msgpack_unpacker_next(&c->up, &msg) == MSGPACK_UNPACK_SUCCESS) {
 				uint32_t id;
 
-				if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 4)
+				if (msg.data.type != MSGPACK_OBJECT_ARRAY || msg.data.via.array.size != 4)
 					die(EXIT_ERROR, "bench: not a response");
-				id = (uint32_t)o->via.array.ptr[1].via.u64;
-				err = &o->via.array.ptr[2];
-				result = &o->via.array.ptr[3];
-				lat[done++] = mono_ns() - bc[i].sent_at[id % depth];
-				bc[i].inflight--;
-				if (err->type != MSGPACK_OBJECT_NIL) {
-					const msgpack_object *code = map_get(err, "code");
-					int e = code ? error_find(code->via.str.ptr, code->via.str.size) : -1;
-
-					errors[e > 0 ? e : E_INTERNAL]++;
-					continue;
-				}
-				if (strcmp(method, "charge") == 0) {
-					ok_charges++;
-					charged[bc[i].wallet_of[id % depth]]++;
-				} else if (batch) {
-					const msgpack_object *results = map_get(result, "results");
-
-					for (uint32_t k = 0; results && k < results->via.array.size; k++) {
-						const msgpack_object *ie = map_get(&results->via.array.ptr[k], "error");
-
-						if (ie) {
-							const msgpack_object *code = map_get(ie, "code");
-							int e = code ? error_find(code->via.str.ptr, code->via.str.size) : -1;
-
-							errors[e > 0 ? e : E_INTERNAL]++;
-						} else {
-							ok_charges++;
-							charged[bc[i].wallet_of[id % depth]]++;
-						}
-					}
-				}
+				id = (uint32_t)msg.data.via.array.ptr[1].via.u64;
+				b->lat[b->done++] = mono_ns() - c->sent_at[id % depth];
+				c->inflight--;
+				bench_answer(b, &msg.data, c->wallet_of[id % depth]);
 			}
 			msgpack_unpacked_destroy(&msg);
 		}
 	}
-	t1 = mono_ns();
-	n1 = bench_counts();
-
-	/* Self-check: each wallet lost exactly 0.001 per successful charge. */
-	for (unsigned w = 0; w < wallets; w++) {
-		char wallet[64];
-		const msgpack_object *b;
-		int64_t have = -1, want = 1000000000LL * MICRO - (int64_t)charged[w] * 1000;
-
-		snprintf(wallet, sizeof(wallet), "bench-%s-%u", run, w);
-		msgpack_sbuffer_clear(&sb);
-		msgpack_pack_map(&pk, 1);
-		pk_kv(&pk, "wallet", wallet);
-		res = bench_call("balance", &sb, &resp);
-		b = map_get(res, "balance");
-		if (b && b->type == MSGPACK_OBJECT_STR && amount_parse(b->via.str.ptr, b->via.str.size, &have) != 0)
-			have = -1;
-		if (have != want) {
-			fprintf(stderr, "bench: self-check FAILED: %s holds %.*s, expected %s\n", wallet,
-			    have >= 0 ? (int)b->via.str.size : 0, have >= 0 ? b->via.str.ptr : "",
-			    amount_format(want, buf, 0));
-			failed = 1;
-		}
-		msgpack_unpacked_destroy(&resp);
-		retire_failed += have < 0 || bench_retire(wallet, have) != 0;
-	}
-	msgpack_sbuffer_clear(&sb);
-	msgpack_pack_map(&pk, 4);
-	snprintf(buf, sizeof(buf), "bench-%s", run);
-	pk_kv(&pk, "plan", buf);
-	pk_kv(&pk, "channel", "sms");
-	pk_kv(&pk, "prefix", "1");
-	pk_kv(&pk, "route", "");
-	retire_failed += bench_try("rate.delete", &sb, &resp) == NULL;
-	msgpack_unpacked_destroy(&resp);
-	if (retire_failed)
-		fprintf(stderr, "bench: not all of this run's wallets (bench-%s-*) and its rate (plan bench-%s) "
-		    "could be retired; debit and freeze them by hand\n", run, run);
-	qsort(lat, done, sizeof(*lat), cmp_u64);
-	{
-		double secs = (double)(t1 - t0) / 1e9;
-		double pct[5] = { 0.50, 0.90, 0.99, 0.999, 1.0 };
-		const char *names[5] = { "p50", "p90", "p99", "p999", "max" };
-		double ms[5];
-		uint64_t nerr = 0, commits = n1.commits - n0.commits;
-		double per = commits ? 1.0 / (double)commits : 0.0;
-		double mean_batch = (double)(n1.requests - n0.requests) * per;
-		double batch_us = (n1.batch_us - n0.batch_us) * per, commit_us = (n1.commit_us - n0.commit_us) * per;
-
-		for (int k = 0; k < 5; k++)
-			ms[k] = (double)lat[(size_t)(pct[k] * (double)(done - 1) + 0.5)] / 1e6;
-		for (int e = 1; e < E__COUNT; e++)
-			nerr += errors[e];
-		if (json) {
-			printf("{\"method\": \"%s\", \"connections\": %u, \"pipeline\": %u, \"batch\": %u, "
-			    "\"requests\": %" PRIu64 ", \"seconds\": %.3f, \"requests_per_s\": %.0f, "
-			    "\"charges_per_s\": %.0f, \"commits_per_s\": %.0f, \"mean_batch\": %.1f, "
-			    "\"mean_batch_us\": %.0f, \"mean_commit_us\": %.0f, \"latency_ms\": {",
-			    method, conns, depth, batch, done, secs, (double)done / secs, (double)ok_charges / secs,
-			    (double)commits / secs, mean_batch, batch_us, commit_us);
-			for (int k = 0; k < 5; k++)
-				printf("%s\"%s\": %.3f", k ? ", " : "", names[k], ms[k]);
-			printf("}, \"errors\": {");
-			for (int e = 1, first = 1; e < E__COUNT; e++)
-				if (errors[e]) {
-					printf("%s\"%s\": %" PRIu64, first ? "" : ", ", error_name(e), errors[e]);
-					first = 0;
-				}
-			printf("}, \"self_check\": %s}\n", failed ? "false" : "true");
-		} else {
-			printf("%s: %" PRIu64 " requests, %u connections, pipeline %u%s in %.2f s\n", method, done,
-			    conns, depth, batch ? ", batches" : "", secs);
-			printf("  %.0f requests/s, %.0f charges/s\n", (double)done / secs, (double)ok_charges / secs);
-			printf("  latency ms: p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n",
-			    ms[0], ms[1], ms[2], ms[3], ms[4]);
-			printf("  commits/s %.0f, mean batch %.1f requests, %.0f us a batch of which %.0f us "
-			    "its durable commit\n", (double)commits / secs, mean_batch, batch_us, commit_us);
-			printf("  errors: %" PRIu64, nerr);
-			for (int e = 1; e < E__COUNT; e++)
-				if (errors[e])
-					printf(" %s=%" PRIu64, error_name(e), errors[e]);
-			printf("\n  self-check: %s\n", failed ? "FAILED" : "balances match the answered charges");
-		}
-	}
-	for (unsigned i = 0; i < conns; i++) {
+	b->secs = (double)(mono_ns() - t0) / 1e9;
+	for (unsigned i = 0; i < b->conns; i++) {
 		close(bc[i].fd);
 		msgpack_unpacker_destroy(&bc[i].up);
 		free(bc[i].sent_at);
@@ -2242,10 +2182,133 @@ cmd_bench(int argc, char **argv)
 	free(evs);
 	free(ready);
 	close(ep);
-	free(lat);
-	free(charged);
+}
+
+/*
+ * The self-check, then the clean-up: each wallet lost exactly 0.001 per
+ * answered charge; then each is retired and the plan's rate deleted.
+ * Returns 1 when the check failed.
+ */
+static int
+bench_check(struct bench *b)
+{
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	msgpack_unpacked resp;
+	char wallet[64], buf[48];
+	unsigned retire_failed = 0;
+	int failed = 0;
+
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	for (unsigned w = 0; w < b->wallets; w++) {
+		const msgpack_object *bal;
+		int64_t have = -1, want = 1000000000LL * MICRO - (int64_t)b->charged[w] * 1000;
+
+		snprintf(wallet, sizeof(wallet), "bench-%s-%u", b->run, w);
+		msgpack_sbuffer_clear(&sb);
+		msgpack_pack_map(&pk, 1);
+		pk_kv(&pk, "wallet", wallet);
+		bal = map_get(bench_call("balance", &sb, &resp), "balance");
+		if (bal && bal->type == MSGPACK_OBJECT_STR && amount_parse(bal->via.str.ptr, bal->via.str.size, &have) != 0)
+			have = -1;
+		if (have != want) {
+			fprintf(stderr, "bench: self-check FAILED: %s holds %.*s, expected %s\n", wallet,
+			    have >= 0 ? (int)bal->via.str.size : 0, have >= 0 ? bal->via.str.ptr : "",
+			    amount_format(want, buf, 0));
+			failed = 1;
+		}
+		msgpack_unpacked_destroy(&resp);
+		retire_failed += have < 0 || bench_retire(wallet, have) != 0;
+	}
+	msgpack_sbuffer_clear(&sb);
+	msgpack_pack_map(&pk, 4);
+	snprintf(wallet, sizeof(wallet), "bench-%s", b->run);
+	pk_kv(&pk, "plan", wallet);
+	pk_kv(&pk, "channel", "sms");
+	pk_kv(&pk, "prefix", "1");
+	pk_kv(&pk, "route", "");
+	retire_failed += bench_try("rate.delete", &sb, &resp) == NULL;
+	msgpack_unpacked_destroy(&resp);
 	msgpack_sbuffer_destroy(&sb);
-	msgpack_sbuffer_destroy(&precheck_params);
+	if (retire_failed)
+		fprintf(stderr, "bench: not all of this run's wallets (bench-%s-*) and its rate (plan bench-%s) "
+		    "could be retired; debit and freeze them by hand\n", b->run, b->run);
+	return failed;
+}
+
+/* Prints what the run measured, as a table or (--json) one JSON object. */
+static void
+bench_report(struct bench *b, int failed)
+{
+	static const double pct[5] = { 0.50, 0.90, 0.99, 0.999, 1.0 };
+	static const char *const names[5] = { "p50", "p90", "p99", "p999", "max" };
+	double ms[5], secs = b->secs;
+	uint64_t nerr = 0, commits = b->n1.commits - b->n0.commits;
+	double per = commits ? 1.0 / (double)commits : 0.0;
+	double mean_batch = (double)(b->n1.requests - b->n0.requests) * per;
+	double batch_us = (b->n1.batch_us - b->n0.batch_us) * per, commit_us = (b->n1.commit_us - b->n0.commit_us) * per;
+
+	qsort(b->lat, b->done, sizeof(*b->lat), cmp_u64);
+	for (int k = 0; k < 5; k++)
+		ms[k] = (double)b->lat[(size_t)(pct[k] * (double)(b->done - 1) + 0.5)] / 1e6;
+	for (int e = 1; e < E__COUNT; e++)
+		nerr += b->errors[e];
+	if (b->json) {
+		printf("{\"method\": \"%s\", \"connections\": %u, \"pipeline\": %u, \"batch\": %u, "
+		    "\"requests\": %" PRIu64 ", \"seconds\": %.3f, \"requests_per_s\": %.0f, "
+		    "\"charges_per_s\": %.0f, \"commits_per_s\": %.0f, \"mean_batch\": %.1f, "
+		    "\"mean_batch_us\": %.0f, \"mean_commit_us\": %.0f, \"latency_ms\": {",
+		    b->method, b->conns, b->depth, b->batch, b->done, secs, (double)b->done / secs,
+		    (double)b->ok_charges / secs, (double)commits / secs, mean_batch, batch_us, commit_us);
+		for (int k = 0; k < 5; k++)
+			printf("%s\"%s\": %.3f", k ? ", " : "", names[k], ms[k]);
+		printf("}, \"errors\": {");
+		for (int e = 1, first = 1; e < E__COUNT; e++)
+			if (b->errors[e]) {
+				printf("%s\"%s\": %" PRIu64, first ? "" : ", ", error_name(e), b->errors[e]);
+				first = 0;
+			}
+		printf("}, \"self_check\": %s}\n", failed ? "false" : "true");
+		return;
+	}
+	printf("%s: %" PRIu64 " requests, %u connections, pipeline %u%s in %.2f s\n", b->method, b->done,
+	    b->conns, b->depth, b->batch ? ", batches" : "", secs);
+	printf("  %.0f requests/s, %.0f charges/s\n", (double)b->done / secs, (double)b->ok_charges / secs);
+	printf("  latency ms: p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n", ms[0], ms[1], ms[2], ms[3], ms[4]);
+	printf("  commits/s %.0f, mean batch %.1f requests, %.0f us a batch of which %.0f us "
+	    "its durable commit\n", (double)commits / secs, mean_batch, batch_us, commit_us);
+	printf("  errors: %" PRIu64, nerr);
+	for (int e = 1; e < E__COUNT; e++)
+		if (b->errors[e])
+			printf(" %s=%" PRIu64, error_name(e), b->errors[e]);
+	printf("\n  self-check: %s\n", failed ? "FAILED" : "balances match the answered charges");
+}
+
+/* walletctl bench: set up, load, check and retire, report (walletctl help bench). */
+static int
+cmd_bench(int argc, char **argv)
+{
+	struct bench b;
+	struct timespec ts;
+	int rc, failed;
+
+	if ((rc = bench_options(&b, argc, argv)) != EXIT_OK)
+		return rc;
+	snprintf(b.run, sizeof(b.run), "%x%04x", (unsigned)time(NULL) & 0xffffff, (unsigned)getpid() & 0xffff);
+	clock_gettime(CLOCK_REALTIME, &ts);
+	bench_ref_base = (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+	if ((b.charged = calloc(b.wallets, sizeof(*b.charged))) == NULL)
+		die(EXIT_ERROR, "out of memory");
+	bench_setup(&b);
+	b.n0 = bench_counts();
+	bench_load(&b);
+	b.n1 = bench_counts();
+	failed = bench_check(&b);
+	bench_report(&b, failed);
+	free(b.lat);
+	free(b.charged);
+	msgpack_sbuffer_destroy(&b.precheck);
 	return failed ? EXIT_ERROR : EXIT_OK;
 }
 
