@@ -229,7 +229,7 @@ class Failover(ReplicationTest):
             time.sleep(1)
         answered = self.load(kill_leader)
         self.assertNotEqual(self.leader, old)
-        print("\n    failover (leader SIGKILL -> first write answered): %.2f s with lease_ttl %s s" % (
+        print("\n    failover (leader SIGKILL -> first write answered): %.2f s with lease_ttl %s" % (
             times[0], self.g.nodes[0].config.get("lease_ttl", "4 (the default)")), end=" ")
         self.check_ledgers(answered)
 
