@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,12 +32,18 @@ class HttpApi(DaemonTest):
         self.write_keys("# the platform's API keys\nkey-acme acme\n\nkey-ug ug   # a UGX customer\n")
         self.port = free_port()
         self.log = os.path.join(self.d.dir, "http.log")
+        # nobody may not read this checkout (under /root, say): a copy of the adapter and the client it
+        # imports, laid out as in the checkout, in walletd's directory (mode 0711)
+        copy = os.path.join(self.d.dir, "checkout")
+        for path in ("contrib/http/walletd-http", "contrib/python/walletd/__init__.py"):
+            os.makedirs(os.path.dirname(os.path.join(copy, path)), exist_ok=True)
+            shutil.copy(os.path.join(ROOT, path), os.path.join(copy, path))
         command = README_LINE.replace("8082", str(self.port)).replace("/run/walletd/walletd.sock", self.d.sock)
         with open(self.log, "w") as log:
             self.adapter = subprocess.Popen(
                 ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] +
                 shlex.split(command.replace("/etc/walletd/http-keys", self.keys)),
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+                cwd=copy, stdout=subprocess.PIPE, stderr=log, text=True)
         self.assertIn("walletd-http on", self.adapter.stdout.readline())
 
     def tearDown(self):
