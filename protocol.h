@@ -102,7 +102,7 @@ X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_AS, MF_WRITE | MF_FLAT, \
 X(M_WALLET_LIST, wallet_list, "wallet.list", R_AS, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
 X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \
-  "plan channel prefix price:a currency ?route ?effective_from", \
+  "plan channel prefix price:a currency ?route ?effective_from ?on_failure ?failure_fee:a", \
   "Set the price of a message on a channel to a number prefix (and route); now, or from effective_from.") \
 X(M_RATE_DELETE, rate_delete, "rate.delete", R_A, MF_WRITE | MF_FLAT, "plan channel prefix ?route", \
   "Delete one rate.") \
@@ -152,6 +152,10 @@ X(M_REFUND, refund, "refund", R_ACS, MF_WRITE | MF_FLAT, \
   "Refund a charge (by txn id or ref): what is left of it, or amount of it with a refund_ref.") \
 X(M_REFUND_BATCH, refund_batch, "refund.batch", R_ACS, MF_WRITE | MF_FLAT, "items:c", \
   "Refund many charges in one commit; each item succeeds or fails alone.") \
+X(M_DELIVERY, delivery, "delivery", R_ACS, MF_WRITE | MF_FLAT, "wallet ref status ?failed_parts:i ?error", \
+  "Record a message's delivery report (delivered|failed|rejected|expired): refunds by its rate's on_failure.") \
+X(M_DELIVERY_BATCH, delivery_batch, "delivery.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
+  "Record many delivery reports in one commit; each item succeeds or fails alone.") \
 X(M_HISTORY, history, "history", R_ACS, MF_SCAN, \
   "wallet ?page:i ?before_id:i ?limit:i ?type:l ?since ?until", \
   "A wallet's transactions, newest first.") \

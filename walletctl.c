@@ -697,7 +697,7 @@ csv_split(char *line, char **fields, int max)
 static int
 csv_int_key(const char *k)
 {
-	return strcmp(k, "segments") == 0 || strcmp(k, "txn") == 0;
+	return strcmp(k, "segments") == 0 || strcmp(k, "txn") == 0 || strcmp(k, "failed_parts") == 0;
 }
 
 /* Keys of CSV rows left out when their field is empty (a rate's empty route is a route). */
@@ -705,7 +705,8 @@ static int
 csv_omit_empty(const char *k)
 {
 	static const char *const keys[] = { "segments", "txn", "ref", "amount", "refund_ref", "text",
-		"description", "reason", "hold", "effective_from", NULL };
+		"description", "reason", "hold", "effective_from", "failed_parts", "error", "on_failure", "failure_fee",
+		NULL };
 
 	for (int i = 0; keys[i]; i++)
 		if (strcmp(k, keys[i]) == 0)
@@ -1612,7 +1613,7 @@ cmd_rate_export(int argc, char **argv)
 		else
 			die(EXIT_USAGE, "usage: walletctl rate export [--plan PLAN] [--channel CHANNEL]");
 	}
-	printf("plan,channel,prefix,route,price,currency\n");
+	printf("plan,channel,prefix,route,price,currency,on_failure,failure_fee\n");
 	for (uint64_t page = 0;; page++) {
 		msgpack_sbuffer sb;
 		msgpack_packer pk;
@@ -1642,13 +1643,14 @@ cmd_rate_export(int argc, char **argv)
 		if (rates == NULL || rates->type != MSGPACK_OBJECT_ARRAY || rates->via.array.size == 0)
 			break;
 		for (uint32_t i = 0; i < rates->via.array.size; i++) {
-			const char *keys[6] = { "plan", "channel", "prefix", "route", "price", "currency" };
+			const char *keys[8] = { "plan", "channel", "prefix", "route", "price", "currency", "on_failure",
+				"failure_fee" };
 
-			for (int k = 0; k < 6; k++) {
+			for (int k = 0; k < 8; k++) {
 				const msgpack_object *v = map_get(&rates->via.array.ptr[i], keys[k]);
 
 				printf("%.*s%c", v && v->type == MSGPACK_OBJECT_STR ? (int)v->via.str.size : 0,
-				    v && v->type == MSGPACK_OBJECT_STR ? v->via.str.ptr : "", k < 5 ? ',' : '\n');
+				    v && v->type == MSGPACK_OBJECT_STR ? v->via.str.ptr : "", k < 7 ? ',' : '\n');
 			}
 		}
 		if (rates->via.array.size < RATE_LIST_LIMIT_MAX) {

@@ -4240,7 +4240,9 @@ rate_lengths(MDB_txn *txn, struct str plan, struct str channel)
 /*
  * A rate's prices: each in force from `from` (0: always) until the next
  * one's, sorted by from; stored as an array of these (layout 4 stored one
- * struct rate_val, read as one entry in force always).
+ * struct rate_val, read as one entry in force always), then, for a rate
+ * whose refund policy is not keep, its struct rate_policy (16 bytes: the
+ * size tells, as entries are 24).
  */
 struct rate_entry {
 	int64_t from;
@@ -4250,11 +4252,25 @@ struct rate_entry {
 };
 #define RATE_SCHEDULE_MAX 8
 
-/* Reads stored rate v into e; returns the count of entries, 0 if it does not decode. */
+/* What a failed delivery report does to a charge: nothing, a refund, a refund but a fee. */
+enum { OF_KEEP, OF_REFUND, OF_FEE, OF__COUNT };
+static const char *const on_failure_names[] = { "keep", "refund", "fee" };
+
+struct rate_policy {
+	int64_t failure_fee;      /* OF_FEE: what a failed message still costs, in the price's currency */
+	uint32_t on_failure;      /* OF_* */
+	uint32_t pad;
+};
+
+/* Reads stored rate v into e and pol (when given); returns the count of entries, 0 if it does not decode. */
 static size_t
-rate_entries(MDB_val v, struct rate_entry e[RATE_SCHEDULE_MAX])
+rate_entries(MDB_val v, struct rate_entry e[RATE_SCHEDULE_MAX], struct rate_policy *pol)
 {
-	if (v.mv_size == sizeof(struct rate_val)) {
+	size_t n = v.mv_size;
+
+	if (pol)
+		memset(pol, 0, sizeof(*pol));
+	if (n == sizeof(struct rate_val)) {
 		struct rate_val rv;
 
 		memcpy(&rv, v.mv_data, sizeof(rv));
@@ -4262,10 +4278,15 @@ rate_entries(MDB_val v, struct rate_entry e[RATE_SCHEDULE_MAX])
 		memcpy(e[0].currency, rv.currency, 4);
 		return 1;
 	}
-	if (v.mv_size % sizeof(*e) != 0 || v.mv_size / sizeof(*e) > RATE_SCHEDULE_MAX)
+	if (n % sizeof(*e) == sizeof(struct rate_policy)) {
+		n -= sizeof(struct rate_policy);
+		if (pol)
+			memcpy(pol, (char *)v.mv_data + n, sizeof(*pol));
+	}
+	if (n % sizeof(*e) != 0 || n / sizeof(*e) > RATE_SCHEDULE_MAX)
 		return 0;
-	memcpy(e, v.mv_data, v.mv_size);
-	return v.mv_size / sizeof(*e);
+	memcpy(e, v.mv_data, n);
+	return n / sizeof(*e);
 }
 
 /* The entry of e[n] in force at `at` (the last from at or before it), or NULL. */
@@ -4286,6 +4307,7 @@ struct rate_hit {
 	char currency[4];
 	int64_t price;  /* per segment, in currency */
 	int64_t cost;   /* price x segments, converted into the target currency */
+	struct rate_policy policy;
 };
 
 /*
@@ -4323,13 +4345,14 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 		for (; rc == 0; rc = route.p ? MDB_NOTFOUND : mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
 			struct rate_entry entries[RATE_SCHEDULE_MAX];
 			const struct rate_entry *rv;
+			struct rate_policy pol;
 			size_t route_len = k.mv_size - klen;
 			int64_t cost, total;
 			int conv;
 
 			if (route.p == NULL && (k.mv_size < klen || memcmp(k.mv_data, key, klen) != 0))
 				break;
-			if ((rv = rate_in_force(entries, rate_entries(v, entries), at)) == NULL)
+			if ((rv = rate_in_force(entries, rate_entries(v, entries, &pol), at)) == NULL)
 				continue; /* not in force yet */
 			if (!found && target == NULL)
 				target = memcpy(first_currency, rv->currency, 4);
@@ -4353,6 +4376,7 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 			result = E_OK;
 			hit->cost = cost;
 			hit->price = rv->price;
+			hit->policy = pol;
 			memcpy(hit->currency, rv->currency, 4);
 			memcpy(hit->prefix, digits, len);
 			hit->prefix[len] = '\0';
@@ -5351,12 +5375,54 @@ m_wallet_list(struct call *c)
 
 /* ---- Rates and FX ---- */
 
+/* Packs a rate's on_failure and failure_fee (nil unless fee). */
+static void
+rate_policy_pack(msgpack_packer *pk, const struct rate_policy *pol)
+{
+	KV_STR(pk, "on_failure", on_failure_names[pol->on_failure < OF__COUNT ? pol->on_failure : OF_KEEP]);
+	pack_amount_or_nil(pk, "failure_fee", pol->on_failure == OF_FEE, pol->failure_fee);
+}
+
+/*
+ * Reads rate.set's on_failure and failure_fee into pol, which holds the
+ * rate's policy so far: absent, it stays (a new price keeps the policy);
+ * failure_fee goes with on_failure fee only, and fee needs it.
+ */
+static int
+p_rate_policy(struct call *c, struct rate_policy *pol)
+{
+	struct str of;
+	int64_t fee = 0;
+	int rc, present, i;
+
+	if ((rc = p_str(c, "on_failure", 0, 16, &of)) ||
+	    (rc = p_amount(c, "failure_fee", 0, AMOUNT_NONNEGATIVE, &fee, &present)))
+		return rc;
+	if (of.p) {
+		for (i = 0; i < OF__COUNT; i++)
+			if (strlen(on_failure_names[i]) == of.n && memcmp(on_failure_names[i], of.p, of.n) == 0)
+				break;
+		if (i == OF__COUNT)
+			return fail(c, E_INVALID_ARGUMENT, "on_failure", "on_failure must be keep, refund or fee");
+		*pol = (struct rate_policy){ .on_failure = (uint32_t)i };
+	}
+	if (present == 1 && pol->on_failure != OF_FEE)
+		return fail(c, E_INVALID_ARGUMENT, "failure_fee", "failure_fee goes with on_failure fee");
+	if (present == 1)
+		pol->failure_fee = fee;
+	if (pol->on_failure == OF_FEE && present != 1 && of.p)
+		return fail(c, E_INVALID_ARGUMENT, "failure_fee", "on_failure fee needs a failure_fee");
+	return E_OK;
+}
+
 static int
 m_rate_set(struct call *c)
 {
 	struct str plan, channel, prefix, route, currency, eff;
 	char key[RATE_KEY_MAX], digits[16];
 	struct rate_entry e, entries[RATE_SCHEDULE_MAX + 1];
+	struct rate_policy pol = { 0 };
+	unsigned char value[sizeof(entries) + sizeof(pol)];
 	int64_t now = now_seconds();
 	size_t n = 0, kept = 0, first = 0;
 	uint32_t lengths;
@@ -5378,9 +5444,11 @@ m_rate_set(struct call *c)
 	memcpy(e.currency, currency.p, 3);
 	k = (MDB_val){ rate_key(key, plan, channel, digits, prefix.n, route), key };
 	if ((rc = mdb_get(c->txn, store.rates, &k, &v)) == 0)
-		n = rate_entries(v, entries);
+		n = rate_entries(v, entries, &pol);
 	else if (rc != MDB_NOTFOUND)
 		return store_error(c, rc);
+	if ((rc = p_rate_policy(c, &pol)))
+		return rc;
 	/* The prices kept: not the one at e's time, and without effective_from
 	 * none in force now (e is the price now); e goes in its place by time. */
 	for (size_t i = 0; i < n; i++)
@@ -5398,7 +5466,12 @@ m_rate_set(struct call *c)
 	if (n - first > RATE_SCHEDULE_MAX)
 		return fail(c, E_INVALID_ARGUMENT, "effective_from", "a rate holds at most %d scheduled prices",
 		    RATE_SCHEDULE_MAX);
-	v = (MDB_val){ (n - first) * sizeof(e), &entries[first] };
+	memcpy(value, &entries[first], (n - first) * sizeof(e));
+	v = (MDB_val){ (n - first) * sizeof(e), value };
+	if (pol.on_failure != OF_KEEP) {
+		memcpy(value + v.mv_size, &pol, sizeof(pol));
+		v.mv_size += sizeof(pol);
+	}
 	if ((rc = captured_put(c->txn, store.rates, &k, &v, 0)) != 0)
 		return store_error(c, rc);
 	lengths = rate_lengths(c->txn, plan, channel);
@@ -5411,13 +5484,14 @@ m_rate_set(struct call *c)
 		if ((rc = captured_put(c->txn, store.meta, &k, &v, 0)) != 0)
 			return store_error(c, rc);
 	}
-	msgpack_pack_map(c->pk, 7);
+	msgpack_pack_map(c->pk, 9);
 	KV_SSTR(c->pk, "plan", plan);
 	KV_SSTR(c->pk, "channel", channel);
 	KV_SSTR(c->pk, "prefix", prefix);
 	KV_SSTR(c->pk, "route", route);
 	KV_AMOUNT(c->pk, "price", e.price);
 	KV_STR(c->pk, "currency", e.currency);
+	rate_policy_pack(c->pk, &pol);
 	KEY(c->pk, "effective_from");
 	if (eff.p)
 		pack_time(c->pk, e.from);
@@ -5464,13 +5538,14 @@ rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
 	const char *p = k.mv_data, *end = p + k.mv_size;
 	const char *names[4] = { "plan", "channel", "prefix", "route" };
 	struct rate_entry entries[RATE_SCHEDULE_MAX];
-	size_t n = rate_entries(v, entries), later = 0;
+	struct rate_policy pol;
+	size_t n = rate_entries(v, entries, &pol), later = 0;
 	int64_t now = now_seconds();
 	const struct rate_entry *rv = rate_in_force(entries, n, now);
 
 	for (size_t i = 0; i < n; i++)
 		later += entries[i].from > now;
-	msgpack_pack_map(pk, 7);
+	msgpack_pack_map(pk, 9);
 	for (int i = 0; i < 4; i++) {
 		const char *nul = i < 3 ? memchr(p, '\0', (size_t)(end - p)) : end;
 
@@ -5484,6 +5559,7 @@ rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
 		pack_cstr(pk, rv->currency);
 	else
 		msgpack_pack_nil(pk);
+	rate_policy_pack(pk, &pol);
 	KEY(pk, "scheduled");
 	msgpack_pack_array(pk, later);
 	for (size_t i = n - later; i < n; i++) {
@@ -5620,13 +5696,14 @@ m_rate_lookup(struct call *c)
 	}
 	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, route, wid.p ? w.currency : NULL, 1, at, &hit)))
 		return rc;
-	msgpack_pack_map(c->pk, wid.p ? 8 : 6);
+	msgpack_pack_map(c->pk, wid.p ? 10 : 8);
 	KV_SSTR(c->pk, "plan", plan);
 	KV_SSTR(c->pk, "channel", channel);
 	KV_STR(c->pk, "prefix", hit.prefix);
 	KV_STR(c->pk, "route", hit.route);
 	KV_AMOUNT(c->pk, "price", hit.price);
 	KV_STR(c->pk, "currency", hit.currency);
+	rate_policy_pack(c->pk, &hit.policy);
 	if (wid.p) {
 		KV_AMOUNT(c->pk, "cost", hit.cost);
 		KV_STR(c->pk, "cost_currency", w.currency);
@@ -6080,6 +6157,50 @@ fail_limit(struct call *c)
 /* ---- Charges ---- */
 
 /*
+ * A charge's entry in refs is its id and its fingerprint; when the rate
+ * that priced it refunds failures, or once a delivery report came, a NUL,
+ * its struct charge_fate and the report's error (up to the value's end).
+ */
+struct charge_fate {
+	uint32_t on_failure;      /* OF_* of the rate that priced it */
+	uint32_t status;          /* DS_*: DS_NONE until a final report */
+	uint32_t failed_parts;    /* as reported; 0: not given */
+	uint32_t pad;
+	int64_t failure_fee;      /* OF_FEE: kept of a failed message, in the wallet's currency */
+	int64_t at;               /* when the report came */
+	uint64_t refund;          /* the refund it made, if any */
+};
+enum { DS_NONE, DS_DELIVERED, DS_FAILED, DS_REJECTED, DS_EXPIRED, DS__COUNT };
+static const char *const delivery_status_names[] = { "", "delivered", "failed", "rejected", "expired" };
+#define DELIVERY_ERROR_MAX 256
+
+/* Reads refs value v: its fingerprint's length, and its fate (zero: keep, no report) and error. */
+static void
+ref_fate(MDB_val v, size_t *fp_len, struct charge_fate *fate, struct str *error)
+{
+	const char *p = v.mv_data, *nul = memchr(p + 8, '\0', v.mv_size - 8);
+
+	memset(fate, 0, sizeof(*fate));
+	*error = (struct str){ "", 0 };
+	*fp_len = (nul ? (size_t)(nul - p) : v.mv_size) - 8;
+	if (nul && v.mv_size - (size_t)(nul + 1 - p) >= sizeof(*fate)) {
+		memcpy(fate, nul + 1, sizeof(*fate));
+		*error = (struct str){ nul + 1 + sizeof(*fate), v.mv_size - (size_t)(nul + 1 - p) - sizeof(*fate) };
+	}
+}
+
+/* The failure fee of hit's rate in currency, converted as the charge was, into *fee. */
+static int
+charge_fee(struct call *c, const struct rate_hit *hit, const char *currency, int64_t *fee)
+{
+	int err = 0, rc = fx_convert(c->txn, hit->policy.failure_fee, hit->currency, currency, fee, &err);
+
+	if (rc < 0)
+		return store_error(c, err);
+	return rc == E_OK ? E_OK : fail(c, rc, "failure_fee", "the failure fee cannot be converted into %s", currency);
+}
+
+/*
  * Loads wallet w's hold ref for drawing on at now: unknown_hold, or
  * hold_closed when released or past its expires_at.
  */
@@ -6184,11 +6305,15 @@ m_charge(struct call *c)
 	}
 	k = ref_key(refkey, ref, w.number);
 	if ((rc = mdb_get(c->txn, store.refs, &k, &v)) == 0) {
+		struct charge_fate fate;
+		struct str error;
 		uint64_t orig;
+		size_t fp_len;
 		MDB_val raw;
 
 		memcpy(&orig, v.mv_data, 8);
-		if (v.mv_size != 8 + flen || memcmp((char *)v.mv_data + 8, fingerprint, flen) != 0) {
+		ref_fate(v, &fp_len, &fate, &error);
+		if (fp_len != flen || memcmp((char *)v.mv_data + 8, fingerprint, flen) != 0) {
 			c->conflict_txn = orig;
 			return fail(c, E_IDEMPOTENCY_CONFLICT, "ref",
 			    "ref '%.*s' was used for a different message (txn %" PRIu64 ")",
@@ -6276,11 +6401,19 @@ m_charge(struct call *c)
 	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
 		return store_error(c, rc);
 	{
-		char val[8 + sizeof(fingerprint)];
+		char val[8 + sizeof(fingerprint) + 1 + sizeof(struct charge_fate)];
+		struct charge_fate fate = { .on_failure = hit.policy.on_failure };
 
 		memcpy(val, &t.id, 8);
 		memcpy(val + 8, fingerprint, flen);
 		v = (MDB_val){ 8 + flen, val };
+		if (fate.on_failure != OF_KEEP) { /* kept with the charge: a later rate change does not alter it */
+			if (fate.on_failure == OF_FEE && (rc = charge_fee(c, &hit, w.currency, &fate.failure_fee)))
+				return rc;
+			val[v.mv_size++] = '\0';
+			memcpy(val + v.mv_size, &fate, sizeof(fate));
+			v.mv_size += sizeof(fate);
+		}
 		if ((rc = captured_put(c->txn, store.refs, &k, &v, 0)))
 			return store_error(c, rc);
 	}
@@ -7318,6 +7451,30 @@ obj_str_eq(const msgpack_object *map, const char *name, struct str s)
 	    memcmp(o->via.str.ptr, s.p, s.n) == 0;
 }
 
+/* The refunds of charge_id so far (ids, *n of them) and what they add up to. */
+static int
+charge_refunds(MDB_txn *txn, uint64_t charge_id, uint64_t ids[REFUNDS_MAX + 1], size_t *n, int64_t *sum)
+{
+	MDB_val k = { sizeof(charge_id), &charge_id }, v, rec;
+	struct txn_head h;
+	int rc;
+
+	*n = 0;
+	*sum = 0;
+	if ((rc = mdb_get(txn, store.refunds, &k, &v)) == 0) {
+		*n = v.mv_size / 8 < REFUNDS_MAX ? v.mv_size / 8 : REFUNDS_MAX;
+		memcpy(ids, v.mv_data, *n * 8);
+	} else if (rc != MDB_NOTFOUND) {
+		return rc;
+	}
+	for (size_t i = 0; i < *n; i++) {
+		if ((rc = txn_fetch(txn, ids[i], &h, &rec)))
+			return rc;
+		*sum += h.amount;
+	}
+	return 0;
+}
+
 /* refund: gives back exactly what a charge took, at most once. */
 static int
 m_refund(struct call *c)
@@ -7329,7 +7486,7 @@ m_refund(struct call *c)
 	MDB_val k, v, raw;
 	msgpack_unpacked orig;
 	const msgpack_object *type, *amount_o, *to, *chan;
-	unsigned char rkey[REF_MAX + 8];
+	unsigned char rkey[REF_MAX + 4 + 8]; /* a delivery's refund_ref is dlr:REF */
 	char fingerprint[16];
 	int64_t amount, asked = 0, refunded = 0, left;
 	size_t nrefunds = 0;
@@ -7339,7 +7496,7 @@ m_refund(struct call *c)
 	if ((rc = p_wallet(c, &id)) || (rc = p_uint(c, "txn", 0, 1, UINT64_MAX, &charge_id)) ||
 	    (rc = p_str(c, "ref", 0, REF_MAX, &ref)) || (rc = p_text(c, "reason", 0, &reason)) ||
 	    (rc = p_actor(c, &t)) || (rc = p_amount(c, "amount", 0, AMOUNT_POSITIVE, &asked, &present)) ||
-	    (rc = p_str(c, "refund_ref", 0, REF_MAX, &refund_ref)))
+	    (rc = p_str(c, "refund_ref", 0, REF_MAX + 4, &refund_ref)))
 		return rc;
 	if (!charge_id == !ref.p)
 		return fail(c, E_INVALID_ARGUMENT, "txn", "give txn or ref, one of them");
@@ -7389,24 +7546,9 @@ m_refund(struct call *c)
 		msgpack_unpacked_destroy(&orig);
 		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " has no amount", charge_id);
 	}
-	/* The refunds so far, and what they add up to. */
-	k = (MDB_val){ sizeof(charge_id), &charge_id };
-	if ((rc = mdb_get(c->txn, store.refunds, &k, &v)) == 0) {
-		nrefunds = v.mv_size / 8 < REFUNDS_MAX ? v.mv_size / 8 : REFUNDS_MAX;
-		memcpy(ids, v.mv_data, nrefunds * 8);
-	} else if (rc != MDB_NOTFOUND) {
+	if ((rc = charge_refunds(c->txn, charge_id, ids, &nrefunds, &refunded))) {
 		msgpack_unpacked_destroy(&orig);
 		return store_error(c, rc);
-	}
-	for (size_t i = 0; i < nrefunds; i++) {
-		struct txn_head h;
-		MDB_val rec;
-
-		if ((rc = txn_fetch(c->txn, ids[i], &h, &rec))) {
-			msgpack_unpacked_destroy(&orig);
-			return store_error(c, rc);
-		}
-		refunded += h.amount;
 	}
 	left = -amount - refunded;
 	/* A refund_ref seen before answers its refund again, if asked the same. */
@@ -7487,6 +7629,204 @@ m_refund(struct call *c)
 
 /* refund.batch: refunds in one commit (delivery-report storms), each alone. */
 static int m_refund_batch(struct call *c) { return batch_run(c, M_REFUND); }
+
+/* ---- Delivery reports ---- */
+
+/* Packs a charge's delivery report as delivery answers it: {txn, delivery, refund (or nil), replayed}. */
+static int
+delivery_pack(struct call *c, uint64_t charge_id, const struct charge_fate *fate, struct str error, int replayed)
+{
+	MDB_val raw;
+	int rc;
+
+	msgpack_pack_map(c->pk, 4);
+	KV_U64(c->pk, "txn", charge_id);
+	KEY(c->pk, "delivery");
+	msgpack_pack_map(c->pk, 4);
+	KV_STR(c->pk, "status", delivery_status_names[fate->status]);
+	KEY(c->pk, "failed_parts");
+	if (fate->failed_parts)
+		msgpack_pack_uint32(c->pk, fate->failed_parts);
+	else
+		msgpack_pack_nil(c->pk);
+	KEY(c->pk, "error");
+	if (error.n)
+		pack_sstr(c->pk, error);
+	else
+		msgpack_pack_nil(c->pk);
+	KV_TIME(c->pk, "at", fate->at);
+	KEY(c->pk, "refund");
+	if (fate->refund == 0)
+		msgpack_pack_nil(c->pk);
+	else if ((rc = txn_get(c->txn, fate->refund, &raw)))
+		return store_error(c, rc);
+	else
+		pack_txn_answer(c->pk, raw.mv_data, raw.mv_size, replayed);
+	KV_BOOL(c->pk, "replayed", replayed);
+	return E_OK;
+}
+
+/*
+ * Refunds amount of charge_id (of ref, in wallet) for a report of status:
+ * an ordinary refund, refund_ref dlr:REF, reason "delivery STATUS: ERROR",
+ * its id into *refund.  Its answer is not packed: delivery_pack packs it.
+ */
+static int
+delivery_refund(struct call *c, struct str wallet, uint64_t charge_id, struct str ref, int64_t amount, int status,
+    struct str error, uint64_t *refund)
+{
+	msgpack_sbuffer sb, sink;
+	msgpack_packer pk;
+	msgpack_unpacked u;
+	struct call sub = *c;
+	char refund_ref[4 + REF_MAX], reason[32 + DELIVERY_ERROR_MAX], amt[32];
+	int rc;
+
+	snprintf(refund_ref, sizeof(refund_ref), "dlr:%.*s", (int)ref.n, ref.p);
+	snprintf(reason, sizeof(reason), "delivery %s%s%.*s", delivery_status_names[status], error.n ? ": " : "",
+	    (int)error.n, error.p);
+	msgpack_sbuffer_init(&sb);
+	msgpack_sbuffer_init(&sink);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	msgpack_pack_map(&pk, 5);
+	KV_SSTR(&pk, "wallet", wallet);
+	KV_U64(&pk, "txn", charge_id);
+	KV_STR(&pk, "amount", amount_format(amount, amt, 0));
+	KV_STR(&pk, "refund_ref", refund_ref);
+	KV_STR(&pk, "reason", reason);
+	msgpack_unpacked_init(&u);
+	msgpack_unpack_next(&u, sb.data, sb.size, NULL);
+	msgpack_packer_init(&pk, &sink, msgpack_sbuffer_write);
+	sub.params = &u.data;
+	sub.pk = &pk;
+	if ((rc = m_refund(&sub)) == E_OK) {
+		uint64_t ids[REFUNDS_MAX + 1];
+		size_t n;
+		int64_t sum;
+
+		if ((rc = charge_refunds(c->txn, charge_id, ids, &n, &sum)) == 0)
+			*refund = ids[n - 1];
+		else
+			rc = store_error(c, rc);
+	} else { /* its error is the report's */
+		msgpack_packer *keep_pk = c->pk;
+		const msgpack_object *keep_params = c->params;
+
+		*c = sub;
+		c->pk = keep_pk;
+		c->params = keep_params;
+		if (sub.field == sub.field_buf)
+			c->field = c->field_buf;
+	}
+	msgpack_unpacked_destroy(&u);
+	msgpack_sbuffer_destroy(&sb);
+	msgpack_sbuffer_destroy(&sink);
+	return rc;
+}
+
+/*
+ * delivery: a message's final delivery report, on the charge of its ref.
+ * The first report stands: the same again answers it with replayed, another
+ * is idempotency_conflict.  A failed, rejected or expired one refunds by
+ * the policy of the rate that priced the charge (kept with it): refund, all
+ * of it or failed_parts of its segments; fee, that less the failure fee;
+ * keep, nothing; never beyond what is left of the charge.  The report is
+ * kept after the charge's fingerprint in refs.
+ */
+static int
+m_delivery(struct call *c)
+{
+	struct str id, ref, status, error, had_error;
+	char value[8 + 256 + 1 + sizeof(struct charge_fate) + DELIVERY_ERROR_MAX];
+	unsigned char refkey[8 + REF_MAX];
+	uint64_t parts = 0, charge_id, segments;
+	struct charge_fate fate;
+	struct wallet w;
+	msgpack_unpacked orig;
+	MDB_val k, v, raw;
+	size_t fp_len;
+	int rc, st;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "ref", 1, REF_MAX, &ref)) ||
+	    (rc = p_str(c, "status", 1, 16, &status)) || (rc = p_uint(c, "failed_parts", 0, 1, 1000, &parts)) ||
+	    (rc = p_text(c, "error", 0, &error)))
+		return rc;
+	for (st = DS_DELIVERED; st < DS__COUNT; st++)
+		if (strlen(delivery_status_names[st]) == status.n && memcmp(delivery_status_names[st], status.p, status.n) == 0)
+			break;
+	if (st == DS__COUNT)
+		return fail(c, E_INVALID_ARGUMENT, "status", "status must be delivered, failed, rejected or expired");
+	if (parts && st == DS_DELIVERED)
+		return fail(c, E_INVALID_ARGUMENT, "failed_parts", "failed_parts goes with a failed, rejected or expired report");
+	if (error.n > DELIVERY_ERROR_MAX)
+		return fail(c, E_INVALID_ARGUMENT, "error", "error takes at most %d bytes", DELIVERY_ERROR_MAX);
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	k = ref_key(refkey, ref, w.number);
+	if ((rc = mdb_get(c->txn, store.refs, &k, &v)) == MDB_NOTFOUND)
+		return fail(c, E_UNKNOWN_TXN, "ref", "No charge with ref '%.*s' in this wallet", (int)ref.n, ref.p);
+	if (rc)
+		return store_error(c, rc);
+	ref_fate(v, &fp_len, &fate, &had_error);
+	if (fp_len > 256)
+		return fail(c, E_INTERNAL, NULL, "the charge of ref '%.*s' has an unreadable entry", (int)ref.n, ref.p);
+	memcpy(&charge_id, v.mv_data, 8);
+	if (fate.status != DS_NONE) {
+		if (fate.status != (uint32_t)st || fate.failed_parts != parts || had_error.n != error.n ||
+		    (error.n && memcmp(had_error.p, error.p, error.n) != 0)) {
+			c->conflict_txn = charge_id;
+			return fail(c, E_IDEMPOTENCY_CONFLICT, "status", "charge %" PRIu64 " (ref '%.*s') already has its "
+			    "report: %s", charge_id, (int)ref.n, ref.p, delivery_status_names[fate.status]);
+		}
+		return delivery_pack(c, charge_id, &fate, had_error, 1);
+	}
+	memcpy(value, v.mv_data, 8 + fp_len); /* v goes stale once the refund writes */
+	if ((rc = txn_get(c->txn, charge_id, &raw)))
+		return store_error(c, rc);
+	msgpack_unpacked_init(&orig);
+	if (msgpack_unpack_next(&orig, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS) {
+		msgpack_unpacked_destroy(&orig);
+		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " is unreadable", charge_id);
+	}
+	segments = map_u64(&orig.data, "segments");
+	msgpack_unpacked_destroy(&orig);
+	if (parts > segments)
+		return fail(c, E_INVALID_ARGUMENT, "failed_parts", "the message has %" PRIu64 " parts", segments);
+	fate.status = (uint32_t)st;
+	fate.failed_parts = (uint32_t)parts;
+	fate.at = now_seconds();
+	if (st != DS_DELIVERED && fate.on_failure != OF_KEEP) {
+		uint64_t ids[REFUNDS_MAX + 1];
+		struct txn_head h;
+		int64_t amount, refunded;
+		size_t n;
+		MDB_val rec;
+
+		if ((rc = txn_fetch(c->txn, charge_id, &h, &rec)) ||
+		    (rc = charge_refunds(c->txn, charge_id, ids, &n, &refunded)))
+			return store_error(c, rc);
+		/* failed parts of the charge, rounded half away from zero; the fee is per message */
+		amount = parts ? (int64_t)(((i128)-h.amount * (i128)parts * 2 + (i128)segments) / ((i128)segments * 2)) :
+		    -h.amount;
+		if (fate.on_failure == OF_FEE)
+			amount -= fate.failure_fee;
+		if (amount > -h.amount - refunded)
+			amount = -h.amount - refunded;
+		if (amount > 0 && (rc = delivery_refund(c, id, charge_id, ref, amount, st, error, &fate.refund)))
+			return rc;
+	}
+	value[8 + fp_len] = '\0';
+	memcpy(value + 8 + fp_len + 1, &fate, sizeof(fate));
+	if (error.n)
+		memcpy(value + 8 + fp_len + 1 + sizeof(fate), error.p, error.n);
+	v = (MDB_val){ 8 + fp_len + 1 + sizeof(fate) + error.n, value };
+	if ((rc = captured_put(c->txn, store.refs, &k, &v, 0)))
+		return store_error(c, rc);
+	return delivery_pack(c, charge_id, &fate, error, 0);
+}
+
+/* delivery.batch: a storm of reports in one commit, each alone. */
+static int m_delivery_batch(struct call *c) { return batch_run(c, M_DELIVERY); }
 
 /* ---- History and notifications ---- */
 

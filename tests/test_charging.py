@@ -153,8 +153,9 @@ class Charging(DaemonTest):
     def test_rate_import_export_round_trip(self):
         d = self.d
         self.seed("1")
-        rows = ["plan,channel,prefix,route,price,currency"]
-        rows += ["bulk,sms,%d,R1,0.0%d1,USD" % (2540 + i, i + 1) for i in range(50)]
+        rows = ["plan,channel,prefix,route,price,currency,on_failure,failure_fee"]
+        policies = ["keep,", "refund,", "fee,0.001"]  # the refund policy goes round the trip too
+        rows += ["bulk,sms,%d,R1,0.0%d1,USD,%s" % (2540 + i, i + 1, policies[i % 3]) for i in range(50)]
         rows += ["bulk,sms,abc,R1,0.01,USD", "bulk,fax,254,R1,0.01,USD", "bulk,sms,254,R1,-1,USD"]
         with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
             f.write("\n".join(rows) + "\n")

@@ -82,7 +82,7 @@ const METHODS = {
   holdRelease: 'hold.release', holdGet: 'hold.get', holdList: 'hold.list', topupCreate: 'topup.create',
   topupConfirm: 'topup.confirm', topupCancel: 'topup.cancel', topupGet: 'topup.get',
   topupList: 'topup.list', credit: 'credit', debit: 'debit', refund: 'refund',
-  refundBatch: 'refund.batch', history: 'history', statement: 'statement', export: 'export', reportUsage: 'report.usage',
+  refundBatch: 'refund.batch', delivery: 'delivery', deliveryBatch: 'delivery.batch', history: 'history', statement: 'statement', export: 'export', reportUsage: 'report.usage',
   notifications: 'notifications', verify: 'verify', stats: 'stats', status: 'status',
   replicationRepair: 'replication.repair',
 };

@@ -83,7 +83,7 @@ final class Client
         'topupCreate' => 'topup.create',
         'topupConfirm' => 'topup.confirm', 'topupCancel' => 'topup.cancel', 'topupGet' => 'topup.get',
         'topupList' => 'topup.list', 'credit' => 'credit', 'debit' => 'debit', 'refund' => 'refund',
-        'refundBatch' => 'refund.batch',
+        'refundBatch' => 'refund.batch', 'delivery' => 'delivery', 'deliveryBatch' => 'delivery.batch',
         'history' => 'history', 'statement' => 'statement', 'export' => 'export', 'reportUsage' => 'report.usage', 'notifications' => 'notifications', 'verify' => 'verify',
         'stats' => 'stats', 'status' => 'status', 'replicationRepair' => 'replication.repair',
     ];

@@ -23,7 +23,7 @@ __all__ = ["Client", "WalletdError", "ConnectionLost"]
 # Keys whose values are amounts (decimal strings on the wire).
 AMOUNT_KEYS = frozenset("""balance amount balance_after price threshold required available
     subtotal unit_price unit_cost cost credited paid_amount held remaining credit_limit
-    daily_limit missing""".split())
+    daily_limit missing failure_fee""".split())
 
 
 class WalletdError(Exception):
@@ -114,7 +114,8 @@ METHODS = {
     "precheck": "precheck", "quote": "quote", "topup_create": "topup.create",
     "topup_confirm": "topup.confirm", "topup_cancel": "topup.cancel", "topup_get": "topup.get",
     "topup_list": "topup.list", "credit": "credit", "debit": "debit", "refund": "refund",
-    "refund_batch": "refund.batch", "hold_create": "hold.create", "hold_release": "hold.release",
+    "refund_batch": "refund.batch", "delivery": "delivery", "delivery_batch": "delivery.batch",
+    "hold_create": "hold.create", "hold_release": "hold.release",
     "hold_get": "hold.get", "hold_list": "hold.list",
     "history": "history", "statement": "statement", "export": "export", "report_usage": "report.usage", "notifications": "notifications", "verify": "verify",
     "stats": "stats", "status": "status", "replication_repair": "replication.repair",

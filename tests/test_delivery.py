@@ -1,0 +1,170 @@
+"""Delivery reports and the refund policy of each rate row: delivery and delivery.batch
+against a real walletd, every policy on SMS and WhatsApp, partial parts, replays and
+conflicts, and a storm of reports while charges go on."""
+import decimal
+import threading
+
+from harness import DaemonTest
+
+D = decimal.Decimal
+UG = "+256712345678"
+
+
+class Delivery(DaemonTest):
+    def setUp(self):
+        super().setUp()
+        d = self.d
+        d.ctl_json("wallet", "create", "acme", "USD")
+        d.ctl_json("credit", "acme", "100", "opening")
+        d.ctl_json("fx", "set", "USD", "UGX", "3723.40")
+        # a plan a policy: the price 35 UGX an SMS part (0.0094 USD), 0.02 USD a WhatsApp message
+        for plan, policy in (("keep", []), ("refund", ["--on-failure", "refund"]),
+                             ("fee", ["--on-failure", "fee", "--failure-fee", "5"])):
+            d.ctl_json("rate", "set", plan, "sms", "256", "35", "UGX", *policy)
+            fee = ["--on-failure", "fee", "--failure-fee", "0.005"] if plan == "fee" else policy
+            d.ctl_json("rate", "set", plan, "whatsapp", "256", "0.02", "USD", *fee)
+
+    def on_plan(self, plan):
+        self.d.ctl_json("wallet", "update", "acme", "--plan", plan)
+
+    def balance(self):
+        return D(self.d.ctl_json("balance", "acme")["balance"])
+
+    def test_each_policy_on_sms_and_whatsapp(self):
+        d = self.d
+        # plan, channel, segments, report, failed_parts: the refund expected
+        cases = [("keep", "sms", 2, "failed", None, None),
+                 ("refund", "sms", 3, "failed", None, "0.0282"),
+                 ("refund", "sms", 3, "rejected", 2, "0.0188"),
+                 ("refund", "sms", 3, "delivered", None, None),
+                 ("refund", "whatsapp", 1, "expired", None, "0.02"),
+                 ("fee", "sms", 2, "failed", None, "0.017457"),     # 0.0188 less 5 UGX (0.001343)
+                 ("fee", "whatsapp", 1, "failed", None, "0.015"),   # 0.02 less 0.005
+                 ("keep", "whatsapp", 1, "expired", None, None)]
+        for i, (plan, channel, segments, status, parts, refund) in enumerate(cases):
+            self.on_plan(plan)
+            args = ["--segments", str(segments)] if channel == "sms" else []
+            charge = d.ctl_json("charge", "acme", channel, UG, "m%d" % i, *args)
+            before = self.balance()
+            report = ["--failed-parts", str(parts)] if parts else []
+            r = d.ctl_json("delivery", "acme", "m%d" % i, status, "--error", "absent subscriber", *report)
+            dlr = r["delivery"]
+            self.assertEqual((r["txn"], dlr["status"], dlr["failed_parts"], dlr["error"], r["replayed"]),
+                             (charge["id"], status, parts, "absent subscriber", False), cases[i])
+            if refund is None:
+                self.assertIsNone(r["refund"], cases[i])
+                self.assertEqual(self.balance(), before)
+                continue
+            self.assertEqual((r["refund"]["type"], r["refund"]["amount"], r["refund"]["refund_of"]),
+                             ("refund", refund, charge["id"]), cases[i])
+            self.assertTrue(r["refund"]["description"].endswith(": delivery %s: absent subscriber" % status))
+            self.assertEqual(self.balance(), before + D(refund))
+        # the policy is the one the charge was priced with: changing the rate later changes nothing
+        self.on_plan("refund")
+        d.ctl_json("charge", "acme", "sms", UG, "late")
+        d.ctl_json("rate", "set", "refund", "sms", "256", "35", "UGX", "--on-failure", "keep")
+        self.assertEqual(d.ctl_json("delivery", "acme", "late", "failed")["refund"]["amount"], "0.0094")
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_the_first_report_stands(self):
+        d = self.d
+        self.on_plan("refund")
+        d.ctl_json("charge", "acme", "sms", UG, "m1")
+        first = d.ctl_json("delivery", "acme", "m1", "failed", "--error", "e1")
+        again = d.ctl_json("delivery", "acme", "m1", "failed", "--error", "e1")
+        self.assertTrue(again["replayed"])
+        self.assertEqual((again["refund"]["id"], again["delivery"]), (first["refund"]["id"], first["delivery"]))
+        for other in (["delivered"], ["failed"], ["failed", "--error", "e2"], ["failed", "--error", "e1",
+                                                                                "--failed-parts", "1"]):
+            e = d.ctl_json("delivery", "acme", "m1", *other, expect=1)
+            self.assertEqual((e["code"], e["txn"]), ("idempotency_conflict", first["txn"]), other)
+        self.assertEqual(d.ctl_json("history", "acme", "--type", "refund")["total"], 1)  # refunded once
+        # what is left of a charge refunded by hand is all a failure gives back; nothing left, nothing
+        d.ctl_json("charge", "acme", "sms", UG, "m2", "--segments", "2")
+        d.ctl_json("refund", "acme", "--ref", "m2", "--amount", "0.01", "--refund-ref", "by-hand")
+        self.assertEqual(d.ctl_json("delivery", "acme", "m2", "failed")["refund"]["amount"], "0.0088")
+        d.ctl_json("charge", "acme", "sms", UG, "m3")
+        d.ctl_json("refund", "acme", "--ref", "m3")
+        self.assertIsNone(d.ctl_json("delivery", "acme", "m3", "failed")["refund"])
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_bad_reports_are_refused_and_change_nothing(self):
+        d = self.d
+        self.on_plan("refund")
+        d.ctl_json("charge", "acme", "sms", UG, "m1", "--segments", "2")
+        last = d.ctl_json("export")["last_id"]
+        e = lambda *a: d.ctl_json("delivery", *a, expect=1)  # noqa: E731
+        self.assertEqual(e("acme", "nosuch", "failed")["code"], "unknown_txn")
+        self.assertEqual(e("nobody", "m1", "failed")["code"], "unknown_wallet")
+        self.assertEqual(e("acme", "m1", "lost")["field"], "status")
+        self.assertEqual(e("acme", "m1", "failed", "--failed-parts", "3")["field"], "failed_parts")
+        self.assertEqual(e("acme", "m1", "failed", "--failed-parts", "0")["field"], "failed_parts")
+        self.assertEqual(e("acme", "m1", "delivered", "--failed-parts", "1")["field"], "failed_parts")
+        self.assertEqual(e("acme", "m1", "failed", "--error", "x" * 257)["field"], "error")
+        with d.client() as c:
+            for params in ({"wallet": "acme", "ref": "m1", "status": "failed", "parts": 1},
+                           {"wallet": "acme", "ref": "m1", "status": 3},
+                           {"wallet": "acme", "ref": "m1", "status": "fail\0ed"}):
+                self.assertRaises(Exception, c.call, "delivery", **params)
+        self.assertEqual(d.ctl_json("export")["last_id"], last)
+        e = d.ctl_json("rate", "set", "refund", "sms", "44", "1", "USD", "--failure-fee", "1", expect=1)
+        self.assertEqual(e["field"], "failure_fee")
+        e = d.ctl_json("rate", "set", "refund", "sms", "44", "1", "USD", "--on-failure", "fee", expect=1)
+        self.assertEqual(e["field"], "failure_fee")
+        self.assertEqual(d.ctl_json("rate", "set", "refund", "sms", "44", "1", "USD", "--on-failure", "never",
+                                    expect=1)["field"], "on_failure")
+
+    def test_a_new_price_keeps_the_rows_policy(self):
+        d = self.d
+        d.ctl_json("rate", "set", "fee", "sms", "256", "40", "UGX")  # a price change names no policy
+        row = d.ctl_json("rate", "lookup", "sms", UG, "--plan", "fee")
+        self.assertEqual((row["price"], row["on_failure"], row["failure_fee"]), ("40", "fee", "5"))
+        d.ctl_json("rate", "set", "fee", "sms", "256", "40", "UGX", "--failure-fee", "6")
+        self.assertEqual(d.ctl_json("rate", "lookup", "sms", UG, "--plan", "fee")["failure_fee"], "6")
+        listed = [r for r in d.ctl_json("rate", "list", "--plan", "fee")["rates"] if r["channel"] == "sms"]
+        self.assertEqual([(r["on_failure"], r["failure_fee"]) for r in listed], [("fee", "6")])
+        d.ctl_json("rate", "set", "fee", "sms", "256", "40", "UGX", "--on-failure", "keep")
+        row = d.ctl_json("rate", "lookup", "sms", UG, "--plan", "fee")
+        self.assertEqual((row["on_failure"], row["failure_fee"]), ("keep", None))
+        rows = [{"plan": "imported", "channel": "sms", "prefix": "256", "price": "35", "currency": "UGX",
+                 "on_failure": "fee", "failure_fee": "1"}]
+        with d.client() as c:
+            self.assertEqual(c.call("rate.import", rows=rows, mode="upsert")["loaded"], 1)
+        row = d.ctl_json("rate", "lookup", "sms", UG, "--plan", "imported")
+        self.assertEqual((row["on_failure"], row["failure_fee"]), ("fee", "1"))
+
+    def test_a_storm_of_reports_in_batches_while_charges_go_on(self):
+        d = self.d
+        self.on_plan("refund")
+        d.ctl_json("credit", "acme", "10000", "for the storm")
+        n, size = 100000, 1000
+        refs = ["s%d" % i for i in range(n)]
+        with d.client() as c:
+            for i in range(0, n, size):
+                items = [{"wallet": "acme", "channel": "sms", "to": UG, "ref": r} for r in refs[i:i + size]]
+                self.assertTrue(all("error" not in x for x in c.call("charge.batch", items=items)["results"]))
+        others = []
+
+        def charge_on():
+            with d.client() as c:
+                for i in range(2000):
+                    others.append(c.charge(wallet="acme", channel="sms", to=UG, ref="o%d" % i)["amount"])
+
+        t = threading.Thread(target=charge_on)
+        t.start()
+        refunded = D(0)
+        with d.client() as c:
+            for i in range(0, n, size):  # every other report failed: half the storm refunds
+                items = [{"wallet": "acme", "ref": r, "status": "failed" if k % 2 else "delivered"}
+                         for k, r in enumerate(refs[i:i + size], i)]
+                results = c.call("delivery.batch", items=items)["results"]
+                self.assertEqual(len(results), size)
+                refunded += sum(r["refund"]["amount"] for r in results if r["refund"])
+                again = c.call("delivery.batch", items=items[:10])["results"]  # a redelivered batch: replays
+                self.assertTrue(all(r["replayed"] for r in again))
+        t.join()
+        self.assertEqual(len(others), 2000)
+        self.assertEqual(refunded, D("0.0094") * (n // 2))
+        self.assertEqual(self.balance(), D("10100") - D("0.0094") * (n + 2000) + refunded)
+        self.assertEqual(d.ctl_json("history", "acme", "--type", "refund")["total"], n // 2)
+        self.assertTrue(d.ctl_json("verify")["ok"])
