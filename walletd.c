@@ -1297,8 +1297,9 @@ struct txn_head {
 	int64_t balance_after;
 	int64_t created_at;
 	uint32_t type;
-	uint32_t pad;
+	uint32_t flags;           /* TXN_REPORTED: a charge whose delivery report refs keeps */
 };
+#define TXN_REPORTED 1u
 
 struct rate_val {
 	int64_t price;
@@ -1406,6 +1407,8 @@ struct txn {
 	struct str origin;          /* the node a forwarded write came through (section 7) */
 	int64_t paid_amount;
 	const char *paid_currency;  /* NULL unless a top-up was converted */
+	const struct charge_fate *fate; /* a charge's delivery report, if it has one */
+	struct str fate_error;
 };
 
 static struct store {
@@ -3712,6 +3715,79 @@ holds_expire(MDB_txn *txn, int64_t now)
 
 /* ---- The transaction log ---- */
 
+/*
+ * A charge's entry in refs is its id and its fingerprint; when the rate
+ * that priced it refunds failures, or once a delivery report came, a NUL,
+ * its struct charge_fate and the report's error (up to the value's end).
+ */
+struct charge_fate {
+	uint32_t on_failure;      /* OF_* of the rate that priced it */
+	uint32_t status;          /* DS_*: DS_NONE until a final report */
+	uint32_t failed_parts;    /* as reported; 0: not given */
+	uint32_t pad;
+	int64_t failure_fee;      /* OF_FEE: kept of a failed message, in the wallet's currency */
+	int64_t at;               /* when the report came */
+	uint64_t refund;          /* the refund it made, if any */
+};
+enum { DS_NONE, DS_DELIVERED, DS_FAILED, DS_REJECTED, DS_EXPIRED, DS__COUNT };
+static const char *const delivery_status_names[] = { "", "delivered", "failed", "rejected", "expired" };
+#define DELIVERY_ERROR_MAX 256
+
+/* Packs "delivery": a charge's report {status, failed_parts, error, at}. */
+static void
+delivery_report_pack(msgpack_packer *pk, const struct charge_fate *fate, struct str error)
+{
+	KEY(pk, "delivery");
+	msgpack_pack_map(pk, 4);
+	KV_STR(pk, "status", delivery_status_names[fate->status < DS__COUNT ? fate->status : DS_NONE]);
+	KEY(pk, "failed_parts");
+	if (fate->failed_parts)
+		msgpack_pack_uint32(pk, fate->failed_parts);
+	else
+		msgpack_pack_nil(pk);
+	KEY(pk, "error");
+	if (error.n)
+		pack_sstr(pk, error);
+	else
+		msgpack_pack_nil(pk);
+	KV_TIME(pk, "at", fate->at);
+}
+
+/* Reads refs value v: its fingerprint's length, and its fate (zero: keep, no report) and error. */
+static void
+ref_fate(MDB_val v, size_t *fp_len, struct charge_fate *fate, struct str *error)
+{
+	const char *p = v.mv_data, *nul = memchr(p + 8, '\0', v.mv_size - 8);
+
+	memset(fate, 0, sizeof(*fate));
+	*error = (struct str){ "", 0 };
+	*fp_len = (nul ? (size_t)(nul - p) : v.mv_size) - 8;
+	if (nul && v.mv_size - (size_t)(nul + 1 - p) >= sizeof(*fate)) {
+		memcpy(fate, nul + 1, sizeof(*fate));
+		*error = (struct str){ nul + 1 + sizeof(*fate), v.mv_size - (size_t)(nul + 1 - p) - sizeof(*fate) };
+	}
+}
+
+/* Points t (a charge, TXN_REPORTED) at its report, read into *fate, valid while txn is. */
+static int
+txn_fate(MDB_txn *txn, struct txn *t, struct charge_fate *fate)
+{
+	unsigned char key[REF_MAX + 8];
+	struct wallet w;
+	size_t fp_len;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = wallet_get(txn, t->wallet, &w)) != 0)
+		return rc;
+	k = ref_key(key, t->ref, w.number);
+	if ((rc = mdb_get(txn, store.refs, &k, &v)) != 0)
+		return rc;
+	ref_fate(v, &fp_len, fate, &t->fate_error);
+	t->fate = fate->status != DS_NONE ? fate : NULL;
+	return 0;
+}
+
 /* Builds the 16-byte key BE64(a) . BE64(b) into key. */
 static MDB_val
 key_pair(unsigned char key[16], uint64_t a, uint64_t b)
@@ -3744,6 +3820,8 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 	if (t->paid_currency)
 		n += 2;
 	if (t->hold.n)
+		n++;
+	if (t->fate)
 		n++;
 	pack_map16(pk, n);
 	KV_U64(pk, "id", t->id);
@@ -3785,6 +3863,8 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 	}
 	if (t->hold.n)
 		KV_SSTR(pk, "hold", t->hold);
+	if (t->fate)
+		delivery_report_pack(pk, t->fate, t->fate_error);
 	if (replayed >= 0)
 		KV_BOOL(pk, "replayed", replayed);
 }
@@ -3905,14 +3985,16 @@ static _Thread_local msgpack_zone *expand_zone;
  * nothing), or ENOMEM.
  */
 static int
-txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpack_packer *pk)
+txn_expand(MDB_txn *txn, uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpack_packer *pk)
 {
 	char currency[4], price_currency[4], paid_currency[4], to[sizeof(((struct txn *)0)->to)];
 	const msgpack_object *f;
 	msgpack_object o;
 	struct txn t;
+	struct charge_fate fate;
 	int64_t segments = 0, refund_of = 0, uid = 0;
 	size_t off = 0;
+	int rc;
 
 	memset(&t, 0, sizeof(t));
 	if (expand_zone == NULL && (expand_zone = msgpack_zone_new(2048)) == NULL)
@@ -3956,6 +4038,8 @@ txn_expand(uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpa
 	t.price_currency = t.channel.n ? price_currency : NULL;
 	t.refund_of = (uint64_t)refund_of;
 	t.paid_currency = paid_currency[0] ? paid_currency : NULL;
+	if (txn && (h->flags & TXN_REPORTED) && (rc = txn_fate(txn, &t, &fate)) != 0)
+		return rc;
 	txn_pack(pk, &t, -1);
 	return 0;
 }
@@ -4057,10 +4141,10 @@ record_is_map(MDB_val rec)
 
 /* Packs transaction id's map from its head h and stored record rec. */
 static int
-txn_pack_record(msgpack_packer *pk, uint64_t id, const struct txn_head *h, MDB_val rec)
+txn_pack_record(MDB_txn *txn, msgpack_packer *pk, uint64_t id, const struct txn_head *h, MDB_val rec)
 {
 	if (!record_is_map(rec))
-		return txn_expand(id, h, rec.mv_data, rec.mv_size, pk);
+		return txn_expand(txn, id, h, rec.mv_data, rec.mv_size, pk);
 	pk->callback(pk->data, rec.mv_data, rec.mv_size);
 	return 0;
 }
@@ -4090,7 +4174,7 @@ txn_read(MDB_txn *txn, uint64_t id, struct txn_head *h, MDB_val *raw)
 	}
 	msgpack_sbuffer_clear(&expanded);
 	msgpack_packer_init(&pk, &expanded, msgpack_sbuffer_write);
-	if ((rc = txn_expand(id, &head, rec.mv_data, rec.mv_size, &pk)) != 0)
+	if ((rc = txn_expand(txn, id, &head, rec.mv_data, rec.mv_size, &pk)) != 0)
 		return rc;
 	*raw = (MDB_val){ expanded.size, expanded.data };
 	return 0;
@@ -5018,7 +5102,7 @@ pack_refunds(msgpack_packer *pk, MDB_txn *txn, uint64_t id)
 				continue;
 			}
 			memcpy(&refund, (char *)v.mv_data + 8 * i, 8);
-			if (txn_fetch(txn, refund, &h, &rec) != 0 || txn_pack_record(pk, refund, &h, rec) != 0)
+			if (txn_fetch(txn, refund, &h, &rec) != 0 || txn_pack_record(txn, pk, refund, &h, rec) != 0)
 				msgpack_pack_nil(pk);
 		}
 	}
@@ -6155,39 +6239,6 @@ fail_limit(struct call *c)
 }
 
 /* ---- Charges ---- */
-
-/*
- * A charge's entry in refs is its id and its fingerprint; when the rate
- * that priced it refunds failures, or once a delivery report came, a NUL,
- * its struct charge_fate and the report's error (up to the value's end).
- */
-struct charge_fate {
-	uint32_t on_failure;      /* OF_* of the rate that priced it */
-	uint32_t status;          /* DS_*: DS_NONE until a final report */
-	uint32_t failed_parts;    /* as reported; 0: not given */
-	uint32_t pad;
-	int64_t failure_fee;      /* OF_FEE: kept of a failed message, in the wallet's currency */
-	int64_t at;               /* when the report came */
-	uint64_t refund;          /* the refund it made, if any */
-};
-enum { DS_NONE, DS_DELIVERED, DS_FAILED, DS_REJECTED, DS_EXPIRED, DS__COUNT };
-static const char *const delivery_status_names[] = { "", "delivered", "failed", "rejected", "expired" };
-#define DELIVERY_ERROR_MAX 256
-
-/* Reads refs value v: its fingerprint's length, and its fate (zero: keep, no report) and error. */
-static void
-ref_fate(MDB_val v, size_t *fp_len, struct charge_fate *fate, struct str *error)
-{
-	const char *p = v.mv_data, *nul = memchr(p + 8, '\0', v.mv_size - 8);
-
-	memset(fate, 0, sizeof(*fate));
-	*error = (struct str){ "", 0 };
-	*fp_len = (nul ? (size_t)(nul - p) : v.mv_size) - 8;
-	if (nul && v.mv_size - (size_t)(nul + 1 - p) >= sizeof(*fate)) {
-		memcpy(fate, nul + 1, sizeof(*fate));
-		*error = (struct str){ nul + 1 + sizeof(*fate), v.mv_size - (size_t)(nul + 1 - p) - sizeof(*fate) };
-	}
-}
 
 /* The failure fee of hit's rate in currency, converted as the charge was, into *fee. */
 static int
@@ -7632,6 +7683,30 @@ static int m_refund_batch(struct call *c) { return batch_run(c, M_REFUND); }
 
 /* ---- Delivery reports ---- */
 
+/* Flags charge id's head TXN_REPORTED, so that history, statements and exports show its report. */
+static int
+txn_mark_reported(MDB_txn *txn, uint64_t id)
+{
+	MDB_val k = { sizeof(id), &id }, v;
+	struct txn_head h;
+	char *copy;
+	int rc;
+
+	if ((rc = mdb_get(txn, store.txns, &k, &v)) != 0)
+		return rc;
+	if (v.mv_size <= sizeof(h))
+		return MDB_CORRUPTED;
+	if ((copy = malloc(v.mv_size)) == NULL)
+		return ENOMEM;
+	memcpy(copy, v.mv_data, v.mv_size);
+	memcpy(&h, copy, sizeof(h));
+	h.flags |= TXN_REPORTED;
+	memcpy(copy, &h, sizeof(h));
+	rc = captured_put(txn, store.txns, &k, &(MDB_val){ v.mv_size, copy }, 0);
+	free(copy);
+	return rc;
+}
+
 /* Packs a charge's delivery report as delivery answers it: {txn, delivery, refund (or nil), replayed}. */
 static int
 delivery_pack(struct call *c, uint64_t charge_id, const struct charge_fate *fate, struct str error, int replayed)
@@ -7641,20 +7716,7 @@ delivery_pack(struct call *c, uint64_t charge_id, const struct charge_fate *fate
 
 	msgpack_pack_map(c->pk, 4);
 	KV_U64(c->pk, "txn", charge_id);
-	KEY(c->pk, "delivery");
-	msgpack_pack_map(c->pk, 4);
-	KV_STR(c->pk, "status", delivery_status_names[fate->status]);
-	KEY(c->pk, "failed_parts");
-	if (fate->failed_parts)
-		msgpack_pack_uint32(c->pk, fate->failed_parts);
-	else
-		msgpack_pack_nil(c->pk);
-	KEY(c->pk, "error");
-	if (error.n)
-		pack_sstr(c->pk, error);
-	else
-		msgpack_pack_nil(c->pk);
-	KV_TIME(c->pk, "at", fate->at);
+	delivery_report_pack(c->pk, fate, error);
 	KEY(c->pk, "refund");
 	if (fate->refund == 0)
 		msgpack_pack_nil(c->pk);
@@ -7820,7 +7882,7 @@ m_delivery(struct call *c)
 	if (error.n)
 		memcpy(value + 8 + fp_len + 1 + sizeof(fate), error.p, error.n);
 	v = (MDB_val){ 8 + fp_len + 1 + sizeof(fate) + error.n, value };
-	if ((rc = captured_put(c->txn, store.refs, &k, &v, 0)))
+	if ((rc = captured_put(c->txn, store.refs, &k, &v, 0)) || (rc = txn_mark_reported(c->txn, charge_id)))
 		return store_error(c, rc);
 	return delivery_pack(c, charge_id, &fate, error, 0);
 }
@@ -7970,7 +8032,7 @@ m_history(struct call *c)
 			continue; /* newer than the cursor: counted, not shown */
 		if (matched++ < (filtered ? skip : 0) || packed == limit)
 			continue; /* on an earlier page, or past this one */
-		if ((rc = txn_pack_record(&rpk, next, &h, rec)) != 0)
+		if ((rc = txn_pack_record(c->txn, &rpk, next, &h, rec)) != 0)
 			break;
 		packed++;
 	}
@@ -8021,7 +8083,7 @@ m_export(struct call *c)
 			break;
 		}
 		memcpy(&h, v.mv_data, sizeof(h));
-		if ((rc = txn_pack_record(&rpk, id, &h,
+		if ((rc = txn_pack_record(c->txn, &rpk, id, &h,
 		    (MDB_val){ v.mv_size - sizeof(h), (char *)v.mv_data + sizeof(h) })) != 0)
 			break;
 		after = id;
@@ -8532,7 +8594,7 @@ m_statement(struct call *c)
 			struct txn_head h;
 			MDB_val rec;
 
-			if (txn_fetch(c->txn, ids[i], &h, &rec) != 0 || txn_pack_record(pk, ids[i], &h, rec) != 0)
+			if (txn_fetch(c->txn, ids[i], &h, &rec) != 0 || txn_pack_record(c->txn, pk, ids[i], &h, rec) != 0)
 				msgpack_pack_nil(pk);
 		}
 		KV_U64(pk, "transactions_total", n);

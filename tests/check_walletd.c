@@ -633,10 +633,10 @@ START_TEST(stored_records_expand_to_the_map)
 		h.balance_after = t[i].balance_after;
 		h.created_at = t[i].created_at;
 		msgpack_packer_init(&pk, &out, msgpack_sbuffer_write);
-		ck_assert_int_eq(txn_expand(t[i].id, &h, stored.data, stored.size, &pk), 0);
+		ck_assert_int_eq(txn_expand(NULL, t[i].id, &h, stored.data, stored.size, &pk), 0);
 		ck_assert_uint_eq(out.size, map.size);
 		ck_assert_msg(memcmp(out.data, map.data, map.size) == 0, "variant %d differs", i);
-		ck_assert_int_eq(txn_expand(t[i].id, &h, stored.data, stored.size - 1, &pk), MDB_CORRUPTED);
+		ck_assert_int_eq(txn_expand(NULL, t[i].id, &h, stored.data, stored.size - 1, &pk), MDB_CORRUPTED);
 		ck_assert_uint_eq(out.size, map.size); /* nothing packed */
 		msgpack_sbuffer_destroy(&map);
 		msgpack_sbuffer_destroy(&stored);

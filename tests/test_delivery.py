@@ -59,6 +59,18 @@ class Delivery(DaemonTest):
                              ("refund", refund, charge["id"]), cases[i])
             self.assertTrue(r["refund"]["description"].endswith(": delivery %s: absent subscriber" % status))
             self.assertEqual(self.balance(), before + D(refund))
+        # the charge carries its report in history, statement and export; a charge without one does not
+        d.ctl_json("charge", "acme", "sms", UG, "unreported")
+        for name, rows in (("history", d.ctl_json("history", "acme", "--limit", "100")["transactions"]),
+                           ("statement", d.ctl_json("statement", "acme")["transactions"]),
+                           ("export", d.ctl_json("export")["transactions"])):
+            charges = {t["ref"]: t for t in rows if t["type"].endswith("_charge")}
+            self.assertEqual(len(charges), len(cases) + 1, name)
+            self.assertNotIn("delivery", charges["unreported"], name)
+            for i, (plan, channel, segments, status, parts, refund) in enumerate(cases):
+                self.assertEqual(charges["m%d" % i]["delivery"]["status"], status, name)
+                self.assertEqual(charges["m%d" % i]["delivery"]["failed_parts"], parts, name)
+                self.assertEqual(charges["m%d" % i]["delivery"]["error"], "absent subscriber", name)
         # the policy is the one the charge was priced with: changing the rate later changes nothing
         self.on_plan("refund")
         d.ctl_json("charge", "acme", "sms", UG, "late")
