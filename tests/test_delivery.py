@@ -2,9 +2,16 @@
 against a real walletd, every policy on SMS and WhatsApp, partial parts, replays and
 conflicts, and a storm of reports while charges go on."""
 import decimal
+import os
+import shlex
+import subprocess
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 
-from harness import DaemonTest
+from harness import DaemonTest, ROOT
+from test_topups import free_port
 
 D = decimal.Decimal
 UG = "+256712345678"
@@ -180,3 +187,108 @@ class Delivery(DaemonTest):
         self.assertEqual(self.balance(), D("10100") - D("0.0094") * (n + 2000) + refunded)
         self.assertEqual(d.ctl_json("history", "acme", "--type", "refund")["total"], n // 2)
         self.assertTrue(d.ctl_json("verify")["ok"])
+
+
+class DlrReceiver(DaemonTest):
+    """contrib/examples/dlr_receiver.py as a real process, sent requests shaped as Kannel's dlr-url
+    calls and Jasmin's DLR POSTs are."""
+
+    def setUp(self):
+        super().setUp()
+        d = self.d
+        self.seed("100")
+        d.ctl_json("rate", "set", "default", "sms", "256", "35", "UGX", "--on-failure", "refund")
+        self.port = free_port()
+        with open(os.path.join(ROOT, "README.md")) as f:  # the README's line, but for port and socket
+            line, = [x.strip() for x in f if x.startswith("    /usr/bin/python3 contrib/examples/dlr_receiver")]
+        line = line.replace("8083", str(self.port)).replace("/run/walletd/walletd.sock", d.sock)
+        self.receiver = subprocess.Popen(shlex.split(line), cwd=ROOT, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)
+        self.assertIn("dlr_receiver on", self.receiver.stdout.readline())
+
+    def tearDown(self):
+        self.receiver.terminate()
+        self.receiver.communicate()
+        super().tearDown()
+
+    def send(self, path, form=None):
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.port, path), data=data)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def report(self, ref):
+        t = [t for t in self.d.ctl_json("history", "acme", "--limit", "100")["transactions"] if t.get("ref") == ref]
+        return t[0].get("delivery")
+
+    def test_kannel_and_jasmin_reports_become_deliveries(self):
+        d = self.d
+        for ref in ("k1", "k2", "k3", "k4", "k5", "j1", "j2", "j3"):
+            d.ctl_json("charge", "acme", "sms", UG, ref)
+        answer = "id:0123 sub:001 dlvrd:%s submit date:2612070900 done date:2612070901 stat:%s err:%s text:hi"
+        kannel = "/kannel?wallet=acme&ref=%s&type=%s&answer=%s"
+        q = urllib.parse.quote
+        self.assertEqual(self.send(kannel % ("k1", 8, q("ACK/"))), (200, "not final\n"))  # at the SMSC
+        self.assertIsNone(self.report("k1"))
+        self.assertEqual(self.send(kannel % ("k1", 1, q(answer % ("001", "DELIVRD", "000")))), (200, "recorded\n"))
+        self.assertEqual(self.send(kannel % ("k1", 1, q(answer % ("001", "DELIVRD", "000")))),
+                         (200, "already recorded\n"))
+        self.assertEqual(self.send(kannel % ("k2", 2, q(answer % ("000", "UNDELIV", "001")))), (200, "recorded\n"))
+        self.assertEqual(self.send(kannel % ("k3", 16, "")), (200, "recorded\n"))  # the SMSC refused it
+        self.assertEqual(self.send(kannel % ("k4", 2, q(answer % ("000", "EXPIRED", "000")))), (200, "recorded\n"))
+        self.assertEqual((self.report("k1")["status"], self.report("k2")["status"], self.report("k2")["error"],
+                          self.report("k3")["status"], self.report("k4")["status"]),
+                         ("delivered", "failed", "err:001", "rejected", "expired"))
+        jasmin = "/jasmin?wallet=acme&ref=%s"
+        taken = {"id": "16fd2706-8baf-433b-82eb-8c7fada847da", "message_status": "ESME_ROK", "level": "3"}
+        self.assertEqual(self.send(jasmin % "j1", taken), (200, "ACK/Jasmin"))
+        self.assertIsNone(self.report("j1"))
+        final = dict(taken, id_smsc="2567", message_status="DELIVRD", subdate="2612070900",
+                     donedate="2612070901", sub="001", dlvrd="001", err="000", text="Hello foo bar")
+        self.assertEqual(self.send(jasmin % "j1", final), (200, "ACK/Jasmin"))
+        self.assertEqual(self.send(jasmin % "j2", dict(final, message_status="UNDELIV", err="034")),
+                         (200, "ACK/Jasmin"))
+        self.assertEqual(self.send(jasmin % "j3", dict(taken, level="1", message_status="ESME_RINVNUMDESTS")),
+                         (200, "ACK/Jasmin"))
+        self.assertEqual((self.report("j1")["status"], self.report("j2")["status"], self.report("j2")["error"],
+                          self.report("j3")["status"], self.report("j3")["error"]),
+                         ("delivered", "failed", "err:34", "rejected", "ESME_RINVNUMDESTS"))
+        refunds = d.ctl_json("history", "acme", "--type", "refund")["transactions"]
+        self.assertEqual(sorted(t["description"].split(": ", 1)[1] for t in refunds),
+                         ["delivery expired", "delivery failed: err:001", "delivery failed: err:34",
+                          "delivery rejected", "delivery rejected: ESME_RINVNUMDESTS"])
+        self.assertEqual(self.send(kannel % ("nosuch", 1, "")), (200, "unknown charge\n"))
+        self.assertEqual(self.send("/kannel?type=1")[0], 400)  # no wallet and ref
+        self.assertEqual(self.send(jasmin % "k5", dict(final, message_status="UNDELIV", err="1"))[1], "ACK/Jasmin")
+        self.assertEqual(self.send(kannel % ("k5", 1, ""))[0], 400)  # another report of k5: a conflict, no ACK
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_reports_that_arrive_together_share_a_commit(self):
+        d = self.d
+        n = 300
+        with d.client() as c:
+            c.call("charge.batch", items=[{"wallet": "acme", "channel": "sms", "to": UG, "ref": "b%d" % i}
+                                          for i in range(n)])
+        before = d.ctl_json("stats")["requests"].get("delivery.batch", {}).get("calls", 0)
+        answers = []
+
+        def one(i):
+            answers.append(self.send("/kannel?wallet=acme&ref=b%d&type=2&answer=%s" % (i, "stat%3AUNDELIV")))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(answers, [(200, "recorded\n")] * n)
+        calls = d.ctl_json("stats")["requests"]["delivery.batch"]["calls"] - before
+        self.assertLess(calls, n)  # batched: fewer calls than reports
+        self.assertEqual(d.ctl_json("history", "acme", "--type", "refund")["total"], n)
+        d.stop()
+        self.assertEqual(self.send("/kannel?wallet=acme&ref=b1&type=1&answer=")[0], 503)  # a gateway retries
+        d.start()
+        self.assertEqual(self.send("/kannel?wallet=acme&ref=b1&type=2&answer=stat%3AUNDELIV"),
+                         (200, "already recorded\n"))
