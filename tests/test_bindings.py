@@ -57,6 +57,10 @@ class PythonBinding(DaemonTest):
                              D("0.0047"))
             self.assertEqual(w.refund_batch(items=[{"wallet": "acme", "ref": "py-h"}])["results"][0]["amount"],
                              D("0.0047"))
+            self.assertEqual(w.delivery(wallet="acme", ref="py-h", status="delivered")["delivery"]["status"],
+                             "delivered")
+            self.assertTrue(w.delivery_batch(items=[{"wallet": "acme", "ref": "py-h", "status": "delivered"}])[
+                "results"][0]["replayed"])
             with self.assertRaises(walletd.HoldClosed):
                 w.charge(wallet="acme", channel="sms", to="+256712345678", ref="py-h2", hold="py-hold")
             self.assertTrue(w.verify()["ok"])

@@ -86,6 +86,8 @@ test('every method, amounts as strings', async () => {
   const part = await w.refund({ wallet: 'acme', ref: 'n-h', amount: '0.0047', refund_ref: 'n-h-1' });
   assert.equal(part.amount, '0.0047');
   assert.equal((await w.refundBatch({ items: [{ wallet: 'acme', ref: 'n-h' }] })).results[0].amount, '0.0047');
+  assert.equal((await w.delivery({ wallet: 'acme', ref: 'n-h', status: 'delivered' })).delivery.status, 'delivered');
+  assert.equal((await w.deliveryBatch({ items: [{ wallet: 'acme', ref: 'n-h', status: 'delivered' }] })).results[0].replayed, true);
   assert.equal((await w.verify()).ok, true);
   assert.ok((await w.stats()).commits > 0);
   await w.rateDelete({ plan: 'p2', channel: 'sms', prefix: '1' });

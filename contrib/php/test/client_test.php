@@ -50,6 +50,8 @@ check('batch error', $b[1]['error']['code'], 'unknown_wallet');
 $p = $w->precheck(['wallet' => 'acme', 'channel' => 'sms', 'recipients' => ['+256712345678', '0712345678'], 'segments' => 2]);
 check('precheck', [$p['required'], $p['invalid']], ['0.0188', ['0712345678']]);
 check('refund', $w->refund(['wallet' => 'acme', 'ref' => 'php-1', 'reason' => 'DLR failed'])['amount'], '0.0094');
+check('delivery', $w->delivery(['wallet' => 'acme', 'ref' => 'php-1', 'status' => 'failed'])['delivery']['status'], 'failed');
+check('delivery batch', $w->deliveryBatch(['items' => [['wallet' => 'acme', 'ref' => 'php-1', 'status' => 'failed']]])['results'][0]['replayed'], true);
 check('history', $w->history(['wallet' => 'acme', 'limit' => 2])['total'], 4);
 check('balance', $w->balance(['wallet' => 'acme']), ['balance' => '1499.9906', 'held' => '0', 'available' => '1499.9906', 'currency' => 'USD']);
 $top = $w->topupCreate(['wallet' => 'acme', 'amount' => '10']);
