@@ -102,7 +102,8 @@ X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_AS, MF_WRITE | MF_FLAT, \
 X(M_WALLET_LIST, wallet_list, "wallet.list", R_AS, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
 X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \
-  "plan channel prefix price:a currency ?route ?effective_from ?on_failure ?failure_fee:a", \
+  "plan channel prefix price:a currency ?route ?effective_from ?on_failure ?failure_fee:a ?settle " \
+  "?pending_timeout:i ?pending_timeout_action", \
   "Set the price of a message on a channel to a number prefix (and route); now, or from effective_from.") \
 X(M_RATE_DELETE, rate_delete, "rate.delete", R_A, MF_WRITE | MF_FLAT, "plan channel prefix ?route", \
   "Delete one rate.") \

@@ -186,7 +186,7 @@ static const struct config_key config_keys[] = {
 	CK(log_level, CF_UINT, 1, "0 errors, 1 warnings, 2 info, 3 debug"),
 	CK(receipts, CF_STR, 1, "on: e-mail a receipt of each credited top-up to the wallet's alert e-mails; off: none"),
 	CK(ops_emails, CF_STR, 1, "comma-separated: who is e-mailed a payment that could not be credited"),
-	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired) are POSTed as JSON; empty = none"),
+	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired, charge_settled) are POSTed as JSON; empty = none"),
 	CK(webhook_secret_file, CF_STR, 1, "file whose first line (and second, while rotating) is the secret events are signed with"),
 	CK(webhook_timeout, CF_UINT, 1, "seconds a webhook delivery may take"),
 	CK(currencies, CF_STR, 0, "a platform's own units beside ISO 4217, comma-separated 3-letter codes (CRD, ...)"),
@@ -1409,6 +1409,7 @@ struct txn {
 	const char *paid_currency;  /* NULL unless a top-up was converted */
 	const struct charge_fate *fate; /* a charge's delivery report, if it has one */
 	struct str fate_error;
+	int pending;                /* settle = delivery: held for its report (id 0: nil) */
 };
 
 static struct store {
@@ -3602,7 +3603,8 @@ holds_sum_add(const struct hold *h, void *arg)
 {
 	struct holds_sum *sum = arg;
 
-	if (h->status == HS_ACTIVE && h->expires_at > sum->at) {
+	if (h->status == HS_ACTIVE && (h->expires_at > sum->at || strncmp(h->ref, "dlr:", 4) == 0)) {
+		/* a charge held for its report stays held until the writer settles it, even past its timeout */
 		sum->held += h->remaining;
 		sum->active++;
 		if (sum->active == 1 || h->expires_at < sum->first_expiry)
@@ -3667,6 +3669,8 @@ wallet_holds_recount(MDB_txn *txn, struct wallet *w)
  * in store.next_expiry when the first hold still active expires.  Returns
  * 0 or an LMDB error.
  */
+static int pending_timeout(MDB_txn *txn, uint64_t number, struct str wallet, struct str ref); /* section 4 */
+
 static int
 holds_expire(MDB_txn *txn, int64_t now)
 {
@@ -3697,6 +3701,13 @@ holds_expire(MDB_txn *txn, int64_t now)
 			break;
 		if ((rc = captured_cursor_del(cur, 0)) != 0)
 			break;
+		if (ref.n > 4 && memcmp(ref.p, "dlr:", 4) == 0) { /* a charge that waited in vain for its report */
+			if ((rc = pending_timeout(txn, number, (struct str){ h.wallet, strlen(h.wallet) },
+			    (struct str){ ref.p + 4, ref.n - 4 })) != 0)
+				break;
+			ended++;
+			continue;
+		}
 		h.status = HS_EXPIRED;
 		h.closed_at = h.expires_at;
 		if ((rc = hold_put(txn, number, &h, 1)) != 0 ||
@@ -3716,22 +3727,86 @@ holds_expire(MDB_txn *txn, int64_t now)
 /* ---- The transaction log ---- */
 
 /*
- * A charge's entry in refs is its id and its fingerprint; when the rate
- * that priced it refunds failures, or once a delivery report came, a NUL,
- * its struct charge_fate and the report's error (up to the value's end).
+ * A charge's entry in refs: its id and its fingerprint; then, when the
+ * rate that priced it refunds failures or settles on delivery, or once a
+ * report came, a NUL, its struct charge_fate, a u16 and the report's error
+ * of that length, and for a charge on a settle = delivery rate the charge
+ * to write when it settles, as txns stores one (head, then record).  The
+ * id is 0 while such a charge waits for its report, and stays 0 if it is
+ * released.
  */
 struct charge_fate {
 	uint32_t on_failure;      /* OF_* of the rate that priced it */
 	uint32_t status;          /* DS_*: DS_NONE until a final report */
 	uint32_t failed_parts;    /* as reported; 0: not given */
-	uint32_t pad;
+	uint32_t flags;           /* CF_* */
 	int64_t failure_fee;      /* OF_FEE: kept of a failed message, in the wallet's currency */
 	int64_t at;               /* when the report came */
 	uint64_t refund;          /* the refund it made, if any */
 };
+#define CF_PENDING 1u          /* settle = delivery: held, waiting for its report */
+#define CF_RELEASE 2u          /* settle = delivery: released, not charged, if no report comes in time */
 enum { DS_NONE, DS_DELIVERED, DS_FAILED, DS_REJECTED, DS_EXPIRED, DS__COUNT };
 static const char *const delivery_status_names[] = { "", "delivered", "failed", "rejected", "expired" };
 #define DELIVERY_ERROR_MAX 256
+#define REF_VALUE_MAX 4096
+
+struct ref_entry {
+	uint64_t id;
+	struct str fp;
+	struct charge_fate fate;
+	struct str error;
+	struct str record;
+};
+
+/* Reads refs value v into e (pointing into v). */
+static void
+ref_read(MDB_val v, struct ref_entry *e)
+{
+	const char *p = v.mv_data, *end = p + v.mv_size, *nul = memchr(p + 8, '\0', v.mv_size - 8), *q;
+	uint16_t elen;
+
+	memset(e, 0, sizeof(*e));
+	memcpy(&e->id, p, 8);
+	e->fp = (struct str){ p + 8, (size_t)((nul ? nul : end) - p) - 8 };
+	e->error = e->record = (struct str){ "", 0 };
+	if (nul == NULL || (size_t)(end - nul - 1) < sizeof(e->fate) + 2)
+		return;
+	q = nul + 1;
+	memcpy(&e->fate, q, sizeof(e->fate));
+	memcpy(&elen, q + sizeof(e->fate), 2);
+	q += sizeof(e->fate) + 2;
+	if (elen > end - q)
+		elen = (uint16_t)(end - q);
+	e->error = (struct str){ q, elen };
+	e->record = (struct str){ q + elen, (size_t)(end - q - elen) };
+}
+
+/* Writes e as a refs value into buf (REF_VALUE_MAX); its tail only when it has one.  ENOMEM if too long. */
+static int
+ref_write(char buf[REF_VALUE_MAX], const struct ref_entry *e, MDB_val *v)
+{
+	uint16_t elen = (uint16_t)e->error.n;
+	size_t n = 8 + e->fp.n;
+
+	if (n + 1 + sizeof(e->fate) + 2 + e->error.n + e->record.n > REF_VALUE_MAX)
+		return ENOMEM;
+	memcpy(buf, &e->id, 8);
+	memmove(buf + 8, e->fp.p, e->fp.n);
+	if (e->fate.on_failure || e->fate.status || e->fate.flags || e->record.n) {
+		buf[n++] = '\0';
+		memcpy(buf + n, &e->fate, sizeof(e->fate));
+		memcpy(buf + n + sizeof(e->fate), &elen, 2);
+		n += sizeof(e->fate) + 2;
+		if (e->error.n)
+			memmove(buf + n, e->error.p, e->error.n);
+		if (e->record.n)
+			memmove(buf + n + e->error.n, e->record.p, e->record.n);
+		n += e->error.n + e->record.n;
+	}
+	*v = (MDB_val){ n, buf };
+	return 0;
+}
 
 /* Packs "delivery": a charge's report {status, failed_parts, error, at}. */
 static void
@@ -3753,28 +3828,18 @@ delivery_report_pack(msgpack_packer *pk, const struct charge_fate *fate, struct 
 	KV_TIME(pk, "at", fate->at);
 }
 
-/* Reads refs value v: its fingerprint's length, and its fate (zero: keep, no report) and error. */
-static void
-ref_fate(MDB_val v, size_t *fp_len, struct charge_fate *fate, struct str *error)
-{
-	const char *p = v.mv_data, *nul = memchr(p + 8, '\0', v.mv_size - 8);
-
-	memset(fate, 0, sizeof(*fate));
-	*error = (struct str){ "", 0 };
-	*fp_len = (nul ? (size_t)(nul - p) : v.mv_size) - 8;
-	if (nul && v.mv_size - (size_t)(nul + 1 - p) >= sizeof(*fate)) {
-		memcpy(fate, nul + 1, sizeof(*fate));
-		*error = (struct str){ nul + 1 + sizeof(*fate), v.mv_size - (size_t)(nul + 1 - p) - sizeof(*fate) };
-	}
-}
+/* Room for the strings of a decoded transaction (txn_decode). */
+struct txn_text {
+	char currency[4], price_currency[4], paid_currency[4];
+};
 
 /* Points t (a charge, TXN_REPORTED) at its report, read into *fate, valid while txn is. */
 static int
 txn_fate(MDB_txn *txn, struct txn *t, struct charge_fate *fate)
 {
 	unsigned char key[REF_MAX + 8];
+	struct ref_entry e;
 	struct wallet w;
-	size_t fp_len;
 	MDB_val k, v;
 	int rc;
 
@@ -3783,7 +3848,9 @@ txn_fate(MDB_txn *txn, struct txn *t, struct charge_fate *fate)
 	k = ref_key(key, t->ref, w.number);
 	if ((rc = mdb_get(txn, store.refs, &k, &v)) != 0)
 		return rc;
-	ref_fate(v, &fp_len, fate, &t->fate_error);
+	ref_read(v, &e);
+	*fate = e.fate;
+	t->fate_error = e.error;
 	t->fate = fate->status != DS_NONE ? fate : NULL;
 	return 0;
 }
@@ -3823,8 +3890,14 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 		n++;
 	if (t->fate)
 		n++;
+	if (t->id == 0)
+		n++; /* pending */
 	pack_map16(pk, n);
-	KV_U64(pk, "id", t->id);
+	KEY(pk, "id");
+	if (t->id)
+		msgpack_pack_uint64(pk, t->id);
+	else
+		msgpack_pack_nil(pk);
 	KV_SSTR(pk, "wallet", t->wallet);
 	KV_STR(pk, "type", txn_type_names[t->type]);
 	KV_AMOUNT(pk, "amount", t->amount);
@@ -3865,6 +3938,8 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 		KV_SSTR(pk, "hold", t->hold);
 	if (t->fate)
 		delivery_report_pack(pk, t->fate, t->fate_error);
+	if (t->id == 0)
+		KV_BOOL(pk, "pending", t->pending);
 	if (replayed >= 0)
 		KV_BOOL(pk, "replayed", replayed);
 }
@@ -3985,16 +4060,14 @@ static _Thread_local msgpack_zone *expand_zone;
  * nothing), or ENOMEM.
  */
 static int
-txn_expand(MDB_txn *txn, uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpack_packer *pk)
+txn_decode(uint64_t id, const struct txn_head *h, const char *p, size_t n, struct txn *tp, struct txn_text *x)
 {
-	char currency[4], price_currency[4], paid_currency[4], to[sizeof(((struct txn *)0)->to)];
+	char to[sizeof(((struct txn *)0)->to)];
 	const msgpack_object *f;
 	msgpack_object o;
 	struct txn t;
-	struct charge_fate fate;
 	int64_t segments = 0, refund_of = 0, uid = 0;
 	size_t off = 0;
-	int rc;
 
 	memset(&t, 0, sizeof(t));
 	if (expand_zone == NULL && (expand_zone = msgpack_zone_new(2048)) == NULL)
@@ -4011,14 +4084,14 @@ txn_expand(MDB_txn *txn, uint64_t id, const struct txn_head *h, const char *p, s
 	t.amount = h->amount;
 	t.balance_after = h->balance_after;
 	t.created_at = h->created_at;
-	if (stored_str(&f[0], &t.wallet) || stored_cstr(&f[1], currency, sizeof(currency)) ||
+	if (stored_str(&f[0], &t.wallet) || stored_cstr(&f[1], x->currency, sizeof(x->currency)) ||
 	    stored_cstr(&f[2], t.description, sizeof(t.description)) || stored_str(&f[3], &t.ref) ||
 	    stored_str(&f[4], &t.channel) || stored_cstr(&f[5], to, sizeof(to)) ||
 	    stored_str(&f[6], &t.route) || stored_int(&f[7], &segments) ||
-	    stored_int(&f[8], &t.price) || stored_cstr(&f[9], price_currency, sizeof(price_currency)) ||
+	    stored_int(&f[8], &t.price) || stored_cstr(&f[9], x->price_currency, sizeof(x->price_currency)) ||
 	    stored_int(&f[10], &refund_of) || stored_str(&f[12], &t.provider) ||
 	    stored_str(&f[13], &t.provider_ref) || stored_int(&f[14], &t.paid_amount) ||
-	    stored_cstr(&f[15], paid_currency, sizeof(paid_currency)) ||
+	    stored_cstr(&f[15], x->paid_currency, sizeof(x->paid_currency)) ||
 	    (o.via.array.size > TXN_STORED_FIELDS && stored_str(&f[16], &t.hold)))
 		return MDB_CORRUPTED;
 	if (f[11].type == MSGPACK_OBJECT_ARRAY) {
@@ -4033,12 +4106,26 @@ txn_expand(MDB_txn *txn, uint64_t id, const struct txn_head *h, const char *p, s
 		return MDB_CORRUPTED;
 	}
 	memcpy(t.to, to, sizeof(to));
-	t.currency = currency;
+	t.currency = x->currency;
 	t.segments = (uint32_t)segments;
-	t.price_currency = t.channel.n ? price_currency : NULL;
+	t.price_currency = t.channel.n ? x->price_currency : NULL;
 	t.refund_of = (uint64_t)refund_of;
-	t.paid_currency = paid_currency[0] ? paid_currency : NULL;
-	if (txn && (h->flags & TXN_REPORTED) && (rc = txn_fate(txn, &t, &fate)) != 0)
+	t.paid_currency = x->paid_currency[0] ? x->paid_currency : NULL;
+	*tp = t;
+	return 0;
+}
+
+/* Packs stored transaction id (head h, record p) as its map, with its delivery report if it has one. */
+static int
+txn_expand(MDB_txn *txn, uint64_t id, const struct txn_head *h, const char *p, size_t n, msgpack_packer *pk)
+{
+	struct charge_fate fate;
+	struct txn_text x;
+	struct txn t;
+	int rc;
+
+	if ((rc = txn_decode(id, h, p, n, &t, &x)) != 0 ||
+	    (txn && (h->flags & TXN_REPORTED) && (rc = txn_fate(txn, &t, &fate)) != 0))
 		return rc;
 	txn_pack(pk, &t, -1);
 	return 0;
@@ -4342,9 +4429,14 @@ static const char *const on_failure_names[] = { "keep", "refund", "fee" };
 
 struct rate_policy {
 	int64_t failure_fee;      /* OF_FEE: what a failed message still costs, in the price's currency */
-	uint32_t on_failure;      /* OF_* */
-	uint32_t pad;
+	uint8_t on_failure;       /* OF_* */
+	uint8_t settle;           /* 1: a charge holds its cost until its delivery report (settle = delivery) */
+	uint8_t timeout_release;  /* settle = delivery: 1 releases a charge no report came for, 0 charges it */
+	uint8_t pad;
+	uint32_t pending_timeout; /* settle = delivery: seconds a charge waits for its report (0: 72 h) */
 };
+#define PENDING_TIMEOUT_DEFAULT (72 * 3600)
+#define PENDING_TIMEOUT_MAX (366 * 86400)
 
 /* Reads stored rate v into e and pol (when given); returns the count of entries, 0 if it does not decode. */
 static size_t
@@ -5459,36 +5551,63 @@ m_wallet_list(struct call *c)
 
 /* ---- Rates and FX ---- */
 
-/* Packs a rate's on_failure and failure_fee (nil unless fee). */
+/* Packs a rate's policy, 5 keys: on_failure, failure_fee (nil unless fee), settle, pending_timeout and its action. */
 static void
 rate_policy_pack(msgpack_packer *pk, const struct rate_policy *pol)
 {
 	KV_STR(pk, "on_failure", on_failure_names[pol->on_failure < OF__COUNT ? pol->on_failure : OF_KEEP]);
 	pack_amount_or_nil(pk, "failure_fee", pol->on_failure == OF_FEE, pol->failure_fee);
+	KV_STR(pk, "settle", pol->settle ? "delivery" : "send");
+	KV_U64(pk, "pending_timeout", pol->pending_timeout ? pol->pending_timeout : PENDING_TIMEOUT_DEFAULT);
+	KV_STR(pk, "pending_timeout_action", pol->timeout_release ? "release" : "charge");
+}
+
+/* Reads string param name, one of a and b, into *v (0 for a, 1 for b); absent leaves *v. */
+static int
+p_either(struct call *c, const char *name, const char *a, const char *b, uint8_t *v)
+{
+	struct str s;
+	int rc;
+
+	if ((rc = p_str(c, name, 0, 16, &s)) || s.p == NULL)
+		return rc;
+	if (s.n == strlen(a) && memcmp(s.p, a, s.n) == 0)
+		*v = 0;
+	else if (s.n == strlen(b) && memcmp(s.p, b, s.n) == 0)
+		*v = 1;
+	else
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must be %s or %s", name, a, b);
+	return E_OK;
 }
 
 /*
- * Reads rate.set's on_failure and failure_fee into pol, which holds the
- * rate's policy so far: absent, it stays (a new price keeps the policy);
- * failure_fee goes with on_failure fee only, and fee needs it.
+ * Reads rate.set's policy params into pol, which holds the rate's policy
+ * so far: an absent one stays (a new price keeps the policy); failure_fee
+ * goes with on_failure fee only, and fee needs it.
  */
 static int
 p_rate_policy(struct call *c, struct rate_policy *pol)
 {
 	struct str of;
 	int64_t fee = 0;
+	uint64_t timeout = pol->pending_timeout;
 	int rc, present, i;
 
 	if ((rc = p_str(c, "on_failure", 0, 16, &of)) ||
-	    (rc = p_amount(c, "failure_fee", 0, AMOUNT_NONNEGATIVE, &fee, &present)))
+	    (rc = p_amount(c, "failure_fee", 0, AMOUNT_NONNEGATIVE, &fee, &present)) ||
+	    (rc = p_either(c, "settle", "send", "delivery", &pol->settle)) ||
+	    (rc = p_either(c, "pending_timeout_action", "charge", "release", &pol->timeout_release)) ||
+	    (rc = p_uint(c, "pending_timeout", 0, 1, PENDING_TIMEOUT_MAX, &timeout)))
 		return rc;
+	pol->pending_timeout = (uint32_t)timeout;
 	if (of.p) {
 		for (i = 0; i < OF__COUNT; i++)
 			if (strlen(on_failure_names[i]) == of.n && memcmp(on_failure_names[i], of.p, of.n) == 0)
 				break;
 		if (i == OF__COUNT)
 			return fail(c, E_INVALID_ARGUMENT, "on_failure", "on_failure must be keep, refund or fee");
-		*pol = (struct rate_policy){ .on_failure = (uint32_t)i };
+		pol->on_failure = (uint8_t)i;
+		pol->failure_fee = 0;
 	}
 	if (present == 1 && pol->on_failure != OF_FEE)
 		return fail(c, E_INVALID_ARGUMENT, "failure_fee", "failure_fee goes with on_failure fee");
@@ -5552,7 +5671,7 @@ m_rate_set(struct call *c)
 		    RATE_SCHEDULE_MAX);
 	memcpy(value, &entries[first], (n - first) * sizeof(e));
 	v = (MDB_val){ (n - first) * sizeof(e), value };
-	if (pol.on_failure != OF_KEEP) {
+	if (pol.on_failure != OF_KEEP || pol.settle || pol.timeout_release || pol.pending_timeout) {
 		memcpy(value + v.mv_size, &pol, sizeof(pol));
 		v.mv_size += sizeof(pol);
 	}
@@ -5568,7 +5687,7 @@ m_rate_set(struct call *c)
 		if ((rc = captured_put(c->txn, store.meta, &k, &v, 0)) != 0)
 			return store_error(c, rc);
 	}
-	msgpack_pack_map(c->pk, 9);
+	msgpack_pack_map(c->pk, 12);
 	KV_SSTR(c->pk, "plan", plan);
 	KV_SSTR(c->pk, "channel", channel);
 	KV_SSTR(c->pk, "prefix", prefix);
@@ -5629,7 +5748,7 @@ rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
 
 	for (size_t i = 0; i < n; i++)
 		later += entries[i].from > now;
-	msgpack_pack_map(pk, 9);
+	msgpack_pack_map(pk, 12);
 	for (int i = 0; i < 4; i++) {
 		const char *nul = i < 3 ? memchr(p, '\0', (size_t)(end - p)) : end;
 
@@ -5780,7 +5899,7 @@ m_rate_lookup(struct call *c)
 	}
 	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, route, wid.p ? w.currency : NULL, 1, at, &hit)))
 		return rc;
-	msgpack_pack_map(c->pk, wid.p ? 10 : 8);
+	msgpack_pack_map(c->pk, wid.p ? 13 : 11);
 	KV_SSTR(c->pk, "plan", plan);
 	KV_SSTR(c->pk, "channel", channel);
 	KV_STR(c->pk, "prefix", hit.prefix);
@@ -6240,6 +6359,141 @@ fail_limit(struct call *c)
 
 /* ---- Charges ---- */
 
+/*
+ * Settle on delivery.  A charge on such a rate holds its cost in a hold
+ * named dlr:REF (pending_hold) and keeps the charge to write in its refs
+ * entry; its report writes it (delivered) or releases the hold (a
+ * failure), and so does the writer at the rate's pending_timeout
+ * (pending_timeout: charge or release, as the rate said).
+ */
+
+/* Decodes the charge a pending entry keeps into t (strings in x and e's bytes). */
+static int
+pending_txn(const struct ref_entry *e, struct txn *t, struct txn_text *x)
+{
+	struct txn_head h;
+
+	if (e->record.n <= sizeof(h))
+		return MDB_CORRUPTED;
+	memcpy(&h, e->record.p, sizeof(h));
+	return txn_decode(0, &h, e->record.p + sizeof(h), e->record.n - sizeof(h), t, x);
+}
+
+/* Holds charge t's cost for its report for timeout seconds (0: 72 h); *record: t as txns would store it, in buf. */
+static int
+pending_hold(struct call *c, struct wallet *w, struct txn *t, int64_t now, uint32_t timeout, char buf[REF_VALUE_MAX],
+    struct str *record)
+{
+	msgpack_sbuffer pending;
+	struct txn_head h = { .amount = t->amount, .balance_after = w->balance, .created_at = now,
+		.type = (uint32_t)t->type };
+	struct hold hold = { .amount = -t->amount, .remaining = -t->amount, .created_at = now, .status = HS_ACTIVE };
+	msgpack_packer pk;
+	int rc;
+
+	t->created_at = now;
+	t->balance_after = w->balance;
+	msgpack_sbuffer_init(&pending);
+	msgpack_sbuffer_write(&pending, (const char *)&h, sizeof(h));
+	msgpack_packer_init(&pk, &pending, msgpack_sbuffer_write);
+	txn_pack_stored(&pk, t);
+	*record = (struct str){ buf, pending.size };
+	if (pending.size > REF_VALUE_MAX / 2) { /* a description of 600 bytes at most: cannot be */
+		msgpack_sbuffer_destroy(&pending);
+		return fail(c, E_INTERNAL, NULL, "a pending charge does not fit its entry");
+	}
+	memcpy(buf, pending.data, pending.size);
+	msgpack_sbuffer_destroy(&pending);
+	hold.expires_at = now + (timeout ? timeout : PENDING_TIMEOUT_DEFAULT);
+	memcpy(hold.wallet, t->wallet.p, t->wallet.n);
+	snprintf(hold.ref, sizeof(hold.ref), "dlr:%.*s", (int)t->ref.n, t->ref.p);
+	snprintf(hold.description, sizeof(hold.description), "%.255s", t->description); /* the charge keeps it whole */
+	w->held += hold.amount;
+	if (w->holds_active++ == 0 || hold.expires_at < w->hold_expiry)
+		w->hold_expiry = hold.expires_at;
+	if ((rc = hold_put(c->txn, w->number, &hold, 1)))
+		return store_error(c, rc);
+	if (hold.expires_at < store.next_expiry)
+		store.next_expiry = hold.expires_at;
+	return E_OK;
+}
+
+/* Answers a charge that has no transaction (held for its report, or released) from its entry. */
+static int
+pending_pack(struct call *c, const struct ref_entry *e, int replayed)
+{
+	struct txn_text x;
+	struct txn t;
+	int rc;
+
+	if ((rc = pending_txn(e, &t, &x)))
+		return store_error(c, rc);
+	t.pending = (e->fate.flags & CF_PENDING) != 0;
+	txn_pack(c->pk, &t, replayed);
+	return E_OK;
+}
+
+/*
+ * Settles the pending charge of e (of ref, in wallet): writes its charge
+ * (charge) or not, ends its hold, and announces it (charge_settled, why).
+ * e's bytes must not point into the store.  Returns 0 or an LMDB error.
+ */
+static int
+pending_settle(MDB_txn *txn, struct str wallet, struct str ref, struct ref_entry *e, int charge, const char *why)
+{
+	char name[REF_MAX + 1];
+	struct txn_text x;
+	struct wallet w;
+	struct hold h;
+	struct txn t;
+	int rc;
+
+	snprintf(name, sizeof(name), "dlr:%.*s", (int)ref.n, ref.p);
+	if ((rc = wallet_get(txn, wallet, &w)) || (rc = pending_txn(e, &t, &x)))
+		return rc;
+	if ((rc = hold_get(txn, w.number, (struct str){ name, strlen(name) }, &h)) == 0 && h.status == HS_ACTIVE) {
+		h.status = HS_RELEASED;
+		h.closed_at = now_seconds();
+		rc = hold_put(txn, w.number, &h, 1);
+	}
+	if (rc != 0 && rc != MDB_NOTFOUND)
+		return rc;
+	if (charge) {
+		w.balance += t.amount;
+		if ((rc = txn_append(txn, &w, &t, &scratch)))
+			return rc;
+		e->id = t.id;
+	}
+	e->fate.flags &= ~CF_PENDING;
+	if ((rc = wallet_holds_recount(txn, &w)) || (rc = wallet_put(txn, wallet, &w)))
+		return rc;
+	return event_add(txn, "charge_settled", wallet, json_pack("{s:s%, s:o, s:o, s:s, s:s, s:s}", "ref", ref.p, ref.n,
+	    "txn", e->id ? json_integer((json_int_t)e->id) : json_null(), "amount", json_amount(-t.amount),
+	    "currency", t.currency, "outcome", charge ? "charged" : "released", "why", why));
+}
+
+/* The writer, at a pending charge's timeout (its hold dlr:REF): charged or released as its rate said. */
+static int
+pending_timeout(MDB_txn *txn, uint64_t number, struct str wallet, struct str ref)
+{
+	unsigned char key[REF_MAX + 8];
+	char copy[REF_VALUE_MAX], val[REF_VALUE_MAX];
+	MDB_val k = ref_key(key, ref, number), v;
+	struct ref_entry e;
+	int rc;
+
+	if ((rc = mdb_get(txn, store.refs, &k, &v)) != 0 || v.mv_size > REF_VALUE_MAX)
+		return rc == MDB_NOTFOUND ? 0 : rc ? rc : MDB_CORRUPTED;
+	memcpy(copy, v.mv_data, v.mv_size);
+	ref_read((MDB_val){ v.mv_size, copy }, &e);
+	if (!(e.fate.flags & CF_PENDING))
+		return 0;
+	if ((rc = pending_settle(txn, wallet, ref, &e, !(e.fate.flags & CF_RELEASE), "pending_timeout")) ||
+	    (rc = ref_write(val, &e, &v)))
+		return rc;
+	return captured_put(txn, store.refs, &k, &v, 0);
+}
+
 /* The failure fee of hit's rate in currency, converted as the charge was, into *fee. */
 static int
 charge_fee(struct call *c, const struct rate_hit *hit, const char *currency, int64_t *fee)
@@ -6356,21 +6610,19 @@ m_charge(struct call *c)
 	}
 	k = ref_key(refkey, ref, w.number);
 	if ((rc = mdb_get(c->txn, store.refs, &k, &v)) == 0) {
-		struct charge_fate fate;
-		struct str error;
-		uint64_t orig;
-		size_t fp_len;
+		struct ref_entry e;
 		MDB_val raw;
 
-		memcpy(&orig, v.mv_data, 8);
-		ref_fate(v, &fp_len, &fate, &error);
-		if (fp_len != flen || memcmp((char *)v.mv_data + 8, fingerprint, flen) != 0) {
-			c->conflict_txn = orig;
+		ref_read(v, &e);
+		if (e.fp.n != flen || memcmp(e.fp.p, fingerprint, flen) != 0) {
+			c->conflict_txn = e.id;
 			return fail(c, E_IDEMPOTENCY_CONFLICT, "ref",
 			    "ref '%.*s' was used for a different message (txn %" PRIu64 ")",
-			    (int)ref.n, ref.p, orig);
+			    (int)ref.n, ref.p, e.id);
 		}
-		if ((rc = txn_get(c->txn, orig, &raw)))
+		if (e.id == 0) /* held for its report, or released */
+			return pending_pack(c, &e, 1);
+		if ((rc = txn_get(c->txn, e.id, &raw)))
 			return store_error(c, rc);
 		pack_txn_answer(c->pk, raw.mv_data, raw.mv_size, 1);
 		return E_OK;
@@ -6406,9 +6658,15 @@ m_charge(struct call *c)
 	}
 	if (limits_exceeded(c, &w, now, hit.cost, 1))
 		return fail_limit(c);
+	if (hit.policy.settle && hold_ref.p)
+		return fail(c, E_INVALID_ARGUMENT, "hold", "a charge on a rate that settles on delivery draws on no hold");
+	if (hit.policy.settle && ref.n > REF_MAX - 4)
+		return fail(c, E_INVALID_ARGUMENT, "ref", "a rate that settles on delivery takes refs of at most %d bytes",
+		    REF_MAX - 4);
 	before = w.balance;
-	w.balance -= hit.cost;
 	limits_count(&w, now, hit.cost, 1);
+	if (!hit.policy.settle)
+		w.balance -= hit.cost;
 	if (hold_ref.p) {
 		hold.remaining -= from_hold;
 		w.held -= from_hold;
@@ -6449,27 +6707,28 @@ m_charge(struct call *c)
 			text_add(&d, " seg)", 5);
 		}
 	}
-	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
-		return store_error(c, rc);
 	{
-		char val[8 + sizeof(fingerprint) + 1 + sizeof(struct charge_fate)];
-		struct charge_fate fate = { .on_failure = hit.policy.on_failure };
+		/* its refund policy kept with it: a later rate change does not alter it */
+		struct ref_entry e = { .fp = { fingerprint, flen }, .fate = { .on_failure = hit.policy.on_failure } };
+		char val[REF_VALUE_MAX], rec[REF_VALUE_MAX];
 
-		memcpy(val, &t.id, 8);
-		memcpy(val + 8, fingerprint, flen);
-		v = (MDB_val){ 8 + flen, val };
-		if (fate.on_failure != OF_KEEP) { /* kept with the charge: a later rate change does not alter it */
-			if (fate.on_failure == OF_FEE && (rc = charge_fee(c, &hit, w.currency, &fate.failure_fee)))
+		if (e.fate.on_failure == OF_FEE && (rc = charge_fee(c, &hit, w.currency, &e.fate.failure_fee)))
+			return rc;
+		if (hit.policy.settle) { /* held until its report: the charge is written then */
+			e.fate.flags = CF_PENDING | (hit.policy.timeout_release ? CF_RELEASE : 0);
+			if ((rc = pending_hold(c, &w, &t, now, hit.policy.pending_timeout, rec, &e.record)))
 				return rc;
-			val[v.mv_size++] = '\0';
-			memcpy(val + v.mv_size, &fate, sizeof(fate));
-			v.mv_size += sizeof(fate);
+		} else if ((rc = txn_append(c->txn, &w, &t, &scratch))) {
+			return store_error(c, rc);
 		}
-		if ((rc = captured_put(c->txn, store.refs, &k, &v, 0)))
+		e.id = t.id;
+		if ((rc = ref_write(val, &e, &v)) || (rc = captured_put(c->txn, store.refs, &k, &v, 0)))
 			return store_error(c, rc);
 	}
 	if ((rc = note_on_crossing(c, id, &w, before, t.id)) || (rc = wallet_put(c->txn, id, &w)))
 		return store_error(c, rc);
+	if (hit.policy.settle)
+		t.pending = 1;
 	txn_pack(c->pk, &t, 0);
 	return E_OK;
 }
@@ -6852,6 +7111,8 @@ m_hold_create(struct call *c)
 		return rc;
 	if (ref.n == 0)
 		return fail(c, E_INVALID_ARGUMENT, "ref", "ref must not be empty");
+	if (ref.n >= 4 && memcmp(ref.p, "dlr:", 4) == 0)
+		return fail(c, E_INVALID_ARGUMENT, "ref", "holds named dlr:... are the charges waiting for their reports");
 	if ((present == 1) == (rec != NULL))
 		return fail(c, E_INVALID_ARGUMENT, "amount", "give amount, or channel and recipients, one of them");
 	if (desc.n >= sizeof(h.description))
@@ -6924,6 +7185,8 @@ m_hold_release(struct call *c)
 	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "hold", 1, REF_MAX, &ref)) ||
 	    (rc = load_wallet(c, id, &w)) || (rc = load_open_hold(c, &w, ref, now, &h)))
 		return rc;
+	if (ref.n >= 4 && memcmp(ref.p, "dlr:", 4) == 0)
+		return fail(c, E_INVALID_ARGUMENT, "hold", "a charge waiting for its report settles with it (delivery)");
 	h.status = HS_RELEASED;
 	h.closed_at = now;
 	if ((rc = hold_put(c->txn, w.number, &h, 1)) || (rc = wallet_holds_recount(c->txn, &w)) ||
@@ -7715,7 +7978,11 @@ delivery_pack(struct call *c, uint64_t charge_id, const struct charge_fate *fate
 	int rc;
 
 	msgpack_pack_map(c->pk, 4);
-	KV_U64(c->pk, "txn", charge_id);
+	KEY(c->pk, "txn");
+	if (charge_id)
+		msgpack_pack_uint64(c->pk, charge_id);
+	else
+		msgpack_pack_nil(c->pk); /* a pending charge its report released */
 	delivery_report_pack(c->pk, fate, error);
 	KEY(c->pk, "refund");
 	if (fate->refund == 0)
@@ -7798,15 +8065,15 @@ delivery_refund(struct call *c, struct str wallet, uint64_t charge_id, struct st
 static int
 m_delivery(struct call *c)
 {
-	struct str id, ref, status, error, had_error;
-	char value[8 + 256 + 1 + sizeof(struct charge_fate) + DELIVERY_ERROR_MAX];
+	struct str id, ref, status, error;
+	char copy[REF_VALUE_MAX], value[REF_VALUE_MAX];
 	unsigned char refkey[8 + REF_MAX];
-	uint64_t parts = 0, charge_id, segments;
-	struct charge_fate fate;
+	uint64_t parts = 0, segments;
+	struct ref_entry e;
+	struct txn_text x;
 	struct wallet w;
-	msgpack_unpacked orig;
-	MDB_val k, v, raw;
-	size_t fp_len;
+	struct txn t;
+	MDB_val k, v;
 	int rc, st;
 
 	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "ref", 1, REF_MAX, &ref)) ||
@@ -7829,62 +8096,67 @@ m_delivery(struct call *c)
 		return fail(c, E_UNKNOWN_TXN, "ref", "No charge with ref '%.*s' in this wallet", (int)ref.n, ref.p);
 	if (rc)
 		return store_error(c, rc);
-	ref_fate(v, &fp_len, &fate, &had_error);
-	if (fp_len > 256)
+	if (v.mv_size > REF_VALUE_MAX)
 		return fail(c, E_INTERNAL, NULL, "the charge of ref '%.*s' has an unreadable entry", (int)ref.n, ref.p);
-	memcpy(&charge_id, v.mv_data, 8);
-	if (fate.status != DS_NONE) {
-		if (fate.status != (uint32_t)st || fate.failed_parts != parts || had_error.n != error.n ||
-		    (error.n && memcmp(had_error.p, error.p, error.n) != 0)) {
-			c->conflict_txn = charge_id;
-			return fail(c, E_IDEMPOTENCY_CONFLICT, "status", "charge %" PRIu64 " (ref '%.*s') already has its "
-			    "report: %s", charge_id, (int)ref.n, ref.p, delivery_status_names[fate.status]);
+	memcpy(copy, v.mv_data, v.mv_size); /* v goes stale once this writes */
+	ref_read((MDB_val){ v.mv_size, copy }, &e);
+	if (e.fate.status != DS_NONE) {
+		if (e.fate.status != (uint32_t)st || e.fate.failed_parts != parts || e.error.n != error.n ||
+		    (error.n && memcmp(e.error.p, error.p, error.n) != 0)) {
+			c->conflict_txn = e.id;
+			return fail(c, E_IDEMPOTENCY_CONFLICT, "status", "the charge of ref '%.*s' already has its report: %s",
+			    (int)ref.n, ref.p, delivery_status_names[e.fate.status]);
 		}
-		return delivery_pack(c, charge_id, &fate, had_error, 1);
+		return delivery_pack(c, e.id, &e.fate, e.error, 1);
 	}
-	memcpy(value, v.mv_data, 8 + fp_len); /* v goes stale once the refund writes */
-	if ((rc = txn_get(c->txn, charge_id, &raw)))
-		return store_error(c, rc);
-	msgpack_unpacked_init(&orig);
-	if (msgpack_unpack_next(&orig, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS) {
+	if (e.record.n) {
+		if ((rc = pending_txn(&e, &t, &x)))
+			return store_error(c, rc);
+		segments = t.segments;
+	} else {
+		MDB_val raw;
+		msgpack_unpacked orig;
+
+		if ((rc = txn_get(c->txn, e.id, &raw)))
+			return store_error(c, rc);
+		msgpack_unpacked_init(&orig);
+		segments = msgpack_unpack_next(&orig, raw.mv_data, raw.mv_size, NULL) == MSGPACK_UNPACK_SUCCESS ?
+		    map_u64(&orig.data, "segments") : 0;
 		msgpack_unpacked_destroy(&orig);
-		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " is unreadable", charge_id);
 	}
-	segments = map_u64(&orig.data, "segments");
-	msgpack_unpacked_destroy(&orig);
 	if (parts > segments)
 		return fail(c, E_INVALID_ARGUMENT, "failed_parts", "the message has %" PRIu64 " parts", segments);
-	fate.status = (uint32_t)st;
-	fate.failed_parts = (uint32_t)parts;
-	fate.at = now_seconds();
-	if (st != DS_DELIVERED && fate.on_failure != OF_KEEP) {
+	e.fate.status = (uint32_t)st;
+	e.fate.failed_parts = (uint32_t)parts;
+	e.fate.at = now_seconds();
+	if (e.fate.flags & CF_PENDING) { /* settle on delivery: charged now, or never */
+		if ((rc = pending_settle(c->txn, id, ref, &e, st == DS_DELIVERED, delivery_status_names[st])))
+			return store_error(c, rc);
+	} else if (e.id && st != DS_DELIVERED && e.fate.on_failure != OF_KEEP) {
 		uint64_t ids[REFUNDS_MAX + 1];
 		struct txn_head h;
 		int64_t amount, refunded;
 		size_t n;
 		MDB_val rec;
 
-		if ((rc = txn_fetch(c->txn, charge_id, &h, &rec)) ||
-		    (rc = charge_refunds(c->txn, charge_id, ids, &n, &refunded)))
+		if ((rc = txn_fetch(c->txn, e.id, &h, &rec)) ||
+		    (rc = charge_refunds(c->txn, e.id, ids, &n, &refunded)))
 			return store_error(c, rc);
 		/* failed parts of the charge, rounded half away from zero; the fee is per message */
 		amount = parts ? (int64_t)(((i128)-h.amount * (i128)parts * 2 + (i128)segments) / ((i128)segments * 2)) :
 		    -h.amount;
-		if (fate.on_failure == OF_FEE)
-			amount -= fate.failure_fee;
+		if (e.fate.on_failure == OF_FEE)
+			amount -= e.fate.failure_fee;
 		if (amount > -h.amount - refunded)
 			amount = -h.amount - refunded;
-		if (amount > 0 && (rc = delivery_refund(c, id, charge_id, ref, amount, st, error, &fate.refund)))
+		if (amount > 0 && (rc = delivery_refund(c, id, e.id, ref, amount, st, error, &e.fate.refund)))
 			return rc;
 	}
-	value[8 + fp_len] = '\0';
-	memcpy(value + 8 + fp_len + 1, &fate, sizeof(fate));
-	if (error.n)
-		memcpy(value + 8 + fp_len + 1 + sizeof(fate), error.p, error.n);
-	v = (MDB_val){ 8 + fp_len + 1 + sizeof(fate) + error.n, value };
-	if ((rc = captured_put(c->txn, store.refs, &k, &v, 0)) || (rc = txn_mark_reported(c->txn, charge_id)))
+	e.error = error;
+	if ((rc = ref_write(value, &e, &v)) || (rc = captured_put(c->txn, store.refs, &k, &v, 0)) ||
+	    (e.id && (rc = txn_mark_reported(c->txn, e.id))))
 		return store_error(c, rc);
-	return delivery_pack(c, charge_id, &fate, error, 0);
+	return delivery_pack(c, e.id, &e.fate, error, 0);
 }
 
 /* delivery.batch: a storm of reports in one commit, each alone. */

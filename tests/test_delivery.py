@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -292,3 +293,89 @@ class DlrReceiver(DaemonTest):
         d.start()
         self.assertEqual(self.send("/kannel?wallet=acme&ref=b1&type=2&answer=stat%3AUNDELIV"),
                          (200, "already recorded\n"))
+
+
+class SettleOnDelivery(DaemonTest):
+    def setUp(self):
+        super().setUp()
+        d = self.d
+        self.seed("10")  # USD; 35 UGX a message; USD UGX 3723.40
+        d.ctl_json("wallet", "update", "acme", "--plan", "settle")
+        d.ctl_json("rate", "set", "settle", "sms", "256", "35", "UGX", "--settle", "delivery")
+        # the WhatsApp model: not charged if undelivered, not even when no report comes
+        d.ctl_json("rate", "set", "settle", "whatsapp", "256", "0.02", "USD", "--settle", "delivery",
+                   "--pending-timeout-action", "release")
+
+    def money(self):
+        b = self.d.ctl_json("balance", "acme")
+        return D(b["balance"]), D(b["held"]), D(b["available"])
+
+    def charges(self):
+        return {t["ref"]: t for t in self.d.ctl_json("history", "acme", "--limit", "100")["transactions"]
+                if t["type"].endswith("_charge")}
+
+    def test_held_until_the_report_then_charged_at_the_held_price_or_released(self):
+        d = self.d
+        row = d.ctl_json("rate", "lookup", "sms", UG, "--plan", "settle")
+        self.assertEqual((row["settle"], row["pending_timeout"], row["pending_timeout_action"]),
+                         ("delivery", 72 * 3600, "charge"))
+        t = d.ctl_json("charge", "acme", "sms", UG, "p1")
+        self.assertEqual((t["id"], t["pending"], t["amount"], t["balance_after"], t["replayed"]),
+                         (None, True, "-0.0094", "10", False))
+        self.assertEqual(self.money(), (D("10"), D("0.0094"), D("9.9906")))
+        again = d.ctl_json("charge", "acme", "sms", UG, "p1")
+        self.assertEqual((again["id"], again["pending"], again["replayed"]), (None, True, True))
+        self.assertEqual(self.charges(), {})  # nothing charged yet
+        d.ctl_json("rate", "set", "settle", "sms", "256", "70", "UGX")  # the price doubles meanwhile
+        r = d.ctl_json("delivery", "acme", "p1", "delivered")
+        self.assertIsNotNone(r["txn"])
+        self.assertEqual(self.charges()["p1"]["amount"], "-0.0094")  # at the price it was held at
+        self.assertEqual(self.charges()["p1"]["delivery"]["status"], "delivered")
+        self.assertEqual(self.money(), (D("9.9906"), D("0"), D("9.9906")))
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", UG, "p1")["id"], r["txn"])  # now the transaction
+        d.ctl_json("charge", "acme", "whatsapp", UG, "w1")
+        self.assertEqual(self.money()[1], D("0.02"))
+        r = d.ctl_json("delivery", "acme", "w1", "failed", "--error", "not on WhatsApp")
+        self.assertEqual((r["txn"], r["refund"], r["delivery"]["status"]), (None, None, "failed"))
+        self.assertEqual(self.money(), (D("9.9906"), D("0"), D("9.9906")))  # released: never charged
+        self.assertNotIn("w1", self.charges())
+        replay = d.ctl_json("charge", "acme", "whatsapp", UG, "w1")
+        self.assertEqual((replay["id"], replay["pending"], replay["replayed"]), (None, False, True))
+        self.assertEqual(d.ctl_json("delivery", "acme", "w1", "delivered", expect=1)["code"], "idempotency_conflict")
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_what_is_held_cannot_be_spent_twice_and_survives_a_restart(self):
+        d = self.d
+        d.ctl_json("wallet", "create", "small", "USD", "--plan", "settle")
+        d.ctl_json("credit", "small", "0.03", "opening")
+        d.ctl_json("charge", "small", "whatsapp", UG, "a")
+        self.assertEqual(d.ctl_json("charge", "small", "whatsapp", UG, "b", expect=4)["code"],
+                         "insufficient_balance")  # 0.03 less 0.02 held: 0.01 left
+        self.assertEqual(d.ctl_json("charge", "small", "whatsapp", UG, "b", "--hold", "h", expect=1)["field"], "hold")
+        self.assertEqual(d.ctl_json("hold", "create", "small", "--ref", "dlr:x", "--amount", "0.001",
+                                    expect=1)["field"], "ref")
+        self.assertEqual(d.ctl_json("hold", "release", "small", "dlr:a", expect=1)["field"], "hold")
+        d.restart()
+        self.assertEqual(D(d.ctl_json("balance", "small")["held"]), D("0.02"))
+        self.assertIsNotNone(d.ctl_json("delivery", "small", "a", "delivered")["txn"])
+        self.assertEqual(d.ctl_json("balance", "small")["balance"], "0.01")
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_no_report_in_time_is_settled_by_walletd_as_the_rate_says(self):
+        d = self.d
+        for channel, price in (("sms", "35"), ("whatsapp", "0.02")):
+            currency = "UGX" if channel == "sms" else "USD"
+            action = ["--pending-timeout-action", "release"] if channel == "whatsapp" else []
+            d.ctl_json("rate", "set", "settle", channel, "256", price, currency, "--pending-timeout", "2", *action)
+        d.ctl_json("charge", "acme", "sms", UG, "s1")
+        d.ctl_json("charge", "acme", "whatsapp", UG, "w1")
+        self.assertEqual(self.money()[1], D("0.0294"))
+        deadline = time.time() + 30
+        while self.money()[1] != 0 and time.time() < deadline:
+            time.sleep(0.2)
+        self.assertEqual(self.money(), (D("9.9906"), D("0"), D("9.9906")))  # s1 charged, w1 released
+        self.assertEqual(set(self.charges()), {"s1"})
+        self.assertEqual(d.ctl_json("charge", "acme", "whatsapp", UG, "w1")["pending"], False)
+        late = d.ctl_json("delivery", "acme", "s1", "failed")  # a late report: recorded, the rate keeps the money
+        self.assertEqual((late["txn"], late["refund"]), (self.charges()["s1"]["id"], None))
+        self.assertTrue(d.ctl_json("verify")["ok"])
