@@ -3701,9 +3701,9 @@ holds_expire(MDB_txn *txn, int64_t now)
 			break;
 		if ((rc = captured_cursor_del(cur, 0)) != 0)
 			break;
-		if (ref.n > 4 && memcmp(ref.p, "dlr:", 4) == 0) { /* a charge that waited in vain for its report */
+		if (strncmp(h.ref, "dlr:", 4) == 0) { /* a charge that waited in vain for its report (not ref: deleted) */
 			if ((rc = pending_timeout(txn, number, (struct str){ h.wallet, strlen(h.wallet) },
-			    (struct str){ ref.p + 4, ref.n - 4 })) != 0)
+			    (struct str){ h.ref + 4, strlen(h.ref) - 4 })) != 0)
 				break;
 			ended++;
 			continue;
@@ -13048,11 +13048,12 @@ repl_stop(void)
 /* ====================================================================== */
 
 /*
- * Sends the e-mails of recorded low-balance notifications.  Three calls:
- * alert_spawn, alert_wake, alert_stop.  It reads the queue in a read
- * transaction, talks SMTP with no transaction open, then records each
- * outcome in a short write transaction of its own.  It never touches a
- * client connection.
+ * Sends the e-mails of recorded notifications (low balance, receipts,
+ * payment problems) and the webhook events.  Three calls: alert_spawn,
+ * alert_wake, alert_stop.  It reads what is due in a read transaction,
+ * talks SMTP or HTTP with no transaction open, then records each outcome
+ * in a short write transaction of its own (the outbox).  It never touches
+ * a client connection.
  */
 static struct alerter {
 	pthread_t thread;
@@ -13063,6 +13064,8 @@ static struct alerter {
 
 static void alert_config_lock(void) { pthread_mutex_lock(&alerter.lock); }
 static void alert_config_unlock(void) { pthread_mutex_unlock(&alerter.lock); }
+
+/* ---- E-mails ---- */
 
 struct payload {
 	const char *data;
@@ -13254,8 +13257,10 @@ retry_at(const struct config *cf, uint32_t attempts)
 	return now_seconds() + (int64_t)(backoff < 3600 ? backoff : 3600);
 }
 
+/* ---- The outbox ---- */
+
 /*
- * The outbox.  E-mails (notes) and webhook events wait the same way: a
+ * E-mails (notes) and webhook events wait the same way: a
  * queue db whose keys name records in a db of their own, each record with
  * its next attempt.  The alert thread reads what is due (outbox_due), tries
  * each outside any transaction, and records each outcome in a short write

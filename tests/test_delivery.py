@@ -368,13 +368,17 @@ class SettleOnDelivery(DaemonTest):
             action = ["--pending-timeout-action", "release"] if channel == "whatsapp" else []
             d.ctl_json("rate", "set", "settle", channel, "256", price, currency, "--pending-timeout", "2", *action)
         d.ctl_json("charge", "acme", "sms", UG, "s1")
-        d.ctl_json("charge", "acme", "whatsapp", UG, "w1")
-        self.assertEqual(self.money()[1], D("0.0294"))
+        with d.client() as c:  # twenty timing out in one writer turn
+            items = [{"wallet": "acme", "channel": "whatsapp", "to": UG, "ref": "w%d" % i} for i in range(1, 21)]
+            self.assertTrue(all("error" not in x for x in c.call("charge.batch", items=items)["results"]))
+        self.assertEqual(self.money()[1], D("0.4094"))
         deadline = time.time() + 30
         while self.money()[1] != 0 and time.time() < deadline:
             time.sleep(0.2)
-        self.assertEqual(self.money(), (D("9.9906"), D("0"), D("9.9906")))  # s1 charged, w1 released
+        self.assertEqual(self.money(), (D("9.9906"), D("0"), D("9.9906")))  # s1 charged, w1 to w20 released
         self.assertEqual(set(self.charges()), {"s1"})
+        held = d.ctl_json("hold", "list", "acme")["holds"]
+        self.assertEqual({h["status"] for h in held}, {"released"})  # settled, not merely expired
         self.assertEqual(d.ctl_json("charge", "acme", "whatsapp", UG, "w1")["pending"], False)
         late = d.ctl_json("delivery", "acme", "s1", "failed")  # a late report: recorded, the rate keeps the money
         self.assertEqual((late["txn"], late["refund"]), (self.charges()["s1"]["id"], None))

@@ -178,6 +178,37 @@ class Basics(ReplicationTest):
             self.assertEqual(self.node(i).ctl_json("rate", "list", "--limit", "1")["total"], 100001)
             self.assertEqual(len(self.charges(i)), 1000)
 
+    def test_delivery_reports_and_settlements_replicate_and_a_timeout_settles_once(self):
+        f1 = self.follower()
+        f2 = self.follower(but=(f1,))
+        self.seed(f1)
+        d1, d2 = self.node(f1), self.node(f2)
+        d1.ctl_json("rate", "set", "default", "sms", "256", "35", "UGX", "--route", "ESMS_UG", "--on-failure", "refund")
+        d1.ctl_json("rate", "set", "default", "whatsapp", "256", "0.02", "USD", "--settle", "delivery",
+                    "--pending-timeout", "3")
+        with d1.client() as c:
+            items = [{"wallet": "acme", "channel": ch, "to": "+256712345678", "ref": "%s%d" % (ch[0], i)}
+                     for i in range(20) for ch in ("sms", "whatsapp")]
+            self.assertTrue(all("error" not in x for x in c.call("charge.batch", items=items)["results"]))
+        with d2.client() as c:  # the reports come in through another follower
+            reports = [{"wallet": "acme", "ref": "s%d" % i, "status": "failed" if i % 2 else "delivered"}
+                       for i in range(20)] + [{"wallet": "acme", "ref": "w%d" % i, "status": "delivered"}
+                                              for i in range(10)]
+            self.assertTrue(all("error" not in x for x in c.call("delivery.batch", items=reports)["results"]))
+        deadline = time.time() + 60  # the other ten: charged by the leader at their timeout, once
+        while self.node(self.leader).ctl_json("balance", "acme")["held"] != "0":
+            self.assertLess(time.time(), deadline, (self.node(self.leader).ctl_json("balance", "acme"),
+                                                    self.node(self.leader).read_log()[-3000:]))
+            time.sleep(0.2)
+        self.check_ledgers()
+        for i in range(3):
+            d = self.node(i)
+            self.assertEqual(d.ctl_json("history", "acme", "--type", "refund")["total"], 10)
+            wa = d.ctl_json("history", "acme", "--type", "whatsapp_charge", "--limit", "100")["transactions"]
+            self.assertEqual(sorted(t["ref"] for t in wa), sorted("w%d" % k for k in range(20)))
+            self.assertEqual(len([t for t in wa if "delivery" in t]), 10)
+            self.assertEqual(d.ctl_json("balance", "acme")["held"], "0")
+
     def test_no_nats_means_unavailable_after_failover_wait_and_reads_still_served(self):
         f = self.follower()
         self.seed(f)
