@@ -8,7 +8,7 @@ import tempfile
 import time
 import unittest
 
-from harness import HERE, PY  # first: it puts the Python client on the path
+from harness import HERE, PY, WALLETCTL  # first: it puts the Python client on the path
 from cluster import Group, NatsClient, NatsCluster, rebuild_stream, stream_leader
 
 STREAM = "walletd_t"
@@ -263,6 +263,32 @@ class Failover(ReplicationTest):
         print("\n    failover (leader SIGKILL -> first write answered): %.2f s with lease_ttl %s" % (
             times[0], self.g.nodes[0].config.get("lease_ttl", "4 (the default)")), end=" ")
         self.check_ledgers(answered)
+
+    def test_a_leader_killed_with_a_record_no_stream_took_rejoins_without_diverging(self):
+        self.seed(self.leader)
+        old = self.leader
+        d = self.node(old)
+        self.nats.stop()  # the leader journals the next record while no nats-server can take it
+        charge = subprocess.Popen([WALLETCTL, "-s", d.sock, "charge", "acme", "sms", "+256712345678", "never-taken"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.5)
+        d.kill()
+        charge.wait()
+        self.nats.start()
+        d.start()
+        self.leader = self.g.leader(timeout=60)
+        survivor = self.node(self.follower(but=(old,)) if self.leader == old else self.leader)
+        deadline = time.time() + 60
+        while True:  # the group writes on: the records after the stream's end are others than the lost one
+            try:
+                survivor.ctl_json("credit", "acme", "0.01", "after the restart")
+                break
+            except AssertionError:
+                self.assertLess(time.time(), deadline)
+                time.sleep(0.1)
+        self.check_ledgers()  # before: the killed leader replayed the charge, applied 5 of a stream of 4: diverged
+        self.assertNotIn("never-taken", self.charges(old))
+        self.assertIn("the last, is left to the stream", d.read_log())
 
     def test_sigstop_of_the_leader_past_its_lease(self):
         self.seed(self.leader)
