@@ -6458,12 +6458,16 @@ pending_pack(struct call *c, const struct ref_entry *e, int replayed)
 
 /*
  * Settles the pending charge of e (of ref, in wallet): writes its charge
- * (charge) or not, ends its hold, and announces it (charge_settled, why).
- * e's bytes must not point into the store.  Returns 0 or an LMDB error.
+ * (charge) or not, ends its hold, and announces it (charge_settled, why);
+ * a charge that takes the balance below the threshold records its
+ * low-balance notification (*alert set).  e's bytes must not point into
+ * the store.  Returns 0 or an LMDB error.
  */
 static int
-pending_settle(MDB_txn *txn, struct str wallet, struct str ref, struct ref_entry *e, int charge, const char *why)
+pending_settle(MDB_txn *txn, struct str wallet, struct str ref, struct ref_entry *e, int charge, const char *why,
+    int *alert)
 {
+	struct call low = { .txn = txn };
 	char name[REF_MAX + 1];
 	struct txn_text x;
 	struct wallet w;
@@ -6482,10 +6486,13 @@ pending_settle(MDB_txn *txn, struct str wallet, struct str ref, struct ref_entry
 	if (rc != 0 && rc != MDB_NOTFOUND)
 		return rc;
 	if (charge) {
+		int64_t before = w.balance;
+
 		w.balance += t.amount;
-		if ((rc = txn_append(txn, &w, &t, &scratch)))
+		if ((rc = txn_append(txn, &w, &t, &scratch)) || (rc = note_on_crossing(&low, wallet, &w, before, t.id)))
 			return rc;
 		e->id = t.id;
+		*alert |= low.alert;
 	}
 	e->fate.flags &= ~CF_PENDING;
 	if ((rc = wallet_holds_recount(txn, &w)) || (rc = wallet_put(txn, wallet, &w)))
@@ -6503,7 +6510,7 @@ pending_timeout(MDB_txn *txn, uint64_t number, struct str wallet, struct str ref
 	char copy[REF_VALUE_MAX], val[REF_VALUE_MAX];
 	MDB_val k = ref_key(key, ref, number), v;
 	struct ref_entry e;
-	int rc;
+	int rc, alert = 0; /* the alert thread finds the note at its next run (the event wakes it) */
 
 	if ((rc = mdb_get(txn, store.refs, &k, &v)) != 0 || v.mv_size > REF_VALUE_MAX)
 		return rc == MDB_NOTFOUND ? 0 : rc ? rc : MDB_CORRUPTED;
@@ -6511,7 +6518,7 @@ pending_timeout(MDB_txn *txn, uint64_t number, struct str wallet, struct str ref
 	ref_read((MDB_val){ v.mv_size, copy }, &e);
 	if (!(e.fate.flags & CF_PENDING))
 		return 0;
-	if ((rc = pending_settle(txn, wallet, ref, &e, !(e.fate.flags & CF_RELEASE), "pending_timeout")) ||
+	if ((rc = pending_settle(txn, wallet, ref, &e, !(e.fate.flags & CF_RELEASE), "pending_timeout", &alert)) ||
 	    (rc = ref_write(val, &e, &v)))
 		return rc;
 	return captured_put(txn, store.refs, &k, &v, 0);
@@ -8153,7 +8160,7 @@ m_delivery(struct call *c)
 	e.fate.failed_parts = (uint32_t)parts;
 	e.fate.at = now_seconds();
 	if (e.fate.flags & CF_PENDING) { /* settle on delivery: charged now, or never */
-		if ((rc = pending_settle(c->txn, id, ref, &e, st == DS_DELIVERED, delivery_status_names[st])))
+		if ((rc = pending_settle(c->txn, id, ref, &e, st == DS_DELIVERED, delivery_status_names[st], &c->alert)))
 			return store_error(c, rc);
 	} else if (e.id && st != DS_DELIVERED && e.fate.on_failure != OF_KEEP) {
 		uint64_t ids[REFUNDS_MAX + 1];

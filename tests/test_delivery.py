@@ -327,7 +327,10 @@ class SettleOnDelivery(DaemonTest):
         self.assertEqual((again["id"], again["pending"], again["replayed"]), (None, True, True))
         self.assertEqual(self.charges(), {})  # nothing charged yet
         d.ctl_json("rate", "set", "settle", "sms", "256", "70", "UGX")  # the price doubles meanwhile
+        d.ctl_json("wallet", "update", "acme", "--threshold", "9.995")
+        self.assertEqual(d.ctl_json("notifications", "acme")["notifications"], [])  # held: not spent yet
         r = d.ctl_json("delivery", "acme", "p1", "delivered")
+        self.assertEqual([n["type"] for n in d.ctl_json("notifications", "acme")["notifications"]], ["low_balance"])
         self.assertIsNotNone(r["txn"])
         self.assertEqual(self.charges()["p1"]["amount"], "-0.0094")  # at the price it was held at
         self.assertEqual(self.charges()["p1"]["delivery"]["status"], "delivered")
@@ -363,6 +366,7 @@ class SettleOnDelivery(DaemonTest):
 
     def test_no_report_in_time_is_settled_by_walletd_as_the_rate_says(self):
         d = self.d
+        d.ctl_json("wallet", "update", "acme", "--threshold", "9.995")  # crossed when walletd charges s1
         for channel, price in (("sms", "35"), ("whatsapp", "0.02")):
             currency = "UGX" if channel == "sms" else "USD"
             action = ["--pending-timeout-action", "release"] if channel == "whatsapp" else []
@@ -376,6 +380,8 @@ class SettleOnDelivery(DaemonTest):
         while self.money()[1] != 0 and time.time() < deadline:
             time.sleep(0.2)
         self.assertEqual(self.money(), (D("9.9906"), D("0"), D("9.9906")))  # s1 charged, w1 to w20 released
+        notes = d.ctl_json("notifications", "acme")["notifications"]  # s1's charge crossed the threshold
+        self.assertEqual([(n["type"], n["balance"]) for n in notes], [("low_balance", "9.9906")])
         self.assertEqual(set(self.charges()), {"s1"})
         held = d.ctl_json("hold", "list", "acme")["holds"]
         self.assertEqual({h["status"] for h in held}, {"released"})  # settled, not merely expired
