@@ -183,6 +183,7 @@ class DaemonTest(unittest.TestCase):
 
     def setUp(self):
         self.d = Daemon(dict(self.config))
+        self.addCleanup(self.d.cleanup)  # also when a subclass's setUp fails after this (tearDown is not run then)
         self.d.start()
 
     def tearDown(self):
