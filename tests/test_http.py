@@ -1,5 +1,6 @@
 """contrib/http/walletd-http, the platform's billing API over HTTP: the adapter as a
 real process (as nobody, with only walletd's client role) in front of a real walletd."""
+import concurrent.futures
 import decimal
 import json
 import os
@@ -191,6 +192,12 @@ class HttpApi(DaemonTest):
         self.assertEqual(d.ctl_json("topup", "list", "acme")["topups"], [])
         self.assertEqual(self.request("GET", "/health", key=None)[:2], (200, {"status": "ok"}))
         self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_a_burst_of_connections_at_once_is_answered_every_one(self):
+        self.seed("5")
+        with concurrent.futures.ThreadPoolExecutor(300) as pool:  # more than a listen backlog of 5 holds
+            answers = list(pool.map(lambda _: self.request("GET", "/api/balance")[2], range(300)))
+        self.assertEqual(answers, ['{"balance": 5, "currency": "USD"}\n'] * 300)
 
     def test_walletd_stopped_is_503_and_back_when_it_is(self):
         d = self.d

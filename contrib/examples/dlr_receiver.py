@@ -161,13 +161,17 @@ def handler(batcher):
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # a DLR storm opens hundreds of connections at once; the default 5 drops them
+
+
 def main():
     ap = argparse.ArgumentParser(description="Kannel and Jasmin delivery reports into walletd.")
     ap.add_argument("--listen", default="127.0.0.1:8083", help="HOST:PORT")
     ap.add_argument("--socket", default=walletd.default_socket(), help="walletd's socket")
     args = ap.parse_args()
     host, _, port = args.listen.rpartition(":")
-    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), handler(Batcher(args.socket)))
+    server = Server((host or "127.0.0.1", int(port)), handler(Batcher(args.socket)))
     print("dlr_receiver on %s, walletd at %s" % (args.listen, args.socket), flush=True)
     server.serve_forever()
 

@@ -147,9 +147,13 @@ class Handler(BaseHTTPRequestHandler):
                            params)
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # a burst opens hundreds of connections at once; the default 5 drops them
+
+
 def main():
     host, _, port = os.environ.get("WEBHOOK_LISTEN", "127.0.0.1:8081").rpartition(":")
-    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server = Server((host or "127.0.0.1", int(port)), Handler)
     print("webhook receiver on %s:%s" % (host, port), flush=True)
     server.serve_forever()
 
