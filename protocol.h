@@ -37,6 +37,7 @@
 #define HOLD_TTL_DEFAULT    86400       /* a hold's expires_in, seconds */
 #define HOLD_TTL_MAX        (30 * 86400)
 #define REFUNDS_MAX         64          /* refunds of one charge (partial ones add up to it) */
+#define PARAMS_MAX          24          /* params of one method */
 
 /*
  * Roles, as bits, in the order of role_names.  admin may call everything;
@@ -62,8 +63,9 @@ static const char *const role_names[ROLES_COUNT] = { "admin", "client", "payment
 #define MF_WRITE 1u /* changes the store: runs in the group-commit writer */
 #define MF_SLOW  2u /* long read: runs on a helper thread, off the event loop */
 #define MF_FLAT  4u /* makes every check before its first write, so the writer runs
-                     * it without a nested transaction of its own (walletd.c); the one
-                     * write kept with an error: topup.confirm's problem record */
+                     * it without a nested transaction of its own (walletd.c); the
+                     * writes kept with an error: topup.confirm's problem record, and
+                     * the suspension a charge's destination_suspended records */
 #define MF_SCAN  8u /* a read that may visit many records: never in the writer, and
                      * off the event loop once past its budget (walletd.c) */
 
@@ -89,7 +91,8 @@ X(M_PING, ping, "ping", R_ALL, 0, "", \
   "Check that walletd answers; returns its version and API level.") \
 X(M_WALLET_CREATE, wallet_create, "wallet.create", R_AS, MF_WRITE | MF_FLAT, \
   "wallet currency ?plan ?threshold:a ?alert_emails:l ?!credit_limit:a ?!daily_limit:a ?!hourly_messages:i " \
-  "?!allowed_prefixes:l ?!blocked_prefixes:l", \
+  "?!allowed_prefixes:l ?!blocked_prefixes:l ?!guard_range_max:I ?!guard_window:I ?!guard_country_spike:I " \
+  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l", \
   "Create a wallet with a zero balance in one currency.") \
 X(M_WALLET_GET, wallet_get, "wallet.get", R_ACS, 0, "wallet", \
   "Show a wallet: balance, plan, threshold, alert e-mails, status.") \
@@ -97,8 +100,10 @@ X(M_BALANCE, balance, "balance", R_ACS, 0, "wallet", \
   "Show a wallet's balance and currency.") \
 X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_AS, MF_WRITE | MF_FLAT, \
   "wallet ?plan ?threshold:n ?alert_emails:l ?status ?!credit_limit:n ?!daily_limit:n ?!hourly_messages:I " \
-  "?!allowed_prefixes:l ?!blocked_prefixes:l", \
-  "Change a wallet's plan, threshold, alert e-mails, status (active|frozen), credit limit or spend controls; none = off.") \
+  "?!allowed_prefixes:l ?!blocked_prefixes:l ?!guard_range_max:I ?!guard_window:I ?!guard_country_spike:I " \
+  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l", \
+  "Change a wallet's plan, threshold, alert e-mails, status (active|frozen), credit limit, spend controls or "\
+  "fraud brake; none = off (a guard_* setting: the config's).") \
 X(M_WALLET_LIST, wallet_list, "wallet.list", R_AS, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
 X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \
@@ -117,7 +122,7 @@ X(M_FX_SET, fx_set, "fx.set", R_A, MF_WRITE | MF_FLAT, "base quote rate ?force:b
   "Set an exchange rate: 1 base = rate quote; one 10 times away from the known rate needs --force true.") \
 X(M_FX_LIST, fx_list, "fx.list", R_AS, 0, "", "List exchange rates.") \
 X(M_CHARGE, charge, "charge", R_AC, MF_WRITE | MF_FLAT, \
-  "wallet channel to ref ?route ?segments:i ?text ?description ?hold", \
+  "wallet channel to ref ?route ?segments:i ?text ?description ?hold ?!risk_check:b", \
   "Charge one message (from a hold's money first, when hold names one); idempotent on ref.") \
 X(M_CHARGE_BATCH, charge_batch, "charge.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
   "Charge many messages in one commit; each item succeeds or fails alone.") \
@@ -157,6 +162,10 @@ X(M_DELIVERY, delivery, "delivery", R_ACS, MF_WRITE | MF_FLAT, "wallet ref statu
   "Record a message's delivery report (delivered|failed|rejected|expired): refunds by its rate's on_failure.") \
 X(M_DELIVERY_BATCH, delivery_batch, "delivery.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
   "Record many delivery reports in one commit; each item succeeds or fails alone.") \
+X(M_GUARD_LIST, guard_list, "guard.list", R_ACS, 0, "wallet", \
+  "A wallet's destinations the fraud brake suspended, while they are.") \
+X(M_GUARD_LIFT, guard_lift, "guard.lift", R_A, MF_WRITE | MF_FLAT, "wallet prefix", \
+  "End a suspension of the fraud brake now; that destination's count starts afresh.") \
 X(M_HISTORY, history, "history", R_ACS, MF_SCAN, \
   "wallet ?page:i ?before_id:i ?limit:i ?type:l ?since ?until", \
   "A wallet's transactions, newest first.") \
@@ -242,7 +251,8 @@ X(E_UNKNOWN_HOLD,        21, "unknown_hold")         /* hold: the ref asked for 
 X(E_HOLD_CLOSED,         22, "hold_closed")          /* hold, status: released or expired */ \
 X(E_LIMIT_EXCEEDED,      23, "limit_exceeded")       /* limit, max, used, resets_at */ \
 X(E_DESTINATION_BLOCKED, 24, "destination_blocked")  /* prefix: the blocked one (nil: not allowed) */ \
-X(E_UNAVAILABLE,         25, "unavailable")          /* replicated: no leader, or this node may not serve */
+X(E_UNAVAILABLE,         25, "unavailable")          /* replicated: no leader, or this node may not serve */ \
+X(E_DESTINATION_SUSPENDED, 26, "destination_suspended") /* prefix, until, reason: the fraud brake's */
 
 enum error_code {
 	E_OK = 0,

@@ -812,10 +812,10 @@ pack_number_line(msgpack_packer *pk, char *line, void *arg)
 static void
 build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 {
-	struct pspec ps[16];
-	int np = spec_parse(method_table[m].params, ps, 16);
-	const char *values[16][EMAILS_MAX * 4];
-	int counts[16] = { 0 }, next_positional = 0, entries = 0;
+	struct pspec ps[PARAMS_MAX];
+	int np = spec_parse(method_table[m].params, ps, PARAMS_MAX);
+	const char *values[PARAMS_MAX][EMAILS_MAX * 4];
+	int counts[PARAMS_MAX] = { 0 }, next_positional = 0, entries = 0;
 	msgpack_packer pk;
 
 	for (int i = 0; i < argc; i++) {
@@ -1058,8 +1058,8 @@ roles_text(int m, char *buf, size_t size)
 static const char *
 admin_params_text(int m, char *buf, size_t size)
 {
-	struct pspec ps[16];
-	int np = spec_parse(method_table[m].params, ps, 16);
+	struct pspec ps[PARAMS_MAX];
+	int np = spec_parse(method_table[m].params, ps, PARAMS_MAX);
 	size_t n = 0;
 
 	buf[0] = '\0';
@@ -1103,8 +1103,8 @@ help_roles(void)
 static void
 help_one(int m)
 {
-	struct pspec ps[16];
-	int np = spec_parse(method_table[m].params, ps, 16);
+	struct pspec ps[PARAMS_MAX];
+	int np = spec_parse(method_table[m].params, ps, PARAMS_MAX);
 	char roles[64], admin_params[256];
 
 	printf("walletctl %s", command_name(m));

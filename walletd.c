@@ -124,6 +124,12 @@ struct config {
 	unsigned failover_wait;
 	char nats_creds[PATH_MAX];
 	char nats_ca[PATH_MAX];
+	unsigned guard_range_max;
+	unsigned guard_window;
+	unsigned guard_country_spike;
+	unsigned guard_min_messages;
+	unsigned guard_block;
+	char guard_safe_prefixes[512];
 };
 
 enum { CF_STR, CF_UINT, CF_SIZE };
@@ -185,8 +191,8 @@ static const struct config_key config_keys[] = {
 	CK(alert_remind, CF_UINT, 1, "seconds between reminders while below threshold (0 = off)"),
 	CK(log_level, CF_UINT, 1, "0 errors, 1 warnings, 2 info, 3 debug"),
 	CK(receipts, CF_STR, 1, "on: e-mail a receipt of each credited top-up to the wallet's alert e-mails; off: none"),
-	CK(ops_emails, CF_STR, 1, "comma-separated: who is e-mailed a payment that could not be credited"),
-	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired, charge_settled) are POSTed as JSON; empty = none"),
+	CK(ops_emails, CF_STR, 1, "comma-separated: who is e-mailed a payment that could not be credited, and each suspension of the fraud brake"),
+	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired, charge_settled, destination_suspended) are POSTed as JSON; empty = none"),
 	CK(webhook_secret_file, CF_STR, 1, "file whose first line (and second, while rotating) is the secret events are signed with"),
 	CK(webhook_timeout, CF_UINT, 1, "seconds a webhook delivery may take"),
 	CK(currencies, CF_STR, 0, "a platform's own units beside ISO 4217, comma-separated 3-letter codes (CRD, ...)"),
@@ -199,6 +205,14 @@ static const struct config_key config_keys[] = {
 	CK(failover_wait, CF_UINT, 1, "seconds a write waits for a leader before it answers unavailable"),
 	CK(nats_creds, CF_STR, 0, "NATS .creds file (empty = none)"),
 	CK(nats_ca, CF_STR, 0, "CA file for TLS to NATS (empty = the system's)"),
+	CK(guard_range_max, CF_UINT, 1, "fraud brake: messages to one number range (a number less its last 3 digits) "
+	    "within guard_window before it is suspended (0 = off); a wallet's own setting overrides each guard_* key"),
+	CK(guard_window, CF_UINT, 1, "fraud brake: the window those messages are counted in, seconds (at most 86400)"),
+	CK(guard_country_spike, CF_UINT, 1, "fraud brake: suspend a calling code past this many times the wallet's "
+	    "usual messages to it per window, over the last 7 days (0 = off)"),
+	CK(guard_min_messages, CF_UINT, 1, "fraud brake: a window's messages to a calling code below this are never a spike"),
+	CK(guard_block, CF_UINT, 1, "fraud brake: seconds a suspension lasts, doubled for each repeat within a day"),
+	CK(guard_safe_prefixes, CF_STR, 1, "fraud brake: destination prefixes never suspended, comma-separated"),
 };
 
 static void
@@ -238,6 +252,9 @@ config_defaults(struct config *cf)
 	cf->lease_ttl = 4;
 	cf->stream_max_age = 7 * 86400;
 	cf->failover_wait = 15;
+	cf->guard_window = 600;
+	cf->guard_min_messages = 50;
+	cf->guard_block = 1800;
 }
 
 static struct config config;
@@ -367,6 +384,7 @@ static const struct {
 	{ "topup_ttl", 1 }, { "smtp_timeout", 1 },
 	{ "alert_interval", 1 }, { "alert_max_attempts", 1 }, { "webhook_timeout", 1 },
 	{ "stream_replicas", 1 }, { "lease_ttl", 2 }, { "stream_max_age", 60 }, { "failover_wait", 1 },
+	{ "guard_window", 1 }, { "guard_min_messages", 1 }, { "guard_block", 1 },
 };
 
 /* Checks cf against config_mins.  Returns 0, or -1 with a message logged. */
@@ -388,6 +406,21 @@ config_check(const struct config *cf)
 
 		if (n != 3 || (p[n] && p[n] != ',' && p[n] != ' ')) {
 			log_x(L_ERR, "config key 'currencies' takes 3-letter upper-case codes, comma-separated");
+			rc = -1;
+			break;
+		}
+		p += n;
+	}
+	if (cf->guard_window > 86400) {
+		log_x(L_ERR, "config key 'guard_window' must be at most 86400, not %u", cf->guard_window);
+		rc = -1;
+	}
+	for (const char *p = cf->guard_safe_prefixes; *p; p += *p == ',') {
+		size_t n = strspn(p, "0123456789");
+
+		if (n == 0 || n > 15 || *p == '0' || (p[n] && p[n] != ',')) {
+			log_x(L_ERR, "config key 'guard_safe_prefixes' takes prefixes of 1-15 digits (the first not 0), "
+			    "comma-separated");
 			rc = -1;
 			break;
 		}
@@ -1235,6 +1268,14 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
 #define WF_CREDIT_EVER 16u        /* a credit limit was set once: past balances may be negative */
 #define WF_EXTENDED  32u          /* stored: the record holds the layout 5 fields (wallet_put) */
 #define WF_COUNTS    64u          /* stored: the record holds slot_counts (wallet_put) */
+#define WF_GUARD     128u         /* stored: the record holds the fraud brake's settings (wallet_put) */
+
+/* The fraud brake's numeric settings: config's guard_* keys, or a wallet's own (bit 1 << G_* of guard_set). */
+enum { G_RANGE_MAX, G_WINDOW, G_COUNTRY_SPIKE, G_MIN_MESSAGES, G_BLOCK, G__COUNT };
+static const char *const guard_names[G__COUNT] = {
+	"guard_range_max", "guard_window", "guard_country_spike", "guard_min_messages", "guard_block",
+};
+#define GS_SAFE (1u << G__COUNT) /* guard_set: guard_safe is the wallet's own */
 
 struct wallet {
 	int64_t balance;
@@ -1261,9 +1302,13 @@ struct wallet {
 	/* Stored only while hour_total is not 0 (or with WF_HOURLY): every charge is
 	 * counted, limit or none, so a limit set mid-hour applies at once. */
 	uint32_t slot_counts[HOUR_SLOTS]; /* messages charged in each of the hour's slots, at slot % HOUR_SLOTS */
+	/* Stored only with WF_GUARD (while guard_set is not 0). */
+	uint32_t guard_set;       /* which settings are the wallet's own: 1 << G_*, GS_SAFE */
+	uint32_t guard[G__COUNT];
 	char allowed[PREFIXES_BYTES]; /* comma-separated digit prefixes; "" = any */
 	char blocked[PREFIXES_BYTES];
 	char emails[EMAILS_BYTES]; /* comma-separated */
+	char guard_safe[PREFIXES_BYTES]; /* stored with WF_GUARD only */
 };
 
 /* A layout 4 wallet record: the fields up to plan, then emails. */
@@ -1358,6 +1403,11 @@ struct note {
 	uint32_t kind;            /* NK_* */
 	int64_t amount;           /* a receipt: what was credited */
 	char provider_ref[REF_MAX + 1];
+	/* Since 2026-12 (the fraud brake's: a suspension, to the wallet's e-mails or to_ops): */
+	uint32_t to_ops;          /* to ops_emails, set by the caller */
+	int64_t until;
+	char prefix[16];
+	char reason[16];
 };
 
 /* An event for the webhook, until it is delivered: its retries, then its JSON body (stored up to its NUL). */
@@ -1371,8 +1421,9 @@ struct event {
 };
 #define EVENT_FIXED offsetof(struct event, body)
 
-enum note_kind { NK_LOW_BALANCE, NK_RECEIPT, NK_PAYMENT_PROBLEM };
-static const char *const note_kind_names[] = { "low_balance", "receipt", "payment_problem" };
+enum note_kind { NK_LOW_BALANCE, NK_RECEIPT, NK_PAYMENT_PROBLEM, NK_SUSPENDED, NK__COUNT };
+static const char *const note_kind_names[NK__COUNT] = { "low_balance", "receipt", "payment_problem",
+	"destination_suspended" };
 
 enum txn_type {
 	T_CREDIT = 1, T_SMS_CHARGE, T_WHATSAPP_CHARGE, T_MANUAL_CREDIT,
@@ -1415,7 +1466,7 @@ struct txn {
 static struct store {
 	MDB_env *env;
 	MDB_dbi meta, wallets, txns, hist, refs, refunds, rates, fx, topups, notes, alertq;
-	MDB_dbi rrefs, holds, holdexp, events, eventq;
+	MDB_dbi rrefs, holds, holdexp, events, eventq, guard;
 	int64_t next_expiry;      /* writer only: when the first active hold expires (INT64_MAX: none) */
 	pthread_rwlock_t maplock; /* readers: txns; writer: resizing the map */
 	size_t map_size;
@@ -1433,18 +1484,19 @@ static const struct store_db {
 	MDB_dbi *dbi;
 	const char *name;
 	unsigned flags;
+	int local;                /* this node's own: never in a stream record */
 } store_dbs[] = {
-	{ &store.meta, "meta", 0 }, { &store.wallets, "wallets", 0 },
-	{ &store.txns, "txns", MDB_INTEGERKEY }, { &store.hist, "hist", 0 },
-	{ &store.refs, "refs", 0 }, { &store.refunds, "refunds", MDB_INTEGERKEY },
-	{ &store.rates, "rates", 0 }, { &store.fx, "fx", 0 },
-	{ &store.topups, "topups", 0 }, { &store.notes, "notes", 0 },
-	{ &store.alertq, "alertq", 0 }, { &store.rrefs, "rrefs", 0 },
-	{ &store.holds, "holds", 0 }, { &store.holdexp, "holdexp", 0 },
-	{ &store.events, "events", 0 }, { &store.eventq, "eventq", 0 },
-	{ &store.replog, "replog", 0 },
+	{ &store.meta, "meta", 0, 0 }, { &store.wallets, "wallets", 0, 0 },
+	{ &store.txns, "txns", MDB_INTEGERKEY, 0 }, { &store.hist, "hist", 0, 0 },
+	{ &store.refs, "refs", 0, 0 }, { &store.refunds, "refunds", MDB_INTEGERKEY, 0 },
+	{ &store.rates, "rates", 0, 0 }, { &store.fx, "fx", 0, 0 },
+	{ &store.topups, "topups", 0, 0 }, { &store.notes, "notes", 0, 0 },
+	{ &store.alertq, "alertq", 0, 0 }, { &store.rrefs, "rrefs", 0, 0 },
+	{ &store.holds, "holds", 0, 0 }, { &store.holdexp, "holdexp", 0, 0 },
+	{ &store.events, "events", 0, 0 }, { &store.eventq, "eventq", 0, 0 },
+	{ &store.replog, "replog", 0, 1 }, { &store.guard, "guard", 0, 0 },
 };
-#define STORE_DBS_REPLICATED 16 /* the first 16: replog is each node's own */
+#define STORE_DBS (int)(sizeof(store_dbs) / sizeof(store_dbs[0]))
 
 /* meta "replication": where this node's store stands in the group's stream. */
 struct repl_pos {
@@ -1561,7 +1613,7 @@ touch_ref_cmp(const void *a, const void *b)
 static int
 key_node_local(int db, const char *key, uint32_t len)
 {
-	return db >= STORE_DBS_REPLICATED ||
+	return store_dbs[db].local ||
 	    (db == 0 && ((len == 11 && memcmp(key, "replication", 11) == 0) || (len == 7 && memcmp(key, "journal", 7) == 0)));
 }
 
@@ -1622,12 +1674,12 @@ record_pack(MDB_txn *txn, msgpack_sbuffer *out, int stream)
 }
 
 /*
- * Applies a record's changes to txn, in databases of index below dbs (a
- * stream record: STORE_DBS_REPLICATED; the journal's: all).  Returns an
- * LMDB error, or EINVAL if it does not decode.
+ * Applies a record's changes to txn (a stream record's: never to this
+ * node's own databases).  Returns an LMDB error, or EINVAL if it does not
+ * decode.
  */
 static int
-record_apply(MDB_txn *txn, const char *p, size_t n, int dbs)
+record_apply(MDB_txn *txn, const char *p, size_t n, int stream)
 {
 	msgpack_unpacked u;
 	const msgpack_object *o;
@@ -1644,7 +1696,8 @@ record_apply(MDB_txn *txn, const char *p, size_t n, int dbs)
 		o = &u.data.via.array.ptr[i];
 		if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 3 ||
 		    o->via.array.ptr[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
-		    o->via.array.ptr[0].via.u64 >= (uint64_t)dbs || o->via.array.ptr[1].type != MSGPACK_OBJECT_BIN) {
+		    o->via.array.ptr[0].via.u64 >= (uint64_t)STORE_DBS ||
+		    (stream && store_dbs[o->via.array.ptr[0].via.u64].local) || o->via.array.ptr[1].type != MSGPACK_OBJECT_BIN) {
 			rc = EINVAL;
 			break;
 		}
@@ -1933,7 +1986,7 @@ store_open(const char *dir)
 		return -1;
 	if ((rc = captured_txn_begin(&txn)) != 0)
 		goto fail;
-	for (size_t i = 0; i < sizeof(store_dbs) / sizeof(store_dbs[0]); i++) {
+	for (int i = 0; i < STORE_DBS; i++) {
 		if ((rc = mdb_dbi_open(txn, store_dbs[i].name, store_dbs[i].flags | MDB_CREATE, store_dbs[i].dbi)) != 0) {
 			mdb_txn_abort(txn);
 			goto fail;
@@ -2750,7 +2803,7 @@ journal_replay(uint64_t number, struct journal_pos at)
 		do {
 			if ((rc = captured_txn_begin(&txn)) != 0)
 				break;
-			if ((rc = record_apply(txn, rec, len, (int)(sizeof(store_dbs) / sizeof(store_dbs[0])))) == 0)
+			if ((rc = record_apply(txn, rec, len, 0)) == 0)
 				rc = mdb_txn_commit(txn);
 			else
 				mdb_txn_abort(txn);
@@ -3320,12 +3373,14 @@ record_copy(void *dst, size_t size, MDB_val v)
  * credit limit, hold and spend-control fields only with WF_EXTENDED (most
  * wallets have none: a small record keeps more wallets in a page, and a
  * commit of many charges writes fewer pages), then its slot counts only
- * with WF_COUNTS (layout 5 before 2026-12: with WF_HOURLY), then its three
- * strings, each up to its NUL.
+ * with WF_COUNTS (layout 5 before 2026-12: with WF_HOURLY), then its fraud
+ * brake settings only with WF_GUARD, then its three strings (four with
+ * WF_GUARD: its safe prefixes last), each up to its NUL.
  */
 #define WALLET_BASE     offsetof(struct wallet, credit_limit)
 #define WALLET_EXTENDED (offsetof(struct wallet, slot_counts) - WALLET_BASE)
 #define WALLET_COUNTS   sizeof(((struct wallet *)0)->slot_counts)
+#define WALLET_GUARD    (offsetof(struct wallet, allowed) - offsetof(struct wallet, guard_set))
 
 /* Whether w needs its extended fields stored. */
 static int
@@ -3339,15 +3394,17 @@ wallet_extended(const struct wallet *w)
 static int
 wallet_decode(MDB_val v, struct wallet *w)
 {
-	char *strings[3] = { w->allowed, w->blocked, w->emails };
-	size_t sizes[3] = { PREFIXES_BYTES, PREFIXES_BYTES, EMAILS_BYTES };
+	char *strings[4] = { w->allowed, w->blocked, w->emails, w->guard_safe };
+	size_t sizes[4] = { PREFIXES_BYTES, PREFIXES_BYTES, EMAILS_BYTES, PREFIXES_BYTES };
 	const char *p = (const char *)v.mv_data, *end = p + v.mv_size;
+	int nstrings = 3;
 
 	if (v.mv_size < WALLET_BASE)
 		return MDB_CORRUPTED;
 	memcpy(w, p, WALLET_BASE);
 	p += WALLET_BASE;
-	memset((char *)w + WALLET_BASE, 0, WALLET_EXTENDED + WALLET_COUNTS);
+	memset((char *)w + WALLET_BASE, 0, WALLET_EXTENDED + WALLET_COUNTS + WALLET_GUARD);
+	w->guard_safe[0] = '\0';
 	if (w->flags & WF_EXTENDED) {
 		if ((size_t)(end - p) < WALLET_EXTENDED)
 			return MDB_CORRUPTED;
@@ -3362,8 +3419,15 @@ wallet_decode(MDB_val v, struct wallet *w)
 	} else {
 		w->hour_total = 0; /* a record without counts counts nothing */
 	}
-	w->flags &= ~(WF_EXTENDED | WF_COUNTS);
-	for (int i = 0; i < 3; i++) {
+	if (w->flags & WF_GUARD) {
+		if ((size_t)(end - p) < WALLET_GUARD)
+			return MDB_CORRUPTED;
+		memcpy(&w->guard_set, p, WALLET_GUARD);
+		p += WALLET_GUARD;
+		nstrings = 4;
+	}
+	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD);
+	for (int i = 0; i < nstrings; i++) {
 		size_t n = strnlen(p, (size_t)(end - p));
 
 		if (n >= sizes[i])
@@ -3394,8 +3458,8 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	MDB_val k = { id.n, (void *)id.p };
 	char buf[sizeof(*w)];
 	size_t n = WALLET_BASE;
-	const char *strings[3] = { w->allowed, w->blocked, w->emails };
-	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS);
+	const char *strings[4] = { w->allowed, w->blocked, w->emails, w->guard_safe };
+	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS | WF_GUARD);
 
 	memcpy(buf, w, WALLET_BASE);
 	if (wallet_extended(w)) {
@@ -3408,8 +3472,13 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 		memcpy(buf + n, w->slot_counts, WALLET_COUNTS);
 		n += WALLET_COUNTS;
 	}
+	if (w->guard_set) {
+		flags |= WF_GUARD;
+		memcpy(buf + n, &w->guard_set, WALLET_GUARD);
+		n += WALLET_GUARD;
+	}
 	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
-	for (int i = 0; i < 3; i++) {
+	for (int i = 0; i < (w->guard_set ? 4 : 3); i++) {
 		size_t len = strlen(strings[i]) + 1;
 
 		memcpy(buf + n, strings[i], len);
@@ -4618,8 +4687,9 @@ struct call {
 	uint64_t refunded;          /* already_refunded: the charge, whose refunds are packed */
 	char hold[REF_MAX + 1];     /* unknown_hold, hold_closed: the hold */
 	const char *hold_status;    /* hold_closed */
-	char prefix[16];            /* destination_blocked: the blocked prefix; "" = not allowed */
-	const char *limit;          /* limit_exceeded: its name, max, used, when it resets */
+	char prefix[16];            /* destination_blocked: the blocked prefix; "" = not allowed; destination_suspended */
+	const char *limit;          /* limit_exceeded: its name, max, used, when it resets; destination_suspended: */
+	                            /* the reason, until (resets_at) */
 	char limit_max[32], limit_used[32];
 	int64_t resets_at;
 	int alert;                  /* a notification was recorded */
@@ -4719,7 +4789,6 @@ param(struct call *c, const char *name)
  * (`?!name:type`; an F param is a descriptor passed beside the request,
  * never a map key), built once.
  */
-#define PARAMS_MAX 16
 static struct param_name {
 	const char *p;
 	size_t n;
@@ -5063,11 +5132,28 @@ pack_amount_or_nil(msgpack_packer *pk, const char *name, int set, int64_t v)
 		msgpack_pack_nil(pk);
 }
 
+/* Fraud brake setting i (G_*) of w: its own, or the config's. */
+static uint32_t
+guard_setting(const struct wallet *w, int i)
+{
+	const unsigned defaults[G__COUNT] = { config.guard_range_max, config.guard_window, config.guard_country_spike,
+		config.guard_min_messages, config.guard_block };
+
+	return w->guard_set & (1u << i) ? w->guard[i] : defaults[i];
+}
+
+/* The prefixes the fraud brake never suspends for w: its own, or the config's. */
+static const char *
+guard_safe(const struct wallet *w)
+{
+	return w->guard_set & GS_SAFE ? w->guard_safe : config.guard_safe_prefixes;
+}
+
 /* Packs a wallet as the methods answer it; held and available as of now. */
 static void
 wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t held, int64_t available)
 {
-	msgpack_pack_map(pk, 16);
+	msgpack_pack_map(pk, 17 + G__COUNT);
 	KV_SSTR(pk, "wallet", id);
 	KV_STR(pk, "currency", w->currency);
 	KV_AMOUNT(pk, "balance", w->balance);
@@ -5085,6 +5171,11 @@ wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t h
 		msgpack_pack_nil(pk);
 	pack_list(pk, "allowed_prefixes", w->allowed);
 	pack_list(pk, "blocked_prefixes", w->blocked);
+	for (int i = 0; i < G__COUNT; i++) {
+		pack_cstr(pk, guard_names[i]);
+		msgpack_pack_uint32(pk, guard_setting(w, i));
+	}
+	pack_list(pk, "guard_safe_prefixes", guard_safe(w));
 	KV_STR(pk, "status", w->flags & WF_FROZEN ? "frozen" : "active");
 	KV_TIME(pk, "created_at", w->created_at);
 	KV_U64(pk, "holds_active", w->holds_active);
@@ -5120,7 +5211,7 @@ note_add(struct call *c, struct str id, struct wallet *w, struct note *n)
 
 	n->created_at = n->next_attempt = now_seconds();
 	n->balance = w->balance;
-	if (n->kind != NK_PAYMENT_PROBLEM) /* a problem goes to ops_emails, set by the caller */
+	if (n->kind != NK_PAYMENT_PROBLEM && !n->to_ops) /* a problem goes to ops_emails, set by the caller */
 		strcpy(n->emails, w->emails);
 	n->state = n->emails[0] ? NS_PENDING : NS_NO_RECIPIENT;
 	if (n->currency[0] == '\0') /* a payment problem's is the currency paid */
@@ -5230,6 +5321,7 @@ pack_error(msgpack_packer *pk, const struct call *c)
 	static const unsigned char details[E__COUNT] = {
 		[E_INSUFFICIENT_BALANCE] = 3, [E_IDEMPOTENCY_CONFLICT] = 1, [E_ALREADY_REFUNDED] = 2,
 		[E_UNKNOWN_HOLD] = 1, [E_HOLD_CLOSED] = 2, [E_LIMIT_EXCEEDED] = 4, [E_DESTINATION_BLOCKED] = 1,
+		[E_DESTINATION_SUSPENDED] = 3,
 	};
 	char a[32];
 	int n = 2 + (c->field != NULL);
@@ -5260,6 +5352,11 @@ pack_error(msgpack_packer *pk, const struct call *c)
 			pack_cstr(pk, c->prefix);
 		else
 			msgpack_pack_nil(pk);
+	}
+	if (c->code == E_DESTINATION_SUSPENDED) {
+		KV_STR(pk, "prefix", c->prefix);
+		KV_TIME(pk, "until", c->resets_at);
+		KV_STR(pk, "reason", c->limit);
 	}
 	if (c->code == E_LIMIT_EXCEEDED) {
 		KV_STR(pk, "limit", c->limit);
@@ -5311,10 +5408,48 @@ p_prefixes(struct call *c, const char *name, char out[PREFIXES_BYTES], int *pres
 	    present);
 }
 
+/* Whether param name is there with the value nil (an explicit "clear"). */
+static int
+param_nil(struct call *c, const char *name)
+{
+	const msgpack_object *o = param(c, name);
+
+	return o && o->type == MSGPACK_OBJECT_NIL;
+}
+
+/* Reads the fraud brake's settings into w, as p_controls. */
+static int
+p_guard(struct call *c, struct wallet *w)
+{
+	static const uint32_t min[G__COUNT] = { 0, 1, 0, 1, 1 }, max[G__COUNT] = { 1000000, 86400, 1000, 1000000,
+		30 * 86400 };
+	int present, rc;
+
+	for (int i = 0; i < G__COUNT; i++) {
+		uint64_t n = 0;
+
+		if (param_nil(c, guard_names[i])) {
+			w->guard_set &= ~(1u << i);
+			w->guard[i] = 0;
+		} else if (param(c, guard_names[i])) {
+			if ((rc = p_uint(c, guard_names[i], 1, min[i], max[i], &n)))
+				return rc;
+			w->guard_set |= 1u << i;
+			w->guard[i] = (uint32_t)n;
+		}
+	}
+	if ((rc = p_prefixes(c, "guard_safe_prefixes", w->guard_safe, &present)))
+		return rc;
+	if (present) /* none (or nil): the config's */
+		w->guard_set = w->guard_safe[0] ? w->guard_set | GS_SAFE : w->guard_set & ~GS_SAFE;
+	return E_OK;
+}
+
 /*
  * Reads a wallet's credit limit and spend controls into w: credit_limit,
- * daily_limit, hourly_messages, allowed_prefixes, blocked_prefixes.  An
- * absent param leaves w's; nil clears it (credit_limit back to 0).
+ * daily_limit, hourly_messages, allowed_prefixes, blocked_prefixes, and the
+ * fraud brake's guard_* settings.  An absent param leaves w's; nil clears
+ * it (credit_limit back to 0; a guard_* setting back to the config's).
  */
 static int
 p_controls(struct call *c, struct wallet *w)
@@ -5348,7 +5483,7 @@ p_controls(struct call *c, struct wallet *w)
 	if ((rc = p_prefixes(c, "allowed_prefixes", w->allowed, &present)) ||
 	    (rc = p_prefixes(c, "blocked_prefixes", w->blocked, &present)))
 		return rc;
-	return E_OK;
+	return p_guard(c, w);
 }
 
 /* Packs wallet w (id) with its held and available as of now. */
@@ -5459,15 +5594,6 @@ wallet_fits_credit_limit(struct call *c, const struct wallet *w)
 		    "credit_limit must leave room for the wallet's active holds (%s held; release holds first)",
 		    amount_format(held, (char[32]){ 0 }, 0));
 	return E_OK;
-}
-
-/* Whether param name is there with the value nil (an explicit "clear"). */
-static int
-param_nil(struct call *c, const char *name)
-{
-	const msgpack_object *o = param(c, name);
-
-	return o && o->type == MSGPACK_OBJECT_NIL;
 }
 
 /*
@@ -6380,6 +6506,294 @@ fail_limit(struct call *c)
 	    c->limit_used, c->limit_max);
 }
 
+/*
+ * The E.164 country calling code that digits start with, into out[4]:
+ * 1 and 7 are one digit, the 2-digit codes are the ones listed, every
+ * other code has three (the codes are prefix-free).
+ */
+static void
+calling_code(const char *digits, char out[4])
+{
+	static const char two[] = "20 27 30 31 32 33 34 36 39 40 41 43 44 45 46 47 48 49 51 52 53 54 55 56 57 58 "
+	    "60 61 62 63 64 65 66 81 82 84 86 90 91 92 93 94 95 98 ";
+	size_t n = 3;
+
+	if (digits[0] == '1' || digits[0] == '7')
+		n = 1;
+	else
+		for (const char *p = two; *p; p += 3)
+			if (p[0] == digits[0] && p[1] == digits[1])
+				n = 2;
+	snprintf(out, 4, "%.*s", (int)n, digits);
+}
+
+/* ---- The fraud brake ---- */
+
+/*
+ * The fraud brake (README: The fraud brake) suspends, for one wallet, a
+ * number range (a number less its last 3 digits) that gets more than
+ * guard_range_max messages within guard_window seconds, or a calling code
+ * that gets more than guard_country_spike times the wallet's usual
+ * messages to it per window (over the 7 UTC days before today) once a
+ * window holds guard_min_messages.  A count is a sliding window: the
+ * current window's messages plus the last one's share of it.
+ *
+ * The guard database holds, under the wallet's number, 's' and the prefix,
+ * each suspension (struct guard_block), and under its number, 'c' and the
+ * calling code, that code's daily counts (struct guard_stats): a baseline of
+ * 7 days survives restarts and failovers.  A range's count lives in the
+ * writer's memory only (a record for each range a wallet ever reached would
+ * pile up): a restart or a failover starts the ranges' counts afresh, and a
+ * batch run again (a full map) counts its charges twice.
+ */
+enum { GR_RANGE, GR_COUNTRY };
+static const char *const guard_reasons[] = { "range_max", "country_spike" };
+
+struct window_count {
+	int64_t window;           /* now / guard_window when last counted */
+	uint32_t cur, prev;       /* messages in that window, and in the one before */
+};
+
+/* Rolls n to now's window of seconds; returns the messages counted in the last `seconds`. */
+static uint32_t
+window_estimate(struct window_count *n, int64_t now, uint32_t seconds)
+{
+	int64_t window = now / seconds;
+
+	if (n->window != window) {
+		n->prev = n->window == window - 1 ? n->cur : 0;
+		n->cur = 0;
+		n->window = window;
+	}
+	return n->cur + (uint32_t)((uint64_t)n->prev * (uint64_t)(seconds - now % seconds) / seconds);
+}
+
+struct guard_block {
+	int64_t since, until;
+	uint32_t repeats;         /* of this prefix's suspensions before it, each within a day of the next */
+	uint32_t reason;          /* GR_* */
+	uint32_t count, limit;    /* the messages counted when it began, and what they were held to */
+};
+
+struct guard_stats {
+	int64_t day;              /* the last UTC day counted */
+	uint32_t days[8];         /* messages on each day, at day % 8 */
+	struct window_count n;
+};
+
+/* The key of wallet number's record of kind ('s', 'c') for prefix. */
+static MDB_val
+guard_key(unsigned char key[8 + 1 + 15], uint64_t number, char kind, const char *prefix)
+{
+	size_t n = strlen(prefix);
+
+	be64_put(key, number);
+	key[8] = (unsigned char)kind;
+	memcpy(key + 9, prefix, n);
+	return (MDB_val){ 9 + n, key };
+}
+
+/* Reads wallet number's record of kind for prefix into rec (size bytes).  0, MDB_NOTFOUND or an LMDB error. */
+static int
+guard_get(MDB_txn *txn, uint64_t number, char kind, const char *prefix, void *rec, size_t size)
+{
+	unsigned char key[24];
+	MDB_val k = guard_key(key, number, kind, prefix), v;
+	int rc = mdb_get(txn, store.guard, &k, &v);
+
+	if (rc == 0)
+		record_copy(rec, size, v);
+	return rc;
+}
+
+static int
+guard_put(MDB_txn *txn, uint64_t number, char kind, const char *prefix, void *rec, size_t size)
+{
+	unsigned char key[24];
+	MDB_val k = guard_key(key, number, kind, prefix);
+
+	return captured_put(txn, store.guard, &k, &(MDB_val){ size, rec }, 0);
+}
+
+/* The ranges' counts (the writer's): GUARD_RANGES slots, a range in one of GUARD_PROBE from its hash. */
+#define GUARD_RANGES 65536
+#define GUARD_PROBE  8
+static struct guard_range {
+	uint64_t wallet;          /* its number; 0: a free slot */
+	uint64_t range;           /* its digits as a number, after a 1 (so 0256 and 256 differ) */
+	struct window_count n;
+} guard_ranges[GUARD_RANGES];
+
+/* The count of wallet's range (digits, n of them); a new one takes the slot counted least lately. */
+static struct guard_range *
+guard_range(uint64_t wallet, const char *digits, size_t n)
+{
+	uint64_t range = 1, h;
+	struct guard_range *r, *least = NULL;
+
+	for (size_t i = 0; i < n; i++)
+		range = range * 10 + (uint64_t)(digits[i] - '0');
+	h = (wallet * 0x9e3779b97f4a7c15ull) ^ (range * 0xc2b2ae3d27d4eb4full);
+	for (int i = 0; i < GUARD_PROBE; i++) {
+		r = &guard_ranges[((h >> 32) + (uint64_t)i) % GUARD_RANGES];
+		if (r->wallet == wallet && r->range == range)
+			return r;
+		if (least == NULL || r->n.window < least->n.window ||
+		    (r->n.window == least->n.window && r->n.cur < least->n.cur))
+			least = r;
+	}
+	*least = (struct guard_range){ wallet, range, { 0, 0, 0 } };
+	return least;
+}
+
+/* Rolls a calling code's daily counts to today. */
+static void
+guard_stats_roll(struct guard_stats *st, int64_t today)
+{
+	for (int64_t d = st->day + 1; d <= today && d <= st->day + 8; d++)
+		st->days[d % 8] = 0;
+	if (today > st->day)
+		st->day = today;
+}
+
+/* Fails c with destination_suspended: prefix is suspended (b). */
+static int
+fail_suspended(struct call *c, const char *prefix, const struct guard_block *b)
+{
+	char until[32];
+
+	snprintf(c->prefix, sizeof(c->prefix), "%s", prefix);
+	c->resets_at = b->until;
+	c->limit = guard_reasons[b->reason % 2];
+	return fail(c, E_DESTINATION_SUSPENDED, "to", "Messages to +%s are suspended for this wallet until %s (%s: "
+	    "%u messages counted, %u allowed)", prefix, time_format(b->until, until), c->limit, b->count, b->limit);
+}
+
+/*
+ * Suspends prefix for wallet w (id) at now, why (GR_*) with count messages
+ * against limit: guard_block seconds, doubled for each repeat within a day
+ * of the last.  Records it with its event and its e-mails (to the wallet's
+ * alert e-mails and to ops_emails) in c's transaction, and fails c with
+ * destination_suspended.
+ */
+static int
+guard_suspend(struct call *c, struct str id, struct wallet *w, const char *prefix, uint32_t why, uint32_t count,
+    uint32_t limit, int64_t now)
+{
+	struct guard_block b;
+	struct note n;
+	char until[32];
+	int rc = guard_get(c->txn, w->number, 's', prefix, &b, sizeof(b));
+
+	if (rc != 0 && rc != MDB_NOTFOUND)
+		return store_error(c, rc);
+	b.repeats = rc == 0 && now - b.until < 86400 ? b.repeats + 1 : 0;
+	b.since = now;
+	b.until = now + ((int64_t)guard_setting(w, G_BLOCK) << (b.repeats < 10 ? b.repeats : 10));
+	b.reason = why;
+	b.count = count;
+	b.limit = limit;
+	memset(&n, 0, sizeof(n));
+	n.kind = NK_SUSPENDED;
+	n.until = b.until;
+	snprintf(n.prefix, sizeof(n.prefix), "%s", prefix);
+	snprintf(n.reason, sizeof(n.reason), "%s", guard_reasons[why]);
+	if ((rc = guard_put(c->txn, w->number, 's', prefix, &b, sizeof(b))) || (rc = note_add(c, id, w, &n)))
+		return store_error(c, rc);
+	if (config.ops_emails[0]) {
+		n.to_ops = 1;
+		snprintf(n.emails, sizeof(n.emails), "%s", config.ops_emails);
+		if ((rc = note_add(c, id, w, &n)))
+			return store_error(c, rc);
+	}
+	if ((rc = wallet_put(c->txn, id, w)) || (rc = event_add(c->txn, "destination_suspended", id,
+	    json_pack("{s:s, s:s, s:s, s:i, s:i, s:i}", "prefix", prefix, "reason", guard_reasons[why],
+	    "until", time_format(b.until, until), "repeats", (int)b.repeats, "count", (int)count, "limit", (int)limit))))
+		return store_error(c, rc);
+	log_x(L_WARN, "fraud brake: messages to +%s suspended for wallet %.*s until %s (%s: %u counted, %u allowed)",
+	    prefix, (int)id.n, id.p, until, guard_reasons[why], count, limit);
+	return fail_suspended(c, prefix, &b);
+}
+
+/* Whether the fraud brake watches w's messages to digits: it is on, and they are not under a safe prefix. */
+static int
+guard_on(const struct wallet *w, const char *digits)
+{
+	char safe[16];
+
+	return (guard_setting(w, G_RANGE_MAX) || guard_setting(w, G_COUNTRY_SPIKE)) &&
+	    !prefix_match(guard_safe(w), digits, safe);
+}
+
+/* The prefix of digits suspended for w at now, copied into prefix with its block in *b; 0 if none. */
+static int
+guard_suspended(MDB_txn *txn, const struct wallet *w, const char *digits, size_t ndigits, int64_t now,
+    char prefix[16], struct guard_block *b)
+{
+	if (!guard_on(w, digits))
+		return 0;
+	snprintf(prefix, 16, "%.*s", (int)(ndigits > 3 ? ndigits - 3 : ndigits), digits);
+	if (guard_get(txn, w->number, 's', prefix, b, sizeof(*b)) == 0 && b->until > now)
+		return 1;
+	calling_code(digits, prefix);
+	return guard_get(txn, w->number, 's', prefix, b, sizeof(*b)) == 0 && b->until > now;
+}
+
+/*
+ * The fraud brake on a charge of wallet w (id) to digits at now, its last
+ * check: destination_suspended while the number's range or calling code
+ * is, or when this message would pass either count (which suspends it).
+ * Otherwise counts the message and returns E_OK.  Costs nothing for a
+ * wallet with the brake off; otherwise two lookups, a count in memory and,
+ * with guard_country_spike, a calling code's counts read and written.
+ */
+static int
+guard_check(struct call *c, struct str id, struct wallet *w, const char *digits, size_t ndigits, int64_t now)
+{
+	uint32_t range_max = guard_setting(w, G_RANGE_MAX), spike = guard_setting(w, G_COUNTRY_SPIKE);
+	uint32_t window = guard_setting(w, G_WINDOW), count;
+	char prefix[16], code[4];
+	struct guard_range *r = NULL;
+	struct guard_block b;
+	struct guard_stats st;
+	int rc;
+
+	if (!guard_on(w, digits))
+		return E_OK;
+	if (guard_suspended(c->txn, w, digits, ndigits, now, prefix, &b))
+		return fail_suspended(c, prefix, &b);
+	if (range_max) {
+		r = guard_range(w->number, digits, ndigits > 3 ? ndigits - 3 : ndigits);
+		if ((count = window_estimate(&r->n, now, window) + 1) > range_max) {
+			snprintf(prefix, sizeof(prefix), "%.*s", (int)(ndigits > 3 ? ndigits - 3 : ndigits), digits);
+			return guard_suspend(c, id, w, prefix, GR_RANGE, count, range_max, now);
+		}
+	}
+	if (spike) {
+		uint64_t week = 0;
+		double usual;
+
+		calling_code(digits, code);
+		memset(&st, 0, sizeof(st));
+		if ((rc = guard_get(c->txn, w->number, 'c', code, &st, sizeof(st))) != 0 && rc != MDB_NOTFOUND)
+			return store_error(c, rc);
+		guard_stats_roll(&st, now / 86400);
+		for (int d = 1; d <= 7; d++)
+			week += st.days[(now / 86400 - d) % 8];
+		usual = (double)week * window / (7 * 86400.0);
+		count = window_estimate(&st.n, now, window) + 1;
+		if (count >= guard_setting(w, G_MIN_MESSAGES) && count > spike * usual)
+			return guard_suspend(c, id, w, code, GR_COUNTRY, count, (uint32_t)(spike * usual), now);
+		st.n.cur++;
+		st.days[(now / 86400) % 8]++;
+		if ((rc = guard_put(c->txn, w->number, 'c', code, &st, sizeof(st))))
+			return store_error(c, rc);
+	}
+	if (r)
+		r->n.cur++;
+	return E_OK;
+}
+
 /* ---- Charges ---- */
 
 /*
@@ -6591,7 +7005,8 @@ p_segments(struct call *c, struct str channel, uint32_t *segments)
  * charge: charges one message described by c->params against its wallet,
  * in c->txn: idempotent on (wallet, ref); checks frozen, the destination's
  * prefixes, rate, FX, the hold named (its remaining is drawn first), what
- * is available, and the daily and hourly limits; appends the transaction;
+ * is available, the daily and hourly limits and the fraud brake (unless an
+ * admin says risk_check: false); appends the transaction;
  * records a notification on a threshold crossing.  Packs the transaction plus `replayed`.  Returns E_OK or the
  * error.  Every check comes before the first write (MF_FLAT): an error of
  * its own leaves c->txn untouched, and once it writes, only a store error
@@ -6612,12 +7027,13 @@ m_charge(struct call *c)
 	struct txn t;
 	MDB_val k, v;
 	int64_t before, now, held, available, from_hold = 0;
-	int rc;
+	int rc, risk_check = 1;
 
 	if ((rc = p_wallet(c, &id)) || (rc = p_channel(c, &channel)) ||
 	    (rc = p_e164(c, "to", digits, &ndigits)) || (rc = p_str(c, "ref", 1, REF_MAX, &ref)) ||
 	    (rc = p_name(c, "route", 0, 1, &route)) || (rc = p_segments(c, channel, &segments)) ||
-	    (rc = p_text(c, "description", 0, &desc)) || (rc = p_str(c, "hold", 0, REF_MAX, &hold_ref)))
+	    (rc = p_text(c, "description", 0, &desc)) || (rc = p_str(c, "hold", 0, REF_MAX, &hold_ref)) ||
+	    (rc = p_bool(c, "risk_check", &risk_check)))
 		return rc;
 	if (ref.n == 0)
 		return fail(c, E_INVALID_ARGUMENT, "ref", "ref must not be empty");
@@ -6693,6 +7109,8 @@ m_charge(struct call *c)
 	if (hit.policy.settle && ref.n > REF_MAX - 4)
 		return fail(c, E_INVALID_ARGUMENT, "ref", "a rate that settles on delivery takes refs of at most %d bytes",
 		    REF_MAX - 4);
+	if (risk_check && (rc = guard_check(c, id, &w, digits, ndigits, now)))
+		return rc; /* the one write with an error: a suspension it decided on */
 	before = w.balance;
 	limits_count(&w, now, hit.cost, 1);
 	if (!hit.policy.settle)
@@ -6794,6 +7212,9 @@ batch_run(struct call *c, int m)
 			rc = fail(&item, E_INVALID_ARGUMENT, "items", "each item must be a map");
 		else if ((key = param_unknown(m, item.params, 0)) != NULL)
 			rc = fail_unknown_param(&item, m, key);
+		else if (param(&item, "risk_check"))
+			rc = fail(&item, E_INVALID_ARGUMENT, "risk_check", "risk_check is taken by charge, one message at a "
+			    "time, not in a batch");
 		else
 			rc = method_fns[m](&item);
 		if (rc != E_OK) {
@@ -6814,6 +7235,102 @@ batch_run(struct call *c, int m)
 }
 
 static int m_charge_batch(struct call *c) { return batch_run(c, M_CHARGE); }
+
+/* guard.list: the wallet's suspensions still running, by prefix (none while its brake is off). */
+static int
+m_guard_list(struct call *c)
+{
+	unsigned char key[24];
+	struct str id;
+	struct wallet w;
+	msgpack_sbuffer rows;
+	msgpack_packer pk;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int64_t now = now_seconds();
+	size_t n = 0;
+	int rc;
+
+	if ((rc = p_wallet(c, &id)) || (rc = load_wallet(c, id, &w)))
+		return rc;
+	if (!guard_setting(&w, G_RANGE_MAX) && !guard_setting(&w, G_COUNTRY_SPIKE)) { /* the brake off: none hold */
+		msgpack_pack_map(c->pk, 1);
+		KEY(c->pk, "suspensions");
+		msgpack_pack_array(c->pk, 0);
+		return E_OK;
+	}
+	if ((rc = mdb_cursor_open(c->txn, store.guard, &cur)))
+		return store_error(c, rc);
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&pk, &rows, msgpack_sbuffer_write);
+	k = guard_key(key, w.number, 's', "");
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && k.mv_size > 9 && k.mv_size < 9 + 16 &&
+	    memcmp(k.mv_data, key, 9) == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct guard_block b;
+
+		record_copy(&b, sizeof(b), v);
+		if (b.until <= now)
+			continue;
+		msgpack_pack_map(&pk, 7);
+		KEY(&pk, "prefix");
+		msgpack_pack_str_with_body(&pk, (const char *)k.mv_data + 9, k.mv_size - 9);
+		KV_STR(&pk, "reason", guard_reasons[b.reason % 2]);
+		KV_TIME(&pk, "since", b.since);
+		KV_TIME(&pk, "until", b.until);
+		KV_U64(&pk, "repeats", b.repeats);
+		KV_U64(&pk, "count", b.count);
+		KV_U64(&pk, "limit", b.limit);
+		n++;
+	}
+	mdb_cursor_close(cur);
+	if (rc != 0 && rc != MDB_NOTFOUND) {
+		msgpack_sbuffer_destroy(&rows);
+		return store_error(c, rc);
+	}
+	msgpack_pack_map(c->pk, 1);
+	pack_rows(c->pk, "suspensions", n, &rows);
+	return E_OK;
+}
+
+/* guard.lift: ends prefix's suspension (if running) and starts its counts afresh. */
+static int
+m_guard_lift(struct call *c)
+{
+	unsigned char key[24];
+	char prefix[16];
+	struct str id, p;
+	struct wallet w;
+	struct guard_block b;
+	struct guard_stats st;
+	MDB_val k;
+	int rc, lifted;
+
+	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "prefix", 1, 15, &p)))
+		return rc;
+	if (!valid_prefix(p))
+		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits, the first not 0");
+	if ((rc = load_wallet(c, id, &w)))
+		return rc;
+	snprintf(prefix, sizeof(prefix), "%.*s", (int)p.n, p.p);
+	rc = guard_get(c->txn, w.number, 's', prefix, &b, sizeof(b));
+	if (rc != 0 && rc != MDB_NOTFOUND)
+		return store_error(c, rc);
+	lifted = rc == 0 && b.until > now_seconds();
+	k = guard_key(key, w.number, 's', prefix);
+	if (rc == 0 && (rc = captured_del(c->txn, store.guard, &k, NULL)))
+		return store_error(c, rc);
+	if ((rc = guard_get(c->txn, w.number, 'c', prefix, &st, sizeof(st))) == 0) {
+		st.n = (struct window_count){ 0, 0, 0 };
+		rc = guard_put(c->txn, w.number, 'c', prefix, &st, sizeof(st));
+	}
+	if (rc != 0 && rc != MDB_NOTFOUND)
+		return store_error(c, rc);
+	guard_range(w.number, prefix, p.n)->n = (struct window_count){ 0, 0, 0 };
+	msgpack_pack_map(c->pk, 2);
+	KV_STR(c->pk, "prefix", prefix);
+	KV_BOOL(c->pk, "lifted", lifted);
+	return E_OK;
+}
 
 /* ---- Pricing a campaign: precheck ---- */
 
@@ -6951,6 +7468,7 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 		uint64_t count = 1;
 		char digits[16], prefix[16], plus[17] = "+", keybuf[GROUP_KEY_MAX];
 		size_t n = 0, key;
+		struct guard_block b;
 		struct rate_hit hit;
 		struct price_group *g;
 		int64_t sub;
@@ -6976,7 +7494,7 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 		}
 		if (count == 0)
 			continue;
-		if (destination_blocked(w, digits, prefix)) {
+		if (destination_blocked(w, digits, prefix) || guard_suspended(c->txn, w, digits, n, now_seconds(), prefix, &b)) {
 			pack_cstr(&cp->bpk, strcat(plus, digits));
 			cp->nblocked++;
 			continue;
@@ -8404,27 +8922,6 @@ m_export(struct call *c)
 
 /* ---- Usage reports ---- */
 
-/*
- * The E.164 country calling code that digits start with, into out[4]:
- * 1 and 7 are one digit, the 2-digit codes are the ones listed, every
- * other code has three (the codes are prefix-free).
- */
-static void
-calling_code(const char *digits, char out[4])
-{
-	static const char two[] = "20 27 30 31 32 33 34 36 39 40 41 43 44 45 46 47 48 49 51 52 53 54 55 56 57 58 "
-	    "60 61 62 63 64 65 66 81 82 84 86 90 91 92 93 94 95 98 ";
-	size_t n = 3;
-
-	if (digits[0] == '1' || digits[0] == '7')
-		n = 1;
-	else
-		for (const char *p = two; *p; p += 3)
-			if (p[0] == digits[0] && p[1] == digits[1])
-				n = 2;
-	snprintf(out, 4, "%.*s", (int)n, digits);
-}
-
 /* The principal ISO 3166 country of a calling code (1: US, 7: RU, 44: GB), or NULL. */
 static const char *
 calling_country(const char *code, char out[3])
@@ -8919,14 +9416,20 @@ m_statement(struct call *c)
 static void
 note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)
 {
-	int fields = 11 + (n->sent_at != 0) + (n->last_error[0] != '\0') + 2 * (n->kind != NK_LOW_BALANCE);
+	int paid = n->kind == NK_RECEIPT || n->kind == NK_PAYMENT_PROBLEM, suspended = n->kind == NK_SUSPENDED;
+	int fields = 11 + (n->sent_at != 0) + (n->last_error[0] != '\0') + 2 * paid + 3 * suspended;
 
 	msgpack_pack_map(pk, (size_t)fields);
 	KV_U64(pk, "id", seq + 1);
-	KV_STR(pk, "type", note_kind_names[n->kind <= NK_PAYMENT_PROBLEM ? n->kind : 0]);
-	if (n->kind != NK_LOW_BALANCE) {
+	KV_STR(pk, "type", note_kind_names[n->kind < NK__COUNT ? n->kind : 0]);
+	if (paid) {
 		KV_AMOUNT(pk, "amount", n->amount);
 		KV_STR(pk, "provider_ref", n->provider_ref);
+	}
+	if (suspended) {
+		KV_STR(pk, "prefix", n->prefix);
+		KV_STR(pk, "reason", n->reason);
+		KV_TIME(pk, "until", n->until);
 	}
 	KV_STR(pk, "wallet", n->wallet);
 	KV_U64(pk, "txn", n->txn_id);
@@ -11788,7 +12291,7 @@ repl_apply(struct assembly *a, uint64_t seq, int64_t published_ms)
 			}
 			pos.applied = seq;
 			memcpy(pos.sum, sum, 32);
-			if ((rc = record_apply(txn, a->bytes.data, a->bytes.size, STORE_DBS_REPLICATED)) == 0 &&
+			if ((rc = record_apply(txn, a->bytes.data, a->bytes.size, 1)) == 0 &&
 			    (rc = repl_pos_put(txn, &pos, a->first, &a->msgs, a->parts)) == 0)
 				rc = store_commit_durable(txn, 1);
 			else
@@ -13159,6 +13662,36 @@ alert_message(const struct config *cf, const struct note *n, const unsigned char
 		    amt, n->currency, n->wallet, n->wallet, amt, n->currency, n->provider_ref, n->wallet);
 		return;
 	}
+	if (n->kind == NK_SUSPENDED) {
+		char until[32];
+
+		snprintf(buf, cap,
+		    "Date: %s\r\n"
+		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".suspended.%s@%s>\r\n"
+		    "From: %s\r\n"
+		    "To: %s\r\n"
+		    "Subject: Messages to +%s paused for wallet %s\r\n"
+		    "MIME-Version: 1.0\r\n"
+		    "Content-Type: text/plain; charset=UTF-8\r\n"
+		    "Content-Transfer-Encoding: 8bit\r\n"
+		    "Auto-Submitted: auto-generated\r\n"
+		    "\r\n"
+		    "Hello,\r\n"
+		    "\r\n"
+		    "Wallet %s sent far more messages to numbers starting +%s than it\r\n"
+		    "usually does (%s), the pattern of SMS pumping: traffic to numbers that\r\n"
+		    "earn a fraudster money, paid from your balance. Messages to them are\r\n"
+		    "refused until %s; nothing was charged for them.\r\n"
+		    "\r\n"
+		    "If this traffic is yours, ask us to lift the pause.\r\n"
+		    "\r\n"
+		    "-- \r\n"
+		    "walletd\r\n",
+		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails, n->prefix, n->wallet,
+		    n->wallet, n->prefix, strcmp(n->reason, "range_max") == 0 ? "too many to one number range" :
+		    "a spike to one country", time_format(n->until, until));
+		return;
+	}
 	if (n->kind == NK_RECEIPT) {
 		snprintf(buf, cap,
 		    "Date: %s\r\n"
@@ -13448,7 +13981,7 @@ note_outcome(void *rec, const struct outcome *o)
 		done = n->attempts >= o->cf->alert_max_attempts && n->state == NS_PENDING;
 		if (done) {
 			n->state = NS_FAILED;
-			log_x(L_ERR, "%s e-mail for %s failed after %u attempts: %s", note_kind_names[n->kind % 3], n->wallet,
+			log_x(L_ERR, "%s e-mail for %s failed after %u attempts: %s", note_kind_names[n->kind % NK__COUNT], n->wallet,
 			    n->attempts, o->err);
 		}
 		n->next_attempt = retry_at(o->cf, n->attempts);
@@ -13507,10 +14040,10 @@ alert_run(const struct config *cf)
 		struct outcome o = { cf, alert_send(cf, &due[i], keys[i], err, sizeof(err)) == 0, err, due[i].reminder };
 
 		if (o.ok)
-			log_x(L_INFO, "%s e-mail for %s sent to %s", note_kind_names[due[i].kind % 3], due[i].wallet,
+			log_x(L_INFO, "%s e-mail for %s sent to %s", note_kind_names[due[i].kind % NK__COUNT], due[i].wallet,
 			    due[i].emails);
 		else
-			log_x(L_WARN, "%s e-mail for %s not sent: %s", note_kind_names[due[i].kind % 3], due[i].wallet, err);
+			log_x(L_WARN, "%s e-mail for %s not sent: %s", note_kind_names[due[i].kind % NK__COUNT], due[i].wallet, err);
 		outbox_record(&alert_outbox, keys[i], note_outcome, &o);
 	}
 	free(due);

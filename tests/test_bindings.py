@@ -63,6 +63,14 @@ class PythonBinding(DaemonTest):
                 "results"][0]["replayed"])
             with self.assertRaises(walletd.HoldClosed):
                 w.charge(wallet="acme", channel="sms", to="+256712345678", ref="py-h2", hold="py-hold")
+            w.wallet_update(wallet="acme", guard_range_max=1)
+            w.charge(wallet="acme", channel="sms", to="+256700000001", ref="py-g1")
+            with self.assertRaises(walletd.DestinationSuspended) as e:
+                w.charge(wallet="acme", channel="sms", to="+256700000002", ref="py-g2")
+            self.assertEqual((e.exception.details["prefix"], e.exception.details["reason"]), ("256700000", "range_max"))
+            self.assertEqual(w.guard_list(wallet="acme")["suspensions"][0]["count"], 2)
+            self.assertTrue(w.guard_lift(wallet="acme", prefix="256700000")["lifted"])
+            w.wallet_update(wallet="acme", guard_range_max=None)
             self.assertTrue(w.verify()["ok"])
             self.assertGreater(w.stats()["commits"], 0)
             b = w.backup(os.path.join(self.d.dir, "copy.mdb"))

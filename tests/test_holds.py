@@ -143,12 +143,18 @@ class CreditAndControls(DaemonTest):
         d.ctl_json("rate", "set", "gold", "sms", "256", "0.01", "USD")
         start = {"plan": "default", "threshold": D("5"), "alert_emails": ["ops@acme.example"], "status": "active",
                  "credit_limit": D("2"), "daily_limit": D("100"), "hourly_messages": 1000,
-                 "allowed_prefixes": ["25"], "blocked_prefixes": ["2567"]}
+                 "allowed_prefixes": ["25"], "blocked_prefixes": ["2567"], "guard_range_max": 100,
+                 "guard_window": 300, "guard_country_spike": 5, "guard_min_messages": 20, "guard_block": 900,
+                 "guard_safe_prefixes": ["2547"]}
         other = {"plan": "gold", "threshold": D("3"), "alert_emails": ["b@acme.example"], "status": "frozen",
                  "credit_limit": D("4"), "daily_limit": D("50"), "hourly_messages": 7,
-                 "allowed_prefixes": ["256", "254"], "blocked_prefixes": ["2541"]}
+                 "allowed_prefixes": ["256", "254"], "blocked_prefixes": ["2541"], "guard_range_max": 7,
+                 "guard_window": 120, "guard_country_spike": 3, "guard_min_messages": 10, "guard_block": 60,
+                 "guard_safe_prefixes": ["2541", "256"]}
         cleared = {"plan": "default", "threshold": None, "alert_emails": [], "credit_limit": D("0"),
-                   "daily_limit": None, "hourly_messages": None, "allowed_prefixes": [], "blocked_prefixes": []}
+                   "daily_limit": None, "hourly_messages": None, "allowed_prefixes": [], "blocked_prefixes": [],
+                   "guard_range_max": 0, "guard_window": 600, "guard_country_spike": 0, "guard_min_messages": 50,
+                   "guard_block": 1800, "guard_safe_prefixes": []}  # a guard_* setting cleared: the config's
         with d.client() as c:
             def settings():
                 w = c.wallet_get(wallet="acme")

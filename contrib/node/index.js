@@ -56,12 +56,13 @@ export const HoldClosed = errorClass('hold_closed');
 export const LimitExceeded = errorClass('limit_exceeded');
 export const DestinationBlocked = errorClass('destination_blocked');
 export const Unavailable = errorClass('unavailable');
+export const DestinationSuspended = errorClass('destination_suspended');
 
 const ERRORS = Object.fromEntries([
   MalformedRequest, FrameTooLarge, UnknownMethod, InvalidArgument, PermissionDenied, UnknownWallet,
   WalletExists, WalletFrozen, InsufficientBalance, NoRate, NoFxRate, IdempotencyConflict,
   AlreadyRefunded, NotRefundable, UnknownTxn, UnknownTopup, StorageFull, TooManyConnections, Busy,
-  Internal, UnknownHold, HoldClosed, LimitExceeded, DestinationBlocked, Unavailable,
+  Internal, UnknownHold, HoldClosed, LimitExceeded, DestinationBlocked, Unavailable, DestinationSuspended,
 ].map((c) => [c.code, c]));
 
 export function defaultSocket() {
@@ -82,7 +83,8 @@ const METHODS = {
   holdRelease: 'hold.release', holdGet: 'hold.get', holdList: 'hold.list', topupCreate: 'topup.create',
   topupConfirm: 'topup.confirm', topupCancel: 'topup.cancel', topupGet: 'topup.get',
   topupList: 'topup.list', credit: 'credit', debit: 'debit', refund: 'refund',
-  refundBatch: 'refund.batch', delivery: 'delivery', deliveryBatch: 'delivery.batch', history: 'history', statement: 'statement', export: 'export', reportUsage: 'report.usage',
+  refundBatch: 'refund.batch', delivery: 'delivery', deliveryBatch: 'delivery.batch',
+  guardList: 'guard.list', guardLift: 'guard.lift', history: 'history', statement: 'statement', export: 'export', reportUsage: 'report.usage',
   notifications: 'notifications', verify: 'verify', stats: 'stats', status: 'status',
   replicationRepair: 'replication.repair',
 };

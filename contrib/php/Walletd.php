@@ -67,6 +67,7 @@ class HoldClosed extends WalletdError { const CODE = 'hold_closed'; }
 class LimitExceeded extends WalletdError { const CODE = 'limit_exceeded'; }
 class DestinationBlocked extends WalletdError { const CODE = 'destination_blocked'; }
 class Unavailable extends WalletdError { const CODE = 'unavailable'; }
+class DestinationSuspended extends WalletdError { const CODE = 'destination_suspended'; }
 
 /** One connection to walletd; reconnects on the next call after a restart. */
 final class Client
@@ -84,6 +85,7 @@ final class Client
         'topupConfirm' => 'topup.confirm', 'topupCancel' => 'topup.cancel', 'topupGet' => 'topup.get',
         'topupList' => 'topup.list', 'credit' => 'credit', 'debit' => 'debit', 'refund' => 'refund',
         'refundBatch' => 'refund.batch', 'delivery' => 'delivery', 'deliveryBatch' => 'delivery.batch',
+        'guardList' => 'guard.list', 'guardLift' => 'guard.lift',
         'history' => 'history', 'statement' => 'statement', 'export' => 'export', 'reportUsage' => 'report.usage', 'notifications' => 'notifications', 'verify' => 'verify',
         'stats' => 'stats', 'status' => 'status', 'replicationRepair' => 'replication.repair',
     ];

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import {
   Client, WalletdError, InsufficientBalance, UnknownWallet, IdempotencyConflict, AlreadyRefunded,
-  InvalidArgument, WalletExists, NoRate, ConnectionLost, UnknownTopup, TooManyConnections,
+  InvalidArgument, WalletExists, NoRate, ConnectionLost, UnknownTopup, TooManyConnections, DestinationSuspended,
 } from '../index.js';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'walletd-node-'));
@@ -88,6 +88,13 @@ test('every method, amounts as strings', async () => {
   assert.equal((await w.refundBatch({ items: [{ wallet: 'acme', ref: 'n-h' }] })).results[0].amount, '0.0047');
   assert.equal((await w.delivery({ wallet: 'acme', ref: 'n-h', status: 'delivered' })).delivery.status, 'delivered');
   assert.equal((await w.deliveryBatch({ items: [{ wallet: 'acme', ref: 'n-h', status: 'delivered' }] })).results[0].replayed, true);
+  await w.walletUpdate({ wallet: 'acme', guard_range_max: 1 });
+  await w.charge({ wallet: 'acme', channel: 'sms', to: '+256700000001', ref: 'n-g1' });
+  await assert.rejects(w.charge({ wallet: 'acme', channel: 'sms', to: '+256700000002', ref: 'n-g2' }),
+    (e) => e instanceof DestinationSuspended && e.prefix === '256700000' && e.reason === 'range_max');
+  assert.equal((await w.guardList({ wallet: 'acme' })).suspensions[0].prefix, '256700000');
+  assert.equal((await w.guardLift({ wallet: 'acme', prefix: '256700000' })).lifted, true);
+  await w.walletUpdate({ wallet: 'acme', guard_range_max: null });
   assert.equal((await w.verify()).ok, true);
   assert.ok((await w.stats()).commits > 0);
   await w.rateDelete({ plan: 'p2', channel: 'sms', prefix: '1' });

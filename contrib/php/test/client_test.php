@@ -56,6 +56,14 @@ check('history', $w->history(['wallet' => 'acme', 'limit' => 2])['total'], 4);
 check('balance', $w->balance(['wallet' => 'acme']), ['balance' => '1499.9906', 'held' => '0', 'available' => '1499.9906', 'currency' => 'USD']);
 $top = $w->topupCreate(['wallet' => 'acme', 'amount' => '10']);
 check('topup', $w->topupConfirm(['ref' => $top['ref'], 'amount' => '10', 'provider' => 'paystack', 'provider_ref' => 'PS-1'])['topup']['status'], 'paid');
+$w->walletUpdate(['wallet' => 'acme', 'guard_range_max' => 1]);
+$w->charge(['wallet' => 'acme', 'channel' => 'sms', 'to' => '+256700000001', 'ref' => 'php-g1']);
+$e = raises('a suspended range', 'Walletd\\DestinationSuspended',
+    fn() => $w->charge(['wallet' => 'acme', 'channel' => 'sms', 'to' => '+256700000002', 'ref' => 'php-g2']));
+check('suspended prefix', $e->details['prefix'] ?? null, '256700000');
+check('guard list', $w->guardList(['wallet' => 'acme'])['suspensions'][0]['reason'], 'range_max');
+check('guard lift', $w->guardLift(['wallet' => 'acme', 'prefix' => '256700000'])['lifted'], true);
+$w->walletUpdate(['wallet' => 'acme', 'guard_range_max' => null]);
 check('verify', $w->verify()['ok'], true);
 
 $e = raises('a charge past the balance', 'Walletd\InsufficientBalance', function () use ($w) {

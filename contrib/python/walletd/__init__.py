@@ -48,7 +48,7 @@ ERROR_CODES = """malformed_request frame_too_large unknown_method invalid_argume
     permission_denied unknown_wallet wallet_exists wallet_frozen insufficient_balance
     no_rate no_fx_rate idempotency_conflict already_refunded not_refundable unknown_txn
     unknown_topup storage_full too_many_connections busy internal unknown_hold hold_closed
-    limit_exceeded destination_blocked unavailable""".split()
+    limit_exceeded destination_blocked unavailable destination_suspended""".split()
 
 _ERRORS = {}
 for _code in ERROR_CODES:
@@ -115,6 +115,7 @@ METHODS = {
     "topup_confirm": "topup.confirm", "topup_cancel": "topup.cancel", "topup_get": "topup.get",
     "topup_list": "topup.list", "credit": "credit", "debit": "debit", "refund": "refund",
     "refund_batch": "refund.batch", "delivery": "delivery", "delivery_batch": "delivery.batch",
+    "guard_list": "guard.list", "guard_lift": "guard.lift",
     "hold_create": "hold.create", "hold_release": "hold.release",
     "hold_get": "hold.get", "hold_list": "hold.list",
     "history": "history", "statement": "statement", "export": "export", "report_usage": "report.usage", "notifications": "notifications", "verify": "verify",
