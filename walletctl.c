@@ -1672,14 +1672,15 @@ bench_usage(FILE *f)
 	fprintf(f,
 	    "usage: walletctl bench [-c CONNECTIONS] [-n REQUESTS] [-P PIPELINE] [--batch N]\n"
 	    "                       [--method charge|precheck|balance|history|lookup] [--wallets N]\n"
-	    "                       [--recipients N] [--random-refs] [--hold] [--controls] [--json]\n"
+	    "                       [--recipients N] [--random-refs] [--hold] [--controls] [--guard] [--json]\n"
 	    "  Creates its own wallets (bench-RUN-N, plan bench-RUN) with a large balance, so no\n"
 	    "  production wallet is touched, then sends REQUESTS requests over CONNECTIONS\n"
 	    "  connections, PIPELINE in flight on each.  --batch N sends charge.batch of N items.\n"
 	    "  Charge refs increase like a sequence's message ids; --random-refs scatters them\n"
 	    "  like UUIDv4s (each then dirties a page of the refs index of its own).  --hold\n"
 	    "  charges under a hold of each wallet's; --controls sets every spend control\n"
-	    "  (none reached) on each wallet.\n"
+	    "  (none reached) on each wallet; --guard both counts of the fraud brake (none\n"
+	    "  reached).\n"
 	    "  Prints requests/s, charges/s, latency percentiles, errors by code, and from stats\n"
 	    "  the run's commits/s, mean batch size, and the time of a batch and of its durable\n"
 	    "  commit (the syncs).  It checks that the wallets lost exactly what the\n"
@@ -1853,7 +1854,7 @@ struct bench {
 	unsigned conns, depth, batch, wallets, recipients;
 	uint64_t total;
 	const char *method;
-	int json, controls;
+	int json, controls, guard;
 	char run[16];                /* names the run's plan bench-RUN and wallets bench-RUN-N */
 	msgpack_sbuffer precheck;    /* precheck's params, packed once and sent as they are */
 	uint64_t *charged;           /* answered charges, per wallet */
@@ -1885,6 +1886,10 @@ bench_options(struct bench *b, int argc, char **argv)
 		}
 		if (strcmp(a, "--controls") == 0) {
 			b->controls = 1;
+			continue;
+		}
+		if (strcmp(a, "--guard") == 0) {
+			b->guard = 1;
 			continue;
 		}
 		if (v == NULL) {
@@ -1951,7 +1956,7 @@ bench_setup(struct bench *b)
 	for (unsigned w = 0; w < b->wallets; w++) {
 		snprintf(wallet, sizeof(wallet), "bench-%s-%u", b->run, w);
 		msgpack_sbuffer_clear(&sb);
-		msgpack_pack_map(&pk, 3 + 4 * b->controls);
+		msgpack_pack_map(&pk, 3 + 4 * b->controls + 3 * b->guard);
 		pk_kv(&pk, "wallet", wallet);
 		pk_kv(&pk, "currency", "USD");
 		pk_kv(&pk, "plan", plan);
@@ -1968,6 +1973,14 @@ bench_setup(struct bench *b)
 			msgpack_pack_str_with_body(&pk, "1900", 4);
 			msgpack_pack_str_with_body(&pk, "1976", 4);
 			msgpack_pack_str_with_body(&pk, "2547", 4);
+		}
+		if (b->guard) { /* both counts on, neither reached: what counting costs */
+			msgpack_pack_str_with_body(&pk, "guard_range_max", 15);
+			msgpack_pack_uint32(&pk, 1000000);
+			msgpack_pack_str_with_body(&pk, "guard_country_spike", 19);
+			msgpack_pack_uint32(&pk, 1000);
+			msgpack_pack_str_with_body(&pk, "guard_min_messages", 18);
+			msgpack_pack_uint32(&pk, 1000000);
 		}
 		bench_call("wallet.create", &sb, &resp);
 		msgpack_unpacked_destroy(&resp);

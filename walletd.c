@@ -6624,9 +6624,12 @@ static struct guard_range {
 	struct window_count n;
 } guard_ranges[GUARD_RANGES];
 
-/* The count of wallet's range (digits, n of them); a new one takes the slot counted least lately. */
+/*
+ * The count of wallet's range (digits, n of them); a new one takes the slot
+ * counted least lately, or with lookup, is NULL.
+ */
 static struct guard_range *
-guard_range(uint64_t wallet, const char *digits, size_t n)
+guard_range(uint64_t wallet, const char *digits, size_t n, int lookup)
 {
 	uint64_t range = 1, h;
 	struct guard_range *r, *least = NULL;
@@ -6642,6 +6645,8 @@ guard_range(uint64_t wallet, const char *digits, size_t n)
 		    (r->n.window == least->n.window && r->n.cur < least->n.cur))
 			least = r;
 	}
+	if (lookup)
+		return NULL;
 	*least = (struct guard_range){ wallet, range, { 0, 0, 0 } };
 	return least;
 }
@@ -6763,7 +6768,7 @@ guard_check(struct call *c, struct str id, struct wallet *w, const char *digits,
 	if (guard_suspended(c->txn, w, digits, ndigits, now, prefix, &b))
 		return fail_suspended(c, prefix, &b);
 	if (range_max) {
-		r = guard_range(w->number, digits, ndigits > 3 ? ndigits - 3 : ndigits);
+		r = guard_range(w->number, digits, ndigits > 3 ? ndigits - 3 : ndigits, 0);
 		if ((count = window_estimate(&r->n, now, window) + 1) > range_max) {
 			snprintf(prefix, sizeof(prefix), "%.*s", (int)(ndigits > 3 ? ndigits - 3 : ndigits), digits);
 			return guard_suspend(c, id, w, prefix, GR_RANGE, count, range_max, now);
@@ -7026,7 +7031,7 @@ m_charge(struct call *c)
 	struct hold hold;
 	struct txn t;
 	MDB_val k, v;
-	int64_t before, now, held, available, from_hold = 0;
+	int64_t before, now, held, available, from_hold = 0, failure_fee = 0;
 	int rc, risk_check = 1;
 
 	if ((rc = p_wallet(c, &id)) || (rc = p_channel(c, &channel)) ||
@@ -7109,6 +7114,8 @@ m_charge(struct call *c)
 	if (hit.policy.settle && ref.n > REF_MAX - 4)
 		return fail(c, E_INVALID_ARGUMENT, "ref", "a rate that settles on delivery takes refs of at most %d bytes",
 		    REF_MAX - 4);
+	if (hit.policy.on_failure == OF_FEE && (rc = charge_fee(c, &hit, w.currency, &failure_fee)))
+		return rc;
 	if (risk_check && (rc = guard_check(c, id, &w, digits, ndigits, now)))
 		return rc; /* the one write with an error: a suspension it decided on */
 	before = w.balance;
@@ -7157,11 +7164,10 @@ m_charge(struct call *c)
 	}
 	{
 		/* its refund policy kept with it: a later rate change does not alter it */
-		struct ref_entry e = { .fp = { fingerprint, flen }, .fate = { .on_failure = hit.policy.on_failure } };
+		struct ref_entry e = { .fp = { fingerprint, flen }, .fate = { .on_failure = hit.policy.on_failure,
+			.failure_fee = failure_fee } };
 		char val[REF_VALUE_MAX], rec[REF_VALUE_MAX];
 
-		if (e.fate.on_failure == OF_FEE && (rc = charge_fee(c, &hit, w.currency, &e.fate.failure_fee)))
-			return rc;
 		if (hit.policy.settle) { /* held until its report: the charge is written then */
 			e.fate.flags = CF_PENDING | (hit.policy.timeout_release ? CF_RELEASE : 0);
 			if ((rc = pending_hold(c, &w, &t, now, hit.policy.pending_timeout, rec, &e.record)))
@@ -7302,6 +7308,7 @@ m_guard_lift(struct call *c)
 	struct wallet w;
 	struct guard_block b;
 	struct guard_stats st;
+	struct guard_range *r;
 	MDB_val k;
 	int rc, lifted;
 
@@ -7325,7 +7332,8 @@ m_guard_lift(struct call *c)
 	}
 	if (rc != 0 && rc != MDB_NOTFOUND)
 		return store_error(c, rc);
-	guard_range(w.number, prefix, p.n)->n = (struct window_count){ 0, 0, 0 };
+	if ((r = guard_range(w.number, prefix, p.n, 1)) != NULL)
+		r->n = (struct window_count){ 0, 0, 0 };
 	msgpack_pack_map(c->pk, 2);
 	KV_STR(c->pk, "prefix", prefix);
 	KV_BOOL(c->pk, "lifted", lifted);

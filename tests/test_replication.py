@@ -1,5 +1,6 @@
 """Replication and failover (README: High availability): three walletd nodes on three clustered
 nats-servers, all real processes on loopback."""
+import json
 import os
 import random
 import signal
@@ -265,6 +266,39 @@ class Failover(ReplicationTest):
         print("\n    failover (leader SIGKILL -> first write answered): %.2f s with lease_ttl %s" % (
             times[0], self.g.nodes[0].config.get("lease_ttl", "4 (the default)")), end=" ")
         self.check_ledgers(answered)
+
+    def test_the_fraud_brake_holds_after_a_failover(self):
+        self.seed(self.leader)
+        old, f = self.leader, self.follower()
+        d = self.node(f)
+        d.ctl_json("wallet", "update", "acme", "--guard-range-max", "3")
+        for i in range(3):
+            d.ctl_json("charge", "acme", "sms", "+256712345%03d" % i, "a%d" % i)
+        e = d.ctl_json("charge", "acme", "sms", "+256712345100", "a3", expect=1)
+        self.assertEqual((e["code"], e["prefix"]), ("destination_suspended", "256712345"))
+        self.g.caught_up()
+        for i in range(3):  # the suspension is in the leader's commit, on every node
+            self.assertEqual([s["prefix"] for s in self.node(i).ctl_json("guard", "list", "acme")["suspensions"]],
+                             ["256712345"], i)
+        self.node(old).kill()
+        self.leader = self.g.leader()
+        self.assertNotEqual(self.leader, old)
+        survivor = self.node(self.follower(but=(old,)))
+        deadline = time.time() + 30
+        while True:  # the new leader refuses the range too; until it leads, unavailable
+            r = survivor.ctl("--json", "charge", "acme", "sms", "+256712345101", "a4")
+            if r.returncode != 5:
+                break
+            self.assertLess(time.time(), deadline)
+            time.sleep(0.1)
+        self.assertEqual((r.returncode, json.loads(r.stdout)["code"]), (1, "destination_suspended"))
+        for i in range(3):  # and counts afresh: a range past its count on the new leader
+            survivor.ctl_json("charge", "acme", "sms", "+256712346%03d" % i, "b%d" % i)
+        e = survivor.ctl_json("charge", "acme", "sms", "+256712346100", "b3", expect=1)
+        self.assertEqual(e["prefix"], "256712346")
+        self.node(old).start()
+        self.check_ledgers()
+        self.assertEqual(len(self.charges(old)), 6)
 
     def test_a_leader_killed_with_a_record_no_stream_took_rejoins_without_diverging(self):
         self.seed(self.leader)

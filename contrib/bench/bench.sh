@@ -20,10 +20,12 @@ run "charge -c 1"           -c 1 -n 3000
 run "charge -c 16"          -c 16 -n 60000
 run "charge -c 64"          -c 64 -n 150000
 run "charge -c 64, spend controls set" -c 64 -n 150000 --controls
+run "charge -c 64, fraud brake on" -c 64 -n 150000 --guard
 run "charge -c 64, under a hold" -c 64 -n 150000 --hold
 run "charge -c 64, random refs" -c 64 -n 100000 --random-refs
 run "charge -c 64 -P 16"    -c 64 -P 16 -n 400000
 run "charge -c 64 -P 16, spend controls set" -c 64 -P 16 -n 400000 --controls
+run "charge -c 64 -P 16, fraud brake on" -c 64 -P 16 -n 400000 --guard
 run "charge -c 64 -P 16, under a hold" -c 64 -P 16 -n 400000 --hold
 run "charge --batch 1000"   -c 4 --batch 1000 -n 400
 run "history page of 50"    -c 16 -n 50000 --method history --wallets 10
