@@ -161,8 +161,9 @@ class Brake(DaemonTest):
                     items = [{"wallet": "acme", "channel": "sms", "to": "+2567%08d" % (day * 10000 + i),
                               "ref": "d%d-%d" % (day, i)} for i in range(part * 720, part * 720 + 720)]
                     self.assertFalse([r for r in c.charge_batch(items=items)["results"] if "error" in r])
+        self.clock("2026-12-08T00:00:00Z")
+        d.ctl_json("wallet", "update", "acme", "--guard-min-messages", "20")  # a write: the day's counts written
         d.restart_plain(clock=self.clock_file)  # the baseline is in the store, not only in memory
-        d.ctl_json("wallet", "update", "acme", "--guard-min-messages", "20")
         self.clock("2026-12-08T09:00:00Z")
         for i in range(50):  # 5 times the usual 10 a window, from many ranges
             self.charge("+25670%07d" % (i * 1000), "s%d" % i)
