@@ -11275,7 +11275,8 @@ journal_drain(void)
  * Runs one batch in one write transaction, then one durable commit.  Each
  * request stays atomic on its own.  An MF_FLAT method (every write method
  * today) makes every check before its first write, so when it fails with an
- * error of its own it has written nothing, and it runs in the batch's
+ * error of its own it has written nothing (but what protocol.h says it
+ * keeps with its error), and it runs in the batch's
  * transaction directly; so does a read (one behind a write of its own
  * connection).  A method without MF_FLAT would run in a nested transaction,
  * committed into the batch if it succeeds and aborted if not: LMDB allocates

@@ -443,3 +443,42 @@ class UpgradeFromTheJournallessRelease(Upgrade):
         d.start()
         self.assertEqual(d.ctl_json("charge", "acme", "sms", "+15550000003", "h3", expect=1)["used"], "3")
         self.assertTrue(d.ctl_json("verify")["ok"])
+
+
+class UpgradeFromTheReleaseBeforeTheBrake(Upgrade):
+    """The same from the release before the fraud brake (commit cc5af37, layout 6): its wallets,
+    with every spend control and a charge held for its report, open and take the brake."""
+    PREVIOUS = "cc5af37"
+    LIBS = UpgradeFromTheJournallessRelease.LIBS
+
+    def test_a_store_of_the_previous_release_upgrades_in_place(self):
+        d = self.d
+        self.seed("50")
+        d.ctl_json("wallet", "update", "acme", "--hourly-messages", "300", "--daily-limit", "10", "--block", "2541",
+                   "--allow", "25,1", "--threshold", "1", "--alert-email", "ops@acme.example")
+        d.ctl_json("rate", "set", "default", "whatsapp", "256", "0.02", "USD", "--settle", "delivery")
+        self.charge_sms(100)
+        d.ctl_json("charge", "acme", "whatsapp", "+256712345678", "w1")  # held for its report
+        before = d.ctl_json("wallet", "get", "acme")
+        hist = d.ctl_json("history", "acme", "--limit", "1000")
+        digest = d.ctl_json("verify")["digest"]
+        d.stop()
+        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
+        d.start()
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["digest"]), (True, digest))
+        now = d.ctl_json("wallet", "get", "acme")
+        for k, val in before.items():
+            self.assertEqual(now[k], val, k)
+        self.assertEqual((now["guard_range_max"], now["guard_safe_prefixes"]), (0, []))
+        self.assertEqual(d.ctl_json("history", "acme", "--limit", "1000"), hist)
+        self.assertEqual(d.ctl_json("delivery", "acme", "w1", "delivered")["delivery"]["status"], "delivered")
+        d.ctl_json("wallet", "update", "acme", "--guard-range-max", "2", "--guard-safe-prefixes", "2567123")
+        for i in range(2):
+            d.ctl_json("charge", "acme", "sms", "+256700000%03d" % i, "g%d" % i)
+        self.assertEqual(d.ctl_json("charge", "acme", "sms", "+256700000009", "g2", expect=1)["code"],
+                         "destination_suspended")
+        self.assertEqual(d.ctl_json("wallet", "get", "acme")["hourly_messages"], 300)
+        d.restart()
+        self.assertTrue(d.ctl_json("verify")["ok"])
+        self.assertEqual(len(d.ctl_json("guard", "list", "acme")["suspensions"]), 1)
