@@ -1518,6 +1518,9 @@ struct repl_pos {
  */
 static int capture_on; /* set once at start: a journal or replication needs records */
 static int repl_on;    /* set once at start: nats_url is configured */
+/* Set when this node takes the lease: the holds (and pending charges) it applied as a follower are
+ * unknown to the writer's next_expiry, which looks again (a replicated writer waits a second at most). */
+static atomic_int expiry_unknown;
 
 static __thread struct touched {
 	char *p;
@@ -11433,10 +11436,13 @@ writer_main(void *arg)
 
 		pthread_mutex_lock(&srv.lock);
 		while (srv.wq_head == NULL && !srv.stopping && now_seconds() < store.next_expiry &&
-		    !checkpoint_idle(0)) {
+		    !checkpoint_idle(0) && !atomic_load(&expiry_unknown)) {
 			/* Idle: asleep until a request, the first hold expires, or a checkpoint is due. */
 			struct timespec until = { (time_t)store.next_expiry, 0 };
 			uint64_t due = checkpoint_idle(1);
+
+			if (repl_on && until.tv_sec > time(NULL) + 1)
+				until.tv_sec = time(NULL) + 1;
 
 			if (due) {
 				clock_gettime(CLOCK_REALTIME, &until);
@@ -11445,11 +11451,13 @@ writer_main(void *arg)
 				if (until.tv_nsec >= 1000000000)
 					until.tv_sec++, until.tv_nsec -= 1000000000;
 			}
-			if (store.next_expiry == INT64_MAX && !due)
+			if (store.next_expiry == INT64_MAX && !due && !repl_on)
 				pthread_cond_wait(&srv.cond, &srv.lock);
 			else
 				pthread_cond_timedwait(&srv.cond, &srv.lock, &until);
 		}
+		if (atomic_exchange(&expiry_unknown, 0))
+			store.next_expiry = 0; /* holds_expire finds the first */
 		if (srv.wq_head == NULL && !srv.stopping && checkpoint_idle(0)) {
 			MDB_txn *txn;
 
@@ -13067,6 +13075,7 @@ repl_lead(uint64_t rev, uint64_t t0)
 	repl.lease_expires_ms = now_seconds() * 1000 + config.lease_ttl * 1000;
 	snprintf(repl.leader, sizeof(repl.leader), "%s", config.node);
 	repl_role_set(RS_LEADER, "took the lease at revision %" PRIu64 ", applied %" PRIu64, rev, repl.pos.applied);
+	atomic_store(&expiry_unknown, 1);
 	alert_wake(); /* what the last leader left unsent */
 }
 

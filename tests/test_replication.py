@@ -300,6 +300,31 @@ class Failover(ReplicationTest):
         self.check_ledgers()
         self.assertEqual(len(self.charges(old)), 6)
 
+    def test_pending_charges_are_settled_once_by_the_leader_after_a_failover(self):
+        self.seed(self.leader)
+        old, f = self.leader, self.follower()
+        d = self.node(f)
+        d.ctl_json("rate", "set", "default", "whatsapp", "256", "0.02", "USD", "--settle", "delivery",
+                   "--pending-timeout", "6")
+        with d.client() as c:
+            items = [{"wallet": "acme", "channel": "whatsapp", "to": "+256712345678", "ref": "w%d" % i}
+                     for i in range(20)]
+            self.assertTrue(all(x["pending"] for x in c.call("charge.batch", items=items)["results"]))
+        self.g.caught_up()
+        self.node(old).kill()  # before their timeout: the next leader settles them
+        self.leader = self.g.leader()
+        self.assertNotEqual(self.leader, old)
+        deadline = time.time() + 60
+        while d.ctl_json("balance", "acme")["held"] != "0":
+            self.assertLess(time.time(), deadline, d.ctl_json("balance", "acme"))
+            time.sleep(0.2)
+        self.node(old).start()
+        self.check_ledgers()
+        for i in range(3):
+            charged = self.node(i).ctl_json("history", "acme", "--type", "whatsapp_charge", "--limit", "100")
+            self.assertEqual(sorted(t["ref"] for t in charged["transactions"]), sorted("w%d" % k for k in range(20)))
+            self.assertEqual(self.node(i).ctl_json("balance", "acme")["balance"], "999999.6")
+
     def test_a_leader_killed_with_a_record_no_stream_took_rejoins_without_diverging(self):
         self.seed(self.leader)
         old = self.leader
