@@ -10038,6 +10038,7 @@ struct req {
 	struct remote *remote;    /* forwarded by a follower (section 7): conn is NULL */
 	struct str origin;        /* ... that follower's node name */
 	uint64_t seq;             /* replicated: the stream record that holds what it wrote */
+	uint64_t wrote_at;        /* a read on a follower: the record of its connection's last write, to see */
 	int64_t expires_ms;       /* forwarded: not run after this (wall clock, ms) */
 	int done;                 /* replicated: answered in this turn of the writer */
 	uint64_t need;            /* the journal record that must be synced before its answer leaves */
@@ -10060,6 +10061,7 @@ struct conn {
 	struct buf out;
 	struct req *head, *tail;  /* requests in order; answers leave from head */
 	struct req *first_wait;   /* the first not yet dispatched */
+	uint64_t wrote_at;        /* replicated: the stream record of its last write answered */
 	int held;                 /* its next answer waits for the journal's sync (srv.held) */
 	struct conn *held_next;
 	unsigned queued;          /* requests in the queue, answered or not */
@@ -10676,7 +10678,8 @@ req_run_read(struct req *r)
  * Moves c's requests along: answers leave in order from the head; the next
  * waiting request is dispatched when its turn allows - a read with nothing
  * before it runs now, in the loop; a write, or a read behind a write of its
- * own connection (so it sees that write), goes to the writer; a slow one
+ * own connection (so it sees that write), or on a follower that has not
+ * yet applied its connection's last write, goes to the writer; a slow one
  * (verify, backup, a read frame over SLOW_READ_BYTES, or a read that outgrew
  * the loop's budget) to a helper, alone.  A scan (MF_SCAN) never goes to the
  * writer, where it would hold up every commit: behind a write of its own
@@ -10699,6 +10702,8 @@ conn_pump(struct conn *c)
 				}
 				break;
 			}
+			if (r->method >= 0 && (method_table[r->method].flags & MF_WRITE) && r->seq > c->wrote_at)
+				c->wrote_at = r->seq;
 			if (!c->dead) {
 				if (buf_append(&c->out, r->out.data, r->out.size) != 0)
 					c->closing = 1;
@@ -10739,7 +10744,10 @@ conn_pump(struct conn *c)
 			stats_count(r);
 			continue;
 		}
-		if (!(flags & (MF_WRITE | MF_SLOW)) && r == c->head) {
+		if (!(flags & MF_WRITE) && c->wrote_at && repl_applied() < c->wrote_at) {
+			r->wrote_at = c->wrote_at; /* this follower lags its own write: the writer waits for it */
+			flags &= ~MF_SLOW;
+		} else if (!(flags & (MF_WRITE | MF_SLOW)) && r == c->head) {
 			int ran = req_run_read(r);
 
 			if (ran == 0) {
@@ -12868,6 +12876,8 @@ repl_read(struct req *r)
 	r->done = 1;
 }
 
+static uint64_t forward_answered; /* the writer's: the last record of the writes it answered as a follower */
+
 /*
  * A follower's writer: forwards the batch's writes to the leader, in runs up
  * to the next read, and answers each with the leader's answer once this node
@@ -12892,8 +12902,16 @@ repl_forward(struct req *batch, uint64_t deadline)
 		char leader[64];
 
 		if (r->done || !(method_table[r->method].flags & MF_WRITE)) {
-			if (!r->done)
+			/* It sees its connection's writes: the last answered here may be one */
+			uint64_t need = r->wrote_at > forward_answered ? r->wrote_at : forward_answered;
+
+			if (!r->done && need && repl_wait_applied(need, deadline) != 0) {
+				req_error(r, E_UNAVAILABLE, NULL, "this node has not yet applied the record (%" PRIu64 ") of "
+				    "this connection's last write: retry, or read through another node", need);
+				r->done = 1;
+			} else if (!r->done) {
 				repl_read(r);
+			}
 			end = r->qnext;
 			continue;
 		}
@@ -12942,6 +12960,7 @@ repl_forward(struct req *batch, uint64_t deadline)
 			const msgpack_object *ans = u.data.via.array.ptr[1].via.array.ptr;
 
 			seq = u.data.via.array.ptr[0].via.u64;
+			forward_answered = seq > forward_answered ? seq : forward_answered;
 			for (struct req *q = r; q != end; q = q->qnext, ans++) {
 				msgpack_sbuffer_clear(&q->out);
 				if (ans->type == MSGPACK_OBJECT_ARRAY && ans->via.array.size == 2 &&
@@ -12956,8 +12975,8 @@ repl_forward(struct req *batch, uint64_t deadline)
 				q->done = 1;
 			}
 			if (repl_wait_applied(seq, deadline) != 0)
-				log_x(L_WARN, "replication: not applied the leader's record %" PRIu64 " in time: "
-				    "answering without it", seq);
+				log_x(L_WARN, "replication: not applied the leader's record %" PRIu64 " in time: answering the "
+				    "write; reads on its connection wait for the record", seq);
 		}
 		msgpack_unpacked_destroy(&u);
 		natsMsg_Destroy(reply);

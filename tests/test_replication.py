@@ -10,6 +10,7 @@ import time
 import unittest
 
 from harness import HERE, PY, WALLETCTL  # first: it puts the Python client on the path
+import walletd  # noqa: E402
 from cluster import Group, NatsClient, NatsCluster, rebuild_stream, stream_leader
 
 STREAM = "walletd_t"
@@ -211,6 +212,29 @@ class Basics(ReplicationTest):
             self.assertEqual(sorted(t["ref"] for t in wa), sorted("w%d" % k for k in range(20)))
             self.assertEqual(len([t for t in wa if "delivery" in t]), 10)
             self.assertEqual(d.ctl_json("balance", "acme")["held"], "0")
+
+    def test_a_follower_that_lags_never_answers_a_read_that_misses_its_connections_write(self):
+        self.seed(self.leader)
+        f = self.follower()
+        d = self.node(f)
+        d.config["failover_wait"] = "1"  # a forwarded write waits 1 s for this node to apply its record
+        d.restart_plain(sync_ms=2500)  # and applying one takes 2.5 s
+        self.wait_role(f, lambda role: role == "follower")
+        with d.client(timeout=30) as c:
+            for i in range(2):  # the second's record waits behind the first's sync: its write is answered first
+                t = c.charge(wallet="acme", channel="sms", to="+256712345678", ref="lag-%d" % i)
+            self.assertEqual(str(t["balance_after"]), "999999.9812")
+            while True:  # the next read on this connection sees both, or is unavailable until it can
+                try:
+                    self.assertEqual(str(c.balance(wallet="acme")["balance"]), "999999.9812")
+                    break
+                except walletd.Unavailable as e:
+                    self.assertIn("not yet applied", str(e))
+        self.assertIn("reads on its connection wait for the record", d.read_log())
+        d.config.pop("failover_wait")
+        d.wrap = []  # no slow syncs
+        d.restart()
+        self.check_ledgers()
 
     def test_no_nats_means_unavailable_after_failover_wait_and_reads_still_served(self):
         f = self.follower()
