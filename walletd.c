@@ -1196,9 +1196,10 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  *            "L" plan \0 channel -> u32: the prefix lengths that have rates
  *            (bit n for length n; set by rate.set, never cleared: a superset)
  *   wallets  wallet id -> struct wallet: its base fields, its extended ones
- *            (credit limit, holds, limits) and slot counts when it has
- *            them, its allowed prefixes, blocked prefixes and e-mails
- *            (wallet_decode; layout 4 had nothing after plan but emails)
+ *            (credit limit, holds, limits), slot counts and fraud brake
+ *            settings when it has them, its allowed prefixes, blocked
+ *            prefixes, e-mails and safe prefixes (wallet_decode; layout 4
+ *            had nothing after plan but emails)
  *   txns     u64 id (MDB_INTEGERKEY) -> struct txn_head, then the rest of
  *            the transaction as a msgpack array (txn_pack_stored; layout 3
  *            stored the whole msgpack map, and such records still read):
@@ -1229,6 +1230,10 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  *   eventq   the keys of events still to be delivered
  *   replog   BE64 stream sequence -> the stream message published or applied
  *            there (replicated only; the last REPLOG_KEEP, for repair)
+ *   guard    BE64 wallet number . 's' . prefix -> struct guard_block: a
+ *            suspension of the fraud brake; BE64 wallet number . 'c' .
+ *            calling code -> struct guard_stats: its daily counts (since
+ *            2026-12; created in an older store when it opens)
  *   meta "replication" -> struct repl_pos: the last record applied
  * Numbers inside values are host-endian: a store lives on one host, and the
  * nodes of a replicated group share one byte order (x86-64 and arm64 do).
