@@ -1409,8 +1409,8 @@ struct note {
 	uint32_t kind;            /* NK_* */
 	int64_t amount;           /* a receipt: what was credited */
 	char provider_ref[REF_MAX + 1];
-	/* Since 2026-12 (the fraud brake's: a suspension, to the wallet's e-mails or to_ops): */
-	uint32_t to_ops;          /* to ops_emails, set by the caller */
+	/* Since 2026-12 (a payment problem, or the fraud brake's suspension): */
+	uint32_t to_ops;          /* to ops_emails, not the wallet's */
 	int64_t until;
 	char prefix[16];
 	char reason[16];
@@ -5207,9 +5207,8 @@ pack_txn_answer(msgpack_packer *pk, const void *raw, size_t len, int replayed)
 
 /*
  * Records notification n of wallet w (id), in the commit of what it tells
- * of; the alert thread e-mails it to w's alert e-mails (a payment problem:
- * to n's, ops_emails), or records it as having none.  Returns 0 or an
- * LMDB error.
+ * of; the alert thread e-mails it to w's alert e-mails (with to_ops: to
+ * ops_emails), or records it as having none.  Returns 0 or an LMDB error.
  */
 static int
 note_add(struct call *c, struct str id, struct wallet *w, struct note *n)
@@ -5220,8 +5219,7 @@ note_add(struct call *c, struct str id, struct wallet *w, struct note *n)
 
 	n->created_at = n->next_attempt = now_seconds();
 	n->balance = w->balance;
-	if (n->kind != NK_PAYMENT_PROBLEM && !n->to_ops) /* a problem goes to ops_emails, set by the caller */
-		strcpy(n->emails, w->emails);
+	snprintf(n->emails, sizeof(n->emails), "%s", n->to_ops ? config.ops_emails : w->emails);
 	n->state = n->emails[0] ? NS_PENDING : NS_NO_RECIPIENT;
 	if (n->currency[0] == '\0') /* a payment problem's is the currency paid */
 		memcpy(n->currency, w->currency, 4);
@@ -6629,39 +6627,63 @@ guard_put(MDB_txn *txn, uint64_t number, char kind, const char *prefix, void *re
 	return captured_put(txn, store.guard, &k, &(MDB_val){ size, rec }, 0);
 }
 
-/* The ranges' counts (the writer's): GUARD_RANGES slots, a range in one of GUARD_PROBE from its hash. */
+/*
+ * The counts in the writer's memory, a table of ranges and one of calling
+ * codes: a count in one of GUARD_PROBE slots from its hash.  A calling
+ * code's also keeps its day.
+ */
 #define GUARD_RANGES 65536
+#define GUARD_CODES  4096
 #define GUARD_PROBE  8
-static struct guard_range {
+static struct guard_count {
 	uint64_t wallet;          /* its number; 0: a free slot */
-	uint64_t range;           /* its digits as a number, after a 1 (so 0256 and 256 differ) */
+	uint64_t key;             /* its digits as a number, after a 1 (so 0256 and 256 differ) */
 	struct window_count n;
-} guard_ranges[GUARD_RANGES];
+	uint32_t unflushed;       /* a calling code's: messages of day not yet in its record */
+	int64_t day;              /* the UTC day week and unflushed are of */
+	uint64_t week;            /* messages on the 7 days before it, as its record had them */
+} guard_ranges[GUARD_RANGES], guard_codes[GUARD_CODES];
+static int64_t guard_flushed_at;  /* when guard_flush last ran */
+static int guard_dirty;           /* a calling code has unflushed messages */
 
 /*
- * The count of wallet's range (digits, n of them); a new one takes the slot
- * counted least lately, or with lookup, is NULL.
+ * The count of wallet's digits (n of them) in table (size slots), or NULL
+ * with *least the slot of its probe counted least lately (the one to take)
+ * and *key what its key is to be.
  */
-static struct guard_range *
+static struct guard_count *
+guard_find(struct guard_count *table, size_t size, uint64_t wallet, const char *digits, size_t n,
+    struct guard_count **least, uint64_t *key)
+{
+	uint64_t h;
+
+	*key = 1;
+	for (size_t i = 0; i < n; i++)
+		*key = *key * 10 + (uint64_t)(digits[i] - '0');
+	h = (wallet * 0x9e3779b97f4a7c15ull) ^ (*key * 0xc2b2ae3d27d4eb4full);
+	*least = NULL;
+	for (int i = 0; i < GUARD_PROBE; i++) {
+		struct guard_count *x = &table[((h >> 32) + (uint64_t)i) % size];
+
+		if (x->wallet == wallet && x->key == *key)
+			return x;
+		if (*least == NULL || x->n.window < (*least)->n.window ||
+		    (x->n.window == (*least)->n.window && x->n.cur < (*least)->n.cur))
+			*least = x;
+	}
+	return NULL;
+}
+
+/* The count of wallet's range (digits, n of them), taking a slot when it has none (or with lookup, NULL). */
+static struct guard_count *
 guard_range(uint64_t wallet, const char *digits, size_t n, int lookup)
 {
-	uint64_t range = 1, h;
-	struct guard_range *r, *least = NULL;
+	struct guard_count *least, *r;
+	uint64_t key;
 
-	for (size_t i = 0; i < n; i++)
-		range = range * 10 + (uint64_t)(digits[i] - '0');
-	h = (wallet * 0x9e3779b97f4a7c15ull) ^ (range * 0xc2b2ae3d27d4eb4full);
-	for (int i = 0; i < GUARD_PROBE; i++) {
-		r = &guard_ranges[((h >> 32) + (uint64_t)i) % GUARD_RANGES];
-		if (r->wallet == wallet && r->range == range)
-			return r;
-		if (least == NULL || r->n.window < least->n.window ||
-		    (r->n.window == least->n.window && r->n.cur < least->n.cur))
-			least = r;
-	}
-	if (lookup)
-		return NULL;
-	*least = (struct guard_range){ wallet, range, { 0, 0, 0 } };
+	if ((r = guard_find(guard_ranges, GUARD_RANGES, wallet, digits, n, &least, &key)) || lookup)
+		return r;
+	*least = (struct guard_count){ .wallet = wallet, .key = key };
 	return least;
 }
 
@@ -6675,36 +6697,25 @@ guard_stats_roll(struct guard_stats *st, int64_t today)
 		st->day = today;
 }
 
-/* The calling codes' counts (the writer's), GUARD_CODES slots, a code in one of GUARD_PROBE from its hash. */
-#define GUARD_CODES 4096
-static struct guard_code {
-	uint64_t wallet;          /* its number; 0: a free slot */
-	char code[4];
-	uint32_t unflushed;       /* messages of day not yet in its record */
-	int64_t day;              /* the UTC day week and unflushed are of */
-	uint64_t week;            /* messages on the 7 days before it, as its record had them */
-	struct window_count n;
-} guard_codes[GUARD_CODES];
-static int64_t guard_flushed_at;  /* when guard_flush last ran */
-static int guard_dirty;           /* a slot has unflushed messages */
-
-/* Adds e's unflushed messages to its record, in txn.  0 or an LMDB error. */
+/* Adds calling code e's unflushed messages to its record, in txn.  0 or an LMDB error. */
 static int
-guard_code_flush(MDB_txn *txn, struct guard_code *e)
+guard_code_flush(MDB_txn *txn, struct guard_count *e)
 {
 	struct guard_stats st;
+	char key[24];
 	int rc;
 
 	if (e->unflushed == 0)
 		return 0;
+	snprintf(key, sizeof(key), "%" PRIu64, e->key); /* the code after a 1 */
 	memset(&st, 0, sizeof(st));
-	if ((rc = guard_get(txn, e->wallet, 'c', e->code, &st, sizeof(st))) != 0 && rc != MDB_NOTFOUND)
+	if ((rc = guard_get(txn, e->wallet, 'c', key + 1, &st, sizeof(st))) != 0 && rc != MDB_NOTFOUND)
 		return rc;
 	guard_stats_roll(&st, e->day);
 	if (e->day > st.day - 8)
 		st.days[e->day % 8] += e->unflushed;
 	e->unflushed = 0;
-	return guard_put(txn, e->wallet, 'c', e->code, &st, sizeof(st));
+	return guard_put(txn, e->wallet, 'c', key + 1, &st, sizeof(st));
 }
 
 /* The writer, at the start of a batch a second or more after the last: every slot's unflushed messages. */
@@ -6726,26 +6737,17 @@ guard_flush(MDB_txn *txn, int64_t now)
  * its record in txn when new or of another day (a slot taken from another
  * code, or of another day, is flushed first).  NULL with an LMDB error in *rc.
  */
-static struct guard_code *
+static struct guard_count *
 guard_code(MDB_txn *txn, uint64_t wallet, const char code[4], int64_t today, int *rc)
 {
-	uint64_t h = (wallet * 0x9e3779b97f4a7c15ull) ^ ((uint64_t)strtoul(code, NULL, 10) * 0xc2b2ae3d27d4eb4full);
-	struct guard_code *e = NULL, *least = NULL;
+	uint64_t key;
+	struct guard_count *least, *e = guard_find(guard_codes, GUARD_CODES, wallet, code, strlen(code), &least, &key);
 	struct guard_stats st;
 
-	for (int i = 0; i < GUARD_PROBE && e == NULL; i++) {
-		struct guard_code *x = &guard_codes[((h >> 32) + (uint64_t)i) % GUARD_CODES];
-
-		if (x->wallet == wallet && strcmp(x->code, code) == 0)
-			e = x;
-		else if (least == NULL || x->n.window < least->n.window)
-			least = x;
-	}
 	if (e == NULL) {
 		if ((*rc = guard_code_flush(txn, least)))
 			return NULL;
-		*least = (struct guard_code){ .wallet = wallet, .day = -1 };
-		strcpy(least->code, code);
+		*least = (struct guard_count){ .wallet = wallet, .key = key, .day = -1 };
 		e = least;
 	}
 	if (e->day != today) {
@@ -6812,7 +6814,6 @@ guard_suspend(struct call *c, struct str id, struct wallet *w, const char *prefi
 		return store_error(c, rc);
 	if (config.ops_emails[0]) {
 		n.to_ops = 1;
-		snprintf(n.emails, sizeof(n.emails), "%s", config.ops_emails);
 		if ((rc = note_add(c, id, w, &n)))
 			return store_error(c, rc);
 	}
@@ -6825,14 +6826,14 @@ guard_suspend(struct call *c, struct str id, struct wallet *w, const char *prefi
 	return fail_suspended(c, prefix, &b);
 }
 
-/* Whether the fraud brake watches w's messages to digits: it is on, and they are not under a safe prefix. */
+/* Whether the fraud brake watches w's messages (to digits, unless NULL: not under a safe prefix). */
 static int
 guard_on(const struct wallet *w, const char *digits)
 {
 	char safe[16];
 
 	return (guard_setting(w, G_RANGE_MAX) || guard_setting(w, G_COUNTRY_SPIKE)) &&
-	    !prefix_match(guard_safe(w), digits, safe);
+	    !(digits && prefix_match(guard_safe(w), digits, safe));
 }
 
 /* The range of digits (n of them): the number less its last 3 digits, into range. */
@@ -6876,8 +6877,8 @@ guard_check(struct call *c, struct str id, struct wallet *w, const char *digits,
 	uint32_t range_max = guard_setting(w, G_RANGE_MAX), spike = guard_setting(w, G_COUNTRY_SPIKE);
 	uint32_t window = guard_setting(w, G_WINDOW), count;
 	char prefix[16], code[4];
-	struct guard_range *r = NULL;
-	struct guard_code *e = NULL;
+	struct guard_count *r = NULL;
+	struct guard_count *e = NULL;
 	struct guard_block b;
 	int rc;
 
@@ -7370,18 +7371,13 @@ m_guard_list(struct call *c)
 
 	if ((rc = p_wallet(c, &id)) || (rc = load_wallet(c, id, &w)))
 		return rc;
-	if (!guard_setting(&w, G_RANGE_MAX) && !guard_setting(&w, G_COUNTRY_SPIKE)) { /* the brake off: none hold */
-		msgpack_pack_map(c->pk, 1);
-		KEY(c->pk, "suspensions");
-		msgpack_pack_array(c->pk, 0);
-		return E_OK;
-	}
 	if ((rc = mdb_cursor_open(c->txn, store.guard, &cur)))
 		return store_error(c, rc);
 	msgpack_sbuffer_init(&rows);
 	msgpack_packer_init(&pk, &rows, msgpack_sbuffer_write);
 	k = guard_key(key, w.number, 's', "");
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && k.mv_size > 9 && k.mv_size < 9 + 16 &&
+	rc = guard_on(&w, NULL) ? mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE) : MDB_NOTFOUND; /* off: none hold */
+	for (; rc == 0 && k.mv_size > 9 && k.mv_size < 9 + 16 &&
 	    memcmp(k.mv_data, key, 9) == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
 		struct guard_block b;
 
@@ -7418,8 +7414,7 @@ m_guard_lift(struct call *c)
 	struct str id, p;
 	struct wallet w;
 	struct guard_block b;
-	struct guard_range *r;
-	struct guard_code *e = NULL;
+	struct guard_count *r, *e = NULL;
 	MDB_val k;
 	int rc, lifted;
 
@@ -8169,6 +8164,7 @@ topup_problem(struct call *c, struct topup *tp, struct wallet *w, int64_t paid, 
 	    c->message);
 	memset(&n, 0, sizeof(n));
 	n.kind = NK_PAYMENT_PROBLEM;
+	n.to_ops = 1;
 	n.amount = paid;
 	memcpy(n.currency, currency.p, 3);
 	{
@@ -8182,7 +8178,6 @@ topup_problem(struct call *c, struct topup *tp, struct wallet *w, int64_t paid, 
 		text_add(&t, tp->problem_message, strlen(tp->problem_message));
 		text_add(&t, ")", 1);
 	}
-	snprintf(n.emails, sizeof(n.emails), "%s", config.ops_emails);
 	if ((rc = topup_put(c, tp)))
 		return rc; /* a store error, in c */
 	if ((rc = note_add(c, wallet, w, &n)) || (rc = wallet_put(c->txn, wallet, w)))
