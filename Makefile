@@ -11,7 +11,7 @@
 #   make fuzz      run the libFuzzer target for FUZZ_SECONDS
 #   make crashtest kill -9 walletd, and cut its power, under load, again and again
 #   make weakentest  walletd weakened on purpose must fail the power cuts
-#   make replicatest  three nodes on three nats-servers: random kills and pauses under load
+#   make replicatest  three nodes on three nats-servers: random kills, pauses and network partitions under load
 
 # ---- configuration -----------------------------------------------------
 CC        ?= cc

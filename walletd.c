@@ -11997,7 +11997,7 @@ static atomic_int repl_refusing; /* repl.refusing, for the event loop without th
 
 static struct repl {
 	natsConnection *nc;
-	jsCtx *js;
+	jsCtx *js, *ajs;          /* ajs: the applier's, with a shorter wait */
 	kvStore *kv;
 	char stream[80], subject[96], writes[96];
 	natsSubscription *wsub;   /* while leading: forwarded writes */
@@ -12022,6 +12022,8 @@ static struct repl {
 	uint64_t tail;            /* the last stream message taken in (parts of a record included) */
 	uint64_t last;            /* the stream's last sequence, as last seen */
 	uint64_t lease_rev;       /* the lease's revision while leading */
+	uint64_t term;            /* while leading: this term's id, in the lease's value */
+	uint64_t leader_term;     /* the leader's term id, from the lease's value (0 = unknown) */
 	uint64_t lease_until;     /* now_micros: lead no longer than this */
 	int64_t lease_expires_ms; /* wall clock, for status (0 = unknown) */
 	uint64_t leader_applied;  /* what the lease says its holder committed */
@@ -12504,6 +12506,8 @@ repl_apply_main(void *arg)
 {
 	natsSubscription *sub = NULL;
 	struct assembly a;
+	uint64_t heard = 0; /* when the subscription last delivered, or was made */
+	unsigned failures = 0;
 
 	(void)arg;
 	memset(&a, 0, sizeof(a));
@@ -12541,18 +12545,44 @@ repl_apply_main(void *arg)
 			so.Ordered = true;
 			so.Config.DeliverPolicy = js_DeliverByStartSequence;
 			so.Config.OptStartSeq = repl.tail + 1;
-			if ((s = js_SubscribeSync(&sub, repl.js, repl.subject, NULL, &so, &err)) != NATS_OK) {
-				log_x(L_WARN, "replication: cannot read the stream: %s (%d)", nats_GetLastError(NULL), (int)err);
+			if ((s = js_SubscribeSync(&sub, repl.ajs, repl.subject, NULL, &so, &err)) != NATS_OK) {
+				if (failures++ % 20 == 0) /* tried again soon: catching up after a heal is quick */
+					log_x(L_WARN, "replication: cannot read the stream: %s (%d)", nats_GetLastError(NULL),
+					    (int)err);
 				sub = NULL;
-				sleep(1);
+				repl_sleep(250);
 				continue;
 			}
+			failures = 0;
 			natsSubscription_SetPendingLimits(sub, -1, -1);
 			a.parts = a.next = 0;
+			heard = now_micros();
 		}
 		s = natsSubscription_NextMsg(&m, sub, 200);
+		if (s == NATS_TIMEOUT && now_micros() - heard >= 500000) {
+			/*
+			 * The stream moved on and nothing came for half a second: after a
+			 * partition the consumer may live on a server that lost it, which
+			 * the library notices only after missed heartbeats (seconds).
+			 */
+			uint64_t first, last, tail, known;
+
+			heard = now_micros();
+			pthread_mutex_lock(&repl.lock);
+			tail = repl.tail;
+			known = repl.last;
+			pthread_mutex_unlock(&repl.lock);
+			if (known > tail && repl_stream_state(&first, &last, 0) == 0 && last > tail) {
+				log_x(L_INFO, "replication: the stream is at %" PRIu64 " and nothing came after %" PRIu64
+				    " for half a second: reading it again", last, tail);
+				natsSubscription_Destroy(sub);
+				sub = NULL;
+			}
+			continue;
+		}
 		if (s == NATS_TIMEOUT)
 			continue;
+		heard = now_micros();
 		if (s != NATS_OK) {
 			log_x(L_WARN, "replication: reading the stream: %s", natsStatus_GetText(s));
 			natsSubscription_Destroy(sub);
@@ -12600,6 +12630,96 @@ remote_free(struct remote *rm)
 	free(rm);
 }
 
+/*
+ * The leader's memory of the forward each follower has in flight (a follower
+ * forwards one message at a time): a follower sends a forward again while no
+ * answer came, for NATS drops a message on a route being cut, either way.
+ * Here a forward seen again is answered again, never run again; one not seen
+ * runs only if it was sent to this term.  Forgotten when a term starts.
+ */
+struct forward_seen {
+	char origin[64];          /* the follower's node name */
+	char reply[160];          /* its forward's reply subject: unique to that forward */
+	msgpack_sbuffer answer;
+	int answered;
+	struct forward_seen *next;
+};
+
+static struct {
+	pthread_mutex_t lock;
+	struct forward_seen *list; /* one per follower */
+} forwards = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+static _Atomic uint64_t lead_term; /* repl.term, for the forwarding callback without repl.lock */
+
+static void
+forward_seen_forget(void)
+{
+	pthread_mutex_lock(&forwards.lock);
+	while (forwards.list) {
+		struct forward_seen *f = forwards.list;
+
+		forwards.list = f->next;
+		msgpack_sbuffer_destroy(&f->answer);
+		free(f);
+	}
+	pthread_mutex_unlock(&forwards.lock);
+}
+
+/*
+ * Whether the forward msg from the follower origin runs: not when it was seen
+ * (then its answer, if any, goes again), nor when it is a retry sent to
+ * another term (that term's leader may have run it).
+ */
+static int
+forward_seen_runs(natsMsg *msg, const msgpack_object *origin)
+{
+	const char *reply = natsMsg_GetReply(msg), *retry = NULL;
+	struct forward_seen *f;
+	int runs = 1;
+
+	if (origin->type != MSGPACK_OBJECT_STR || origin->via.str.size >= sizeof(f->origin) ||
+	    strlen(reply) >= sizeof(f->reply))
+		return 1;
+	natsMsgHeader_Get(msg, "Walletd-Retry", &retry);
+	pthread_mutex_lock(&forwards.lock);
+	for (f = forwards.list; f && (strlen(f->origin) != origin->via.str.size ||
+	    memcmp(f->origin, origin->via.str.ptr, origin->via.str.size) != 0); f = f->next)
+		;
+	if (f == NULL && (f = calloc(1, sizeof(*f))) != NULL) {
+		memcpy(f->origin, origin->via.str.ptr, origin->via.str.size);
+		msgpack_sbuffer_init(&f->answer);
+		f->next = forwards.list;
+		forwards.list = f;
+	}
+	if (f && strcmp(f->reply, reply) == 0) {
+		if (f->answered)
+			natsConnection_Publish(repl.nc, reply, f->answer.data, (int)f->answer.size);
+		runs = 0;
+	} else if (retry && strtoull(retry, NULL, 16) != atomic_load(&lead_term)) {
+		runs = 0;
+	} else if (f) {
+		snprintf(f->reply, sizeof(f->reply), "%s", reply);
+		msgpack_sbuffer_clear(&f->answer);
+		f->answered = 0;
+	}
+	pthread_mutex_unlock(&forwards.lock);
+	return runs;
+}
+
+/* Keeps the answer sent to the forward with the reply subject reply. */
+static void
+forward_seen_answer(const char *reply, const msgpack_sbuffer *answer)
+{
+	pthread_mutex_lock(&forwards.lock);
+	for (struct forward_seen *f = forwards.list; f; f = f->next)
+		if (strcmp(f->reply, reply) == 0) {
+			msgpack_sbuffer_write(&f->answer, answer->data, answer->size);
+			f->answered = 1;
+		}
+	pthread_mutex_unlock(&forwards.lock);
+}
+
 /* Sends rm's answers: [seq, [[code, answer frame], ...]], seq the record of the last write. */
 static void
 repl_reply(struct remote *rm)
@@ -12620,6 +12740,7 @@ repl_reply(struct remote *rm)
 		msgpack_pack_int(&pk, rm->reqs[i]->code);
 		msgpack_pack_bin_with_body(&pk, rm->reqs[i]->out.data, rm->reqs[i]->out.size);
 	}
+	forward_seen_answer(natsMsg_GetReply(rm->msg), &sb);
 	if (natsConnection_Publish(repl.nc, natsMsg_GetReply(rm->msg), sb.data, (int)sb.size) != NATS_OK)
 		log_x(L_WARN, "replication: cannot answer forwarded writes: %s", nats_GetLastError(NULL));
 	msgpack_sbuffer_destroy(&sb);
@@ -12728,6 +12849,10 @@ repl_on_forward(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *a
 	    (items = &rm->env.data.via.array.ptr[2])->type != MSGPACK_OBJECT_ARRAY || items->via.array.size == 0 ||
 	    (rm->reqs = calloc(items->via.array.size, sizeof(*rm->reqs))) == NULL)
 		goto bad;
+	if (!forward_seen_runs(msg, &rm->env.data.via.array.ptr[0])) {
+		remote_free(rm);
+		return;
+	}
 	for (uint32_t i = 0; i < items->via.array.size; i++) {
 		const msgpack_object *it = &items->via.array.ptr[i];
 		struct req *r;
@@ -12789,43 +12914,67 @@ bad:
 	remote_free(rm);
 }
 
+/* Publishes a forwarded message's part i of parts (data, n bytes), answers to subject; retry: the term it is sent again to. */
+static natsStatus
+forward_publish(const char *subject, const char *id, const char *data, size_t n, size_t i, size_t parts,
+    uint64_t retry)
+{
+	char part[48], term[24];
+	natsMsg *m = NULL;
+	natsStatus s;
+
+	snprintf(part, sizeof(part), "%zu/%zu", i, parts);
+	snprintf(term, sizeof(term), "%" PRIx64, retry);
+	if ((s = natsMsg_Create(&m, repl.writes, subject, data, (int)n)) == NATS_OK &&
+	    (parts == 1 || ((s = natsMsgHeader_Set(m, "Walletd-Forward", id)) == NATS_OK &&
+	    (s = natsMsgHeader_Set(m, "Walletd-Part", part)) == NATS_OK)) &&
+	    (!retry || (s = natsMsgHeader_Set(m, "Walletd-Retry", term)) == NATS_OK))
+		s = natsConnection_PublishMsg(repl.nc, m);
+	natsMsg_Destroy(m);
+	return s;
+}
+
 /*
  * Sends a forwarded message to leader, in parts when it is too large for one,
  * and returns the answer: NATS_NO_RESPONDERS when no leader took it (nothing
  * was done), NATS_TIMEOUT when the lease moved on from leader before it
  * answered, or when it took longer than its own failover_wait could explain
- * (it may have been done).  The writer's own inbox takes the answers.
+ * (it may have been done).  The writer's own inbox takes the answers.  A
+ * message in one part goes again every half second until answered, to the
+ * term it was sent to: NATS loses what crosses a route being cut, and that
+ * leader runs it at most once (forward_seen_runs).
  */
 static natsStatus
 forward_send(const msgpack_sbuffer *sb, const char *leader, natsMsg **reply)
 {
 	static natsSubscription *inbox;
-	static uint64_t counter;
+	static uint64_t counter, incarnation;
 	size_t parts = sb->size / repl.part_max + 1;
-	uint64_t deadline = now_micros() + config.failover_wait * 1000000ull + 5000000;
-	char subject[160], id[96], part[48];
+	uint64_t deadline = now_micros() + config.failover_wait * 1000000ull + 5000000, again = now_micros() + 500000;
+	uint64_t term;
+	char subject[160], id[96];
 	natsStatus s = NATS_OK;
 
 	if (inbox == NULL) {
-		snprintf(subject, sizeof(subject), "_INBOX.walletd.%s.%s.*", config.cluster, config.node);
+		incarnation = now_micros();
+		snprintf(subject, sizeof(subject), "_INBOX.walletd.%s.%s.%" PRIx64 ".*", config.cluster, config.node,
+		    incarnation);
 		if ((s = natsConnection_SubscribeSync(&inbox, repl.nc, subject)) != NATS_OK) {
 			inbox = NULL;
 			return s;
 		}
 		natsSubscription_SetPendingLimits(inbox, -1, -1);
 	}
-	snprintf(subject, sizeof(subject), "_INBOX.walletd.%s.%s.%" PRIu64, config.cluster, config.node, ++counter);
+	snprintf(subject, sizeof(subject), "_INBOX.walletd.%s.%s.%" PRIx64 ".%" PRIu64, config.cluster, config.node,
+	    incarnation, ++counter);
 	snprintf(id, sizeof(id), "%s.%" PRIu64, config.node, counter);
+	pthread_mutex_lock(&repl.lock);
+	term = strcmp(repl.leader, leader) == 0 ? repl.leader_term : 0;
+	pthread_mutex_unlock(&repl.lock);
 	for (size_t i = 0; i < parts && s == NATS_OK; i++) {
 		size_t off = i * repl.part_max, n = sb->size - off < repl.part_max ? sb->size - off : repl.part_max;
-		natsMsg *m = NULL;
 
-		snprintf(part, sizeof(part), "%zu/%zu", i, parts);
-		if ((s = natsMsg_Create(&m, repl.writes, subject, sb->data + off, (int)n)) == NATS_OK &&
-		    (parts == 1 || ((s = natsMsgHeader_Set(m, "Walletd-Forward", id)) == NATS_OK &&
-		    (s = natsMsgHeader_Set(m, "Walletd-Part", part)) == NATS_OK)))
-			s = natsConnection_PublishMsg(repl.nc, m);
-		natsMsg_Destroy(m);
+		s = forward_publish(subject, id, sb->data + off, n, i, parts, 0);
 	}
 	while (s == NATS_OK) {
 		int moved;
@@ -12850,6 +12999,10 @@ forward_send(const msgpack_sbuffer *sb, const char *leader, natsMsg **reply)
 		moved = strcmp(repl.leader, leader) != 0 || repl.stopping;
 		pthread_mutex_unlock(&repl.lock);
 		s = moved || now_micros() >= deadline ? NATS_TIMEOUT : NATS_OK;
+		if (s == NATS_OK && parts == 1 && term && now_micros() >= again) {
+			again = now_micros() + 500000;
+			s = forward_publish(subject, id, sb->data, sb->size, 0, 1, term);
+		}
 	}
 	return s;
 }
@@ -13077,9 +13230,9 @@ lease_span(void)
 	return ttl - (ttl / 10 > 1000000 ? ttl / 10 : 1000000);
 }
 
-/* Starts leading with the lease at revision rev (repl.lock held). */
+/* Starts leading, term term, with the lease at revision rev (repl.lock held). */
 static void
-repl_lead(uint64_t rev, uint64_t t0)
+repl_lead(uint64_t rev, uint64_t t0, uint64_t term)
 {
 	natsStatus s = NATS_OK;
 
@@ -13092,6 +13245,9 @@ repl_lead(uint64_t rev, uint64_t t0)
 	repl.lease_rev = rev;
 	repl.lease_until = t0 + lease_span();
 	repl.lease_expires_ms = now_seconds() * 1000 + config.lease_ttl * 1000;
+	repl.term = repl.leader_term = term;
+	forward_seen_forget();
+	atomic_store(&lead_term, term);
 	snprintf(repl.leader, sizeof(repl.leader), "%s", config.node);
 	repl_role_set(RS_LEADER, "took the lease at revision %" PRIu64 ", applied %" PRIu64, rev, repl.pos.applied);
 	atomic_store(&expiry_unknown, 1);
@@ -13109,6 +13265,7 @@ repl_step_down(const char *why)
 	}
 	repl.leader[0] = '\0';
 	repl.lease_until = 0;
+	atomic_store(&lead_term, 0);
 	repl_role_set(RS_FOLLOWER, "%s", why);
 }
 
@@ -13176,16 +13333,29 @@ repl_prefer(const char *leader)
 	pthread_mutex_unlock(&repl.lock);
 }
 
-/* The stream's first and last sequences; the lease thread (prefer) also publishes through its leader.
- * Returns -1 when they cannot be read. */
+/*
+ * The stream's first and last sequences; the lease thread (prefer) also
+ * publishes through its leader.  Returns -1 when they cannot be read, or when
+ * the answer is not a leader's with a quorum of current replicas: while a
+ * stream has no leader (seconds after a heal) its replicas answer with their
+ * own state, and one that was cut off knows only the stream's older records.
+ */
 static int
 repl_stream_state(uint64_t *first, uint64_t *last, int prefer)
 {
 	jsStreamInfo *si = NULL;
 	jsErrCode err = 0;
+	int current = 1;
 
 	if (js_GetStreamInfo(&si, repl.js, repl.stream, NULL, &err) != NATS_OK)
 		return -1;
+	for (int i = 0; si->Cluster && i < si->Cluster->ReplicasLen; i++)
+		current += si->Cluster->Replicas[i]->Current;
+	if (si->Cluster && (!si->Cluster->Leader || !si->Cluster->Leader[0] ||
+	    2 * current <= si->Cluster->ReplicasLen + 1)) {
+		jsStreamInfo_Destroy(si);
+		return -1;
+	}
 	*first = si->State.FirstSeq;
 	*last = si->State.LastSeq;
 	if (prefer && si->Cluster && si->Cluster->Leader)
@@ -13218,32 +13388,49 @@ repl_behind(uint64_t applied, uint64_t first, uint64_t last)
 
 /*
  * Whether the stream, first to last, still holds the history up to pos, this
- * node's position read before them: it reaches pos, and the message there is
- * that record's last.  Sets role to diverged when not, and back to follower
- * when a repair mended it.
+ * node's position read before them: the message at pos.applied is that
+ * record's last.  One stream-info reply is not trusted (right after a heal it
+ * may come from a server that was cut off): the record is read through the
+ * stream's leader, and only a loss or fork seen on every check for two
+ * seconds sets role to diverged.  Sets it back to follower when a repair
+ * mended it.  Returns 0 when the history is not in doubt (no news is not doubt).
  */
-static void
+static int
 repl_check_history(struct repl_pos pos, uint64_t first, uint64_t last)
 {
+	static uint64_t since, seen; /* a loss or fork seen on every check from since to seen; 0 = none */
 	natsMsg *m = NULL;
 	msgpack_unpacked u;
 	struct part pt;
-	int same = 1;
+	natsStatus s;
+	int same;
 
-	if (repl_behind(pos.applied, first, last))
-		return;
-	if (pos.applied == 0)
-		return;
-	if (last < pos.applied) {
-		same = 0;
-	} else if (js_GetMsg(&m, repl.js, repl.stream, pos.applied, NULL, NULL) == NATS_OK) {
+	if (repl_behind(pos.applied, first, last) || pos.applied == 0 || pos.applied < first)
+		return 0; /* nothing here to check it by */
+	if ((s = js_GetMsg(&m, repl.js, repl.stream, pos.applied, NULL, NULL)) == NATS_OK) {
 		msgpack_unpacked_init(&u);
 		same = repl_part_parse(&u, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &pt) == 0 &&
 		    pt.part + 1 == pt.parts && memcmp(pt.sum, pos.sum, 32) == 0;
 		msgpack_unpacked_destroy(&u);
 		natsMsg_Destroy(m);
-	} else if (pos.applied >= first) {
-		return; /* not readable now: no news */
+	} else if (s == NATS_NOT_FOUND || last < pos.applied) {
+		same = 0;
+	} else {
+		return 0; /* not readable now: no news */
+	}
+	if (same) {
+		since = 0;
+	} else {
+		uint64_t now = now_micros();
+
+		if (since == 0 || now - seen > 1500000) { /* checks come every half second */
+			since = now;
+			log_x(L_WARN, "replication: the stream may have lost or changed the record at %" PRIu64 " this "
+			    "node applied: checking again", pos.applied);
+		}
+		seen = now;
+		if (now - since < 2000000)
+			return -1;
 	}
 	pthread_mutex_lock(&repl.lock);
 	if (!same && repl.role != RS_DIVERGED) {
@@ -13259,6 +13446,7 @@ repl_check_history(struct repl_pos pos, uint64_t first, uint64_t last)
 		repl_role_set(RS_FOLLOWER, "the stream holds this node's history again");
 	}
 	pthread_mutex_unlock(&repl.lock);
+	return same ? 0 : -1;
 }
 
 /* The lease thread: refreshes the lease while leading; otherwise watches it, and takes it when free. */
@@ -13271,7 +13459,7 @@ repl_lease_main(void *arg)
 	if (repl_setup() != 0)
 		return NULL;
 	for (;;) {
-		uint64_t rev = 0, first = 0, last = 0, t0 = now_micros(), wait_ms = 500;
+		uint64_t rev = 0, first = 0, last = 0, t0 = now_micros(), wait_ms = 500, term;
 		kvEntry *e = NULL;
 		struct repl_pos pos;
 		natsStatus s;
@@ -13286,7 +13474,8 @@ repl_lease_main(void *arg)
 		}
 		role = repl.role;
 		rev = repl.lease_rev;
-		snprintf(value, sizeof(value), "%s %" PRIu64, config.node, repl.pos.applied);
+		term = role == RS_LEADER ? repl.term : now_micros(); /* a new term's id, should this node take the lease */
+		snprintf(value, sizeof(value), "%s %" PRIu64 " %" PRIx64, config.node, repl.pos.applied, term);
 		repl.refresh_now = 0;
 		pthread_mutex_unlock(&repl.lock);
 		if (role == RS_LEADER) {
@@ -13306,24 +13495,23 @@ repl_lease_main(void *arg)
 			repl_stream_state(&first, &last, 1); /* where to publish */
 			wait_ms = 1000; /* a refresh a second: a stall of the bucket's server (seconds) is outlived */
 		} else if ((s = kvStore_Get(&e, repl.kv, LEASE_KEY)) == NATS_OK || s == NATS_NOT_FOUND) {
-			char node[64] = "";
-			unsigned long long applied = 0;
+			char node[64] = "", held[128];
+			unsigned long long applied = 0, leader_term = 0;
 			int caught_up;
 
 			if (e) {
-				snprintf(value, sizeof(value), "%.*s", kvEntry_ValueLen(e), (const char *)kvEntry_Value(e));
-				if (sscanf(value, "%63s %llu", node, &applied) != 2)
+				snprintf(held, sizeof(held), "%.*s", kvEntry_ValueLen(e), (const char *)kvEntry_Value(e));
+				if (sscanf(held, "%63s %llu %llx", node, &applied, &leader_term) < 2)
 					node[0] = '\0';
 				rev = kvEntry_Revision(e);
 			}
 			pthread_mutex_lock(&repl.lock);
 			pos = repl.pos; /* before the stream's state: the stream cannot be behind it then */
 			pthread_mutex_unlock(&repl.lock);
-			caught_up = repl_stream_state(&first, &last, 1) == 0;
-			if (caught_up)
-				repl_check_history(pos, first, last);
+			caught_up = repl_stream_state(&first, &last, 1) == 0 && repl_check_history(pos, first, last) == 0;
 			pthread_mutex_lock(&repl.lock);
 			snprintf(repl.leader, sizeof(repl.leader), "%s", node);
+			repl.leader_term = leader_term;
 			if (e) {
 				repl.leader_applied = applied;
 				repl.lease_expires_ms = kvEntry_Created(e) / 1000000 + config.lease_ttl * 1000;
@@ -13340,7 +13528,7 @@ repl_lease_main(void *arg)
 				    kvStore_Create(&rev, repl.kv, LEASE_KEY, value, (int)strlen(value));
 				pthread_mutex_lock(&repl.lock);
 				if (s == NATS_OK && repl.role == RS_FOLLOWER)
-					repl_lead(rev, t0);
+					repl_lead(rev, t0, term);
 				pthread_mutex_unlock(&repl.lock);
 			}
 			kvEntry_Destroy(e);
@@ -13598,11 +13786,16 @@ repl_setup(void)
 	kvConfig kc;
 	jsErrCode err = 0;
 	natsStatus s;
+	jsOptions jo;
 	const char *subjects[1] = { repl.subject };
 
 	for (int i = 0; i < repl.nurls; i++)
 		server_name(repl.urls[i], repl.names[i]);
 	if (repl_connect((const char **)repl.urls, repl.nurls, &repl.nc, &repl.js) != 0)
+		return -1;
+	jsOptions_Init(&jo);
+	jo.Wait = 500; /* the applier's: a reader's creation lost in a heal is tried again soon */
+	if (natsConnection_JetStream(&repl.ajs, repl.nc, &jo) != NATS_OK)
 		return -1;
 	jsStreamConfig_Init(&sc);
 	sc.Name = repl.stream;
@@ -13710,6 +13903,7 @@ repl_stop(void)
 	if (repl.wsub)
 		natsSubscription_Destroy(repl.wsub);
 	kvStore_Destroy(repl.kv);
+	jsCtx_Destroy(repl.ajs);
 	jsCtx_Destroy(repl.js);
 	natsConnection_Destroy(repl.nc);
 	for (int i = 0; i < repl.nurls; i++) {

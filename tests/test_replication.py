@@ -6,21 +6,24 @@ import random
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 
 from harness import HERE, PY, WALLETCTL  # first: it puts the Python client on the path
 import walletd  # noqa: E402
-from cluster import Group, NatsClient, NatsCluster, rebuild_stream, stream_leader
+from cluster import Group, NatsClient, NatsCluster, StaleAnswers, rebuild_stream, stream_leader
 
 STREAM = "walletd_t"
+REPLICATEST = "REPLICA_ROUNDS" in os.environ  # make replicatest: the long ones too
 
 
 class ReplicationTest(unittest.TestCase):
     config = {}
+    links = False
 
     def setUp(self):
-        self.nats = NatsCluster().start()
+        self.nats = NatsCluster(links=self.links).start()
         self.g = Group(self.nats, config=self.config).start()
         self.leader = self.g.leader()
         for i in range(3):
@@ -532,6 +535,149 @@ class Divergence(ReplicationTest):
         self.check_ledgers()
         self.assertNotEqual(before, self.node(0).ctl_json("verify")["digest"])
         self.assertEqual(len(self.charges(1)), 30)
+
+    def test_a_stale_answer_about_the_stream_makes_no_node_diverged(self):
+        """Right after a heal, a server that was cut off may answer a stream-info request before
+        the stream's leader does, with the stream as it was when cut off (seen with nats-server
+        2.9).  Injected here for 4 s, so that it happens every time: the followers read that the
+        stream ends before records they applied, and must not believe it."""
+        self.seed(self.leader)
+        stale = StaleAnswers(self.nats.ports[self.follower()], STREAM)
+        try:
+            with self.node(self.leader).client() as c:
+                for n in range(30):
+                    c.call("charge", wallet="acme", channel="sms", to="+256712345678", ref="s%d" % n)
+            deadline = time.time() + 4
+            while time.time() < deadline:
+                self.assertNotIn("diverged", [self.g.status(i)["role"] for i in range(3)])
+                time.sleep(0.1)
+            self.assertGreater(stale.answered, 3)
+        finally:
+            stale.stop()
+        self.check_ledgers()
+
+
+class Partitions(ReplicationTest):
+    """Links cut and healed under load, through the TCP proxies of tests/cluster.py: by reset
+    or by dropping everything silently.  After each heal: the nodes catch up within 2 s of
+    every nats-server naming the same leaders of the stream and the lease bucket, a write
+    through node 0 is answered within lease_ttl + 2 s of that, no node ever says diverged,
+    and every answered charge is on every node once, with its id.  make test runs two."""
+    links = True
+    lease_ttl = 4
+
+    def nats_view(self):
+        """The stream's last sequence as its leader has it, once every server names the same
+        leaders of the stream and of the lease bucket; else None."""
+        views = []
+        for port in self.nats.ports:
+            try:
+                c = NatsClient(port, timeout=0.5)
+            except OSError:
+                return None
+            try:
+                views.append([c.api("STREAM.INFO." + name) for name in (STREAM, "KV_walletd_t_lease")])
+            except (OSError, RuntimeError, ValueError):
+                return None
+            finally:
+                c.close()
+        leaders = {tuple(v.get("cluster", {}).get("leader") for v in view) for view in views}
+        if len(leaders) != 1 or None in next(iter(leaders)):
+            return None
+        leader = int(next(iter(leaders))[0][1:])
+        return views[leader][0]["state"]["last_seq"]
+
+    def partition(self, cuts, mode, seconds=5, rounds=1):
+        """Under load, cuts the links cuts() names for seconds and heals them, rounds times;
+        checks what the class says, and prints the times measured."""
+        self.seed(self.leader)
+        diverged, watching, measured = [], [True], []
+
+        def watch():
+            while watching[0]:
+                for i in range(3):
+                    try:
+                        st = self.g.status(i)
+                    except (walletd.WalletdError, OSError):
+                        continue
+                    if st["role"] == "diverged":
+                        diverged.append((i, st))
+                time.sleep(0.1)
+
+        def during():
+            for _ in range(rounds):
+                time.sleep(1)
+                links = cuts()
+                for link in links:
+                    link.cut(mode)
+                time.sleep(seconds)
+                for link in links:
+                    link.heal()
+                healed = time.time()
+                while (last := self.nats_view()) is None:
+                    self.assertLess(time.time(), healed + 60, "NATS has no leaders 60 s after the heal")
+                    time.sleep(0.1)
+                led = time.time()
+                caught, resumed = [None] * 3, [None, None]
+
+                def probe():  # a write through node 0 (forwarded when it follows), until one is answered
+                    while resumed[0] is None and time.time() < led + 30:
+                        try:
+                            with walletd.Client(self.node(0).sock, timeout=30) as c:
+                                c.call("charge", wallet="acme", channel="sms", to="+256712345678",
+                                       ref="probe-%f" % led)
+                            resumed[0] = time.time() - led
+                        except walletd.WalletdError as e:
+                            resumed[1] = e
+                            time.sleep(0.05)
+                p = threading.Thread(target=probe)
+                p.start()
+                while None in caught:
+                    for i in range(3):
+                        if caught[i] is None and self.g.status(i)["applied"] >= last:
+                            caught[i] = time.time() - led
+                    self.assertLess(time.time(), led + 30, "not caught up: %s" % caught)
+                    time.sleep(0.05)
+                p.join()
+                self.assertIsNotNone(resumed[0], "no write answered in 30 s: %s" % resumed[1])
+                measured.append((round(led - healed, 1), [round(c, 1) for c in caught], round(resumed[0], 1)))
+        t = threading.Thread(target=watch)
+        t.start()
+        try:
+            answered = self.load(during)
+        finally:
+            watching[0] = False
+            t.join()
+        print("\n    %s: leaders s after the heal, catch-up s after that, writes s after that: %s" % (
+            mode, measured), end="")
+        self.g.leader()
+        self.check_ledgers(answered)
+        self.assertEqual(diverged, [])
+        for led, caught, resumed in measured:
+            self.assertLessEqual(max(caught), 2, measured)
+            self.assertLessEqual(resumed, self.lease_ttl + 2, measured)
+
+    def test_a_follower_host_cut_off_catches_up_after_the_heal(self):
+        self.partition(lambda: self.nats.route_links(self.follower()), "reset")
+
+    @unittest.skipUnless(REPLICATEST, "make replicatest")
+    def test_a_follower_host_behind_a_silent_link_catches_up_after_the_heal(self):
+        self.partition(lambda: self.nats.route_links(self.follower()), "drop")
+
+    @unittest.skipUnless(REPLICATEST, "make replicatest")
+    def test_the_leader_host_cut_off(self):
+        self.partition(lambda: self.nats.route_links(self.g.leader()), "reset")
+
+    @unittest.skipUnless(REPLICATEST, "make replicatest")
+    def test_the_server_leading_the_stream_cut_off_never_makes_a_follower_diverged(self):
+        self.partition(lambda: self.nats.route_links(stream_leader(self.nats, STREAM)), "drop", rounds=3)
+
+    @unittest.skipUnless(REPLICATEST, "make replicatest")
+    def test_the_leader_loses_nats_while_its_server_stays_with_the_majority(self):
+        self.partition(lambda: [self.nats.clients[self.g.leader()]], "drop")
+
+    def test_flapping_links(self):
+        self.partition(lambda: self.nats.route_links(random.randrange(3)), "reset", seconds=0.7, rounds=6)
 
 
 class RandomFaults(ReplicationTest):
