@@ -12037,7 +12037,7 @@ static struct repl {
 static void
 repl_role_set(int role, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void repl_step_down(const char *why);
-static int repl_stream_state(uint64_t *first, uint64_t *last, int prefer);
+static int repl_stream_state(jsCtx *js, uint64_t *first, uint64_t *last, int prefer);
 static int repl_behind(uint64_t applied, uint64_t first, uint64_t last);
 static int repl_sleep(unsigned ms);
 
@@ -12506,7 +12506,8 @@ repl_apply_main(void *arg)
 {
 	natsSubscription *sub = NULL;
 	struct assembly a;
-	uint64_t heard = 0; /* when the subscription last delivered, or was made */
+	uint64_t heard = 0;       /* when the subscription last delivered, or was made */
+	uint64_t patience = 500000; /* how long it may stay silent while the stream moves on */
 	unsigned failures = 0;
 
 	(void)arg;
@@ -12534,7 +12535,7 @@ repl_apply_main(void *arg)
 			jsSubOptions so;
 			jsErrCode err = 0;
 
-			if (repl_stream_state(&first, &last, 0) != 0) {
+			if (repl_stream_state(repl.ajs, &first, &last, 0) != 0) {
 				repl_sleep(1000);
 				continue;
 			}
@@ -12559,30 +12560,33 @@ repl_apply_main(void *arg)
 			heard = now_micros();
 		}
 		s = natsSubscription_NextMsg(&m, sub, 200);
-		if (s == NATS_TIMEOUT && now_micros() - heard >= 500000) {
+		if (s == NATS_TIMEOUT && now_micros() - heard >= patience) {
 			/*
 			 * The stream moved on and nothing came for half a second: after a
 			 * partition the consumer may live on a server that lost it, which
-			 * the library notices only after missed heartbeats (seconds).
+			 * the library notices only after missed heartbeats (seconds).  A
+			 * new one silent too gets twice as long, up to 2 s (a busy server
+			 * may take that long to start one).
 			 */
-			uint64_t first, last, tail, known;
+			uint64_t first, last, tail;
 
 			heard = now_micros();
 			pthread_mutex_lock(&repl.lock);
 			tail = repl.tail;
-			known = repl.last;
 			pthread_mutex_unlock(&repl.lock);
-			if (known > tail && repl_stream_state(&first, &last, 0) == 0 && last > tail) {
+			if (repl_stream_state(repl.ajs, &first, &last, 0) == 0 && last > tail) {
 				log_x(L_INFO, "replication: the stream is at %" PRIu64 " and nothing came after %" PRIu64
-				    " for half a second: reading it again", last, tail);
+				    " for %" PRIu64 " ms: reading it again", last, tail, patience / 1000);
 				natsSubscription_Destroy(sub);
 				sub = NULL;
+				patience = patience < 1000000 ? patience * 2 : 2000000;
 			}
 			continue;
 		}
 		if (s == NATS_TIMEOUT)
 			continue;
 		heard = now_micros();
+		patience = 500000;
 		if (s != NATS_OK) {
 			log_x(L_WARN, "replication: reading the stream: %s", natsStatus_GetText(s));
 			natsSubscription_Destroy(sub);
@@ -13334,20 +13338,21 @@ repl_prefer(const char *leader)
 }
 
 /*
- * The stream's first and last sequences; the lease thread (prefer) also
- * publishes through its leader.  Returns -1 when they cannot be read, or when
- * the answer is not a leader's with a quorum of current replicas: while a
- * stream has no leader (seconds after a heal) its replicas answer with their
- * own state, and one that was cut off knows only the stream's older records.
+ * The stream's first and last sequences, asked through js; the lease thread
+ * (prefer) also publishes through its leader.  Returns -1 when they cannot be
+ * read, or when the answer is not a leader's with a quorum of current
+ * replicas: while a stream has no leader (seconds after a heal) its replicas
+ * answer with their own state, and one that was cut off knows only older
+ * records.
  */
 static int
-repl_stream_state(uint64_t *first, uint64_t *last, int prefer)
+repl_stream_state(jsCtx *js, uint64_t *first, uint64_t *last, int prefer)
 {
 	jsStreamInfo *si = NULL;
 	jsErrCode err = 0;
 	int current = 1;
 
-	if (js_GetStreamInfo(&si, repl.js, repl.stream, NULL, &err) != NATS_OK)
+	if (js_GetStreamInfo(&si, js, repl.stream, NULL, &err) != NATS_OK)
 		return -1;
 	for (int i = 0; si->Cluster && i < si->Cluster->ReplicasLen; i++)
 		current += si->Cluster->Replicas[i]->Current;
@@ -13492,7 +13497,7 @@ repl_lease_main(void *arg)
 				repl_step_down("the lease could not be refreshed in time");
 			}
 			pthread_mutex_unlock(&repl.lock);
-			repl_stream_state(&first, &last, 1); /* where to publish */
+			repl_stream_state(repl.js, &first, &last, 1); /* where to publish */
 			wait_ms = 1000; /* a refresh a second: a stall of the bucket's server (seconds) is outlived */
 		} else if ((s = kvStore_Get(&e, repl.kv, LEASE_KEY)) == NATS_OK || s == NATS_NOT_FOUND) {
 			char node[64] = "", held[128];
@@ -13508,7 +13513,8 @@ repl_lease_main(void *arg)
 			pthread_mutex_lock(&repl.lock);
 			pos = repl.pos; /* before the stream's state: the stream cannot be behind it then */
 			pthread_mutex_unlock(&repl.lock);
-			caught_up = repl_stream_state(&first, &last, 1) == 0 && repl_check_history(pos, first, last) == 0;
+			caught_up = repl_stream_state(repl.js, &first, &last, 1) == 0 &&
+			    repl_check_history(pos, first, last) == 0;
 			pthread_mutex_lock(&repl.lock);
 			snprintf(repl.leader, sizeof(repl.leader), "%s", node);
 			repl.leader_term = leader_term;
@@ -13687,7 +13693,7 @@ m_replication_repair(struct call *c)
 	if (role != RS_DIVERGED)
 		return fail(c, E_UNAVAILABLE, NULL, "only a diverged node repairs the stream; this one is %s",
 		    repl_role_names[role]);
-	if (repl_stream_state(&first, &last, 0) != 0)
+	if (repl_stream_state(repl.js, &first, &last, 0) != 0)
 		return fail(c, E_UNAVAILABLE, NULL, "cannot read the stream: %s", nats_GetLastError(NULL));
 	if (last >= pos.applied)
 		return fail(c, E_UNAVAILABLE, NULL, "the stream reaches this node's record %" PRIu64 " with another "

@@ -32,7 +32,7 @@ class Link:
     forwards nothing more, as a link that loses every packet (TCP keeps what was sent
     and delivers it after the heal); heal() lets bytes and new connections through."""
 
-    def __init__(self, target):
+    def __init__(self, target, port=0):
         self.target = target
         self.mode = None
         self.flowing = threading.Event()
@@ -41,7 +41,7 @@ class Link:
         self.lock = threading.Lock()
         self.server = socket.socket()
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind(("127.0.0.1", 0))
+        self.server.bind(("127.0.0.1", port))
         self.server.listen(128)
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -120,13 +120,14 @@ class NatsCluster:
 
     def __init__(self, size=3, links=False):
         self.dir = tempfile.mkdtemp(prefix="walletd-nats-")
-        ports = free_ports(2 * size)
-        self.ports, self.routes = ports[:size], ports[size:]
+        ports = free_ports(2 * size + (size * size if links else 0))  # distinct: the links' too
+        self.ports, self.routes, spare = ports[:size], ports[size:2 * size], ports[2 * size:]
         self.procs = [None] * size
         self.links = self.clients = None
         if links:
-            self.links = [[Link(self.routes[k]) if k != j else None for k in range(size)] for j in range(size)]
-            self.clients = [Link(p) for p in self.ports]
+            self.links = [[Link(self.routes[k], spare.pop()) if k != j else None for k in range(size)]
+                          for j in range(size)]
+            self.clients = [Link(p, spare.pop()) for p in self.ports]
 
     def url(self, i=None, through_link=False):
         ids = range(len(self.ports)) if i is None else [i]

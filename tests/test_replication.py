@@ -560,15 +560,19 @@ class Divergence(ReplicationTest):
 class Partitions(ReplicationTest):
     """Links cut and healed under load, through the TCP proxies of tests/cluster.py: by reset
     or by dropping everything silently.  After each heal: the nodes catch up within 2 s of
-    every nats-server naming the same leaders of the stream and the lease bucket, a write
-    through node 0 is answered within lease_ttl + 2 s of that, no node ever says diverged,
-    and every answered charge is on every node once, with its id.  make test runs two."""
+    NATS having leaders again (every nats-server names the same leaders of the stream and the
+    lease bucket, and makes readers of the stream), a write through node 0 is answered
+    within lease_ttl + 2 s of that and read back on its connection, no node ever says
+    diverged, and every answered charge is on every node once, with its id.  make test runs
+    two."""
     links = True
     lease_ttl = 4
 
     def nats_view(self):
         """The stream's last sequence as its leader has it, once every server names the same
-        leaders of the stream and of the lease bucket; else None."""
+        leaders of the stream and of the lease bucket, and makes a reader of the stream for its
+        clients (a rejoining server answers "JetStream system temporarily unavailable" for a
+        while after the stream has a leader); else None."""
         views = []
         for port in self.nats.ports:
             try:
@@ -577,6 +581,12 @@ class Partitions(ReplicationTest):
                 return None
             try:
                 views.append([c.api("STREAM.INFO." + name) for name in (STREAM, "KV_walletd_t_lease")])
+                reader = c.api("CONSUMER.CREATE." + STREAM, {"stream_name": STREAM, "config": {
+                    "deliver_subject": "_INBOX.nobody", "deliver_policy": "new", "ack_policy": "none",
+                    "inactive_threshold": 1000000000}})
+                if "name" not in reader:  # an error, "temporarily unavailable" among them
+                    return None
+                c.api("CONSUMER.DELETE.%s.%s" % (STREAM, reader["name"]))
             except (OSError, RuntimeError, ValueError):
                 return None
             finally:
@@ -618,15 +628,20 @@ class Partitions(ReplicationTest):
                     self.assertLess(time.time(), healed + 60, "NATS has no leaders 60 s after the heal")
                     time.sleep(0.1)
                 led = time.time()
-                caught, resumed = [None] * 3, [None, None]
+                caught, resumed = [None] * 3, [None, None, None]
 
-                def probe():  # a write through node 0 (forwarded when it follows), until one is answered
-                    while resumed[0] is None and time.time() < led + 30:
+                def probe():
+                    """A write through node 0 (forwarded when it follows) until one is answered, and a
+                    read on its connection (answered, or unavailable): the newest transaction up to
+                    the write's id is the write."""
+                    while resumed[2] is None and time.time() < led + 30:
                         try:
                             with walletd.Client(self.node(0).sock, timeout=30) as c:
-                                c.call("charge", wallet="acme", channel="sms", to="+256712345678",
-                                       ref="probe-%f" % led)
-                            resumed[0] = time.time() - led
+                                txn = c.call("charge", wallet="acme", channel="sms", to="+256712345678",
+                                             ref="probe-%f" % led)["id"]
+                                resumed[0] = resumed[0] or time.time() - led
+                                resumed[2] = (txn, c.call("history", wallet="acme", before_id=txn + 1,
+                                                          limit=1)["transactions"][0]["id"])
                         except walletd.WalletdError as e:
                             resumed[1] = e
                             time.sleep(0.05)
@@ -639,7 +654,8 @@ class Partitions(ReplicationTest):
                     self.assertLess(time.time(), led + 30, "not caught up: %s" % caught)
                     time.sleep(0.05)
                 p.join()
-                self.assertIsNotNone(resumed[0], "no write answered in 30 s: %s" % resumed[1])
+                self.assertIsNotNone(resumed[2], "no write answered and read back in 30 s: %s" % resumed[1])
+                self.assertEqual(resumed[2][0], resumed[2][1], "a read on the write's connection missed it")
                 measured.append((round(led - healed, 1), [round(c, 1) for c in caught], round(resumed[0], 1)))
         t = threading.Thread(target=watch)
         t.start()
@@ -653,9 +669,10 @@ class Partitions(ReplicationTest):
         self.g.leader()
         self.check_ledgers(answered)
         self.assertEqual(diverged, [])
+        logs = "".join("\n--- w%d:\n%s" % (i, d.read_log()[-1500:]) for i, d in enumerate(self.g.nodes))
         for led, caught, resumed in measured:
-            self.assertLessEqual(max(caught), 2, measured)
-            self.assertLessEqual(resumed, self.lease_ttl + 2, measured)
+            self.assertLessEqual(max(caught), 2, "%s%s" % (measured, logs))
+            self.assertLessEqual(resumed, self.lease_ttl + 2, "%s%s" % (measured, logs))
 
     def test_a_follower_host_cut_off_catches_up_after_the_heal(self):
         self.partition(lambda: self.nats.route_links(self.follower()), "reset")
