@@ -564,7 +564,7 @@ class Partitions(ReplicationTest):
     lease bucket, and makes readers of the stream), a write through node 0 is answered
     within lease_ttl + 2 s of that and read back on its connection, no node ever says
     diverged, and every answered charge is on every node once, with its id.  make test runs
-    two."""
+    the first; make replicatest, all."""
     links = True
     lease_ttl = 4
 
@@ -693,6 +693,7 @@ class Partitions(ReplicationTest):
     def test_the_leader_loses_nats_while_its_server_stays_with_the_majority(self):
         self.partition(lambda: [self.nats.clients[self.g.leader()]], "drop")
 
+    @unittest.skipUnless(REPLICATEST, "make replicatest")
     def test_flapping_links(self):
         self.partition(lambda: self.nats.route_links(random.randrange(3)), "reset", seconds=0.7, rounds=6)
 
