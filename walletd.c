@@ -12022,7 +12022,6 @@ static struct repl {
 	uint64_t tail;            /* the last stream message taken in (parts of a record included) */
 	uint64_t last;            /* the stream's last sequence, as last seen */
 	uint64_t lease_rev;       /* the lease's revision while leading */
-	uint64_t term;            /* while leading: this term's id, in the lease's value */
 	uint64_t leader_term;     /* the leader's term id, from the lease's value (0 = unknown) */
 	uint64_t lease_until;     /* now_micros: lead no longer than this */
 	int64_t lease_expires_ms; /* wall clock, for status (0 = unknown) */
@@ -12644,8 +12643,7 @@ remote_free(struct remote *rm)
 struct forward_seen {
 	char origin[64];          /* the follower's node name */
 	char reply[160];          /* its forward's reply subject: unique to that forward */
-	msgpack_sbuffer answer;
-	int answered;
+	msgpack_sbuffer answer;   /* empty until it is answered */
 	struct forward_seen *next;
 };
 
@@ -12654,7 +12652,7 @@ static struct {
 	struct forward_seen *list; /* one per follower */
 } forwards = { .lock = PTHREAD_MUTEX_INITIALIZER };
 
-static _Atomic uint64_t lead_term; /* repl.term, for the forwarding callback without repl.lock */
+static _Atomic uint64_t lead_term; /* while leading: this term's id, in the lease's value; else 0 */
 
 static void
 forward_seen_forget(void)
@@ -12697,7 +12695,7 @@ forward_seen_runs(natsMsg *msg, const msgpack_object *origin)
 		forwards.list = f;
 	}
 	if (f && strcmp(f->reply, reply) == 0) {
-		if (f->answered)
+		if (f->answer.size)
 			natsConnection_Publish(repl.nc, reply, f->answer.data, (int)f->answer.size);
 		runs = 0;
 	} else if (retry && strtoull(retry, NULL, 16) != atomic_load(&lead_term)) {
@@ -12705,7 +12703,6 @@ forward_seen_runs(natsMsg *msg, const msgpack_object *origin)
 	} else if (f) {
 		snprintf(f->reply, sizeof(f->reply), "%s", reply);
 		msgpack_sbuffer_clear(&f->answer);
-		f->answered = 0;
 	}
 	pthread_mutex_unlock(&forwards.lock);
 	return runs;
@@ -12717,10 +12714,8 @@ forward_seen_answer(const char *reply, const msgpack_sbuffer *answer)
 {
 	pthread_mutex_lock(&forwards.lock);
 	for (struct forward_seen *f = forwards.list; f; f = f->next)
-		if (strcmp(f->reply, reply) == 0) {
+		if (strcmp(f->reply, reply) == 0)
 			msgpack_sbuffer_write(&f->answer, answer->data, answer->size);
-			f->answered = 1;
-		}
 	pthread_mutex_unlock(&forwards.lock);
 }
 
@@ -13249,7 +13244,7 @@ repl_lead(uint64_t rev, uint64_t t0, uint64_t term)
 	repl.lease_rev = rev;
 	repl.lease_until = t0 + lease_span();
 	repl.lease_expires_ms = now_seconds() * 1000 + config.lease_ttl * 1000;
-	repl.term = repl.leader_term = term;
+	repl.leader_term = term;
 	forward_seen_forget();
 	atomic_store(&lead_term, term);
 	snprintf(repl.leader, sizeof(repl.leader), "%s", config.node);
@@ -13479,7 +13474,7 @@ repl_lease_main(void *arg)
 		}
 		role = repl.role;
 		rev = repl.lease_rev;
-		term = role == RS_LEADER ? repl.term : now_micros(); /* a new term's id, should this node take the lease */
+		term = role == RS_LEADER ? atomic_load(&lead_term) : now_micros(); /* a new id, should it lead */
 		snprintf(value, sizeof(value), "%s %" PRIu64 " %" PRIx64, config.node, repl.pos.applied, term);
 		repl.refresh_now = 0;
 		pthread_mutex_unlock(&repl.lock);
