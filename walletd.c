@@ -12186,6 +12186,10 @@ repl_part_parse(msgpack_unpacked *u, const void *data, size_t len, struct part *
  * Publishes one message right after stream sequence expected, with msgid:
  * the same id and expectation again after a timeout, so that a message that
  * did land is answered as a duplicate, with its sequence, until deadline.
+ * The message names expected in its own header too (Walletd-After): a
+ * stream leader just elected may take it elsewhere (nats-server 2.9 checks
+ * the expectation before it applied all its predecessor committed), and
+ * every applier then skips it, as its publisher did (repl_take).
  * Returns 0 with *seq, REPL_FENCED (the stream's last is another), or
  * REPL_UNAVAILABLE.
  */
@@ -12210,6 +12214,7 @@ repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, ui
 		pthread_mutex_unlock(&repl.lock);
 		if ((s = natsMsg_Create(&m, repl.subject, NULL, data, (int)len)) == NATS_OK &&
 		    (s = natsMsgHeader_Set(m, "Nats-Expected-Last-Sequence", buf)) == NATS_OK &&
+		    (s = natsMsgHeader_Set(m, "Walletd-After", buf)) == NATS_OK &&
 		    (s = natsMsgHeader_Set(m, "Nats-Msg-Id", msgid)) == NATS_OK)
 			s = js_PublishMsg(&pa, js, m, &o, &err);
 		natsMsg_Destroy(m);
@@ -12458,13 +12463,22 @@ repl_apply(struct assembly *a, uint64_t seq, int64_t published_ms)
 	}
 }
 
-/* Takes in the stream message at seq: a part, or the whole, of a record. */
+/*
+ * Takes in the stream message at seq: a part, or the whole, of a record.
+ * One the stream took elsewhere than its publisher asked is skipped.
+ */
 static void
 repl_take(struct assembly *a, natsMsg *m, uint64_t seq, int64_t published_ms)
 {
+	const char *after;
 	msgpack_unpacked u;
 	struct part pt;
 
+	if (natsMsgHeader_Get(m, "Walletd-After", &after) == NATS_OK && strtoull(after, NULL, 10) + 1 != seq) {
+		log_x(L_WARN, "replication: the stream took the message at %" PRIu64 " where its publisher did not "
+		    "want it (after %s): it was never answered, skipped", seq, after);
+		goto tail;
+	}
 	msgpack_unpacked_init(&u);
 	if (repl_part_parse(&u, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &pt) != 0) {
 		msgpack_unpacked_destroy(&u);
@@ -12492,6 +12506,7 @@ repl_take(struct assembly *a, natsMsg *m, uint64_t seq, int64_t published_ms)
 			repl_apply(a, seq, published_ms);
 	}
 	msgpack_unpacked_destroy(&u);
+tail:
 	pthread_mutex_lock(&repl.lock);
 	if (seq > repl.tail)
 		repl.tail = seq;

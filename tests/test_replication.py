@@ -556,6 +556,33 @@ class Divergence(ReplicationTest):
             stale.stop()
         self.check_ledgers()
 
+    def test_a_record_the_stream_took_out_of_place_is_skipped_by_every_node(self):
+        """A stream leader nats-server 2.9 has just elected may take a record published after
+        sequence n although the stream holds n + 1 already (it checks before it applied all
+        it committed): the record lands at n + 2, its publisher is told so and never answers
+        it.  Injected here: the last record published again, after the one before it.  Every
+        node skips it and goes on with the next record."""
+        import base64
+        self.seed(self.leader)
+        with self.node(self.leader).client() as c:
+            c.call("charge", wallet="acme", channel="sms", to="+256712345678", ref="o1")
+        last = self.g.caught_up()
+        n = NatsClient(self.nats.ports[self.follower()])
+        try:
+            m = n.api("STREAM.MSG.GET." + STREAM, {"seq": last})["message"]
+            ack = json.loads(n.request(m["subject"], base64.b64decode(m["data"]), {"Walletd-After": str(last - 1)}))
+            self.assertEqual(ack.get("seq"), last + 1, ack)
+        finally:
+            n.close()
+        with self.node(self.follower()).client() as c:
+            c.call("charge", wallet="acme", channel="sms", to="+256712345678", ref="o2")
+        self.assertGreater(self.g.caught_up(), last + 1)
+        self.assertEqual([self.g.status(i)["role"] for i in range(3)].count("diverged"), 0)
+        for i in range(3):
+            self.assertEqual(sorted(self.charges(i)), ["o1", "o2"])
+        self.check_ledgers()
+        self.assertIn("where its publisher did not want it (after %d)" % (last - 1), self.node(0).read_log())
+
 
 class Partitions(ReplicationTest):
     """Links cut and healed under load, through the TCP proxies of tests/cluster.py: by reset
