@@ -127,8 +127,8 @@ X(M_CHARGE, charge, "charge", R_AC, MF_WRITE | MF_FLAT, \
 X(M_CHARGE_BATCH, charge_batch, "charge.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
   "Charge many messages in one commit; each item succeeds or fails alone.") \
 X(M_PRECHECK, precheck, "precheck", R_ACS, 0, \
-  "wallet channel recipients:f ?segments:i ?text ?at", \
-  "Price a campaign and say whether the balance covers it; changes nothing.") \
+  "wallet channel recipients:f ?segments:i ?text ?at ?hold ?expires_in:i", \
+  "Price a campaign and say whether the balance covers it; with hold, reserve it when it does.") \
 X(M_QUOTE, quote, "quote", R_ACS, 0, "channel to amount:a ?wallet ?plan ?currency ?at", \
   "How many messages an amount buys.") \
 X(M_HOLD_CREATE, hold_create, "hold.create", R_ACS, MF_WRITE | MF_FLAT, \

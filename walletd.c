@@ -7636,43 +7636,84 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 	return rc;
 }
 
+static int hold_ref_check(struct call *c, const char *name, struct str ref);
+static int hold_find(struct call *c, const char *name, const struct wallet *w, struct str ref, int64_t amount,
+    uint64_t expires_in, struct hold *h, int *found);
+static int hold_place(struct call *c, struct wallet *w, struct str id, struct str ref, struct str desc, int64_t amount,
+    uint64_t expires_in, int64_t now, struct hold *h);
+static void hold_pack(msgpack_packer *pk, const struct hold *h, const char *currency, int64_t now, int replayed);
+
 /*
  * precheck: prices a campaign (campaign_price) and says whether the wallet
- * may spend it now, and which of its limits it would cross; changes nothing.
- * sufficient: the whole campaign can go (every recipient valid, priced and
- * not blocked, no limit crossed, and the money there); missing: how much
- * more money it needs.
+ * may spend it now, and which of its limits it would cross; changes nothing
+ * unless it names a hold.  sufficient: the whole campaign can go (every
+ * recipient valid, priced and not blocked, no limit crossed, and the money
+ * there); missing: how much more money it needs.  With hold (a campaign in
+ * one step): a sufficient campaign's money is held under that ref in the
+ * same commit, answered under hold (nil when not sufficient); the same ref
+ * again answers the hold with replayed, its money counted as the
+ * campaign's.
  */
 static int
 m_precheck(struct call *c)
 {
 	const msgpack_object *rec = param(c, "recipients");
-	struct str id, channel;
+	struct str id, channel, ref;
 	struct wallet w;
 	struct campaign cp;
+	struct hold h;
 	uint32_t segments;
-	int64_t now = now_seconds(), held, available, at;
-	int rc, crossed;
+	uint64_t expires_in = HOLD_TTL_DEFAULT;
+	int64_t now = now_seconds(), held, available, reserved = 0, at;
+	int rc, crossed, sufficient, found = 0;
 
 	if ((rc = p_wallet(c, &id)) || (rc = p_channel(c, &channel)) ||
-	    (rc = p_segments(c, channel, &segments)) || (rc = p_at(c, &at)))
+	    (rc = p_segments(c, channel, &segments)) || (rc = p_at(c, &at)) ||
+	    (rc = p_str(c, "hold", 0, REF_MAX, &ref)) || (rc = p_uint(c, "expires_in", 0, 1, HOLD_TTL_MAX, &expires_in)))
 		return rc;
 	if (rec == NULL || rec->type != MSGPACK_OBJECT_ARRAY)
 		return fail(c, E_INVALID_ARGUMENT, "recipients", "recipients must be a list");
+	if (ref.p && (rc = hold_ref_check(c, "hold", ref)))
+		return rc;
+	if (ref.p && param(c, "at"))
+		return fail(c, E_INVALID_ARGUMENT, "at", "a hold is priced now: at goes without hold");
+	if (!ref.p && param(c, "expires_in"))
+		return fail(c, E_INVALID_ARGUMENT, "expires_in", "expires_in goes with hold");
 	if ((rc = load_wallet(c, id, &w)))
 		return rc;
 	if ((rc = wallet_available(c->txn, &w, now, &held, &available)))
 		return store_error(c, rc);
-	if ((rc = campaign_price(c, &w, channel, segments, at, rec, &cp)) == E_OK) {
+	if ((rc = campaign_price(c, &w, channel, segments, at, rec, &cp)) == E_OK && ref.p &&
+	    (rc = hold_find(c, "hold", &w, ref, cp.required, expires_in, &h, &found)) == E_OK && found &&
+	    h.status == HS_ACTIVE && now < h.expires_at)
+		reserved = h.remaining;
+	if (rc == E_OK) {
 		msgpack_packer *pk = c->pk;
 
 		crossed = limits_exceeded(c, &w, now, cp.required, cp.messages);
-		msgpack_pack_map(pk, 10);
-		KV_BOOL(pk, "sufficient", cp.required <= available && !crossed &&
-		    cp.nunpriced + cp.ninvalid + cp.nblocked == 0);
+		sufficient = cp.required <= available + reserved && !crossed && cp.nunpriced + cp.ninvalid + cp.nblocked == 0;
+		if (ref.p && sufficient && !found) {
+			if (w.flags & WF_FROZEN)
+				rc = fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
+			else
+				rc = hold_place(c, &w, id, ref, (struct str){ "", 0 }, cp.required, expires_in, now, &h);
+			if (rc != E_OK) {
+				campaign_free(&cp);
+				return rc;
+			}
+		}
+		msgpack_pack_map(pk, 10 + (ref.p != NULL));
+		KV_BOOL(pk, "sufficient", sufficient);
 		KV_AMOUNT(pk, "required", cp.required);
 		KV_AMOUNT(pk, "available", available);
-		KV_AMOUNT(pk, "missing", cp.required > available ? cp.required - available : 0);
+		KV_AMOUNT(pk, "missing", cp.required > available + reserved ? cp.required - available - reserved : 0);
+		if (ref.p) {
+			KEY(pk, "hold");
+			if (sufficient || found)
+				hold_pack(pk, &h, w.currency, now, found);
+			else
+				msgpack_pack_nil(pk);
+		}
 		KV_STR(pk, "currency", w.currency);
 		KEY(pk, "breakdown");
 		msgpack_pack_array(pk, cp.groups.n);
@@ -7763,17 +7804,15 @@ m_hold_create(struct call *c)
 	int64_t now = now_seconds(), held, available, amount = 0;
 	struct wallet w;
 	struct hold h;
-	int rc, present;
+	int rc, present, found;
 
 	if ((rc = p_wallet(c, &id)) || (rc = p_str(c, "ref", 1, REF_MAX, &ref)) ||
 	    (rc = p_amount(c, "amount", 0, AMOUNT_POSITIVE, &amount, &present)) ||
 	    (rc = p_uint(c, "expires_in", 0, 1, HOLD_TTL_MAX, &expires_in)) ||
 	    (rc = p_text(c, "description", 0, &desc)))
 		return rc;
-	if (ref.n == 0)
-		return fail(c, E_INVALID_ARGUMENT, "ref", "ref must not be empty");
-	if (ref.n >= 4 && memcmp(ref.p, "dlr:", 4) == 0)
-		return fail(c, E_INVALID_ARGUMENT, "ref", "holds named dlr:... are the charges waiting for their reports");
+	if ((rc = hold_ref_check(c, "ref", ref)))
+		return rc;
 	if ((present == 1) == (rec != NULL))
 		return fail(c, E_INVALID_ARGUMENT, "amount", "give amount, or channel and recipients, one of them");
 	if (desc.n >= sizeof(h.description))
@@ -7796,40 +7835,81 @@ m_hold_create(struct call *c)
 		if (amount == 0)
 			return fail(c, E_INVALID_ARGUMENT, "recipients", "no recipient could be priced: nothing to hold");
 	}
-	if ((rc = hold_get(c->txn, w.number, ref, &h)) == 0) {
-		if (h.fingerprint != hold_fingerprint(amount, expires_in)) {
-			snprintf(c->hold, sizeof(c->hold), "%.*s", (int)ref.n, ref.p);
-			return fail(c, E_IDEMPOTENCY_CONFLICT, "ref", "hold '%.*s' was made with other params",
-			    (int)ref.n, ref.p);
-		}
-		hold_pack(c->pk, &h, w.currency, now, 1);
-		return E_OK;
+	if ((rc = hold_find(c, "ref", &w, ref, amount, expires_in, &h, &found)) || found) {
+		if (rc == E_OK)
+			hold_pack(c->pk, &h, w.currency, now, 1);
+		return rc;
 	}
-	if (rc != MDB_NOTFOUND)
-		return store_error(c, rc);
 	if (w.flags & WF_FROZEN)
 		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
 	if ((rc = wallet_available(c->txn, &w, now, &held, &available)))
 		return store_error(c, rc);
 	if (amount > available)
 		return fail_insufficient(c, amount, available > 0 ? available : 0, w.currency);
-	memset(&h, 0, sizeof(h));
-	h.amount = h.remaining = amount;
-	h.created_at = now;
-	h.expires_at = now + (int64_t)expires_in;
-	h.status = HS_ACTIVE;
-	h.fingerprint = hold_fingerprint(amount, expires_in);
-	memcpy(h.wallet, id.p, id.n);
-	memcpy(h.ref, ref.p, ref.n);
-	memcpy(h.description, desc.p ? desc.p : "", desc.n);
-	w.held += amount;
-	if (w.holds_active++ == 0 || h.expires_at < w.hold_expiry)
-		w.hold_expiry = h.expires_at;
-	if ((rc = hold_put(c->txn, w.number, &h, 1)) || (rc = wallet_put(c->txn, id, &w)))
-		return store_error(c, rc);
-	if (h.expires_at < store.next_expiry)
-		store.next_expiry = h.expires_at;
+	if ((rc = hold_place(c, &w, id, ref, desc, amount, expires_in, now, &h)))
+		return rc;
 	hold_pack(c->pk, &h, w.currency, now, 0);
+	return E_OK;
+}
+
+/* Checks a new hold's ref (param name). */
+static int
+hold_ref_check(struct call *c, const char *name, struct str ref)
+{
+	if (ref.n == 0)
+		return fail(c, E_INVALID_ARGUMENT, name, "%s must not be empty", name);
+	if (ref.n >= 4 && memcmp(ref.p, "dlr:", 4) == 0)
+		return fail(c, E_INVALID_ARGUMENT, name, "holds named dlr:... are the charges waiting for their reports");
+	return E_OK;
+}
+
+/*
+ * Looks up hold ref (param name) of w for a create that may be a replay:
+ * *found with *h when it was made with amount and expires_in;
+ * idempotency_conflict when it was made with others.
+ */
+static int
+hold_find(struct call *c, const char *name, const struct wallet *w, struct str ref, int64_t amount,
+    uint64_t expires_in, struct hold *h, int *found)
+{
+	int rc;
+
+	*found = 0;
+	if ((rc = hold_get(c->txn, w->number, ref, h)) == MDB_NOTFOUND)
+		return E_OK;
+	if (rc != 0)
+		return store_error(c, rc);
+	if (h->fingerprint != hold_fingerprint(amount, expires_in)) {
+		snprintf(c->hold, sizeof(c->hold), "%.*s", (int)ref.n, ref.p);
+		return fail(c, E_IDEMPOTENCY_CONFLICT, name, "hold '%.*s' was made with other params", (int)ref.n, ref.p);
+	}
+	*found = 1;
+	return E_OK;
+}
+
+/* Holds amount of wallet id (w, written) under ref until now + expires_in: the caller checked the money. */
+static int
+hold_place(struct call *c, struct wallet *w, struct str id, struct str ref, struct str desc, int64_t amount,
+    uint64_t expires_in, int64_t now, struct hold *h)
+{
+	int rc;
+
+	memset(h, 0, sizeof(*h));
+	h->amount = h->remaining = amount;
+	h->created_at = now;
+	h->expires_at = now + (int64_t)expires_in;
+	h->status = HS_ACTIVE;
+	h->fingerprint = hold_fingerprint(amount, expires_in);
+	memcpy(h->wallet, id.p, id.n);
+	memcpy(h->ref, ref.p, ref.n);
+	memcpy(h->description, desc.p ? desc.p : "", desc.n);
+	w->held += amount;
+	if (w->holds_active++ == 0 || h->expires_at < w->hold_expiry)
+		w->hold_expiry = h->expires_at;
+	if ((rc = hold_put(c->txn, w->number, h, 1)) || (rc = wallet_put(c->txn, id, w)))
+		return store_error(c, rc);
+	if (h->expires_at < store.next_expiry)
+		store.next_expiry = h->expires_at;
 	return E_OK;
 }
 
@@ -10023,6 +10103,7 @@ struct req {
 	msgpack_unpacked msg;     /* owns the decoded frame */
 	const msgpack_object *params;
 	int method;               /* -1 when answered at decode time */
+	unsigned flags;           /* its method's MF_*, or a write's for a precheck that holds */
 	int state;                /* RQ_* */
 	int code;                 /* the answer's error code, E_OK on success */
 	int fd;                   /* descriptor passed with it, or -1 */
@@ -10384,6 +10465,9 @@ req_parse(struct req *r, unsigned roles)
 	}
 	if (params->via.array.size == 1 && params->via.array.ptr[0].type == MSGPACK_OBJECT_MAP)
 		r->params = &params->via.array.ptr[0];
+	r->flags = method_table[method].flags;
+	if (method == M_PRECHECK && (key = map_get(r->params, "hold")) && key->type != MSGPACK_OBJECT_NIL)
+		r->flags |= MF_WRITE | MF_FLAT; /* a campaign in one step: its hold in the quote's commit */
 	if (!(method_table[method].roles & roles)) {
 		req_error(r, E_PERMISSION_DENIED, NULL, "uid %u may not call %s",
 		    (unsigned)r->uid, method_table[method].name);
@@ -10702,7 +10786,7 @@ conn_pump(struct conn *c)
 				}
 				break;
 			}
-			if (r->method >= 0 && (method_table[r->method].flags & MF_WRITE) && r->seq > c->wrote_at)
+			if ((r->flags & MF_WRITE) && r->seq > c->wrote_at)
 				c->wrote_at = r->seq;
 			if (!c->dead) {
 				if (buf_append(&c->out, r->out.data, r->out.size) != 0)
@@ -10732,7 +10816,7 @@ conn_pump(struct conn *c)
 			if (c->dead || conn_output_full(c))
 				break;
 		}
-		flags = method_table[r->method].flags;
+		flags = r->flags;
 		if (!(flags & MF_WRITE) && r->bytes > SLOW_READ_BYTES)
 			flags |= MF_SLOW; /* a 100,000-number precheck: not on the loop */
 		if (r != c->head && (c->nslow || (flags & (MF_SLOW | MF_SCAN))))
@@ -11331,7 +11415,7 @@ writer_run(struct req *batch)
 		}
 		for (struct req *r = batch; r && !store_failed; r = r->qnext) {
 			MDB_txn *child = parent;
-			unsigned flags = method_table[r->method].flags;
+			unsigned flags = r->flags;
 			int mrc, flat = (flags & MF_FLAT) || !(flags & MF_WRITE);
 
 			if (r->done)
@@ -13068,7 +13152,7 @@ repl_forward(struct req *batch, uint64_t deadline)
 		uint64_t seq;
 		char leader[64];
 
-		if (r->done || !(method_table[r->method].flags & MF_WRITE)) {
+		if (r->done || !(r->flags & MF_WRITE)) {
 			/* It sees its connection's writes: the last answered here may be one */
 			uint64_t need = r->wrote_at > forward_answered ? r->wrote_at : forward_answered;
 
@@ -13082,7 +13166,7 @@ repl_forward(struct req *batch, uint64_t deadline)
 			end = r->qnext;
 			continue;
 		}
-		for (end = r; end && !end->done && (method_table[end->method].flags & MF_WRITE); end = end->qnext)
+		for (end = r; end && !end->done && (end->flags & MF_WRITE); end = end->qnext)
 			n++;
 		msgpack_sbuffer_clear(&sb);
 		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
@@ -13178,7 +13262,7 @@ repl_run(struct req *batch)
 		pthread_mutex_unlock(&repl.lock);
 		if (refusing || role == RS_DIVERGED) {
 			for (struct req *r = batch; r; r = r->qnext)
-				if (!r->done && (refusing || (method_table[r->method].flags & MF_WRITE))) {
+				if (!r->done && (refusing || (r->flags & MF_WRITE))) {
 					req_error(r, E_UNAVAILABLE, NULL, "this node is %s (%s): it takes no writes",
 					    repl_role_names[role], why);
 					r->done = 1;

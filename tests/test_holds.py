@@ -117,6 +117,65 @@ class Holds(DaemonTest):
         self.assertEqual((g["remaining"], d.ctl_json("balance", "acme")["balance"]), ("0", "0"))
         self.assertTrue(d.ctl_json("verify")["ok"])
 
+    def test_a_campaign_in_one_step_holds_its_money_in_the_quotes_commit(self):
+        d = self.d
+        self.seed("1")  # an SMS to +256 costs 0.0094
+        numbers = os.path.join(d.dir, "numbers.txt")
+        with open(numbers, "w") as f:
+            f.write("".join("+2567%08d\n" % i for i in range(100)))
+        p = d.ctl_json("precheck", "acme", "sms", numbers, "--hold", "cmp-1", "--expires_in", "600")
+        self.assertEqual((p["sufficient"], p["required"], p["missing"]), (True, "0.94", "0"))
+        h = p["hold"]
+        self.assertEqual((h["hold"], h["amount"], h["status"], h["replayed"]), ("cmp-1", "0.94", "active", False))
+        self.assertEqual(utc(h["expires_at"]) - utc(h["created_at"]), 600)
+        self.assertEqual(d.ctl_json("balance", "acme"),
+                         {"balance": "1", "held": "0.94", "available": "0.06", "currency": "USD"})
+        again = d.ctl_json("precheck", "acme", "sms", numbers, "--hold", "cmp-1", "--expires_in", "600")
+        self.assertEqual((again["sufficient"], again["missing"], again["hold"]["replayed"]), (True, "0", True))
+        self.assertEqual(again["hold"]["created_at"], h["created_at"])
+        short = d.ctl_json("precheck", "acme", "sms", numbers, "--hold", "cmp-2")
+        self.assertEqual((short["sufficient"], short["missing"], short["hold"]), (False, "0.88", None))
+        with d.client() as c:  # money enough, but a recipient is not valid: no hold either
+            r = c.precheck(wallet="acme", channel="sms", recipients=[UG, "0712"], hold="cmp-3")
+            self.assertEqual((r["sufficient"], r["hold"], r["invalid"]), (False, None, ["0712"]))
+            r = c.precheck(wallet="acme", channel="sms", recipients=[UG], hold=None)  # nil: no hold
+            self.assertNotIn("hold", r)
+            for params, field in (({"hold": "cmp-4", "at": "2026-01-01T00:00:00Z"}, "at"),
+                                  ({"expires_in": 60}, "expires_in"), ({"hold": ""}, "hold"),
+                                  ({"hold": "dlr:1"}, "hold"), ({"hold": 7}, "hold"),
+                                  ({"hold": "cmp-1", "recipients": [UG]}, "hold")):
+                args = {"wallet": "acme", "channel": "sms", "recipients": [UG]}
+                args.update(params)
+                with self.assertRaises(walletd.WalletdError, msg=params) as e:
+                    c.precheck(**args)
+                self.assertEqual((e.exception.code, e.exception.field), (
+                    "idempotency_conflict" if field == "hold" and params["hold"] == "cmp-1" else "invalid_argument",
+                    field), params)
+            self.assertEqual(c.balance(wallet="acme")["held"], D("0.94"))
+            self.assertEqual([x["hold"] for x in c.call("hold.list", wallet="acme")["holds"]], ["cmp-1"])
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def test_campaigns_in_one_step_racing_charges_never_hold_more_than_there_is(self):
+        d = self.d
+        self.seed("0")
+        d.ctl_json("credit", "acme", "0.5", "fifty-three messages")
+        campaign = ["+2567%08d" % i for i in range(10)]  # 0.094 each
+        results = self.pipelines([[request(i, "precheck", {"wallet": "acme", "channel": "sms", "recipients": campaign,
+                                                           "hold": "cmp-%d-%d" % (k, i)}) if k % 2 else
+                                   request(i, "charge", {"wallet": "acme", "channel": "sms", "to": UG,
+                                                         "ref": "c%d-%d" % (k, i)}) for i in range(10)]
+                                  for k in range(6)])
+        self.assertEqual([r[2] for r in results if r[2] and r[2]["code"] != "insufficient_balance"], [])
+        prechecks = [r[3] for r in results if r[2] is None and "sufficient" in r[3]]
+        held = sum(1 for p in prechecks if p["hold"])
+        charged = sum(1 for r in results if r[2] is None and "sufficient" not in r[3])
+        self.assertEqual((len(prechecks), held), (30, sum(1 for p in prechecks if p["sufficient"])))
+        b = d.ctl_json("balance", "acme")
+        self.assertEqual((D(b["held"]), D(b["balance"])), (D("0.094") * held, D("0.5") - D("0.0094") * charged))
+        self.assertGreaterEqual(D(b["available"]), 0)
+        self.assertLess(D(b["available"]), D("0.094"))  # a campaign was refused only for want of money
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
 
 class CreditAndControls(DaemonTest):
     def test_credit_limit_lets_the_balance_go_down_to_minus_it_never_below(self):

@@ -146,6 +146,10 @@ class Basics(ReplicationTest):
         credit = self.node(f).ctl_json("credit", "acme", "1", "through a follower")
         self.assertEqual(credit["actor"], {"uid": os.getuid(), "node": "w%d" % f})
         self.assertEqual(self.node(self.leader).ctl_json("credit", "acme", "1", "here")["actor"], {"uid": os.getuid()})
+        with self.node(f).client() as c:  # a campaign in one step is a write: forwarded, then read back
+            p, h = c.pipeline([("precheck", {"wallet": "acme", "channel": "sms", "recipients": ["+256712345678"] * 3,
+                                             "hold": "cmp"}), ("hold.get", {"wallet": "acme", "hold": "cmp"})])
+            self.assertEqual((p["sufficient"], p["hold"]["hold"], h["amount"]), (True, "cmp", p["required"]))
         other = self.follower(but=(f,))
         r = self.node(other).ctl("charge", "acme", "sms", "+256712345678", "--ref", "m3")
         self.assertEqual(r.returncode, 0, r.stderr)  # a replay through another node: the same charge
