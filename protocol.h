@@ -107,29 +107,30 @@ X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_AS, MF_WRITE | MF_FLAT, \
 X(M_WALLET_LIST, wallet_list, "wallet.list", R_AS, MF_SCAN, "?page:i ?limit:i", \
   "List wallets, a page at a time.") \
 X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \
-  "plan channel prefix price:a currency ?route ?effective_from ?on_failure ?failure_fee:a ?settle " \
+  "plan channel prefix price:a currency ?mccmnc ?route ?effective_from ?on_failure ?failure_fee:a ?settle " \
   "?pending_timeout:i ?pending_timeout_action", \
-  "Set the price of a message on a channel to a number prefix (and route); now, or from effective_from.") \
-X(M_RATE_DELETE, rate_delete, "rate.delete", R_A, MF_WRITE | MF_FLAT, "plan channel prefix ?route", \
+  "Set the price of a message on a channel to a number prefix, or a mobile network (mccmnc instead), and route; now, or from effective_from.") \
+X(M_RATE_DELETE, rate_delete, "rate.delete", R_A, MF_WRITE | MF_FLAT, "plan channel prefix ?mccmnc ?route", \
   "Delete one rate.") \
 X(M_RATE_LIST, rate_list, "rate.list", R_AS, MF_SCAN, "?plan ?channel ?page:i ?limit:i", \
   "List rates, a page at a time.") \
-X(M_RATE_LOOKUP, rate_lookup, "rate.lookup", R_ACS, 0, "channel to ?plan ?wallet ?route ?at", \
-  "Show the rate that would apply to a message (longest prefix, cheapest route).") \
-X(M_RATE_IMPORT, rate_import, "rate.import", R_A, MF_WRITE | MF_FLAT, "rows:c ?mode", \
-  "Load a CSV rate card (plan,channel,prefix,route,price,currency) in one commit; mode replace|upsert.") \
+X(M_RATE_LOOKUP, rate_lookup, "rate.lookup", R_ACS, 0, "channel to ?mccmnc ?plan ?wallet ?route ?at", \
+  "Show the rate that would apply to a message (its network's, else the longest prefix; cheapest route).") \
+X(M_RATE_IMPORT, rate_import, "rate.import", R_A, MF_WRITE | MF_FLAT, "rows:c ?mode ?format ?plan ?channel ?route", \
+  "Load a CSV rate card (plan,channel,prefix,route,price,currency), or with format mccmnc an operator's deck " \
+  "(MCCMNC,PriceSubmit,PriceDelivered,Currency,Effective), in one commit; mode replace|upsert.") \
 X(M_FX_SET, fx_set, "fx.set", R_A, MF_WRITE | MF_FLAT, "base quote rate ?force:b", \
   "Set an exchange rate: 1 base = rate quote; one 10 times away from the known rate needs --force true.") \
 X(M_FX_LIST, fx_list, "fx.list", R_AS, 0, "", "List exchange rates.") \
 X(M_CHARGE, charge, "charge", R_AC, MF_WRITE | MF_FLAT, \
-  "wallet channel to ref ?route ?segments:i ?text ?description ?hold ?!risk_check:b", \
+  "wallet channel to ref ?mccmnc ?route ?segments:i ?text ?description ?hold ?!risk_check:b", \
   "Charge one message (from a hold's money first, when hold names one); idempotent on ref.") \
 X(M_CHARGE_BATCH, charge_batch, "charge.batch", R_AC, MF_WRITE | MF_FLAT, "items:c", \
   "Charge many messages in one commit; each item succeeds or fails alone.") \
 X(M_PRECHECK, precheck, "precheck", R_ACS, 0, \
   "wallet channel recipients:f ?segments:i ?text ?at ?hold ?expires_in:i", \
   "Price a campaign and say whether the balance covers it; with hold, reserve it when it does.") \
-X(M_QUOTE, quote, "quote", R_ACS, 0, "channel to amount:a ?wallet ?plan ?currency ?at", \
+X(M_QUOTE, quote, "quote", R_ACS, 0, "channel to amount:a ?mccmnc ?wallet ?plan ?currency ?at", \
   "How many messages an amount buys.") \
 X(M_HOLD_CREATE, hold_create, "hold.create", R_ACS, MF_WRITE | MF_FLAT, \
   "wallet ref ?amount:a ?channel ?recipients:f ?segments:i ?text ?expires_in:i ?description", \

@@ -416,13 +416,13 @@ cell(const msgpack_object *k, const msgpack_object *v, char *out, size_t cap)
 }
 
 /* Preferred columns of the lists walletd answers; others show every key. */
-static const struct { const char *list; const char *columns[9]; } list_columns[] = {
+static const struct { const char *list; const char *columns[10]; } list_columns[] = {
 	{ "transactions", { "id", "created_at", "type", "amount", "balance_after", "currency", "description" } },
 	{ "wallets", { "wallet", "currency", "balance", "plan", "threshold", "status" } },
-	{ "rates", { "plan", "channel", "prefix", "route", "price", "currency", "base", "quote", "rate" } },
+	{ "rates", { "plan", "channel", "prefix", "mccmnc", "route", "price", "currency", "base", "quote", "rate" } },
 	{ "topups", { "ref", "status", "amount", "currency", "created_at", "expires_at", "credited", "late" } },
 	{ "notifications", { "id", "created_at", "balance", "threshold", "currency", "email_state", "attempts", "emails" } },
-	{ "breakdown", { "prefix", "route", "count", "unit_price", "price_currency", "unit_cost", "subtotal" } },
+	{ "breakdown", { "prefix", "mccmnc", "route", "count", "unit_price", "price_currency", "unit_cost", "subtotal" } },
 	{ "holds", { "hold", "status", "amount", "remaining", "currency", "expires_at", "description" } },
 	{ "results", { "id", "type", "amount", "balance_after", "ref", "error" } },
 };
@@ -706,7 +706,7 @@ csv_omit_empty(const char *k)
 {
 	static const char *const keys[] = { "segments", "txn", "ref", "amount", "refund_ref", "text",
 		"description", "reason", "hold", "effective_from", "failed_parts", "error", "on_failure", "failure_fee",
-		NULL };
+		"prefix", "mccmnc", NULL };
 
 	for (int i = 0; keys[i]; i++)
 		if (strcmp(k, keys[i]) == 0)
@@ -1145,7 +1145,7 @@ help_all(FILE *f)
 	    "Commands:\n");
 	for (int m = 0; m < M__COUNT; m++)
 		fprintf(f, "  %-16s %s\n", command_name(m), method_table[m].summary);
-	fprintf(f, "  %-16s %s\n", "rate export", "Write every rate as CSV (plan,channel,prefix,route,price,currency).");
+	fprintf(f, "  %-16s %s\n", "rate export", "Write every rate as CSV (plan,channel,prefix,route,price,currency,...).");
 	fprintf(f, "  %-16s %s\n", "bench", "Load generator with a self-check (walletctl help bench).");
 }
 
@@ -1613,7 +1613,7 @@ cmd_rate_export(int argc, char **argv)
 		else
 			die(EXIT_USAGE, "usage: walletctl rate export [--plan PLAN] [--channel CHANNEL]");
 	}
-	printf("plan,channel,prefix,route,price,currency,on_failure,failure_fee\n");
+	printf("plan,channel,prefix,route,price,currency,on_failure,failure_fee,mccmnc\n");
 	for (uint64_t page = 0;; page++) {
 		msgpack_sbuffer sb;
 		msgpack_packer pk;
@@ -1643,14 +1643,14 @@ cmd_rate_export(int argc, char **argv)
 		if (rates == NULL || rates->type != MSGPACK_OBJECT_ARRAY || rates->via.array.size == 0)
 			break;
 		for (uint32_t i = 0; i < rates->via.array.size; i++) {
-			const char *keys[8] = { "plan", "channel", "prefix", "route", "price", "currency", "on_failure",
-				"failure_fee" };
+			const char *keys[9] = { "plan", "channel", "prefix", "route", "price", "currency", "on_failure",
+				"failure_fee", "mccmnc" };
 
-			for (int k = 0; k < 8; k++) {
+			for (int k = 0; k < 9; k++) {
 				const msgpack_object *v = map_get(&rates->via.array.ptr[i], keys[k]);
 
 				printf("%.*s%c", v && v->type == MSGPACK_OBJECT_STR ? (int)v->via.str.size : 0,
-				    v && v->type == MSGPACK_OBJECT_STR ? v->via.str.ptr : "", k < 7 ? ',' : '\n');
+				    v && v->type == MSGPACK_OBJECT_STR ? v->via.str.ptr : "", k < 8 ? ',' : '\n');
 			}
 		}
 		if (rates->via.array.size < RATE_LIST_LIMIT_MAX) {

@@ -4577,9 +4577,10 @@ rate_in_force(const struct rate_entry *e, size_t n, int64_t at)
 	return hit;
 }
 
-/* The rate chosen for one message. */
+/* The rate chosen for one message: by its prefix, or by its mobile network (mccmnc, prefix ""). */
 struct rate_hit {
 	char prefix[16];
+	char mccmnc[7];
 	char route[WALLET_ID_MAX + 1];
 	char currency[4];
 	int64_t price;  /* per segment, in currency */
@@ -4588,7 +4589,8 @@ struct rate_hit {
 };
 
 /*
- * Finds the rate for a message to digits in plan/channel: the longest prefix
+ * Finds the rate for a message to digits in plan/channel: the rate of its
+ * mobile network mccmnc when given and priced, else the longest prefix
  * that has a rate (for route, when route.p is set), and among its routes the
  * cheapest cost of segments converted into target (ties: route name
  * ascending), of the prices in force at `at`.  target NULL means the
@@ -4597,10 +4599,10 @@ struct rate_hit {
  */
 static int
 rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
-    size_t ndigits, struct str route, const char *target, uint32_t segments, int64_t at,
+    size_t ndigits, const char *mccmnc, struct str route, const char *target, uint32_t segments, int64_t at,
     struct rate_hit *hit, int *err)
 {
-	char key[RATE_KEY_MAX], first_currency[4];
+	char key[RATE_KEY_MAX], first_currency[4], network[8];
 	uint32_t lengths = rate_lengths(txn, plan, channel);
 	MDB_cursor *cur;
 	int rc, result = E_NO_RATE;
@@ -4609,14 +4611,19 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 		*err = rc;
 		return -1;
 	}
-	for (size_t len = ndigits; len > 0 && result == E_NO_RATE; len--) {
+	if (mccmnc)
+		snprintf(network, sizeof(network), "m%s", mccmnc);
+	/* len ndigits + 1 stands for the network's rate, looked up first */
+	for (size_t len = ndigits + (mccmnc != NULL); len > 0 && result == E_NO_RATE; len--) {
+		int by_network = mccmnc && len == ndigits + 1;
 		size_t klen;
 		MDB_val k, v;
 		int found = 0;
 
-		if (!(lengths & (1u << len)))
+		if (!by_network && !(lengths & (1u << len)))
 			continue; /* no rate has a prefix this long: no seek */
-		klen = rate_key(key, plan, channel, digits, len, route.p ? route : (struct str){ "", 0 });
+		klen = rate_key(key, plan, channel, by_network ? network : digits, by_network ? strlen(network) : len,
+		    route.p ? route : (struct str){ "", 0 });
 		k = (MDB_val){ klen, key };
 		rc = mdb_cursor_get(cur, &k, &v, route.p ? MDB_SET_KEY : MDB_SET_RANGE);
 		for (; rc == 0; rc = route.p ? MDB_NOTFOUND : mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
@@ -4655,8 +4662,8 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 			hit->price = rv->price;
 			hit->policy = pol;
 			memcpy(hit->currency, rv->currency, 4);
-			memcpy(hit->prefix, digits, len);
-			hit->prefix[len] = '\0';
+			snprintf(hit->prefix, sizeof(hit->prefix), "%.*s", by_network ? 0 : (int)len, digits);
+			snprintf(hit->mccmnc, sizeof(hit->mccmnc), "%s", by_network ? mccmnc : "");
 			route_len = route.p ? route.n : route_len;
 			memcpy(hit->route, (char *)k.mv_data + k.mv_size - route_len, route_len);
 			hit->route[route_len] = '\0';
@@ -5774,11 +5781,71 @@ p_rate_policy(struct call *c, struct rate_policy *pol)
 	return E_OK;
 }
 
+/* Reads a mobile network's code (MCC and MNC: 5 or 6 digits) from o into out; -1 if it is none. */
+static int
+mccmnc_read(const msgpack_object *o, char out[7])
+{
+	if (o->type != MSGPACK_OBJECT_STR || o->via.str.size < 5 || o->via.str.size > 6)
+		return -1;
+	for (uint32_t i = 0; i < o->via.str.size; i++)
+		if (!isdigit((unsigned char)o->via.str.ptr[i]))
+			return -1;
+	memcpy(out, o->via.str.ptr, o->via.str.size);
+	out[o->via.str.size] = '\0';
+	return 0;
+}
+
+/* Reads the optional param mccmnc into out: "" when absent. */
+static int
+p_mccmnc(struct call *c, char out[7])
+{
+	const msgpack_object *o = param(c, "mccmnc");
+
+	out[0] = '\0';
+	if (o == NULL || o->type == MSGPACK_OBJECT_NIL || mccmnc_read(o, out) == 0)
+		return E_OK;
+	return fail(c, E_INVALID_ARGUMENT, "mccmnc", "mccmnc must be a mobile network's code: 5 or 6 digits (MCC, MNC)");
+}
+
+/* Packs where a rate applies: its prefix, or its mobile network (the other nil). */
+static void
+rate_where_pack(msgpack_packer *pk, const char *prefix, const char *mccmnc)
+{
+	KEY(pk, "prefix");
+	mccmnc[0] ? msgpack_pack_nil(pk) : pack_cstr(pk, prefix);
+	KEY(pk, "mccmnc");
+	mccmnc[0] ? pack_cstr(pk, mccmnc) : msgpack_pack_nil(pk);
+}
+
+/*
+ * Reads where a rate applies: prefix, or mccmnc (a mobile network, into
+ * mccmnc), one of them; *key (in buf) is the rate key's part for it: the
+ * prefix's digits, or m and the network's code.
+ */
+static int
+p_rate_where(struct call *c, struct str *key, char buf[16], char mccmnc[7])
+{
+	int rc;
+
+	if ((rc = p_str(c, "prefix", 0, 15, key)) || (rc = p_mccmnc(c, mccmnc)))
+		return rc;
+	if ((key->p != NULL) == (mccmnc[0] != '\0'))
+		return fail(c, E_INVALID_ARGUMENT, "prefix", "give prefix or mccmnc, one of them");
+	if (mccmnc[0]) {
+		*key = (struct str){ buf, (size_t)snprintf(buf, 16, "m%s", mccmnc) };
+		return E_OK;
+	}
+	if (key->n == 0 || e164_digits(*key, buf) != key->n)
+		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits, the first not 0");
+	*key = (struct str){ buf, key->n };
+	return E_OK;
+}
+
 static int
 m_rate_set(struct call *c)
 {
 	struct str plan, channel, prefix, route, currency, eff;
-	char key[RATE_KEY_MAX], digits[16];
+	char key[RATE_KEY_MAX], digits[16], mccmnc[7];
 	struct rate_entry e, entries[RATE_SCHEDULE_MAX + 1];
 	struct rate_policy pol = { 0 };
 	unsigned char value[sizeof(entries) + sizeof(pol)];
@@ -5790,18 +5857,16 @@ m_rate_set(struct call *c)
 
 	memset(&e, 0, sizeof(e));
 	if ((rc = p_name(c, "plan", 1, 0, &plan)) || (rc = p_channel(c, &channel)) ||
-	    (rc = p_str(c, "prefix", 1, 15, &prefix)) || (rc = p_name(c, "route", 0, 1, &route)) ||
+	    (rc = p_rate_where(c, &prefix, digits, mccmnc)) || (rc = p_name(c, "route", 0, 1, &route)) ||
 	    (rc = p_amount(c, "price", 1, 1, &e.price, &present)) ||
 	    (rc = p_currency(c, "currency", 1, &currency)) || (rc = p_str(c, "effective_from", 0, 40, &eff)))
 		return rc;
-	if (prefix.n == 0 || e164_digits(prefix, digits) != prefix.n)
-		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits, the first not 0");
 	if (eff.p && time_parse(eff, &e.from) != 0)
 		return fail(c, E_INVALID_ARGUMENT, "effective_from", "effective_from must be an RFC 3339 time");
 	if (route.p == NULL)
 		route = (struct str){ "", 0 };
 	memcpy(e.currency, currency.p, 3);
-	k = (MDB_val){ rate_key(key, plan, channel, digits, prefix.n, route), key };
+	k = (MDB_val){ rate_key(key, plan, channel, prefix.p, prefix.n, route), key };
 	if ((rc = mdb_get(c->txn, store.rates, &k, &v)) == 0)
 		n = rate_entries(v, entries, &pol);
 	else if (rc != MDB_NOTFOUND)
@@ -5836,17 +5901,17 @@ m_rate_set(struct call *c)
 	lengths = rate_lengths(c->txn, plan, channel);
 	if (lengths == UINT32_MAX)
 		lengths = 0;
-	if (!(lengths & (1u << prefix.n))) {
+	if (!mccmnc[0] && !(lengths & (1u << prefix.n))) {
 		lengths |= 1u << prefix.n;
 		k = (MDB_val){ rate_lengths_key(key, plan, channel), key };
 		v = (MDB_val){ sizeof(lengths), &lengths };
 		if ((rc = captured_put(c->txn, store.meta, &k, &v, 0)) != 0)
 			return store_error(c, rc);
 	}
-	msgpack_pack_map(c->pk, 12);
+	msgpack_pack_map(c->pk, 13);
 	KV_SSTR(c->pk, "plan", plan);
 	KV_SSTR(c->pk, "channel", channel);
-	KV_SSTR(c->pk, "prefix", prefix);
+	rate_where_pack(c->pk, digits, mccmnc);
 	KV_SSTR(c->pk, "route", route);
 	KV_AMOUNT(c->pk, "price", e.price);
 	KV_STR(c->pk, "currency", e.currency);
@@ -5863,18 +5928,16 @@ static int
 m_rate_delete(struct call *c)
 {
 	struct str plan, channel, prefix, route;
-	char key[RATE_KEY_MAX], digits[16];
+	char key[RATE_KEY_MAX], digits[16], mccmnc[7];
 	MDB_val k;
 	int rc;
 
 	if ((rc = p_name(c, "plan", 1, 0, &plan)) || (rc = p_channel(c, &channel)) ||
-	    (rc = p_str(c, "prefix", 1, 15, &prefix)) || (rc = p_name(c, "route", 0, 1, &route)))
+	    (rc = p_rate_where(c, &prefix, digits, mccmnc)) || (rc = p_name(c, "route", 0, 1, &route)))
 		return rc;
-	if (prefix.n == 0 || e164_digits(prefix, digits) != prefix.n)
-		return fail(c, E_INVALID_ARGUMENT, "prefix", "prefix must be 1-15 digits, the first not 0");
 	if (route.p == NULL)
 		route = (struct str){ "", 0 };
-	k = (MDB_val){ rate_key(key, plan, channel, digits, prefix.n, route), key };
+	k = (MDB_val){ rate_key(key, plan, channel, prefix.p, prefix.n, route), key };
 	rc = captured_del(c->txn, store.rates, &k, NULL);
 	if (rc == MDB_NOTFOUND)
 		return fail(c, E_NO_RATE, "prefix", "No such rate");
@@ -5896,6 +5959,7 @@ rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
 {
 	const char *p = k.mv_data, *end = p + k.mv_size;
 	const char *names[4] = { "plan", "channel", "prefix", "route" };
+	char mccmnc[7] = "";
 	struct rate_entry entries[RATE_SCHEDULE_MAX];
 	struct rate_policy pol;
 	size_t n = rate_entries(v, entries, &pol), later = 0;
@@ -5904,12 +5968,22 @@ rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
 
 	for (size_t i = 0; i < n; i++)
 		later += entries[i].from > now;
-	msgpack_pack_map(pk, 12);
+	msgpack_pack_map(pk, 13);
 	for (int i = 0; i < 4; i++) {
 		const char *nul = i < 3 ? memchr(p, '\0', (size_t)(end - p)) : end;
 
-		pack_cstr(pk, names[i]);
-		msgpack_pack_str_with_body(pk, p, (size_t)(nul - p));
+		if (i == 2 && *p == 'm') { /* a mobile network's rate */
+			snprintf(mccmnc, sizeof(mccmnc), "%.*s", (int)(nul - p - 1), p + 1);
+			rate_where_pack(pk, "", mccmnc);
+		} else if (i == 2) {
+			char prefix[16];
+
+			snprintf(prefix, sizeof(prefix), "%.*s", (int)(nul - p), p);
+			rate_where_pack(pk, prefix, mccmnc);
+		} else {
+			pack_cstr(pk, names[i]);
+			msgpack_pack_str_with_body(pk, p, (size_t)(nul - p));
+		}
 		p = nul + 1;
 	}
 	pack_amount_or_nil(pk, "price", rv != NULL, rv ? rv->price : 0);
@@ -6009,9 +6083,11 @@ p_at(struct call *c, int64_t *at)
  */
 static int
 rate_find_or_fail(struct call *c, struct str plan, struct str channel, const char *digits,
-    size_t n, struct str route, const char *target, uint32_t segments, int64_t at, struct rate_hit *hit)
+    size_t n, const char *mccmnc, struct str route, const char *target, uint32_t segments, int64_t at,
+    struct rate_hit *hit)
 {
-	int err = 0, rc = rate_find(c->txn, plan, channel, digits, n, route, target, segments, at, hit, &err);
+	int err = 0, rc = rate_find(c->txn, plan, channel, digits, n, mccmnc[0] ? mccmnc : NULL, route, target, segments,
+	    at, hit, &err);
 
 	switch (rc) {
 	case E_OK:
@@ -6034,14 +6110,14 @@ static int
 m_rate_lookup(struct call *c)
 {
 	struct str channel, plan, wid, route;
-	char digits[16];
+	char digits[16], mccmnc[7];
 	size_t n;
 	struct wallet w;
 	struct rate_hit hit;
 	int64_t at;
 	int rc;
 
-	if ((rc = p_channel(c, &channel)) || (rc = p_e164(c, "to", digits, &n)) ||
+	if ((rc = p_channel(c, &channel)) || (rc = p_e164(c, "to", digits, &n)) || (rc = p_mccmnc(c, mccmnc)) ||
 	    (rc = p_name(c, "plan", 0, 0, &plan)) || (rc = p_str(c, "wallet", 0, WALLET_ID_MAX, &wid)) ||
 	    (rc = p_name(c, "route", 0, 1, &route)) || (rc = p_at(c, &at)))
 		return rc;
@@ -6053,12 +6129,12 @@ m_rate_lookup(struct call *c)
 	} else if (!plan.p) {
 		plan = (struct str){ "default", 7 };
 	}
-	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, route, wid.p ? w.currency : NULL, 1, at, &hit)))
+	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, mccmnc, route, wid.p ? w.currency : NULL, 1, at, &hit)))
 		return rc;
-	msgpack_pack_map(c->pk, wid.p ? 13 : 11);
+	msgpack_pack_map(c->pk, wid.p ? 14 : 12);
 	KV_SSTR(c->pk, "plan", plan);
 	KV_SSTR(c->pk, "channel", channel);
-	KV_STR(c->pk, "prefix", hit.prefix);
+	rate_where_pack(c->pk, hit.prefix, hit.mccmnc);
 	KV_STR(c->pk, "route", hit.route);
 	KV_AMOUNT(c->pk, "price", hit.price);
 	KV_STR(c->pk, "currency", hit.currency);
@@ -6070,13 +6146,29 @@ m_rate_lookup(struct call *c)
 	return E_OK;
 }
 
-/* Deletes every rate of plan (all channels).  Returns 0 or an LMDB error. */
+/*
+ * An operator's rate deck (rate.import's format mccmnc): each row's columns
+ * MCCMNC, PriceSubmit, PriceDelivered, Currency and Effective (others, a
+ * network's name say, are ignored) make a mobile network's rate in plan,
+ * channel (and route).
+ */
+struct deck {
+	struct str plan, channel, route;
+	msgpack_sbuffer params;
+	msgpack_unpacked unpacked;
+};
+
+/*
+ * Deletes every rate of plan (all channels), or with a deck only the mobile
+ * networks' rates of plan in its channel.  Returns 0 or an LMDB error.
+ */
 static int
-rate_delete_plan(MDB_txn *txn, struct str plan)
+rate_delete_plan(MDB_txn *txn, struct str plan, const struct deck *deck)
 {
-	char start[WALLET_ID_MAX + 1];
+	char start[RATE_KEY_MAX];
+	size_t n = deck ? rate_key(start, plan, deck->channel, "m", 1, (struct str){ "", 0 }) - 1 : plan.n + 1;
 	MDB_cursor *cur;
-	MDB_val k = { plan.n + 1, start }, v;
+	MDB_val k = { n, start }, v;
 	int rc;
 
 	memcpy(start, plan.p, plan.n);
@@ -6085,7 +6177,7 @@ rate_delete_plan(MDB_txn *txn, struct str plan)
 		return rc;
 	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0;
 	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		if (k.mv_size < plan.n + 1 || memcmp(k.mv_data, start, plan.n + 1) != 0)
+		if (k.mv_size < n || memcmp(k.mv_data, start, n) != 0)
 			break;
 		if ((rc = captured_cursor_del(cur, 0)))
 			break;
@@ -6094,23 +6186,87 @@ rate_delete_plan(MDB_txn *txn, struct str plan)
 	return rc == MDB_NOTFOUND ? 0 : rc;
 }
 
+/* Whether deck column o holds something: not absent, nil, "" (nor, with zero_empty, a zero amount). */
+static int
+deck_given(const msgpack_object *o, int zero_empty)
+{
+	int64_t x;
+
+	if (o == NULL || o->type == MSGPACK_OBJECT_NIL || (o->type == MSGPACK_OBJECT_STR && o->via.str.size == 0))
+		return 0;
+	if (zero_empty && o->type == MSGPACK_OBJECT_STR && amount_parse(o->via.str.ptr, o->via.str.size, &x) == 0)
+		return x != 0;
+	return !zero_empty || o->type != MSGPACK_OBJECT_POSITIVE_INTEGER || o->via.u64 != 0;
+}
+
+/*
+ * Makes the rate.set params of deck row c->params, in d, c's params from
+ * then on: PriceSubmit is the price charged at send; PriceDelivered instead
+ * makes the rate settle on delivery at that price (a row prices one way,
+ * not both); Effective is effective_from.  Returns E_OK or fails c.
+ */
+static int
+deck_row(struct call *c, struct deck *d)
+{
+	const msgpack_object *net = param(c, "MCCMNC"), *submit = param(c, "PriceSubmit"),
+	    *delivered = param(c, "PriceDelivered"), *currency = param(c, "Currency"), *eff = param(c, "Effective");
+	int on_delivery = deck_given(delivered, 1);
+	msgpack_packer pk;
+
+	if (on_delivery && deck_given(submit, 1))
+		return fail(c, E_INVALID_ARGUMENT, "PriceSubmit", "a row prices at submission or on delivery, not both");
+	if (!deck_given(net, 0) || !deck_given(currency, 0) || (!on_delivery && !deck_given(submit, 0)))
+		return fail(c, E_INVALID_ARGUMENT, !deck_given(net, 0) ? "MCCMNC" : !deck_given(currency, 0) ? "Currency" :
+		    "PriceSubmit", "a deck's row needs MCCMNC, PriceSubmit or PriceDelivered, and Currency");
+	msgpack_sbuffer_clear(&d->params);
+	msgpack_packer_init(&pk, &d->params, msgpack_sbuffer_write);
+	msgpack_pack_map(&pk, 5 + (d->route.p != NULL) + deck_given(eff, 0) + on_delivery);
+	KV_SSTR(&pk, "plan", d->plan);
+	KV_SSTR(&pk, "channel", d->channel);
+	KEY(&pk, "mccmnc"), msgpack_pack_object(&pk, *net);
+	KEY(&pk, "price"), msgpack_pack_object(&pk, on_delivery ? *delivered : *submit);
+	KEY(&pk, "currency"), msgpack_pack_object(&pk, *currency);
+	if (d->route.p)
+		KV_SSTR(&pk, "route", d->route);
+	if (deck_given(eff, 0))
+		KEY(&pk, "effective_from"), msgpack_pack_object(&pk, *eff);
+	if (on_delivery)
+		KV_STR(&pk, "settle", "delivery");
+	if (msgpack_unpack_next(&d->unpacked, d->params.data, d->params.size, NULL) != MSGPACK_UNPACK_SUCCESS)
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	c->params = &d->unpacked.data;
+	return E_OK;
+}
+
 static int
 m_rate_import(struct call *c)
 {
 	const msgpack_object *rows = param(c, "rows"), *saved = c->params, *key;
-	struct str mode;
+	struct str mode, format;
+	struct deck deck = { 0 };
 	msgpack_sbuffer rejected;
 	msgpack_packer rpk;
 	uint32_t nrejected = 0, loaded = 0;
 	char (*plans)[WALLET_ID_MAX + 1] = NULL;
 	size_t nplans = 0;
-	int rc, replace;
+	int rc, replace, is_deck;
 
-	if ((rc = p_str(c, "mode", 0, 16, &mode)))
+	if ((rc = p_str(c, "mode", 0, 16, &mode)) || (rc = p_str(c, "format", 0, 16, &format)))
 		return rc;
 	replace = !mode.p || (mode.n == 7 && memcmp(mode.p, "replace", 7) == 0);
 	if (mode.p && !replace && !(mode.n == 6 && memcmp(mode.p, "upsert", 6) == 0))
 		return fail(c, E_INVALID_ARGUMENT, "mode", "mode must be replace or upsert");
+	is_deck = format.p && format.n == 6 && memcmp(format.p, "mccmnc", 6) == 0;
+	if (format.p && !is_deck && !(format.n == 5 && memcmp(format.p, "rates", 5) == 0))
+		return fail(c, E_INVALID_ARGUMENT, "format", "format must be rates or mccmnc");
+	if (!is_deck && (param(c, "plan") || param(c, "channel") || param(c, "route")))
+		return fail(c, E_INVALID_ARGUMENT, param(c, "plan") ? "plan" : param(c, "channel") ? "channel" : "route",
+		    "plan, channel and route go with format mccmnc (the rates format has them in its rows)");
+	deck.plan = (struct str){ "default", 7 };
+	deck.channel = (struct str){ "sms", 3 };
+	if (is_deck && ((param(c, "plan") && (rc = p_name(c, "plan", 1, 0, &deck.plan))) ||
+	    (param(c, "channel") && (rc = p_channel(c, &deck.channel))) || (rc = p_name(c, "route", 0, 1, &deck.route))))
+		return rc;
 	if (rows == NULL || rows->type != MSGPACK_OBJECT_ARRAY)
 		return fail(c, E_INVALID_ARGUMENT, "rows", "rows must be a list of rate maps");
 	msgpack_sbuffer_init(&rejected);
@@ -6131,7 +6287,9 @@ m_rate_import(struct call *c)
 			rowcall.pk = &rpk;
 			if (row->type != MSGPACK_OBJECT_MAP)
 				rc = fail(&rowcall, E_INVALID_ARGUMENT, "rows", "a row must be a map");
-			else if ((key = param_unknown(M_RATE_SET, row, 0)) != NULL)
+			else if (is_deck && (rc = deck_row(&rowcall, &deck)) != E_OK)
+				;
+			else if ((key = param_unknown(M_RATE_SET, rowcall.params, 0)) != NULL)
 				rc = fail_unknown_param(&rowcall, M_RATE_SET, key);
 			else if ((rc = p_name(&rowcall, "plan", 1, 0, &plan)) == E_OK && pass == 1) {
 				msgpack_sbuffer sink;
@@ -6167,13 +6325,15 @@ m_rate_import(struct call *c)
 			if (j == nplans) {
 				memcpy(plans[nplans], plan.p, plan.n);
 				plans[nplans++][plan.n] = '\0';
-				if ((rc = rate_delete_plan(c->txn, plan)))
+				if ((rc = rate_delete_plan(c->txn, plan, is_deck ? &deck : NULL)))
 					rc = store_error(c, rc);
 			}
 		}
 	}
 	c->params = saved;
 	free(plans);
+	msgpack_sbuffer_destroy(&deck.params);
+	msgpack_unpacked_destroy(&deck.unpacked);
 	if (rc == E_OK) {
 		msgpack_pack_map(c->pk, 2);
 		KEY(c->pk, "loaded");
@@ -7134,7 +7294,7 @@ static int
 m_charge(struct call *c)
 {
 	struct str id, channel, ref, route, desc, hold_ref;
-	char digits[16], fingerprint[64 + WALLET_ID_MAX], prefix[16];
+	char digits[16], fingerprint[64 + WALLET_ID_MAX], prefix[16], mccmnc[7];
 	unsigned char refkey[8 + REF_MAX];
 	size_t ndigits, flen;
 	uint32_t segments;
@@ -7150,7 +7310,7 @@ m_charge(struct call *c)
 	    (rc = p_e164(c, "to", digits, &ndigits)) || (rc = p_str(c, "ref", 1, REF_MAX, &ref)) ||
 	    (rc = p_name(c, "route", 0, 1, &route)) || (rc = p_segments(c, channel, &segments)) ||
 	    (rc = p_text(c, "description", 0, &desc)) || (rc = p_str(c, "hold", 0, REF_MAX, &hold_ref)) ||
-	    (rc = p_bool(c, "risk_check", &risk_check)))
+	    (rc = p_bool(c, "risk_check", &risk_check)) || (rc = p_mccmnc(c, mccmnc)))
 		return rc;
 	if (ref.n == 0)
 		return fail(c, E_INVALID_ARGUMENT, "ref", "ref must not be empty");
@@ -7198,7 +7358,7 @@ m_charge(struct call *c)
 	if (destination_blocked(&w, digits, prefix))
 		return fail_blocked(c, digits, prefix);
 	now = now_seconds();
-	if ((rc = rate_find_or_fail(c, (struct str){ w.plan, strlen(w.plan) }, channel, digits, ndigits,
+	if ((rc = rate_find_or_fail(c, (struct str){ w.plan, strlen(w.plan) }, channel, digits, ndigits, mccmnc,
 	    route, w.currency, segments, now, &hit)))
 		return rc;
 	if (hold_ref.p && (rc = load_open_hold(c, &w, hold_ref, now, &hold)))
@@ -7576,9 +7736,9 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 	if (rec == NULL || rec->type != MSGPACK_OBJECT_ARRAY)
 		return fail(c, E_INVALID_ARGUMENT, "recipients", "recipients must be a list");
 	for (uint32_t i = 0; i < rec->via.array.size && rc == E_OK; i++) {
-		const msgpack_object *r = &rec->via.array.ptr[i], *to = r;
+		const msgpack_object *r = &rec->via.array.ptr[i], *to = r, *net = NULL;
 		uint64_t count = 1;
-		char digits[16], prefix[16], plus[17] = "+", keybuf[GROUP_KEY_MAX];
+		char digits[16], prefix[16], plus[17] = "+", keybuf[GROUP_KEY_MAX], mccmnc[7] = "";
 		size_t n = 0, key;
 		struct guard_block b;
 		struct rate_hit hit;
@@ -7590,8 +7750,12 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 			const msgpack_object *co = map_get(r, "count");
 
 			to = map_get(r, "to");
+			net = map_get(r, "mccmnc");
 			if (co && (co->type != MSGPACK_OBJECT_POSITIVE_INTEGER || co->via.u64 > UINT32_MAX))
 				return fail(c, E_INVALID_ARGUMENT, "recipients", "count must be a positive integer");
+			if (net && net->type != MSGPACK_OBJECT_NIL && mccmnc_read(net, mccmnc) != 0)
+				return fail(c, E_INVALID_ARGUMENT, "recipients", "mccmnc must be a mobile network's code: 5 or "
+				    "6 digits (MCC, MNC)");
 			count = co ? co->via.u64 : 1;
 		}
 		if (to && to->type == MSGPACK_OBJECT_STR)
@@ -7612,7 +7776,7 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 			cp->nblocked++;
 			continue;
 		}
-		rc = rate_find(c->txn, (struct str){ w->plan, strlen(w->plan) }, channel, digits, n,
+		rc = rate_find(c->txn, (struct str){ w->plan, strlen(w->plan) }, channel, digits, n, mccmnc[0] ? mccmnc : NULL,
 		    (struct str){ NULL, 0 }, w->currency, segments, at, &hit, &err);
 		if (rc < 0)
 			return store_error(c, err);
@@ -7622,7 +7786,8 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 			rc = E_OK;
 			continue;
 		}
-		key = (size_t)snprintf(keybuf, sizeof(keybuf), "%s%c%s", hit.prefix, 0, hit.route);
+		key = (size_t)snprintf(keybuf, sizeof(keybuf), "%s%s%c%s", hit.mccmnc[0] ? "m" : "",
+		    hit.mccmnc[0] ? hit.mccmnc : hit.prefix, 0, hit.route);
 		if ((g = group_find(&cp->groups, keybuf, key < sizeof(keybuf) ? key : sizeof(keybuf) - 1)) == NULL)
 			return fail(c, E_BUSY, NULL, "Out of memory");
 		if (g->count == 0)
@@ -7720,8 +7885,8 @@ m_precheck(struct call *c)
 		for (size_t i = 0; i < cp.groups.n; i++) {
 			const struct price_group *g = group_at(&cp.groups, i);
 
-			msgpack_pack_map(pk, 7);
-			KV_STR(pk, "prefix", g->hit.prefix);
+			msgpack_pack_map(pk, 8);
+			rate_where_pack(pk, g->hit.prefix, g->hit.mccmnc);
 			KV_STR(pk, "route", g->hit.route);
 			KV_U64(pk, "count", g->count);
 			KV_AMOUNT(pk, "unit_price", g->hit.price);
@@ -8017,7 +8182,7 @@ static int
 m_quote(struct call *c)
 {
 	struct str channel, wid, plan, currency;
-	char digits[16], cur[4] = "";
+	char digits[16], cur[4] = "", mccmnc[7];
 	size_t n;
 	int64_t amount;
 	struct wallet w;
@@ -8025,7 +8190,7 @@ m_quote(struct call *c)
 	int64_t at;
 	int rc, present;
 
-	if ((rc = p_channel(c, &channel)) || (rc = p_e164(c, "to", digits, &n)) ||
+	if ((rc = p_channel(c, &channel)) || (rc = p_e164(c, "to", digits, &n)) || (rc = p_mccmnc(c, mccmnc)) ||
 	    (rc = p_amount(c, "amount", 1, 1, &amount, &present)) ||
 	    (rc = p_str(c, "wallet", 0, WALLET_ID_MAX, &wid)) || (rc = p_name(c, "plan", 0, 0, &plan)) ||
 	    (rc = p_currency(c, "currency", 0, &currency)) || (rc = p_at(c, &at)))
@@ -8043,13 +8208,13 @@ m_quote(struct call *c)
 		memcpy(cur, currency.p, 3), cur[3] = '\0';
 	if (!cur[0])
 		return fail(c, E_INVALID_ARGUMENT, "currency", "currency is required with a plan");
-	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, (struct str){ NULL, 0 }, cur, 1, at, &hit)))
+	if ((rc = rate_find_or_fail(c, plan, channel, digits, n, mccmnc, (struct str){ NULL, 0 }, cur, 1, at, &hit)))
 		return rc;
-	msgpack_pack_map(c->pk, 5);
+	msgpack_pack_map(c->pk, 6);
 	KV_U64(c->pk, "messages", hit.cost > 0 ? (uint64_t)(amount / hit.cost) : 0);
 	KV_AMOUNT(c->pk, "unit_cost", hit.cost);
 	KV_STR(c->pk, "currency", cur);
-	KV_STR(c->pk, "prefix", hit.prefix);
+	rate_where_pack(c->pk, hit.prefix, hit.mccmnc);
 	KV_STR(c->pk, "route", hit.route);
 	return E_OK;
 }

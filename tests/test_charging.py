@@ -6,8 +6,10 @@ import subprocess
 import tempfile
 
 from harness import DaemonTest, WALLETCTL, read_frames, request
+import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
+UG = "+256712345678"
 
 
 class SeedExample(DaemonTest):
@@ -150,12 +152,65 @@ class Charging(DaemonTest):
         d.ctl_json("wallet", "update", "acme", "--status", "frozen")
         self.assertEqual(d.ctl_json("refund", "acme", "--ref", "m-2")["refund_of"], t2["id"])
 
+    def test_an_operators_deck_prices_by_network_first_then_by_prefix(self):
+        d = self.d
+        self.seed("10")  # USD; the default plan's SMS to +256 costs 35 UGX (0.0094 USD)
+        deck = os.path.join(d.dir, "deck.csv")
+        with open(deck, "w") as f:
+            f.write("Country,Network,MCCMNC,PriceSubmit,PriceDelivered,Currency,Effective\n"
+                    "Uganda,MTN,64110,0.0050,,USD,2026-01-01\n"
+                    "Uganda,Airtel,64101,0,0.0040,USD,\n"
+                    "Uganda,Lyca,64133,0.0090,,USD,2099-01-01\n"
+                    "Kenya,Safaricom,63902,0.0060,0.0010,USD,\n"
+                    "Nowhere,,12,0.01,,USD,\n"
+                    "Uganda,Africell,64114,0.002,,,\n")
+        res = d.ctl_json("rate", "import", deck, "--format", "mccmnc")
+        self.assertEqual(res["loaded"], 3)
+        self.assertEqual([(r["row"], r["error"]["field"]) for r in res["rejected"]],
+                         [(4, "PriceSubmit"), (5, "mccmnc"), (6, "Currency")])
+        row = d.ctl_json("rate", "lookup", "sms", UG, "--mccmnc", "64110")
+        self.assertEqual((row["mccmnc"], row["prefix"], row["price"], row["settle"]), ("64110", None, "0.005", "send"))
+        self.assertEqual(d.ctl_json("rate", "lookup", "sms", UG)["prefix"], "256")
+        with d.client() as c:
+            def charge(ref, mccmnc=None):
+                return c.charge(wallet="acme", channel="sms", to=UG, ref=ref, mccmnc=mccmnc)["amount"]
+            self.assertEqual([charge("n1", "64110"), charge("n2"), charge("n3", "64133"), charge("n4", "64199")],
+                             [D("-0.005"), D("-0.0094"), D("-0.0094"), D("-0.0094")])  # 64133: from 2099 only
+            t = c.charge(wallet="acme", channel="sms", to=UG, ref="n5", mccmnc="64101")  # priced on delivery
+            self.assertEqual((t["id"], t["pending"], t["amount"]), (None, True, D("-0.004")))
+            self.assertIsNotNone(c.call("delivery", wallet="acme", ref="n5", status="delivered")["txn"])
+            items = [{"wallet": "acme", "channel": "sms", "to": UG, "ref": "b%d" % i, "mccmnc": "64110"} for i in range(3)]
+            self.assertEqual([r["amount"] for r in c.call("charge.batch", items=items)["results"]], [D("-0.005")] * 3)
+            with self.assertRaises(walletd.WalletdError) as e:
+                c.charge(wallet="acme", channel="sms", to=UG, ref="bad", mccmnc="6411")
+            self.assertEqual((e.exception.code, e.exception.field), ("invalid_argument", "mccmnc"))
+            p = c.precheck(wallet="acme", channel="sms", recipients=[{"to": UG, "mccmnc": "64110", "count": 2}, UG])
+            self.assertEqual((p["required"], sorted((g["mccmnc"] or "", g["prefix"] or "", g["count"])
+                                                    for g in p["breakdown"])), (D("0.0194"), [("", "256", 1), ("64110", "", 2)]))
+            q = c.quote(channel="sms", to=UG, amount="1", wallet="acme", mccmnc="64110")
+            self.assertEqual((q["messages"], q["mccmnc"], q["prefix"]), (200, "64110", None))
+            with self.assertRaises(walletd.WalletdError) as e:
+                c.call("rate.set", plan="default", channel="sms", prefix="256", mccmnc="64110", price="1", currency="USD")
+            self.assertEqual((e.exception.code, e.exception.field), ("invalid_argument", "prefix"))
+            self.assertEqual(c.balance(wallet="acme")["balance"], D("10") - D("0.005") * 4 - D("0.0094") * 3 - D("0.004"))
+        listed = d.ctl_json("rate", "list", "--plan", "default")["rates"]
+        self.assertEqual([(r["prefix"], r["mccmnc"]) for r in listed],
+                         [("256", None), (None, "64101"), (None, "64110"), (None, "64133")])
+        with open(deck, "w") as f:  # replace: the deck's networks are now these; the prefix rates stay
+            f.write("MCCMNC,PriceSubmit,PriceDelivered,Currency,Effective\n64110,0.0045,,USD,\n")
+        self.assertEqual(d.ctl_json("rate", "import", deck, "--format", "mccmnc")["loaded"], 1)
+        listed = d.ctl_json("rate", "list", "--plan", "default")["rates"]
+        self.assertEqual([(r["prefix"], r["mccmnc"], r["price"]) for r in listed],
+                         [("256", None, "35"), (None, "64110", "0.0045")])
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
     def test_rate_import_export_round_trip(self):
         d = self.d
         self.seed("1")
-        rows = ["plan,channel,prefix,route,price,currency,on_failure,failure_fee"]
+        rows = ["plan,channel,prefix,route,price,currency,on_failure,failure_fee,mccmnc"]
         policies = ["keep,", "refund,", "fee,0.001"]  # the refund policy goes round the trip too
-        rows += ["bulk,sms,%d,R1,0.0%d1,USD,%s" % (2540 + i, i + 1, policies[i % 3]) for i in range(50)]
+        rows += ["bulk,sms,%d,R1,0.0%d1,USD,%s," % (2540 + i, i + 1, policies[i % 3]) for i in range(49)]
+        rows += ["bulk,sms,,R1,0.05,USD,keep,,64101"]  # a mobile network's rate
         rows += ["bulk,sms,abc,R1,0.01,USD", "bulk,fax,254,R1,0.01,USD", "bulk,sms,254,R1,-1,USD"]
         with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
             f.write("\n".join(rows) + "\n")
