@@ -607,6 +607,24 @@ static const char *const flag_aliases[][2] = {
 	{ "block", "blocked_prefixes" }, { "allow", "allowed_prefixes" },
 };
 
+/* A required param another option stands in for: a mobile network's rate has no prefix. */
+static const char *const param_instead[][4] = {
+	{ "rate.set", "prefix", "--mccmnc", "--mccmnc MCCMNC stands in for PREFIX: a mobile network's rate" },
+	{ "rate.delete", "prefix", "--mccmnc", "--mccmnc MCCMNC stands in for PREFIX: a mobile network's rate" },
+};
+
+/* Whether param name of method m is left out because argv gives the option that stands in for it. */
+static int
+param_replaced(int m, const char *name, int argc, char **argv)
+{
+	for (size_t a = 0; a < sizeof(param_instead) / sizeof(param_instead[0]); a++)
+		if (strcmp(method_table[m].name, param_instead[a][0]) == 0 && strcmp(name, param_instead[a][1]) == 0)
+			for (int i = 0; i < argc; i++)
+				if (strcmp(argv[i], param_instead[a][2]) == 0)
+					return 1;
+	return 0;
+}
+
 /* Whether name (len bytes) is the singular of list param plural: emails/email, prefixes/prefix. */
 static int
 list_singular(const char *plural, const char *name, size_t len)
@@ -815,9 +833,11 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 	struct pspec ps[PARAMS_MAX];
 	int np = spec_parse(method_table[m].params, ps, PARAMS_MAX);
 	const char *values[PARAMS_MAX][EMAILS_MAX * 4];
-	int counts[PARAMS_MAX] = { 0 }, next_positional = 0, entries = 0;
+	int counts[PARAMS_MAX] = { 0 }, replaced[PARAMS_MAX] = { 0 }, next_positional = 0, entries = 0;
 	msgpack_packer pk;
 
+	for (int j = 0; j < np; j++)
+		replaced[j] = param_replaced(m, ps[j].name, argc, argv);
 	for (int i = 0; i < argc; i++) {
 		int p = -1;
 
@@ -846,7 +866,8 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 			if (++i >= argc)
 				die(EXIT_USAGE, "--%s needs a value", argv[i - 1] + 2);
 		} else {
-			while (next_positional < np && (ps[next_positional].optional || counts[next_positional]))
+			while (next_positional < np && (ps[next_positional].optional || counts[next_positional] ||
+			    replaced[next_positional]))
 				next_positional++;
 			if (next_positional >= np)
 				die(EXIT_USAGE, "%s: unexpected argument '%s' (see: walletctl help %s)",
@@ -860,7 +881,7 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 		values[p][counts[p]++] = argv[i];
 	}
 	for (int j = 0; j < np; j++)
-		if (!ps[j].optional && counts[j] == 0)
+		if (!ps[j].optional && counts[j] == 0 && !replaced[j])
 			die(EXIT_USAGE, "%s: missing %s (usage: walletctl %s %s)", method_table[m].name,
 			    ps[j].name, method_table[m].name, method_table[m].params);
 	msgpack_packer_init(&pk, out, msgpack_sbuffer_write);
@@ -1126,6 +1147,9 @@ help_one(int m)
 	admin_params_text(m, admin_params, sizeof(admin_params));
 	printf("\n    %s\n    method %s; roles: %s%s%s%s.\n", method_table[m].summary, method_table[m].name,
 	    roles, admin_params[0] ? " (only admin may pass " : "", admin_params, admin_params[0] ? ")" : "");
+	for (size_t a = 0; a < sizeof(param_instead) / sizeof(param_instead[0]); a++)
+		if (strcmp(method_table[m].name, param_instead[a][0]) == 0)
+			printf("    %s.\n", param_instead[a][3]);
 	if (method_table[m].flags & MF_WRITE)
 		printf("    It changes the store.\n");
 }

@@ -202,6 +202,10 @@ class Charging(DaemonTest):
         listed = d.ctl_json("rate", "list", "--plan", "default")["rates"]
         self.assertEqual([(r["prefix"], r["mccmnc"], r["price"]) for r in listed],
                          [("256", None, "35"), (None, "64110", "0.0045")])
+        d.ctl_json("rate", "set", "default", "sms", "--mccmnc", "64120", "0.003", "USD")  # one network, by hand
+        self.assertEqual(d.ctl_json("rate", "lookup", "sms", UG, "--mccmnc", "64120")["price"], "0.003")
+        self.assertEqual(d.ctl_json("rate", "delete", "default", "sms", "--mccmnc", "64120"), {"deleted": True})
+        self.assertEqual(d.ctl_json("rate", "lookup", "sms", UG, "--mccmnc", "64120")["prefix"], "256")
         self.assertTrue(d.ctl_json("verify")["ok"])
 
     def test_rate_import_export_round_trip(self):
