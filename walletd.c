@@ -5845,7 +5845,7 @@ static int
 m_rate_set(struct call *c)
 {
 	struct str plan, channel, prefix, route, currency, eff;
-	char key[RATE_KEY_MAX], digits[16], mccmnc[7];
+	char key[RATE_KEY_MAX], where[16], mccmnc[7];
 	struct rate_entry e, entries[RATE_SCHEDULE_MAX + 1];
 	struct rate_policy pol = { 0 };
 	unsigned char value[sizeof(entries) + sizeof(pol)];
@@ -5857,7 +5857,7 @@ m_rate_set(struct call *c)
 
 	memset(&e, 0, sizeof(e));
 	if ((rc = p_name(c, "plan", 1, 0, &plan)) || (rc = p_channel(c, &channel)) ||
-	    (rc = p_rate_where(c, &prefix, digits, mccmnc)) || (rc = p_name(c, "route", 0, 1, &route)) ||
+	    (rc = p_rate_where(c, &prefix, where, mccmnc)) || (rc = p_name(c, "route", 0, 1, &route)) ||
 	    (rc = p_amount(c, "price", 1, 1, &e.price, &present)) ||
 	    (rc = p_currency(c, "currency", 1, &currency)) || (rc = p_str(c, "effective_from", 0, 40, &eff)))
 		return rc;
@@ -5911,7 +5911,7 @@ m_rate_set(struct call *c)
 	msgpack_pack_map(c->pk, 13);
 	KV_SSTR(c->pk, "plan", plan);
 	KV_SSTR(c->pk, "channel", channel);
-	rate_where_pack(c->pk, digits, mccmnc);
+	rate_where_pack(c->pk, where, mccmnc);
 	KV_SSTR(c->pk, "route", route);
 	KV_AMOUNT(c->pk, "price", e.price);
 	KV_STR(c->pk, "currency", e.currency);
@@ -5928,12 +5928,12 @@ static int
 m_rate_delete(struct call *c)
 {
 	struct str plan, channel, prefix, route;
-	char key[RATE_KEY_MAX], digits[16], mccmnc[7];
+	char key[RATE_KEY_MAX], where[16], mccmnc[7];
 	MDB_val k;
 	int rc;
 
 	if ((rc = p_name(c, "plan", 1, 0, &plan)) || (rc = p_channel(c, &channel)) ||
-	    (rc = p_rate_where(c, &prefix, digits, mccmnc)) || (rc = p_name(c, "route", 0, 1, &route)))
+	    (rc = p_rate_where(c, &prefix, where, mccmnc)) || (rc = p_name(c, "route", 0, 1, &route)))
 		return rc;
 	if (route.p == NULL)
 		route = (struct str){ "", 0 };
