@@ -682,7 +682,9 @@ class Partitions(ReplicationTest):
                     for i in range(3):
                         if caught[i] is None and self.g.status(i)["applied"] >= last:
                             caught[i] = time.time() - led
-                    self.assertLess(time.time(), led + 30, "not caught up: %s" % caught)
+                    if time.time() > led + 30:
+                        self.fail("not caught up: %s; %s%s" % (caught, [self.g.status(i) for i in range(3)], "".join(
+                            "\n--- w%d:\n%s" % (i, d.read_log()[-3000:]) for i, d in enumerate(self.g.nodes))))
                     time.sleep(0.05)
                 p.join()
                 self.assertIsNotNone(resumed[2], "no write answered and read back in 30 s: %s" % resumed[1])
