@@ -12633,6 +12633,23 @@ repl_diverge(const char *fmt, ...)
 	pthread_mutex_unlock(&repl.lock);
 }
 
+/* The id of the record whose (last) message this node keeps at stream sequence seq, into id ("?": none kept). */
+static void
+replog_id(MDB_txn *txn, uint64_t seq, char id[160])
+{
+	unsigned char key[8];
+	MDB_val k = { 8, key }, v;
+	msgpack_unpacked u;
+	struct part pt;
+
+	be64_put(key, seq);
+	snprintf(id, 160, "?");
+	msgpack_unpacked_init(&u);
+	if (mdb_get(txn, store.replog, &k, &v) == 0 && repl_part_parse(&u, v.mv_data, v.mv_size, &pt) == 0)
+		snprintf(id, 160, "%.*s", (int)pt.id.n, pt.id.p);
+	msgpack_unpacked_destroy(&u);
+}
+
 /*
  * Applies a whole record (seq: its last message) in one transaction, with
  * the position and its messages.  A record this node has already committed
@@ -12666,14 +12683,17 @@ repl_apply(struct assembly *a, uint64_t seq, int64_t published_ms)
 				break;
 			}
 			if (memcmp(a->prev, stored.sum, 32) != 0 || (stored.applied == 0 && repl.had_data)) {
+				char mine[160];
+
+				replog_id(txn, stored.applied, mine);
 				mdb_txn_abort(txn);
 				pthread_rwlock_unlock(&store.maplock);
 				if (stored.applied == 0)
 					repl_diverge("the stream holds records this node's store does not start from: seed it from a "
 					    "backup of a node of the group (a store with data may only begin a new stream)");
 				else
-					repl_diverge("the record at %" PRIu64 " follows another history than the record at %"
-					    PRIu64 " this node applied", seq, stored.applied);
+					repl_diverge("the record at %" PRIu64 " (%s) follows another history than the record at %"
+					    PRIu64 " (%s) this node applied", seq, a->id, stored.applied, mine);
 				return;
 			}
 			pos.applied = seq;

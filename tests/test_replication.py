@@ -634,6 +634,9 @@ class Partitions(ReplicationTest):
         self.seed(self.leader)
         diverged, watching, measured = [], [True], []
 
+        def logs():
+            return "".join("\n--- w%d:\n%s" % (i, d.read_log()[-3000:]) for i, d in enumerate(self.g.nodes))
+
         def watch():
             while watching[0]:
                 for i in range(3):
@@ -683,11 +686,10 @@ class Partitions(ReplicationTest):
                         if caught[i] is None and self.g.status(i)["applied"] >= last:
                             caught[i] = time.time() - led
                     if time.time() > led + 30:
-                        self.fail("not caught up: %s; %s%s" % (caught, [self.g.status(i) for i in range(3)], "".join(
-                            "\n--- w%d:\n%s" % (i, d.read_log()[-3000:]) for i, d in enumerate(self.g.nodes))))
+                        self.fail("not caught up: %s; %s%s" % (caught, [self.g.status(i) for i in range(3)], logs()))
                     time.sleep(0.05)
                 p.join()
-                self.assertIsNotNone(resumed[2], "no write answered and read back in 30 s: %s" % resumed[1])
+                self.assertIsNotNone(resumed[2], "no write answered and read back in 30 s: %s%s" % (resumed[1], logs()))
                 self.assertEqual(resumed[2][0], resumed[2][1], "a read on the write's connection missed it")
                 measured.append((round(led - healed, 1), [round(c, 1) for c in caught], round(resumed[0], 1)))
         t = threading.Thread(target=watch)
@@ -702,10 +704,9 @@ class Partitions(ReplicationTest):
         self.g.leader()
         self.check_ledgers(answered)
         self.assertEqual(diverged, [])
-        logs = "".join("\n--- w%d:\n%s" % (i, d.read_log()[-1500:]) for i, d in enumerate(self.g.nodes))
         for led, caught, resumed in measured:
-            self.assertLessEqual(max(caught), 2, "%s%s" % (measured, logs))
-            self.assertLessEqual(resumed, self.lease_ttl + 2, "%s%s" % (measured, logs))
+            self.assertLessEqual(max(caught), 2, "%s%s" % (measured, logs()))
+            self.assertLessEqual(resumed, self.lease_ttl + 2, "%s%s" % (measured, logs()))
 
     def test_a_follower_host_cut_off_catches_up_after_the_heal(self):
         self.partition(lambda: self.nats.route_links(self.follower()), "reset")
