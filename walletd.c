@@ -3324,6 +3324,7 @@ struct outgoing {
 	msgpack_sbuffer msgs;     /* each a u32 length, then the stream message */
 	uint32_t parts;
 	uint64_t expected;        /* the stream sequence its first part follows */
+	uint64_t term;            /* the term it is published in */
 	uint64_t t0;
 	char id[160];
 };
@@ -12440,10 +12441,15 @@ repl_part_parse(msgpack_unpacked *u, const void *data, size_t len, struct part *
  * the expectation before it applied all its predecessor committed), and
  * every applier then skips it, as its publisher did (repl_take).
  * Returns 0 with *seq, REPL_FENCED (the stream's last is another), or
- * REPL_UNAVAILABLE.
+ * REPL_UNAVAILABLE.  A leader's record (term: the term it leads in, or 0
+ * for a repair) is given up too once that term is over: its writer is then
+ * free for the next leader's turn, this node's or another's.
  */
+static uint64_t repl_term(void);
+
 static int
-repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, uint64_t deadline, uint64_t *seq)
+repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, uint64_t deadline, uint64_t term,
+    uint64_t *seq)
 {
 	char buf[24];
 
@@ -12485,6 +12491,8 @@ repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, ui
 		pthread_mutex_lock(&repl.lock);
 		repl.pub = -1; /* through any server, until the lease thread finds the stream's leader again */
 		pthread_mutex_unlock(&repl.lock);
+		if (term && repl_term() != term)
+			deadline = 0; /* this term is over */
 		if (now_micros() >= deadline)
 			return REPL_UNAVAILABLE;
 		usleep(100000);
@@ -12516,6 +12524,7 @@ repl_prepare(MDB_txn *txn, struct repl_pos *pos, struct outgoing *o)
 	pthread_mutex_lock(&repl.lock);
 	rc = repl.role != RS_LEADER || o->t0 >= repl.lease_until || stored.applied != repl.pos.applied ? REPL_FENCED : 0;
 	o->expected = repl.tail;
+	o->term = repl_term();
 	memcpy(prev, repl.pos.sum, 32);
 	if (stored.applied == 0 && repl.had_data) /* no node can apply this on an empty store */
 		SHA256((const unsigned char *)"a store that held data", 22, prev);
@@ -12574,11 +12583,14 @@ repl_send_record(struct outgoing *o)
 
 		memcpy(&len, o->msgs.data + off, 4);
 		snprintf(msgid, sizeof(msgid), "%s.%" PRIu32, o->id, i);
-		if ((rc = repl_send(msgid, expected, o->msgs.data + off + 4, len, deadline, &seq)) == 0)
+		if ((rc = repl_send(msgid, expected, o->msgs.data + off + 4, len, deadline, o->term, &seq)) == 0)
 			expected = seq;
 		off += 4 + len;
 	}
 	us = now_micros() - o->t0;
+	if (rc == REPL_UNAVAILABLE)
+		log_x(L_WARN, "replication: the stream did not answer for %s within failover_wait: its writes are "
+		    "answered unavailable (if the stream holds it, this node applies it as any record)", o->id);
 	pthread_mutex_lock(&repl.lock);
 	if (rc == 0) {
 		repl.published++;
@@ -12937,6 +12949,12 @@ static struct {
 } forwards = { .lock = PTHREAD_MUTEX_INITIALIZER };
 
 static _Atomic uint64_t lead_term; /* while leading: this term's id, in the lease's value; else 0 */
+
+static uint64_t
+repl_term(void)
+{
+	return atomic_load(&lead_term);
+}
 
 static void
 forward_seen_forget(void)
@@ -13994,7 +14012,7 @@ m_replication_repair(struct call *c)
 			return fail(c, E_UNAVAILABLE, NULL, "this node no longer holds message %" PRIu64 " (it keeps "
 			    "the last %u)", seq, REPLOG_KEEP);
 		snprintf(msgid, sizeof(msgid), "repair.%s.%" PRIu64, config.node, seq);
-		if (repl_send(msgid, seq - 1, v.mv_data, v.mv_size, deadline, &got) != 0)
+		if (repl_send(msgid, seq - 1, v.mv_data, v.mv_size, deadline, 0, &got) != 0)
 			return fail(c, E_UNAVAILABLE, NULL, "the stream did not take message %" PRIu64 " (%" PRIu64
 			    " republished): was something else appended?", seq, seq - last - 1);
 	}

@@ -3,6 +3,7 @@ nats-servers, all real processes on loopback."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import tempfile
@@ -590,7 +591,8 @@ class Divergence(ReplicationTest):
 
 class Partitions(ReplicationTest):
     """Links cut and healed under load, through the TCP proxies of tests/cluster.py: by reset
-    or by dropping everything silently.  After each heal: the nodes catch up within 2 s of
+    or by dropping everything silently.  A node may turn diverged only because nats-server lost
+    a record it had delivered and the record's publisher never answered (2.9 does: README).  After each heal: the nodes catch up within 2 s of
     NATS having leaders again (every nats-server names the same leaders of the stream and the
     lease bucket, and makes readers of the stream), a write through node 0 is answered
     within lease_ttl + 2 s of that and read back on its connection, no node ever says
@@ -632,10 +634,23 @@ class Partitions(ReplicationTest):
         """Under load, cuts the links cuts() names for seconds and heals them, rounds times;
         checks what the class says, and prints the times measured."""
         self.seed(self.leader)
-        diverged, watching, measured = [], [True], []
+        diverged, watching, measured, lost = [], [True], [], {}
 
         def logs():
             return "".join("\n--- w%d:\n%s" % (i, d.read_log()[-3000:]) for i, d in enumerate(self.g.nodes))
+
+        def lost_by_nats(i):
+            """Whether node i is diverged because the stream lost a record it had delivered, one
+            its publisher never answered (the stream refused it or never answered for it): what
+            nats-server 2.9 does when its stream leader is cut off silently (README)."""
+            m = i not in lost and re.search(r"diverged, was \w+: the record at \d+ \(\S+\) follows another history "
+                                            r"than the record at \d+ \(w(\d)\.(\S+)\) this node applied",
+                                            self.node(i).read_log())
+            if m and re.search(r"the stream (refused w%s\.%s\.\d+ after|did not answer for w%s\.%s within)" % (
+                    m.group(1), re.escape(m.group(2)), m.group(1), re.escape(m.group(2))),
+                    self.node(int(m.group(1))).read_log()):
+                lost[i] = "w%s.%s" % (m.group(1), m.group(2))
+            return i in lost
 
         def watch():
             while watching[0]:
@@ -670,7 +685,8 @@ class Partitions(ReplicationTest):
                     the write's id is the write."""
                     while resumed[2] is None and time.time() < led + 30:
                         try:
-                            with walletd.Client(self.node(0).sock, timeout=30) as c:
+                            with walletd.Client(self.node(next(i for i in range(3) if i not in lost)).sock,
+                                                timeout=30) as c:
                                 txn = c.call("charge", wallet="acme", channel="sms", to="+256712345678",
                                              ref="probe-%f" % led)["id"]
                                 resumed[0] = resumed[0] or time.time() - led
@@ -681,9 +697,9 @@ class Partitions(ReplicationTest):
                             time.sleep(0.05)
                 p = threading.Thread(target=probe)
                 p.start()
-                while None in caught:
+                while any(c is None and i not in lost for i, c in enumerate(caught)):
                     for i in range(3):
-                        if caught[i] is None and self.g.status(i)["applied"] >= last:
+                        if caught[i] is None and not lost_by_nats(i) and self.g.status(i)["applied"] >= last:
                             caught[i] = time.time() - led
                     if time.time() > led + 30:
                         self.fail("not caught up: %s; %s%s" % (caught, [self.g.status(i) for i in range(3)], logs()))
@@ -691,7 +707,8 @@ class Partitions(ReplicationTest):
                 p.join()
                 self.assertIsNotNone(resumed[2], "no write answered and read back in 30 s: %s%s" % (resumed[1], logs()))
                 self.assertEqual(resumed[2][0], resumed[2][1], "a read on the write's connection missed it")
-                measured.append((round(led - healed, 1), [round(c, 1) for c in caught], round(resumed[0], 1)))
+                measured.append((round(led - healed, 1), [c if c is None else round(c, 1) for c in caught],
+                                 round(resumed[0], 1)))
         t = threading.Thread(target=watch)
         t.start()
         try:
@@ -699,13 +716,16 @@ class Partitions(ReplicationTest):
         finally:
             watching[0] = False
             t.join()
-        print("\n    %s: leaders s after the heal, catch-up s after that, writes s after that: %s" % (
-            mode, measured), end="")
+        print("\n    %s: leaders s after the heal, catch-up s after that, writes s after that: %s%s" % (
+            mode, measured, "".join("; nats-server lost %s, which w%d had applied (never answered)" % (r, i)
+                                    for i, r in lost.items())), end="")
+        for i in lost:
+            self.node(i).stop()  # a node to seed again: the others must still agree
         self.g.leader()
         self.check_ledgers(answered)
-        self.assertEqual(diverged, [])
+        self.assertEqual([d for d in diverged if d[0] not in lost], [])
         for led, caught, resumed in measured:
-            self.assertLessEqual(max(caught), 2, "%s%s" % (measured, logs()))
+            self.assertLessEqual(max(c for c in caught if c is not None), 2, "%s%s" % (measured, logs()))
             self.assertLessEqual(resumed, self.lease_ttl + 2, "%s%s" % (measured, logs()))
 
     def test_a_follower_host_cut_off_catches_up_after_the_heal(self):
