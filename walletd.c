@@ -12589,8 +12589,8 @@ repl_send_record(struct outgoing *o)
 	}
 	us = now_micros() - o->t0;
 	if (rc == REPL_UNAVAILABLE)
-		log_x(L_WARN, "replication: the stream did not answer for %s within failover_wait: its writes are "
-		    "answered unavailable (if the stream holds it, this node applies it as any record)", o->id);
+		log_x(L_WARN, "replication: the stream did not answer for %s within failover_wait or this node's term: "
+		    "its writes are answered unavailable (if the stream holds it, every node applies it)", o->id);
 	pthread_mutex_lock(&repl.lock);
 	if (rc == 0) {
 		repl.published++;
