@@ -4578,6 +4578,13 @@ rate_in_force(const struct rate_entry *e, size_t n, int64_t at)
 	return hit;
 }
 
+/* The prefix part of a mobile network's rate key (no digit prefix starts so) into out; returns its length. */
+static size_t
+network_key(char out[8], const char *mccmnc)
+{
+	return (size_t)snprintf(out, 8, "m%s", mccmnc);
+}
+
 /* The rate chosen for one message: by its prefix, or by its mobile network (mccmnc, prefix ""). */
 struct rate_hit {
 	char prefix[16];
@@ -4591,7 +4598,7 @@ struct rate_hit {
 
 /*
  * Finds the rate for a message to digits in plan/channel: the rate of its
- * mobile network mccmnc when given and priced, else the longest prefix
+ * mobile network mccmnc when given ("": none) and priced, else the longest prefix
  * that has a rate (for route, when route.p is set), and among its routes the
  * cheapest cost of segments converted into target (ties: route name
  * ascending), of the prices in force at `at`.  target NULL means the
@@ -4605,6 +4612,7 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 {
 	char key[RATE_KEY_MAX], first_currency[4], network[8];
 	uint32_t lengths = rate_lengths(txn, plan, channel);
+	size_t network_n = mccmnc[0] ? network_key(network, mccmnc) : 0;
 	MDB_cursor *cur;
 	int rc, result = E_NO_RATE;
 
@@ -4612,18 +4620,16 @@ rate_find(MDB_txn *txn, struct str plan, struct str channel, const char *digits,
 		*err = rc;
 		return -1;
 	}
-	if (mccmnc)
-		snprintf(network, sizeof(network), "m%s", mccmnc);
 	/* len ndigits + 1 stands for the network's rate, looked up first */
-	for (size_t len = ndigits + (mccmnc != NULL); len > 0 && result == E_NO_RATE; len--) {
-		int by_network = mccmnc && len == ndigits + 1;
+	for (size_t len = ndigits + (network_n > 0); len > 0 && result == E_NO_RATE; len--) {
+		int by_network = network_n && len == ndigits + 1;
 		size_t klen;
 		MDB_val k, v;
 		int found = 0;
 
 		if (!by_network && !(lengths & (1u << len)))
 			continue; /* no rate has a prefix this long: no seek */
-		klen = rate_key(key, plan, channel, by_network ? network : digits, by_network ? strlen(network) : len,
+		klen = rate_key(key, plan, channel, by_network ? network : digits, by_network ? network_n : len,
 		    route.p ? route : (struct str){ "", 0 });
 		k = (MDB_val){ klen, key };
 		rc = mdb_cursor_get(cur, &k, &v, route.p ? MDB_SET_KEY : MDB_SET_RANGE);
@@ -5782,6 +5788,8 @@ p_rate_policy(struct call *c, struct rate_policy *pol)
 	return E_OK;
 }
 
+#define MCCMNC_RULE "mccmnc must be a mobile network's code: 5 or 6 digits (MCC, MNC)"
+
 /* Reads a mobile network's code (MCC and MNC: 5 or 6 digits) from o into out; -1 if it is none. */
 static int
 mccmnc_read(const msgpack_object *o, char out[7])
@@ -5805,7 +5813,7 @@ p_mccmnc(struct call *c, char out[7])
 	out[0] = '\0';
 	if (o == NULL || o->type == MSGPACK_OBJECT_NIL || mccmnc_read(o, out) == 0)
 		return E_OK;
-	return fail(c, E_INVALID_ARGUMENT, "mccmnc", "mccmnc must be a mobile network's code: 5 or 6 digits (MCC, MNC)");
+	return fail(c, E_INVALID_ARGUMENT, "mccmnc", "%s", MCCMNC_RULE);
 }
 
 /* Packs where a rate applies: its prefix, or its mobile network (the other nil). */
@@ -5833,7 +5841,7 @@ p_rate_where(struct call *c, struct str *key, char buf[16], char mccmnc[7])
 	if ((key->p != NULL) == (mccmnc[0] != '\0'))
 		return fail(c, E_INVALID_ARGUMENT, "prefix", "give prefix or mccmnc, one of them");
 	if (mccmnc[0]) {
-		*key = (struct str){ buf, (size_t)snprintf(buf, 16, "m%s", mccmnc) };
+		*key = (struct str){ buf, network_key(buf, mccmnc) };
 		return E_OK;
 	}
 	if (key->n == 0 || e164_digits(*key, buf) != key->n)
@@ -5960,7 +5968,6 @@ rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
 {
 	const char *p = k.mv_data, *end = p + k.mv_size;
 	const char *names[4] = { "plan", "channel", "prefix", "route" };
-	char mccmnc[7] = "";
 	struct rate_entry entries[RATE_SCHEDULE_MAX];
 	struct rate_policy pol;
 	size_t n = rate_entries(v, entries, &pol), later = 0;
@@ -5973,14 +5980,11 @@ rate_pack(msgpack_packer *pk, MDB_val k, MDB_val v)
 	for (int i = 0; i < 4; i++) {
 		const char *nul = i < 3 ? memchr(p, '\0', (size_t)(end - p)) : end;
 
-		if (i == 2 && *p == 'm') { /* a mobile network's rate */
-			snprintf(mccmnc, sizeof(mccmnc), "%.*s", (int)(nul - p - 1), p + 1);
-			rate_where_pack(pk, "", mccmnc);
-		} else if (i == 2) {
-			char prefix[16];
+		if (i == 2) {
+			char where[16];
 
-			snprintf(prefix, sizeof(prefix), "%.*s", (int)(nul - p), p);
-			rate_where_pack(pk, prefix, mccmnc);
+			snprintf(where, sizeof(where), "%.*s", (int)(nul - p), p);
+			rate_where_pack(pk, where, where[0] == 'm' ? where + 1 : ""); /* network_key */
 		} else {
 			pack_cstr(pk, names[i]);
 			msgpack_pack_str_with_body(pk, p, (size_t)(nul - p));
@@ -6087,8 +6091,7 @@ rate_find_or_fail(struct call *c, struct str plan, struct str channel, const cha
     size_t n, const char *mccmnc, struct str route, const char *target, uint32_t segments, int64_t at,
     struct rate_hit *hit)
 {
-	int err = 0, rc = rate_find(c->txn, plan, channel, digits, n, mccmnc[0] ? mccmnc : NULL, route, target, segments,
-	    at, hit, &err);
+	int err = 0, rc = rate_find(c->txn, plan, channel, digits, n, mccmnc, route, target, segments, at, hit, &err);
 
 	switch (rc) {
 	case E_OK:
@@ -7739,7 +7742,7 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 	for (uint32_t i = 0; i < rec->via.array.size && rc == E_OK; i++) {
 		const msgpack_object *r = &rec->via.array.ptr[i], *to = r, *net = NULL;
 		uint64_t count = 1;
-		char digits[16], prefix[16], plus[17] = "+", keybuf[GROUP_KEY_MAX], mccmnc[7] = "";
+		char digits[16], prefix[16], plus[17] = "+", keybuf[GROUP_KEY_MAX], mccmnc[7] = "", network[8];
 		size_t n = 0, key;
 		struct guard_block b;
 		struct rate_hit hit;
@@ -7755,8 +7758,7 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 			if (co && (co->type != MSGPACK_OBJECT_POSITIVE_INTEGER || co->via.u64 > UINT32_MAX))
 				return fail(c, E_INVALID_ARGUMENT, "recipients", "count must be a positive integer");
 			if (net && net->type != MSGPACK_OBJECT_NIL && mccmnc_read(net, mccmnc) != 0)
-				return fail(c, E_INVALID_ARGUMENT, "recipients", "mccmnc must be a mobile network's code: 5 or "
-				    "6 digits (MCC, MNC)");
+				return fail(c, E_INVALID_ARGUMENT, "recipients", "%s", MCCMNC_RULE);
 			count = co ? co->via.u64 : 1;
 		}
 		if (to && to->type == MSGPACK_OBJECT_STR)
@@ -7777,7 +7779,7 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 			cp->nblocked++;
 			continue;
 		}
-		rc = rate_find(c->txn, (struct str){ w->plan, strlen(w->plan) }, channel, digits, n, mccmnc[0] ? mccmnc : NULL,
+		rc = rate_find(c->txn, (struct str){ w->plan, strlen(w->plan) }, channel, digits, n, mccmnc,
 		    (struct str){ NULL, 0 }, w->currency, segments, at, &hit, &err);
 		if (rc < 0)
 			return store_error(c, err);
@@ -7787,8 +7789,9 @@ campaign_price(struct call *c, const struct wallet *w, struct str channel, uint3
 			rc = E_OK;
 			continue;
 		}
-		key = (size_t)snprintf(keybuf, sizeof(keybuf), "%s%s%c%s", hit.mccmnc[0] ? "m" : "",
-		    hit.mccmnc[0] ? hit.mccmnc : hit.prefix, 0, hit.route);
+		if (hit.mccmnc[0])
+			network_key(network, hit.mccmnc);
+		key = (size_t)snprintf(keybuf, sizeof(keybuf), "%s%c%s", hit.mccmnc[0] ? network : hit.prefix, 0, hit.route);
 		if ((g = group_find(&cp->groups, keybuf, key < sizeof(keybuf) ? key : sizeof(keybuf) - 1)) == NULL)
 			return fail(c, E_BUSY, NULL, "Out of memory");
 		if (g->count == 0)
@@ -12445,7 +12448,7 @@ repl_part_parse(msgpack_unpacked *u, const void *data, size_t len, struct part *
  * for a repair) is given up too once that term is over: its writer is then
  * free for the next leader's turn, this node's or another's.
  */
-static uint64_t repl_term(void);
+static _Atomic uint64_t lead_term; /* while leading: this term's id, in the lease's value; else 0 */
 
 static int
 repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, uint64_t deadline, uint64_t term,
@@ -12491,7 +12494,7 @@ repl_send(const char *msgid, uint64_t expected, const void *data, size_t len, ui
 		pthread_mutex_lock(&repl.lock);
 		repl.pub = -1; /* through any server, until the lease thread finds the stream's leader again */
 		pthread_mutex_unlock(&repl.lock);
-		if (term && repl_term() != term)
+		if (term && atomic_load(&lead_term) != term)
 			deadline = 0; /* this term is over */
 		if (now_micros() >= deadline)
 			return REPL_UNAVAILABLE;
@@ -12524,7 +12527,7 @@ repl_prepare(MDB_txn *txn, struct repl_pos *pos, struct outgoing *o)
 	pthread_mutex_lock(&repl.lock);
 	rc = repl.role != RS_LEADER || o->t0 >= repl.lease_until || stored.applied != repl.pos.applied ? REPL_FENCED : 0;
 	o->expected = repl.tail;
-	o->term = repl_term();
+	o->term = atomic_load(&lead_term);
 	memcpy(prev, repl.pos.sum, 32);
 	if (stored.applied == 0 && repl.had_data) /* no node can apply this on an empty store */
 		SHA256((const unsigned char *)"a store that held data", 22, prev);
@@ -12948,13 +12951,6 @@ static struct {
 	struct forward_seen *list; /* one per follower */
 } forwards = { .lock = PTHREAD_MUTEX_INITIALIZER };
 
-static _Atomic uint64_t lead_term; /* while leading: this term's id, in the lease's value; else 0 */
-
-static uint64_t
-repl_term(void)
-{
-	return atomic_load(&lead_term);
-}
 
 static void
 forward_seen_forget(void)
