@@ -30,7 +30,7 @@ pythondir ?= $(prefix)/lib/python$(shell $(PY) -c 'import sys; print("%d.%d" % s
 DESTDIR   ?=
 # Debian packages: to build, and to test.
 BUILD_PKGS = gcc libc6-dev make pkg-config liblmdb-dev libmsgpack-dev libcurl4-openssl-dev libjansson-dev libssl-dev libnats-dev
-TEST_PKGS  = check python3 python3-msgpack python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils php-cli php-msgpack \
+TEST_PKGS  = check python3 python3-msgpack python3-cryptography python3-aiosmtpd clang libclang-rt-14-dev lmdb-utils php-cli php-msgpack \
              python3-venv python3-pip python3-setuptools python3-wheel prometheus nats-server
 # Node.js and npm: Debian's, unless a node and npm are already on PATH.
 NODE_PKGS  = $(shell command -v node >/dev/null || echo nodejs) $(shell command -v npm >/dev/null || echo npm)

@@ -22,6 +22,14 @@
 #define WALLETD_VERSION "0.1.0"
 #define WALLETD_API 1
 
+/* What a transaction's hash covers, in this order (README: The ledger's hash chain). */
+#define CHAIN_FIELDS { "id", "wallet", "created_at", "type", "amount", "balance_after", "currency", "description" }
+#define CHAIN_FIELD_COUNT 8
+/* Their columns in a statement or export CSV: the export's name, the statement's. */
+#define CHAIN_COLUMNS { { "id", "id" }, { "wallet", "wallet" }, { "created_at", "date" }, { "type", "type" }, \
+	{ "amount", "amount" }, { "balance_after", "balance" }, { "currency", "currency" }, \
+	{ "description", "description" } }
+
 /* Limits.  Those marked (config) are defaults that walletd.conf can change. */
 #define MAX_FRAME_DEFAULT   (16u << 20) /* (config) max_frame, bytes */
 #define WALLET_ID_MAX       64          /* 1-64 of A-Za-z0-9._:- */

@@ -9,10 +9,12 @@
  * 3 cannot reach walletd, 4 insufficient_balance, 5 unavailable (retry).
  */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
+#include <search.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +28,7 @@
 #include <unistd.h>
 
 #include <msgpack.h>
+#include <openssl/evp.h>
 
 #include "protocol.h"
 
@@ -1170,6 +1173,8 @@ help_all(FILE *f)
 	for (int m = 0; m < M__COUNT; m++)
 		fprintf(f, "  %-16s %s\n", command_name(m), method_table[m].summary);
 	fprintf(f, "  %-16s %s\n", "rate export", "Write every rate as CSV (plan,channel,prefix,route,price,currency,...).");
+	fprintf(f, "  %-16s %s\n", "verify-statement", "Check a statement or export CSV's hash chain and signed "
+	    "heads, offline (FILE --key PUBKEY).");
 	fprintf(f, "  %-16s %s\n", "bench", "Load generator with a self-check (walletctl help bench).");
 }
 
@@ -1392,7 +1397,8 @@ csv_number(const char *col)
  * Writes one CSV field of v (a string, an integer, or nil as empty), RFC
  * 4180 quoted when it must be.  Text (column col not a number) that a
  * spreadsheet would run as a formula, beginning with =, +, -, @, a tab or
- * a carriage return, is written after a ' (which the spreadsheet hides).
+ * a carriage return, is written after a ' (which the spreadsheet hides);
+ * so is text beginning with ', so that a reader drops one ' of any text.
  */
 static void
 csv_field(const msgpack_object *v, const char *col)
@@ -1406,7 +1412,7 @@ csv_field(const msgpack_object *v, const char *col)
 	} else if (v->type == MSGPACK_OBJECT_STR) {
 		const char *p = v->via.str.ptr;
 		size_t n = v->via.str.size;
-		const char *quote = n && p[0] && strchr("=+-@\t\r", p[0]) && !csv_number(col) ? "'" : "";
+		const char *quote = n && p[0] && strchr("=+-@\t\r'", p[0]) && !csv_number(col) ? "'" : "";
 
 		if (strcspn(p, ",\"\r\n") >= n && memchr(p, '\0', n) == NULL) {
 			fputs(quote, stdout);
@@ -1423,18 +1429,119 @@ csv_field(const msgpack_object *v, const char *col)
 	}
 }
 
+/* ---- Signed heads in CSV (README: The ledger's hash chain) ---- */
+
+/* A wallet's signed head as a CSV trailer row gives it, after "#head". */
+enum { H_WALLET, H_ID, H_HASH, H_AT, H_SIGNATURE, H_BEFORE, H__COUNT };
+static const char *const head_fields[H__COUNT] = { "wallet", "id", "hash", "at", "signature", "before" };
+
+struct head {
+	char *f[H__COUNT];
+	unsigned char last[32]; /* verify-statement: the hash of the wallet's last row so far */
+	char *last_id;
+	unsigned rows;
+};
+
+static void *heads; /* a tsearch tree of struct head by wallet */
+
+static int
+head_compare(const void *a, const void *b)
+{
+	return strcmp(((const struct head *)a)->f[H_WALLET], ((const struct head *)b)->f[H_WALLET]);
+}
+
+/* The head of wallet, added (its fields NULL) if new. */
+static struct head *
+head_find(const char *wallet)
+{
+	struct head key = { .f[H_WALLET] = (char *)wallet }, *h, **node;
+
+	if ((node = tfind(&key, &heads, head_compare)) != NULL)
+		return *node;
+	if ((h = calloc(1, sizeof(*h))) == NULL || (h->f[H_WALLET] = strdup(wallet)) == NULL ||
+	    tsearch(h, &heads, head_compare) == NULL)
+		die(EXIT_ERROR, "out of memory");
+	return h;
+}
+
+/* A string or integer msgpack value as a new string ("" otherwise). */
+static char *
+value_text(const msgpack_object *v)
+{
+	char *out = NULL;
+
+	if (v && v->type == MSGPACK_OBJECT_STR)
+		out = strndup(v->via.str.ptr, v->via.str.size);
+	else if (v && v->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+		if (asprintf(&out, "%" PRIu64, v->via.u64) < 0)
+			out = NULL;
+	} else {
+		out = strdup("");
+	}
+	if (out == NULL)
+		die(EXIT_ERROR, "out of memory");
+	return out;
+}
+
+/* Takes a signed head from an answer: a later page's head of a wallet replaces all but its before. */
+static void
+head_take(const msgpack_object *o)
+{
+	char *wallet;
+	struct head *h;
+
+	if (o == NULL || o->type != MSGPACK_OBJECT_MAP)
+		return;
+	wallet = value_text(map_get(o, "wallet"));
+	h = head_find(wallet);
+	free(wallet);
+	for (int i = H_ID; i < H__COUNT; i++)
+		if (i != H_BEFORE || h->f[i] == NULL) {
+			free(h->f[i]);
+			h->f[i] = value_text(map_get(o, head_fields[i]));
+		}
+}
+
+/* twalk: writes one head as a trailer row. */
+static void
+head_row(const void *node, VISIT which, int depth)
+{
+	const struct head *h = *(struct head *const *)node;
+
+	(void)depth;
+	if (which != postorder && which != leaf)
+		return;
+	fputs("#head", stdout);
+	for (int i = 0; i < H__COUNT; i++) {
+		msgpack_object v = { .type = MSGPACK_OBJECT_STR,
+			.via.str = { (uint32_t)strlen(h->f[i]), h->f[i] } };
+
+		putchar(',');
+		csv_field(&v, "");
+	}
+	fputs("\r\n", stdout);
+}
+
+/* Writes the signed heads taken, a row each in wallet order: the CSV's trailer. */
+static void
+heads_write(void)
+{
+	twalk(heads, head_row);
+}
+
 /*
  * export --csv [--after-id N]: every transaction after N, in id order, as
  * RFC 4180 CSV (a header row, CRLF line ends, amounts as plain decimals),
- * paging through export until the log's end.  To resume, pass the last
- * row's id as --after-id.
+ * paging through export until the log's end, then the signed head of each
+ * wallet in it (heads_write).  To resume, pass the last row's id as
+ * --after-id.
  */
 static int
 cmd_export_csv(int argc, char **argv)
 {
 	static const char *const cols[] = { "id", "created_at", "wallet", "type", "amount", "balance_after",
 		"currency", "description", "ref", "channel", "to", "route", "segments", "price", "price_currency",
-		"refund_of", "hold", "provider", "provider_ref", "paid_amount", "paid_currency" };
+		"refund_of", "hold", "provider", "provider_ref", "paid_amount", "paid_currency", "hash" };
 	const size_t ncols = sizeof(cols) / sizeof(cols[0]);
 	uint64_t after = 0;
 
@@ -1456,7 +1563,7 @@ cmd_export_csv(int argc, char **argv)
 		msgpack_sbuffer sb;
 		msgpack_packer pk;
 		msgpack_unpacked resp;
-		const msgpack_object *result, *txns, *last;
+		const msgpack_object *result, *txns, *last, *last_heads;
 
 		msgpack_sbuffer_init(&sb);
 		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
@@ -1481,11 +1588,222 @@ cmd_export_csv(int argc, char **argv)
 				csv_field(map_get(&txns->via.array.ptr[i], cols[k]), cols[k]);
 				fputs(k + 1 < ncols ? "," : "\r\n", stdout);
 			}
+		last_heads = map_get(result, "heads");
+		for (uint32_t i = 0; last_heads && last_heads->type == MSGPACK_OBJECT_ARRAY && i < last_heads->via.array.size; i++)
+			head_take(&last_heads->via.array.ptr[i]);
 		after = last->via.u64;
 		msgpack_unpacked_destroy(&resp);
 	}
+	heads_write();
 	if (fflush(stdout) != 0)
 		die(EXIT_ERROR, "cannot write the CSV: %s", strerror(errno));
+	return EXIT_OK;
+}
+
+/*
+ * Reads the RFC 4180 record at *p in place: fields NUL-terminated, quotes
+ * and "" undone, at most max kept.  Returns how many, 0 at the end.
+ */
+static int
+csv_record(char **p, char **fields, int max)
+{
+	char *s = *p, *w, c;
+	int n = 0;
+
+	if (*s == '\0')
+		return 0;
+	do {
+		w = s;
+		if (n < max)
+			fields[n++] = w;
+		if (*s == '"')
+			for (s++; *s && (*s != '"' || s[1] == '"'); s++)
+				*w++ = *s == '"' ? *s++ : *s;
+		s += *s == '"';
+		while (*s && *s != ',' && *s != '\r' && *s != '\n')
+			*w++ = *s++;
+		c = *s;
+		*w = '\0';
+		s += c == '\r' && s[1] == '\n' ? 2 : c != '\0';
+	} while (c == ',');
+	*p = s;
+	return n;
+}
+
+/* Writes f[n] as netstrings into buf (cap bytes): their length, or 0 if over cap. */
+static size_t
+netstrings(const char *const *f, int n, unsigned char *buf, size_t cap)
+{
+	size_t len = 0;
+
+	for (int i = 0; i < n; i++) {
+		int k = snprintf((char *)buf + len, cap - len, "%zu:", strlen(f[i]));
+
+		if (k < 0 || strlen(f[i]) + (size_t)k + 1 >= cap - len)
+			return 0;
+		len += (size_t)k;
+		memcpy(buf + len, f[i], strlen(f[i]));
+		len += strlen(f[i]);
+		buf[len++] = ',';
+	}
+	return len;
+}
+
+/* Reads 2n hex digits of text into out[n]: 0, or -1. */
+static int
+hex_read(const char *text, unsigned char *out, size_t n)
+{
+	if (strlen(text) != 2 * n)
+		return -1;
+	for (size_t i = 0; i < n; i++)
+		if (sscanf(text + 2 * i, "%2hhx", &out[i]) != 1 || !isxdigit((unsigned char)text[2 * i + 1]))
+			return -1;
+	return 0;
+}
+
+/* Whether head h's signature verifies under key (Ed25519). */
+static int
+head_signed(const struct head *h, EVP_PKEY *key)
+{
+	const char *f[4] = { h->f[H_WALLET], h->f[H_ID], h->f[H_HASH], h->f[H_AT] };
+	unsigned char buf[512], sig[64];
+	size_t n = netstrings(f, 4, buf, sizeof(buf));
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+	int ok = n && hex_read(h->f[H_SIGNATURE], sig, sizeof(sig)) == 0 && ctx &&
+	    EVP_DigestVerifyInit(ctx, NULL, NULL, NULL, key) == 1 && EVP_DigestVerify(ctx, sig, sizeof(sig), buf, n) == 1;
+
+	EVP_MD_CTX_free(ctx);
+	return ok;
+}
+
+static EVP_PKEY *verify_key;
+static int verify_failed;
+
+/* twalk: checks that a head ends its wallet's rows and is signed. */
+static void
+head_check(const void *node, VISIT which, int depth)
+{
+	const struct head *h = *(struct head *const *)node;
+	unsigned char hash[32];
+
+	(void)depth;
+	if (which != postorder && which != leaf)
+		return;
+	if (hex_read(h->f[H_HASH] ? h->f[H_HASH] : "", hash, 32) != 0 || memcmp(hash, h->last, 32) != 0 ||
+	    (h->rows && strcmp(h->last_id, h->f[H_ID]) != 0)) {
+		fprintf(stderr, "walletctl: the rows of wallet %s do not end at its signed head (transaction %s): "
+		    "a row was removed, added or changed after the last one that verified\n", h->f[H_WALLET],
+		    h->f[H_ID] ? h->f[H_ID] : "?");
+		verify_failed = 1;
+	} else if (!head_signed(h, verify_key)) {
+		fprintf(stderr, "walletctl: the head of wallet %s (transaction %s) is not signed by this key\n",
+		    h->f[H_WALLET], h->f[H_ID]);
+		verify_failed = 1;
+	}
+}
+
+/* Drops the ' csv_field wrote before text. */
+static const char *
+csv_text(const char *v)
+{
+	return v[0] == '\'' ? v + 1 : v;
+}
+
+/*
+ * verify-statement FILE --key PUBKEY: recomputes the hash chain of a
+ * statement or export CSV (walletctl statement --csv, export --csv) row by
+ * row from each wallet's signed head's before, and checks that each
+ * wallet's rows end at its head and that the head is signed by PUBKEY (hex,
+ * as ping answers ledger_key).  Offline.  Exit 0, or 1 naming the first
+ * row that does not verify (a spreadsheet's row number: the header is 1).
+ */
+static int
+cmd_verify_statement(int argc, char **argv)
+{
+	static const char *const names[CHAIN_FIELD_COUNT][2] = CHAIN_COLUMNS;
+	const char *path = NULL, *key_hex = NULL;
+	int col[CHAIN_FIELD_COUNT], hash_col = -1, ncols, nheads = 0, row;
+	char *data, *copy, *p, *fields[64], *single = NULL;
+	unsigned char raw[32];
+	unsigned rows = 0;
+
+	for (int i = 0; i < argc; i++) {
+		if (strcmp(argv[i], "--key") == 0 && i + 1 < argc)
+			key_hex = argv[++i];
+		else if (path == NULL)
+			path = argv[i];
+		else
+			path = NULL, i = argc;
+	}
+	if (path == NULL || key_hex == NULL)
+		die(EXIT_USAGE, "usage: walletctl verify-statement FILE.csv --key PUBKEY");
+	if (hex_read(key_hex, raw, 32) != 0 ||
+	    (verify_key = EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, NULL, raw, 32)) == NULL)
+		die(EXIT_USAGE, "--key takes the 64 hex digits of an Ed25519 public key (ping's ledger_key)");
+	data = slurp(path);
+	if ((copy = strdup(data)) == NULL)
+		die(EXIT_ERROR, "out of memory");
+	/* The heads first: the trailer starts each wallet's chain. */
+	for (p = copy; (ncols = csv_record(&p, fields, 64)) > 0;)
+		if (strcmp(fields[0], "#head") == 0 && ncols == 1 + H__COUNT) {
+			struct head *h = head_find(fields[1]);
+
+			for (int i = H_ID; i < H__COUNT; i++)
+				if ((h->f[i] = strdup(fields[1 + i])) == NULL)
+					die(EXIT_ERROR, "out of memory");
+			if (hex_read(h->f[H_BEFORE], h->last, 32) != 0)
+				die(EXIT_ERROR, "%s: the head of %s has no before hash", path, h->f[H_WALLET]);
+			single = h->f[H_WALLET];
+			nheads++;
+		}
+	p = data;
+	ncols = csv_record(&p, fields, 64);
+	for (int k = 0; k < CHAIN_FIELD_COUNT; k++) {
+		col[k] = -1;
+		for (int i = 0; i < ncols; i++)
+			if (strcmp(fields[i], names[k][0]) == 0 || strcmp(fields[i], names[k][1]) == 0)
+				col[k] = i;
+		if (col[k] < 0 && k != 1)
+			die(EXIT_ERROR, "%s: no %s column: not a statement or export CSV", path, names[k][0]);
+	}
+	for (int i = 0; i < ncols; i++)
+		if (strcmp(fields[i], "hash") == 0)
+			hash_col = i;
+	if (hash_col < 0 || nheads == 0 || (col[1] < 0 && nheads != 1))
+		die(EXIT_ERROR, "%s: no hash column or no signed head: write it again with this walletctl", path);
+	for (row = 2; (ncols = csv_record(&p, fields, 64)) > 0; row++) {
+		const char *v[CHAIN_FIELD_COUNT];
+		unsigned char buf[8192], hash[32], stored[32];
+		struct head *h;
+		size_t n;
+
+		if (fields[0][0] == '#' || ncols <= hash_col || fields[col[0]][0] == '\0')
+			continue; /* a head, a blank line, an opening or closing balance */
+		for (int k = 0; k < CHAIN_FIELD_COUNT; k++)
+			v[k] = col[k] < 0 ? single : csv_text(fields[col[k]]);
+		if ((h = head_find(v[1]))->f[H_ID] == NULL) {
+			fprintf(stderr, "walletctl: row %d (transaction %s): wallet %s has no signed head in the file\n",
+			    row, v[0], v[1]);
+			return EXIT_ERROR;
+		}
+		memcpy(buf, h->last, 32);
+		n = netstrings(v, CHAIN_FIELD_COUNT, buf + 32, sizeof(buf) - 32);
+		if (n == 0 || EVP_Digest(buf, 32 + n, hash, NULL, EVP_sha256(), NULL) != 1 ||
+		    hex_read(fields[hash_col], stored, 32) != 0 || memcmp(hash, stored, 32) != 0) {
+			fprintf(stderr, "walletctl: row %d (transaction %s of %s) does not verify: it, or a row of its "
+			    "wallet before it, was changed, removed or moved\n", row, v[0], v[1]);
+			return EXIT_ERROR;
+		}
+		memcpy(h->last, hash, 32);
+		h->last_id = fields[col[0]];
+		h->rows++;
+		rows++;
+	}
+	twalk(heads, head_check);
+	if (verify_failed)
+		return EXIT_ERROR;
+	printf("verified: %u transactions of %d wallets, each chain ending at a head signed by %s\n", rows, nheads,
+	    key_hex);
 	return EXIT_OK;
 }
 
@@ -1526,16 +1844,16 @@ statement_page(const char *wallet, const char *from, const char *until, uint64_t
 	msgpack_sbuffer_destroy(&sb);
 }
 
-/* Writes one CSV row of the statement: date, id, type, description, amount, balance, currency. */
+/* Writes one CSV row of the statement: date, id, type, description, amount, balance, currency, hash. */
 static void
 statement_row(const msgpack_object *t)
 {
 	static const char *const cols[] = { "created_at", "id", "type", "description", "amount", "balance_after",
-		"currency" };
+		"currency", "hash" };
 
-	for (int k = 0; k < 7; k++) {
+	for (int k = 0; k < 8; k++) {
 		csv_field(map_get(t, cols[k]), cols[k]);
-		fputs(k < 6 ? "," : "\r\n", stdout);
+		fputs(k < 7 ? "," : "\r\n", stdout);
 	}
 }
 
@@ -1543,7 +1861,7 @@ statement_row(const msgpack_object *t)
  * statement WALLET [--month YYYY-MM | --from T --until T] [--after-id N]
  * [--limit N] [--csv]: the statement method; --month names a UTC month;
  * --csv writes it for a spreadsheet: the opening balance, every transaction
- * of the period (page after page), the closing balance.
+ * of the period (page after page), the closing balance, the signed head.
  */
 static int
 cmd_statement(int argc, char **argv)
@@ -1599,10 +1917,11 @@ cmd_statement(int argc, char **argv)
 	str_copy(until_buf, sizeof(until_buf), map_get(r, "until"));
 	str_copy(closing, sizeof(closing), map_get(r, "closing_balance"));
 	str_copy(currency, sizeof(currency), map_get(r, "currency"));
-	printf("date,id,type,description,amount,balance,currency\r\n");
+	printf("date,id,type,description,amount,balance,currency,hash\r\n");
 	printf("%.10s,,opening_balance,Opening balance,,", from_buf);
 	csv_field(map_get(r, "opening_balance"), "opening_balance");
-	printf(",%s\r\n", currency);
+	printf(",%s,\r\n", currency);
+	head_take(map_get(r, "head"));
 	for (;;) {
 		txns = map_get(r, "transactions");
 		for (uint32_t i = 0; txns && txns->type == MSGPACK_OBJECT_ARRAY && i < txns->via.array.size; i++)
@@ -1616,7 +1935,8 @@ cmd_statement(int argc, char **argv)
 		if ((r = ok_result(&resp.data)) == NULL)
 			return print_response(&resp.data);
 	}
-	printf("%.10s,,closing_balance,Closing balance,,%s,%s\r\n", until_buf, closing, currency);
+	printf("%.10s,,closing_balance,Closing balance,,%s,%s,\r\n", until_buf, closing, currency);
+	heads_write();
 	msgpack_unpacked_destroy(&resp);
 	if (fflush(stdout) != 0)
 		die(EXIT_ERROR, "cannot write the CSV: %s", strerror(errno));
@@ -2413,6 +2733,8 @@ main(int argc, char **argv)
 		return cmd_stats_prometheus();
 	if (strcmp(argv[i], "statement") == 0)
 		return cmd_statement(argc - i - 1, argv + i + 1);
+	if (strcmp(argv[i], "verify-statement") == 0)
+		return cmd_verify_statement(argc - i - 1, argv + i + 1);
 	for (int j = i + 1; strcmp(argv[i], "export") == 0 && j < argc; j++)
 		if (strcmp(argv[j], "--csv") == 0)
 			return cmd_export_csv(argc - i - 1, argv + i + 1);

@@ -60,6 +60,7 @@
 #include <lmdb.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/pem.h>
 #include <msgpack.h>
 #include <nats/nats.h>
 #include <openssl/sha.h>
@@ -114,6 +115,7 @@ struct config {
 	char webhook_url[512];
 	char webhook_secret_file[PATH_MAX];
 	unsigned webhook_timeout;
+	char ledger_key_file[PATH_MAX];
 	char currencies[256];
 	char nats_url[1024];
 	char cluster[64];
@@ -195,6 +197,8 @@ static const struct config_key config_keys[] = {
 	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired, charge_settled, destination_suspended) are POSTed as JSON; empty = none"),
 	CK(webhook_secret_file, CF_STR, 1, "file whose first line (and second, while rotating) is the secret events are signed with"),
 	CK(webhook_timeout, CF_UINT, 1, "seconds a webhook delivery may take"),
+	CK(ledger_key_file, CF_STR, 0, "the Ed25519 key (PEM) statements and exports are signed with, made at first start "
+	    "if missing; empty = ledger.key in the store"),
 	CK(currencies, CF_STR, 0, "a platform's own units beside ISO 4217, comma-separated 3-letter codes (CRD, ...)"),
 	CK(nats_url, CF_STR, 0, "NATS server URLs, comma-separated: replicate through JetStream (empty = a single node)"),
 	CK(cluster, CF_STR, 0, "the replicated group's name: its stream, subjects and lease are named after it"),
@@ -1200,8 +1204,10 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  *            settings when it has them, its allowed prefixes, blocked
  *            prefixes, e-mails and safe prefixes (wallet_decode; layout 4
  *            had nothing after plan but emails)
- *   txns     u64 id (MDB_INTEGERKEY) -> struct txn_head, then the rest of
- *            the transaction as a msgpack array (txn_pack_stored; layout 3
+ *   txns     u64 id (MDB_INTEGERKEY) -> struct txn_head, then (flag
+ *            TXN_HASHED, since layout 7: every record) its 32-byte hash in the
+ *            ledger's hash chain (txn_hash), then the rest of the
+ *            transaction as a msgpack array (txn_pack_stored; layout 3
  *            stored the whole msgpack map, and such records still read):
  *            the append-only log, ids increasing across the store.  The
  *            head links each transaction to the wallet's one before it
@@ -1256,7 +1262,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
  * MDB_WRITEMAP: every commit is durable, and nested transactions need
  * LMDB's own page copies.
  */
-#define STORE_VERSION 6
+#define STORE_VERSION 7
 #define EMAILS_BYTES 1024
 #define PREFIXES_BYTES (PREFIXES_MAX * 16)
 #define HIST_STRIDE 64
@@ -1351,6 +1357,7 @@ struct txn_head {
 	uint32_t flags;           /* TXN_REPORTED: a charge whose delivery report refs keeps */
 };
 #define TXN_REPORTED 1u
+#define TXN_HASHED   2u /* its hash follows the head (layout 7) */
 
 struct rate_val {
 	int64_t price;
@@ -1467,6 +1474,8 @@ struct txn {
 	const struct charge_fate *fate; /* a charge's delivery report, if it has one */
 	struct str fate_error;
 	int pending;                /* settle = delivery: held for its report (id 0: nil) */
+	int hashed;                 /* hash is its place in the wallet's hash chain */
+	unsigned char hash[32];
 };
 
 static struct store {
@@ -1682,10 +1691,13 @@ record_pack(MDB_txn *txn, msgpack_sbuffer *out, int stream)
 	return rc;
 }
 
+static int record_chain(MDB_txn *txn, const msgpack_object *r);
+static int chain_one(MDB_txn *txn, uint64_t id, int captured);
+
 /*
  * Applies a record's changes to txn (a stream record's: never to this
- * node's own databases).  Returns an LMDB error, or EINVAL if it does not
- * decode.
+ * node's own databases; one of an older release gets its hashes here).
+ * Returns an LMDB error, or EINVAL if it does not decode.
  */
 static int
 record_apply(MDB_txn *txn, const char *p, size_t n, int stream)
@@ -1721,7 +1733,49 @@ record_apply(MDB_txn *txn, const char *p, size_t n, int stream)
 			rc = EINVAL;
 		}
 	}
+	if (rc == 0 && stream)
+		rc = record_chain(txn, &u.data);
 	msgpack_unpacked_destroy(&u);
+	return rc;
+}
+
+static int
+u64_order(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * After a stream record r (applied in txn): hashes the transactions it
+ * wrote without their hash (a leader of a release before the hash chain),
+ * in id order, as a leader of this release would have (so a group's nodes
+ * may be upgraded one by one, the leader last).  0 or an LMDB error.
+ */
+static int
+record_chain(MDB_txn *txn, const msgpack_object *r)
+{
+	uint64_t *ids = NULL;
+	size_t n = 0;
+	int rc = 0;
+
+	for (uint32_t i = 0; i < r->via.array.size; i++) {
+		const msgpack_object *c = r->via.array.ptr[i].via.array.ptr;
+		struct txn_head h;
+
+		if (store_dbs[c[0].via.u64].dbi == &store.txns && c[1].via.bin.size == 8 && c[2].type == MSGPACK_OBJECT_BIN &&
+		    c[2].via.bin.size > sizeof(h) && (memcpy(&h, c[2].via.bin.ptr, sizeof(h)), !(h.flags & TXN_HASHED))) {
+			if (ids == NULL && (ids = malloc(r->via.array.size * sizeof(*ids))) == NULL)
+				return ENOMEM;
+			memcpy(&ids[n++], c[1].via.bin.ptr, 8);
+		}
+	}
+	if (n > 1)
+		qsort(ids, n, sizeof(*ids), u64_order);
+	for (size_t i = 0; i < n && rc == 0; i++)
+		rc = chain_one(txn, ids[i], 1);
+	free(ids);
 	return rc;
 }
 
@@ -1869,12 +1923,81 @@ store_upgrade_wallets(MDB_txn *txn)
 	return rc == MDB_NOTFOUND ? 0 : rc;
 }
 
+static int store_grow(int wait);
+static int txn_read(MDB_txn *txn, uint64_t id, struct txn_head *h, MDB_val *raw);
+static int chain_get(MDB_txn *txn, uint64_t id, unsigned char out[32]);
+static int txn_fetch(MDB_txn *txn, uint64_t id, struct txn_head *h, MDB_val *rec);
+static int txn_map_hash(const msgpack_object *m, const unsigned char prev[32], unsigned char out[32]);
+
+/*
+ * Hashes stored transaction id (without its hash yet), after its wallet's
+ * one before it (hashed already), and writes its record again with the
+ * hash; captured: as a change of the commit (else the store's own, an
+ * upgrade's).  0 or an LMDB error.
+ */
+static int
+chain_one(MDB_txn *txn, uint64_t id, int captured)
+{
+	unsigned char prev[32], hash[32];
+	struct txn_head h;
+	msgpack_unpacked m;
+	MDB_val raw, rec, k = { sizeof(id), &id }, v;
+	int rc;
+
+	if ((rc = txn_read(txn, id, &h, &raw)) != 0 || (rc = chain_get(txn, h.prev, prev)) != 0)
+		return rc;
+	msgpack_unpacked_init(&m);
+	if (msgpack_unpack_next(&m, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS ||
+	    txn_map_hash(&m.data, prev, hash) != 0)
+		rc = MDB_CORRUPTED;
+	msgpack_unpacked_destroy(&m);
+	if (rc != 0 || (rc = txn_fetch(txn, id, &h, &rec)) != 0)
+		return rc;
+	if (h.flags & TXN_HASHED)
+		return 0;
+	h.flags |= TXN_HASHED;
+	v = (MDB_val){ sizeof(h) + sizeof(hash) + rec.mv_size, NULL };
+	if ((v.mv_data = malloc(v.mv_size)) == NULL)
+		return ENOMEM;
+	memcpy(v.mv_data, &h, sizeof(h));
+	memcpy((char *)v.mv_data + sizeof(h), hash, sizeof(hash));
+	memcpy((char *)v.mv_data + sizeof(h) + sizeof(hash), rec.mv_data, rec.mv_size);
+	rc = captured ? captured_put(txn, store.txns, &k, &v, 0) : mdb_put(txn, store.txns, &k, &v, 0);
+	free(v.mv_data);
+	return rc;
+}
+
+/* Hashes every transaction of a store of layout 6 or before into the chain, in id order. */
+static int
+store_chain_all(MDB_txn *txn)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, store.txns, &cur)) != 0)
+		return rc;
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		uint64_t id;
+
+		memcpy(&id, k.mv_data, sizeof(id));
+		if ((rc = chain_one(txn, id, 0)) != 0)
+			break;
+		k = (MDB_val){ sizeof(id), &id }; /* the record was written again: find its place anew */
+		if ((rc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY)) != 0)
+			break;
+	}
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
 /*
  * Brings the store in txn to layout STORE_VERSION: layout 2 has its refs
  * re-keyed; layout 3 is read as it is (its records still decode); layouts
  * 4 and before have their wallets rewritten; layout 5 reads as it is (6
  * adds meta "journal" and wallet records with WF_COUNTS, which layout 5's
- * walletd would misread); a new store is stamped.  Returns 0, an LMDB error, or -1 (a message logged) for
+ * walletd would misread); layouts 6 and before have every transaction
+ * hashed into the chain; a new store is stamped.  Returns 0, an LMDB error, or -1 (a message logged) for
  * a layout this walletd does not read.
  */
 static int
@@ -1888,7 +2011,7 @@ store_upgrade(MDB_txn *txn, const char *dir)
 		memcpy(&found, v.mv_data, sizeof(found));
 	else if (rc != 0 && rc != MDB_NOTFOUND)
 		return rc;
-	if (found != version && (found < 2 || found > 5)) {
+	if (found != version && (found < 2 || found > 6)) {
 		log_x(L_ERR, "store %s has layout version %u; this walletd reads version %u", dir, found, version);
 		return -1;
 	}
@@ -1903,7 +2026,12 @@ store_upgrade(MDB_txn *txn, const char *dir)
 			return rc;
 	}
 	if (found < 6)
-		log_x(L_INFO, "store %s: to layout %u (journaled; spend counted without limits)", dir, version);
+		log_x(L_INFO, "store %s: to layout 6 (journaled; spend counted without limits)", dir);
+	if (found < 7) {
+		log_x(L_INFO, "store %s: to layout 7 (every transaction hash-chained)", dir);
+		if ((rc = store_chain_all(txn)) != 0)
+			return rc;
+	}
 	v = (MDB_val){ sizeof(version), &version };
 	return captured_put(txn, store.meta, &k, &v, 0);
 }
@@ -2006,10 +2134,14 @@ store_open(const char *dir)
 		goto fail;
 	if (restored && journal_recover((struct checkpoint_file *)cp) != 0)
 		return -1;
-	if ((rc = captured_txn_begin(&txn)) != 0)
-		goto fail;
-	if ((rc = store_upgrade(txn, dir)) != 0 || (rc = store_first_expiry(txn)) != 0) {
+	for (;;) { /* an upgrade may need a larger map */
+		if ((rc = captured_txn_begin(&txn)) != 0)
+			goto fail;
+		if ((rc = store_upgrade(txn, dir)) == 0 && (rc = store_first_expiry(txn)) == 0)
+			break;
 		mdb_txn_abort(txn);
+		if (rc == MDB_MAP_FULL && store_grow(1) == 0)
+			continue;
 		if (rc < 0)
 			return -1;
 		goto fail;
@@ -2886,7 +3018,7 @@ store_restore(const struct checkpoint_file *f)
 	if (fstat(journal.data_fd, &st) != 0 || (uint64_t)st.st_size < (last_pg + 1) * f->psize ||
 	    newest < f->txnid || other) {
 		log_x(L_ERR, "journal: data.mdb is not the store the checkpoint file was taken of (a backup copied "
-		    "over it?): to restore a backup, start walletd on a directory holding only the backup, as data.mdb");
+		    "over it?): to restore a backup, start walletd on a directory holding only the backup, as data.mdb (and ledger.key)");
 		return -1;
 	}
 	for (uint64_t slot = 0; slot < 2; slot++) {
@@ -3966,6 +4098,295 @@ key_pair(unsigned char key[16], uint64_t a, uint64_t b)
 	return (MDB_val){ 16, key };
 }
 
+/* ---- The ledger's hash chain ---- */
+
+/* What a transaction's hash covers, in this order: CHAIN_FIELDS. */
+enum { CF_ID, CF_WALLET, CF_CREATED_AT, CF_TYPE, CF_AMOUNT, CF_BALANCE_AFTER, CF_CURRENCY, CF_DESCRIPTION, CF__COUNT };
+static const char *const chain_field_names[CF__COUNT] = CHAIN_FIELDS;
+
+static EVP_MD *sha256_md;         /* fetched once (sha256_fetch) */
+static pthread_key_t sha256_ctx; /* a context per thread, freed with it */
+
+static void
+sha256_ctx_free(void *ctx)
+{
+	EVP_MD_CTX_free(ctx);
+}
+
+static void
+sha256_fetch(void)
+{
+	sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+	pthread_key_create(&sha256_ctx, sha256_ctx_free);
+}
+
+/*
+ * SHA-256 of p[n] into out, on every transaction: with OpenSSL 3 the
+ * one-shot SHA256() looks the algorithm up by name, and EVP_Digest
+ * allocates a context, at each call; this fetches it once and keeps a
+ * context per thread.  0, or -1.
+ */
+static int
+sha256_fast(const void *p, size_t n, unsigned char out[32])
+{
+	static pthread_once_t once = PTHREAD_ONCE_INIT;
+	EVP_MD_CTX *ctx;
+
+	pthread_once(&once, sha256_fetch);
+	if ((ctx = pthread_getspecific(sha256_ctx)) == NULL &&
+	    ((ctx = EVP_MD_CTX_new()) == NULL || pthread_setspecific(sha256_ctx, ctx) != 0)) {
+		EVP_MD_CTX_free(ctx);
+		return -1;
+	}
+	return sha256_md && EVP_DigestInit_ex2(ctx, sha256_md, NULL) == 1 && EVP_DigestUpdate(ctx, p, n) == 1 &&
+	    EVP_DigestFinal_ex(ctx, out, NULL) == 1 ? 0 : -1;
+}
+
+/* Writes v in decimal into buf (>= 21 bytes, no NUL); returns its length.  (Not snprintf: on every charge.) */
+static size_t
+u64_text(uint64_t v, char *buf)
+{
+	char tmp[20];
+	size_t n = 0, len;
+
+	do
+		tmp[n++] = (char)('0' + v % 10);
+	while ((v /= 10) != 0);
+	for (len = n; n > 0; n--)
+		*buf++ = tmp[n - 1];
+	return len;
+}
+
+/* Writes f[n] as netstrings (length in decimal, ":", the bytes, ",") into buf: their length, or 0 if over cap. */
+static size_t
+netstrings(const struct str *f, int n, unsigned char *buf, size_t cap)
+{
+	size_t len = 0;
+
+	for (int i = 0; i < n; i++) {
+		if (f[i].n + 24 > cap - len)
+			return 0;
+		len += u64_text(f[i].n, (char *)buf + len);
+		buf[len++] = ':';
+		memcpy(buf + len, f[i].p, f[i].n);
+		len += f[i].n;
+		buf[len++] = ',';
+	}
+	return len;
+}
+
+/*
+ * A transaction's hash: SHA-256 of the hash of its wallet's transaction
+ * before it (32 zero bytes for the first), then each field f[] as the
+ * answers show it, as a netstring: its length in bytes, ":", the bytes,
+ * ",".  Returns 0, or -1 for fields longer than any transaction has.
+ */
+static int
+chain_hash(const unsigned char prev[32], const struct str f[CF__COUNT], unsigned char out[32])
+{
+	unsigned char buf[4096];
+	size_t n;
+
+	memcpy(buf, prev, 32);
+	n = netstrings(f, CF__COUNT, buf + 32, sizeof(buf) - 32);
+	return n ? sha256_fast(buf, 32 + n, out) : -1;
+}
+
+/* The hash of transaction t, its fields as txn_pack answers them, after prev: 0, or -1 (OpenSSL failed). */
+static int
+txn_hash(const struct txn *t, const unsigned char prev[32], unsigned char out[32])
+{
+	char id[24], at[32], amount[32], after[32];
+	struct str f[CF__COUNT];
+
+	f[CF_ID] = (struct str){ id, u64_text(t->id, id) };
+	f[CF_WALLET] = t->wallet;
+	f[CF_CREATED_AT] = (struct str){ at, strlen(time_format(t->created_at, at)) };
+	f[CF_TYPE] = (struct str){ txn_type_names[t->type], strlen(txn_type_names[t->type]) };
+	f[CF_AMOUNT] = (struct str){ amount, strlen(amount_format(t->amount, amount, 0)) };
+	f[CF_BALANCE_AFTER] = (struct str){ after, strlen(amount_format(t->balance_after, after, 0)) };
+	f[CF_CURRENCY] = (struct str){ t->currency, strlen(t->currency) };
+	f[CF_DESCRIPTION] = (struct str){ t->description, strlen(t->description) };
+	return chain_hash(prev, f, out); /* these fields always fit */
+}
+
+/* The hash of the transaction map m (as answered), after prev: 0, or -1 if it lacks a field. */
+static int
+txn_map_hash(const msgpack_object *m, const unsigned char prev[32], unsigned char out[32])
+{
+	struct str f[CF__COUNT];
+	char id[24];
+
+	for (int i = 0; i < CF__COUNT; i++) {
+		const msgpack_object *o = map_get(m, chain_field_names[i]);
+
+		if (o && i == CF_ID && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+			f[i] = (struct str){ id, (size_t)snprintf(id, sizeof(id), "%" PRIu64, o->via.u64) };
+		else if (o && i != CF_ID && o->type == MSGPACK_OBJECT_STR)
+			f[i] = (struct str){ o->via.str.ptr, o->via.str.size };
+		else
+			return -1;
+	}
+	return chain_hash(prev, f, out);
+}
+
+/*
+ * Reads transaction id's hash into out (id 0: the 32 zero bytes before a
+ * wallet's first).  0, MDB_NOTFOUND (none: a record of an older layout),
+ * or an LMDB error.
+ */
+static int
+chain_get(MDB_txn *txn, uint64_t id, unsigned char out[32])
+{
+	struct txn_head h;
+	MDB_val rec;
+	int rc;
+
+	if (id == 0) {
+		memset(out, 0, 32);
+		return 0;
+	}
+	if ((rc = txn_fetch(txn, id, &h, &rec)) != 0)
+		return rc;
+	if (!(h.flags & TXN_HASHED))
+		return MDB_NOTFOUND;
+	memcpy(out, (const char *)rec.mv_data - 32, 32);
+	return 0;
+}
+
+/* Whether transaction id (its map m, after transaction prev) holds the hash it was chained with: 0, or -1. */
+static int
+chain_verify(MDB_txn *txn, uint64_t id, uint64_t prev, const msgpack_object *m)
+{
+	unsigned char before[32], stored[32], computed[32];
+
+	return chain_get(txn, prev, before) == 0 && chain_get(txn, id, stored) == 0 &&
+	    txn_map_hash(m, before, computed) == 0 && memcmp(stored, computed, 32) == 0 ? 0 : -1;
+}
+
+/* Writes p[n] in lower-case hex into out (2n bytes, no NUL); returns 2n. */
+static size_t
+hex_text(const unsigned char *p, size_t n, char *out)
+{
+	static const char digits[] = "0123456789abcdef";
+
+	for (size_t i = 0; i < n; i++) {
+		out[2 * i] = digits[p[i] >> 4];
+		out[2 * i + 1] = digits[p[i] & 15];
+	}
+	return 2 * n;
+}
+
+/* Packs hash in hex. */
+static void
+hash_pack(msgpack_packer *pk, const unsigned char hash[32])
+{
+	char hex[64];
+
+	msgpack_pack_str_with_body(pk, hex, hex_text(hash, 32, hex));
+}
+
+/* ---- Signed heads ---- */
+
+static EVP_PKEY *ledger_key;   /* Ed25519, from ledger_key_file */
+static char ledger_public[65]; /* its public key in hex, as ping answers it */
+
+/*
+ * Opens ledger_key_file (default: ledger.key in the store), first writing
+ * a new Ed25519 key there (mode 0600, through a synced temporary file) if
+ * there is none.  0, or -1 logged.
+ */
+static int
+ledger_key_open(void)
+{
+	char path[PATH_MAX], tmp[PATH_MAX + 8];
+	unsigned char pub[32];
+	size_t n = sizeof(pub);
+	FILE *f;
+
+	if (config.ledger_key_file[0])
+		snprintf(path, sizeof(path), "%s", config.ledger_key_file);
+	else if ((size_t)snprintf(path, sizeof(path), "%s/ledger.key", config.store) >= sizeof(path))
+		return log_x(L_ERR, "the store's path is too long for its ledger.key"), -1;
+	if ((f = fopen(path, "re")) != NULL) {
+		ledger_key = PEM_read_PrivateKey(f, NULL, NULL, NULL);
+		fclose(f);
+	} else if (errno == ENOENT && (ledger_key = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519")) != NULL) {
+		int fd, ok;
+
+		snprintf(tmp, sizeof(tmp), "%s.new", path);
+		if ((fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)) < 0 || (f = fdopen(fd, "w")) == NULL)
+			return log_p("%s", tmp), -1;
+		ok = PEM_write_PrivateKey(f, ledger_key, NULL, NULL, 0, NULL, NULL) == 1 && fflush(f) == 0 &&
+		    fsync(fd) == 0;
+		if (fclose(f) != 0 || !ok || rename(tmp, path) != 0)
+			return log_p("%s", path), -1;
+		log_x(L_INFO, "made the ledger's signing key %s", path);
+	} else {
+		return log_p("%s", path), -1;
+	}
+	if (ledger_key == NULL || EVP_PKEY_get_base_id(ledger_key) != EVP_PKEY_ED25519 ||
+	    EVP_PKEY_get_raw_public_key(ledger_key, pub, &n) != 1) {
+		log_x(L_ERR, "%s: not an Ed25519 private key in PEM", path);
+		return -1;
+	}
+	ledger_public[hex_text(pub, 32, ledger_public)] = '\0';
+	return 0;
+}
+
+/*
+ * Packs a signed head (README: The ledger's hash chain): {wallet, id, hash,
+ * at, signature, before}: id is the wallet's newest transaction covered, of
+ * that hash; signature, the Ed25519 signature in hex of wallet, id, hash
+ * and at as netstrings; before, the hash before the first transaction
+ * covered (not signed: the chain ties it to hash).
+ */
+static void
+head_pack(msgpack_packer *pk, struct str wallet, uint64_t id, const unsigned char hash[32],
+    const unsigned char before[32])
+{
+	char id_text[24], hex[64], at[32], sig_hex[128];
+	unsigned char buf[512], sig[64];
+	size_t n, sig_n = sizeof(sig);
+	struct str f[4];
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+
+	f[0] = wallet;
+	f[1] = (struct str){ id_text, u64_text(id, id_text) };
+	f[2] = (struct str){ hex, hex_text(hash, 32, hex) };
+	f[3] = (struct str){ at, strlen(time_format(now_seconds(), at)) };
+	n = netstrings(f, 4, buf, sizeof(buf));
+	if (ctx == NULL || EVP_DigestSignInit(ctx, NULL, NULL, NULL, ledger_key) != 1 ||
+	    EVP_DigestSign(ctx, sig, &sig_n, buf, n) != 1)
+		sig_n = 0;
+	EVP_MD_CTX_free(ctx);
+	msgpack_pack_map(pk, 6);
+	KV_SSTR(pk, "wallet", wallet);
+	KV_U64(pk, "id", id);
+	KEY(pk, "hash");
+	hash_pack(pk, hash);
+	KV_SSTR(pk, "at", f[3]);
+	KEY(pk, "signature");
+	if (sig_n)
+		msgpack_pack_str_with_body(pk, sig_hex, hex_text(sig, sig_n, sig_hex));
+	else
+		msgpack_pack_nil(pk);
+	KEY(pk, "before");
+	hash_pack(pk, before);
+}
+
+/* Packs the signed head of wallet at transaction id, before_id the one before the first covered; nil for none (id 0). */
+static void
+head_pack_at(MDB_txn *txn, msgpack_packer *pk, struct str wallet, uint64_t id, uint64_t before_id)
+{
+	unsigned char hash[32], before[32];
+
+	if (id && chain_get(txn, id, hash) == 0 && chain_get(txn, before_id, before) == 0)
+		head_pack(pk, wallet, id, hash, before);
+	else
+		msgpack_pack_nil(pk);
+}
+
 /*
  * Packs a transaction as its map: a map16 with every field that applies,
  * then "replayed" unless replayed is -1 (a charge's answer says whether it
@@ -3994,6 +4415,8 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 		n++;
 	if (t->id == 0)
 		n++; /* pending */
+	if (t->hashed)
+		n++;
 	pack_map16(pk, n);
 	KEY(pk, "id");
 	if (t->id)
@@ -4042,6 +4465,10 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 		delivery_report_pack(pk, t->fate, t->fate_error);
 	if (t->id == 0)
 		KV_BOOL(pk, "pending", t->pending);
+	if (t->hashed) {
+		KEY(pk, "hash");
+		hash_pack(pk, t->hash);
+	}
 	if (replayed >= 0)
 		KV_BOOL(pk, "replayed", replayed);
 }
@@ -4229,6 +4656,8 @@ txn_expand(MDB_txn *txn, uint64_t id, const struct txn_head *h, const char *p, s
 	if ((rc = txn_decode(id, h, p, n, &t, &x)) != 0 ||
 	    (txn && (h->flags & TXN_REPORTED) && (rc = txn_fate(txn, &t, &fate)) != 0))
 		return rc;
+	if ((t.hashed = (h->flags & TXN_HASHED) != 0))
+		memcpy(t.hash, p - 32, 32); /* txn_split left it just before the record */
 	txn_pack(pk, &t, -1);
 	return 0;
 }
@@ -4237,7 +4666,8 @@ txn_expand(MDB_txn *txn, uint64_t id, const struct txn_head *h, const char *p, s
  * Appends t to the log and to wallet w's chain: gives t its id and its
  * created_at (now, or the last transaction's if the clock went back), sets
  * balance_after from w->balance (already changed by the caller), links it
- * after w->last_txn and counts it in w; every HIST_STRIDE-th one also goes
+ * after w->last_txn, hashes it after that one (the hash chain), and counts
+ * it in w; every HIST_STRIDE-th one also goes
  * into the hist index.  The caller writes w.  scratch receives the record
  * as stored (txn_pack_stored).  Returns 0 or an LMDB error.
  */
@@ -4246,7 +4676,7 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 {
 	MDB_cursor *cur;
 	MDB_val k, v;
-	unsigned char hkey[16];
+	unsigned char hkey[16], prev[32];
 	struct txn_head h;
 	msgpack_packer pk;
 	int rc;
@@ -4272,6 +4702,11 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 		return rc;
 	}
 	t->balance_after = w->balance;
+	if ((rc = chain_get(txn, w->last_txn, prev)) != 0)
+		return rc == MDB_NOTFOUND ? MDB_CORRUPTED : rc;
+	if (txn_hash(t, prev, t->hash) != 0)
+		return EIO;
+	t->hashed = 1;
 	msgpack_sbuffer_clear(scratch);
 	msgpack_packer_init(&pk, scratch, msgpack_sbuffer_write);
 	txn_pack_stored(&pk, t);
@@ -4282,12 +4717,14 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 	h.balance_after = t->balance_after;
 	h.created_at = t->created_at;
 	h.type = (uint32_t)t->type;
+	h.flags = TXN_HASHED;
 	k = (MDB_val){ sizeof(t->id), &t->id };
-	v = (MDB_val){ sizeof(h) + scratch->size, NULL };
+	v = (MDB_val){ sizeof(h) + sizeof(t->hash) + scratch->size, NULL };
 	if ((rc = captured_put(txn, store.txns, &k, &v, MDB_APPEND | MDB_RESERVE)) != 0)
 		return rc;
 	memcpy(v.mv_data, &h, sizeof(h));
-	memcpy((char *)v.mv_data + sizeof(h), scratch->data, scratch->size);
+	memcpy((char *)v.mv_data + sizeof(h), t->hash, sizeof(t->hash));
+	memcpy((char *)v.mv_data + sizeof(h) + sizeof(t->hash), scratch->data, scratch->size);
 	if (w->txn_count % HIST_STRIDE == HIST_STRIDE - 1) {
 		k = key_pair(hkey, w->number, w->txn_count);
 		v = (MDB_val){ sizeof(t->id), &t->id };
@@ -4303,6 +4740,26 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 static _Thread_local msgpack_sbuffer expanded;
 
 /*
+ * Splits a stored transaction v into its head *h and its record *rec,
+ * after its hash when it has one (TXN_HASHED: then 32 bytes before
+ * rec).  0, or MDB_CORRUPTED.
+ */
+static int
+txn_split(MDB_val v, struct txn_head *h, MDB_val *rec)
+{
+	size_t skip;
+
+	if (v.mv_size <= sizeof(*h))
+		return MDB_CORRUPTED;
+	memcpy(h, v.mv_data, sizeof(*h));
+	skip = sizeof(*h) + (h->flags & TXN_HASHED ? 32 : 0);
+	if (v.mv_size <= skip)
+		return MDB_CORRUPTED;
+	*rec = (MDB_val){ v.mv_size - skip, (char *)v.mv_data + skip };
+	return 0;
+}
+
+/*
  * Reads transaction id: its head into *h and what follows, the stored
  * record, into *rec.  Returns 0, MDB_NOTFOUND or an LMDB error.
  */
@@ -4312,13 +4769,7 @@ txn_fetch(MDB_txn *txn, uint64_t id, struct txn_head *h, MDB_val *rec)
 	MDB_val k = { sizeof(id), &id }, v;
 	int rc = mdb_get(txn, store.txns, &k, &v);
 
-	if (rc != 0)
-		return rc;
-	if (v.mv_size <= sizeof(*h))
-		return MDB_CORRUPTED;
-	memcpy(h, v.mv_data, sizeof(*h));
-	*rec = (MDB_val){ v.mv_size - sizeof(*h), (char *)v.mv_data + sizeof(*h) };
-	return 0;
+	return rc != 0 ? rc : txn_split(v, h, rec);
 }
 
 /* A record of layout 3 is the transaction's map itself (a map16). */
@@ -4332,10 +4783,15 @@ record_is_map(MDB_val rec)
 static int
 txn_pack_record(MDB_txn *txn, msgpack_packer *pk, uint64_t id, const struct txn_head *h, MDB_val rec)
 {
+	int rc = 0;
+
 	if (!record_is_map(rec))
 		return txn_expand(txn, id, h, rec.mv_data, rec.mv_size, pk);
-	pk->callback(pk->data, rec.mv_data, rec.mv_size);
-	return 0;
+	if (h->flags & TXN_HASHED) /* a layout 3 map, hashed at the upgrade: with its hash */
+		rc = txn_read(txn, id, NULL, &rec);
+	if (rc == 0)
+		pk->callback(pk->data, rec.mv_data, rec.mv_size);
+	return rc;
 }
 
 /*
@@ -4357,12 +4813,22 @@ txn_read(MDB_txn *txn, uint64_t id, struct txn_head *h, MDB_val *raw)
 		*h = head;
 	if (raw == NULL)
 		return 0;
-	if (record_is_map(rec)) {
-		*raw = rec;
-		return 0;
-	}
 	msgpack_sbuffer_clear(&expanded);
 	msgpack_packer_init(&pk, &expanded, msgpack_sbuffer_write);
+	if (record_is_map(rec)) {
+		const unsigned char *p = rec.mv_data;
+
+		if (!(head.flags & TXN_HASHED)) {
+			*raw = rec;
+			return 0;
+		}
+		pack_map16(&pk, ((unsigned)p[1] << 8 | p[2]) + 1);
+		msgpack_sbuffer_write(&expanded, (const char *)p + 3, rec.mv_size - 3);
+		KEY(&pk, "hash");
+		hash_pack(&pk, p - 32);
+		*raw = (MDB_val){ expanded.size, expanded.data };
+		return 0;
+	}
 	if ((rc = txn_expand(txn, id, &head, rec.mv_data, rec.mv_size, &pk)) != 0)
 		return rc;
 	*raw = (MDB_val){ expanded.size, expanded.data };
@@ -5392,10 +5858,11 @@ pack_error(msgpack_packer *pk, const struct call *c)
 static int
 m_ping(struct call *c)
 {
-	msgpack_pack_map(c->pk, 2);
+	msgpack_pack_map(c->pk, 3);
 	KV_STR(c->pk, "version", WALLETD_VERSION);
 	KEY(c->pk, "api");
 	msgpack_pack_int(c->pk, WALLETD_API);
+	KV_STR(c->pk, "ledger_key", ledger_public);
 	return E_OK;
 }
 
@@ -9226,27 +9693,67 @@ m_history(struct call *c)
 	return E_OK;
 }
 
+/* Reads transaction id's map (txn_read) and decodes it into o, in zone. */
+static int
+txn_map(MDB_txn *txn, uint64_t id, struct txn_head *h, msgpack_zone *zone, msgpack_object *o)
+{
+	MDB_val raw;
+	size_t off = 0;
+	int rc = txn_read(txn, id, h, &raw);
+
+	if (rc)
+		return rc;
+	msgpack_zone_clear(zone);
+	if (msgpack_unpack(raw.mv_data, raw.mv_size, &off, zone, o) != MSGPACK_UNPACK_SUCCESS ||
+	    o->type != MSGPACK_OBJECT_MAP)
+		return MDB_CORRUPTED;
+	return 0;
+}
+
+/* A string field of a decoded transaction, or "" (a str over the map's bytes). */
+static struct str
+txn_field(const msgpack_object *o, const char *name)
+{
+	const msgpack_object *v = map_get(o, name);
+
+	return v && v->type == MSGPACK_OBJECT_STR ? (struct str){ v->via.str.ptr, v->via.str.size } :
+	    (struct str){ "", 0 };
+}
+
+/* A wallet in a page of export: the transaction before its first there, and its last there. */
+struct export_wallet {
+	struct group_key key; /* the wallet */
+	uint64_t before, last;
+};
+
 /*
  * export: every wallet's transactions in id order, after after_id, limit
- * (at most EXPORT_LIMIT_MAX) at a time: {transactions, last_id}; the next
- * page starts after last_id.  Each is the map history answers, with its
- * wallet.  A seek, then O(limit).
+ * (at most EXPORT_LIMIT_MAX) at a time: {transactions, last_id, heads};
+ * the next page starts after last_id.  Each is the map history answers,
+ * with its wallet; heads, the signed head of each wallet in the page.  A
+ * seek, then O(limit).
  */
 static int
 m_export(struct call *c)
 {
 	uint64_t after = 0, limit = 1000, id = 0, n = 0;
+	struct group_table wallets = { .size = sizeof(struct export_wallet) };
 	msgpack_sbuffer rows;
 	msgpack_packer rpk;
+	msgpack_zone *zone;
 	MDB_cursor *cur;
-	MDB_val k, v;
+	MDB_val k, v, rec;
 	int rc;
 
 	if ((rc = p_uint(c, "after_id", 0, 0, UINT64_MAX - 1, &after)) ||
 	    (rc = p_uint(c, "limit", 0, 1, EXPORT_LIMIT_MAX, &limit)))
 		return rc;
-	if ((rc = mdb_cursor_open(c->txn, store.txns, &cur)) != 0)
+	if ((zone = msgpack_zone_new(2048)) == NULL)
+		return fail(c, E_BUSY, NULL, "Out of memory");
+	if ((rc = mdb_cursor_open(c->txn, store.txns, &cur)) != 0) {
+		msgpack_zone_free(zone);
 		return store_error(c, rc);
+	}
 	msgpack_sbuffer_init(&rows);
 	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
 	id = after + 1;
@@ -9254,32 +9761,47 @@ m_export(struct call *c)
 	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && n < limit;
 	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
 		struct txn_head h;
+		struct export_wallet *e;
+		struct str wallet;
+		msgpack_object o;
 
 		if (over_budget(c)) {
 			rc = E_OFF_LOOP;
 			break;
 		}
 		memcpy(&id, k.mv_data, sizeof(id));
-		if (v.mv_size <= sizeof(h)) {
-			rc = MDB_CORRUPTED;
+		if ((rc = txn_split(v, &h, &rec)) != 0 || (rc = txn_pack_record(c->txn, &rpk, id, &h, rec)) != 0 ||
+		    (rc = txn_map(c->txn, id, &h, zone, &o)) != 0)
+			break;
+		wallet = txn_field(&o, "wallet");
+		if ((e = group_find(&wallets, wallet.p, wallet.n)) == NULL) {
+			rc = ENOMEM;
 			break;
 		}
-		memcpy(&h, v.mv_data, sizeof(h));
-		if ((rc = txn_pack_record(c->txn, &rpk, id, &h,
-		    (MDB_val){ v.mv_size - sizeof(h), (char *)v.mv_data + sizeof(h) })) != 0)
-			break;
-		after = id;
+		if (e->last == 0)
+			e->before = h.prev;
+		e->last = after = id;
 		n++;
 	}
 	mdb_cursor_close(cur);
-	if (rc != 0 && rc != MDB_NOTFOUND) { /* 0: the page is full; MDB_NOTFOUND: the log's end */
+	msgpack_zone_free(zone);
+	if (rc == 0 || rc == MDB_NOTFOUND) { /* 0: the page is full; MDB_NOTFOUND: the log's end */
+		msgpack_pack_map(c->pk, 3);
+		pack_rows(c->pk, "transactions", n, &rows);
+		KV_U64(c->pk, "last_id", after);
+		KEY(c->pk, "heads");
+		msgpack_pack_array(c->pk, wallets.n);
+		for (size_t i = 0; i < wallets.n; i++) {
+			const struct export_wallet *e = group_at(&wallets, i);
+
+			head_pack_at(c->txn, c->pk, (struct str){ e->key.bytes, e->key.len }, e->last, e->before);
+		}
+	} else {
 		msgpack_sbuffer_destroy(&rows);
-		return rc == E_OFF_LOOP ? E_OFF_LOOP : store_error(c, rc);
 	}
-	msgpack_pack_map(c->pk, 2);
-	pack_rows(c->pk, "transactions", n, &rows);
-	KV_U64(c->pk, "last_id", after);
-	return E_OK;
+	free(wallets.entries);
+	free(wallets.slots);
+	return rc == 0 || rc == MDB_NOTFOUND ? E_OK : rc == E_OFF_LOOP ? E_OFF_LOOP : store_error(c, rc);
 }
 
 /* ---- Usage reports ---- */
@@ -9361,33 +9883,6 @@ log_first_at(MDB_txn *txn, int64_t t, uint64_t *id)
 	}
 	*id = lo;
 	return 0;
-}
-
-/* Reads transaction id's map (txn_read) and decodes it into o, in zone. */
-static int
-txn_map(MDB_txn *txn, uint64_t id, struct txn_head *h, msgpack_zone *zone, msgpack_object *o)
-{
-	MDB_val raw;
-	size_t off = 0;
-	int rc = txn_read(txn, id, h, &raw);
-
-	if (rc)
-		return rc;
-	msgpack_zone_clear(zone);
-	if (msgpack_unpack(raw.mv_data, raw.mv_size, &off, zone, o) != MSGPACK_UNPACK_SUCCESS ||
-	    o->type != MSGPACK_OBJECT_MAP)
-		return MDB_CORRUPTED;
-	return 0;
-}
-
-/* A string field of a decoded transaction, or "" (a str over the map's bytes). */
-static struct str
-txn_field(const msgpack_object *o, const char *name)
-{
-	const msgpack_object *v = map_get(o, name);
-
-	return v && v->type == MSGPACK_OBJECT_STR ? (struct str){ v->via.str.ptr, v->via.str.size } :
-	    (struct str){ "", 0 };
 }
 
 /* The group key of charge o by group_by (0 country, 1 route, 2 channel, 3 plan, 4 wallet), into key. */
@@ -9595,7 +10090,7 @@ m_statement(struct call *c)
 	struct group_table countries = { .size = sizeof(struct country_group) };
 	int64_t from, until, opening = 0, totals[T__COUNT] = { 0 }, closing;
 	uint64_t seq_from, seq_until, n, *ids = NULL, sms[2] = { 0 }, wa = 0;
-	uint64_t after = 0, limit = STATEMENT_PAGE_DEFAULT, first, end;
+	uint64_t after = 0, limit = STATEMENT_PAGE_DEFAULT, first, end, head = 0, head_before = 0;
 	int64_t sms_amount = 0, wa_amount = 0;
 	struct str id, from_s, until_s;
 	msgpack_zone *zone = NULL;
@@ -9641,6 +10136,7 @@ m_statement(struct call *c)
 				break;
 			if (i == 0) {
 				opening = h.balance_after - h.amount;
+				head = ids[n - 1], head_before = h.prev;
 				break;
 			}
 			ids[i - 1] = h.prev;
@@ -9652,6 +10148,7 @@ m_statement(struct call *c)
 		if ((rc = wallet_txn_at(c->txn, &w, seq_from - 1, &last)) == 0)
 			rc = txn_read(c->txn, last, &h, NULL);
 		opening = rc == 0 ? h.balance_after : 0;
+		head = head_before = last;
 	}
 	for (uint64_t i = 0; rc == 0 && i < n; i++) {
 		struct txn_head h;
@@ -9707,9 +10204,11 @@ m_statement(struct call *c)
 		closing = opening;
 		for (int t = 1; t < T__COUNT; t++)
 			closing += totals[t];
-		msgpack_pack_map(pk, 12);
+		msgpack_pack_map(pk, 13);
 		KV_SSTR(pk, "wallet", id);
 		KV_STR(pk, "currency", w.currency);
+		KEY(pk, "head");
+		head_pack_at(c->txn, pk, id, head, head_before);
 		KV_TIME(pk, "from", from);
 		KV_TIME(pk, "until", until);
 		KV_AMOUNT(pk, "opening_balance", opening);
@@ -10013,6 +10512,9 @@ m_verify(struct call *c)
 			    amount_parse(b->via.str.ptr, b->via.str.size, &recorded) != 0 ||
 			    amount != h.amount || recorded != h.balance_after)
 				verify_breach(&rpk, &breaches, id, next, "the record disagrees with its head");
+			else if (chain_verify(c->txn, next, h.prev, &rec.data) != 0)
+				verify_breach(&rpk, &breaches, id, next, "its hash does not follow from it and the transaction "
+				    "before it (the hash chain)");
 			msgpack_unpacked_destroy(&rec);
 			next = h.prev;
 		}
@@ -12903,6 +13405,7 @@ repl_apply_main(void *arg)
 	msgpack_sbuffer_destroy(&a.bytes);
 	msgpack_sbuffer_destroy(&a.msgs);
 	touched_free();
+	expand_free(); /* record_chain read transactions */
 	return NULL;
 }
 
@@ -14999,7 +15502,7 @@ main(int argc, char **argv)
 	if (!config.node[0] && gethostname(config.node, sizeof(config.node) - 1) != 0)
 		strcpy(config.node, "walletd");
 	repl_on = config.nats_url[0] != '\0';
-	if (store_open(config.store) != 0)
+	if (store_open(config.store) != 0 || ledger_key_open() != 0)
 		return 1;
 	if ((srv.listen_fd = listen_open(config.socket)) < 0)
 		return 1;

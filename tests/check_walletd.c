@@ -663,11 +663,34 @@ START_TEST(layout_3_records_still_read)
 	answer_free(&a);
 	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, 0, &txn), 0);
 	ck_assert_int_eq(txn_read(txn, id, &h, &raw), 0);
-	ck_assert_uint_le(sizeof(h) + raw.mv_size, sizeof(rec));
-	memcpy(rec, &h, sizeof(h));
-	memcpy(rec + sizeof(h), raw.mv_data, raw.mv_size);
+	{ /* as layout 3 stored it: the map, without the hash it gained in layout 7 */
+		msgpack_unpacked m;
+		msgpack_sbuffer sb;
+		msgpack_packer pk;
+		const msgpack_object_kv *kv;
+		uint32_t n;
+
+		msgpack_unpacked_init(&m);
+		ck_assert_int_eq(msgpack_unpack_next(&m, raw.mv_data, raw.mv_size, NULL), MSGPACK_UNPACK_SUCCESS);
+		kv = m.data.via.map.ptr;
+		n = m.data.via.map.size;
+		msgpack_sbuffer_init(&sb);
+		msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+		pack_map16(&pk, n - 1);
+		for (uint32_t i = 0; i < n; i++)
+			if (!(kv[i].key.via.str.size == 4 && memcmp(kv[i].key.via.str.ptr, "hash", 4) == 0)) {
+				msgpack_pack_object(&pk, kv[i].key);
+				msgpack_pack_object(&pk, kv[i].val);
+			}
+		h.flags &= ~TXN_HASHED;
+		ck_assert_uint_le(sizeof(h) + sb.size, sizeof(rec));
+		memcpy(rec, &h, sizeof(h));
+		memcpy(rec + sizeof(h), sb.data, sb.size);
+		v = (MDB_val){ sizeof(h) + sb.size, rec };
+		msgpack_sbuffer_destroy(&sb);
+		msgpack_unpacked_destroy(&m);
+	}
 	k = (MDB_val){ sizeof(id), &id };
-	v = (MDB_val){ sizeof(h) + raw.mv_size, rec };
 	ck_assert_int_eq(mdb_put(txn, store.txns, &k, &v, 0), 0);
 	put_version(txn, 3);
 	ck_assert_int_eq(mdb_txn_commit(txn), 0);
@@ -676,7 +699,9 @@ START_TEST(layout_3_records_still_read)
 	ck_assert_uint_eq(stored_version(), STORE_VERSION);
 	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn), 0);
 	ck_assert_int_eq(mdb_get(txn, store.txns, &k, &v), 0);
-	ck_assert_uint_eq(((unsigned char *)v.mv_data)[sizeof(h)], 0xde);
+	memcpy(&h, v.mv_data, sizeof(h));
+	ck_assert(h.flags & TXN_HASHED); /* hashed at the upgrade, kept a map */
+	ck_assert_uint_eq(((unsigned char *)v.mv_data)[sizeof(h) + 32], 0xde);
 	mdb_txn_abort(txn);
 
 	a = run(M_CHARGE, "wallet", "acme", "channel", "sms", "to", "+256712345678", "ref", "m1", NULL);
@@ -688,6 +713,7 @@ START_TEST(layout_3_records_still_read)
 	answer_free(&a);
 	a = run(M_HISTORY, "wallet", "acme", NULL);
 	ck_assert_uint_eq(map_get(&map_get(&a.result.data, "transactions")->via.array.ptr[0], "id")->via.u64, id);
+	ck_assert_ptr_nonnull(map_get(&map_get(&a.result.data, "transactions")->via.array.ptr[0], "hash"));
 	answer_free(&a);
 	a = run(M_VERIFY, NULL);
 	ck_assert(map_get(&a.result.data, "ok")->via.boolean);

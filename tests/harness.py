@@ -100,9 +100,12 @@ class Daemon:
         return self.start()
 
     def restore_backup(self, backup):
-        """The README's restore: walletd stopped, the store directory holding only the backup, as data.mdb."""
-        shutil.rmtree(self.store, ignore_errors=True)
-        os.makedirs(self.store)
+        """The README's restore: walletd stopped, the store directory holding only ledger.key and the backup,
+        as data.mdb."""
+        os.makedirs(self.store, exist_ok=True)
+        for name in os.listdir(self.store):
+            if name != "ledger.key":
+                os.remove(os.path.join(self.store, name))
         os.replace(backup, os.path.join(self.store, "data.mdb"))
 
     def read_log(self):
@@ -166,6 +169,49 @@ def read_frames(sock, count, timeout=10):
             break
         up.feed(data)
     return out
+
+
+CHAIN_FIELDS = ("id", "wallet", "created_at", "type", "amount", "balance_after", "currency", "description")
+
+
+def chain_breaks(transactions):
+    """Recomputes each wallet's hash chain as the README says (SHA-256 of the previous
+    hash, 32 zero bytes first, then each field as a netstring) from transactions as the
+    answers or walletctl --json show them; returns the ids whose hash does not follow."""
+    import hashlib
+    prev, broken = {}, []
+    for t in sorted(transactions, key=lambda t: int(t["id"])):
+        data = prev.get(t["wallet"], bytes(32))
+        for f in CHAIN_FIELDS:
+            v = str(t[f]).encode()
+            data += b"%d:%s," % (len(v), v)
+        if hashlib.sha256(data).hexdigest() != t.get("hash"):
+            broken.append(int(t["id"]))
+        prev[t["wallet"]] = bytes.fromhex(t["hash"]) if t.get("hash") else b""
+    return broken
+
+
+def unhashed(history):
+    """A history answer without its transactions' hashes (as a release before them answered)."""
+    return dict(history, transactions=[{k: v for k, v in t.items() if k != "hash"} for t in history["transactions"]])
+
+
+def build_release(commit, libs, work):
+    """Builds walletd as it was at commit (from the git history) in directory work; returns its path."""
+    src = os.path.join(work, "src-" + commit)
+    os.makedirs(src, exist_ok=True)
+    for name in ("walletd.c", "protocol.h"):
+        r = subprocess.run(["git", "-C", ROOT, "show", "%s:%s" % (commit, name)], capture_output=True)
+        if r.returncode != 0:
+            raise AssertionError("this test needs the git history: %s" % r.stderr.decode())
+        with open(os.path.join(src, name), "wb") as f:
+            f.write(r.stdout)
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs"] + libs, capture_output=True, text=True,
+                           check=True).stdout.split()
+    binary = os.path.join(work, "walletd-" + commit)
+    subprocess.run(["cc", "-std=c11", "-O1", "-o", binary, os.path.join(src, "walletd.c")] + flags + ["-lpthread"],
+                   check=True)
+    return binary
 
 
 def json_files(directory):

@@ -10,11 +10,118 @@ import subprocess
 import threading
 import time
 
-from harness import DaemonTest, WALLETCTL, request, read_frames
+from harness import DaemonTest, WALLETCTL, chain_breaks, request, read_frames
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
 UG = "+256712345678"
+
+
+class HashChain(DaemonTest):
+    def test_every_transaction_is_chained_as_the_readme_says_and_verify_finds_a_broken_link(self):
+        d = self.d
+        self.seed("10")
+        d.ctl_json("wallet", "create", "beta", "USD")
+        d.ctl_json("credit", "beta", "5", "opening, with a comma, and \"quotes\" \u00e9")
+        d.ctl_json("rate", "set", "default", "whatsapp", "256", "0.02", "USD", "--settle", "delivery")
+        with d.client() as c:
+            for i in range(6):
+                c.charge(wallet=("acme", "beta")[i % 2], channel="sms", to=UG, ref="c%d" % i, text="hi %d" % i)
+            c.charge(wallet="acme", channel="whatsapp", to=UG, ref="w1")
+            c.call("delivery", wallet="acme", ref="w1", status="delivered")
+            tp = c.call("topup.create", wallet="beta", amount="2")
+            c.call("topup.confirm", ref=tp["ref"], amount="2", provider="paystack", provider_ref="PS-9")
+        d.ctl_json("refund", "acme", "--ref", "c0")
+        d.ctl_json("debit", "beta", "1", "fee")
+        txns = [t for w in ("acme", "beta") for t in d.ctl_json("history", w, "--limit", "100")["transactions"]]
+        self.assertEqual((len(txns), chain_breaks(txns)), (12, []))
+        exported = d.ctl_json("export", "--limit", "100")["transactions"]
+        self.assertEqual({t["id"]: t["hash"] for t in exported}, {t["id"]: t["hash"] for t in txns})
+        st = d.ctl_json("statement", "beta", "--from", "2026-01-01", "--until", "2100-01-01")["transactions"]
+        self.assertEqual(chain_breaks(st), [])  # a statement from a wallet's first transaction recomputes alone
+        victim, after = sorted(t["id"] for t in txns if t["wallet"] == "acme")[2:4]
+        # someone edits one hash in the store (live: a restart would put the store back to its checkpoint)
+        dump = subprocess.run(["mdb_dump", "-s", "txns", d.store], capture_output=True, text=True, check=True).stdout
+        key = " " + victim.to_bytes(8, "little").hex() + "\n "
+        i = dump.index(key) + len(key) + 2 * 48  # the hash follows the record's 48-byte head
+        tampered = dump[:i] + ("0" if dump[i] != "0" else "1") + dump[i + 1:]
+        subprocess.run(["mdb_load", "-s", "txns", d.store], input=tampered, text=True, check=True)
+        v = d.ctl_json("verify")  # names it, and the one after it, whose link it breaks
+        self.assertEqual((v["ok"], sorted((b["wallet"], b["txn"]) for b in v["breaches"])),
+                         (False, [("acme", victim), ("acme", after)]))
+        self.assertIn("hash chain", v["breaches"][0]["problem"])
+        subprocess.run(["mdb_load", "-s", "txns", d.store], input=dump, text=True, check=True)
+        self.assertTrue(d.ctl_json("verify")["ok"])
+
+    def verdicts(self, path, key):
+        """walletctl verify-statement's and the Python client's verdicts on the CSV at path: (exit, message) each."""
+        r = self.d.ctl("verify-statement", path, "--key", key)
+        try:
+            py = (0, "%d transactions" % walletd.verify_statement(path, key))
+        except walletd.StatementError as e:
+            py = (1, str(e))
+        return (r.returncode, (r.stdout + r.stderr).strip()), py
+
+    def test_a_statement_or_export_csv_verifies_offline_and_a_changed_removed_or_moved_row_is_named(self):
+        d = self.d
+        self.seed("10")
+        d.ctl_json("wallet", "create", "beta", "USD")
+        d.ctl_json("credit", "beta", "5", "opening, with a comma,\r\nand \"quotes\" \u00e9")
+        d.ctl_json("debit", "acme", "1", "=HYPERLINK(\"x\") and a ' too")
+        d.ctl_json("debit", "acme", "1", "'quoted")
+        with d.client() as c:
+            for i in range(6):
+                c.charge(wallet=("acme", "beta")[i % 2], channel="sms", to=UG, ref="c%d" % i)
+        d.ctl_json("refund", "acme", "--ref", "c0")
+        key = d.ctl_json("ping")["ledger_key"]
+        self.assertEqual(os.stat(os.path.join(d.store, "ledger.key")).st_mode & 0o777, 0o600)
+        d.restart()
+        self.assertEqual(d.ctl_json("ping")["ledger_key"], key)  # made once, kept
+        st = d.ctl_json("statement", "acme")
+        self.assertEqual((st["head"]["id"], st["head"]["hash"], st["head"]["before"]),
+                         (st["transactions"][-1]["id"], st["transactions"][-1]["hash"], "0" * 64))
+
+        def csv_of(*args):  # its records; read as bytes: text mode would turn the \r\n in a cell into \n
+            path = os.path.join(d.dir, "%s.csv" % args[0])
+            with open(path, "wb") as f:
+                subprocess.run([WALLETCTL, "-s", d.sock] + list(args), stdout=f, check=True)
+            with open(path, newline="") as f:
+                return path, list(csv.reader(f))
+        statement, records = csv_of("statement", "acme", "--csv")
+        self.assertEqual([r[:3] for r in records if r[0] == "#head"], [["#head", "acme", str(st["head"]["id"])]])
+        ok = self.verdicts(statement, key)
+        self.assertEqual((ok[0][0], ok[1]), (0, (0, "7 transactions")))
+        export, records = csv_of("export", "--csv")
+        self.assertEqual(self.verdicts(export, key), ((0, "verified: 11 transactions of 2 wallets, each chain "
+                                                        "ending at a head signed by %s" % key), (0, "11 transactions")))
+        acme = [i for i, r in enumerate(records) if r[2] == "acme"]  # acme's rows, between beta's
+        r, after = acme[3], acme[4]  # records[r] is the spreadsheet's row r + 1
+
+        def caught(changed, row, txn):
+            want = "row %d (transaction %s of acme) does not verify" % (row, txn)
+            for code, message in self.verdicts(self.write(changed), key):
+                self.assertEqual(code, 1)
+                self.assertIn(want, message)
+        changed = [list(x) for x in records]
+        changed[r][4] = str(D(changed[r][4]) + 1)
+        caught(changed, r + 1, records[r][0])  # one amount changed
+        caught(records[:r] + records[r + 1:], after, records[after][0])  # one row deleted: the next of acme's
+        swapped = list(records)
+        swapped[r], swapped[after] = records[after], records[r]
+        caught(swapped, r + 1, records[after][0])  # two rows swapped
+        last = acme[-1]  # the last row removed: every row left verifies, the head does not
+        for code, message in self.verdicts(self.write(records[:last] + records[last + 1:]), key):
+            self.assertEqual(code, 1)
+            self.assertIn("rows of wallet acme do not end at its signed head", message)
+        for code, message in self.verdicts(statement, "11" * 32):  # any other key
+            self.assertEqual(code, 1)
+            self.assertIn("is not signed by this key", message)
+
+    def write(self, records):
+        path = os.path.join(self.d.dir, "tampered.csv")
+        with open(path, "w", newline="") as f:
+            csv.writer(f, lineterminator="\r\n").writerows(records)
+        return path
 
 
 class Export(DaemonTest):
@@ -67,13 +174,15 @@ class Export(DaemonTest):
         r = subprocess.run([WALLETCTL, "-s", d.sock, "export", "--csv"], capture_output=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertTrue(r.stdout.startswith(b"id,created_at,wallet,type,amount,"))
-        self.assertEqual(r.stdout.count(b"\r\n"), 8)  # the header and 7 rows end in CRLF; the \n inside is quoted
+        self.assertEqual(r.stdout.count(b"\r\n"), 9)  # the header, 7 rows and a head end in CRLF; the \n inside is quoted
         rows = list(csv.DictReader(io.StringIO(r.stdout.decode(), newline="")))
+        self.assertEqual((rows[-1]["id"], rows[-1]["created_at"]), ("#head", "acme"))  # the signed head, last
+        rows = rows[:-1]
         self.assertEqual([int(x["id"]) for x in rows], list(range(1, 8)))
         self.assertEqual(rows[1]["description"], 'goodwill, "sorry"\nline two')
         self.assertEqual((rows[2]["amount"], rows[2]["to"], rows[2]["segments"]), ("-0.0094", "'" + UG, "1"))
         rest = list(csv.DictReader(io.StringIO(d.ctl("export", "--csv", "--after-id", "4").stdout, newline="")))
-        self.assertEqual(rest, rows[4:])  # resumed after row 4: the same rows, once
+        self.assertEqual(rest[:-1], rows[4:])  # resumed after row 4: the same rows, once
 
     def test_text_a_spreadsheet_would_run_is_written_as_text_in_both_csvs(self):
         d = self.d
@@ -97,15 +206,15 @@ class Export(DaemonTest):
             return list(csv.DictReader(io.StringIO(out.decode(), newline="")))
 
         export, statement = rows("export", "--csv"), rows("statement", "acme", "--csv")
-        by_id = {int(r["id"]): r for r in export}
-        by_id_statement = {int(r["id"]): r for r in statement if r["id"]}
+        by_id = {int(r["id"]): r for r in export if r["id"] != "#head"}
+        by_id_statement = {int(r["id"]): r for r in statement if r["id"] and r["date"] != "#head"}
         for (txn, column), text in supplied.items():
             self.assertEqual(by_id[txn][column], "'" + text, column)
             if column == "description":
                 self.assertEqual(by_id_statement[txn]["description"], "'" + text)
         for row in export + statement:  # no cell but a number starts as a formula would
             for column, cell in row.items():
-                if cell[:1] in ("=", "+", "-", "@", "\t", "\r"):
+                if (cell or "")[:1] in ("=", "+", "-", "@", "\t", "\r"):
                     self.assertIn(column, ("amount", "balance_after", "balance", "price"), (column, cell))
                     D(cell)
         self.assertTrue(any(r["amount"].startswith("-") for r in export))  # amounts stay numbers
@@ -241,8 +350,9 @@ class Statements(ClockTest):
         rows = list(csv.reader(io.StringIO(r.stdout.decode(), newline="")))
         self.assertEqual(rows[0][:3], ["date", "id", "type"])
         self.assertEqual((rows[1][2], rows[1][5]), ("opening_balance", "99.9906"))
-        self.assertEqual((rows[-1][2], rows[-1][5]), ("closing_balance", "118.9118"))
-        self.assertEqual(len(rows), 9)
+        self.assertEqual((rows[-2][2], rows[-2][5]), ("closing_balance", "118.9118"))
+        self.assertEqual(rows[-1][:3], ["#head", "acme", str(s["head"]["id"])])
+        self.assertEqual(len(rows), 10)
 
     def test_a_statement_pages_and_its_csv_holds_every_transaction(self):
         d = self.d
@@ -272,10 +382,10 @@ class Statements(ClockTest):
                            capture_output=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         rows = list(csv.reader(io.StringIO(r.stdout.decode(), newline="")))
-        body = rows[2:-1]
+        body, closing = rows[2:-2], rows[-2]  # the head last
         self.assertEqual([int(x[1]) for x in body], ids)
-        self.assertEqual(D(rows[1][5]) + sum(D(x[4]) for x in body), D(rows[-1][5]))  # the sheet adds up
-        self.assertEqual(D(rows[-1][5]), D(pages[0]["closing_balance"]))
+        self.assertEqual(D(rows[1][5]) + sum(D(x[4]) for x in body), D(closing[5]))  # the sheet adds up
+        self.assertEqual(D(closing[5]), D(pages[0]["closing_balance"]))
 
     def test_opening_plus_totals_is_closing_for_random_histories(self):
         d = self.d

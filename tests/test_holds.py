@@ -4,11 +4,10 @@ import calendar
 import decimal
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 
-from harness import Daemon, DaemonTest, ROOT, request
+from harness import Daemon, DaemonTest, ROOT, build_release, chain_breaks, request, unhashed
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
@@ -415,18 +414,7 @@ class Upgrade(DaemonTest):
 
     def setUp(self):
         self.work = tempfile.mkdtemp(prefix="walletd-upgrade-")
-        src = os.path.join(self.work, "src")
-        os.mkdir(src)
-        for name in ("walletd.c", "protocol.h"):
-            r = subprocess.run(["git", "-C", ROOT, "show", "%s:%s" % (self.PREVIOUS, name)], capture_output=True)
-            self.assertEqual(r.returncode, 0, "this test needs the git history: %s" % r.stderr.decode())
-            with open(os.path.join(src, name), "wb") as f:
-                f.write(r.stdout)
-        flags = subprocess.run(["pkg-config", "--cflags", "--libs"] + self.LIBS,
-                               capture_output=True, text=True, check=True).stdout.split()
-        self.old = os.path.join(self.work, "walletd-previous")
-        subprocess.run(["cc", "-std=c11", "-O1", "-o", self.old, os.path.join(src, "walletd.c")] + flags +
-                       ["-lpthread"], check=True)
+        self.old = build_release(self.PREVIOUS, self.LIBS, self.work)
         self.d = Daemon()
         self.d.binary = self.old  # the previous release makes the store
         self.d.start()
@@ -461,7 +449,8 @@ class Upgrade(DaemonTest):
             for k, val in before[w].items():
                 self.assertEqual(now[k], val, (w, k))
             self.assertEqual((now["held"], now["credit_limit"], now["daily_limit"]), ("0", "0", None))
-        self.assertEqual(d.ctl_json("history", "acme", "--limit", "1000"), hist)
+        now = d.ctl_json("history", "acme", "--limit", "1000")
+        self.assertEqual((unhashed(now), chain_breaks(now["transactions"])), (hist, []))  # chained at the upgrade
         self.assertEqual(len(d.ctl_json("notifications", "beta")["notifications"]), 1)
         e = d.ctl_json("refund", "acme", "--ref", "m7", expect=1)  # refunded under the old layout
         self.assertEqual((e["code"], len(e["refunds"])), ("already_refunded", 1))
@@ -530,7 +519,8 @@ class UpgradeFromTheReleaseBeforeTheBrake(Upgrade):
         for k, val in before.items():
             self.assertEqual(now[k], val, k)
         self.assertEqual((now["guard_range_max"], now["guard_safe_prefixes"]), (0, []))
-        self.assertEqual(d.ctl_json("history", "acme", "--limit", "1000"), hist)
+        now = d.ctl_json("history", "acme", "--limit", "1000")
+        self.assertEqual((unhashed(now), chain_breaks(now["transactions"])), (hist, []))
         self.assertEqual(d.ctl_json("delivery", "acme", "w1", "delivered")["delivery"]["status"], "delivered")
         d.ctl_json("wallet", "update", "acme", "--guard-range-max", "2", "--guard-safe-prefixes", "2567123")
         for i in range(2):
@@ -541,3 +531,42 @@ class UpgradeFromTheReleaseBeforeTheBrake(Upgrade):
         d.restart()
         self.assertTrue(d.ctl_json("verify")["ok"])
         self.assertEqual(len(d.ctl_json("guard", "list", "acme")["suspensions"]), 1)
+
+
+class UpgradeFromTheReleaseBeforeTheChain(Upgrade):
+    """The same from the release before the hash chain (commit e76d0d0, layout 6): every
+    transaction, a charge held for its report among them, is chained when the store opens;
+    what comes after is chained on."""
+    PREVIOUS = "688ed99"
+    LIBS = UpgradeFromTheJournallessRelease.LIBS
+
+    def test_a_store_of_the_previous_release_upgrades_in_place(self):
+        d = self.d
+        self.seed("50")
+        d.ctl_json("wallet", "create", "beta", "UGX")
+        d.ctl_json("credit", "beta", "1000", "opening")
+        d.ctl_json("rate", "set", "default", "whatsapp", "256", "0.02", "USD", "--settle", "delivery")
+        self.charge_sms(40)
+        d.ctl_json("refund", "acme", "--ref", "m7")
+        d.ctl_json("debit", "acme", "1", "a correction")
+        d.ctl_json("charge", "beta", "sms", UG, "b1")
+        d.ctl_json("charge", "acme", "whatsapp", UG, "w1")  # held for its report
+        hist = {w: d.ctl_json("history", w, "--limit", "1000") for w in ("acme", "beta")}
+        self.assertNotIn("hash", hist["acme"]["transactions"][0])
+        digest = d.ctl_json("verify")["digest"]
+        d.stop()
+        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
+        d.start()
+        self.assertIn("to layout 7 (every transaction hash-chained)", d.read_log())
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["digest"], v["breaches"]), (True, digest, []))
+        for w in ("acme", "beta"):
+            now = d.ctl_json("history", w, "--limit", "1000")
+            self.assertEqual((unhashed(now), chain_breaks(now["transactions"])), (hist[w], []))
+        d.ctl_json("delivery", "acme", "w1", "delivered")
+        d.ctl_json("charge", "acme", "sms", UG, "after")
+        d.restart()
+        self.assertNotIn("to layout", d.read_log().split("stopped")[-1])  # once
+        txns = d.ctl_json("history", "acme", "--limit", "1000")["transactions"]
+        self.assertEqual((len(txns), chain_breaks(txns)), (len(hist["acme"]["transactions"]) + 2, []))
+        self.assertTrue(d.ctl_json("verify")["ok"])

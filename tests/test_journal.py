@@ -66,15 +66,17 @@ class Journal(DaemonTest):
         self.seed("100")
         backup = os.path.join(d.dir, "backup.mdb")
         d.ctl_json("backup", backup)
+        key = d.ctl_json("ping")["ledger_key"]
         self.charge_sms(100)
         d.stop()
         shutil.copy(backup, os.path.join(d.store, "data.mdb"))  # the old way: over the store
         with self.assertRaises(RuntimeError):
             d.start()
-        self.assertIn("to restore a backup, start walletd on a directory holding only the backup", d.read_log())
+        self.assertIn("to restore a backup, start walletd on a directory holding only the backup, as data.mdb (and ledger.key)", d.read_log())
         d.restore_backup(backup)  # the README's way
         d.start()
         self.assertEqual((len(self.refs()), d.ctl_json("balance", "acme")["balance"]), (0, "100"))
+        self.assertEqual(d.ctl_json("ping")["ledger_key"], key)  # statements still signed by the published key
         self.assertTrue(d.ctl_json("verify")["ok"])
 
 

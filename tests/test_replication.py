@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -11,7 +12,7 @@ import threading
 import time
 import unittest
 
-from harness import HERE, PY, WALLETCTL  # first: it puts the Python client on the path
+from harness import HERE, PY, WALLETCTL, WALLETD, build_release, chain_breaks  # first: the client's path
 import walletd  # noqa: E402
 from cluster import Group, NatsClient, NatsCluster, StaleAnswers, rebuild_stream, stream_leader
 
@@ -269,6 +270,56 @@ class Basics(ReplicationTest):
             self.assertLess(time.time(), deadline)
         self.check_ledgers()
         self.assertEqual(len(self.charges(f)), 1)
+
+
+class RollingUpgrade(ReplicationTest):
+    """A group upgraded node by node, the leader last, from the release before the hash chain
+    (commit e76d0d0): the upgraded followers hash what the old leader's records leave out,
+    exactly as the leader does once upgraded."""
+    PREVIOUS = "688ed99"
+
+    def setUp(self):
+        self.work = tempfile.mkdtemp(prefix="walletd-upgrade-")
+        self.addCleanup(shutil.rmtree, self.work, True)
+        old = build_release(self.PREVIOUS, ["msgpack", "lmdb", "libcurl", "jansson", "libcrypto", "libnats"], self.work)
+        self.nats = NatsCluster().start()
+        self.g = Group(self.nats)
+        self.g.nodes[0].binary = old
+        self.g.nodes[0].start()
+        self.leader = self.g.leader()
+        for d in self.g.nodes[1:]:
+            d.start()
+        for i in range(3):
+            self.wait_role(i, lambda role: role in ("leader", "follower"))
+
+    def hashes(self, i):
+        txns = self.node(i).ctl_json("history", "acme", "--limit", "1000")["transactions"]
+        return [t.get("hash") for t in txns], chain_breaks(txns)
+
+    def test_followers_first_then_the_leader(self):
+        self.assertEqual(self.leader, 0)
+        self.seed(0)
+        with self.node(0).client() as c:
+            for n in range(20):
+                c.call("charge", wallet="acme", channel="sms", to="+256712345678", ref="o%d" % n)
+        with self.node(1).client() as c:  # forwarded to the old leader
+            c.call("charge.batch", items=[{"wallet": "acme", "channel": "sms", "to": "+256712345678",
+                                           "ref": "f%d" % n} for n in range(5)])
+        self.g.caught_up()
+        self.assertEqual(self.hashes(0)[0], [None] * 26)  # the old release keeps none
+        self.assertEqual(self.hashes(1), self.hashes(2))
+        self.assertEqual(self.hashes(1)[1], [])
+        self.node(0).stop()
+        self.node(0).binary = WALLETD
+        self.node(0).start()
+        self.assertIn("to layout 7 (every transaction hash-chained)", self.node(0).read_log())
+        self.wait_role(0, lambda role: role in ("leader", "follower"))
+        with self.node(0).client() as c:
+            c.call("charge", wallet="acme", channel="sms", to="+256712345678", ref="after")
+        self.check_ledgers()
+        self.assertEqual(self.hashes(0), self.hashes(1))
+        self.assertEqual(self.hashes(0), self.hashes(2))
+        self.assertEqual(len(self.hashes(0)[0]), 27)
 
 
 class Failover(ReplicationTest):

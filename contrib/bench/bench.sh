@@ -56,6 +56,41 @@ for label, data in rows:
 PYEOF
 echo "rate import --format mccmnc of an operator's deck of 5,000 networks, one commit: $(( (t1 - t0) / 1000000 )) ms"
 
+# The hash chain's cost: charge -c 64 on this walletd and on the release
+# before the chain (built from the git history with the same flags), on
+# fresh stores, five runs each, alternating, so that the box's noise falls on both.
+kill $pid; wait $pid 2>/dev/null || true
+before=688ed99
+if git -C "$top" cat-file -e "$before:walletd.c" 2>/dev/null; then
+  mkdir "$dir/src"
+  for f in walletd.c protocol.h; do git -C "$top" show "$before:$f" > "$dir/src/$f"; done
+  cc -std=c11 -O2 -g $(pkg-config --cflags msgpack lmdb libcurl jansson libcrypto libnats) -o "$dir/walletd-$before" \
+    "$dir/src/walletd.c" $(pkg-config --libs msgpack lmdb libcurl jansson libcrypto libnats) -lpthread
+  for i in 1 2 3 4 5; do
+    for bin in "$top/walletd" "$dir/walletd-$before"; do
+      rm -rf "$dir/db"
+      "$bin" -f -d "$dir/db" -s "$dir/walletd.sock" >"$dir/log" 2>&1 &
+      pid=$!
+      j=0; until "$ctl" ping >/dev/null 2>&1; do j=$((j+1)); [ $j -lt 100 ] || { cat "$dir/log"; exit 1; }; sleep 0.1; done
+      printf '%s\t' "$bin" >> "$dir/chain.tsv"
+      "$ctl" bench --json -c 64 -n 150000 >> "$dir/chain.tsv"
+      kill $pid; wait $pid 2>/dev/null || true
+    done
+  done
+  $py - "$dir/chain.tsv" "$top/walletd" <<'PYEOF'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    binary, data = line.split("\t", 1)
+    runs.setdefault(binary == sys.argv[2], []).append(json.loads(data)["charges_per_s"])
+now, before = statistics.median(runs[True]), statistics.median(runs[False])
+print("hash chain's cost, charge -c 64 (medians of 5 alternating runs): %.0f charges/s with it, %.0f in "
+      "the release before it: %.1f %%" % (now, before, (before - now) / before * 100))
+PYEOF
+else
+  echo "hash chain's cost: needs the git history ($before)"
+fi
+
 echo
 echo "replicated (three walletd nodes, three nats-servers, R3), beside one node in the same run:"
 $py "$top/contrib/bench/replicated.py"

@@ -7,7 +7,7 @@
 
 Amounts go in as decimal.Decimal (or str / int) and come back as Decimal.
 Every error code is an exception class under WalletdError.
-Needs only Debian's python3-msgpack.
+Needs only Debian's python3-msgpack (verify_statement: python3-cryptography).
 """
 import array
 import decimal
@@ -18,7 +18,7 @@ import tempfile
 
 import msgpack
 
-__all__ = ["Client", "WalletdError", "ConnectionLost"]
+__all__ = ["Client", "WalletdError", "ConnectionLost", "verify_statement", "StatementError"]
 
 # Keys whose values are amounts (decimal strings on the wire).
 AMOUNT_KEYS = frozenset("""balance amount balance_after price threshold required available
@@ -282,3 +282,71 @@ def _make(wire):
 
 for _py, _wire in METHODS.items():
     setattr(Client, _py, _make(_wire))
+
+
+# What a transaction's hash covers, in this order (README: The ledger's hash chain),
+# and the statement CSV's names for the two columns the export CSV names otherwise.
+CHAIN_FIELDS = ("id", "wallet", "created_at", "type", "amount", "balance_after", "currency", "description")
+_STATEMENT_COLUMNS = {"created_at": "date", "balance_after": "balance"}
+_HEAD_FIELDS = ("wallet", "id", "hash", "at", "signature", "before")
+
+
+class StatementError(ValueError):
+    """A statement or export CSV that does not verify; .row is its spreadsheet row (the header is 1), or None."""
+
+    def __init__(self, message, row=None):
+        super().__init__(message)
+        self.row = row
+
+
+def _netstrings(values):
+    return b"".join(b"%d:%s," % (len(v), v) for v in (s.encode() for s in values))
+
+
+def verify_statement(path, key):
+    """Checks a CSV that `walletctl statement --csv` or `walletctl export --csv` wrote, offline:
+    recomputes each wallet's hash chain row by row from its signed head's `before`, and checks
+    that the chain ends at the head and that the head is signed by key (hex, as ping answers
+    ledger_key).  Returns how many transactions verified; raises StatementError naming the
+    first row that does not.  Needs python3-cryptography."""
+    import csv
+    import hashlib
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key))
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    heads = {r[1]: dict(zip(_HEAD_FIELDS, r[1:])) for r in rows if len(r) == 7 and r[0] == "#head"}
+    header = rows[0] if rows else []
+    col = {name: header.index(alias) for name in CHAIN_FIELDS + ("hash",)
+           for alias in (name, _STATEMENT_COLUMNS.get(name)) if alias in header}
+    if "hash" not in col or not heads or ("wallet" not in col and len(heads) != 1):
+        raise StatementError("%s: no hash column or no signed head: not a CSV this walletd wrote" % path)
+    last = {w: bytes.fromhex(h["before"]) for w, h in heads.items()}
+    last_id, count = {}, 0
+    for n, r in enumerate(rows[1:], start=2):
+        if not r or r[0].startswith("#") or len(r) <= col["hash"] or r[col["id"]] == "":
+            continue  # a head, a blank line, an opening or closing balance
+        values = [next(iter(heads)) if f not in col else r[col[f]] for f in CHAIN_FIELDS]
+        values = [v[1:] if v.startswith("'") else v for v in values]  # the ' before text a spreadsheet would run
+        txn, wallet = values[0], values[1]
+        if wallet not in heads:
+            raise StatementError("row %d (transaction %s): wallet %s has no signed head in the file"
+                                 % (n, txn, wallet), n)
+        digest = hashlib.sha256(last[wallet] + _netstrings(values)).digest()
+        if digest.hex() != r[col["hash"]]:
+            raise StatementError("row %d (transaction %s of %s) does not verify: it, or a row of its wallet "
+                                 "before it, was changed, removed or moved" % (n, txn, wallet), n)
+        last[wallet], last_id[wallet] = digest, txn
+        count += 1
+    for wallet, h in sorted(heads.items()):
+        if last[wallet].hex() != h["hash"] or last_id.get(wallet, h["id"]) != h["id"]:
+            raise StatementError("the rows of wallet %s do not end at its signed head (transaction %s): a row was "
+                                 "removed, added or changed after the last one that verified" % (wallet, h["id"]))
+        try:
+            public.verify(bytes.fromhex(h["signature"]), _netstrings([wallet, h["id"], h["hash"], h["at"]]))
+        except (InvalidSignature, ValueError):
+            raise StatementError("the head of wallet %s (transaction %s) is not signed by this key"
+                                 % (wallet, h["id"])) from None
+    return count
