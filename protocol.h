@@ -100,8 +100,8 @@ X(M_PING, ping, "ping", R_ALL, 0, "", \
 X(M_WALLET_CREATE, wallet_create, "wallet.create", R_AS, MF_WRITE | MF_FLAT, \
   "wallet currency ?plan ?threshold:a ?alert_emails:l ?!credit_limit:a ?!daily_limit:a ?!hourly_messages:i " \
   "?!allowed_prefixes:l ?!blocked_prefixes:l ?!guard_range_max:I ?!guard_window:I ?!guard_country_spike:I " \
-  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l", \
-  "Create a wallet with a zero balance in one currency.") \
+  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l ?parent", \
+  "Create a wallet with a zero balance in one currency (with parent: a reseller's child, in its currency).") \
 X(M_WALLET_GET, wallet_get, "wallet.get", R_ACS, 0, "wallet", \
   "Show a wallet: balance, plan, threshold, alert e-mails, status.") \
 X(M_BALANCE, balance, "balance", R_ACS, 0, "wallet", \
@@ -112,8 +112,8 @@ X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_AS, MF_WRITE | MF_FLAT, \
   "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l", \
   "Change a wallet's plan, threshold, alert e-mails, status (active|frozen), credit limit, spend controls or "\
   "fraud brake; none = off (a guard_* setting: the config's).") \
-X(M_WALLET_LIST, wallet_list, "wallet.list", R_AS, MF_SCAN, "?page:i ?limit:i", \
-  "List wallets, a page at a time.") \
+X(M_WALLET_LIST, wallet_list, "wallet.list", R_AS, MF_SCAN, "?page:i ?limit:i ?parent", \
+  "List wallets (or a reseller's children), a page at a time.") \
 X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \
   "plan channel prefix price:a currency ?mccmnc ?route ?effective_from ?on_failure ?failure_fee:a ?settle " \
   "?pending_timeout:i ?pending_timeout_action", \
@@ -162,6 +162,8 @@ X(M_CREDIT, credit, "credit", R_AS, MF_WRITE | MF_FLAT, "wallet amount:a reason 
   "Add money by hand (manual_credit).") \
 X(M_DEBIT, debit, "debit", R_AS, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Take money by hand (manual_debit); never below zero.") \
+X(M_TRANSFER, transfer, "transfer", R_AP, MF_WRITE | MF_FLAT, "from to amount:a ref ?reason ?actor", \
+  "Move money between a reseller's wallet and its child's, either way, in one commit; idempotent on ref.") \
 X(M_REFUND, refund, "refund", R_ACS, MF_WRITE | MF_FLAT, \
   "wallet ?txn:i ?ref ?amount:a ?refund_ref ?reason ?actor", \
   "Refund a charge (by txn id or ref): what is left of it, or amount of it with a refund_ref.") \
@@ -183,8 +185,9 @@ X(M_STATEMENT, statement, "statement", R_ACS, MF_SCAN, "wallet ?from ?until ?aft
   "its transactions a page at a time.") \
 X(M_EXPORT, export, "export", R_A, MF_SCAN, "?after_id:i ?limit:i", \
   "Every wallet's transactions in id order, a page at a time, for accounting (--csv: all of them).") \
-X(M_REPORT_USAGE, report_usage, "report.usage", R_A, MF_SCAN, "from until group_by", \
-  "Messages, segments and money charged and refunded in [from, until), by country|route|channel|plan|wallet.") \
+X(M_REPORT_USAGE, report_usage, "report.usage", R_A, MF_SCAN, "from until group_by ?parent", \
+  "Messages, segments and money charged and refunded in [from, until), by country|route|channel|plan|wallet; " \
+  "with parent, of a reseller's children.") \
 X(M_NOTIFICATIONS, notifications, "notifications", R_ACS, 0, "wallet", \
   "A wallet's low-balance notifications and their e-mail state.") \
 X(M_VERIFY, verify, "verify", R_AS, MF_SLOW, "", \

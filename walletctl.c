@@ -1385,7 +1385,7 @@ static int
 csv_number(const char *col)
 {
 	static const char *const numbers[] = { "id", "amount", "balance_after", "segments", "price", "refund_of",
-		"paid_amount", "opening_balance" };
+		"counterpart", "paid_amount", "opening_balance" };
 
 	for (size_t i = 0; i < sizeof(numbers) / sizeof(numbers[0]); i++)
 		if (strcmp(col, numbers[i]) == 0)
@@ -1541,7 +1541,7 @@ cmd_export_csv(int argc, char **argv)
 {
 	static const char *const cols[] = { "id", "created_at", "wallet", "type", "amount", "balance_after",
 		"currency", "description", "ref", "channel", "to", "route", "segments", "price", "price_currency",
-		"refund_of", "hold", "provider", "provider_ref", "paid_amount", "paid_currency", "hash" };
+		"refund_of", "counterpart", "hold", "provider", "provider_ref", "paid_amount", "paid_currency", "hash" };
 	const size_t ncols = sizeof(cols) / sizeof(cols[0]);
 	uint64_t after = 0;
 

@@ -1280,6 +1280,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
 #define WF_EXTENDED  32u          /* stored: the record holds the layout 5 fields (wallet_put) */
 #define WF_COUNTS    64u          /* stored: the record holds slot_counts (wallet_put) */
 #define WF_GUARD     128u         /* stored: the record holds the fraud brake's settings (wallet_put) */
+#define WF_PARENT    256u         /* stored: a reseller's child, the record ends with its parent (wallet_put) */
 
 /* The fraud brake's numeric settings: config's guard_* keys, or a wallet's own (bit 1 << G_* of guard_set). */
 enum { G_RANGE_MAX, G_WINDOW, G_COUNTRY_SPIKE, G_MIN_MESSAGES, G_BLOCK, G__COUNT };
@@ -1321,6 +1322,7 @@ struct wallet {
 	char blocked[PREFIXES_BYTES];
 	char emails[EMAILS_BYTES]; /* comma-separated */
 	char guard_safe[PREFIXES_BYTES]; /* stored with WF_GUARD only */
+	char parent[WALLET_ID_MAX + 1];  /* its reseller's wallet, stored with WF_PARENT only; "" = none */
 };
 
 /* A layout 4 wallet record: the fields up to plan, then emails. */
@@ -1440,12 +1442,13 @@ static const char *const note_kind_names[NK__COUNT] = { "low_balance", "receipt"
 
 enum txn_type {
 	T_CREDIT = 1, T_SMS_CHARGE, T_WHATSAPP_CHARGE, T_MANUAL_CREDIT,
-	T_MANUAL_DEBIT, T_REFUND, T__COUNT
+	T_MANUAL_DEBIT, T_REFUND, T_TRANSFER_OUT, T_TRANSFER_IN, T__COUNT
 };
 static const char *const txn_type_names[T__COUNT] = {
 	[T_CREDIT] = "credit", [T_SMS_CHARGE] = "sms_charge",
 	[T_WHATSAPP_CHARGE] = "whatsapp_charge", [T_MANUAL_CREDIT] = "manual_credit",
 	[T_MANUAL_DEBIT] = "manual_debit", [T_REFUND] = "refund",
+	[T_TRANSFER_OUT] = "transfer_out", [T_TRANSFER_IN] = "transfer_in",
 };
 
 /* A transaction being written; strings borrowed from the request. */
@@ -1464,7 +1467,7 @@ struct txn {
 	uint32_t segments;
 	int64_t price;
 	const char *price_currency; /* NULL: no price fields */
-	uint64_t refund_of;
+	uint64_t refund_of;         /* a refund's charge; a transfer's other transaction (its counterpart) */
 	int has_actor;
 	uint32_t actor_uid;
 	struct str actor;
@@ -3018,7 +3021,8 @@ store_restore(const struct checkpoint_file *f)
 	if (fstat(journal.data_fd, &st) != 0 || (uint64_t)st.st_size < (last_pg + 1) * f->psize ||
 	    newest < f->txnid || other) {
 		log_x(L_ERR, "journal: data.mdb is not the store the checkpoint file was taken of (a backup copied "
-		    "over it?): to restore a backup, start walletd on a directory holding only the backup, as data.mdb (and ledger.key)");
+		    "over it?): to restore a backup, start walletd on a directory holding only the backup, as data.mdb "
+		    "(and ledger.key)");
 		return -1;
 	}
 	for (uint64_t slot = 0; slot < 2; slot++) {
@@ -3517,7 +3521,8 @@ record_copy(void *dst, size_t size, MDB_val v)
  * commit of many charges writes fewer pages), then its slot counts only
  * with WF_COUNTS (layout 5 before 2026-12: with WF_HOURLY), then its fraud
  * brake settings only with WF_GUARD, then its three strings (four with
- * WF_GUARD: its safe prefixes last), each up to its NUL.
+ * WF_GUARD: its safe prefixes; then with WF_PARENT its parent), each up
+ * to its NUL.
  */
 #define WALLET_BASE     offsetof(struct wallet, credit_limit)
 #define WALLET_EXTENDED (offsetof(struct wallet, slot_counts) - WALLET_BASE)
@@ -3536,17 +3541,18 @@ wallet_extended(const struct wallet *w)
 static int
 wallet_decode(MDB_val v, struct wallet *w)
 {
-	char *strings[4] = { w->allowed, w->blocked, w->emails, w->guard_safe };
-	size_t sizes[4] = { PREFIXES_BYTES, PREFIXES_BYTES, EMAILS_BYTES, PREFIXES_BYTES };
+	char *strings[5] = { w->allowed, w->blocked, w->emails, w->guard_safe, w->parent };
+	size_t sizes[5] = { PREFIXES_BYTES, PREFIXES_BYTES, EMAILS_BYTES, PREFIXES_BYTES, WALLET_ID_MAX + 1 };
 	const char *p = (const char *)v.mv_data, *end = p + v.mv_size;
-	int nstrings = 3;
+	uint32_t flags;
 
 	if (v.mv_size < WALLET_BASE)
 		return MDB_CORRUPTED;
 	memcpy(w, p, WALLET_BASE);
+	flags = w->flags;
 	p += WALLET_BASE;
 	memset((char *)w + WALLET_BASE, 0, WALLET_EXTENDED + WALLET_COUNTS + WALLET_GUARD);
-	w->guard_safe[0] = '\0';
+	w->guard_safe[0] = w->parent[0] = '\0';
 	if (w->flags & WF_EXTENDED) {
 		if ((size_t)(end - p) < WALLET_EXTENDED)
 			return MDB_CORRUPTED;
@@ -3566,13 +3572,14 @@ wallet_decode(MDB_val v, struct wallet *w)
 			return MDB_CORRUPTED;
 		memcpy(&w->guard_set, p, WALLET_GUARD);
 		p += WALLET_GUARD;
-		nstrings = 4;
 	}
-	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD);
-	for (int i = 0; i < nstrings; i++) {
-		size_t n = strnlen(p, (size_t)(end - p));
+	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT);
+	for (int i = 0; i < 5; i++) {
+		size_t n;
 
-		if (n >= sizes[i])
+		if ((i == 3 && !(flags & WF_GUARD)) || (i == 4 && !(flags & WF_PARENT)))
+			continue;
+		if ((n = strnlen(p, (size_t)(end - p))) >= sizes[i])
 			return MDB_CORRUPTED;
 		memcpy(strings[i], p, n);
 		strings[i][n] = '\0';
@@ -3593,6 +3600,13 @@ wallet_get(MDB_txn *txn, struct str id, struct wallet *w)
 	return wallet_decode(v, w);
 }
 
+/* Whether w is wallet id's child (a reseller's). */
+static int
+wallet_child_of(const struct wallet *w, struct str id)
+{
+	return strlen(w->parent) == id.n && memcmp(w->parent, id.p, id.n) == 0;
+}
+
 /* Writes w under id, as wallet_decode reads it. */
 static int
 wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
@@ -3600,8 +3614,8 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	MDB_val k = { id.n, (void *)id.p };
 	char buf[sizeof(*w)];
 	size_t n = WALLET_BASE;
-	const char *strings[4] = { w->allowed, w->blocked, w->emails, w->guard_safe };
-	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS | WF_GUARD);
+	const char *strings[5] = { w->allowed, w->blocked, w->emails, w->guard_safe, w->parent };
+	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT);
 
 	memcpy(buf, w, WALLET_BASE);
 	if (wallet_extended(w)) {
@@ -3619,10 +3633,14 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 		memcpy(buf + n, &w->guard_set, WALLET_GUARD);
 		n += WALLET_GUARD;
 	}
+	if (w->parent[0])
+		flags |= WF_PARENT;
 	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
-	for (int i = 0; i < (flags & WF_GUARD ? 4 : 3); i++) {
+	for (int i = 0; i < 5; i++) {
 		size_t len = strlen(strings[i]) + 1;
 
+		if ((i == 3 && !(flags & WF_GUARD)) || (i == 4 && !(flags & WF_PARENT)))
+			continue;
 		memcpy(buf + n, strings[i], len);
 		n += len;
 	}
@@ -4375,7 +4393,7 @@ head_pack(msgpack_packer *pk, struct str wallet, uint64_t id, const unsigned cha
 	hash_pack(pk, before);
 }
 
-/* Packs the signed head of wallet at transaction id, before_id the one before the first covered; nil for none (id 0). */
+/* Packs the signed head of wallet at transaction id (before_id: the one before the first covered); nil for id 0. */
 static void
 head_pack_at(MDB_txn *txn, msgpack_packer *pk, struct str wallet, uint64_t id, uint64_t before_id)
 {
@@ -4440,7 +4458,9 @@ txn_pack(msgpack_packer *pk, const struct txn *t, int replayed)
 		KV_AMOUNT(pk, "price", t->price);
 		KV_STR(pk, "price_currency", t->price_currency);
 	}
-	if (t->refund_of)
+	if (t->refund_of && (t->type == T_TRANSFER_OUT || t->type == T_TRANSFER_IN))
+		KV_U64(pk, "counterpart", t->refund_of);
+	else if (t->refund_of)
 		KV_U64(pk, "refund_of", t->refund_of);
 	if (t->has_actor) {
 		KEY(pk, "actor");
@@ -5642,9 +5662,14 @@ guard_safe(const struct wallet *w)
 static void
 wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t held, int64_t available)
 {
-	msgpack_pack_map(pk, 17 + G__COUNT);
+	msgpack_pack_map(pk, 18 + G__COUNT);
 	KV_SSTR(pk, "wallet", id);
 	KV_STR(pk, "currency", w->currency);
+	KEY(pk, "parent");
+	if (w->parent[0])
+		pack_cstr(pk, w->parent);
+	else
+		msgpack_pack_nil(pk);
 	KV_AMOUNT(pk, "balance", w->balance);
 	KV_AMOUNT(pk, "held", held);
 	KV_AMOUNT(pk, "available", available);
@@ -5990,8 +6015,8 @@ wallet_answer(struct call *c, struct str id, const struct wallet *w)
 static int
 m_wallet_create(struct call *c)
 {
-	struct str id, currency, plan;
-	struct wallet w;
+	struct str id, currency, plan, parent;
+	struct wallet w, pw;
 	MDB_val k = { 10, "wallet_seq" }, v;
 	uint64_t seq = 1;
 	int rc, present;
@@ -5999,12 +6024,26 @@ m_wallet_create(struct call *c)
 	memset(&w, 0, sizeof(w));
 	if ((rc = p_wallet(c, &id)) || (rc = p_currency(c, "currency", 1, &currency)) ||
 	    (rc = p_name(c, "plan", 0, 0, &plan)) || (rc = p_threshold(c, &w)) ||
-	    (rc = p_emails(c, w.emails, &present)) || (rc = p_controls(c, &w)))
+	    (rc = p_emails(c, w.emails, &present)) || (rc = p_controls(c, &w)) ||
+	    (rc = p_str(c, "parent", 0, WALLET_ID_MAX, &parent)))
 		return rc;
-	if ((rc = wallet_get(c->txn, id, &w)) == 0)
+	if ((rc = wallet_get(c->txn, id, &pw)) == 0)
 		return fail(c, E_WALLET_EXISTS, "wallet", "Wallet '%.*s' exists", (int)id.n, id.p);
 	if (rc != MDB_NOTFOUND)
 		return store_error(c, rc);
+	if (parent.p) { /* a reseller's child: one level, the reseller's currency */
+		if ((rc = wallet_get(c->txn, parent, &pw)) == MDB_NOTFOUND)
+			return fail(c, E_UNKNOWN_WALLET, "parent", "No wallet '%.*s'", (int)parent.n, parent.p);
+		if (rc)
+			return store_error(c, rc);
+		if (pw.parent[0])
+			return fail(c, E_INVALID_ARGUMENT, "parent", "Wallet '%.*s' is a child of '%s': a reseller's "
+			    "children have no children", (int)parent.n, parent.p, pw.parent);
+		if (memcmp(pw.currency, currency.p, 3) != 0)
+			return fail(c, E_INVALID_ARGUMENT, "currency", "a child wallet keeps its reseller's currency, %s",
+			    pw.currency);
+		memcpy(w.parent, parent.p, parent.n);
+	}
 	if ((rc = mdb_get(c->txn, store.meta, &k, &v)) == 0)
 		memcpy(&seq, v.mv_data, sizeof(seq));
 	else if (rc != MDB_NOTFOUND)
@@ -6140,18 +6179,64 @@ p_page(struct call *c, uint64_t def, uint64_t max, uint64_t *page, uint64_t *lim
 	return E_OK;
 }
 
+/* wallet.list {parent}: parent's children, a page of them, and how many in all (a scan of every wallet). */
+static int
+wallet_list_children(struct call *c, struct str parent, uint64_t page, uint64_t limit)
+{
+	uint64_t total = 0, packed = 0;
+	int64_t held, available;
+	msgpack_sbuffer rows;
+	msgpack_packer rpk;
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(c->txn, store.wallets, &cur)))
+		return store_error(c, rc);
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct wallet w;
+
+		if (over_budget(c)) {
+			rc = E_OFF_LOOP;
+			break;
+		}
+		if ((rc = wallet_decode(v, &w)) != 0)
+			break;
+		if (!wallet_child_of(&w, parent) || total++ < page * limit || packed == limit)
+			continue;
+		if ((rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)) != 0)
+			break;
+		wallet_pack(&rpk, (struct str){ k.mv_data, k.mv_size }, &w, held, available);
+		packed++;
+	}
+	mdb_cursor_close(cur);
+	if (rc != MDB_NOTFOUND) {
+		msgpack_sbuffer_destroy(&rows);
+		return rc == E_OFF_LOOP ? E_OFF_LOOP : store_error(c, rc);
+	}
+	pack_page(c->pk, "wallets", packed, &rows, total, page, limit);
+	return E_OK;
+}
+
 static int
 m_wallet_list(struct call *c)
 {
 	uint64_t page, limit, skip, count = 0;
 	int64_t held, available;
+	struct str parent;
+	struct wallet pw;
 	MDB_cursor *cur;
 	MDB_stat st;
 	MDB_val k, v;
 	int rc;
 
-	if ((rc = p_page(c, 100, HISTORY_LIMIT_MAX, &page, &limit)))
+	if ((rc = p_page(c, 100, HISTORY_LIMIT_MAX, &page, &limit)) ||
+	    (rc = p_str(c, "parent", 0, WALLET_ID_MAX, &parent)))
 		return rc;
+	if (parent.p)
+		return (rc = load_wallet(c, parent, &pw)) ? rc : wallet_list_children(c, parent, page, limit);
 	if ((rc = mdb_stat(c->txn, store.wallets, &st)) ||
 	    (rc = mdb_cursor_open(c->txn, store.wallets, &cur)))
 		return store_error(c, rc);
@@ -9132,6 +9217,147 @@ manual_change(struct call *c, int type)
 static int m_credit(struct call *c) { return manual_change(c, T_MANUAL_CREDIT); }
 static int m_debit(struct call *c) { return manual_change(c, T_MANUAL_DEBIT); }
 
+/* ---- Resellers ---- */
+
+/* The id the log's next transaction gets (txn_append). */
+static int
+log_next_id(MDB_txn *txn, uint64_t *id)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, store.txns, &cur)) != 0)
+		return rc;
+	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+	mdb_cursor_close(cur);
+	*id = 1;
+	if (rc == 0)
+		memcpy(id, k.mv_data, sizeof(*id)), ++*id;
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+/* Packs a transfer's answer: {transfer_out, transfer_in, replayed} from its transactions' ids. */
+static int
+transfer_pack(struct call *c, uint64_t out, uint64_t in, int replayed)
+{
+	MDB_val raw;
+	int rc;
+
+	msgpack_pack_map(c->pk, 3);
+	KEY(c->pk, "transfer_out");
+	if ((rc = txn_get(c->txn, out, &raw)) != 0)
+		return store_error(c, rc);
+	c->pk->callback(c->pk->data, raw.mv_data, raw.mv_size);
+	KEY(c->pk, "transfer_in");
+	if ((rc = txn_get(c->txn, in, &raw)) != 0)
+		return store_error(c, rc);
+	c->pk->callback(c->pk->data, raw.mv_data, raw.mv_size);
+	KV_BOOL(c->pk, "replayed", replayed);
+	return E_OK;
+}
+
+/*
+ * transfer: amount from a reseller's wallet to its child's, or back, in
+ * one commit: transfer_out on the sender and transfer_in on the receiver,
+ * each naming the other (counterpart).  Never more than the sender may
+ * spend (a reseller cannot oversell); a frozen sender sends nothing.
+ * Idempotent on ref, kept in the sender's refs with the fingerprint
+ * "transfer|TO|AMOUNT" (no charge, refund or report takes a transfer's ref).
+ */
+static int
+m_transfer(struct call *c)
+{
+	struct str from, to, ref, reason;
+	struct wallet sender, receiver;
+	struct txn out, in;
+	char fingerprint[32 + WALLET_ID_MAX], amount_text[32], value[REF_VALUE_MAX];
+	unsigned char refkey[8 + REF_MAX];
+	int64_t amount, held, available, sender_before, receiver_before;
+	size_t flen;
+	MDB_val k, v;
+	int rc, present;
+
+	memset(&out, 0, sizeof(out));
+	if ((rc = p_str(c, "from", 1, WALLET_ID_MAX, &from)) || (rc = p_str(c, "to", 1, WALLET_ID_MAX, &to)) ||
+	    (rc = p_amount(c, "amount", 1, 1, &amount, &present)) || (rc = p_str(c, "ref", 1, REF_MAX, &ref)) ||
+	    (rc = p_text(c, "reason", 0, &reason)) || (rc = p_actor(c, &out)))
+		return rc;
+	if ((rc = load_wallet(c, from, &sender)) || (rc = load_wallet(c, to, &receiver)))
+		return rc;
+	if (!wallet_child_of(&receiver, from) && !wallet_child_of(&sender, to))
+		return fail(c, E_INVALID_ARGUMENT, "to", "a transfer goes between a reseller's wallet and its child's: "
+		    "'%.*s' is neither the parent nor a child of '%.*s'", (int)to.n, to.p, (int)from.n, from.p);
+	{
+		struct text f = { fingerprint, 0, sizeof(fingerprint) };
+
+		text_add(&f, "transfer|", 9);
+		text_add(&f, to.p, to.n);
+		text_add(&f, "|", 1);
+		text_add(&f, amount_text, strlen(amount_format(amount, amount_text, 0)));
+		flen = f.n;
+	}
+	k = ref_key(refkey, ref, sender.number);
+	if ((rc = mdb_get(c->txn, store.refs, &k, &v)) == 0) {
+		struct ref_entry e;
+		struct txn_head h;
+		MDB_val rec;
+		struct txn t;
+		struct txn_text x;
+
+		ref_read(v, &e);
+		if (e.fp.n != flen || memcmp(e.fp.p, fingerprint, flen) != 0) {
+			c->conflict_txn = e.id;
+			return fail(c, E_IDEMPOTENCY_CONFLICT, "ref", "ref '%.*s' was used for something else (txn %" PRIu64 ")",
+			    (int)ref.n, ref.p, e.id);
+		}
+		if ((rc = txn_fetch(c->txn, e.id, &h, &rec)) || (rc = txn_decode(e.id, &h, rec.mv_data, rec.mv_size, &t, &x)))
+			return store_error(c, rc);
+		return transfer_pack(c, e.id, t.refund_of, 1);
+	} else if (rc != MDB_NOTFOUND) {
+		return store_error(c, rc);
+	}
+	if (sender.flags & WF_FROZEN)
+		return fail(c, E_WALLET_FROZEN, "from", "Wallet '%.*s' is frozen", (int)from.n, from.p);
+	if ((rc = wallet_available(c->txn, &sender, now_seconds(), &held, &available)))
+		return store_error(c, rc);
+	if (amount > available) /* what the sender may spend: a reseller cannot oversell */
+		return fail_insufficient(c, amount, available > 0 ? available : 0, sender.currency);
+	if (__builtin_add_overflow(receiver.balance, amount, &receiver.balance))
+		return fail(c, E_INVALID_ARGUMENT, "amount", "amount would overflow the balance");
+	sender_before = sender.balance;
+	receiver_before = receiver.balance - amount;
+	sender.balance -= amount;
+	in = out; /* the actor */
+	out.type = T_TRANSFER_OUT, in.type = T_TRANSFER_IN;
+	out.wallet = from, in.wallet = to;
+	out.amount = -amount, in.amount = amount;
+	out.currency = sender.currency, in.currency = receiver.currency;
+	out.ref = in.ref = ref;
+	snprintf(out.description, sizeof(out.description), "Transfer to %.*s%s%.*s", (int)to.n, to.p,
+	    reason.n ? ": " : "", (int)reason.n, reason.p);
+	snprintf(in.description, sizeof(in.description), "Transfer from %.*s%s%.*s", (int)from.n, from.p,
+	    reason.n ? ": " : "", (int)reason.n, reason.p);
+	if ((rc = log_next_id(c->txn, &in.refund_of)))
+		return store_error(c, rc);
+	out.refund_of = in.refund_of + 1; /* the two are appended one after the other */
+	if ((rc = txn_append(c->txn, &sender, &out, &scratch)) || (rc = txn_append(c->txn, &receiver, &in, &scratch)))
+		return store_error(c, rc);
+	if (in.id != out.refund_of || out.id != in.refund_of)
+		return store_error(c, MDB_CORRUPTED);
+	{
+		struct ref_entry e = { .id = out.id, .fp = { fingerprint, flen } };
+
+		if ((rc = ref_write(value, &e, &v)) || (rc = captured_put(c->txn, store.refs, &k, &v, 0)))
+			return store_error(c, rc);
+	}
+	if ((rc = note_on_crossing(c, from, &sender, sender_before, out.id)) ||
+	    (rc = note_on_crossing(c, to, &receiver, receiver_before, in.id)) ||
+	    (rc = wallet_put(c->txn, from, &sender)) || (rc = wallet_put(c->txn, to, &receiver)))
+		return store_error(c, rc);
+	return transfer_pack(c, out.id, in.id, 0);
+}
+
 /* Compares the string field name of a decoded map with s. */
 static int
 obj_str_eq(const msgpack_object *map, const char *name, struct str s)
@@ -9477,6 +9703,8 @@ m_delivery(struct call *c)
 		return fail(c, E_INTERNAL, NULL, "the charge of ref '%.*s' has an unreadable entry", (int)ref.n, ref.p);
 	memcpy(copy, v.mv_data, v.mv_size); /* v goes stale once this writes */
 	ref_read((MDB_val){ v.mv_size, copy }, &e);
+	if (e.fp.n >= 9 && memcmp(e.fp.p, "transfer|", 9) == 0)
+		return fail(c, E_UNKNOWN_TXN, "ref", "ref '%.*s' is a transfer's, not a charge's", (int)ref.n, ref.p);
 	if (e.fate.status != DS_NONE) {
 		if (e.fate.status != (uint32_t)st || e.fate.failed_parts != parts || e.error.n != error.n ||
 		    (error.n && memcmp(e.error.p, error.p, error.n) != 0)) {
@@ -9611,7 +9839,8 @@ p_types(struct call *c, unsigned *mask)
 			t++;
 		if (t == T__COUNT)
 			return fail(c, E_INVALID_ARGUMENT, "type",
-			    "type must be one of credit, sms_charge, whatsapp_charge, manual_credit, manual_debit, refund");
+			    "type must be one of credit, sms_charge, whatsapp_charge, manual_credit, manual_debit, refund, "
+			    "transfer_out, transfer_in");
 		*mask |= 1u << t;
 	}
 	return E_OK;
@@ -9933,22 +10162,26 @@ usage_compare(const void *a, const void *b)
  * report.usage: the charges and refunds created in [from, until), by
  * group_by (country: the E.164 calling code of the number; route; channel;
  * plan: the wallet's plan now; wallet) and currency: messages, segments,
- * charged, refunded (a refund counts in its charge's group) and net.  A
- * binary search for from, then O(the period's transactions).
+ * charged, refunded (a refund counts in its charge's group) and net; with
+ * parent, of that reseller's children only.  A binary search for from,
+ * then O(the period's transactions).
  */
 static int
 m_report_usage(struct call *c)
 {
 	static const char *const groupings[] = { "country", "route", "channel", "plan", "wallet" };
 	struct group_table groups = { .size = sizeof(struct usage_group) };
-	struct str from_s, until_s, by;
+	struct str from_s, until_s, by, parent;
+	struct wallet w;
 	int64_t from, until;
 	msgpack_zone *zone;
 	uint64_t id;
 	int group_by = -1, rc;
 
 	if ((rc = p_str(c, "from", 1, 40, &from_s)) || (rc = p_str(c, "until", 1, 40, &until_s)) ||
-	    (rc = p_str(c, "group_by", 1, 16, &by)))
+	    (rc = p_str(c, "group_by", 1, 16, &by)) || (rc = p_str(c, "parent", 0, WALLET_ID_MAX, &parent)))
+		return rc;
+	if (parent.p && (rc = load_wallet(c, parent, &w)))
 		return rc;
 	if (time_parse(from_s, &from) != 0)
 		return fail(c, E_INVALID_ARGUMENT, "from", "from must be an RFC 3339 time");
@@ -9990,6 +10223,12 @@ m_report_usage(struct call *c)
 				break;
 		} else if (h.type != T_SMS_CHARGE && h.type != T_WHATSAPP_CHARGE) {
 			continue;
+		}
+		if (parent.p) { /* the reseller's children only */
+			if ((rc = wallet_get(c->txn, txn_field(&o, "wallet"), &w)) != 0)
+				break;
+			if (!wallet_child_of(&w, parent))
+				continue;
 		}
 		if ((rc = usage_key(c->txn, &o, group_by, key, &len)) != 0)
 			break;
@@ -10431,6 +10670,20 @@ verify_refunds(MDB_txn *txn, msgpack_packer *pk, uint32_t *breaches)
  * hist index, and the log must hold no transaction that no wallet lists.
  * Costs a pass over the store; runs on a helper thread.
  */
+/* Whether transfer id (head h) and its counterpart name each other, of opposite types and amounts: 0, or -1. */
+static int
+transfer_paired(MDB_txn *txn, uint64_t id, const struct txn_head *h, uint64_t counterpart)
+{
+	struct txn_head oh;
+	struct txn t;
+	struct txn_text x;
+	MDB_val rec;
+
+	return counterpart && txn_fetch(txn, counterpart, &oh, &rec) == 0 &&
+	    txn_decode(counterpart, &oh, rec.mv_data, rec.mv_size, &t, &x) == 0 && t.refund_of == id &&
+	    oh.type == (h->type == T_TRANSFER_OUT ? T_TRANSFER_IN : T_TRANSFER_OUT) && oh.amount == -h->amount ? 0 : -1;
+}
+
 static int
 m_verify(struct call *c)
 {
@@ -10515,6 +10768,10 @@ m_verify(struct call *c)
 			else if (chain_verify(c->txn, next, h.prev, &rec.data) != 0)
 				verify_breach(&rpk, &breaches, id, next, "its hash does not follow from it and the transaction "
 				    "before it (the hash chain)");
+			else if ((h.type == T_TRANSFER_OUT || h.type == T_TRANSFER_IN) &&
+			    transfer_paired(c->txn, next, &h, map_u64(&rec.data, "counterpart")) != 0)
+				verify_breach(&rpk, &breaches, id, next, "a transfer without its counterpart (the other "
+				    "wallet's transfer of the same amount, naming this one)");
 			msgpack_unpacked_destroy(&rec);
 			next = h.prev;
 		}

@@ -83,7 +83,7 @@ final class Client
         'holdRelease' => 'hold.release', 'holdGet' => 'hold.get', 'holdList' => 'hold.list',
         'topupCreate' => 'topup.create',
         'topupConfirm' => 'topup.confirm', 'topupCancel' => 'topup.cancel', 'topupGet' => 'topup.get',
-        'topupList' => 'topup.list', 'credit' => 'credit', 'debit' => 'debit', 'refund' => 'refund',
+        'topupList' => 'topup.list', 'credit' => 'credit', 'debit' => 'debit', 'transfer' => 'transfer', 'refund' => 'refund',
         'refundBatch' => 'refund.batch', 'delivery' => 'delivery', 'deliveryBatch' => 'delivery.batch',
         'guardList' => 'guard.list', 'guardLift' => 'guard.lift',
         'history' => 'history', 'statement' => 'statement', 'export' => 'export', 'reportUsage' => 'report.usage', 'notifications' => 'notifications', 'verify' => 'verify',

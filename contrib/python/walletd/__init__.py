@@ -113,7 +113,7 @@ METHODS = {
     "fx_list": "fx.list", "charge": "charge", "charge_batch": "charge.batch",
     "precheck": "precheck", "quote": "quote", "topup_create": "topup.create",
     "topup_confirm": "topup.confirm", "topup_cancel": "topup.cancel", "topup_get": "topup.get",
-    "topup_list": "topup.list", "credit": "credit", "debit": "debit", "refund": "refund",
+    "topup_list": "topup.list", "credit": "credit", "debit": "debit", "transfer": "transfer", "refund": "refund",
     "refund_batch": "refund.batch", "delivery": "delivery", "delivery_batch": "delivery.batch",
     "guard_list": "guard.list", "guard_lift": "guard.lift",
     "hold_create": "hold.create", "hold_release": "hold.release",
@@ -161,6 +161,7 @@ class Client:
     # -- calls --------------------------------------------------------------
     def _request(self, method, params):
         self._msgid = (self._msgid + 1) & 0xFFFFFFFF
+        params = {k[:-1] if k.endswith("_") else k: v for k, v in params.items()}  # transfer(from_=...)
         body = [0, self._msgid, method, [_to_wire(params)] if params else []]
         return self._msgid, msgpack.packb(body, use_bin_type=True)
 
