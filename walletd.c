@@ -14457,6 +14457,7 @@ static int
 repl_check_history(struct repl_pos pos, uint64_t first, uint64_t last)
 {
 	static uint64_t since, seen; /* a loss or fork seen on every check from since to seen; 0 = none */
+	char mine[160] = "?";
 	natsMsg *m = NULL;
 	msgpack_unpacked u;
 	struct part pt;
@@ -14490,16 +14491,26 @@ repl_check_history(struct repl_pos pos, uint64_t first, uint64_t last)
 		if (now - since < 2000000)
 			return -1;
 	}
+	if (!same) { /* the record's id, for the log: which write the stream lost */
+		MDB_txn *txn;
+
+		pthread_rwlock_rdlock(&store.maplock);
+		if (mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn) == 0) {
+			replog_id(txn, pos.applied, mine);
+			mdb_txn_abort(txn);
+		}
+		pthread_rwlock_unlock(&store.maplock);
+	}
 	pthread_mutex_lock(&repl.lock);
 	if (!same && repl.role != RS_DIVERGED) {
 		if (repl.role == RS_LEADER)
 			repl_step_down("the stream lost records");
 		if (last < pos.applied)
 			repl_role_set(RS_DIVERGED, "the stream ends at %" PRIu64 ", before the record at %" PRIu64
-			    " this node applied", last, pos.applied);
+			    " (%s) this node applied", last, pos.applied, mine);
 		else
-			repl_role_set(RS_DIVERGED, "the stream holds another record at %" PRIu64 " than this node applied",
-			    pos.applied);
+			repl_role_set(RS_DIVERGED, "the stream holds another record at %" PRIu64 " than the record (%s) "
+			    "this node applied", pos.applied, mine);
 	} else if (same && repl.role == RS_DIVERGED) {
 		repl_role_set(RS_FOLLOWER, "the stream holds this node's history again");
 	}

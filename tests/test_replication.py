@@ -578,6 +578,8 @@ class Divergence(ReplicationTest):
             d.start()
         for i in range(3):
             self.wait_role(i, lambda role: role == "diverged")
+        self.assertRegex(self.g.status(1)["why"], r"the stream ends at %d, before the record at %d \(w\d\.\S+\) "
+                         r"this node applied" % (last - 10, last))  # names the write the stream lost
         r = self.node(1).ctl("credit", "acme", "1", "x")
         self.assertEqual(r.returncode, 5, r.stdout + r.stderr)
         self.assertIn("diverged", r.stderr)
@@ -694,8 +696,9 @@ class Partitions(ReplicationTest):
             """Whether node i is diverged because the stream lost a record it had delivered, one
             its publisher never answered (the stream refused it or never answered for it): what
             nats-server 2.9 does when its stream leader is cut off silently (README)."""
-            m = i not in lost and re.search(r"diverged, was \w+: the record at \d+ \(\S+\) follows another history "
-                                            r"than the record at \d+ \(w(\d)\.(\S+)\) this node applied",
+            m = i not in lost and re.search(r"diverged, was \w+: (?:the record at \d+ \(\S+\) follows another history "
+                                            r"than|the stream ends at \d+, before|the stream holds another record at "
+                                            r"\d+ than) the record(?: at \d+)? \(w(\d)\.(\S+)\) this node applied",
                                             self.node(i).read_log())
             if m and re.search(r"the stream (refused w%s\.%s\.\d+ after|did not answer for w%s\.%s within)" % (
                     m.group(1), re.escape(m.group(2)), m.group(1), re.escape(m.group(2))),
