@@ -7,7 +7,7 @@ top=$(cd "$(dirname "$0")/../.." && pwd)
 ctl=$top/walletctl
 py=/usr/bin/python3
 dir=$(mktemp -d /tmp/walletd-bench-XXXXXX)
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT INT TERM
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT INT TERM
 "$top/walletd" -f -d "$dir/db" -s "$dir/walletd.sock" >"$dir/log" 2>&1 &
 pid=$!
 export WALLETD_SOCKET="$dir/walletd.sock"
