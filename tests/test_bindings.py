@@ -179,3 +179,17 @@ class EveryCode(unittest.TestCase):
             self.assertEqual(walletd.error_class(code).code, code)
             self.assertIn("export const %s = errorClass('%s');" % (name, code), node)
             self.assertIn("class %s extends WalletdError { const CODE = '%s'; }" % (name, code), php)
+
+    def test_every_method_is_a_method_of_each_client(self):
+        with open(os.path.join(ROOT, "protocol.h")) as f:
+            wire = re.findall(r'^X\(M_\w+, \w+, "([a-z.]+)"', f.read(), re.M)
+        self.assertGreater(len(wire), 40)
+        with open(os.path.join(ROOT, "contrib", "node", "index.js")) as f:
+            node = set(re.findall(r"\b\w+: '([a-z.]+)'", f.read()))
+        with open(os.path.join(ROOT, "contrib", "php", "Walletd.php")) as f:
+            php = set(re.findall(r"'\w+' => '([a-z.]+)'", f.read()))
+        for name in wire:
+            self.assertTrue(hasattr(walletd.Client, name.replace(".", "_")), "Python: %s" % name)
+            if name != "backup":  # it passes the file as a descriptor: Python's alone (README)
+                self.assertIn(name, node, "Node.js")
+                self.assertIn(name, php, "PHP")
