@@ -884,6 +884,60 @@ START_TEST(verify_is_clean_after_changes)
 }
 END_TEST
 
+/* A transfer whose counterpart was rewritten (the hash chain does not cover
+ * it, so only the pairing can tell) is a breach verify names. */
+START_TEST(verify_finds_a_transfer_without_its_counterpart)
+{
+	struct answer a;
+	struct txn_head h;
+	struct txn t;
+	struct txn_text x;
+	uint64_t in;
+	MDB_txn *txn;
+	MDB_val k, v, rec;
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+	char buf[2048];
+	const msgpack_object *breaches;
+
+	seed_wallet("10");
+	ok(run(M_WALLET_CREATE, "wallet", "shop", "currency", "USD", "parent", "acme", NULL));
+	a = run(M_TRANSFER, "from", "acme", "to", "shop", "amount", "3", "ref", "t1", NULL);
+	ck_assert_int_eq(a.code, E_OK);
+	in = map_get(map_get(&a.result.data, "transfer_in"), "id")->via.u64;
+	answer_free(&a);
+	a = run(M_VERIFY, NULL);
+	ck_assert(map_get(&a.result.data, "ok")->via.boolean);
+	answer_free(&a);
+
+	ck_assert_int_eq(mdb_txn_begin(store.env, NULL, 0, &txn), 0);
+	ck_assert_int_eq(txn_fetch(txn, in, &h, &rec), 0);
+	ck_assert_int_eq(txn_decode(in, &h, rec.mv_data, rec.mv_size, &t, &x), 0);
+	t.refund_of = in; /* names itself, not the transfer_out */
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	txn_pack_stored(&pk, &t);
+	ck_assert_uint_le(sizeof(h) + 32 + sb.size, sizeof(buf));
+	memcpy(buf, &h, sizeof(h));
+	memcpy(buf + sizeof(h), (const char *)rec.mv_data - 32, 32);
+	memcpy(buf + sizeof(h) + 32, sb.data, sb.size);
+	k = (MDB_val){ sizeof(in), &in };
+	v = (MDB_val){ sizeof(h) + 32 + sb.size, buf };
+	ck_assert_int_eq(mdb_put(txn, store.txns, &k, &v, 0), 0);
+	ck_assert_int_eq(mdb_txn_commit(txn), 0);
+	msgpack_sbuffer_destroy(&sb);
+
+	a = run(M_VERIFY, NULL);
+	ck_assert(!map_get(&a.result.data, "ok")->via.boolean);
+	breaches = map_get(&a.result.data, "breaches");
+	ck_assert_uint_eq(breaches->via.array.size, 2); /* the transfer_in, and the transfer_out it no longer names */
+	for (uint32_t i = 0; i < 2; i++)
+		ck_assert_ptr_nonnull(strstr(map_get(&breaches->via.array.ptr[i], "problem")->via.str.ptr,
+		    "a transfer without its counterpart"));
+	answer_free(&a);
+}
+END_TEST
+
 static Suite *
 store_suite(void)
 {
@@ -905,6 +959,7 @@ store_suite(void)
 	tcase_add_test(tc, history_pages_across_index_blocks);
 	tcase_add_test(tc, bad_params_name_their_field);
 	tcase_add_test(tc, verify_is_clean_after_changes);
+	tcase_add_test(tc, verify_finds_a_transfer_without_its_counterpart);
 	suite_add_tcase(s, tc);
 	return s;
 }
