@@ -1947,18 +1947,18 @@ chain_one(MDB_txn *txn, uint64_t id, int captured)
 	MDB_val raw, rec, k = { sizeof(id), &id }, v;
 	int rc;
 
-	if ((rc = txn_read(txn, id, &h, &raw)) != 0 || (rc = chain_get(txn, h.prev, prev)) != 0)
+	if ((rc = txn_fetch(txn, id, &h, &rec)) != 0 || (h.flags & TXN_HASHED))
+		return rc; /* hashed already: nothing to do */
+	if ((rc = txn_read(txn, id, NULL, &raw)) != 0 || (rc = chain_get(txn, h.prev, prev)) != 0)
 		return rc;
 	msgpack_unpacked_init(&m);
 	if (msgpack_unpack_next(&m, raw.mv_data, raw.mv_size, NULL) != MSGPACK_UNPACK_SUCCESS ||
 	    txn_map_hash(&m.data, prev, hash) != 0)
 		rc = MDB_CORRUPTED;
 	msgpack_unpacked_destroy(&m);
-	if (rc != 0 || (rc = txn_fetch(txn, id, &h, &rec)) != 0)
+	if (rc != 0)
 		return rc;
-	if (h.flags & TXN_HASHED)
-		return 0;
-	h.flags |= TXN_HASHED;
+	h.flags |= TXN_HASHED; /* rec still points at the stored record: nothing was written since */
 	v = (MDB_val){ sizeof(h) + sizeof(hash) + rec.mv_size, NULL };
 	if ((v.mv_data = malloc(v.mv_size)) == NULL)
 		return ENOMEM;

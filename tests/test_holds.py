@@ -534,7 +534,7 @@ class UpgradeFromTheReleaseBeforeTheBrake(Upgrade):
 
 
 class UpgradeFromTheReleaseBeforeTheChain(Upgrade):
-    """The same from the release before the hash chain (commit e76d0d0, layout 6): every
+    """The same from the release before the hash chain (commit 688ed99, layout 6): every
     transaction, a charge held for its report among them, is chained when the store opens;
     what comes after is chained on."""
     PREVIOUS = "688ed99"
