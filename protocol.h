@@ -91,7 +91,8 @@ static const char *const role_names[ROLES_COUNT] = { "admin", "client", "payment
  * also repeated in the singular, `--alert-email a --alert-email b`).
  * Types: s string (default), a amount, n amount or `none` (nil), i integer,
  * I integer or `none` (nil), b true or false,
- * l list of strings, c CSV file of rows, f file of numbers (`-` = stdin),
+ * l list of strings, m map of `key=value` pairs, comma-separated, or `none`
+ * (nil; also `--no-name`), c CSV file of rows, f file of numbers (`-` = stdin),
  * F output file passed as a descriptor (SCM_RIGHTS), not a map entry.
  */
 #define WALLETD_METHODS(X) \
@@ -109,9 +110,9 @@ X(M_BALANCE, balance, "balance", R_ACS, 0, "wallet", \
 X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_AS, MF_WRITE | MF_FLAT, \
   "wallet ?plan ?threshold:n ?alert_emails:l ?status ?!credit_limit:n ?!daily_limit:n ?!hourly_messages:I " \
   "?!allowed_prefixes:l ?!blocked_prefixes:l ?!guard_range_max:I ?!guard_window:I ?!guard_country_spike:I " \
-  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l", \
-  "Change a wallet's plan, threshold, alert e-mails, status (active|frozen), credit limit, spend controls or "\
-  "fraud brake; none = off (a guard_* setting: the config's).") \
+  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l ?!auto_topup:m", \
+  "Change a wallet's plan, threshold, alert e-mails, status (active|frozen), credit limit, spend controls, "\
+  "fraud brake or automatic top-up; none = off (a guard_* setting: the config's).") \
 X(M_WALLET_LIST, wallet_list, "wallet.list", R_AS, MF_SCAN, "?page:i ?limit:i ?parent", \
   "List wallets (or a reseller's children), a page at a time.") \
 X(M_RATE_SET, rate_set, "rate.set", R_A, MF_WRITE | MF_FLAT, \

@@ -859,9 +859,18 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 			for (int j = 0; j < np && p < 0; j++)
 				if (strcmp(ps[j].name, name) == 0 || (ps[j].type == 'l' && list_singular(ps[j].name, name, len)))
 					p = j;
+			for (int j = 0; j < np && p < 0; j++)
+				if (ps[j].type == 'm' && strncmp(name, "no_", 3) == 0 && strcmp(ps[j].name, name + 3) == 0) {
+					p = j; /* --no-auto-topup: none */
+					if (counts[p])
+						die(EXIT_USAGE, "%s given twice", ps[p].name);
+					values[p][counts[p]++] = "none";
+				}
 			if (p < 0)
 				die(EXIT_USAGE, "%s takes no option --%s (see: walletctl help %s)",
 				    method_table[m].name, argv[i] + 2, method_table[m].name);
+			if (strncmp(name, "no_", 3) == 0 && ps[p].type == 'm')
+				continue;
 			if (ps[p].type == 'b' && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0)) {
 				values[p][counts[p]++] = "true"; /* a bare --force */
 				continue;
@@ -961,6 +970,35 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 				msgpack_pack_str_with_body(&pk, items[k], strlen(items[k]));
 			for (int k = 0; k < counts[j]; k++)
 				free(copies[k]);
+			break;
+		}
+		case 'm': {
+			char *copy = strdup(v), *save = NULL;
+			size_t n = 0;
+
+			if (strcmp(v, "none") == 0) {
+				msgpack_pack_nil(&pk);
+				free(copy);
+				break;
+			}
+			for (const char *c = v; *c; c++)
+				n += *c == ',';
+			msgpack_pack_map(&pk, n + 1);
+			for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save), n--) {
+				char *eq = strchr(t, '=');
+
+				if (eq == NULL || eq == t)
+					die(EXIT_USAGE, "%s takes key=value pairs separated by commas, not '%s'", ps[j].name, t);
+				*eq++ = '\0';
+				msgpack_pack_str_with_body(&pk, t, strlen(t));
+				if (*eq && strspn(eq, "0123456789") == strlen(eq)) /* a count, or whole units */
+					msgpack_pack_uint64(&pk, strtoull(eq, NULL, 10));
+				else
+					msgpack_pack_str_with_body(&pk, eq, strlen(eq));
+			}
+			if (n != (size_t)-1)
+				die(EXIT_USAGE, "%s: an empty pair in '%s'", ps[j].name, v);
+			free(copy);
 			break;
 		}
 		case 'c': {
@@ -2016,7 +2054,8 @@ bench_usage(FILE *f)
 	fprintf(f,
 	    "usage: walletctl bench [-c CONNECTIONS] [-n REQUESTS] [-P PIPELINE] [--batch N]\n"
 	    "                       [--method charge|precheck|balance|history|lookup] [--wallets N]\n"
-	    "                       [--recipients N] [--random-refs] [--hold] [--controls] [--guard] [--json]\n"
+	    "                       [--recipients N] [--random-refs] [--hold] [--controls] [--guard]\n"
+	    "                       [--auto-topup] [--json]\n"
 	    "  Creates its own wallets (bench-RUN-N, plan bench-RUN) with a large balance, so no\n"
 	    "  production wallet is touched, then sends REQUESTS requests over CONNECTIONS\n"
 	    "  connections, PIPELINE in flight on each.  --batch N sends charge.batch of N items.\n"
@@ -2024,7 +2063,8 @@ bench_usage(FILE *f)
 	    "  like UUIDv4s (each then dirties a page of the refs index of its own).  --hold\n"
 	    "  charges under a hold of each wallet's; --controls sets every spend control\n"
 	    "  (none reached) on each wallet; --guard both counts of the fraud brake (none\n"
-	    "  reached).\n"
+	    "  reached); --auto-topup sets automatic top-up (never reached: walletd's config\n"
+	    "  needs a paystack_secret_file).\n"
 	    "  Prints requests/s, charges/s, latency percentiles, errors by code, and from stats\n"
 	    "  the run's commits/s, mean batch size, and the time of a batch and of its durable\n"
 	    "  commit (the syncs).  It checks that the wallets lost exactly what the\n"
@@ -2090,6 +2130,7 @@ bench_call(const char *method, msgpack_sbuffer *params, msgpack_unpacked *resp)
 }
 
 static int bench_hold;          /* --hold: each wallet's charges draw on a hold of its own */
+static int bench_auto;          /* --auto-topup: each wallet has automatic top-up set (never reached) */
 
 /*
  * Leaves no money behind: a bench wallet holding left is debited to zero and
@@ -2109,7 +2150,16 @@ bench_retire(const char *wallet, int64_t left)
 
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	if (bench_hold) {
+	if (bench_auto) { /* off first: the debit to zero would ask for a top-up */
+		msgpack_pack_map(&pk, 2);
+		pk_kv(&pk, "wallet", wallet);
+		msgpack_pack_str_with_body(&pk, "auto_topup", 10);
+		msgpack_pack_nil(&pk);
+		rc = bench_try("wallet.update", &sb, &resp) ? 0 : -1;
+		msgpack_unpacked_destroy(&resp);
+		msgpack_sbuffer_clear(&sb);
+	}
+	if (bench_hold && rc == 0) {
 		msgpack_pack_map(&pk, 2);
 		pk_kv(&pk, "wallet", wallet);
 		pk_kv(&pk, "hold", "bench");
@@ -2228,6 +2278,10 @@ bench_options(struct bench *b, int argc, char **argv)
 			bench_hold = 1;
 			continue;
 		}
+		if (strcmp(a, "--auto-topup") == 0) {
+			bench_auto = 1;
+			continue;
+		}
 		if (strcmp(a, "--controls") == 0) {
 			b->controls = 1;
 			continue;
@@ -2342,6 +2396,20 @@ bench_setup(struct bench *b)
 			pk_kv(&pk, "ref", "bench");
 			pk_kv(&pk, "amount", "500000000");
 			bench_call("hold.create", &sb, &resp);
+			msgpack_unpacked_destroy(&resp);
+		}
+		if (bench_auto) { /* set, never reached: what looking costs */
+			msgpack_sbuffer_clear(&sb);
+			msgpack_pack_map(&pk, 2);
+			pk_kv(&pk, "wallet", wallet);
+			msgpack_pack_str_with_body(&pk, "auto_topup", 10);
+			msgpack_pack_map(&pk, 5);
+			pk_kv(&pk, "below", "1");
+			pk_kv(&pk, "amount", "100");
+			pk_kv(&pk, "provider", "paystack");
+			pk_kv(&pk, "authorization", "AUTH_bench");
+			pk_kv(&pk, "email", "bench@example.com");
+			bench_call("wallet.update", &sb, &resp);
 			msgpack_unpacked_destroy(&resp);
 		}
 	}

@@ -115,6 +115,9 @@ struct config {
 	char webhook_url[512];
 	char webhook_secret_file[PATH_MAX];
 	unsigned webhook_timeout;
+	char paystack_api_url[256], paystack_secret_file[PATH_MAX];
+	char flutterwave_api_url[256], flutterwave_secret_file[PATH_MAX];
+	unsigned gateway_timeout;
 	char ledger_key_file[PATH_MAX];
 	char currencies[256];
 	char nats_url[1024];
@@ -197,6 +200,13 @@ static const struct config_key config_keys[] = {
 	CK(webhook_url, CF_STR, 1, "where events (low_balance, topup_paid, hold_expired, charge_settled, destination_suspended) are POSTed as JSON; empty = none"),
 	CK(webhook_secret_file, CF_STR, 1, "file whose first line (and second, while rotating) is the secret events are signed with"),
 	CK(webhook_timeout, CF_UINT, 1, "seconds a webhook delivery may take"),
+	CK(paystack_api_url, CF_STR, 1, "Paystack's API, for automatic top-ups"),
+	CK(paystack_secret_file, CF_STR, 1, "file whose first line is the Paystack secret key (empty = no automatic "
+	    "top-up through Paystack)"),
+	CK(flutterwave_api_url, CF_STR, 1, "Flutterwave's API, for automatic top-ups"),
+	CK(flutterwave_secret_file, CF_STR, 1, "file whose first line is the Flutterwave secret key (empty = no "
+	    "automatic top-up through Flutterwave)"),
+	CK(gateway_timeout, CF_UINT, 1, "seconds a payment gateway's API call may take"),
 	CK(ledger_key_file, CF_STR, 0, "the Ed25519 key (PEM) statements and exports are signed with, made at first start "
 	    "if missing; empty = ledger.key in the store"),
 	CK(currencies, CF_STR, 0, "a platform's own units beside ISO 4217, comma-separated 3-letter codes (CRD, ...)"),
@@ -251,6 +261,9 @@ config_defaults(struct config *cf)
 	cf->log_level = 2;
 	strcpy(cf->receipts, "on");
 	cf->webhook_timeout = 10;
+	strcpy(cf->paystack_api_url, "https://api.paystack.co");
+	strcpy(cf->flutterwave_api_url, "https://api.flutterwave.com");
+	cf->gateway_timeout = 30;
 	strcpy(cf->cluster, "walletd");
 	cf->stream_replicas = 3;
 	cf->lease_ttl = 4;
@@ -386,7 +399,7 @@ static const struct {
 	{ "charge_batch_max", 1 }, { "max_queued", 1 }, { "map_size", 64u << 10 },
 	{ "map_size_max", 64u << 10 }, { "checkpoint_interval", 10 }, { "checkpoint_bytes", 1u << 20 },
 	{ "topup_ttl", 1 }, { "smtp_timeout", 1 },
-	{ "alert_interval", 1 }, { "alert_max_attempts", 1 }, { "webhook_timeout", 1 },
+	{ "alert_interval", 1 }, { "alert_max_attempts", 1 }, { "webhook_timeout", 1 }, { "gateway_timeout", 1 },
 	{ "stream_replicas", 1 }, { "lease_ttl", 2 }, { "stream_max_age", 60 }, { "failover_wait", 1 },
 	{ "guard_window", 1 }, { "guard_min_messages", 1 }, { "guard_block", 1 },
 };
@@ -1281,6 +1294,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
 #define WF_COUNTS    64u          /* stored: the record holds slot_counts (wallet_put) */
 #define WF_GUARD     128u         /* stored: the record holds the fraud brake's settings (wallet_put) */
 #define WF_PARENT    256u         /* stored: a reseller's child, the record ends with its parent (wallet_put) */
+#define WF_AUTO      512u         /* stored: the record holds automatic top-up settings (wallet_put) */
 
 /* The fraud brake's numeric settings: config's guard_* keys, or a wallet's own (bit 1 << G_* of guard_set). */
 enum { G_RANGE_MAX, G_WINDOW, G_COUNTRY_SPIKE, G_MIN_MESSAGES, G_BLOCK, G__COUNT };
@@ -1288,6 +1302,28 @@ static const char *const guard_names[G__COUNT] = {
 	"guard_range_max", "guard_window", "guard_country_spike", "guard_min_messages", "guard_block",
 };
 #define GS_SAFE (1u << G__COUNT) /* guard_set: guard_safe is the wallet's own */
+
+/* A wallet's automatic top-up (README: Automatic top-up); provider AP_NONE = none. */
+enum auto_provider { AP_NONE, AP_PAYSTACK, AP_FLUTTERWAVE, AP__COUNT };
+static const char *const auto_provider_names[AP__COUNT] = { "", "paystack", "flutterwave" };
+#define AUTO_ARMED 1u             /* a crossing below `below` requests one (re-armed at or above it) */
+#define AUTO_OFF   2u             /* turned off by AUTO_FAILURES_MAX failures in a row */
+#define AUTO_FAILURES_MAX 3
+struct auto_topup {
+	int64_t below;
+	int64_t amount;           /* a fixed sum; 0 with to */
+	int64_t to;               /* or up to this available balance; 0 with amount */
+	int64_t day;              /* the UTC day (since the epoch) that today counts */
+	uint32_t today;           /* requests made on that day */
+	uint32_t max_per_day;
+	uint32_t failures;        /* in a row */
+	uint32_t state;           /* AUTO_* */
+	uint32_t provider;        /* AP_* */
+	uint32_t pad;
+	char authorization[129];  /* Paystack's authorization_code, Flutterwave's token */
+	char email[255];          /* the payer's, as the gateway knows it */
+};
+#define AUTO_NUMBERS offsetof(struct auto_topup, authorization)
 
 struct wallet {
 	int64_t balance;
@@ -1323,6 +1359,7 @@ struct wallet {
 	char emails[EMAILS_BYTES]; /* comma-separated */
 	char guard_safe[PREFIXES_BYTES]; /* stored with WF_GUARD only */
 	char parent[WALLET_ID_MAX + 1];  /* its reseller's wallet, stored with WF_PARENT only; "" = none */
+	struct auto_topup autotop;       /* stored with WF_AUTO only: its numbers, then its two strings */
 };
 
 /* A layout 4 wallet record: the fields up to plan, then emails. */
@@ -1395,6 +1432,8 @@ struct topup {
 	int64_t problem_at;       /* 0: none */
 	char problem_code[32];
 	char problem_message[256];
+	/* Since 2026-12: made by an automatic top-up (README: Automatic top-up). */
+	uint32_t automatic;
 };
 
 enum note_state { NS_PENDING, NS_SENT, NS_FAILED, NS_NO_RECIPIENT };
@@ -1436,9 +1475,11 @@ struct event {
 };
 #define EVENT_FIXED offsetof(struct event, body)
 
-enum note_kind { NK_LOW_BALANCE, NK_RECEIPT, NK_PAYMENT_PROBLEM, NK_SUSPENDED, NK__COUNT };
+/* NK_AUTO_TOPUP is no e-mail: the alert thread charges the saved payment method for its top-up (in provider_ref). */
+enum note_kind { NK_LOW_BALANCE, NK_RECEIPT, NK_PAYMENT_PROBLEM, NK_SUSPENDED, NK_AUTO_TOPUP, NK_AUTO_TOPUP_OFF,
+	NK__COUNT };
 static const char *const note_kind_names[NK__COUNT] = { "low_balance", "receipt", "payment_problem",
-	"destination_suspended" };
+	"destination_suspended", "auto_topup", "auto_topup_off" };
 
 enum txn_type {
 	T_CREDIT = 1, T_SMS_CHARGE, T_WHATSAPP_CHARGE, T_MANUAL_CREDIT,
@@ -3520,9 +3561,10 @@ record_copy(void *dst, size_t size, MDB_val v)
  * wallets have none: a small record keeps more wallets in a page, and a
  * commit of many charges writes fewer pages), then its slot counts only
  * with WF_COUNTS (layout 5 before 2026-12: with WF_HOURLY), then its fraud
- * brake settings only with WF_GUARD, then its three strings (four with
- * WF_GUARD: its safe prefixes; then with WF_PARENT its parent), each up
- * to its NUL.
+ * brake settings only with WF_GUARD, then its automatic top-up's numbers
+ * only with WF_AUTO, then its three strings (four with WF_GUARD: its safe
+ * prefixes; then with WF_PARENT its parent; then with WF_AUTO the top-up's
+ * authorization and e-mail), each up to its NUL.
  */
 #define WALLET_BASE     offsetof(struct wallet, credit_limit)
 #define WALLET_EXTENDED (offsetof(struct wallet, slot_counts) - WALLET_BASE)
@@ -3537,12 +3579,21 @@ wallet_extended(const struct wallet *w)
 	    (w->flags & (WF_DAILY | WF_HOURLY));
 }
 
+/* Whether a record with flags stores string i of allowed, blocked, emails, guard_safe, parent, and auto top-up's two. */
+static int
+wallet_string_stored(int i, uint32_t flags)
+{
+	return i < 3 || (i == 3 && (flags & WF_GUARD)) || (i == 4 && (flags & WF_PARENT)) || (i > 4 && (flags & WF_AUTO));
+}
+
 /* Decodes a stored wallet record v into *w.  Returns 0 or MDB_CORRUPTED. */
 static int
 wallet_decode(MDB_val v, struct wallet *w)
 {
-	char *strings[5] = { w->allowed, w->blocked, w->emails, w->guard_safe, w->parent };
-	size_t sizes[5] = { PREFIXES_BYTES, PREFIXES_BYTES, EMAILS_BYTES, PREFIXES_BYTES, WALLET_ID_MAX + 1 };
+	char *strings[7] = { w->allowed, w->blocked, w->emails, w->guard_safe, w->parent, w->autotop.authorization,
+		w->autotop.email };
+	size_t sizes[7] = { PREFIXES_BYTES, PREFIXES_BYTES, EMAILS_BYTES, PREFIXES_BYTES, WALLET_ID_MAX + 1,
+		sizeof(w->autotop.authorization), sizeof(w->autotop.email) };
 	const char *p = (const char *)v.mv_data, *end = p + v.mv_size;
 	uint32_t flags;
 
@@ -3573,11 +3624,18 @@ wallet_decode(MDB_val v, struct wallet *w)
 		memcpy(&w->guard_set, p, WALLET_GUARD);
 		p += WALLET_GUARD;
 	}
-	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT);
-	for (int i = 0; i < 5; i++) {
+	memset(&w->autotop, 0, sizeof(w->autotop));
+	if (w->flags & WF_AUTO) {
+		if ((size_t)(end - p) < AUTO_NUMBERS)
+			return MDB_CORRUPTED;
+		memcpy(&w->autotop, p, AUTO_NUMBERS);
+		p += AUTO_NUMBERS;
+	}
+	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO);
+	for (int i = 0; i < 7; i++) {
 		size_t n;
 
-		if ((i == 3 && !(flags & WF_GUARD)) || (i == 4 && !(flags & WF_PARENT)))
+		if (!wallet_string_stored(i, flags))
 			continue;
 		if ((n = strnlen(p, (size_t)(end - p))) >= sizes[i])
 			return MDB_CORRUPTED;
@@ -3614,8 +3672,9 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	MDB_val k = { id.n, (void *)id.p };
 	char buf[sizeof(*w)];
 	size_t n = WALLET_BASE;
-	const char *strings[5] = { w->allowed, w->blocked, w->emails, w->guard_safe, w->parent };
-	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT);
+	const char *strings[7] = { w->allowed, w->blocked, w->emails, w->guard_safe, w->parent, w->autotop.authorization,
+		w->autotop.email };
+	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO);
 
 	memcpy(buf, w, WALLET_BASE);
 	if (wallet_extended(w)) {
@@ -3635,11 +3694,20 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	}
 	if (w->parent[0])
 		flags |= WF_PARENT;
+	if (w->autotop.provider) { /* a commit that leaves the available balance at or above `below` re-arms it */
+		struct auto_topup a = w->autotop;
+
+		if (w->balance + w->credit_limit - w->held >= a.below)
+			a.state |= AUTO_ARMED;
+		flags |= WF_AUTO;
+		memcpy(buf + n, &a, AUTO_NUMBERS);
+		n += AUTO_NUMBERS;
+	}
 	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
-	for (int i = 0; i < 5; i++) {
+	for (int i = 0; i < 7; i++) {
 		size_t len = strlen(strings[i]) + 1;
 
-		if ((i == 3 && !(flags & WF_GUARD)) || (i == 4 && !(flags & WF_PARENT)))
+		if (!wallet_string_stored(i, flags))
 			continue;
 		memcpy(buf + n, strings[i], len);
 		n += len;
@@ -3650,7 +3718,7 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 /* ---- Events ---- */
 
 /* Set by event_add (the writer's): the alert thread has events to deliver after this commit. */
-static int events_added;
+static _Atomic int events_added; /* also set by the alert thread's automatic top-ups */
 
 /*
  * Records an event for the webhook, in txn: {id, type, created_at, wallet,
@@ -5662,7 +5730,7 @@ guard_safe(const struct wallet *w)
 static void
 wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t held, int64_t available)
 {
-	msgpack_pack_map(pk, 18 + G__COUNT);
+	msgpack_pack_map(pk, 19 + G__COUNT);
 	KV_SSTR(pk, "wallet", id);
 	KV_STR(pk, "currency", w->currency);
 	KEY(pk, "parent");
@@ -5693,6 +5761,23 @@ wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t h
 	KV_STR(pk, "status", w->flags & WF_FROZEN ? "frozen" : "active");
 	KV_TIME(pk, "created_at", w->created_at);
 	KV_U64(pk, "holds_active", w->holds_active);
+	KEY(pk, "auto_topup");
+	if (w->autotop.provider) {
+		const struct auto_topup *a = &w->autotop;
+
+		msgpack_pack_map(pk, 9);
+		KV_AMOUNT(pk, "below", a->below);
+		pack_amount_or_nil(pk, "amount", a->amount != 0, a->amount);
+		pack_amount_or_nil(pk, "to", a->to != 0, a->to);
+		KV_STR(pk, "provider", auto_provider_names[a->provider % AP__COUNT]);
+		KV_STR(pk, "authorization", a->authorization);
+		KV_STR(pk, "email", a->email);
+		KV_U64(pk, "max_per_day", a->max_per_day);
+		KV_BOOL(pk, "active", !(a->state & AUTO_OFF));
+		KV_U64(pk, "failures", a->failures);
+	} else {
+		msgpack_pack_nil(pk);
+	}
 }
 
 /*
@@ -5724,8 +5809,16 @@ note_add(struct call *c, struct str id, struct wallet *w, struct note *n)
 
 	n->created_at = n->next_attempt = now_seconds();
 	n->balance = w->balance;
-	snprintf(n->emails, sizeof(n->emails), "%s", n->to_ops ? config.ops_emails : w->emails);
-	n->state = n->emails[0] ? NS_PENDING : NS_NO_RECIPIENT;
+	if (n->kind == NK_AUTO_TOPUP_OFF) { /* both */
+		struct text t = { n->emails, 0, sizeof(n->emails) };
+
+		text_add(&t, w->emails, strlen(w->emails));
+		text_add(&t, ",", w->emails[0] && config.ops_emails[0]);
+		text_add(&t, config.ops_emails, strlen(config.ops_emails));
+	} else {
+		snprintf(n->emails, sizeof(n->emails), "%s", n->to_ops ? config.ops_emails : w->emails);
+	}
+	n->state = n->emails[0] || n->kind == NK_AUTO_TOPUP ? NS_PENDING : NS_NO_RECIPIENT;
 	if (n->currency[0] == '\0') /* a payment problem's is the currency paid */
 		memcpy(n->currency, w->currency, 4);
 	memcpy(n->wallet, id.p, id.n);
@@ -5742,9 +5835,72 @@ note_add(struct call *c, struct str id, struct wallet *w, struct note *n)
 	return 0;
 }
 
+/* A new top-up's ref: "tp_" and 24 random hex digits.  Returns 0, or -1 without randomness. */
+static int
+topup_ref(char ref[32])
+{
+	unsigned char rnd[12];
+
+	if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd))
+		return -1;
+	strcpy(ref, "tp_");
+	for (size_t i = 0; i < sizeof(rnd); i++)
+		snprintf(ref + 3 + 2 * i, 3, "%02x", rnd[i]);
+	return 0;
+}
+
+/*
+ * Automatic top-up (README: Automatic top-up), in a commit that changed
+ * wallet w (id): when its available balance is below `below` and the
+ * request is armed, a pending top-up marked auto and a note the alert
+ * thread acts on by charging the saved payment method, in this commit.
+ * One per crossing: re-armed by a commit that leaves it at or above
+ * `below` (wallet_put).  Past max_per_day it stays armed, for the next
+ * day's first commit.  Returns 0 or an LMDB error (EIO without randomness).
+ */
+static int
+auto_topup_request(struct call *c, struct str id, struct wallet *w)
+{
+	struct auto_topup *a = &w->autotop;
+	int64_t available = w->balance + w->credit_limit - w->held, now = now_seconds();
+	struct topup tp;
+	struct note n;
+	MDB_val k, v;
+	int rc;
+
+	if (available >= a->below || (a->state & (AUTO_ARMED | AUTO_OFF)) != AUTO_ARMED)
+		return 0;
+	if (a->day != now / 86400)
+		a->day = now / 86400, a->today = 0;
+	if (a->today >= a->max_per_day)
+		return 0;
+	memset(&tp, 0, sizeof(tp));
+	if (topup_ref(tp.ref))
+		return EIO;
+	memcpy(tp.wallet, id.p, id.n);
+	memcpy(tp.currency, w->currency, 4);
+	tp.amount = a->to ? a->to - available : a->amount;
+	tp.created_at = now;
+	tp.expires_at = now + config.topup_ttl;
+	tp.status = TS_PENDING;
+	tp.automatic = 1;
+	memset(&n, 0, sizeof(n));
+	n.kind = NK_AUTO_TOPUP;
+	n.amount = tp.amount;
+	memcpy(n.provider_ref, tp.ref, sizeof(tp.ref));
+	k = (MDB_val){ strlen(tp.ref), tp.ref };
+	v = (MDB_val){ sizeof(tp), &tp };
+	if ((rc = captured_put(c->txn, store.topups, &k, &v, 0)) || (rc = note_add(c, id, w, &n)))
+		return rc;
+	a->state &= ~AUTO_ARMED;
+	a->today++;
+	return 0;
+}
+
 /*
  * Records a low-balance notification when a change of balance from `before`
- * to w->balance crossed w's threshold downwards.  Returns 0 or an LMDB error.
+ * to w->balance crossed w's threshold downwards, and an automatic top-up
+ * request when one is due.  Returns 0 or an LMDB error.
  */
 static int
 note_on_crossing(struct call *c, struct str id, struct wallet *w, int64_t before, uint64_t txn_id)
@@ -5752,6 +5908,8 @@ note_on_crossing(struct call *c, struct str id, struct wallet *w, int64_t before
 	struct note n;
 	int rc;
 
+	if (w->autotop.provider && (rc = auto_topup_request(c, id, w)) != 0)
+		return rc;
 	if (!(w->flags & WF_THRESHOLD) || before < w->threshold || w->balance >= w->threshold)
 		return 0;
 	memset(&n, 0, sizeof(n));
@@ -6123,6 +6281,98 @@ wallet_fits_credit_limit(struct call *c, const struct wallet *w)
 	return E_OK;
 }
 
+/* Rewrites c's error, met in auto_topup's map, to name it: field auto_topup.NAME.  Returns the code. */
+static int
+auto_topup_fail(struct call *c)
+{
+	char message[sizeof(c->message)];
+
+	snprintf(c->field_buf, sizeof(c->field_buf), "auto_topup.%.60s", c->field ? c->field : "");
+	c->field = c->field_buf;
+	snprintf(message, sizeof(message), "auto_topup: %.*s", (int)sizeof(message) - 16, c->message);
+	memcpy(c->message, message, sizeof(message));
+	return c->code;
+}
+
+/*
+ * Reads wallet.update's auto_topup into w: {below, amount | to, provider,
+ * authorization, email, max_per_day?}, armed and with no failures; nil
+ * turns it off.
+ */
+static int
+p_auto_topup(struct call *c, struct wallet *w)
+{
+	static const char *const keys[] = { "below", "amount", "to", "provider", "authorization", "email",
+		"max_per_day" };
+	const msgpack_object *o = param(c, "auto_topup"), *saved = c->params;
+	const char *secret[AP__COUNT] = { "", config.paystack_secret_file, config.flutterwave_secret_file };
+	struct str provider, authorization, email;
+	struct auto_topup a;
+	uint64_t max_per_day = 3;
+	int rc, present, has_amount, has_to;
+
+	if (o == NULL)
+		return E_OK;
+	if (o->type == MSGPACK_OBJECT_NIL) {
+		memset(&w->autotop, 0, sizeof(w->autotop));
+		return E_OK;
+	}
+	if (o->type != MSGPACK_OBJECT_MAP)
+		return fail(c, E_INVALID_ARGUMENT, "auto_topup", "auto_topup must be a map (below, amount or to, "
+		    "provider, authorization, email, max_per_day) or nil");
+	for (uint32_t i = 0; i < o->via.map.size; i++) {
+		const msgpack_object *key = &o->via.map.ptr[i].key;
+		size_t k = 0;
+
+		while (k < sizeof(keys) / sizeof(keys[0]) && !(key->type == MSGPACK_OBJECT_STR &&
+		    key->via.str.size == strlen(keys[k]) && memcmp(key->via.str.ptr, keys[k], key->via.str.size) == 0))
+			k++;
+		if (k == sizeof(keys) / sizeof(keys[0]))
+			return fail(c, E_INVALID_ARGUMENT, "auto_topup", "auto_topup takes no key '%.*s' (it takes: below, "
+			    "amount, to, provider, authorization, email, max_per_day)", key->type == MSGPACK_OBJECT_STR ?
+			    (int)strnlen(key->via.str.ptr, key->via.str.size < 64 ? key->via.str.size : 64) : 0,
+			    key->type == MSGPACK_OBJECT_STR ? key->via.str.ptr : "");
+	}
+	memset(&a, 0, sizeof(a));
+	c->params = o;
+	rc = p_amount(c, "below", 1, AMOUNT_NONNEGATIVE, &a.below, &present) ||
+	    p_amount(c, "amount", 0, AMOUNT_POSITIVE, &a.amount, &has_amount) ||
+	    p_amount(c, "to", 0, AMOUNT_POSITIVE, &a.to, &has_to) || p_name(c, "provider", 1, 0, &provider) ||
+	    p_str(c, "authorization", 1, sizeof(a.authorization) - 1, &authorization) ||
+	    p_str(c, "email", 1, sizeof(a.email) - 1, &email) || p_uint(c, "max_per_day", 0, 1, 1000, &max_per_day);
+	c->params = saved;
+	if (rc)
+		return auto_topup_fail(c);
+	for (a.provider = AP__COUNT - 1; a.provider > AP_NONE; a.provider--)
+		if (strlen(auto_provider_names[a.provider]) == provider.n &&
+		    memcmp(auto_provider_names[a.provider], provider.p, provider.n) == 0)
+			break;
+	c->field = "provider";
+	if (a.provider == AP_NONE)
+		fail(c, E_INVALID_ARGUMENT, "provider", "provider must be paystack or flutterwave");
+	else if (secret[a.provider][0] == '\0')
+		fail(c, E_INVALID_ARGUMENT, "provider", "walletd's config sets no %s_secret_file: it cannot charge "
+		    "through %s", auto_provider_names[a.provider], auto_provider_names[a.provider]);
+	else if ((has_amount == 1) == (has_to == 1))
+		fail(c, E_INVALID_ARGUMENT, "amount", "give amount (a fixed sum) or to (a balance to top up to), one of them");
+	else if (has_to == 1 && a.to <= a.below)
+		fail(c, E_INVALID_ARGUMENT, "to", "to must be above below");
+	else if (authorization.n == 0)
+		fail(c, E_INVALID_ARGUMENT, "authorization", "authorization must not be empty");
+	else if (!valid_email(email))
+		fail(c, E_INVALID_ARGUMENT, "email", "email must be an e-mail address");
+	else
+		c->field = NULL;
+	if (c->field)
+		return auto_topup_fail(c);
+	a.max_per_day = (uint32_t)max_per_day;
+	a.state = AUTO_ARMED;
+	memcpy(a.authorization, authorization.p, authorization.n);
+	memcpy(a.email, email.p, email.n);
+	w->autotop = a;
+	return E_OK;
+}
+
 /*
  * wallet.update: a param that is absent stays; nil clears it (threshold:
  * alerts off; plan: back on "default"); status has no "cleared" state, so
@@ -6146,8 +6396,11 @@ m_wallet_update(struct call *c)
 	if (status.p && !(status.n == 6 && memcmp(status.p, "active", 6) == 0) &&
 	    !(status.n == 6 && memcmp(status.p, "frozen", 6) == 0))
 		return fail(c, E_INVALID_ARGUMENT, "status", "status must be active or frozen");
-	if ((rc = load_wallet(c, id, &w)) || (rc = p_threshold(c, &w)) || (rc = p_controls(c, &w)))
+	if ((rc = load_wallet(c, id, &w)) || (rc = p_threshold(c, &w)) || (rc = p_controls(c, &w)) ||
+	    (rc = p_auto_topup(c, &w)))
 		return rc;
+	if (w.autotop.provider && param(c, "auto_topup") && (rc = auto_topup_request(c, id, &w))) /* below already */
+		return store_error(c, rc);
 	if (param(c, "credit_limit") && (rc = wallet_fits_credit_limit(c, &w)))
 		return rc;
 	if (plan.p) {
@@ -8627,7 +8880,8 @@ hold_place(struct call *c, struct wallet *w, struct str id, struct str ref, stru
 	w->held += amount;
 	if (w->holds_active++ == 0 || h->expires_at < w->hold_expiry)
 		w->hold_expiry = h->expires_at;
-	if ((rc = hold_put(c->txn, w->number, h, 1)) || (rc = wallet_put(c->txn, id, w)))
+	if ((rc = hold_put(c->txn, w->number, h, 1)) || (rc = note_on_crossing(c, id, w, w->balance, 0)) ||
+	    (rc = wallet_put(c->txn, id, w)))
 		return store_error(c, rc);
 	if (h->expires_at < store.next_expiry)
 		store.next_expiry = h->expires_at;
@@ -8833,7 +9087,7 @@ static void
 topup_pack(msgpack_packer *pk, const struct topup *tp)
 {
 	uint32_t status = tp->status;
-	int n = 9;
+	int n = 10;
 
 	if (status == TS_PENDING && now_seconds() >= tp->expires_at)
 		status = TS_EXPIRED;
@@ -8851,6 +9105,7 @@ topup_pack(msgpack_packer *pk, const struct topup *tp)
 	KV_TIME(pk, "created_at", tp->created_at);
 	KV_TIME(pk, "expires_at", tp->expires_at);
 	KV_BOOL(pk, "late", tp->late);
+	KV_BOOL(pk, "auto", tp->automatic);
 	if (tp->status == TS_PAID) {
 		KV_TIME(pk, "paid_at", tp->paid_at);
 		KV_AMOUNT(pk, "paid_amount", tp->paid_amount);
@@ -8902,7 +9157,6 @@ m_topup_create(struct call *c)
 	struct str id;
 	struct wallet w;
 	struct topup tp;
-	unsigned char rnd[12];
 	int rc, present;
 
 	memset(&tp, 0, sizeof(tp));
@@ -8911,11 +9165,8 @@ m_topup_create(struct call *c)
 		return rc;
 	if (w.flags & WF_FROZEN)
 		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
-	if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd))
+	if (topup_ref(tp.ref))
 		return fail(c, E_INTERNAL, NULL, "No randomness for a reference");
-	strcpy(tp.ref, "tp_");
-	for (size_t i = 0; i < sizeof(rnd); i++)
-		snprintf(tp.ref + 3 + 2 * i, 3, "%02x", rnd[i]);
 	memcpy(tp.wallet, id.p, id.n);
 	memcpy(tp.currency, w.currency, 4);
 	tp.created_at = now_seconds();
@@ -9055,8 +9306,8 @@ m_topup_confirm(struct call *c)
 		t.paid_amount = paid;
 		t.paid_currency = tp.paid_currency;
 	}
-	snprintf(t.description, sizeof(t.description), "Top up via %c%.*s", toupper((unsigned char)provider.p[0]),
-	    (int)provider.n - 1, provider.p + 1);
+	snprintf(t.description, sizeof(t.description), "%s via %c%.*s", tp.automatic ? "Automatic top-up" : "Top up",
+	    toupper((unsigned char)provider.p[0]), (int)provider.n - 1, provider.p + 1);
 	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
 		return store_error(c, rc);
 	if (strcmp(config.receipts, "on") == 0) {
@@ -10517,14 +10768,17 @@ static void
 note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)
 {
 	int paid = n->kind == NK_RECEIPT || n->kind == NK_PAYMENT_PROBLEM, suspended = n->kind == NK_SUSPENDED;
-	int fields = 11 + (n->sent_at != 0) + (n->last_error[0] != '\0') + 2 * paid + 3 * suspended;
+	int automatic = n->kind == NK_AUTO_TOPUP || n->kind == NK_AUTO_TOPUP_OFF;
+	int fields = 11 + (n->sent_at != 0) + (n->last_error[0] != '\0') + 2 * (paid || automatic) + 3 * suspended;
 
 	msgpack_pack_map(pk, (size_t)fields);
 	KV_U64(pk, "id", seq + 1);
 	KV_STR(pk, "type", note_kind_names[n->kind < NK__COUNT ? n->kind : 0]);
-	if (paid) {
+	if (paid || automatic) {
 		KV_AMOUNT(pk, "amount", n->amount);
-		KV_STR(pk, "provider_ref", n->provider_ref);
+		/* a request: its top-up; turned off: the last failure */
+		pack_cstr(pk, n->kind == NK_AUTO_TOPUP ? "topup" : n->kind == NK_AUTO_TOPUP_OFF ? "why" : "provider_ref");
+		pack_cstr(pk, n->provider_ref);
 	}
 	if (suspended) {
 		KV_STR(pk, "prefix", n->prefix);
@@ -15100,6 +15354,32 @@ alert_message(const struct config *cf, const struct note *n, const unsigned char
 		    "a spike to one country", time_format(n->until, until));
 		return;
 	}
+	if (n->kind == NK_AUTO_TOPUP_OFF) {
+		snprintf(buf, cap,
+		    "Date: %s\r\n"
+		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".auto_topup_off.%s@%s>\r\n"
+		    "From: %s\r\n"
+		    "To: %s\r\n"
+		    "Subject: Automatic top-up turned off for wallet %s\r\n"
+		    "MIME-Version: 1.0\r\n"
+		    "Content-Type: text/plain; charset=UTF-8\r\n"
+		    "Content-Transfer-Encoding: 8bit\r\n"
+		    "Auto-Submitted: auto-generated\r\n"
+		    "\r\n"
+		    "Hello,\r\n"
+		    "\r\n"
+		    "The automatic top-up of wallet %s (%s %s) failed %d times in a row,\r\n"
+		    "so it is turned off. The last failure: %s\r\n"
+		    "\r\n"
+		    "The balance is %s %s. Top up by hand, or update the saved payment\r\n"
+		    "method to turn automatic top-up on again.\r\n"
+		    "\r\n"
+		    "-- \r\n"
+		    "walletd\r\n",
+		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails, n->wallet,
+		    n->wallet, amt, n->currency, AUTO_FAILURES_MAX, n->provider_ref, bal, n->currency);
+		return;
+	}
 	if (n->kind == NK_RECEIPT) {
 		snprintf(buf, cap,
 		    "Date: %s\r\n"
@@ -15427,6 +15707,323 @@ note_due(MDB_txn *txn, const struct config *cf, void *rec)
 static const struct outbox alert_outbox = { &store.alertq, &store.notes, 16, sizeof(struct note), 0,
 	offsetof(struct note, next_attempt), "an e-mail" };
 
+/* ---- Automatic top-up ---- */
+
+/* What a gateway said of a top-up's charge. */
+enum { GW_PAID, GW_DECLINED, GW_UNKNOWN, GW_NOT_FOUND };
+struct gateway_answer {
+	int outcome;              /* GW_* */
+	int64_t paid;             /* GW_PAID: in micro-units of currency */
+	char currency[4];
+	char provider_ref[REF_MAX + 1];
+	char why[256];            /* otherwise: the gateway's words, or the transport's */
+};
+
+/* Keeps up to 64 KiB of a gateway's answer (a struct text). */
+static size_t
+gateway_body(char *buf, size_t size, size_t nmemb, void *arg)
+{
+	text_add(arg, buf, size * nmemb);
+	return size * nmemb;
+}
+
+/*
+ * Calls provider's API at path: a GET, or a POST of body (JSON) when body
+ * is not NULL, with the secret key of its *_secret_file as the bearer
+ * token; then reads what it says of the charge into *ga.  verify: a GET of
+ * a charge by reference, which may answer that there is none.
+ */
+static void
+gateway_call(const struct config *cf, uint32_t provider, const char *path, json_t *body, int verify,
+    struct gateway_answer *ga)
+{
+	const char *base = provider == AP_PAYSTACK ? cf->paystack_api_url : cf->flutterwave_api_url;
+	const char *file = provider == AP_PAYSTACK ? cf->paystack_secret_file : cf->flutterwave_secret_file;
+	char secret[512] = "", auth[600], url[1024], *answer = malloc(65536), *content = NULL, errbuf[CURL_ERROR_SIZE] = "";
+	struct text t = { answer, 0, 65536 };
+	struct curl_slist *headers = NULL;
+	json_t *root = NULL, *data, *status;
+	long http = 0;
+	CURLcode res = CURLE_OUT_OF_MEMORY;
+	CURL *curl;
+	FILE *f;
+
+	memset(ga, 0, sizeof(*ga));
+	ga->outcome = GW_UNKNOWN;
+	if ((f = fopen(file, "r")) != NULL) {
+		if (fgets(secret, sizeof(secret), f) == NULL)
+			secret[0] = '\0';
+		secret[strcspn(secret, "\r\n")] = '\0';
+		fclose(f);
+	}
+	if (secret[0] == '\0') {
+		snprintf(ga->why, sizeof(ga->why), "no secret key in %s_secret_file '%.100s'",
+		    auto_provider_names[provider], file);
+		free(answer);
+		return;
+	}
+	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", secret);
+	snprintf(url, sizeof(url), "%s%s", base, path);
+	if (answer && (curl = curl_easy_init()) != NULL) {
+		headers = curl_slist_append(headers, auth);
+		headers = curl_slist_append(headers, "Content-Type: application/json");
+		answer[0] = '\0';
+		curl_easy_setopt(curl, CURLOPT_URL, url);
+		if (body && (content = json_dumps(body, JSON_COMPACT)) != NULL)
+			curl_easy_setopt(curl, CURLOPT_POSTFIELDS, content);
+		curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+		curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, gateway_body);
+		curl_easy_setopt(curl, CURLOPT_WRITEDATA, &t);
+		curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+		curl_easy_setopt(curl, CURLOPT_TIMEOUT, (long)cf->gateway_timeout);
+		curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, errbuf);
+		res = curl_easy_perform(curl);
+		curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &http);
+		curl_slist_free_all(headers);
+		curl_easy_cleanup(curl);
+		free(content);
+	}
+	memset(secret, 0, sizeof(secret));
+	memset(auth, 0, sizeof(auth));
+	if (res != CURLE_OK) {
+		snprintf(ga->why, sizeof(ga->why), "%s", errbuf[0] ? errbuf : curl_easy_strerror(res));
+		free(answer);
+		return;
+	}
+	root = json_loads(answer, 0, NULL);
+	free(answer);
+	data = json_object_get(root, "data");
+	status = json_object_get(data, "status");
+	if (http >= 500 || root == NULL) {
+		snprintf(ga->why, sizeof(ga->why), "%s answered HTTP %ld%s", auto_provider_names[provider], http,
+		    root ? "" : " without JSON");
+	} else if (json_is_string(status) && strcmp(json_string_value(status),
+	    provider == AP_PAYSTACK ? "success" : "successful") == 0) {
+		json_t *amount = json_object_get(data, "amount"), *id = json_object_get(data, "id");
+		const char *currency = json_string_value(json_object_get(data, "currency"));
+		double major = json_number_value(amount);
+
+		/* Paystack counts in the currency's smallest unit (a hundredth), Flutterwave in whole units */
+		if (major > 0 && major < (provider == AP_PAYSTACK ? 9e14 : 9e11))
+			ga->paid = provider == AP_PAYSTACK ? (int64_t)json_integer_value(amount) * 10000 :
+			    (int64_t)(major * 1e6 + 0.5);
+		if (currency && strlen(currency) == 3 && ga->paid > 0) {
+			ga->outcome = GW_PAID;
+			memcpy(ga->currency, currency, 4);
+			if (json_is_integer(id))
+				snprintf(ga->provider_ref, sizeof(ga->provider_ref), "%" JSON_INTEGER_FORMAT, json_integer_value(id));
+			else
+				snprintf(ga->provider_ref, sizeof(ga->provider_ref), "%s", json_string_value(id) ? json_string_value(id) : "");
+		} else {
+			snprintf(ga->why, sizeof(ga->why), "%s said paid without an amount and currency",
+			    auto_provider_names[provider]);
+		}
+	} else if (json_is_string(status) && (strcmp(json_string_value(status), "failed") == 0 ||
+	    strcmp(json_string_value(status), "abandoned") == 0 || strcmp(json_string_value(status), "reversed") == 0)) {
+		const char *why = json_string_value(json_object_get(data, provider == AP_PAYSTACK ? "gateway_response" :
+		    "processor_response"));
+
+		ga->outcome = GW_DECLINED;
+		snprintf(ga->why, sizeof(ga->why), "%s: %s", json_string_value(status), why ? why : "declined");
+	} else if (http >= 400) { /* refused: by reference, none; a charge, declined */
+		const char *why = json_string_value(json_object_get(root, "message"));
+
+		ga->outcome = verify ? GW_NOT_FOUND : GW_DECLINED;
+		snprintf(ga->why, sizeof(ga->why), "%s (HTTP %ld)", why ? why : "refused", http);
+	} else { /* pending, send_otp, ...: its webhook, or the next try's look-up, tells */
+		snprintf(ga->why, sizeof(ga->why), "%s says the charge is %s", auto_provider_names[provider],
+		    json_is_string(status) ? json_string_value(status) : "of no known status");
+	}
+	json_decref(root);
+}
+
+/*
+ * Charges top-up tp through auto top-up a: first looks it up by its
+ * reference (a try whose answer was lost, here or on a leader that died,
+ * may have been paid), then charges the saved payment method (Paystack's
+ * charge_authorization, Flutterwave's tokenized charge) with the top-up's
+ * ref as the reference, which the gateway takes once.
+ */
+static void
+gateway_charge(const struct config *cf, const struct auto_topup *a, const struct topup *tp,
+    struct gateway_answer *ga)
+{
+	char path[128];
+	json_t *body;
+
+	if (a->provider == AP_PAYSTACK)
+		snprintf(path, sizeof(path), "/transaction/verify/%s", tp->ref);
+	else
+		snprintf(path, sizeof(path), "/v3/transactions/verify_by_reference?tx_ref=%s", tp->ref);
+	gateway_call(cf, a->provider, path, NULL, 1, ga);
+	if (ga->outcome != GW_NOT_FOUND)
+		return;
+	if (a->provider == AP_PAYSTACK)
+		body = json_pack("{s:s, s:s, s:I, s:s, s:s}", "authorization_code", a->authorization, "email", a->email,
+		    "amount", (json_int_t)((tp->amount + 9999) / 10000), "reference", tp->ref, "currency", tp->currency);
+	else
+		body = json_pack("{s:s, s:s, s:f, s:s, s:s}", "token", a->authorization, "email", a->email,
+		    "amount", (double)tp->amount / 1e6, "tx_ref", tp->ref, "currency", tp->currency);
+	gateway_call(cf, a->provider, a->provider == AP_PAYSTACK ? "/transaction/charge_authorization" :
+	    "/v3/tokenized-charges", body, 0, ga);
+	json_decref(body);
+}
+
+/* Credits top-up tp with what the gateway says was paid, as topup.confirm does (in txn, as c). */
+static int
+auto_topup_confirm(struct call *c, const struct topup *tp, const struct gateway_answer *ga, uint32_t provider)
+{
+	msgpack_sbuffer params, answer;
+	msgpack_unpacked u;
+	msgpack_packer pk;
+	char paid[32];
+	int rc;
+
+	msgpack_sbuffer_init(&params);
+	msgpack_sbuffer_init(&answer);
+	msgpack_packer_init(&pk, &params, msgpack_sbuffer_write);
+	msgpack_pack_map(&pk, 5);
+	KV_STR(&pk, "ref", tp->ref);
+	KV_STR(&pk, "amount", amount_format(ga->paid, paid, 0));
+	KV_STR(&pk, "provider", auto_provider_names[provider]);
+	KV_STR(&pk, "provider_ref", ga->provider_ref);
+	KV_STR(&pk, "currency", ga->currency);
+	msgpack_unpacked_init(&u);
+	msgpack_unpack_next(&u, params.data, params.size, NULL);
+	msgpack_packer_init(&pk, &answer, msgpack_sbuffer_write);
+	c->params = &u.data;
+	c->pk = &pk;
+	rc = m_topup_confirm(c);
+	if (rc != E_OK)
+		log_x(L_ERR, "automatic top-up %s paid but not credited: %s", tp->ref, c->message);
+	msgpack_unpacked_destroy(&u);
+	msgpack_sbuffer_destroy(&params);
+	msgpack_sbuffer_destroy(&answer);
+	return c->mdb_rc;
+}
+
+/*
+ * Records what the gateway said of the top-up of auto top-up request n
+ * (key), in one write: paid, credited as topup.confirm does; declined,
+ * the top-up cancelled with why, and the request tried again with a new
+ * one; no answer, tried again with the same.  AUTO_FAILURES_MAX failures
+ * in a row turn the wallet's auto top-up off and e-mail its alert e-mails
+ * and ops_emails.  ga NULL: nothing to do any more (paid by its webhook,
+ * or the wallet's auto top-up gone).
+ */
+static void
+auto_topup_record(const struct config *cf, const unsigned char key[16], const struct gateway_answer *ga)
+{
+	struct call c = { .fd = -1, .uid = getuid() };
+	MDB_val k = { 16, (void *)key }, v;
+	struct wallet w;
+	struct topup tp;
+	struct note n;
+	struct str id;
+	int rc;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if ((rc = captured_txn_begin(&c.txn)) != 0)
+		goto out;
+	if ((rc = mdb_get(c.txn, store.notes, &k, &v)) != 0)
+		goto abort;
+	record_copy(&n, sizeof(n), v);
+	id = (struct str){ n.wallet, strlen(n.wallet) };
+	k = (MDB_val){ strlen(n.provider_ref), n.provider_ref };
+	if ((rc = wallet_get(c.txn, id, &w)) != 0 || (rc = mdb_get(c.txn, store.topups, &k, &v)) != 0)
+		goto abort;
+	record_copy(&tp, sizeof(tp), v);
+	n.attempts++;
+	if (ga == NULL || ga->outcome == GW_PAID) {
+		if (ga && ((rc = auto_topup_confirm(&c, &tp, ga, w.autotop.provider)) != 0 ||
+		    (rc = wallet_get(c.txn, id, &w)) != 0))
+			goto abort;
+		w.autotop.failures = 0;
+		n.state = NS_SENT;
+		n.sent_at = now_seconds();
+	} else {
+		snprintf(n.last_error, sizeof(n.last_error), "%s", ga->why);
+		log_x(L_WARN, "automatic top-up %s of %s not paid: %s", tp.ref, n.wallet, ga->why);
+		if (ga->outcome == GW_DECLINED) {
+			tp.status = TS_CANCELLED;
+			tp.problem_at = now_seconds();
+			snprintf(tp.problem_code, sizeof(tp.problem_code), "declined");
+			snprintf(tp.problem_message, sizeof(tp.problem_message), "%s", ga->why);
+			if ((rc = captured_put(c.txn, store.topups, &k, &(MDB_val){ sizeof(tp), &tp }, 0)) != 0)
+				goto abort;
+		}
+		if (++w.autotop.failures >= AUTO_FAILURES_MAX) {
+			struct note off;
+
+			w.autotop.state |= AUTO_OFF;
+			n.state = NS_FAILED;
+			memset(&off, 0, sizeof(off));
+			off.kind = NK_AUTO_TOPUP_OFF;
+			off.amount = tp.amount;
+			snprintf(off.provider_ref, sizeof(off.provider_ref), "%.*s", (int)sizeof(off.provider_ref) - 1, ga->why);
+			if ((rc = note_add(&c, id, &w, &off)) != 0)
+				goto abort;
+		} else if (ga->outcome == GW_DECLINED) { /* its reference is spent: a new top-up */
+			if (topup_ref(tp.ref) != 0) {
+				rc = EIO;
+				goto abort;
+			}
+			memset(tp.problem_code, 0, sizeof(tp.problem_code) + sizeof(tp.problem_message));
+			tp.problem_at = 0;
+			tp.status = TS_PENDING;
+			tp.created_at = now_seconds();
+			tp.expires_at = tp.created_at + cf->topup_ttl;
+			memcpy(n.provider_ref, tp.ref, sizeof(tp.ref));
+			k = (MDB_val){ strlen(tp.ref), tp.ref };
+			if ((rc = captured_put(c.txn, store.topups, &k, &(MDB_val){ sizeof(tp), &tp }, 0)) != 0)
+				goto abort;
+		}
+		n.next_attempt = retry_at(cf, n.attempts);
+	}
+	k = (MDB_val){ 16, (void *)key };
+	if ((rc = wallet_put(c.txn, id, &w)) != 0 ||
+	    (rc = captured_put(c.txn, store.notes, &k, &(MDB_val){ sizeof(n), &n }, 0)) != 0 ||
+	    (n.state != NS_PENDING && (rc = captured_del(c.txn, store.alertq, &k, NULL)) != 0))
+		goto abort;
+	rc = store_commit(c.txn);
+	goto out;
+abort:
+	mdb_txn_abort(c.txn);
+out:
+	pthread_rwlock_unlock(&store.maplock);
+	if (rc != 0)
+		log_x(L_ERR, "cannot record an automatic top-up's outcome: %s", mdb_strerror(rc));
+}
+
+/* Acts on auto top-up request n (key): charges its top-up unless it was paid meanwhile or auto top-up is off. */
+static void
+auto_topup_attempt(const struct config *cf, const struct note *n, const unsigned char key[16])
+{
+	struct gateway_answer ga;
+	struct wallet w;
+	struct topup tp;
+	MDB_txn *txn;
+	MDB_val k = { strlen(n->provider_ref), (void *)n->provider_ref }, v;
+	int rc, go;
+
+	pthread_rwlock_rdlock(&store.maplock);
+	if ((rc = mdb_txn_begin(store.env, NULL, MDB_RDONLY, &txn)) == 0) {
+		if ((rc = wallet_get(txn, (struct str){ n->wallet, strlen(n->wallet) }, &w)) == 0 &&
+		    (rc = mdb_get(txn, store.topups, &k, &v)) == 0)
+			record_copy(&tp, sizeof(tp), v);
+		mdb_txn_abort(txn);
+	}
+	pthread_rwlock_unlock(&store.maplock);
+	if (rc != 0) {
+		log_x(L_ERR, "cannot read automatic top-up %s of %s: %s", n->provider_ref, n->wallet, mdb_strerror(rc));
+		return;
+	}
+	go = tp.status != TS_PAID && w.autotop.provider && !(w.autotop.state & AUTO_OFF);
+	if (go)
+		gateway_charge(cf, &w.autotop, &tp, &ga);
+	auto_topup_record(cf, key, go ? &ga : NULL);
+}
+
 /* One run: sends the e-mails that are due.  Returns seconds until the next is due. */
 static int64_t
 alert_run(const struct config *cf)
@@ -15439,14 +16036,20 @@ alert_run(const struct config *cf)
 	if ((due = malloc(OUTBOX_RUN * sizeof(*due))) == NULL)
 		return next;
 	ndue = outbox_due(&alert_outbox, cf, note_due, due, keys, &next);
-	if (cf->smtp_url[0] == '\0') { /* no SMTP configured: they wait */
-		free(due);
-		return ndue ? cf->alert_interval : next;
-	}
 	for (int i = 0; i < ndue; i++) {
 		char err[256] = "";
-		struct outcome o = { cf, alert_send(cf, &due[i], keys[i], err, sizeof(err)) == 0, err, due[i].reminder };
+		struct outcome o = { cf, 0, err, due[i].reminder };
 
+		if (due[i].kind == NK_AUTO_TOPUP) {
+			auto_topup_attempt(cf, &due[i], keys[i]);
+			next = 0; /* what it recorded may be due at once */
+			continue;
+		}
+		if (cf->smtp_url[0] == '\0') { /* no SMTP configured: they wait */
+			next = next < cf->alert_interval ? next : cf->alert_interval;
+			continue;
+		}
+		o.ok = alert_send(cf, &due[i], keys[i], err, sizeof(err)) == 0;
 		if (o.ok)
 			log_x(L_INFO, "%s e-mail for %s sent to %s", note_kind_names[due[i].kind % NK__COUNT], due[i].wallet,
 			    due[i].emails);

@@ -91,6 +91,32 @@ else
   echo "hash chain's cost: needs the git history ($before)"
 fi
 
+# Automatic top-up's cost: charge -c 64 on wallets with it set (never
+# reached) and without, on fresh stores, five runs each, alternating.
+printf 'paystack_secret_file = %s\npaystack_api_url = http://127.0.0.1:9\n' "$dir/paystack.secret" > "$dir/auto.conf"
+echo sk_bench > "$dir/paystack.secret"
+for i in 1 2 3 4 5; do
+  for auto in --auto-topup ""; do
+    rm -rf "$dir/db"
+    "$top/walletd" -f -c "$dir/auto.conf" -d "$dir/db" -s "$dir/walletd.sock" >"$dir/log" 2>&1 &
+    pid=$!
+    j=0; until "$ctl" ping >/dev/null 2>&1; do j=$((j+1)); [ $j -lt 100 ] || { cat "$dir/log"; exit 1; }; sleep 0.1; done
+    printf '%s\t' "${auto:-none}" >> "$dir/auto.tsv"
+    "$ctl" bench --json -c 64 -n 150000 $auto >> "$dir/auto.tsv"
+    kill $pid; wait $pid 2>/dev/null || true
+  done
+done
+$py - "$dir/auto.tsv" <<'PYEOF'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    kind, data = line.split("\t", 1)
+    runs.setdefault(kind, []).append(json.loads(data)["charges_per_s"])
+on, off = statistics.median(runs["--auto-topup"]), statistics.median(runs["none"])
+print("automatic top-up's cost, charge -c 64 (medians of 5 alternating runs): %.0f charges/s with it set, %.0f "
+      "without: %.1f %%" % (on, off, (off - on) / off * 100))
+PYEOF
+
 echo
 echo "replicated (three walletd nodes, three nats-servers, R3), beside one node in the same run:"
 $py "$top/contrib/bench/replicated.py"
