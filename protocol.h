@@ -101,8 +101,9 @@ X(M_PING, ping, "ping", R_ALL, 0, "", \
 X(M_WALLET_CREATE, wallet_create, "wallet.create", R_AS, MF_WRITE | MF_FLAT, \
   "wallet currency ?plan ?threshold:a ?alert_emails:l ?!credit_limit:a ?!daily_limit:a ?!hourly_messages:i " \
   "?!allowed_prefixes:l ?!blocked_prefixes:l ?!guard_range_max:I ?!guard_window:I ?!guard_country_spike:I " \
-  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l ?parent", \
-  "Create a wallet with a zero balance in one currency (with parent: a reseller's child, in its currency).") \
+  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l ?parent ?shared:b", \
+  "Create a wallet with a zero balance in one currency (with parent: a reseller's child, in its currency; " \
+  "shared: its charges draw on the parent, credit_limit caps a month's).") \
 X(M_WALLET_GET, wallet_get, "wallet.get", R_ACS, 0, "wallet", \
   "Show a wallet: balance, plan, threshold, alert e-mails, status.") \
 X(M_BALANCE, balance, "balance", R_ACS, 0, "wallet", \

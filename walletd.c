@@ -1295,6 +1295,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
 #define WF_GUARD     128u         /* stored: the record holds the fraud brake's settings (wallet_put) */
 #define WF_PARENT    256u         /* stored: a reseller's child, the record ends with its parent (wallet_put) */
 #define WF_AUTO      512u         /* stored: the record holds automatic top-up settings (wallet_put) */
+#define WF_SHARED    1024u        /* a reseller's child drawing on its parent; the record holds its draws */
 
 /* The fraud brake's numeric settings: config's guard_* keys, or a wallet's own (bit 1 << G_* of guard_set). */
 enum { G_RANGE_MAX, G_WINDOW, G_COUNTRY_SPIKE, G_MIN_MESSAGES, G_BLOCK, G__COUNT };
@@ -1360,6 +1361,11 @@ struct wallet {
 	char guard_safe[PREFIXES_BYTES]; /* stored with WF_GUARD only */
 	char parent[WALLET_ID_MAX + 1];  /* its reseller's wallet, stored with WF_PARENT only; "" = none */
 	struct auto_topup autotop;       /* stored with WF_AUTO only: its numbers, then its two strings */
+	/* Stored with WF_SHARED only: what it drew from its parent in a UTC month (credit_limit caps it). */
+	struct shared_draws {
+		int64_t month;            /* months since 1970-01 */
+		int64_t spent;
+	} draws;
 };
 
 /* A layout 4 wallet record: the fields up to plan, then emails. */
@@ -3562,7 +3568,8 @@ record_copy(void *dst, size_t size, MDB_val v)
  * commit of many charges writes fewer pages), then its slot counts only
  * with WF_COUNTS (layout 5 before 2026-12: with WF_HOURLY), then its fraud
  * brake settings only with WF_GUARD, then its automatic top-up's numbers
- * only with WF_AUTO, then its three strings (four with WF_GUARD: its safe
+ * only with WF_AUTO, then a shared child's draws only with WF_SHARED, then
+ * its three strings (four with WF_GUARD: its safe
  * prefixes; then with WF_PARENT its parent; then with WF_AUTO the top-up's
  * authorization and e-mail), each up to its NUL.
  */
@@ -3625,11 +3632,18 @@ wallet_decode(MDB_val v, struct wallet *w)
 		p += WALLET_GUARD;
 	}
 	memset(&w->autotop, 0, sizeof(w->autotop));
+	memset(&w->draws, 0, sizeof(w->draws));
 	if (w->flags & WF_AUTO) {
 		if ((size_t)(end - p) < AUTO_NUMBERS)
 			return MDB_CORRUPTED;
 		memcpy(&w->autotop, p, AUTO_NUMBERS);
 		p += AUTO_NUMBERS;
+	}
+	if (w->flags & WF_SHARED) {
+		if ((size_t)(end - p) < sizeof(w->draws))
+			return MDB_CORRUPTED;
+		memcpy(&w->draws, p, sizeof(w->draws));
+		p += sizeof(w->draws);
 	}
 	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO);
 	for (int i = 0; i < 7; i++) {
@@ -3702,6 +3716,10 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 		flags |= WF_AUTO;
 		memcpy(buf + n, &a, AUTO_NUMBERS);
 		n += AUTO_NUMBERS;
+	}
+	if (flags & WF_SHARED) {
+		memcpy(buf + n, &w->draws, sizeof(w->draws));
+		n += sizeof(w->draws);
 	}
 	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
 	for (int i = 0; i < 7; i++) {
@@ -3955,12 +3973,45 @@ wallet_held(MDB_txn *txn, const struct wallet *w, int64_t now, int64_t *held)
 }
 
 /* What w may spend at now: balance + credit_limit - held (both set).  0 or an LMDB error. */
+/* The UTC month of t, in months since 1970-01. */
+static int64_t
+utc_month(int64_t t)
+{
+	time_t tt = (time_t)t;
+	struct tm tm;
+
+	gmtime_r(&tt, &tm);
+	return (int64_t)(tm.tm_year - 70) * 12 + tm.tm_mon;
+}
+
+/* What shared child w may still draw from its parent in now's month: its credit_limit less the month's draws (none: no cap). */
+static int64_t
+shared_cap_left(const struct wallet *w, int64_t now)
+{
+	int64_t spent = w->draws.month == utc_month(now) ? w->draws.spent : 0;
+
+	if (w->credit_limit == 0)
+		return INT64_MAX;
+	return w->credit_limit > spent ? w->credit_limit - spent : 0;
+}
+
 static int
 wallet_available(MDB_txn *txn, const struct wallet *w, int64_t now, int64_t *held, int64_t *available)
 {
 	int rc = wallet_held(txn, w, now, held);
 
 	*available = add_saturating(add_saturating(w->balance, w->credit_limit), -*held);
+	if (rc == 0 && (w->flags & WF_SHARED)) { /* its own money, then its parent's up to the month's cap */
+		int64_t parent_held, parent_available, cap = shared_cap_left(w, now);
+		struct wallet pw;
+
+		if ((rc = wallet_get(txn, (struct str){ w->parent, strlen(w->parent) }, &pw)) != 0 ||
+		    (rc = wallet_available(txn, &pw, now, &parent_held, &parent_available)) != 0)
+			return rc == MDB_NOTFOUND ? MDB_CORRUPTED : rc;
+		if (parent_available < 0 || (pw.flags & WF_FROZEN))
+			parent_available = 0;
+		*available = add_saturating(w->balance - *held, parent_available < cap ? parent_available : cap);
+	}
 	return rc;
 }
 
@@ -5730,7 +5781,7 @@ guard_safe(const struct wallet *w)
 static void
 wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t held, int64_t available)
 {
-	msgpack_pack_map(pk, 19 + G__COUNT);
+	msgpack_pack_map(pk, 20 + G__COUNT);
 	KV_SSTR(pk, "wallet", id);
 	KV_STR(pk, "currency", w->currency);
 	KEY(pk, "parent");
@@ -5738,6 +5789,7 @@ wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t h
 		pack_cstr(pk, w->parent);
 	else
 		msgpack_pack_nil(pk);
+	KV_BOOL(pk, "shared", (w->flags & WF_SHARED) != 0);
 	KV_AMOUNT(pk, "balance", w->balance);
 	KV_AMOUNT(pk, "held", held);
 	KV_AMOUNT(pk, "available", available);
@@ -5935,6 +5987,14 @@ p_actor(struct call *c, struct txn *t)
 	t->actor_uid = (uint32_t)c->uid;
 	t->origin = c->origin;
 	return rc;
+}
+
+/* Refuses to take money out of shared child w (id, param name) but by a charge. */
+static int
+fail_shared(struct call *c, const char *name, struct str id, const struct wallet *w)
+{
+	return fail(c, E_INVALID_ARGUMENT, name, "Wallet '%.*s' is shared: its charges draw on '%s', and nothing "
+	    "else takes money from it (hold, debit or transfer from '%s')", (int)id.n, id.p, w->parent, w->parent);
 }
 
 /* Writes insufficient_balance: required and available in currency. */
@@ -6177,14 +6237,18 @@ m_wallet_create(struct call *c)
 	struct wallet w, pw;
 	MDB_val k = { 10, "wallet_seq" }, v;
 	uint64_t seq = 1;
-	int rc, present;
+	int rc, present, shared = 0;
 
 	memset(&w, 0, sizeof(w));
 	if ((rc = p_wallet(c, &id)) || (rc = p_currency(c, "currency", 1, &currency)) ||
 	    (rc = p_name(c, "plan", 0, 0, &plan)) || (rc = p_threshold(c, &w)) ||
 	    (rc = p_emails(c, w.emails, &present)) || (rc = p_controls(c, &w)) ||
-	    (rc = p_str(c, "parent", 0, WALLET_ID_MAX, &parent)))
+	    (rc = p_str(c, "parent", 0, WALLET_ID_MAX, &parent)) || (rc = p_bool(c, "shared", &shared)))
 		return rc;
+	if (shared && parent.p == NULL)
+		return fail(c, E_INVALID_ARGUMENT, "shared", "a shared wallet draws on its parent: give parent");
+	if (shared)
+		w.flags |= WF_SHARED;
 	if ((rc = wallet_get(c->txn, id, &pw)) == 0)
 		return fail(c, E_WALLET_EXISTS, "wallet", "Wallet '%.*s' exists", (int)id.n, id.p);
 	if (rc != MDB_NOTFOUND)
@@ -6218,8 +6282,7 @@ m_wallet_create(struct call *c)
 	w.created_at = now_seconds();
 	if ((rc = wallet_put(c->txn, id, &w)) != 0)
 		return store_error(c, rc);
-	wallet_pack(c->pk, id, &w, 0, w.credit_limit);
-	return E_OK;
+	return wallet_answer(c, id, &w);
 }
 
 static int
@@ -7474,6 +7537,22 @@ limits_count(struct wallet *w, int64_t now, int64_t cost, uint32_t messages)
 	w->hour_total += messages;
 }
 
+/* Whether a charge of need goes past shared child w's cap on a month's draws: c's limit_exceeded details set. */
+static int
+shared_cap_exceeded(struct call *c, const struct wallet *w, int64_t now, int64_t need)
+{
+	int64_t month = utc_month(now), cap = shared_cap_left(w, now);
+	struct tm next = { .tm_year = (int)((month + 1) / 12) + 70, .tm_mon = (int)((month + 1) % 12), .tm_mday = 1 };
+
+	if (need - (w->balance - w->held) <= cap)
+		return 0;
+	c->limit = "credit_limit";
+	amount_format(w->credit_limit, c->limit_max, 0);
+	amount_format(w->credit_limit - cap, c->limit_used, 0);
+	c->resets_at = (int64_t)timegm(&next);
+	return 1;
+}
+
 /* Fails c with the limit_exceeded limits_exceeded found. */
 static int
 fail_limit(struct call *c)
@@ -8099,6 +8178,92 @@ p_segments(struct call *c, struct str channel, uint32_t *segments)
  * (c->mdb_rc set, the whole batch rerun) can fail it.  charge.batch's items
  * and the writer's batch rely on this.
  */
+/* ---- Resellers ---- */
+
+/* The id the log's next transaction gets (txn_append). */
+static int
+log_next_id(MDB_txn *txn, uint64_t *id)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, store.txns, &cur)) != 0)
+		return rc;
+	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
+	mdb_cursor_close(cur);
+	*id = 1;
+	if (rc == 0)
+		memcpy(id, k.mv_data, sizeof(*id)), ++*id;
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+/*
+ * Writes a transfer of amount from sender (from) to receiver (to) in txn:
+ * out, a transfer_out, and in, a transfer_in, each naming the other (out
+ * comes with its actor, ref and description, in with its description).
+ * Checks nothing; the caller writes both wallets.  Returns 0 or an LMDB error.
+ */
+static int
+transfer_write(MDB_txn *txn, struct str from, struct wallet *sender, struct str to, struct wallet *receiver,
+    int64_t amount, struct txn *out, struct txn *in)
+{
+	char description[sizeof(in->description)];
+	int rc;
+
+	memcpy(description, in->description, sizeof(description));
+	*in = *out; /* the actor and ref */
+	memcpy(in->description, description, sizeof(description));
+	out->type = T_TRANSFER_OUT, in->type = T_TRANSFER_IN;
+	out->wallet = from, in->wallet = to;
+	out->amount = -amount, in->amount = amount;
+	out->currency = sender->currency, in->currency = receiver->currency;
+	sender->balance -= amount;
+	receiver->balance += amount;
+	if ((rc = log_next_id(txn, &in->refund_of)))
+		return rc;
+	out->refund_of = in->refund_of + 1; /* the two are appended one after the other */
+	if ((rc = txn_append(txn, sender, out, &scratch)) || (rc = txn_append(txn, receiver, in, &scratch)))
+		return rc;
+	return in->id != out->refund_of || out->id != in->refund_of ? MDB_CORRUPTED : 0;
+}
+
+/*
+ * What a charge t of need lacks beyond shared child w's own money (id),
+ * drawn from its parent pw in this commit: a transfer whose transfer_out
+ * names the child and the charge, counted in the month's draws.  Returns
+ * E_OK or a store error.
+ */
+static int
+shared_draw(struct call *c, struct str id, struct wallet *w, struct wallet *pw, int64_t need, const struct txn *t)
+{
+	struct str parent = { w->parent, strlen(w->parent) };
+	int64_t draw = need - (w->balance - w->held), before = pw->balance, month = utc_month(now_seconds());
+	struct txn out, in;
+	int rc;
+
+	if (draw <= 0)
+		return E_OK;
+	memset(&out, 0, sizeof(out));
+	out.ref = t->ref;
+	{
+		struct text d = { out.description, 0, sizeof(out.description) };
+
+		text_add(&d, "Charge of ", 10);
+		text_add(&d, id.p, id.n);
+		text_add(&d, ": ", 2);
+		text_add(&d, t->description, strlen(t->description));
+	}
+	snprintf(in.description, sizeof(in.description), "Drawn from %s", w->parent);
+	if ((rc = transfer_write(c->txn, parent, pw, id, w, draw, &out, &in)) ||
+	    (rc = note_on_crossing(c, parent, pw, before, out.id)) || (rc = wallet_put(c->txn, parent, pw)))
+		return store_error(c, rc);
+	if (w->draws.month != month)
+		w->draws.month = month, w->draws.spent = 0;
+	w->draws.spent += draw;
+	return E_OK;
+}
+
 static int
 m_charge(struct call *c)
 {
@@ -8107,7 +8272,7 @@ m_charge(struct call *c)
 	unsigned char refkey[8 + REF_MAX];
 	size_t ndigits, flen;
 	uint32_t segments;
-	struct wallet w;
+	struct wallet w, parent;
 	struct rate_hit hit;
 	struct hold hold;
 	struct txn t;
@@ -8164,6 +8329,11 @@ m_charge(struct call *c)
 
 	if (w.flags & WF_FROZEN)
 		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
+	if ((w.flags & WF_SHARED) && (rc = load_wallet(c, (struct str){ w.parent, strlen(w.parent) }, &parent)))
+		return rc;
+	if ((w.flags & WF_SHARED) && (parent.flags & WF_FROZEN))
+		return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' draws on '%s', which is frozen", (int)id.n, id.p,
+		    w.parent);
 	if (destination_blocked(&w, digits, prefix))
 		return fail_blocked(c, digits, prefix);
 	now = now_seconds();
@@ -8176,6 +8346,8 @@ m_charge(struct call *c)
 		return store_error(c, rc);
 	if (hold_ref.p)
 		from_hold = hit.cost < hold.remaining ? hit.cost : hold.remaining;
+	if ((w.flags & WF_SHARED) && shared_cap_exceeded(c, &w, now, hit.cost))
+		return fail_limit(c); /* a month's draws on its parent */
 	if (hit.cost - from_hold > available) {
 		int64_t required = hit.price * (int64_t)segments, shown; /* checked in rate_find */
 		int err = 0;
@@ -8199,17 +8371,6 @@ m_charge(struct call *c)
 		return rc;
 	if (risk_check && (rc = guard_check(c, id, &w, digits, ndigits, now)))
 		return rc; /* the one write with an error: a suspension it decided on */
-	before = w.balance;
-	limits_count(&w, now, hit.cost, 1);
-	if (!hit.policy.settle)
-		w.balance -= hit.cost;
-	if (hold_ref.p) {
-		hold.remaining -= from_hold;
-		w.held -= from_hold;
-		if ((rc = hold_put(c->txn, w.number, &hold, 0)))
-			return store_error(c, rc);
-	}
-
 	memset(&t, 0, sizeof(t));
 	t.type = channel.p[0] == 's' ? T_SMS_CHARGE : T_WHATSAPP_CHARGE;
 	t.wallet = id;
@@ -8243,6 +8404,19 @@ m_charge(struct call *c)
 			text_add(&d, " seg)", 5);
 		}
 	}
+	if ((w.flags & WF_SHARED) && (rc = shared_draw(c, id, &w, &parent, hit.cost - from_hold, &t)))
+		return rc;
+	before = w.balance;
+	limits_count(&w, now, hit.cost, 1);
+	if (!hit.policy.settle)
+		w.balance -= hit.cost;
+	if (hold_ref.p) {
+		hold.remaining -= from_hold;
+		w.held -= from_hold;
+		if ((rc = hold_put(c->txn, w.number, &hold, 0)))
+			return store_error(c, rc);
+	}
+
 	{
 		/* its refund policy kept with it: a later rate change does not alter it */
 		struct ref_entry e = { .fp = { fingerprint, flen }, .fate = { .on_failure = hit.policy.on_failure,
@@ -8809,6 +8983,8 @@ m_hold_create(struct call *c)
 		if (amount == 0)
 			return fail(c, E_INVALID_ARGUMENT, "recipients", "no recipient could be priced: nothing to hold");
 	}
+	if (w.flags & WF_SHARED)
+		return fail_shared(c, "wallet", id, &w);
 	if ((rc = hold_find(c, "ref", &w, ref, amount, expires_in, &h, &found)) || found) {
 		if (rc == E_OK)
 			hold_pack(c->pk, &h, w.currency, now, 1);
@@ -9440,6 +9616,8 @@ manual_change(struct call *c, int type)
 	if (type == T_MANUAL_DEBIT) {
 		int64_t held, available;
 
+		if (w.flags & WF_SHARED)
+			return fail_shared(c, "wallet", id, &w);
 		if (w.flags & WF_FROZEN)
 			return fail(c, E_WALLET_FROZEN, "wallet", "Wallet '%.*s' is frozen", (int)id.n, id.p);
 		if ((rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)))
@@ -9467,26 +9645,6 @@ manual_change(struct call *c, int type)
 
 static int m_credit(struct call *c) { return manual_change(c, T_MANUAL_CREDIT); }
 static int m_debit(struct call *c) { return manual_change(c, T_MANUAL_DEBIT); }
-
-/* ---- Resellers ---- */
-
-/* The id the log's next transaction gets (txn_append). */
-static int
-log_next_id(MDB_txn *txn, uint64_t *id)
-{
-	MDB_cursor *cur;
-	MDB_val k, v;
-	int rc;
-
-	if ((rc = mdb_cursor_open(txn, store.txns, &cur)) != 0)
-		return rc;
-	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
-	mdb_cursor_close(cur);
-	*id = 1;
-	if (rc == 0)
-		memcpy(id, k.mv_data, sizeof(*id)), ++*id;
-	return rc == MDB_NOTFOUND ? 0 : rc;
-}
 
 /* Packs a transfer's answer: {transfer_out, transfer_in, replayed} from its transactions' ids. */
 static int
@@ -9568,34 +9726,25 @@ m_transfer(struct call *c)
 	} else if (rc != MDB_NOTFOUND) {
 		return store_error(c, rc);
 	}
+	if (sender.flags & WF_SHARED)
+		return fail_shared(c, "from", from, &sender);
 	if (sender.flags & WF_FROZEN)
 		return fail(c, E_WALLET_FROZEN, "from", "Wallet '%.*s' is frozen", (int)from.n, from.p);
 	if ((rc = wallet_available(c->txn, &sender, now_seconds(), &held, &available)))
 		return store_error(c, rc);
 	if (amount > available) /* what the sender may spend: a reseller cannot oversell */
 		return fail_insufficient(c, amount, available > 0 ? available : 0, sender.currency);
-	if (__builtin_add_overflow(receiver.balance, amount, &receiver.balance))
+	if (receiver.balance > INT64_MAX - amount)
 		return fail(c, E_INVALID_ARGUMENT, "amount", "amount would overflow the balance");
 	sender_before = sender.balance;
-	receiver_before = receiver.balance - amount;
-	sender.balance -= amount;
-	in = out; /* the actor */
-	out.type = T_TRANSFER_OUT, in.type = T_TRANSFER_IN;
-	out.wallet = from, in.wallet = to;
-	out.amount = -amount, in.amount = amount;
-	out.currency = sender.currency, in.currency = receiver.currency;
-	out.ref = in.ref = ref;
+	receiver_before = receiver.balance;
+	out.ref = ref;
 	snprintf(out.description, sizeof(out.description), "Transfer to %.*s%s%.*s", (int)to.n, to.p,
 	    reason.n ? ": " : "", (int)reason.n, reason.p);
 	snprintf(in.description, sizeof(in.description), "Transfer from %.*s%s%.*s", (int)from.n, from.p,
 	    reason.n ? ": " : "", (int)reason.n, reason.p);
-	if ((rc = log_next_id(c->txn, &in.refund_of)))
+	if ((rc = transfer_write(c->txn, from, &sender, to, &receiver, amount, &out, &in)))
 		return store_error(c, rc);
-	out.refund_of = in.refund_of + 1; /* the two are appended one after the other */
-	if ((rc = txn_append(c->txn, &sender, &out, &scratch)) || (rc = txn_append(c->txn, &receiver, &in, &scratch)))
-		return store_error(c, rc);
-	if (in.id != out.refund_of || out.id != in.refund_of)
-		return store_error(c, MDB_CORRUPTED);
 	{
 		struct ref_entry e = { .id = out.id, .fp = { fingerprint, flen } };
 

@@ -129,3 +129,85 @@ class Resellers(DaemonTest):
         self.assertTrue(moved and charged)
         v = d.ctl_json("verify")
         self.assertEqual((v["ok"], v["breaches"]), (True, []))
+
+
+class SharedChildren(DaemonTest):
+    """A child created shared holds no money of its own: each charge draws what it lacks from the parent."""
+
+    def test_charges_draw_on_the_parent_within_the_childs_controls_and_monthly_cap(self):
+        d = self.d
+        self.seed("1", wallet="agency")
+        shop = d.ctl_json("wallet", "create", "shop", "USD", "--parent", "agency", "--shared")
+        self.assertEqual((shop["shared"], shop["balance"], shop["available"]), (True, "0", "1"))
+        self.assertFalse(d.ctl_json("wallet", "get", "agency")["shared"])
+        self.assertEqual(d.ctl_json("wallet", "create", "lone", "USD", "--shared", expect=1)["field"], "shared")
+        with d.client() as c:
+            t = c.charge(wallet="shop", channel="sms", to=UG, ref="m1")
+            self.assertEqual((t["wallet"], t["amount"], t["balance_after"]), ("shop", D("-0.0094"), D("0")))
+            self.assertEqual(c.balance(wallet="agency")["balance"], D("0.9906"))
+            self.assertEqual(c.charge(wallet="shop", channel="sms", to=UG, ref="m1")["replayed"], True)
+            # its own controls: a blocked prefix, a daily limit, its month's cap on what it draws
+            c.wallet_update(wallet="shop", blocked_prefixes=["2567"])
+            with self.assertRaises(walletd.DestinationBlocked):
+                c.charge(wallet="shop", channel="sms", to=UG, ref="m2")
+            c.wallet_update(wallet="shop", blocked_prefixes=[], credit_limit="0.02")
+            c.charge(wallet="shop", channel="sms", to=UG, ref="m3")  # 0.0188 drawn this month
+            with self.assertRaises(walletd.LimitExceeded) as e:
+                c.charge(wallet="shop", channel="sms", to=UG, ref="m4")
+            self.assertEqual((e.exception.limit, e.exception.used, e.exception.max), ("credit_limit", "0.0188", "0.02"))
+            self.assertEqual(c.balance(wallet="shop")["available"], D("0.0012"))
+            # money moves out of it only by charges; a transfer into it is its own, drawn first
+            for call, params in (("hold.create", {"wallet": "shop", "ref": "h", "amount": "0.01"}),
+                                 ("debit", {"wallet": "shop", "amount": "0.01", "reason": "x"}),
+                                 ("transfer", {"from": "shop", "to": "agency", "amount": "0.01", "ref": "t0"})):
+                with self.assertRaises(walletd.InvalidArgument) as e:
+                    c.call(call, **params)
+                self.assertIn("is shared", e.exception.message)
+            c.transfer(from_="agency", to="shop", amount="0.01", ref="t1")
+            c.charge(wallet="shop", channel="sms", to=UG, ref="m4")  # from its own 0.01: no draw
+            self.assertEqual((c.balance(wallet="shop")["balance"], c.balance(wallet="agency")["balance"]),
+                             (D("0.0006"), D("0.9712")))
+            c.refund(wallet="shop", ref="m3")  # back to the child's own money, drawn first next time
+            self.assertEqual(c.balance(wallet="shop")["balance"], D("0.01"))
+            c.wallet_update(wallet="agency", status="frozen")
+            with self.assertRaises(walletd.WalletFrozen):
+                c.charge(wallet="shop", channel="sms", to=UG, ref="m5", description="x" * 200)
+            c.wallet_update(wallet="agency", status="active")
+        out = [x for x in d.ctl_json("history", "agency")["transactions"] if x["type"] == "transfer_out"]
+        self.assertEqual([x["description"] for x in out[-2:]],
+                         ["Charge of shop: SMS to +256712345678 via ESMS_UG (1 seg)"] * 2)
+        self.assertEqual([x["ref"] for x in out[-2:]], ["m3", "m1"])
+        ins = [x["description"] for x in d.ctl_json("history", "shop")["transactions"] if x["type"] == "transfer_in"]
+        self.assertEqual(ins, ["Transfer from agency", "Drawn from agency", "Drawn from agency"])
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["breaches"]), (True, []))
+
+    def test_shared_children_racing_on_six_connections_never_take_the_parent_below_zero(self):
+        d = self.d
+        self.seed("2", wallet="agency")  # 212 SMS at 0.0094; six connections ask for 600
+        for k in range(3):
+            d.ctl_json("wallet", "create", "c%d" % k, "USD", "--parent", "agency", "--shared")
+        charged, errors = [], []
+
+        def charges(k):
+            with d.client() as c:
+                for i in range(100):
+                    try:
+                        charged.append(D(c.charge(wallet="c%d" % (k % 3), channel="sms", to=UG,
+                                                  ref="m%d-%d" % (k, i))["amount"]))
+                    except walletd.InsufficientBalance:
+                        pass
+                    except Exception as e:  # noqa: BLE001 (the test reports it)
+                        errors.append(e)
+        threads = [threading.Thread(target=charges, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(charged), 212)
+        agency = D(d.ctl_json("balance", "agency")["balance"])
+        self.assertEqual(agency, D(2) + sum(charged))
+        self.assertEqual([d.ctl_json("balance", "c%d" % k)["balance"] for k in range(3)], ["0"] * 3)
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["breaches"]), (True, []))
