@@ -5822,7 +5822,13 @@ wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t h
 		pack_amount_or_nil(pk, "amount", a->amount != 0, a->amount);
 		pack_amount_or_nil(pk, "to", a->to != 0, a->to);
 		KV_STR(pk, "provider", auto_provider_names[a->provider % AP__COUNT]);
-		KV_STR(pk, "authorization", a->authorization);
+		{ /* its last four characters: a client may read this */
+			char shown[8];
+			size_t n = strlen(a->authorization);
+
+			snprintf(shown, sizeof(shown), "...%s", a->authorization + (n > 4 ? n - 4 : 0));
+			KV_STR(pk, "authorization", shown);
+		}
 		KV_STR(pk, "email", a->email);
 		KV_U64(pk, "max_per_day", a->max_per_day);
 		KV_BOOL(pk, "active", !(a->state & AUTO_OFF));

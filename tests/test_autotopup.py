@@ -140,7 +140,7 @@ class AutoTopUp(DaemonTest):
         d = self.d
         w = self.start_wallet()
         self.assertEqual(w["auto_topup"], {"below": "5", "amount": "20", "to": None, "provider": "paystack",
-                                           "authorization": "AUTH_8dfhjjdt", "email": "ops@acme.example",
+                                           "authorization": "...jjdt", "email": "ops@acme.example",
                                            "max_per_day": 3, "active": True, "failures": 0})
         d.ctl_json("debit", "acme", "4", "x")  # 6: above
         time.sleep(0.5)
