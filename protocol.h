@@ -101,7 +101,7 @@ X(M_PING, ping, "ping", R_ALL, 0, "", \
 X(M_WALLET_CREATE, wallet_create, "wallet.create", R_AS, MF_WRITE | MF_FLAT, \
   "wallet currency ?plan ?threshold:a ?alert_emails:l ?!credit_limit:a ?!daily_limit:a ?!hourly_messages:i " \
   "?!allowed_prefixes:l ?!blocked_prefixes:l ?!guard_range_max:I ?!guard_window:I ?!guard_country_spike:I " \
-  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l ?parent ?shared:b", \
+  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l ?parent ?shared:b ?!credit_validity:I", \
   "Create a wallet with a zero balance in one currency (with parent: a reseller's child, in its currency; " \
   "shared: its charges draw on the parent, credit_limit caps a month's).") \
 X(M_WALLET_GET, wallet_get, "wallet.get", R_ACS, 0, "wallet", \
@@ -111,7 +111,7 @@ X(M_BALANCE, balance, "balance", R_ACS, 0, "wallet", \
 X(M_WALLET_UPDATE, wallet_update, "wallet.update", R_AS, MF_WRITE | MF_FLAT, \
   "wallet ?plan ?threshold:n ?alert_emails:l ?status ?!credit_limit:n ?!daily_limit:n ?!hourly_messages:I " \
   "?!allowed_prefixes:l ?!blocked_prefixes:l ?!guard_range_max:I ?!guard_window:I ?!guard_country_spike:I " \
-  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l ?!auto_topup:m", \
+  "?!guard_min_messages:I ?!guard_block:I ?!guard_safe_prefixes:l ?!auto_topup:m ?!credit_validity:I", \
   "Change a wallet's plan, threshold, alert e-mails, status (active|frozen), credit limit, spend controls, "\
   "fraud brake or automatic top-up; none = off (a guard_* setting: the config's).") \
 X(M_WALLET_LIST, wallet_list, "wallet.list", R_AS, MF_SCAN, "?page:i ?limit:i ?parent", \
@@ -160,8 +160,8 @@ X(M_TOPUP_CANCEL, topup_cancel, "topup.cancel", R_APS, MF_WRITE | MF_FLAT, "ref"
 X(M_TOPUP_GET, topup_get, "topup.get", R_ALL, 0, "ref", "Show a top-up.") \
 X(M_TOPUP_LIST, topup_list, "topup.list", R_AS, MF_SCAN, "wallet ?status", \
   "List a wallet's top-ups (status: pending|paid|cancelled|expired|problem).") \
-X(M_CREDIT, credit, "credit", R_AS, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
-  "Add money by hand (manual_credit).") \
+X(M_CREDIT, credit, "credit", R_AS, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor ?expires_in:i ?kind", \
+  "Add money by hand (manual_credit); with expires_in (days) or kind promo, as a lot of its own.") \
 X(M_DEBIT, debit, "debit", R_AS, MF_WRITE | MF_FLAT, "wallet amount:a reason ?actor", \
   "Take money by hand (manual_debit); never below zero.") \
 X(M_TRANSFER, transfer, "transfer", R_AP, MF_WRITE | MF_FLAT, "from to amount:a ref ?reason ?actor", \

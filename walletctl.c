@@ -2055,7 +2055,7 @@ bench_usage(FILE *f)
 	    "usage: walletctl bench [-c CONNECTIONS] [-n REQUESTS] [-P PIPELINE] [--batch N]\n"
 	    "                       [--method charge|precheck|balance|history|lookup] [--wallets N]\n"
 	    "                       [--recipients N] [--random-refs] [--hold] [--controls] [--guard]\n"
-	    "                       [--auto-topup] [--json]\n"
+	    "                       [--auto-topup] [--lots] [--json]\n"
 	    "  Creates its own wallets (bench-RUN-N, plan bench-RUN) with a large balance, so no\n"
 	    "  production wallet is touched, then sends REQUESTS requests over CONNECTIONS\n"
 	    "  connections, PIPELINE in flight on each.  --batch N sends charge.batch of N items.\n"
@@ -2064,7 +2064,7 @@ bench_usage(FILE *f)
 	    "  charges under a hold of each wallet's; --controls sets every spend control\n"
 	    "  (none reached) on each wallet; --guard both counts of the fraud brake (none\n"
 	    "  reached); --auto-topup sets automatic top-up (never reached: walletd's config\n"
-	    "  needs a paystack_secret_file).\n"
+	    "  needs a paystack_secret_file); --lots makes each wallet's money a promo lot.\n"
 	    "  Prints requests/s, charges/s, latency percentiles, errors by code, and from stats\n"
 	    "  the run's commits/s, mean batch size, and the time of a batch and of its durable\n"
 	    "  commit (the syncs).  It checks that the wallets lost exactly what the\n"
@@ -2131,6 +2131,7 @@ bench_call(const char *method, msgpack_sbuffer *params, msgpack_unpacked *resp)
 
 static int bench_hold;          /* --hold: each wallet's charges draw on a hold of its own */
 static int bench_auto;          /* --auto-topup: each wallet has automatic top-up set (never reached) */
+static int bench_lots;          /* --lots: each wallet's money is a promo lot expiring in a year */
 
 /*
  * Leaves no money behind: a bench wallet holding left is debited to zero and
@@ -2282,6 +2283,10 @@ bench_options(struct bench *b, int argc, char **argv)
 			bench_auto = 1;
 			continue;
 		}
+		if (strcmp(a, "--lots") == 0) {
+			bench_lots = 1;
+			continue;
+		}
 		if (strcmp(a, "--controls") == 0) {
 			b->controls = 1;
 			continue;
@@ -2383,10 +2388,15 @@ bench_setup(struct bench *b)
 		bench_call("wallet.create", &sb, &resp);
 		msgpack_unpacked_destroy(&resp);
 		msgpack_sbuffer_clear(&sb);
-		msgpack_pack_map(&pk, 3);
+		msgpack_pack_map(&pk, 3 + 2 * bench_lots);
 		pk_kv(&pk, "wallet", wallet);
 		pk_kv(&pk, "amount", "1000000000");
 		pk_kv(&pk, "reason", "walletctl bench");
+		if (bench_lots) { /* charges then draw on it */
+			pk_kv(&pk, "kind", "promo");
+			msgpack_pack_str_with_body(&pk, "expires_in", 10);
+			msgpack_pack_uint32(&pk, 365);
+		}
 		bench_call("credit", &sb, &resp);
 		msgpack_unpacked_destroy(&resp);
 		if (bench_hold) { /* half the balance, held for the run's charges */

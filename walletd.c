@@ -1296,6 +1296,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
 #define WF_PARENT    256u         /* stored: a reseller's child, the record ends with its parent (wallet_put) */
 #define WF_AUTO      512u         /* stored: the record holds automatic top-up settings (wallet_put) */
 #define WF_SHARED    1024u        /* a reseller's child drawing on its parent; the record holds its draws */
+#define WF_LOTS      2048u        /* stored: the record holds its credit lots' total and credit_validity */
 
 /* The fraud brake's numeric settings: config's guard_* keys, or a wallet's own (bit 1 << G_* of guard_set). */
 enum { G_RANGE_MAX, G_WINDOW, G_COUNTRY_SPIKE, G_MIN_MESSAGES, G_BLOCK, G__COUNT };
@@ -1366,6 +1367,32 @@ struct wallet {
 		int64_t month;            /* months since 1970-01 */
 		int64_t spent;
 	} draws;
+	/* Stored with WF_LOTS only (README: Credit that expires). */
+	struct wallet_lots {
+		int64_t total;            /* what its lots hold: the first money spent */
+		int64_t validity;         /* credit_validity: seconds a top-up's lot lasts; 0 = it never expires */
+	} lots;
+};
+
+/*
+ * A credit lot: money credited with an expiry or as promo, kept in lots
+ * under its wallet's number, its class (LOT_PROMO first), its expires_at
+ * (LOT_NEVER last) and its id (the credit's transaction), the order
+ * charges draw them in.  An expiring one is also in holdexp, under its
+ * expires_at, wallet number, a NUL (no hold's ref has one), its class and
+ * id: the writer ends it there, at the second.
+ */
+enum { LOT_PROMO, LOT_PAID };
+#define LOT_NEVER INT64_MAX
+#define LOT_KEY   25
+struct lot {
+	int64_t amount;
+	int64_t remaining;
+	int64_t expires_at;       /* LOT_NEVER: it does not expire */
+	uint64_t id;
+	uint32_t kind;            /* LOT_* */
+	uint32_t pad;
+	char wallet[WALLET_ID_MAX + 1];
 };
 
 /* A layout 4 wallet record: the fields up to plan, then emails. */
@@ -1489,13 +1516,13 @@ static const char *const note_kind_names[NK__COUNT] = { "low_balance", "receipt"
 
 enum txn_type {
 	T_CREDIT = 1, T_SMS_CHARGE, T_WHATSAPP_CHARGE, T_MANUAL_CREDIT,
-	T_MANUAL_DEBIT, T_REFUND, T_TRANSFER_OUT, T_TRANSFER_IN, T__COUNT
+	T_MANUAL_DEBIT, T_REFUND, T_TRANSFER_OUT, T_TRANSFER_IN, T_EXPIRY, T__COUNT
 };
 static const char *const txn_type_names[T__COUNT] = {
 	[T_CREDIT] = "credit", [T_SMS_CHARGE] = "sms_charge",
 	[T_WHATSAPP_CHARGE] = "whatsapp_charge", [T_MANUAL_CREDIT] = "manual_credit",
 	[T_MANUAL_DEBIT] = "manual_debit", [T_REFUND] = "refund",
-	[T_TRANSFER_OUT] = "transfer_out", [T_TRANSFER_IN] = "transfer_in",
+	[T_TRANSFER_OUT] = "transfer_out", [T_TRANSFER_IN] = "transfer_in", [T_EXPIRY] = "expiry",
 };
 
 /* A transaction being written; strings borrowed from the request. */
@@ -1531,7 +1558,7 @@ struct txn {
 static struct store {
 	MDB_env *env;
 	MDB_dbi meta, wallets, txns, hist, refs, refunds, rates, fx, topups, notes, alertq;
-	MDB_dbi rrefs, holds, holdexp, events, eventq, guard;
+	MDB_dbi rrefs, holds, holdexp, events, eventq, guard, lots;
 	int64_t next_expiry;      /* writer only: when the first active hold expires (INT64_MAX: none) */
 	pthread_rwlock_t maplock; /* readers: txns; writer: resizing the map */
 	size_t map_size;
@@ -1560,6 +1587,7 @@ static const struct store_db {
 	{ &store.holds, "holds", 0, 0 }, { &store.holdexp, "holdexp", 0, 0 },
 	{ &store.events, "events", 0, 0 }, { &store.eventq, "eventq", 0, 0 },
 	{ &store.replog, "replog", 0, 1 }, { &store.guard, "guard", 0, 0 },
+	{ &store.lots, "lots", 0, 0 },
 };
 #define STORE_DBS (int)(sizeof(store_dbs) / sizeof(store_dbs[0]))
 
@@ -3569,7 +3597,7 @@ record_copy(void *dst, size_t size, MDB_val v)
  * with WF_COUNTS (layout 5 before 2026-12: with WF_HOURLY), then its fraud
  * brake settings only with WF_GUARD, then its automatic top-up's numbers
  * only with WF_AUTO, then a shared child's draws only with WF_SHARED, then
- * its three strings (four with WF_GUARD: its safe
+ * its lots' total and credit_validity only with WF_LOTS, then its three strings (four with WF_GUARD: its safe
  * prefixes; then with WF_PARENT its parent; then with WF_AUTO the top-up's
  * authorization and e-mail), each up to its NUL.
  */
@@ -3645,7 +3673,14 @@ wallet_decode(MDB_val v, struct wallet *w)
 		memcpy(&w->draws, p, sizeof(w->draws));
 		p += sizeof(w->draws);
 	}
-	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO);
+	memset(&w->lots, 0, sizeof(w->lots));
+	if (w->flags & WF_LOTS) {
+		if ((size_t)(end - p) < sizeof(w->lots))
+			return MDB_CORRUPTED;
+		memcpy(&w->lots, p, sizeof(w->lots));
+		p += sizeof(w->lots);
+	}
+	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO | WF_LOTS);
 	for (int i = 0; i < 7; i++) {
 		size_t n;
 
@@ -3688,7 +3723,7 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	size_t n = WALLET_BASE;
 	const char *strings[7] = { w->allowed, w->blocked, w->emails, w->guard_safe, w->parent, w->autotop.authorization,
 		w->autotop.email };
-	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO);
+	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO | WF_LOTS);
 
 	memcpy(buf, w, WALLET_BASE);
 	if (wallet_extended(w)) {
@@ -3720,6 +3755,11 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	if (flags & WF_SHARED) {
 		memcpy(buf + n, &w->draws, sizeof(w->draws));
 		n += sizeof(w->draws);
+	}
+	if (w->lots.total || w->lots.validity) {
+		flags |= WF_LOTS;
+		memcpy(buf + n, &w->lots, sizeof(w->lots));
+		n += sizeof(w->lots);
 	}
 	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
 	for (int i = 0; i < 7; i++) {
@@ -4035,12 +4075,14 @@ wallet_holds_recount(MDB_txn *txn, struct wallet *w)
 
 /*
  * Ends the holds whose expires_at has come, at most 1,000 a call: each
- * becomes expired and its remaining is its wallet's to spend again.  Runs
+ * becomes expired and its remaining is its wallet's to spend again (and
+ * the credit lots that expire: what is left of each leaves).  Runs
  * in the writer's batch transaction, before the batch's requests.  Leaves
  * in store.next_expiry when the first hold still active expires.  Returns
  * 0 or an LMDB error.
  */
 static int pending_timeout(MDB_txn *txn, uint64_t number, struct str wallet, struct str ref); /* section 4 */
+static int lot_expire(MDB_txn *txn, const unsigned char *key); /* section 4 */
 
 static int
 holds_expire(MDB_txn *txn, int64_t now)
@@ -4062,6 +4104,12 @@ holds_expire(MDB_txn *txn, int64_t now)
 		if (expires_at > now || ended == 1000) {
 			store.next_expiry = expires_at;
 			break;
+		}
+		if (ref.p[0] == '\0') { /* a credit lot's */
+			if ((rc = lot_expire(txn, k.mv_data)) != 0 || (rc = captured_cursor_del(cur, 0)) != 0)
+				break;
+			ended++;
+			continue;
 		}
 		if ((rc = hold_get(txn, number, ref, &h)) == MDB_NOTFOUND || (rc == 0 && h.status != HS_ACTIVE)) {
 			if ((rc = captured_cursor_del(cur, 0)) != 0)
@@ -4875,6 +4923,193 @@ txn_append(MDB_txn *txn, struct wallet *w, struct txn *t, msgpack_sbuffer *scrat
 	return 0;
 }
 
+/* ---- Credit lots ---- */
+
+/* Per-thread room to pack a record before storing it. */
+static _Thread_local msgpack_sbuffer scratch;
+
+/* lots' key of lot l of wallet number: number, class, expires_at, id (big-endian: the draw order). */
+static MDB_val
+lot_key(unsigned char key[LOT_KEY], uint64_t number, const struct lot *l)
+{
+	be64_put(key, number);
+	key[8] = (unsigned char)l->kind;
+	be64_put(key + 9, (uint64_t)l->expires_at);
+	be64_put(key + 17, l->id);
+	return (MDB_val){ LOT_KEY, key };
+}
+
+/* holdexp's key of lot l of wallet number: expires_at, number, a NUL, class, id. */
+static MDB_val
+lot_expiry_key(unsigned char key[8 + 8 + 1 + 1 + 8], uint64_t number, const struct lot *l)
+{
+	be64_put(key, (uint64_t)l->expires_at);
+	be64_put(key + 8, number);
+	key[16] = '\0';
+	key[17] = (unsigned char)l->kind;
+	be64_put(key + 18, l->id);
+	return (MDB_val){ 26, key };
+}
+
+/*
+ * A new lot of w (id) for the credit t of amount: kind LOT_*, expiring at
+ * expires_at (LOT_NEVER: never), in w's lots' total.  Returns 0 or an
+ * LMDB error.
+ */
+static int
+lot_add(MDB_txn *txn, struct str id, struct wallet *w, const struct txn *t, uint32_t kind, int64_t expires_at)
+{
+	unsigned char key[LOT_KEY], xkey[26];
+	struct lot l = { .amount = t->amount, .remaining = t->amount, .expires_at = expires_at, .id = t->id,
+		.kind = kind };
+	MDB_val k = lot_key(key, w->number, &l), xk;
+	int rc;
+
+	memcpy(l.wallet, id.p, id.n);
+	if ((rc = captured_put(txn, store.lots, &k, &(MDB_val){ sizeof(l), &l }, 0)) != 0)
+		return rc;
+	if (expires_at != LOT_NEVER) {
+		xk = lot_expiry_key(xkey, w->number, &l);
+		if ((rc = captured_put(txn, store.holdexp, &xk, &(MDB_val){ 1, "" }, 0)) != 0)
+			return rc;
+		if (expires_at < store.next_expiry)
+			store.next_expiry = expires_at;
+	}
+	w->lots.total += t->amount;
+	return 0;
+}
+
+/*
+ * Takes amount, just taken from w's balance, from its lots in their draw
+ * order (promo, then the soonest to expire, then those that never do): a
+ * lot's money is the first spent, so w's lots never hold more than its
+ * balance.  A lot emptied leaves.  Returns 0 or an LMDB error.
+ */
+static int
+lots_draw(MDB_txn *txn, struct wallet *w, int64_t amount)
+{
+	unsigned char prefix[8], xkey[26];
+	MDB_cursor *cur;
+	MDB_val k = { 8, prefix }, v, xk;
+	int rc;
+
+	if (w->lots.total == 0 || amount <= 0)
+		return 0;
+	if ((rc = mdb_cursor_open(txn, store.lots, &cur)) != 0)
+		return rc;
+	be64_put(prefix, w->number);
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && amount > 0 && w->lots.total > 0;
+	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct lot l;
+		int64_t take;
+
+		if (k.mv_size != LOT_KEY || be64_get(k.mv_data) != w->number)
+			break;
+		record_copy(&l, sizeof(l), v);
+		take = l.remaining < amount ? l.remaining : amount;
+		l.remaining -= take;
+		w->lots.total -= take;
+		amount -= take;
+		if (l.remaining > 0) {
+			rc = captured_put(txn, store.lots, &k, &(MDB_val){ sizeof(l), &l }, 0);
+			break;
+		}
+		if (l.expires_at != LOT_NEVER && (xk = lot_expiry_key(xkey, w->number, &l),
+		    (rc = captured_del(txn, store.holdexp, &xk, NULL)) != 0 && rc != MDB_NOTFOUND))
+			break;
+		if ((rc = captured_cursor_del(cur, 0)) != 0)
+			break;
+	}
+	mdb_cursor_close(cur);
+	if (rc == MDB_NOTFOUND)
+		rc = 0;
+	if (rc == 0 && amount > 0 && w->lots.total > 0) /* lots that sum to more than there is */
+		rc = MDB_CORRUPTED;
+	return rc;
+}
+
+/*
+ * The writer, at a lot's expires_at (its holdexp key): what is left of it
+ * leaves the balance as an expiry transaction, written once (the lot goes
+ * in the same commit).  Money held by a hold is spared: the hold keeps it.
+ * Returns 0 or an LMDB error.
+ */
+static int
+lot_expire(MDB_txn *txn, const unsigned char *xkey)
+{
+	struct lot l = { .expires_at = (int64_t)be64_get(xkey), .kind = xkey[17], .id = be64_get(xkey + 18) };
+	unsigned char key[LOT_KEY];
+	MDB_val k = lot_key(key, be64_get(xkey + 8), &l), v;
+	struct wallet w;
+	struct txn t;
+	struct str id;
+	int64_t gone;
+	int rc;
+
+	if ((rc = mdb_get(txn, store.lots, &k, &v)) != 0)
+		return rc == MDB_NOTFOUND ? 0 : rc; /* spent before it lapsed */
+	record_copy(&l, sizeof(l), v);
+	id = (struct str){ l.wallet, strlen(l.wallet) };
+	if ((rc = wallet_get(txn, id, &w)) != 0 || (rc = captured_del(txn, store.lots, &k, NULL)) != 0)
+		return rc;
+	gone = w.balance - w.held < l.remaining ? w.balance - w.held : l.remaining;
+	w.lots.total -= l.remaining;
+	if (gone > 0) {
+		memset(&t, 0, sizeof(t));
+		t.type = T_EXPIRY;
+		t.wallet = id;
+		t.amount = -gone;
+		t.currency = w.currency;
+		snprintf(t.description, sizeof(t.description), "%s credit of transaction %" PRIu64 " expired",
+		    l.kind == LOT_PROMO ? "Promotional" : "Paid", l.id);
+		w.balance -= gone;
+		if ((rc = txn_append(txn, &w, &t, &scratch)) != 0)
+			return rc;
+	}
+	return wallet_put(txn, id, &w);
+}
+
+/* Packs "lots": w's lots with something left, in draw order. */
+static int
+lots_pack(MDB_txn *txn, msgpack_packer *pk, const struct wallet *w)
+{
+	unsigned char prefix[8];
+	msgpack_sbuffer rows;
+	msgpack_packer rpk;
+	MDB_cursor *cur;
+	MDB_val k = { 8, prefix }, v;
+	size_t n = 0;
+	int rc = 0;
+
+	msgpack_sbuffer_init(&rows);
+	msgpack_packer_init(&rpk, &rows, msgpack_sbuffer_write);
+	be64_put(prefix, w->number);
+	if (w->lots.total && (rc = mdb_cursor_open(txn, store.lots, &cur)) == 0) {
+		for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && k.mv_size == LOT_KEY &&
+		    be64_get(k.mv_data) == w->number; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT), n++) {
+			struct lot l;
+
+			record_copy(&l, sizeof(l), v);
+			msgpack_pack_map(&rpk, 5);
+			KV_U64(&rpk, "id", l.id);
+			KV_STR(&rpk, "kind", l.kind == LOT_PROMO ? "promo" : "paid");
+			KV_AMOUNT(&rpk, "amount", l.amount);
+			KV_AMOUNT(&rpk, "remaining", l.remaining);
+			KEY(&rpk, "expires_at");
+			if (l.expires_at == LOT_NEVER)
+				msgpack_pack_nil(&rpk);
+			else
+				pack_time(&rpk, l.expires_at);
+		}
+		mdb_cursor_close(cur);
+	}
+	KEY(pk, "lots");
+	msgpack_pack_array(pk, n);
+	pk->callback(pk->data, rows.data, rows.size);
+	msgpack_sbuffer_destroy(&rows);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
 /* Per-thread room for the map of the last record txn_read expanded. */
 static _Thread_local msgpack_sbuffer expanded;
 
@@ -5345,8 +5580,6 @@ over_budget(struct call *c)
 	return c->budget && --c->budget == 0;
 }
 
-/* Per-thread room to pack a record before storing it. */
-static _Thread_local msgpack_sbuffer scratch;
 
 /* Records error code with a message (and the param at fault); returns code. */
 static int __attribute__((format(printf, 4, 5)))
@@ -5778,10 +6011,10 @@ guard_safe(const struct wallet *w)
 }
 
 /* Packs a wallet as the methods answer it; held and available as of now. */
-static void
-wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t held, int64_t available)
+static int
+wallet_pack(MDB_txn *txn, msgpack_packer *pk, struct str id, const struct wallet *w, int64_t held, int64_t available)
 {
-	msgpack_pack_map(pk, 20 + G__COUNT);
+	msgpack_pack_map(pk, 22 + G__COUNT);
 	KV_SSTR(pk, "wallet", id);
 	KV_STR(pk, "currency", w->currency);
 	KEY(pk, "parent");
@@ -5813,6 +6046,11 @@ wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t h
 	KV_STR(pk, "status", w->flags & WF_FROZEN ? "frozen" : "active");
 	KV_TIME(pk, "created_at", w->created_at);
 	KV_U64(pk, "holds_active", w->holds_active);
+	KEY(pk, "credit_validity");
+	if (w->lots.validity)
+		msgpack_pack_uint64(pk, (uint64_t)w->lots.validity / 86400);
+	else
+		msgpack_pack_nil(pk);
 	KEY(pk, "auto_topup");
 	if (w->autotop.provider) {
 		const struct auto_topup *a = &w->autotop;
@@ -5836,6 +6074,7 @@ wallet_pack(msgpack_packer *pk, struct str id, const struct wallet *w, int64_t h
 	} else {
 		msgpack_pack_nil(pk);
 	}
+	return lots_pack(txn, pk, w);
 }
 
 /*
@@ -6220,6 +6459,15 @@ p_controls(struct call *c, struct wallet *w)
 	if ((rc = p_prefixes(c, "allowed_prefixes", w->allowed, &present)) ||
 	    (rc = p_prefixes(c, "blocked_prefixes", w->blocked, &present)))
 		return rc;
+	if (param_nil(c, "credit_validity")) {
+		w->lots.validity = 0;
+	} else if (param(c, "credit_validity")) {
+		uint64_t days = 0;
+
+		if ((rc = p_uint(c, "credit_validity", 1, 1, 3650, &days)))
+			return rc;
+		w->lots.validity = (int64_t)days * 86400;
+	}
 	return p_guard(c, w);
 }
 
@@ -6232,7 +6480,8 @@ wallet_answer(struct call *c, struct str id, const struct wallet *w)
 
 	if (rc)
 		return store_error(c, rc);
-	wallet_pack(c->pk, id, w, held, available);
+	if ((rc = wallet_pack(c->txn, c->pk, id, w, held, available)))
+		return store_error(c, rc);
 	return E_OK;
 }
 
@@ -6315,12 +6564,12 @@ m_balance(struct call *c)
 		return rc;
 	if ((rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)))
 		return store_error(c, rc);
-	msgpack_pack_map(c->pk, 4);
+	msgpack_pack_map(c->pk, 4 + (w.lots.total != 0)); /* lots only when it has some */
 	KV_AMOUNT(c->pk, "balance", w.balance);
 	KV_AMOUNT(c->pk, "held", held);
 	KV_AMOUNT(c->pk, "available", available);
 	KV_STR(c->pk, "currency", w.currency);
-	return E_OK;
+	return w.lots.total && (rc = lots_pack(c->txn, c->pk, &w)) ? store_error(c, rc) : E_OK;
 }
 
 /*
@@ -6530,7 +6779,8 @@ wallet_list_children(struct call *c, struct str parent, uint64_t page, uint64_t 
 			continue;
 		if ((rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)) != 0)
 			break;
-		wallet_pack(&rpk, (struct str){ k.mv_data, k.mv_size }, &w, held, available);
+		if ((rc = wallet_pack(c->txn, &rpk, (struct str){ k.mv_data, k.mv_size }, &w, held, available)) != 0)
+			break;
 		packed++;
 	}
 	mdb_cursor_close(cur);
@@ -6580,7 +6830,8 @@ m_wallet_list(struct call *c)
 		if ((rc = wallet_decode(v, &w)) != 0 ||
 		    (rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)) != 0)
 			break;
-		wallet_pack(c->pk, (struct str){ k.mv_data, k.mv_size }, &w, held, available);
+		if ((rc = wallet_pack(c->txn, c->pk, (struct str){ k.mv_data, k.mv_size }, &w, held, available)) != 0)
+			break;
 	}
 	if (rc != 0 && rc != MDB_NOTFOUND) {
 		mdb_cursor_close(cur);
@@ -8074,7 +8325,8 @@ pending_settle(MDB_txn *txn, struct str wallet, struct str ref, struct ref_entry
 		int64_t before = w.balance;
 
 		w.balance += t.amount;
-		if ((rc = txn_append(txn, &w, &t, &scratch)) || (rc = note_on_crossing(&low, wallet, &w, before, t.id)))
+		if ((rc = lots_draw(txn, &w, -t.amount)) || (rc = txn_append(txn, &w, &t, &scratch)) ||
+		    (rc = note_on_crossing(&low, wallet, &w, before, t.id)))
 			return rc;
 		e->id = t.id;
 		*alert |= low.alert;
@@ -8226,7 +8478,7 @@ transfer_write(MDB_txn *txn, struct str from, struct wallet *sender, struct str 
 	out->currency = sender->currency, in->currency = receiver->currency;
 	sender->balance -= amount;
 	receiver->balance += amount;
-	if ((rc = log_next_id(txn, &in->refund_of)))
+	if ((rc = lots_draw(txn, sender, amount)) || (rc = log_next_id(txn, &in->refund_of)))
 		return rc;
 	out->refund_of = in->refund_of + 1; /* the two are appended one after the other */
 	if ((rc = txn_append(txn, sender, out, &scratch)) || (rc = txn_append(txn, receiver, in, &scratch)))
@@ -8414,6 +8666,8 @@ m_charge(struct call *c)
 		return rc;
 	before = w.balance;
 	limits_count(&w, now, hit.cost, 1);
+	if (!hit.policy.settle && (rc = lots_draw(c->txn, &w, hit.cost)))
+		return store_error(c, rc);
 	if (!hit.policy.settle)
 		w.balance -= hit.cost;
 	if (hold_ref.p) {
@@ -9490,7 +9744,8 @@ m_topup_confirm(struct call *c)
 	}
 	snprintf(t.description, sizeof(t.description), "%s via %c%.*s", tp.automatic ? "Automatic top-up" : "Top up",
 	    toupper((unsigned char)provider.p[0]), (int)provider.n - 1, provider.p + 1);
-	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)) ||
+	    (w.lots.validity && (rc = lot_add(c->txn, t.wallet, &w, &t, LOT_PAID, now_seconds() + w.lots.validity))))
 		return store_error(c, rc);
 	if (strcmp(config.receipts, "on") == 0) {
 		struct note n;
@@ -9607,13 +9862,24 @@ manual_change(struct call *c, int type)
 	struct str id, reason;
 	struct wallet w;
 	struct txn t;
-	int64_t amount, before;
+	int64_t amount, before, expires_at = LOT_NEVER;
+	uint64_t expires_in = 0;
+	uint32_t kind = LOT_PAID;
+	struct str kind_s;
 	int rc, present;
 
 	memset(&t, 0, sizeof(t));
 	if ((rc = p_wallet(c, &id)) || (rc = p_amount(c, "amount", 1, 1, &amount, &present)) ||
-	    (rc = p_text(c, "reason", 1, &reason)) || (rc = p_actor(c, &t)))
+	    (rc = p_text(c, "reason", 1, &reason)) || (rc = p_actor(c, &t)) ||
+	    (rc = p_uint(c, "expires_in", 0, 1, 3650, &expires_in)) || (rc = p_str(c, "kind", 0, 8, &kind_s)))
 		return rc;
+	if (kind_s.p && !(kind_s.n == 4 && memcmp(kind_s.p, "paid", 4) == 0) &&
+	    !(kind_s.n == 5 && memcmp(kind_s.p, "promo", 5) == 0))
+		return fail(c, E_INVALID_ARGUMENT, "kind", "kind must be paid or promo");
+	if (kind_s.p && kind_s.n == 5)
+		kind = LOT_PROMO;
+	if (expires_in)
+		expires_at = now_seconds() + (int64_t)expires_in * 86400;
 	if (reason.n == 0)
 		return fail(c, E_INVALID_ARGUMENT, "reason", "reason must not be empty");
 	if ((rc = load_wallet(c, id, &w)))
@@ -9630,6 +9896,8 @@ manual_change(struct call *c, int type)
 			return store_error(c, rc);
 		if (amount > available) /* down to -credit_limit at most, and never into held money */
 			return fail_insufficient(c, amount, available > 0 ? available : 0, w.currency);
+		if ((rc = lots_draw(c->txn, &w, amount)))
+			return store_error(c, rc);
 		w.balance -= amount;
 		t.amount = -amount;
 	} else {
@@ -9642,6 +9910,7 @@ manual_change(struct call *c, int type)
 	t.currency = w.currency;
 	snprintf(t.description, sizeof(t.description), "%.*s", (int)reason.n, reason.p);
 	if ((rc = txn_append(c->txn, &w, &t, &scratch)) ||
+	    ((expires_in || kind == LOT_PROMO) && (rc = lot_add(c->txn, id, &w, &t, kind, expires_at))) ||
 	    (rc = note_on_crossing(c, id, &w, before, t.id)) ||
 	    (rc = wallet_put(c->txn, id, &w)))
 		return store_error(c, rc);
@@ -11036,6 +11305,40 @@ verify_holds(MDB_txn *txn, const struct wallet *w, struct str id, msgpack_packer
 		    "(available below zero)");
 }
 
+/* Checks that w's credit lots add up to what it says they hold, each holding what it may, and no more than its balance. */
+static void
+verify_lots(MDB_txn *txn, const struct wallet *w, struct str id, msgpack_packer *pk, uint32_t *breaches)
+{
+	unsigned char prefix[8];
+	MDB_cursor *cur;
+	MDB_val k = { 8, prefix }, v;
+	int64_t sum = 0;
+	int rc, bad = 0;
+
+	be64_put(prefix, w->number);
+	if ((rc = mdb_cursor_open(txn, store.lots, &cur)) != 0) {
+		verify_breach(pk, breaches, id, 0, "its credit lots cannot be read");
+		return;
+	}
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && k.mv_size == LOT_KEY &&
+	    be64_get(k.mv_data) == w->number; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		struct lot l;
+
+		record_copy(&l, sizeof(l), v);
+		bad |= l.remaining <= 0 || l.remaining > l.amount || strlen(l.wallet) != id.n ||
+		    memcmp(l.wallet, id.p, id.n) != 0;
+		sum = add_saturating(sum, l.remaining);
+	}
+	mdb_cursor_close(cur);
+	if (bad)
+		verify_breach(pk, breaches, id, 0, "a credit lot holds nothing, more than it was credited, or is another "
+		    "wallet's");
+	if (sum != w->lots.total)
+		verify_breach(pk, breaches, id, 0, "its credit lots do not add up to what it says they hold");
+	if (w->lots.total > (w->balance > 0 ? w->balance : 0))
+		verify_breach(pk, breaches, id, 0, "its credit lots hold more than its balance");
+}
+
 /* Checks that the refunds of every charge add up to no more than it, and refund it. */
 static int
 verify_refunds(MDB_txn *txn, msgpack_packer *pk, uint32_t *breaches)
@@ -11189,6 +11492,7 @@ m_verify(struct call *c)
 		if (w.balance < -w.credit_limit)
 			verify_breach(&rpk, &breaches, id, 0, "balance below minus the credit limit");
 		verify_holds(c->txn, &w, id, &rpk, &breaches);
+		verify_lots(c->txn, &w, id, &rpk, &breaches);
 		if (after != 0) {
 			char b1[32], b2[32];
 
@@ -16406,6 +16710,8 @@ alert_main(void *arg)
 				break;
 	}
 	pthread_mutex_unlock(&alerter.lock);
+	msgpack_sbuffer_destroy(&scratch); /* an automatic top-up's credit used them */
+	expand_free();
 	touched_free();
 	return NULL;
 }

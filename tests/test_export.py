@@ -335,7 +335,7 @@ class Statements(ClockTest):
                          ("2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z", "99.9906", "118.9118"))
         self.assertEqual(s["totals"], {"credit": "20", "sms_charge": "-0.0382", "whatsapp_charge": "-0.05",
                                        "manual_credit": "0", "manual_debit": "-1", "refund": "0.0094",
-                                       "transfer_out": "0", "transfer_in": "0"})
+                                       "transfer_out": "0", "transfer_in": "0", "expiry": "0"})
         self.assertEqual(s["messages"], {"sms": {"count": 2, "segments": 4, "amount": "0.0382"},
                                          "whatsapp": {"count": 1, "amount": "0.05"}})
         self.assertEqual([(c["country"], c["calling_code"], c["messages"], c["segments"], c["amount"])

@@ -1,0 +1,103 @@
+"""Credit that expires (README: Credit that expires): lots, their draw order, expiry at the second
+(walletd's clock set through tests/faults.so), across a restart, and verify over them."""
+import calendar
+import decimal
+import os
+import time
+
+from harness import DaemonTest
+import walletd  # noqa: E402 (harness puts contrib/python on the path)
+
+D = decimal.Decimal
+UG = "+256712345678"
+DAY = 86400
+
+
+class Lots(DaemonTest):
+    def lots(self, wallet="acme"):
+        return [(x["kind"], x["amount"], x["remaining"]) for x in self.d.ctl_json("wallet", "get", wallet)["lots"]]
+
+    def test_promo_first_then_the_soonest_to_expire_then_the_rest(self):
+        d = self.d
+        self.seed("10")
+        self.assertEqual(d.ctl_json("wallet", "get", "acme")["lots"], [])
+        self.assertNotIn("lots", d.ctl_json("balance", "acme"))  # balance answers lots only when there are some
+        d.ctl_json("credit", "acme", "3", "paid, 30 days", "--expires-in", "30")
+        d.ctl_json("credit", "acme", "2", "paid, 7 days", "--expires-in", "7")
+        d.ctl_json("credit", "acme", "5", "welcome offer", "--kind", "promo")
+        d.ctl_json("credit", "acme", "1", "promo, 1 day", "--kind", "promo", "--expires-in", "1")
+        self.assertEqual(self.lots(), [("promo", "1", "1"), ("promo", "5", "5"), ("paid", "2", "2"),
+                                       ("paid", "3", "3")])
+        got = d.ctl_json("wallet", "get", "acme")["lots"]
+        self.assertEqual([x["expires_at"] is None for x in got], [False, True, False, False])
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "21")
+        self.assertEqual(len(d.ctl_json("balance", "acme")["lots"]), 4)
+        d.ctl_json("debit", "acme", "3", "x")  # the promo lot of 1 day, then 2 of the other promo
+        self.assertEqual(self.lots(), [("promo", "5", "3"), ("paid", "2", "2"), ("paid", "3", "3")])
+        self.charge_sms(100)  # 0.94 from the promo lot
+        self.assertEqual(self.lots(), [("promo", "5", "2.06"), ("paid", "2", "2"), ("paid", "3", "3")])
+        d.ctl_json("wallet", "create", "shop", "USD", "--parent", "acme")
+        d.ctl_json("transfer", "acme", "shop", "6.06", "--ref", "t1")  # a transfer draws them too
+        self.assertEqual(self.lots(), [("paid", "3", "1")])
+        d.ctl_json("debit", "acme", "1", "x")
+        self.assertEqual(self.lots(), [])
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "10")  # the rest, which never expires
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["breaches"]), (True, []))
+
+    def test_expiry_at_the_second_and_across_a_restart_once(self):
+        d = self.d
+        clock = os.path.join(d.dir, "clock")
+        t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+
+        def at(t):
+            with open(clock, "w") as f:
+                f.write(str(t))
+        at(t0)
+        d.restart_plain(clock=clock)
+        self.seed("10")
+        d.ctl_json("credit", "acme", "4", "promo", "--kind", "promo", "--expires-in", "1")
+        d.ctl_json("credit", "acme", "3", "paid", "--expires-in", "2")
+        d.ctl_json("debit", "acme", "1", "x")  # from the promo lot: 3 of it is left to expire
+        at(t0 + DAY - 1)
+        d.ctl_json("wallet", "create", "poke", "USD")  # a write wakes the writer
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "16")
+        at(t0 + DAY)
+        d.ctl_json("wallet", "create", "poke2", "USD")
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "13")
+        [e] = d.ctl_json("history", "acme", "--type", "expiry")["transactions"]
+        self.assertEqual((e["amount"], e["balance_after"], e["created_at"]), ("-3", "13", "2026-11-16T12:00:00Z"))
+        self.assertIn("Promotional credit", e["description"])
+        d.stop()
+        at(t0 + 3 * DAY)  # the paid lot lapses while walletd is stopped
+        d.start()
+        d.ctl_json("wallet", "create", "poke3", "USD")
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "10")
+        d.restart()
+        self.assertEqual(len(d.ctl_json("history", "acme", "--type", "expiry")["transactions"]), 2)  # once each
+        self.assertEqual(self.lots(), [])
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["breaches"]), (True, []))
+
+    def test_a_topup_takes_the_wallets_credit_validity_and_bad_input_is_refused(self):
+        d = self.d
+        self.seed("0")
+        self.assertIsNone(d.ctl_json("wallet", "get", "acme")["credit_validity"])
+        self.assertEqual(d.ctl_json("wallet", "update", "acme", "--credit-validity", "90")["credit_validity"], 90)
+        t = d.ctl_json("topup", "create", "acme", "50")
+        d.ctl_json("topup", "confirm", t["ref"], "50", "paystack", "PS-1")
+        [lot] = d.ctl_json("balance", "acme")["lots"]
+        self.assertEqual((lot["kind"], lot["amount"]), ("paid", "50"))
+        d.ctl_json("wallet", "update", "acme", "--credit-validity", "none")
+        self.assertIsNone(d.ctl_json("wallet", "get", "acme")["credit_validity"])
+        with d.client() as c:
+            for params, field in (({"expires_in": 0}, "expires_in"), ({"expires_in": 3651}, "expires_in"),
+                                  ({"expires_in": "30"}, "expires_in"), ({"kind": "gift"}, "kind")):
+                with self.assertRaises(walletd.InvalidArgument) as e:
+                    c.credit(wallet="acme", amount="1", reason="x", **params)
+                self.assertEqual(e.exception.field, field)
+            with self.assertRaises(walletd.InvalidArgument):
+                c.debit(wallet="acme", amount="1", reason="x", expires_in=3)
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "50")
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["breaches"]), (True, []))
