@@ -610,6 +610,11 @@ static const char *const flag_aliases[][2] = {
 	{ "block", "blocked_prefixes" }, { "allow", "allowed_prefixes" },
 };
 
+/* Flags that stand for a name and its value: --promo is --kind promo. */
+static const char *const flag_values[][3] = {
+	{ "promo", "kind", "promo" },
+};
+
 /* A required param another option stands in for: a mobile network's rate has no prefix. */
 static const char *const param_instead[][4] = {
 	{ "rate.set", "prefix", "--mccmnc", "--mccmnc MCCMNC stands in for PREFIX: a mobile network's rate" },
@@ -855,6 +860,15 @@ build_params(int m, int argc, char **argv, msgpack_sbuffer *out, int *fd_pass)
 			for (size_t a = 0; a < sizeof(flag_aliases) / sizeof(flag_aliases[0]); a++)
 				if (strcmp(name, flag_aliases[a][0]) == 0)
 					snprintf(name, sizeof(name), "%s", flag_aliases[a][1]);
+			for (size_t a = 0; a < sizeof(flag_values) / sizeof(flag_values[0]) && p < 0; a++)
+				for (int j = 0; j < np && strcmp(name, flag_values[a][0]) == 0; j++)
+					if (strcmp(ps[j].name, flag_values[a][1]) == 0 && counts[j] == 0) {
+						p = j;
+						values[p][counts[p]++] = flag_values[a][2];
+						break;
+					}
+			if (p >= 0)
+				continue;
 			len = strlen(name);
 			for (int j = 0; j < np && p < 0; j++)
 				if (strcmp(ps[j].name, name) == 0 || (ps[j].type == 'l' && list_singular(ps[j].name, name, len)))

@@ -1380,8 +1380,11 @@ struct wallet {
  * (LOT_NEVER last) and its id (the credit's transaction), the order
  * charges draw them in.  An expiring one is also in holdexp, under its
  * expires_at, wallet number, a NUL (no hold's ref has one), its class and
- * id: the writer ends it there, at the second.
+ * id: the writer ends it there, at the second; and under the seconds 7
+ * days and 1 day before, the same and the days (a 27-byte key): the
+ * writer then records a reminder for the wallet's alert e-mails.
  */
+#define LOT_REMINDERS { 7, 1 }
 enum { LOT_PROMO, LOT_PAID };
 #define LOT_NEVER INT64_MAX
 #define LOT_KEY   25
@@ -1510,9 +1513,9 @@ struct event {
 
 /* NK_AUTO_TOPUP is no e-mail: the alert thread charges the saved payment method for its top-up (in provider_ref). */
 enum note_kind { NK_LOW_BALANCE, NK_RECEIPT, NK_PAYMENT_PROBLEM, NK_SUSPENDED, NK_AUTO_TOPUP, NK_AUTO_TOPUP_OFF,
-	NK__COUNT };
+	NK_CREDIT_EXPIRING, NK__COUNT };
 static const char *const note_kind_names[NK__COUNT] = { "low_balance", "receipt", "payment_problem",
-	"destination_suspended", "auto_topup", "auto_topup_off" };
+	"destination_suspended", "auto_topup", "auto_topup_off", "credit_expiring" };
 
 enum txn_type {
 	T_CREDIT = 1, T_SMS_CHARGE, T_WHATSAPP_CHARGE, T_MANUAL_CREDIT,
@@ -4082,7 +4085,7 @@ wallet_holds_recount(MDB_txn *txn, struct wallet *w)
  * 0 or an LMDB error.
  */
 static int pending_timeout(MDB_txn *txn, uint64_t number, struct str wallet, struct str ref); /* section 4 */
-static int lot_expire(MDB_txn *txn, const unsigned char *key); /* section 4 */
+static int lot_expire(MDB_txn *txn, const unsigned char *key, size_t len); /* section 4 */
 
 static int
 holds_expire(MDB_txn *txn, int64_t now)
@@ -4105,8 +4108,8 @@ holds_expire(MDB_txn *txn, int64_t now)
 			store.next_expiry = expires_at;
 			break;
 		}
-		if (ref.p[0] == '\0') { /* a credit lot's */
-			if ((rc = lot_expire(txn, k.mv_data)) != 0 || (rc = captured_cursor_del(cur, 0)) != 0)
+		if (ref.p[0] == '\0') { /* a credit lot's, or its reminder's */
+			if ((rc = lot_expire(txn, k.mv_data, k.mv_size)) != 0 || (rc = captured_cursor_del(cur, 0)) != 0)
 				break;
 			ended++;
 			continue;
@@ -4969,9 +4972,25 @@ lot_add(MDB_txn *txn, struct str id, struct wallet *w, const struct txn *t, uint
 	if ((rc = captured_put(txn, store.lots, &k, &(MDB_val){ sizeof(l), &l }, 0)) != 0)
 		return rc;
 	if (expires_at != LOT_NEVER) {
+		const int days[] = LOT_REMINDERS;
+		unsigned char rkey[27];
+
 		xk = lot_expiry_key(xkey, w->number, &l);
 		if ((rc = captured_put(txn, store.holdexp, &xk, &(MDB_val){ 1, "" }, 0)) != 0)
 			return rc;
+		for (size_t i = 0; i < sizeof(days) / sizeof(days[0]); i++) { /* reminders still to come */
+			int64_t at = expires_at - days[i] * 86400;
+
+			if (at <= now_seconds())
+				continue;
+			memcpy(rkey, xkey, 26);
+			be64_put(rkey, (uint64_t)at);
+			rkey[26] = (unsigned char)days[i];
+			if ((rc = captured_put(txn, store.holdexp, &(MDB_val){ 27, rkey }, &(MDB_val){ 1, "" }, 0)) != 0)
+				return rc;
+			if (at < store.next_expiry)
+				store.next_expiry = at;
+		}
 		if (expires_at < store.next_expiry)
 			store.next_expiry = expires_at;
 	}
@@ -5028,16 +5047,21 @@ lots_draw(MDB_txn *txn, struct wallet *w, int64_t amount)
 	return rc;
 }
 
+static int lot_remind(MDB_txn *txn, struct str id, struct wallet *w, const struct lot *l); /* section 4 */
+
 /*
  * The writer, at a lot's expires_at (its holdexp key): what is left of it
  * leaves the balance as an expiry transaction, written once (the lot goes
  * in the same commit).  Money held by a hold is spared: the hold keeps it.
- * Returns 0 or an LMDB error.
+ * At a reminder's key (xlen 27), a reminder instead.  Returns 0 or an
+ * LMDB error.
  */
 static int
-lot_expire(MDB_txn *txn, const unsigned char *xkey)
+lot_expire(MDB_txn *txn, const unsigned char *xkey, size_t xlen)
 {
-	struct lot l = { .expires_at = (int64_t)be64_get(xkey), .kind = xkey[17], .id = be64_get(xkey + 18) };
+	int days = xlen == 27 ? xkey[26] : 0; /* a reminder's */
+	struct lot l = { .expires_at = (int64_t)be64_get(xkey) + days * 86400, .kind = xkey[17],
+		.id = be64_get(xkey + 18) };
 	unsigned char key[LOT_KEY];
 	MDB_val k = lot_key(key, be64_get(xkey + 8), &l), v;
 	struct wallet w;
@@ -5050,7 +5074,11 @@ lot_expire(MDB_txn *txn, const unsigned char *xkey)
 		return rc == MDB_NOTFOUND ? 0 : rc; /* spent before it lapsed */
 	record_copy(&l, sizeof(l), v);
 	id = (struct str){ l.wallet, strlen(l.wallet) };
-	if ((rc = wallet_get(txn, id, &w)) != 0 || (rc = captured_del(txn, store.lots, &k, NULL)) != 0)
+	if ((rc = wallet_get(txn, id, &w)) != 0)
+		return rc;
+	if (days)
+		return lot_remind(txn, id, &w, &l);
+	if ((rc = captured_del(txn, store.lots, &k, NULL)) != 0)
 		return rc;
 	gone = w.balance - w.held < l.remaining ? w.balance - w.held : l.remaining;
 	w.lots.total -= l.remaining;
@@ -6192,6 +6220,22 @@ auto_topup_request(struct call *c, struct str id, struct wallet *w)
 	a->state &= ~AUTO_ARMED;
 	a->today++;
 	return 0;
+}
+
+/* The writer, 7 days and 1 day before lot l of w (id) lapses: a reminder of what is left, and when it goes. */
+static int
+lot_remind(MDB_txn *txn, struct str id, struct wallet *w, const struct lot *l)
+{
+	struct call c = { .txn = txn };
+	struct note n;
+	int rc;
+
+	memset(&n, 0, sizeof(n));
+	n.kind = NK_CREDIT_EXPIRING;
+	n.amount = l->remaining;
+	n.until = l->expires_at;
+	snprintf(n.reason, sizeof(n.reason), "%s", l->kind == LOT_PROMO ? "promotional" : "paid");
+	return (rc = note_add(&c, id, w, &n)) ? rc : wallet_put(txn, id, w);
 }
 
 /*
@@ -11192,8 +11236,9 @@ static void
 note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)
 {
 	int paid = n->kind == NK_RECEIPT || n->kind == NK_PAYMENT_PROBLEM, suspended = n->kind == NK_SUSPENDED;
-	int automatic = n->kind == NK_AUTO_TOPUP || n->kind == NK_AUTO_TOPUP_OFF;
-	int fields = 11 + (n->sent_at != 0) + (n->last_error[0] != '\0') + 2 * (paid || automatic) + 3 * suspended;
+	int automatic = n->kind == NK_AUTO_TOPUP || n->kind == NK_AUTO_TOPUP_OFF, expiring = n->kind == NK_CREDIT_EXPIRING;
+	int fields = 11 + (n->sent_at != 0) + (n->last_error[0] != '\0') + 2 * (paid || automatic) + 3 * suspended +
+	    3 * expiring;
 
 	msgpack_pack_map(pk, (size_t)fields);
 	KV_U64(pk, "id", seq + 1);
@@ -11208,6 +11253,11 @@ note_pack(msgpack_packer *pk, uint64_t seq, const struct note *n)
 		KV_STR(pk, "prefix", n->prefix);
 		KV_STR(pk, "reason", n->reason);
 		KV_TIME(pk, "until", n->until);
+	}
+	if (expiring) { /* what is left of a lot, and when it goes */
+		KV_AMOUNT(pk, "amount", n->amount);
+		KV_STR(pk, "kind", n->reason);
+		KV_TIME(pk, "expires_at", n->until);
 	}
 	KV_STR(pk, "wallet", n->wallet);
 	KV_U64(pk, "txn", n->txn_id);
@@ -15811,6 +15861,31 @@ alert_message(const struct config *cf, const struct note *n, const unsigned char
 		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails, n->prefix, n->wallet,
 		    n->wallet, n->prefix, strcmp(n->reason, "range_max") == 0 ? "too many to one number range" :
 		    "a spike to one country", time_format(n->until, until));
+		return;
+	}
+	if (n->kind == NK_CREDIT_EXPIRING) {
+		char until[32];
+
+		snprintf(buf, cap,
+		    "Date: %s\r\n"
+		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".credit_expiring.%s@%s>\r\n"
+		    "From: %s\r\n"
+		    "To: %s\r\n"
+		    "Subject: %s %s of credit in wallet %s expire on %.10s\r\n"
+		    "MIME-Version: 1.0\r\n"
+		    "Content-Type: text/plain; charset=UTF-8\r\n"
+		    "Content-Transfer-Encoding: 8bit\r\n"
+		    "Auto-Submitted: auto-generated\r\n"
+		    "\r\n"
+		    "Hello,\r\n"
+		    "\r\n"
+		    "%s %s of %s credit in wallet %s expire at %s (UTC).\r\n"
+		    "Messages sent before then use it first.\r\n"
+		    "\r\n"
+		    "-- \r\n"
+		    "walletd\r\n",
+		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails, amt, n->currency,
+		    n->wallet, time_format(n->until, until), amt, n->currency, n->reason, n->wallet, until);
 		return;
 	}
 	if (n->kind == NK_AUTO_TOPUP_OFF) {

@@ -25,7 +25,7 @@ class Lots(DaemonTest):
         d.ctl_json("credit", "acme", "3", "paid, 30 days", "--expires-in", "30")
         d.ctl_json("credit", "acme", "2", "paid, 7 days", "--expires-in", "7")
         d.ctl_json("credit", "acme", "5", "welcome offer", "--kind", "promo")
-        d.ctl_json("credit", "acme", "1", "promo, 1 day", "--kind", "promo", "--expires-in", "1")
+        d.ctl_json("credit", "acme", "1", "promo, 1 day", "--promo", "--expires-in", "1")  # --promo: --kind promo
         self.assertEqual(self.lots(), [("promo", "1", "1"), ("promo", "5", "5"), ("paid", "2", "2"),
                                        ("paid", "3", "3")])
         got = d.ctl_json("wallet", "get", "acme")["lots"]
@@ -101,3 +101,37 @@ class Lots(DaemonTest):
         self.assertEqual(d.ctl_json("balance", "acme")["balance"], "50")
         v = d.ctl_json("verify")
         self.assertEqual((v["ok"], v["breaches"]), (True, []))
+
+
+class Reminders(DaemonTest):
+    def test_seven_days_and_one_day_before_once_each_by_email(self):
+        from test_alerts import SmtpSink
+        from test_topups import free_port
+        d = self.d
+        port = free_port()
+        sink = SmtpSink(port, os.path.join(d.dir, "mail"))
+        sink.start()
+        self.addCleanup(sink.stop)
+        clock = os.path.join(d.dir, "clock")
+        t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+
+        def at(t):
+            with open(clock, "w") as f:
+                f.write(str(t))
+            d.ctl_json("wallet", "list")  # a read: the writer is woken below
+        at(t0)
+        d.config.update({"smtp_url": "smtp://127.0.0.1:%d" % port, "alert_interval": "1"})
+        d.restart_plain(clock=clock)
+        d.ctl_json("wallet", "create", "acme", "USD", "--alert-email", "owner@acme.example")
+        d.ctl_json("credit", "acme", "4", "promo", "--promo", "--expires-in", "8")
+        d.ctl_json("credit", "acme", "2", "spent before", "--expires-in", "9")
+        d.ctl_json("debit", "acme", "5", "x")  # 4 from the promo lot, 1 from the other: 1 of it is left
+        for day in (1, 2, 7, 8):  # 7 days before the first lapses, then 1 day before it and 7 before the other, ...
+            at(t0 + day * DAY)
+            d.ctl_json("wallet", "create", "poke%d" % day, "USD")
+        notes = [n for n in d.ctl_json("notifications", "acme")["notifications"] if n["type"] == "credit_expiring"]
+        self.assertEqual(sorted((n["amount"], n["kind"], n["expires_at"]) for n in notes),
+                         [("1", "paid", "2026-11-24T12:00:00Z")] * 2)  # the promo lot was spent: none for it
+        mail = sink.wait_for(2)
+        self.assertEqual(len(mail), 2)
+        self.assertIn("1.00 USD of paid credit in wallet acme expire at 2026-11-24T12:00:00Z", mail[0]["data"])
