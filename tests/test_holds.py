@@ -570,3 +570,38 @@ class UpgradeFromTheReleaseBeforeTheChain(Upgrade):
         txns = d.ctl_json("history", "acme", "--limit", "1000")["transactions"]
         self.assertEqual((len(txns), chain_breaks(txns)), (len(hist["acme"]["transactions"]) + 2, []))
         self.assertTrue(d.ctl_json("verify")["ok"])
+
+
+class UpgradeFromTheReleaseBeforeLots(Upgrade):
+    """The same from the release before resellers' shared children, credit lots and automatic
+    top-up (commit 0483335, layout 7): it opens as it is, then its wallets take all three."""
+    PREVIOUS = "0483335"
+    LIBS = UpgradeFromTheJournallessRelease.LIBS
+
+    def test_a_store_of_the_previous_release_upgrades_in_place(self):
+        d = self.d
+        self.seed("50")
+        d.ctl_json("wallet", "create", "shop", "USD", "--parent", "acme")
+        d.ctl_json("transfer", "acme", "shop", "5", "--ref", "t1")
+        self.charge_sms(40)
+        d.ctl_json("charge", "shop", "sms", UG, "s1")
+        before = {w: d.ctl_json("wallet", "get", w) for w in ("acme", "shop")}
+        hist = d.ctl_json("history", "acme", "--limit", "1000")
+        digest = d.ctl_json("verify")["digest"]
+        d.stop()
+        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
+        d.start()
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["digest"], v["breaches"]), (True, digest, []))
+        for w in ("acme", "shop"):
+            now = d.ctl_json("wallet", "get", w)
+            self.assertEqual({k: now[k] for k in before[w]}, before[w])
+            self.assertEqual((now["lots"], now["shared"], now["auto_topup"]), ([], False, None))
+        self.assertEqual(d.ctl_json("history", "acme", "--limit", "1000"), hist)
+        d.ctl_json("wallet", "create", "kiosk", "USD", "--parent", "acme", "--shared")
+        d.ctl_json("credit", "acme", "2", "promo", "--promo", "--expires-in", "30")
+        d.ctl_json("charge", "kiosk", "sms", UG, "k1")  # drawn from acme, from its promo lot
+        self.assertEqual(d.ctl_json("wallet", "get", "acme")["lots"][0]["remaining"], "1.9906")
+        d.restart()
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["breaches"]), (True, []))
