@@ -1385,6 +1385,21 @@ struct wallet {
  * writer then records a reminder for the wallet's alert e-mails.
  */
 #define LOT_REMINDERS { 7, 1 }
+
+/* What a charge took from one lot, kept in lotdraws under the charge's id (up to LOT_DRAWS_MAX lots) for its refunds. */
+struct lot_draw {
+	int64_t amount;           /* taken, less what refunds gave back */
+	int64_t lot_amount;       /* the lot's own amount */
+	int64_t expires_at;
+	uint64_t id;
+	uint32_t kind;
+	uint32_t pad;
+};
+#define LOT_DRAWS_MAX 8
+struct lot_draws {
+	size_t n;
+	struct lot_draw d[LOT_DRAWS_MAX];
+};
 enum { LOT_PROMO, LOT_PAID };
 #define LOT_NEVER INT64_MAX
 #define LOT_KEY   25
@@ -1561,7 +1576,7 @@ struct txn {
 static struct store {
 	MDB_env *env;
 	MDB_dbi meta, wallets, txns, hist, refs, refunds, rates, fx, topups, notes, alertq;
-	MDB_dbi rrefs, holds, holdexp, events, eventq, guard, lots;
+	MDB_dbi rrefs, holds, holdexp, events, eventq, guard, lots, lotdraws;
 	int64_t next_expiry;      /* writer only: when the first active hold expires (INT64_MAX: none) */
 	pthread_rwlock_t maplock; /* readers: txns; writer: resizing the map */
 	size_t map_size;
@@ -1590,7 +1605,7 @@ static const struct store_db {
 	{ &store.holds, "holds", 0, 0 }, { &store.holdexp, "holdexp", 0, 0 },
 	{ &store.events, "events", 0, 0 }, { &store.eventq, "eventq", 0, 0 },
 	{ &store.replog, "replog", 0, 1 }, { &store.guard, "guard", 0, 0 },
-	{ &store.lots, "lots", 0, 0 },
+	{ &store.lots, "lots", 0, 0 }, { &store.lotdraws, "lotdraws", MDB_INTEGERKEY, 0 },
 };
 #define STORE_DBS (int)(sizeof(store_dbs) / sizeof(store_dbs[0]))
 
@@ -5002,10 +5017,11 @@ lot_add(MDB_txn *txn, struct str id, struct wallet *w, const struct txn *t, uint
  * Takes amount, just taken from w's balance, from its lots in their draw
  * order (promo, then the soonest to expire, then those that never do): a
  * lot's money is the first spent, so w's lots never hold more than its
- * balance.  A lot emptied leaves.  Returns 0 or an LMDB error.
+ * balance.  A lot emptied leaves.  drawn (if not NULL) gets what each lot
+ * gave.  Returns 0 or an LMDB error.
  */
 static int
-lots_draw(MDB_txn *txn, struct wallet *w, int64_t amount)
+lots_draw(MDB_txn *txn, struct wallet *w, int64_t amount, struct lot_draws *drawn)
 {
 	unsigned char prefix[8], xkey[26];
 	MDB_cursor *cur;
@@ -5026,6 +5042,8 @@ lots_draw(MDB_txn *txn, struct wallet *w, int64_t amount)
 			break;
 		record_copy(&l, sizeof(l), v);
 		take = l.remaining < amount ? l.remaining : amount;
+		if (drawn && drawn->n < LOT_DRAWS_MAX) /* beyond: a refund gives that back without a lot */
+			drawn->d[drawn->n++] = (struct lot_draw){ take, l.amount, l.expires_at, l.id, l.kind, 0 };
 		l.remaining -= take;
 		w->lots.total -= take;
 		amount -= take;
@@ -5048,6 +5066,69 @@ lots_draw(MDB_txn *txn, struct wallet *w, int64_t amount)
 }
 
 static int lot_remind(MDB_txn *txn, struct str id, struct wallet *w, const struct lot *l); /* section 4 */
+
+/* Keeps what charge id took from lots (nothing when it took none). */
+static int
+lot_draws_put(MDB_txn *txn, uint64_t id, const struct lot_draws *drawn)
+{
+	MDB_val k = { sizeof(id), &id };
+
+	return drawn->n ? captured_put(txn, store.lotdraws, &k,
+	    &(MDB_val){ drawn->n * sizeof(drawn->d[0]), (void *)drawn->d }, 0) : 0;
+}
+
+/*
+ * A refund of amount of charge charge_id of w (id) returns to the lots
+ * the charge took it from, the last one first: a lot that was emptied
+ * comes back, with its expires_at (past: the writer ends it at once, as
+ * if the money had stayed).  What the charge took from no lot stays
+ * without one.  Returns 0 or an LMDB error.
+ */
+static int
+lots_give_back(MDB_txn *txn, struct str id, struct wallet *w, uint64_t charge_id, int64_t amount)
+{
+	MDB_val k = { sizeof(charge_id), &charge_id }, v;
+	struct lot_draw d[LOT_DRAWS_MAX];
+	size_t n;
+	int rc;
+
+	if ((rc = mdb_get(txn, store.lotdraws, &k, &v)) != 0)
+		return rc == MDB_NOTFOUND ? 0 : rc;
+	n = v.mv_size / sizeof(d[0]) < LOT_DRAWS_MAX ? v.mv_size / sizeof(d[0]) : LOT_DRAWS_MAX;
+	memcpy(d, v.mv_data, n * sizeof(d[0]));
+	for (size_t i = n; i-- > 0 && amount > 0;) {
+		struct lot l = { .expires_at = d[i].expires_at, .id = d[i].id, .kind = d[i].kind };
+		unsigned char key[LOT_KEY], xkey[26];
+		int64_t give = d[i].amount < amount ? d[i].amount : amount;
+		MDB_val lk = lot_key(key, w->number, &l), lv;
+
+		if (give <= 0)
+			continue;
+		if ((rc = mdb_get(txn, store.lots, &lk, &lv)) == 0) {
+			record_copy(&l, sizeof(l), lv);
+		} else if (rc == MDB_NOTFOUND) { /* emptied: it comes back */
+			l.amount = d[i].lot_amount;
+			memcpy(l.wallet, id.p, id.n);
+			if (l.expires_at != LOT_NEVER) {
+				MDB_val xk = lot_expiry_key(xkey, w->number, &l);
+
+				if ((rc = captured_put(txn, store.holdexp, &xk, &(MDB_val){ 1, "" }, 0)) != 0)
+					return rc;
+				if (l.expires_at < store.next_expiry)
+					store.next_expiry = l.expires_at;
+			}
+		} else {
+			return rc;
+		}
+		l.remaining += give;
+		if ((rc = captured_put(txn, store.lots, &lk, &(MDB_val){ sizeof(l), &l }, 0)) != 0)
+			return rc;
+		w->lots.total += give;
+		d[i].amount -= give;
+		amount -= give;
+	}
+	return captured_put(txn, store.lotdraws, &k, &(MDB_val){ n * sizeof(d[0]), d }, 0);
+}
 
 /*
  * The writer, at a lot's expires_at (its holdexp key): what is left of it
@@ -8369,8 +8450,10 @@ pending_settle(MDB_txn *txn, struct str wallet, struct str ref, struct ref_entry
 		int64_t before = w.balance;
 
 		w.balance += t.amount;
-		if ((rc = lots_draw(txn, &w, -t.amount)) || (rc = txn_append(txn, &w, &t, &scratch)) ||
-		    (rc = note_on_crossing(&low, wallet, &w, before, t.id)))
+		struct lot_draws drawn = { 0 };
+
+		if ((rc = lots_draw(txn, &w, -t.amount, &drawn)) || (rc = txn_append(txn, &w, &t, &scratch)) ||
+		    (rc = lot_draws_put(txn, t.id, &drawn)) || (rc = note_on_crossing(&low, wallet, &w, before, t.id)))
 			return rc;
 		e->id = t.id;
 		*alert |= low.alert;
@@ -8522,7 +8605,7 @@ transfer_write(MDB_txn *txn, struct str from, struct wallet *sender, struct str 
 	out->currency = sender->currency, in->currency = receiver->currency;
 	sender->balance -= amount;
 	receiver->balance += amount;
-	if ((rc = lots_draw(txn, sender, amount)) || (rc = log_next_id(txn, &in->refund_of)))
+	if ((rc = lots_draw(txn, sender, amount, NULL)) || (rc = log_next_id(txn, &in->refund_of)))
 		return rc;
 	out->refund_of = in->refund_of + 1; /* the two are appended one after the other */
 	if ((rc = txn_append(txn, sender, out, &scratch)) || (rc = txn_append(txn, receiver, in, &scratch)))
@@ -8575,6 +8658,7 @@ m_charge(struct call *c)
 	size_t ndigits, flen;
 	uint32_t segments;
 	struct wallet w, parent;
+	struct lot_draws drawn = { 0 };
 	struct rate_hit hit;
 	struct hold hold;
 	struct txn t;
@@ -8710,7 +8794,7 @@ m_charge(struct call *c)
 		return rc;
 	before = w.balance;
 	limits_count(&w, now, hit.cost, 1);
-	if (!hit.policy.settle && (rc = lots_draw(c->txn, &w, hit.cost)))
+	if (!hit.policy.settle && (rc = lots_draw(c->txn, &w, hit.cost, &drawn)))
 		return store_error(c, rc);
 	if (!hit.policy.settle)
 		w.balance -= hit.cost;
@@ -8731,7 +8815,7 @@ m_charge(struct call *c)
 			e.fate.flags = CF_PENDING | (hit.policy.timeout_release ? CF_RELEASE : 0);
 			if ((rc = pending_hold(c, &w, &t, now, hit.policy.pending_timeout, rec, &e.record)))
 				return rc;
-		} else if ((rc = txn_append(c->txn, &w, &t, &scratch))) {
+		} else if ((rc = txn_append(c->txn, &w, &t, &scratch)) || (rc = lot_draws_put(c->txn, t.id, &drawn))) {
 			return store_error(c, rc);
 		}
 		e.id = t.id;
@@ -9940,7 +10024,7 @@ manual_change(struct call *c, int type)
 			return store_error(c, rc);
 		if (amount > available) /* down to -credit_limit at most, and never into held money */
 			return fail_insufficient(c, amount, available > 0 ? available : 0, w.currency);
-		if ((rc = lots_draw(c->txn, &w, amount)))
+		if ((rc = lots_draw(c->txn, &w, amount, NULL)))
 			return store_error(c, rc);
 		w.balance -= amount;
 		t.amount = -amount;
@@ -10243,7 +10327,7 @@ m_refund(struct call *c)
 	msgpack_unpacked_destroy(&orig);
 	if (__builtin_add_overflow(w.balance, t.amount, &w.balance))
 		return fail(c, E_INVALID_ARGUMENT, "txn", "the refund would overflow the balance");
-	if ((rc = txn_append(c->txn, &w, &t, &scratch)))
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)) || (rc = lots_give_back(c->txn, id, &w, charge_id, t.amount)))
 		return store_error(c, rc);
 	ids[nrefunds++] = t.id;
 	k = (MDB_val){ sizeof(charge_id), &charge_id };
