@@ -223,6 +223,14 @@ def json_files(directory):
     return out
 
 
+def set_clock(path, t):
+    """Sets walletd's clock (tests/faults.so's WALLETD_FAULT_CLOCK file) to t, whole: walletd never
+    reads a file half written (an empty one is the real clock)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(str(int(t)))
+    os.replace(path + ".tmp", path)
+
+
 class DaemonTest(unittest.TestCase):
     """A fresh walletd per test."""
     config = {}

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 
-from harness import DaemonTest, WALLETCTL, chain_breaks, request, read_frames
+from harness import DaemonTest, WALLETCTL, chain_breaks, request, read_frames, set_clock
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
@@ -225,17 +225,14 @@ class ClockGoesBack(DaemonTest):
         d = self.d
         clock = os.path.join(d.dir, "clock")
         t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
-        with open(clock, "w") as f:
-            f.write(str(t0))
+        set_clock(clock, t0)
         d.restart_plain(clock=clock)
         self.seed("10")
         a = d.ctl_json("charge", "acme", "sms", UG, "a")
-        with open(clock, "w") as f:
-            f.write(str(t0 - 3600))  # the clock steps back an hour
+        set_clock(clock, t0 - 3600)  # the clock steps back an hour
         b = d.ctl_json("charge", "acme", "sms", UG, "b")
         self.assertEqual((b["id"], b["created_at"]), (a["id"] + 1, a["created_at"]))
-        with open(clock, "w") as f:
-            f.write(str(t0 + 60))
+        set_clock(clock, t0 + 60)
         c = d.ctl_json("charge", "acme", "sms", UG, "c")
         self.assertEqual(c["created_at"], "2026-11-15T12:01:00Z")
         since = d.ctl_json("history", "acme", "--since", "2026-11-15T12:00:00Z", "--type", "sms_charge")
@@ -249,8 +246,7 @@ class UsageReport(DaemonTest):
         day = calendar.timegm(time.strptime("2026-11-10T00:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
 
         def at(seconds):
-            with open(clock, "w") as f:
-                f.write(str(day + seconds))
+            set_clock(clock, day + seconds)
         at(-60)  # the day before
         d.restart_plain(clock=clock)
         self.seed("100")
@@ -307,8 +303,7 @@ class ClockTest(DaemonTest):
         self.d.restart_plain(clock=self.clock_file)
 
     def at(self, when):
-        with open(self.clock_file, "w") as f:
-            f.write(str(calendar.timegm(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ"))))
+        set_clock(self.clock_file, calendar.timegm(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ")))
 
 
 class Statements(ClockTest):
@@ -397,8 +392,7 @@ class Statements(ClockTest):
         t = day
         for i in range(60):  # a random history over three weeks
             t += rnd.randrange(0, 30000)
-            with open(self.clock_file, "w") as f:
-                f.write(str(t))
+            set_clock(self.clock_file, t)
             k = rnd.randrange(4)
             if k == 0:
                 d.ctl_json("charge", "acme", "sms", rnd.choice([UG, "+254712345678"]), "r%d" % i,

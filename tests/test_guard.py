@@ -8,7 +8,7 @@ import os
 import subprocess
 import time
 
-from harness import DaemonTest, HERE, PY, json_files
+from harness import DaemonTest, HERE, PY, json_files, set_clock
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 from test_alerts import SmtpSink
 from test_topups import free_port
@@ -51,8 +51,7 @@ class Brake(DaemonTest):
         super().tearDown()
 
     def clock(self, when):
-        with open(self.clock_file, "w") as f:
-            f.write(str(utc(when)))
+        set_clock(self.clock_file, utc(when))
 
     def charge(self, to, ref, expect=0, **kw):
         args = sum((["--" + k.replace("_", "-"), v] for k, v in kw.items()), [])

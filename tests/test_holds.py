@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 
-from harness import Daemon, DaemonTest, ROOT, build_release, chain_breaks, request, unhashed
+from harness import Daemon, DaemonTest, ROOT, build_release, chain_breaks, request, unhashed, set_clock
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
@@ -306,8 +306,7 @@ class LimitsAtTheEdges(DaemonTest):
     """walletd's clock set by a file (tests/faults.so, in the plain build)."""
 
     def clock(self, when):
-        with open(self.clock_file, "w") as f:
-            f.write(str(utc(when)))
+        set_clock(self.clock_file, utc(when))
 
     def setUp(self):
         super().setUp()

@@ -5,7 +5,7 @@ import decimal
 import os
 import time
 
-from harness import DaemonTest
+from harness import DaemonTest, set_clock
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
@@ -51,8 +51,7 @@ class Lots(DaemonTest):
         t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
 
         def at(t):
-            with open(clock, "w") as f:
-                f.write(str(t))
+            set_clock(clock, t)
         at(t0)
         d.restart_plain(clock=clock)
         self.seed("10")
@@ -83,8 +82,7 @@ class Lots(DaemonTest):
         d = self.d
         clock = os.path.join(d.dir, "clock")
         t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
-        with open(clock, "w") as f:
-            f.write(str(t0))
+        set_clock(clock, t0)
         d.restart_plain(clock=clock)
         self.seed("1")
         d.ctl_json("credit", "acme", "0.01", "promo", "--promo", "--expires-in", "1")
@@ -96,8 +94,7 @@ class Lots(DaemonTest):
         self.assertEqual(self.lots(), [("paid", "0.05", "0.0462")])  # the last lot it took from, first
         d.ctl_json("refund", "acme", "--ref", "b", "--amount", "0.0044", "--refund-ref", "r2")
         self.assertEqual(self.lots(), [("promo", "0.01", "0.0006"), ("paid", "0.05", "0.05")])
-        with open(clock, "w") as f:
-            f.write(str(t0 + 2 * DAY))  # the promo lot has lapsed (its 0.0006 went with it)
+        set_clock(clock, t0 + 2 * DAY)  # the promo lot has lapsed (its 0.0006 went with it)
         d.ctl_json("wallet", "create", "poke", "USD")
         d.ctl_json("refund", "acme", "--ref", "a")  # back to the lapsed lot: it comes back and lapses at once
         d.ctl_json("wallet", "create", "poke2", "USD")
@@ -145,8 +142,7 @@ class Reminders(DaemonTest):
         t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
 
         def at(t):
-            with open(clock, "w") as f:
-                f.write(str(t))
+            set_clock(clock, t)
             d.ctl_json("wallet", "list")  # a read: the writer is woken below
         at(t0)
         d.config.update({"smtp_url": "smtp://127.0.0.1:%d" % port, "alert_interval": "1"})
@@ -163,8 +159,7 @@ class Reminders(DaemonTest):
                          [("1", "paid", "2026-11-24T12:00:00Z")] * 2)  # the promo lot was spent: none for it
         start = time.time()
         while len(sink.messages()) < 2 and time.time() - start < 30:  # the clock runs on: a retry comes due
-            with open(clock, "w") as f:
-                f.write(str(t0 + 8 * DAY + int(time.time() - start)))
+            set_clock(clock, t0 + 8 * DAY + int(time.time() - start))
             time.sleep(0.2)
         mail = sink.wait_for(2)
         self.assertEqual(len(mail), 2, d.ctl_json("notifications", "acme"))

@@ -12,7 +12,7 @@ import threading
 import time
 import unittest
 
-from harness import HERE, PY, WALLETCTL, WALLETD, build_release, chain_breaks  # first: the client's path
+from harness import HERE, PY, WALLETCTL, WALLETD, build_release, chain_breaks, set_clock  # first: the client's path
 import walletd  # noqa: E402
 from cluster import Group, NatsClient, NatsCluster, StaleAnswers, rebuild_stream, stream_leader
 
@@ -221,6 +221,36 @@ class Basics(ReplicationTest):
             self.assertEqual(sorted(t["ref"] for t in wa), sorted("w%d" % k for k in range(20)))
             self.assertEqual(len([t for t in wa if "delivery" in t]), 10)
             self.assertEqual(d.ctl_json("balance", "acme")["held"], "0")
+
+    def test_a_credit_lot_lapses_once_across_a_failover(self):
+        clock = os.path.join(self.nats.dir, "clock")
+        t0 = int(time.time())
+        set_clock(clock, t0)
+        for i in range(3):  # walletd's clock, the same file on every node
+            self.node(i).restart_plain(clock=clock)
+        self.leader = self.g.leader()
+        for i in range(3):
+            self.wait_role(i, lambda role: role in ("leader", "follower"))
+        d = self.node(self.follower())  # written through a follower: forwarded
+        d.ctl_json("wallet", "create", "acme", "USD")
+        d.ctl_json("credit", "acme", "5", "opening balance")
+        d.ctl_json("credit", "acme", "3", "promo", "--promo", "--expires-in", "1")
+        d.ctl_json("credit", "acme", "2", "paid", "--expires-in", "2")
+        set_clock(clock, t0 + 86400)  # the promo lot lapses: on the leader
+        d.ctl_json("wallet", "create", "poke", "USD")
+        self.check_ledgers()
+        self.node(self.leader).kill()  # the next leader finds it done, and ends the other
+        old = self.leader
+        self.leader = self.g.leader()
+        set_clock(clock, t0 + 2 * 86400)
+        self.node(self.leader).ctl_json("wallet", "create", "poke2", "USD")
+        self.node(old).start()
+        self.wait_role(old, lambda role: role == "follower")
+        self.check_ledgers()
+        for i in range(3):
+            expired = self.node(i).ctl_json("history", "acme", "--type", "expiry")["transactions"]
+            self.assertEqual(sorted(t["amount"] for t in expired), ["-2", "-3"], i)
+            self.assertEqual(self.node(i).ctl_json("balance", "acme")["balance"], "5")
 
     def test_a_follower_that_lags_never_answers_a_read_that_misses_its_connections_write(self):
         self.seed(self.leader)
