@@ -16368,6 +16368,10 @@ gateway_call(const struct config *cf, uint32_t provider, const char *path, json_
 
 	memset(ga, 0, sizeof(*ga));
 	ga->outcome = GW_UNKNOWN;
+	if (answer == NULL) {
+		snprintf(ga->why, sizeof(ga->why), "out of memory");
+		return;
+	}
 	if ((f = fopen(file, "r")) != NULL) {
 		if (fgets(secret, sizeof(secret), f) == NULL)
 			secret[0] = '\0';
@@ -16382,7 +16386,7 @@ gateway_call(const struct config *cf, uint32_t provider, const char *path, json_
 	}
 	snprintf(auth, sizeof(auth), "Authorization: Bearer %s", secret);
 	snprintf(url, sizeof(url), "%s%s", base, path);
-	if (answer && (curl = curl_easy_init()) != NULL) {
+	if ((curl = curl_easy_init()) != NULL) {
 		headers = curl_slist_append(headers, auth);
 		headers = curl_slist_append(headers, "Content-Type: application/json");
 		answer[0] = '\0';
