@@ -177,6 +177,8 @@ class SharedChildren(DaemonTest):
         self.assertEqual([x["description"] for x in out[-2:]],
                          ["Charge of shop: SMS to +256712345678 via ESMS_UG (1 seg)"] * 2)
         self.assertEqual([x["ref"] for x in out[-2:]], ["m3", "m1"])
+        rows = d.ctl_json("statement", "agency")["transactions"]  # the parent's statement: each child's charges
+        self.assertEqual(len([t for t in rows if t["description"].startswith("Charge of shop: SMS to")]), 2)
         ins = [x["description"] for x in d.ctl_json("history", "shop")["transactions"] if x["type"] == "transfer_in"]
         self.assertEqual(ins, ["Transfer from agency", "Drawn from agency", "Drawn from agency"])
         v = d.ctl_json("verify")
