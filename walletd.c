@@ -16560,7 +16560,8 @@ auto_topup_record(const struct config *cf, const unsigned char key[16], const st
 		if (ga && ((rc = auto_topup_confirm(&c, &tp, ga, w.autotop.provider)) != 0 ||
 		    (rc = wallet_get(c.txn, id, &w)) != 0))
 			goto abort;
-		w.autotop.failures = 0;
+		if (ga || tp.status == TS_PAID) /* paid, by this answer or the webhook */
+			w.autotop.failures = 0;
 		n.state = NS_SENT;
 		n.sent_at = now_seconds();
 	} else {
@@ -16617,7 +16618,7 @@ out:
 		log_x(L_ERR, "cannot record an automatic top-up's outcome: %s", mdb_strerror(rc));
 }
 
-/* Acts on auto top-up request n (key): charges its top-up unless it was paid meanwhile or auto top-up is off. */
+/* Acts on auto top-up request n (key): charges its top-up unless it was paid, cancelled or expired meanwhile, or auto top-up is off. */
 static void
 auto_topup_attempt(const struct config *cf, const struct note *n, const unsigned char key[16])
 {
@@ -16640,7 +16641,7 @@ auto_topup_attempt(const struct config *cf, const struct note *n, const unsigned
 		log_x(L_ERR, "cannot read automatic top-up %s of %s: %s", n->provider_ref, n->wallet, mdb_strerror(rc));
 		return;
 	}
-	go = tp.status != TS_PAID && w.autotop.provider && !(w.autotop.state & AUTO_OFF);
+	go = tp.status == TS_PENDING && now_seconds() < tp.expires_at && w.autotop.provider && !(w.autotop.state & AUTO_OFF);
 	if (go)
 		gateway_charge(cf, &w.autotop, &tp, &ga);
 	auto_topup_record(cf, key, go ? &ga : NULL);

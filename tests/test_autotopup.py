@@ -304,3 +304,19 @@ class AutoTopUp(DaemonTest):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.wait_for(lambda: d.ctl_json("balance", "acme")["balance"] == "210")  # 10 is below 50 already
         self.assertEqual([(c["amount"], c["email"]) for c in self.gw.charges], [(20000, "billing@acme.example")])
+
+    def test_a_cancelled_request_is_not_charged(self):
+        d = self.d
+        d.config["alert_interval"] = "3"  # the retry after a decline comes 3 s later
+        d.restart()
+        self.gw.mode = "decline"
+        self.start_wallet()
+        d.ctl_json("debit", "acme", "6", "x")
+        self.wait_for(lambda: len(self.gw.charges) == 1)
+        retry = self.wait_for(lambda: [t for t in self.autos() if t["status"] == "pending"])[0]
+        d.ctl_json("topup", "cancel", retry["ref"])  # staff stop it before its retry
+        self.gw.mode = "success"
+        time.sleep(5)
+        self.assertEqual(len(self.gw.charges), 1)
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "4")
+        self.assertEqual(d.ctl_json("wallet", "get", "acme")["auto_topup"]["failures"], 1)
