@@ -8794,10 +8794,11 @@ m_charge(struct call *c)
 		return rc;
 	before = w.balance;
 	limits_count(&w, now, hit.cost, 1);
-	if (!hit.policy.settle && (rc = lots_draw(c->txn, &w, hit.cost, &drawn)))
-		return store_error(c, rc);
-	if (!hit.policy.settle)
+	if (!hit.policy.settle) {
+		if ((rc = lots_draw(c->txn, &w, hit.cost, &drawn)))
+			return store_error(c, rc);
 		w.balance -= hit.cost;
+	}
 	if (hold_ref.p) {
 		hold.remaining -= from_hold;
 		w.held -= from_hold;
