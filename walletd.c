@@ -1386,9 +1386,9 @@ struct wallet {
  */
 #define LOT_REMINDERS { 7, 1 }
 
-/* What a charge took from one lot, kept in lotdraws under the charge's id (up to LOT_DRAWS_MAX lots) for its refunds. */
+/* What a charge took from one lot, kept in its refs entry (up to LOT_DRAWS_MAX lots) for its refunds. */
 struct lot_draw {
-	int64_t amount;           /* taken, less what refunds gave back */
+	int64_t amount;           /* taken */
 	int64_t lot_amount;       /* the lot's own amount */
 	int64_t expires_at;
 	uint64_t id;
@@ -1397,7 +1397,7 @@ struct lot_draw {
 };
 #define LOT_DRAWS_MAX 8
 struct lot_draws {
-	size_t n;
+	uint8_t n;
 	struct lot_draw d[LOT_DRAWS_MAX];
 };
 enum { LOT_PROMO, LOT_PAID };
@@ -1576,7 +1576,7 @@ struct txn {
 static struct store {
 	MDB_env *env;
 	MDB_dbi meta, wallets, txns, hist, refs, refunds, rates, fx, topups, notes, alertq;
-	MDB_dbi rrefs, holds, holdexp, events, eventq, guard, lots, lotdraws;
+	MDB_dbi rrefs, holds, holdexp, events, eventq, guard, lots;
 	int64_t next_expiry;      /* writer only: when the first active hold expires (INT64_MAX: none) */
 	pthread_rwlock_t maplock; /* readers: txns; writer: resizing the map */
 	size_t map_size;
@@ -1605,7 +1605,7 @@ static const struct store_db {
 	{ &store.holds, "holds", 0, 0 }, { &store.holdexp, "holdexp", 0, 0 },
 	{ &store.events, "events", 0, 0 }, { &store.eventq, "eventq", 0, 0 },
 	{ &store.replog, "replog", 0, 1 }, { &store.guard, "guard", 0, 0 },
-	{ &store.lots, "lots", 0, 0 }, { &store.lotdraws, "lotdraws", MDB_INTEGERKEY, 0 },
+	{ &store.lots, "lots", 0, 0 },
 };
 #define STORE_DBS (int)(sizeof(store_dbs) / sizeof(store_dbs[0]))
 
@@ -4183,6 +4183,7 @@ struct charge_fate {
 };
 #define CF_PENDING 1u          /* settle = delivery: held, waiting for its report */
 #define CF_RELEASE 2u          /* settle = delivery: released, not charged, if no report comes in time */
+#define CF_LOTS    4u          /* the entry ends with what the charge took from lots, and a byte: how many */
 enum { DS_NONE, DS_DELIVERED, DS_FAILED, DS_REJECTED, DS_EXPIRED, DS__COUNT };
 static const char *const delivery_status_names[] = { "", "delivered", "failed", "rejected", "expired" };
 #define DELIVERY_ERROR_MAX 256
@@ -4194,6 +4195,7 @@ struct ref_entry {
 	struct charge_fate fate;
 	struct str error;
 	struct str record;
+	struct lot_draws lots;    /* with CF_LOTS (a copy) */
 };
 
 /* Reads refs value v into e (pointing into v). */
@@ -4217,16 +4219,26 @@ ref_read(MDB_val v, struct ref_entry *e)
 		elen = (uint16_t)(end - q);
 	e->error = (struct str){ q, elen };
 	e->record = (struct str){ q + elen, (size_t)(end - q - elen) };
+	if ((e->fate.flags & CF_LOTS) && e->record.n >= 1) {
+		size_t n = (unsigned char)e->record.p[e->record.n - 1], size = n * sizeof(e->lots.d[0]);
+
+		if (n <= LOT_DRAWS_MAX && e->record.n >= 1 + size) {
+			e->record.n -= 1 + size;
+			e->lots.n = (uint8_t)n;
+			memcpy(e->lots.d, e->record.p + e->record.n, size);
+		}
+	}
 }
 
-/* Writes e as a refs value into buf (REF_VALUE_MAX); its tail only when it has one.  ENOMEM if too long. */
+/* Writes e as a refs value into buf (REF_VALUE_MAX); its tail only when it has one (with CF_LOTS, what it
+ * took from lots last).  ENOMEM if too long. */
 static int
 ref_write(char buf[REF_VALUE_MAX], const struct ref_entry *e, MDB_val *v)
 {
 	uint16_t elen = (uint16_t)e->error.n;
-	size_t n = 8 + e->fp.n;
+	size_t n = 8 + e->fp.n, lots = (e->fate.flags & CF_LOTS) ? 1 + e->lots.n * sizeof(e->lots.d[0]) : 0;
 
-	if (n + 1 + sizeof(e->fate) + 2 + e->error.n + e->record.n > REF_VALUE_MAX)
+	if (n + 1 + sizeof(e->fate) + 2 + e->error.n + e->record.n + lots > REF_VALUE_MAX)
 		return ENOMEM;
 	memcpy(buf, &e->id, 8);
 	memmove(buf + 8, e->fp.p, e->fp.n);
@@ -4240,6 +4252,11 @@ ref_write(char buf[REF_VALUE_MAX], const struct ref_entry *e, MDB_val *v)
 		if (e->record.n)
 			memmove(buf + n + e->error.n, e->record.p, e->record.n);
 		n += e->error.n + e->record.n;
+		if (lots) {
+			memcpy(buf + n, e->lots.d, lots - 1);
+			buf[n + lots - 1] = (char)e->lots.n;
+			n += lots;
+		}
 	}
 	*v = (MDB_val){ n, buf };
 	return 0;
@@ -5067,47 +5084,33 @@ lots_draw(MDB_txn *txn, struct wallet *w, int64_t amount, struct lot_draws *draw
 
 static int lot_remind(MDB_txn *txn, struct str id, struct wallet *w, const struct lot *l); /* section 4 */
 
-/* Keeps what charge id took from lots (nothing when it took none). */
-static int
-lot_draws_put(MDB_txn *txn, uint64_t id, const struct lot_draws *drawn)
-{
-	MDB_val k = { sizeof(id), &id };
-
-	return drawn->n ? captured_put(txn, store.lotdraws, &k,
-	    &(MDB_val){ drawn->n * sizeof(drawn->d[0]), (void *)drawn->d }, 0) : 0;
-}
-
 /*
- * A refund of amount of charge charge_id of w (id) returns to the lots
- * the charge took it from, the last one first: a lot that was emptied
- * comes back, with its expires_at (past: the writer ends it at once, as
- * if the money had stayed).  What the charge took from no lot stays
- * without one.  Returns 0 or an LMDB error.
+ * A refund of amount, after earlier ones of refunded, of a charge that
+ * took drawn from w's (id) lots returns to them, the last one first: a lot
+ * that was emptied comes back, with its expires_at (past: the writer ends
+ * it at once, as if the money had stayed).  What the charge took from no
+ * lot stays without one.  Returns 0 or an LMDB error.
  */
 static int
-lots_give_back(MDB_txn *txn, struct str id, struct wallet *w, uint64_t charge_id, int64_t amount)
+lots_give_back(MDB_txn *txn, struct str id, struct wallet *w, const struct lot_draws *drawn, int64_t refunded,
+    int64_t amount)
 {
-	MDB_val k = { sizeof(charge_id), &charge_id }, v;
-	struct lot_draw d[LOT_DRAWS_MAX];
-	size_t n;
 	int rc;
 
-	if ((rc = mdb_get(txn, store.lotdraws, &k, &v)) != 0)
-		return rc == MDB_NOTFOUND ? 0 : rc;
-	n = v.mv_size / sizeof(d[0]) < LOT_DRAWS_MAX ? v.mv_size / sizeof(d[0]) : LOT_DRAWS_MAX;
-	memcpy(d, v.mv_data, n * sizeof(d[0]));
-	for (size_t i = n; i-- > 0 && amount > 0;) {
-		struct lot l = { .expires_at = d[i].expires_at, .id = d[i].id, .kind = d[i].kind };
+	for (size_t i = drawn->n; i-- > 0 && amount > 0;) {
+		const struct lot_draw *d = &drawn->d[i];
+		struct lot l = { .expires_at = d->expires_at, .id = d->id, .kind = d->kind };
 		unsigned char key[LOT_KEY], xkey[26];
-		int64_t give = d[i].amount < amount ? d[i].amount : amount;
+		int64_t left = d->amount - refunded, give = left < amount ? left : amount;
 		MDB_val lk = lot_key(key, w->number, &l), lv;
 
+		refunded = refunded > d->amount ? refunded - d->amount : 0; /* earlier refunds gave back the last first */
 		if (give <= 0)
 			continue;
 		if ((rc = mdb_get(txn, store.lots, &lk, &lv)) == 0) {
 			record_copy(&l, sizeof(l), lv);
 		} else if (rc == MDB_NOTFOUND) { /* emptied: it comes back */
-			l.amount = d[i].lot_amount;
+			l.amount = d->lot_amount;
 			memcpy(l.wallet, id.p, id.n);
 			if (l.expires_at != LOT_NEVER) {
 				MDB_val xk = lot_expiry_key(xkey, w->number, &l);
@@ -5124,10 +5127,9 @@ lots_give_back(MDB_txn *txn, struct str id, struct wallet *w, uint64_t charge_id
 		if ((rc = captured_put(txn, store.lots, &lk, &(MDB_val){ sizeof(l), &l }, 0)) != 0)
 			return rc;
 		w->lots.total += give;
-		d[i].amount -= give;
 		amount -= give;
 	}
-	return captured_put(txn, store.lotdraws, &k, &(MDB_val){ n * sizeof(d[0]), d }, 0);
+	return 0;
 }
 
 /*
@@ -8450,11 +8452,11 @@ pending_settle(MDB_txn *txn, struct str wallet, struct str ref, struct ref_entry
 		int64_t before = w.balance;
 
 		w.balance += t.amount;
-		struct lot_draws drawn = { 0 };
-
-		if ((rc = lots_draw(txn, &w, -t.amount, &drawn)) || (rc = txn_append(txn, &w, &t, &scratch)) ||
-		    (rc = lot_draws_put(txn, t.id, &drawn)) || (rc = note_on_crossing(&low, wallet, &w, before, t.id)))
+		if ((rc = lots_draw(txn, &w, -t.amount, &e->lots)) || (rc = txn_append(txn, &w, &t, &scratch)) ||
+		    (rc = note_on_crossing(&low, wallet, &w, before, t.id)))
 			return rc;
+		if (e->lots.n)
+			e->fate.flags |= CF_LOTS;
 		e->id = t.id;
 		*alert |= low.alert;
 	}
@@ -8816,8 +8818,12 @@ m_charge(struct call *c)
 			e.fate.flags = CF_PENDING | (hit.policy.timeout_release ? CF_RELEASE : 0);
 			if ((rc = pending_hold(c, &w, &t, now, hit.policy.pending_timeout, rec, &e.record)))
 				return rc;
-		} else if ((rc = txn_append(c->txn, &w, &t, &scratch)) || (rc = lot_draws_put(c->txn, t.id, &drawn))) {
+		} else if ((rc = txn_append(c->txn, &w, &t, &scratch))) {
 			return store_error(c, rc);
+		}
+		if (drawn.n) { /* for its refunds */
+			e.fate.flags |= CF_LOTS;
+			e.lots = drawn;
 		}
 		e.id = t.id;
 		if ((rc = ref_write(val, &e, &v)) || (rc = captured_put(c->txn, store.refs, &k, &v, 0)))
@@ -10197,11 +10203,33 @@ charge_refunds(MDB_txn *txn, uint64_t charge_id, uint64_t ids[REFUNDS_MAX + 1], 
 }
 
 /* refund: gives back exactly what a charge took, at most once. */
+/* What charge map (of wallet number) took from lots, into *drawn: its ref's entry keeps it.  0 or an LMDB error. */
+static int
+charge_lots(MDB_txn *txn, const msgpack_object *map, uint64_t number, struct lot_draws *drawn)
+{
+	const msgpack_object *ref = map_get(map, "ref");
+	unsigned char key[8 + REF_MAX];
+	struct ref_entry e;
+	MDB_val k, v;
+	int rc;
+
+	drawn->n = 0;
+	if (ref == NULL || ref->type != MSGPACK_OBJECT_STR || ref->via.str.size > REF_MAX)
+		return 0;
+	k = ref_key(key, (struct str){ ref->via.str.ptr, ref->via.str.size }, number);
+	if ((rc = mdb_get(txn, store.refs, &k, &v)) != 0)
+		return rc == MDB_NOTFOUND ? 0 : rc;
+	ref_read(v, &e);
+	*drawn = e.lots;
+	return 0;
+}
+
 static int
 m_refund(struct call *c)
 {
 	struct str id, ref, reason, refund_ref;
 	uint64_t charge_id = 0, ids[REFUNDS_MAX + 1];
+	struct lot_draws drawn;
 	struct wallet w;
 	struct txn t;
 	MDB_val k, v, raw;
@@ -10267,7 +10295,8 @@ m_refund(struct call *c)
 		msgpack_unpacked_destroy(&orig);
 		return fail(c, E_INTERNAL, NULL, "Transaction %" PRIu64 " has no amount", charge_id);
 	}
-	if ((rc = charge_refunds(c->txn, charge_id, ids, &nrefunds, &refunded))) {
+	if ((rc = charge_refunds(c->txn, charge_id, ids, &nrefunds, &refunded)) ||
+	    (rc = charge_lots(c->txn, &orig.data, w.number, &drawn))) {
 		msgpack_unpacked_destroy(&orig);
 		return store_error(c, rc);
 	}
@@ -10328,7 +10357,7 @@ m_refund(struct call *c)
 	msgpack_unpacked_destroy(&orig);
 	if (__builtin_add_overflow(w.balance, t.amount, &w.balance))
 		return fail(c, E_INVALID_ARGUMENT, "txn", "the refund would overflow the balance");
-	if ((rc = txn_append(c->txn, &w, &t, &scratch)) || (rc = lots_give_back(c->txn, id, &w, charge_id, t.amount)))
+	if ((rc = txn_append(c->txn, &w, &t, &scratch)) || (rc = lots_give_back(c->txn, id, &w, &drawn, refunded, t.amount)))
 		return store_error(c, rc);
 	ids[nrefunds++] = t.id;
 	k = (MDB_val){ sizeof(charge_id), &charge_id };
