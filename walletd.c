@@ -1696,6 +1696,14 @@ captured_del(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v)
 }
 
 static int
+captured_cursor_put(MDB_cursor *cur, MDB_val *k, MDB_val *v, unsigned flags)
+{
+	if (capture_on)
+		touch(mdb_cursor_dbi(cur), k);
+	return mdb_cursor_put(cur, k, v, flags);
+}
+
+static int
 captured_cursor_del(MDB_cursor *cur, unsigned flags)
 {
 	MDB_val k, v;
@@ -5065,7 +5073,7 @@ lots_draw(MDB_txn *txn, struct wallet *w, int64_t amount, struct lot_draws *draw
 		w->lots.total -= take;
 		amount -= take;
 		if (l.remaining > 0) {
-			rc = captured_put(txn, store.lots, &k, &(MDB_val){ sizeof(l), &l }, 0);
+			rc = captured_cursor_put(cur, &k, &(MDB_val){ sizeof(l), &l }, MDB_CURRENT);
 			break;
 		}
 		if (l.expires_at != LOT_NEVER && (xk = lot_expiry_key(xkey, w->number, &l),
