@@ -2278,35 +2278,20 @@ bench_options(struct bench *b, int argc, char **argv)
 {
 	*b = (struct bench){ .conns = 16, .depth = 1, .wallets = 100, .recipients = 100000, .total = 100000,
 		.method = "charge", .json = json_output };
+	const struct { const char *name; int *on; } flags[] = {
+		{ "--json", &b->json }, { "--random-refs", &bench_random_refs }, { "--hold", &bench_hold },
+		{ "--auto-topup", &bench_auto }, { "--lots", &bench_lots }, { "--controls", &b->controls },
+		{ "--guard", &b->guard },
+	};
+
 	for (int i = 0; i < argc; i++) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+		size_t f = 0;
 
-		if (strcmp(a, "--json") == 0) {
-			b->json = 1;
-			continue;
-		}
-		if (strcmp(a, "--random-refs") == 0) {
-			bench_random_refs = 1;
-			continue;
-		}
-		if (strcmp(a, "--hold") == 0) {
-			bench_hold = 1;
-			continue;
-		}
-		if (strcmp(a, "--auto-topup") == 0) {
-			bench_auto = 1;
-			continue;
-		}
-		if (strcmp(a, "--lots") == 0) {
-			bench_lots = 1;
-			continue;
-		}
-		if (strcmp(a, "--controls") == 0) {
-			b->controls = 1;
-			continue;
-		}
-		if (strcmp(a, "--guard") == 0) {
-			b->guard = 1;
+		while (f < sizeof(flags) / sizeof(flags[0]) && strcmp(a, flags[f].name) != 0)
+			f++;
+		if (f < sizeof(flags) / sizeof(flags[0])) {
+			*flags[f].on = 1;
 			continue;
 		}
 		if (v == NULL) {

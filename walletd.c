@@ -6131,8 +6131,13 @@ guard_safe(const struct wallet *w)
 
 /* Packs a wallet as the methods answer it; held and available as of now. */
 static int
-wallet_pack(MDB_txn *txn, msgpack_packer *pk, struct str id, const struct wallet *w, int64_t held, int64_t available)
+wallet_pack(MDB_txn *txn, msgpack_packer *pk, struct str id, const struct wallet *w)
 {
+	int64_t held, available;
+	int rc;
+
+	if ((rc = wallet_available(txn, w, now_seconds(), &held, &available)) != 0)
+		return rc;
 	msgpack_pack_map(pk, 22 + G__COUNT);
 	KV_SSTR(pk, "wallet", id);
 	KV_STR(pk, "currency", w->currency);
@@ -6606,18 +6611,13 @@ p_controls(struct call *c, struct wallet *w)
 	return p_guard(c, w);
 }
 
-/* Packs wallet w (id) with its held and available as of now. */
+/* Answers wallet w (id) with its held and available as of now. */
 static int
 wallet_answer(struct call *c, struct str id, const struct wallet *w)
 {
-	int64_t held, available;
-	int rc = wallet_available(c->txn, w, now_seconds(), &held, &available);
+	int rc = wallet_pack(c->txn, c->pk, id, w);
 
-	if (rc)
-		return store_error(c, rc);
-	if ((rc = wallet_pack(c->txn, c->pk, id, w, held, available)))
-		return store_error(c, rc);
-	return E_OK;
+	return rc ? store_error(c, rc) : E_OK;
 }
 
 static int
@@ -6890,7 +6890,6 @@ static int
 wallet_list_children(struct call *c, struct str parent, uint64_t page, uint64_t limit)
 {
 	uint64_t total = 0, packed = 0;
-	int64_t held, available;
 	msgpack_sbuffer rows;
 	msgpack_packer rpk;
 	MDB_cursor *cur;
@@ -6912,9 +6911,7 @@ wallet_list_children(struct call *c, struct str parent, uint64_t page, uint64_t 
 			break;
 		if (!wallet_child_of(&w, parent) || total++ < page * limit || packed == limit)
 			continue;
-		if ((rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)) != 0)
-			break;
-		if ((rc = wallet_pack(c->txn, &rpk, (struct str){ k.mv_data, k.mv_size }, &w, held, available)) != 0)
+		if ((rc = wallet_pack(c->txn, &rpk, (struct str){ k.mv_data, k.mv_size }, &w)) != 0)
 			break;
 		packed++;
 	}
@@ -6931,7 +6928,6 @@ static int
 m_wallet_list(struct call *c)
 {
 	uint64_t page, limit, skip, count = 0;
-	int64_t held, available;
 	struct str parent;
 	struct wallet pw;
 	MDB_cursor *cur;
@@ -6963,9 +6959,7 @@ m_wallet_list(struct call *c)
 		if (count < skip)
 			continue;
 		if ((rc = wallet_decode(v, &w)) != 0 ||
-		    (rc = wallet_available(c->txn, &w, now_seconds(), &held, &available)) != 0)
-			break;
-		if ((rc = wallet_pack(c->txn, c->pk, (struct str){ k.mv_data, k.mv_size }, &w, held, available)) != 0)
+		    (rc = wallet_pack(c->txn, c->pk, (struct str){ k.mv_data, k.mv_size }, &w)) != 0)
 			break;
 	}
 	if (rc != 0 && rc != MDB_NOTFOUND) {
@@ -10678,10 +10672,16 @@ p_types(struct call *c, unsigned *mask)
 		    list[i].via.str.size == strlen(txn_type_names[t]) &&
 		    memcmp(list[i].via.str.ptr, txn_type_names[t], list[i].via.str.size) == 0))
 			t++;
-		if (t == T__COUNT)
-			return fail(c, E_INVALID_ARGUMENT, "type",
-			    "type must be one of credit, sms_charge, whatsapp_charge, manual_credit, manual_debit, refund, "
-			    "transfer_out, transfer_in");
+		if (t == T__COUNT) { /* the types, from their names */
+			char names[256];
+			struct text l = { names, 0, sizeof(names) };
+
+			for (t = 1; t < T__COUNT; t++) {
+				text_add(&l, ", ", t > 1 ? 2 : 0);
+				text_add(&l, txn_type_names[t], strlen(txn_type_names[t]));
+			}
+			return fail(c, E_INVALID_ARGUMENT, "type", "type must be one of %s", names);
+		}
 		*mask |= 1u << t;
 	}
 	return E_OK;
@@ -10923,22 +10923,10 @@ static int
 log_first_at(MDB_txn *txn, int64_t t, uint64_t *id)
 {
 	uint64_t lo = 1, hi;
-	MDB_cursor *cur;
-	MDB_val k, v;
 	int rc;
 
-	if ((rc = mdb_cursor_open(txn, store.txns, &cur)) != 0)
+	if ((rc = log_next_id(txn, &hi)) != 0)
 		return rc;
-	rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
-	mdb_cursor_close(cur);
-	if (rc == MDB_NOTFOUND) {
-		*id = 1;
-		return 0;
-	}
-	if (rc)
-		return rc;
-	memcpy(&hi, k.mv_data, sizeof(hi));
-	hi++;
 	while (lo < hi) {
 		uint64_t mid = lo + (hi - lo) / 2;
 		struct txn_head h;

@@ -1,5 +1,6 @@
 """Test harness: a real walletd on a temporary store and socket, driven
 through walletctl, raw sockets and the Python binding."""
+import calendar
 import glob
 import json
 import os
@@ -88,6 +89,14 @@ class Daemon:
     def restart(self):
         self.stop()
         return self.start()
+
+    def restart_with_clock(self, t):
+        """Restarts as restart_plain does, walletd's clock (tests/faults.so) held at t, seconds or
+        "2026-11-15T12:00:00Z", until set_clock moves it.  Returns the clock's file."""
+        clock = os.path.join(self.dir, "clock")
+        set_clock(clock, utc(t) if isinstance(t, str) else t)
+        self.restart_plain(clock=clock)
+        return clock
 
     def restart_plain(self, **faults):
         """Restarts as the plain build (LD_PRELOAD and prlimit --as do not mix with ASan),
@@ -221,6 +230,11 @@ def json_files(directory):
         with open(path) as f:
             out.append(json.load(f))
     return out
+
+
+def utc(when):
+    """Seconds since the epoch of "2026-11-15T12:00:00Z"."""
+    return calendar.timegm(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 def set_clock(path, t):

@@ -1,6 +1,5 @@
 """export: every transaction once, in id order, while clients charge; walletctl
 export --csv as RFC 4180, resumable; created_at never decreasing with the id."""
-import calendar
 import csv
 import decimal
 import io
@@ -10,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from harness import DaemonTest, WALLETCTL, chain_breaks, request, read_frames, set_clock
+from harness import DaemonTest, WALLETCTL, chain_breaks, request, read_frames, set_clock, utc
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
@@ -223,10 +222,8 @@ class Export(DaemonTest):
 class ClockGoesBack(DaemonTest):
     def test_created_at_never_decreases_with_the_id(self):
         d = self.d
-        clock = os.path.join(d.dir, "clock")
-        t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
-        set_clock(clock, t0)
-        d.restart_plain(clock=clock)
+        t0 = utc("2026-11-15T12:00:00Z")
+        clock = d.restart_with_clock(t0)
         self.seed("10")
         a = d.ctl_json("charge", "acme", "sms", UG, "a")
         set_clock(clock, t0 - 3600)  # the clock steps back an hour
@@ -242,13 +239,11 @@ class ClockGoesBack(DaemonTest):
 class UsageReport(DaemonTest):
     def test_usage_by_country_route_channel_plan_and_wallet_adds_up(self):
         d = self.d
-        clock = os.path.join(d.dir, "clock")
-        day = calendar.timegm(time.strptime("2026-11-10T00:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+        day = utc("2026-11-10T00:00:00Z")
+        clock = d.restart_with_clock(day - 60)  # the day before
 
         def at(seconds):
             set_clock(clock, day + seconds)
-        at(-60)  # the day before
-        d.restart_plain(clock=clock)
         self.seed("100")
         self.seed("100000", wallet="ug")  # 100,000 USD: a second wallet, same currency
         d.ctl_json("wallet", "update", "ug", "--plan", "gold")
@@ -298,12 +293,10 @@ class ClockTest(DaemonTest):
 
     def setUp(self):
         super().setUp()
-        self.clock_file = os.path.join(self.d.dir, "clock")
-        self.at("2026-10-20T10:00:00Z")
-        self.d.restart_plain(clock=self.clock_file)
+        self.clock_file = self.d.restart_with_clock("2026-10-20T10:00:00Z")
 
     def at(self, when):
-        set_clock(self.clock_file, calendar.timegm(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ")))
+        set_clock(self.clock_file, utc(when))
 
 
 class Statements(ClockTest):
@@ -388,7 +381,7 @@ class Statements(ClockTest):
         rnd = random.Random(7)
         self.seed("50")
         d.ctl_json("rate", "set", "default", "sms", "254", "0.01", "USD")
-        day = calendar.timegm(time.strptime("2026-11-01T00:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+        day = utc("2026-11-01T00:00:00Z")
         t = day
         for i in range(60):  # a random history over three weeks
             t += rnd.randrange(0, 30000)
@@ -410,7 +403,7 @@ class Statements(ClockTest):
             a, b = sorted(rnd.randrange(day - 86400, t + 86400) for _ in range(2))
             fmt = lambda x: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x))  # noqa: E731
             s = d.ctl_json("statement", "acme", "--from", fmt(a), "--until", fmt(b))
-            stamp = lambda tx: calendar.timegm(time.strptime(tx["created_at"], "%Y-%m-%dT%H:%M:%SZ"))  # noqa: E731
+            stamp = lambda tx: utc(tx["created_at"])  # noqa: E731
             before = sum(D(x["amount"]) for x in everything if stamp(x) < a)
             upto = sum(D(x["amount"]) for x in everything if stamp(x) < b)
             self.assertEqual(D(s["opening_balance"]), before)

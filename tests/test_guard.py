@@ -2,22 +2,17 @@
 (walletd's clock set by a file), refused as destination_suspended while other destinations
 charge, doubled on repeat, safe prefixes, lift, risk_check, precheck's blocked, the e-mails
 (a real SMTP server) and the event (a real HTTP server)."""
-import calendar
 import json
 import os
 import subprocess
 import time
 
-from harness import DaemonTest, HERE, PY, json_files, set_clock
+from harness import DaemonTest, HERE, PY, json_files, set_clock, utc
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 from test_alerts import SmtpSink
 from test_topups import free_port
 
 UG = "+256712345%03d"  # a number of the range 256712345
-
-
-def utc(when):
-    return calendar.timegm(time.strptime(when, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 class Brake(DaemonTest):

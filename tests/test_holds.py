@@ -1,21 +1,16 @@
 """Holds, credit limits, spend controls and partial refunds (README: Holds), and the
 store of the previous release upgraded in place."""
-import calendar
 import decimal
 import os
 import shutil
 import tempfile
 import time
 
-from harness import Daemon, DaemonTest, ROOT, build_release, chain_breaks, request, unhashed, set_clock
+from harness import Daemon, DaemonTest, ROOT, build_release, chain_breaks, request, unhashed, set_clock, utc
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
 UG = "+256712345678"
-
-
-def utc(text):
-    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 class Holds(DaemonTest):
@@ -422,6 +417,12 @@ class Upgrade(DaemonTest):
         super().tearDown()
         shutil.rmtree(self.work, ignore_errors=True)
 
+    def reopen(self):
+        """Stops the previous release and starts this one on its store."""
+        self.d.stop()
+        self.d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
+        self.d.start()
+
     def test_a_store_of_the_previous_release_upgrades_in_place(self):
         d = self.d
         self.seed("50")
@@ -436,9 +437,7 @@ class Upgrade(DaemonTest):
         hist = d.ctl_json("history", "acme", "--limit", "1000")
         old_verify = d.ctl_json("verify")
         self.assertTrue(old_verify["ok"])
-        d.stop()
-        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
-        d.start()
+        self.reopen()
         self.assertIn("to layout 6 (journaled", d.read_log())
         v = d.ctl_json("verify")
         self.assertEqual((v["ok"], v["wallets"], v["transactions"], v["breaches"]),
@@ -476,9 +475,7 @@ class UpgradeFromTheJournallessRelease(Upgrade):
         d.ctl_json("wallet", "update", "acme", "--hourly-messages", "3", "--daily-limit", "10", "--block", "2567")
         for i in range(2):
             d.ctl_json("charge", "acme", "sms", "+1555000000%d" % i, "h%d" % i)
-        d.stop()
-        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
-        d.start()
+        self.reopen()
         self.assertIn("to layout 6 (journaled", d.read_log())
         w = d.ctl_json("wallet", "get", "acme")
         self.assertEqual((w["hourly_messages"], w["daily_limit"], w["blocked_prefixes"]), (3, "10", ["2567"]))
@@ -509,9 +506,7 @@ class UpgradeFromTheReleaseBeforeTheBrake(Upgrade):
         before = d.ctl_json("wallet", "get", "acme")
         hist = d.ctl_json("history", "acme", "--limit", "1000")
         digest = d.ctl_json("verify")["digest"]
-        d.stop()
-        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
-        d.start()
+        self.reopen()
         v = d.ctl_json("verify")
         self.assertEqual((v["ok"], v["digest"]), (True, digest))
         now = d.ctl_json("wallet", "get", "acme")
@@ -553,9 +548,7 @@ class UpgradeFromTheReleaseBeforeTheChain(Upgrade):
         hist = {w: d.ctl_json("history", w, "--limit", "1000") for w in ("acme", "beta")}
         self.assertNotIn("hash", hist["acme"]["transactions"][0])
         digest = d.ctl_json("verify")["digest"]
-        d.stop()
-        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
-        d.start()
+        self.reopen()
         self.assertIn("to layout 7 (every transaction hash-chained)", d.read_log())
         v = d.ctl_json("verify")
         self.assertEqual((v["ok"], v["digest"], v["breaches"]), (True, digest, []))
@@ -587,9 +580,7 @@ class UpgradeFromTheReleaseBeforeLots(Upgrade):
         before = {w: d.ctl_json("wallet", "get", w) for w in ("acme", "shop")}
         hist = d.ctl_json("history", "acme", "--limit", "1000")
         digest = d.ctl_json("verify")["digest"]
-        d.stop()
-        d.binary = os.environ.get("WALLETD", os.path.join(ROOT, "walletd"))
-        d.start()
+        self.reopen()
         v = d.ctl_json("verify")
         self.assertEqual((v["ok"], v["digest"], v["breaches"]), (True, digest, []))
         for w in ("acme", "shop"):

@@ -1,11 +1,10 @@
 """Credit that expires (README: Credit that expires): lots, their draw order, expiry at the second
 (walletd's clock set through tests/faults.so), across a restart, and verify over them."""
-import calendar
 import decimal
 import os
 import time
 
-from harness import DaemonTest, set_clock
+from harness import DaemonTest, set_clock, utc
 import walletd  # noqa: E402 (harness puts contrib/python on the path)
 
 D = decimal.Decimal
@@ -47,13 +46,11 @@ class Lots(DaemonTest):
 
     def test_expiry_at_the_second_and_across_a_restart_once(self):
         d = self.d
-        clock = os.path.join(d.dir, "clock")
-        t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+        t0 = utc("2026-11-15T12:00:00Z")
+        clock = d.restart_with_clock(t0)
 
         def at(t):
             set_clock(clock, t)
-        at(t0)
-        d.restart_plain(clock=clock)
         self.seed("10")
         d.ctl_json("credit", "acme", "4", "promo", "--kind", "promo", "--expires-in", "1")
         d.ctl_json("credit", "acme", "3", "paid", "--expires-in", "2")
@@ -80,10 +77,8 @@ class Lots(DaemonTest):
 
     def test_a_refund_returns_to_the_lot_the_charge_took_it_from(self):
         d = self.d
-        clock = os.path.join(d.dir, "clock")
-        t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
-        set_clock(clock, t0)
-        d.restart_plain(clock=clock)
+        t0 = utc("2026-11-15T12:00:00Z")
+        clock = d.restart_with_clock(t0)
         self.seed("1")
         d.ctl_json("credit", "acme", "0.01", "promo", "--promo", "--expires-in", "1")
         d.ctl_json("credit", "acme", "0.05", "paid", "--expires-in", "30")
@@ -138,15 +133,13 @@ class Reminders(DaemonTest):
         sink = SmtpSink(port, os.path.join(d.dir, "mail"))
         sink.start()
         self.addCleanup(sink.stop)
-        clock = os.path.join(d.dir, "clock")
-        t0 = calendar.timegm(time.strptime("2026-11-15T12:00:00Z", "%Y-%m-%dT%H:%M:%SZ"))
+        t0 = utc("2026-11-15T12:00:00Z")
+        d.config.update({"smtp_url": "smtp://127.0.0.1:%d" % port, "alert_interval": "1"})
+        clock = d.restart_with_clock(t0)
 
         def at(t):
             set_clock(clock, t)
             d.ctl_json("wallet", "list")  # a read: the writer is woken below
-        at(t0)
-        d.config.update({"smtp_url": "smtp://127.0.0.1:%d" % port, "alert_interval": "1"})
-        d.restart_plain(clock=clock)
         d.ctl_json("wallet", "create", "acme", "USD", "--alert-email", "owner@acme.example")
         d.ctl_json("credit", "acme", "4", "promo", "--promo", "--expires-in", "8")
         d.ctl_json("credit", "acme", "2", "spent before", "--expires-in", "9")
