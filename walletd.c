@@ -2095,14 +2095,32 @@ store_chain_all(MDB_txn *txn)
 	return rc == MDB_NOTFOUND ? 0 : rc;
 }
 
+/* Sets store.next_expiry from holdexp's first key (INT64_MAX: no active hold). */
+static int
+store_first_expiry(MDB_txn *txn)
+{
+	MDB_cursor *cur;
+	MDB_val k, v;
+	int rc;
+
+	store.next_expiry = INT64_MAX;
+	if ((rc = mdb_cursor_open(txn, store.holdexp, &cur)) != 0)
+		return rc;
+	if ((rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)) == 0 && k.mv_size >= 8)
+		store.next_expiry = (int64_t)be64_get(k.mv_data);
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
 /*
  * Brings the store in txn to layout STORE_VERSION: layout 2 has its refs
  * re-keyed; layout 3 is read as it is (its records still decode); layouts
  * 4 and before have their wallets rewritten; layout 5 reads as it is (6
  * adds meta "journal" and wallet records with WF_COUNTS, which layout 5's
  * walletd would misread); layouts 6 and before have every transaction
- * hashed into the chain; a new store is stamped.  Returns 0, an LMDB error, or -1 (a message logged) for
- * a layout this walletd does not read.
+ * hashed into the chain; a new store is stamped.  Then sets store.next_expiry
+ * (store_first_expiry).  Returns 0, an LMDB error, or -1 (a message logged)
+ * for a layout this walletd does not read.
  */
 static int
 store_upgrade(MDB_txn *txn, const char *dir)
@@ -2137,24 +2155,46 @@ store_upgrade(MDB_txn *txn, const char *dir)
 			return rc;
 	}
 	v = (MDB_val){ sizeof(version), &version };
-	return captured_put(txn, store.meta, &k, &v, 0);
+	return (rc = captured_put(txn, store.meta, &k, &v, 0)) ? rc : store_first_expiry(txn);
 }
 
-/* Sets store.next_expiry from holdexp's first key (INT64_MAX: no active hold). */
+/* Opens (makes, if new) the store's databases in txn. */
 static int
-store_first_expiry(MDB_txn *txn)
+store_open_dbs(MDB_txn *txn, const char *dir)
 {
-	MDB_cursor *cur;
-	MDB_val k, v;
+	(void)dir;
+	for (int i = 0; i < STORE_DBS; i++) {
+		int rc = mdb_dbi_open(txn, store_dbs[i].name, store_dbs[i].flags | MDB_CREATE, store_dbs[i].dbi);
+
+		if (rc != 0)
+			return rc;
+		store_db_of[*store_dbs[i].dbi] = (int)i;
+	}
+	return 0;
+}
+
+/*
+ * Runs step in a write transaction of its own and commits it, the map grown
+ * and all of it again whenever it, or the commit, finds the map full (a
+ * journal replayed may have filled it).  Returns 0, an LMDB error, or
+ * step's -1 (logged).
+ */
+static int
+store_write_growing(int (*step)(MDB_txn *, const char *), const char *dir)
+{
+	MDB_txn *txn;
 	int rc;
 
-	store.next_expiry = INT64_MAX;
-	if ((rc = mdb_cursor_open(txn, store.holdexp, &cur)) != 0)
-		return rc;
-	if ((rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)) == 0 && k.mv_size >= 8)
-		store.next_expiry = (int64_t)be64_get(k.mv_data);
-	mdb_cursor_close(cur);
-	return rc == MDB_NOTFOUND ? 0 : rc;
+	for (;;) {
+		if ((rc = captured_txn_begin(&txn)) != 0)
+			return rc;
+		if ((rc = step(txn, dir)) != 0)
+			mdb_txn_abort(txn);
+		else if ((rc = mdb_txn_commit(txn)) == 0)
+			return 0;
+		if (rc != MDB_MAP_FULL || store_grow(1) != 0)
+			return rc;
+	}
 }
 
 struct checkpoint_file;
@@ -2175,7 +2215,6 @@ store_open(const char *dir)
 	unsigned char cp[512];    /* a struct checkpoint_file */
 	pthread_rwlockattr_t attr;
 	MDB_envinfo info;
-	MDB_txn *txn;
 	struct stat st;
 	size_t fallback;
 	int rc, restored;
@@ -2225,32 +2264,13 @@ store_open(const char *dir)
 	 * applies the journal, then upgrades the layout: records are of the layout they were made in. */
 	if (restored && journal_pin((struct checkpoint_file *)cp) != 0)
 		return -1;
-	if ((rc = captured_txn_begin(&txn)) != 0)
-		goto fail;
-	for (int i = 0; i < STORE_DBS; i++) {
-		if ((rc = mdb_dbi_open(txn, store_dbs[i].name, store_dbs[i].flags | MDB_CREATE, store_dbs[i].dbi)) != 0) {
-			mdb_txn_abort(txn);
-			goto fail;
-		}
-		store_db_of[*store_dbs[i].dbi] = (int)i;
-	}
-	if ((rc = mdb_txn_commit(txn)) != 0)
+	if ((rc = store_write_growing(store_open_dbs, dir)) != 0)
 		goto fail;
 	if (restored && journal_recover((struct checkpoint_file *)cp) != 0)
 		return -1;
-	for (;;) { /* an upgrade may need a larger map */
-		if ((rc = captured_txn_begin(&txn)) != 0)
-			goto fail;
-		if ((rc = store_upgrade(txn, dir)) == 0 && (rc = store_first_expiry(txn)) == 0)
-			break;
-		mdb_txn_abort(txn);
-		if (rc == MDB_MAP_FULL && store_grow(1) == 0)
-			continue;
-		if (rc < 0)
-			return -1;
-		goto fail;
-	}
-	if ((rc = mdb_txn_commit(txn)) != 0)
+	if ((rc = store_write_growing(store_upgrade, dir)) < 0)
+		return -1;
+	if (rc != 0)
 		goto fail;
 	if (journal_ready(dir, restored) != 0)
 		return -1;
