@@ -1297,6 +1297,7 @@ pack_page(msgpack_packer *pk, const char *name, size_t n, msgpack_sbuffer *rows,
 #define WF_AUTO      512u         /* stored: the record holds automatic top-up settings (wallet_put) */
 #define WF_SHARED    1024u        /* a reseller's child drawing on its parent; the record holds its draws */
 #define WF_LOTS      2048u        /* stored: the record holds its credit lots' total and credit_validity */
+#define WF_LOT_HEAD  4096u        /* stored: the record holds its first lot (lots_draw) */
 
 /* The fraud brake's numeric settings: config's guard_* keys, or a wallet's own (bit 1 << G_* of guard_set). */
 enum { G_RANGE_MAX, G_WINDOW, G_COUNTRY_SPIKE, G_MIN_MESSAGES, G_BLOCK, G__COUNT };
@@ -1326,6 +1327,21 @@ struct auto_topup {
 	char email[255];          /* the payer's, as the gateway knows it */
 };
 #define AUTO_NUMBERS offsetof(struct auto_topup, authorization)
+
+enum { LOT_PROMO, LOT_PAID };
+#define LOT_NEVER INT64_MAX
+#define LOT_KEY   25
+struct lot {
+	int64_t amount;
+	int64_t remaining;
+	int64_t expires_at;       /* LOT_NEVER: it does not expire */
+	uint64_t id;
+	uint32_t kind;            /* LOT_* */
+	uint32_t pad;
+	char wallet[WALLET_ID_MAX + 1];
+};
+#define LOT_FIELDS offsetof(struct lot, wallet) /* a wallet's head lot is stored without its wallet */
+
 
 struct wallet {
 	int64_t balance;
@@ -1371,6 +1387,10 @@ struct wallet {
 	struct wallet_lots {
 		int64_t total;            /* what its lots hold: the first money spent */
 		int64_t validity;         /* credit_validity: seconds a top-up's lot lasts; 0 = it never expires */
+		/* Stored with WF_LOT_HEAD only (id not 0): its first lot in draw order, whose remaining
+		 * is the true one (its lots record's is as of when it became the head), so that a
+		 * charge draws on it without reading or writing lots (lots_draw). */
+		struct lot head;
 	} lots;
 };
 
@@ -1399,18 +1419,6 @@ struct lot_draw {
 struct lot_draws {
 	uint8_t n;
 	struct lot_draw d[LOT_DRAWS_MAX];
-};
-enum { LOT_PROMO, LOT_PAID };
-#define LOT_NEVER INT64_MAX
-#define LOT_KEY   25
-struct lot {
-	int64_t amount;
-	int64_t remaining;
-	int64_t expires_at;       /* LOT_NEVER: it does not expire */
-	uint64_t id;
-	uint32_t kind;            /* LOT_* */
-	uint32_t pad;
-	char wallet[WALLET_ID_MAX + 1];
 };
 
 /* A layout 4 wallet record: the fields up to plan, then emails. */
@@ -1693,14 +1701,6 @@ captured_del(MDB_txn *txn, MDB_dbi dbi, MDB_val *k, MDB_val *v)
 	if (capture_on)
 		touch(dbi, k);
 	return mdb_del(txn, dbi, k, v);
-}
-
-static int
-captured_cursor_put(MDB_cursor *cur, MDB_val *k, MDB_val *v, unsigned flags)
-{
-	if (capture_on)
-		touch(mdb_cursor_dbi(cur), k);
-	return mdb_cursor_put(cur, k, v, flags);
 }
 
 static int
@@ -3643,7 +3643,8 @@ record_copy(void *dst, size_t size, MDB_val v)
  * with WF_COUNTS (layout 5 before 2026-12: with WF_HOURLY), then its fraud
  * brake settings only with WF_GUARD, then its automatic top-up's numbers
  * only with WF_AUTO, then a shared child's draws only with WF_SHARED, then
- * its lots' total and credit_validity only with WF_LOTS, then its three strings (four with WF_GUARD: its safe
+ * its lots' total and credit_validity only with WF_LOTS, then its head lot
+ * (without its wallet) only with WF_LOT_HEAD, then its three strings (four with WF_GUARD: its safe
  * prefixes; then with WF_PARENT its parent; then with WF_AUTO the top-up's
  * authorization and e-mail), each up to its NUL.
  */
@@ -3651,6 +3652,7 @@ record_copy(void *dst, size_t size, MDB_val v)
 #define WALLET_EXTENDED (offsetof(struct wallet, slot_counts) - WALLET_BASE)
 #define WALLET_COUNTS   sizeof(((struct wallet *)0)->slot_counts)
 #define WALLET_GUARD    (offsetof(struct wallet, allowed) - offsetof(struct wallet, guard_set))
+#define WALLET_LOTS     offsetof(struct wallet_lots, head)
 
 /* Whether w needs its extended fields stored. */
 static int
@@ -3721,12 +3723,18 @@ wallet_decode(MDB_val v, struct wallet *w)
 	}
 	memset(&w->lots, 0, sizeof(w->lots));
 	if (w->flags & WF_LOTS) {
-		if ((size_t)(end - p) < sizeof(w->lots))
+		if ((size_t)(end - p) < WALLET_LOTS)
 			return MDB_CORRUPTED;
-		memcpy(&w->lots, p, sizeof(w->lots));
-		p += sizeof(w->lots);
+		memcpy(&w->lots, p, WALLET_LOTS);
+		p += WALLET_LOTS;
 	}
-	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO | WF_LOTS);
+	if (w->flags & WF_LOT_HEAD) {
+		if ((size_t)(end - p) < LOT_FIELDS)
+			return MDB_CORRUPTED;
+		memcpy(&w->lots.head, p, LOT_FIELDS);
+		p += LOT_FIELDS;
+	}
+	w->flags &= ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO | WF_LOTS | WF_LOT_HEAD);
 	for (int i = 0; i < 7; i++) {
 		size_t n;
 
@@ -3769,7 +3777,7 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	size_t n = WALLET_BASE;
 	const char *strings[7] = { w->allowed, w->blocked, w->emails, w->guard_safe, w->parent, w->autotop.authorization,
 		w->autotop.email };
-	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO | WF_LOTS);
+	uint32_t flags = w->flags & ~(WF_EXTENDED | WF_COUNTS | WF_GUARD | WF_PARENT | WF_AUTO | WF_LOTS | WF_LOT_HEAD);
 
 	memcpy(buf, w, WALLET_BASE);
 	if (wallet_extended(w)) {
@@ -3804,8 +3812,13 @@ wallet_put(MDB_txn *txn, struct str id, const struct wallet *w)
 	}
 	if (w->lots.total || w->lots.validity) {
 		flags |= WF_LOTS;
-		memcpy(buf + n, &w->lots, sizeof(w->lots));
-		n += sizeof(w->lots);
+		memcpy(buf + n, &w->lots, WALLET_LOTS);
+		n += WALLET_LOTS;
+	}
+	if (w->lots.head.id) {
+		flags |= WF_LOT_HEAD;
+		memcpy(buf + n, &w->lots.head, LOT_FIELDS);
+		n += LOT_FIELDS;
 	}
 	memcpy(buf + offsetof(struct wallet, flags), &flags, sizeof(flags));
 	for (int i = 0; i < 7; i++) {
@@ -4193,13 +4206,19 @@ holds_expire(MDB_txn *txn, int64_t now)
 
 /*
  * A charge's entry in refs: its id and its fingerprint; then, when the
- * rate that priced it refunds failures or settles on delivery, or once a
- * report came, a NUL, its struct charge_fate, a u16 and the report's error
- * of that length, and for a charge on a settle = delivery rate the charge
- * to write when it settles, as txns stores one (head, then record).  The
- * id is 0 while such a charge waits for its report, and stays 0 if it is
- * released.
+ * rate that priced it refunds failures or settles on delivery, once a
+ * report came, or when it drew on credit lots, its tail: a NUL, REF_TAIL,
+ * as LEB128 numbers its struct charge_fate's fields and the length of the
+ * report's error, that error, with CF_LOTS what it took from lots (a
+ * count, then each lot_draw's fields, expires_at 0 for LOT_NEVER), and for
+ * a charge on a settle = delivery rate the charge to write when it
+ * settles, as txns stores one (head, then record).  The id is 0 while such
+ * a charge waits for its report, and stays 0 if it is released.  A tail
+ * written before 2026-12-08 is a NUL, the struct charge_fate itself (its
+ * first byte, on_failure's, is never REF_TAIL), a u16 and the error, the
+ * record, and with CF_LOTS the lot_draws and their count in a byte.
  */
+#define REF_TAIL 0xff
 struct charge_fate {
 	uint32_t on_failure;      /* OF_* of the rate that priced it */
 	uint32_t status;          /* DS_*: DS_NONE until a final report */
@@ -4226,20 +4245,72 @@ struct ref_entry {
 	struct lot_draws lots;    /* with CF_LOTS (a copy) */
 };
 
-/* Reads refs value v into e (pointing into v). */
-static void
-ref_read(MDB_val v, struct ref_entry *e)
+/* LEB128: v, 7 bits a byte, the lowest first, into p (10 bytes at most).  Returns the bytes written. */
+static size_t
+uleb_put(char *p, uint64_t v)
 {
-	const char *p = v.mv_data, *end = p + v.mv_size, *nul = memchr(p + 8, '\0', v.mv_size - 8), *q;
+	size_t n = 0;
+
+	for (; v >= 0x80; v >>= 7)
+		p[n++] = (char)(v | 0x80);
+	p[n++] = (char)v;
+	return n;
+}
+
+/* Reads a LEB128 number at *p (before end) into *v, past it.  0, or -1 if it is cut short. */
+static int
+uleb_get(const char **p, const char *end, uint64_t *v)
+{
+	*v = 0;
+	for (int shift = 0; *p < end && shift < 64; shift += 7) {
+		unsigned char b = (unsigned char)*(*p)++;
+
+		*v |= (uint64_t)(b & 0x7f) << shift;
+		if (!(b & 0x80))
+			return 0;
+	}
+	return -1;
+}
+
+/* Reads a tail written since 2026-12-08 (q, after its REF_TAIL, to end) into e.  0, or -1 if it is not whole. */
+static int
+ref_tail_read(const char *q, const char *end, struct ref_entry *e)
+{
+	uint64_t x[8], n = 0; /* as ref_write writes them */
+
+	for (size_t i = 0; i < 8; i++)
+		if (uleb_get(&q, end, &x[i]))
+			return -1;
+	e->fate = (struct charge_fate){ (uint32_t)x[0], (uint32_t)x[1], (uint32_t)x[2], (uint32_t)x[3], (int64_t)x[4],
+		(int64_t)x[5], x[6] };
+	if (x[7] > (uint64_t)(end - q))
+		return -1;
+	e->error = (struct str){ q, x[7] };
+	q += x[7];
+	if ((e->fate.flags & CF_LOTS) && (uleb_get(&q, end, &n) || n > LOT_DRAWS_MAX))
+		return -1;
+	for (e->lots.n = 0; e->lots.n < n; e->lots.n++) {
+		struct lot_draw *d = &e->lots.d[e->lots.n];
+		uint64_t f[5];
+
+		for (size_t i = 0; i < 5; i++)
+			if (uleb_get(&q, end, &f[i]))
+				return -1;
+		*d = (struct lot_draw){ (int64_t)f[0], (int64_t)f[1], f[2] ? (int64_t)f[2] : LOT_NEVER, f[3],
+			(uint32_t)f[4], 0 };
+	}
+	e->record = (struct str){ q, (size_t)(end - q) };
+	return 0;
+}
+
+/* Reads a tail written before 2026-12-08 (q, after its NUL, to end) into e. */
+static void
+ref_tail_read_fixed(const char *q, const char *end, struct ref_entry *e)
+{
 	uint16_t elen;
 
-	memset(e, 0, sizeof(*e));
-	memcpy(&e->id, p, 8);
-	e->fp = (struct str){ p + 8, (size_t)((nul ? nul : end) - p) - 8 };
-	e->error = e->record = (struct str){ "", 0 };
-	if (nul == NULL || (size_t)(end - nul - 1) < sizeof(e->fate) + 2)
+	if ((size_t)(end - q) < sizeof(e->fate) + 2)
 		return;
-	q = nul + 1;
 	memcpy(&e->fate, q, sizeof(e->fate));
 	memcpy(&elen, q + sizeof(e->fate), 2);
 	q += sizeof(e->fate) + 2;
@@ -4258,33 +4329,62 @@ ref_read(MDB_val v, struct ref_entry *e)
 	}
 }
 
-/* Writes e as a refs value into buf (REF_VALUE_MAX); its tail only when it has one (with CF_LOTS, what it
- * took from lots last).  ENOMEM if too long. */
+/* Reads refs value v into e (pointing into v); a tail it cannot read reads as none. */
+static void
+ref_read(MDB_val v, struct ref_entry *e)
+{
+	const char *p = v.mv_data, *end = p + v.mv_size, *nul = memchr(p + 8, '\0', v.mv_size - 8);
+
+	memset(e, 0, sizeof(*e));
+	memcpy(&e->id, p, 8);
+	e->fp = (struct str){ p + 8, (size_t)((nul ? nul : end) - p) - 8 };
+	e->error = e->record = (struct str){ "", 0 };
+	if (nul == NULL || nul + 1 == end)
+		return;
+	if ((unsigned char)nul[1] != REF_TAIL) {
+		ref_tail_read_fixed(nul + 1, end, e);
+	} else if (ref_tail_read(nul + 2, end, e) != 0) {
+		memset(&e->fate, 0, sizeof(e->fate));
+		e->lots.n = 0;
+		e->error = e->record = (struct str){ "", 0 };
+	}
+}
+
+/* Writes e as a refs value into buf (REF_VALUE_MAX); its tail only when it has one.  ENOMEM if too long. */
 static int
 ref_write(char buf[REF_VALUE_MAX], const struct ref_entry *e, MDB_val *v)
 {
-	uint16_t elen = (uint16_t)e->error.n;
-	size_t n = 8 + e->fp.n, lots = (e->fate.flags & CF_LOTS) ? 1 + e->lots.n * sizeof(e->lots.d[0]) : 0;
+	const struct charge_fate *f = &e->fate;
+	uint64_t numbers[] = { f->on_failure, f->status, f->failed_parts, f->flags, (uint64_t)f->failure_fee,
+		(uint64_t)f->at, f->refund, e->error.n };
+	size_t n = 8 + e->fp.n, lots = (f->flags & CF_LOTS) ? e->lots.n : 0;
 
-	if (n + 1 + sizeof(e->fate) + 2 + e->error.n + e->record.n + lots > REF_VALUE_MAX)
+	if (n + 2 + 10 * (sizeof(numbers) / sizeof(numbers[0]) + 1 + 5 * lots) + e->error.n + e->record.n > REF_VALUE_MAX)
 		return ENOMEM;
 	memcpy(buf, &e->id, 8);
 	memmove(buf + 8, e->fp.p, e->fp.n);
-	if (e->fate.on_failure || e->fate.status || e->fate.flags || e->record.n) {
+	if (f->on_failure || f->status || f->flags || e->record.n) {
 		buf[n++] = '\0';
-		memcpy(buf + n, &e->fate, sizeof(e->fate));
-		memcpy(buf + n + sizeof(e->fate), &elen, 2);
-		n += sizeof(e->fate) + 2;
+		buf[n++] = (char)REF_TAIL;
+		for (size_t i = 0; i < sizeof(numbers) / sizeof(numbers[0]); i++)
+			n += uleb_put(buf + n, numbers[i]);
 		if (e->error.n)
 			memmove(buf + n, e->error.p, e->error.n);
-		if (e->record.n)
-			memmove(buf + n + e->error.n, e->record.p, e->record.n);
-		n += e->error.n + e->record.n;
-		if (lots) {
-			memcpy(buf + n, e->lots.d, lots - 1);
-			buf[n + lots - 1] = (char)e->lots.n;
-			n += lots;
+		n += e->error.n;
+		if (f->flags & CF_LOTS)
+			n += uleb_put(buf + n, lots);
+		for (size_t i = 0; i < lots; i++) {
+			const struct lot_draw *d = &e->lots.d[i];
+
+			n += uleb_put(buf + n, (uint64_t)d->amount);
+			n += uleb_put(buf + n, (uint64_t)d->lot_amount);
+			n += uleb_put(buf + n, d->expires_at == LOT_NEVER ? 0 : (uint64_t)d->expires_at);
+			n += uleb_put(buf + n, d->id);
+			n += uleb_put(buf + n, d->kind);
 		}
+		if (e->record.n)
+			memmove(buf + n, e->record.p, e->record.n);
+		n += e->record.n;
 	}
 	*v = (MDB_val){ n, buf };
 	return 0;
@@ -5014,6 +5114,54 @@ lot_expiry_key(unsigned char key[8 + 8 + 1 + 1 + 8], uint64_t number, const stru
 	return (MDB_val){ 26, key };
 }
 
+/* Makes w's first lot in draw order its head: there is one while its lots hold anything.  0 or an LMDB error. */
+static int
+lot_head_load(MDB_txn *txn, struct wallet *w)
+{
+	unsigned char prefix[8];
+	MDB_cursor *cur;
+	MDB_val k = { 8, prefix }, v;
+	int rc;
+
+	if ((rc = mdb_cursor_open(txn, store.lots, &cur)) != 0)
+		return rc;
+	be64_put(prefix, w->number);
+	if ((rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE)) == 0 && (k.mv_size != LOT_KEY ||
+	    be64_get(k.mv_data) != w->number))
+		rc = MDB_NOTFOUND;
+	if (rc == 0)
+		record_copy(&w->lots.head, LOT_FIELDS, v);
+	mdb_cursor_close(cur);
+	return rc == MDB_NOTFOUND ? MDB_CORRUPTED : rc; /* lots that sum to more than there is */
+}
+
+/* Writes w's head lot's remaining into its lots record: w then has no head, until lots_draw loads one. */
+static int
+lot_head_store(MDB_txn *txn, struct wallet *w)
+{
+	unsigned char key[LOT_KEY];
+	MDB_val k = lot_key(key, w->number, &w->lots.head), v;
+	struct lot l;
+	int rc;
+
+	if (w->lots.head.id == 0)
+		return 0;
+	if ((rc = mdb_get(txn, store.lots, &k, &v)) != 0)
+		return rc == MDB_NOTFOUND ? MDB_CORRUPTED : rc;
+	record_copy(&l, sizeof(l), v);
+	l.remaining = w->lots.head.remaining;
+	w->lots.head.id = 0;
+	return captured_put(txn, store.lots, &k, &(MDB_val){ sizeof(l), &l }, 0);
+}
+
+/* l, read from lots, with the remaining that w keeps when it is w's head lot. */
+static void
+lot_overlay(const struct wallet *w, struct lot *l)
+{
+	if (l->id == w->lots.head.id)
+		l->remaining = w->lots.head.remaining;
+}
+
 /*
  * A new lot of w (id) for the credit t of amount: kind LOT_*, expiring at
  * expires_at (LOT_NEVER: never), in w's lots' total.  Returns 0 or an
@@ -5029,7 +5177,8 @@ lot_add(MDB_txn *txn, struct str id, struct wallet *w, const struct txn *t, uint
 	int rc;
 
 	memcpy(l.wallet, id.p, id.n);
-	if ((rc = captured_put(txn, store.lots, &k, &(MDB_val){ sizeof(l), &l }, 0)) != 0)
+	if ((rc = lot_head_store(txn, w)) != 0 ||
+	    (rc = captured_put(txn, store.lots, &k, &(MDB_val){ sizeof(l), &l }, 0)) != 0)
 		return rc;
 	if (expires_at != LOT_NEVER) {
 		const int days[] = LOT_REMINDERS;
@@ -5062,52 +5211,41 @@ lot_add(MDB_txn *txn, struct str id, struct wallet *w, const struct txn *t, uint
  * Takes amount, just taken from w's balance, from its lots in their draw
  * order (promo, then the soonest to expire, then those that never do): a
  * lot's money is the first spent, so w's lots never hold more than its
- * balance.  A lot emptied leaves.  drawn (if not NULL) gets what each lot
- * gave.  Returns 0 or an LMDB error.
+ * balance.  It draws on w's head lot, kept in w's record: most charges
+ * read and write no lot.  A lot emptied leaves, and the next becomes the
+ * head.  drawn (if not NULL) gets what each lot gave.  Returns 0 or an
+ * LMDB error.
  */
 static int
 lots_draw(MDB_txn *txn, struct wallet *w, int64_t amount, struct lot_draws *drawn)
 {
-	unsigned char prefix[8], xkey[26];
-	MDB_cursor *cur;
-	MDB_val k = { 8, prefix }, v, xk;
+	struct lot *h = &w->lots.head;
 	int rc;
 
-	if (w->lots.total == 0 || amount <= 0)
-		return 0;
-	if ((rc = mdb_cursor_open(txn, store.lots, &cur)) != 0)
-		return rc;
-	be64_put(prefix, w->number);
-	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && amount > 0 && w->lots.total > 0;
-	    rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		struct lot l;
+	while (amount > 0 && w->lots.total > 0) {
+		unsigned char key[LOT_KEY], xkey[26];
+		MDB_val k, xk;
 		int64_t take;
 
-		if (k.mv_size != LOT_KEY || be64_get(k.mv_data) != w->number)
-			break;
-		record_copy(&l, sizeof(l), v);
-		take = l.remaining < amount ? l.remaining : amount;
+		if (h->id == 0 && (rc = lot_head_load(txn, w)) != 0)
+			return rc;
+		take = h->remaining < amount ? h->remaining : amount;
 		if (drawn && drawn->n < LOT_DRAWS_MAX) /* beyond: a refund gives that back without a lot */
-			drawn->d[drawn->n++] = (struct lot_draw){ take, l.amount, l.expires_at, l.id, l.kind, 0 };
-		l.remaining -= take;
+			drawn->d[drawn->n++] = (struct lot_draw){ take, h->amount, h->expires_at, h->id, h->kind, 0 };
+		h->remaining -= take;
 		w->lots.total -= take;
 		amount -= take;
-		if (l.remaining > 0) {
-			rc = captured_cursor_put(cur, &k, &(MDB_val){ sizeof(l), &l }, MDB_CURRENT);
+		if (h->remaining > 0)
 			break;
-		}
-		if (l.expires_at != LOT_NEVER && (xk = lot_expiry_key(xkey, w->number, &l),
+		k = lot_key(key, w->number, h);
+		if ((rc = captured_del(txn, store.lots, &k, NULL)) != 0)
+			return rc;
+		if (h->expires_at != LOT_NEVER && (xk = lot_expiry_key(xkey, w->number, h),
 		    (rc = captured_del(txn, store.holdexp, &xk, NULL)) != 0 && rc != MDB_NOTFOUND))
-			break;
-		if ((rc = captured_cursor_del(cur, 0)) != 0)
-			break;
+			return rc;
+		h->id = 0;
 	}
-	mdb_cursor_close(cur);
-	if (rc == MDB_NOTFOUND)
-		rc = 0;
-	if (rc == 0 && amount > 0 && w->lots.total > 0) /* lots that sum to more than there is */
-		rc = MDB_CORRUPTED;
-	return rc;
+	return 0;
 }
 
 static int lot_remind(MDB_txn *txn, struct str id, struct wallet *w, const struct lot *l); /* section 4 */
@@ -5125,6 +5263,8 @@ lots_give_back(MDB_txn *txn, struct str id, struct wallet *w, const struct lot_d
 {
 	int rc;
 
+	if ((rc = lot_head_store(txn, w)) != 0)
+		return rc;
 	for (size_t i = drawn->n; i-- > 0 && amount > 0;) {
 		const struct lot_draw *d = &drawn->d[i];
 		struct lot l = { .expires_at = d->expires_at, .id = d->id, .kind = d->kind };
@@ -5187,10 +5327,13 @@ lot_expire(MDB_txn *txn, const unsigned char *xkey, size_t xlen)
 	id = (struct str){ l.wallet, strlen(l.wallet) };
 	if ((rc = wallet_get(txn, id, &w)) != 0)
 		return rc;
+	lot_overlay(&w, &l);
 	if (days)
 		return lot_remind(txn, id, &w, &l);
 	if ((rc = captured_del(txn, store.lots, &k, NULL)) != 0)
 		return rc;
+	if (l.id == w.lots.head.id)
+		w.lots.head.id = 0;
 	gone = w.balance - w.held < l.remaining ? w.balance - w.held : l.remaining;
 	w.lots.total -= l.remaining;
 	if (gone > 0) {
@@ -5229,6 +5372,7 @@ lots_pack(MDB_txn *txn, msgpack_packer *pk, const struct wallet *w)
 			struct lot l;
 
 			record_copy(&l, sizeof(l), v);
+			lot_overlay(w, &l);
 			msgpack_pack_map(&rpk, 5);
 			KV_U64(&rpk, "id", l.id);
 			KV_STR(&rpk, "kind", l.kind == LOT_PROMO ? "promo" : "paid");
@@ -11493,7 +11637,7 @@ verify_lots(MDB_txn *txn, const struct wallet *w, struct str id, msgpack_packer 
 	MDB_cursor *cur;
 	MDB_val k = { 8, prefix }, v;
 	int64_t sum = 0;
-	int rc, bad = 0;
+	int rc, bad = 0, first = 1, head_first = w->lots.head.id == 0;
 
 	be64_put(prefix, w->number);
 	if ((rc = mdb_cursor_open(txn, store.lots, &cur)) != 0) {
@@ -11501,10 +11645,12 @@ verify_lots(MDB_txn *txn, const struct wallet *w, struct str id, msgpack_packer 
 		return;
 	}
 	for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && k.mv_size == LOT_KEY &&
-	    be64_get(k.mv_data) == w->number; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+	    be64_get(k.mv_data) == w->number; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT), first = 0) {
 		struct lot l;
 
 		record_copy(&l, sizeof(l), v);
+		head_first |= first && l.id == w->lots.head.id;
+		lot_overlay(w, &l);
 		bad |= l.remaining <= 0 || l.remaining > l.amount || strlen(l.wallet) != id.n ||
 		    memcmp(l.wallet, id.p, id.n) != 0;
 		sum = add_saturating(sum, l.remaining);
@@ -11513,6 +11659,8 @@ verify_lots(MDB_txn *txn, const struct wallet *w, struct str id, msgpack_packer 
 	if (bad)
 		verify_breach(pk, breaches, id, 0, "a credit lot holds nothing, more than it was credited, or is another "
 		    "wallet's");
+	if (!head_first)
+		verify_breach(pk, breaches, id, 0, "the credit lot it draws on first is not the first in draw order");
 	if (sum != w->lots.total)
 		verify_breach(pk, breaches, id, 0, "its credit lots do not add up to what it says they hold");
 	if (w->lots.total > (w->balance > 0 ? w->balance : 0))

@@ -964,6 +964,72 @@ store_suite(void)
 	return s;
 }
 
+/* ---- charges' refs entries ------------------------------------------------- */
+
+START_TEST(ref_entry_round_trips)
+{
+	char buf[REF_VALUE_MAX];
+	struct ref_entry e = { .id = 77, .fp = { "sms|256712345678|*|1", 20 },
+		.fate = { OF_FEE, DS_FAILED, 2, CF_LOTS | CF_PENDING, 5000, 1796000000, 91 },
+		.error = { "absent subscriber", 17 }, .record = { "\x01\x00\x02head and record", 19 },
+		.lots = { 2, { { 9400, 10000, 1796600000, 3, LOT_PROMO, 0 }, { 600, 50000, LOT_NEVER, 4, LOT_PAID, 0 } } } },
+		got;
+	MDB_val v;
+
+	ck_assert_int_eq(ref_write(buf, &e, &v), 0);
+	ck_assert_uint_lt(v.mv_size, 8 + 20 + 1 + sizeof(e.fate) + 2 + 17 + 19 + 1 + 2 * sizeof(e.lots.d[0]));
+	ref_read(v, &got);
+	ck_assert_uint_eq(got.id, 77);
+	ck_assert(got.fp.n == 20 && memcmp(got.fp.p, e.fp.p, 20) == 0);
+	ck_assert_mem_eq(&got.fate, &e.fate, sizeof(e.fate));
+	ck_assert(got.error.n == 17 && memcmp(got.error.p, e.error.p, 17) == 0);
+	ck_assert(got.record.n == 19 && memcmp(got.record.p, e.record.p, 19) == 0);
+	ck_assert_int_eq(got.lots.n, 2);
+	ck_assert_mem_eq(got.lots.d, e.lots.d, 2 * sizeof(e.lots.d[0]));
+	v.mv_size -= 19 + 5; /* cut inside its second lot: the tail reads as none */
+	ref_read(v, &got);
+	ck_assert(got.id == 77 && got.fp.n == 20 && got.fate.flags == 0 && got.lots.n == 0 && got.record.n == 0);
+	e = (struct ref_entry){ .id = 5, .fp = { "sms|1|*|1", 9 } }; /* a plain charge: no tail */
+	ck_assert_int_eq(ref_write(buf, &e, &v), 0);
+	ck_assert_uint_eq(v.mv_size, 8 + 9);
+}
+END_TEST
+
+START_TEST(ref_entry_of_the_first_release_with_lots_still_reads)
+{
+	char buf[REF_VALUE_MAX];
+	struct charge_fate fate = { OF_REFUND, 0, 0, CF_LOTS, 0, 0, 0 };
+	struct lot_draw d = { 9400, 10000, 1796600000, 3, LOT_PROMO, 0 };
+	uint16_t elen = 0;
+	size_t n = 0;
+	struct ref_entry got;
+
+	memcpy(buf, &(uint64_t){ 12 }, 8), n += 8;
+	memcpy(buf + n, "sms|1|*|1", 10), n += 10; /* with its NUL */
+	memcpy(buf + n, &fate, sizeof(fate)), n += sizeof(fate);
+	memcpy(buf + n, &elen, 2), n += 2;
+	memcpy(buf + n, &d, sizeof(d)), n += sizeof(d);
+	buf[n++] = 1;
+	ref_read((MDB_val){ n, buf }, &got);
+	ck_assert_uint_eq(got.id, 12);
+	ck_assert_mem_eq(&got.fate, &fate, sizeof(fate));
+	ck_assert(got.lots.n == 1 && got.record.n == 0 && got.error.n == 0);
+	ck_assert_mem_eq(&got.lots.d[0], &d, sizeof(d));
+}
+END_TEST
+
+static Suite *
+refs_suite(void)
+{
+	Suite *s = suite_create("refs");
+	TCase *tc = tcase_create("entries");
+
+	tcase_add_test(tc, ref_entry_round_trips);
+	tcase_add_test(tc, ref_entry_of_the_first_release_with_lots_still_reads);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
 /* ---- protocol decoder ------------------------------------------------------ */
 
 /* Decodes bytes as one frame on a connection with roles; returns the request. */
@@ -1048,6 +1114,7 @@ main(void)
 	srunner_add_suite(sr, segments_suite());
 	srunner_add_suite(sr, fx_suite());
 	srunner_add_suite(sr, store_suite());
+	srunner_add_suite(sr, refs_suite());
 	srunner_add_suite(sr, protocol_suite());
 	srunner_run_all(sr, CK_NORMAL);
 	failed = srunner_ntests_failed(sr);

@@ -595,3 +595,40 @@ class UpgradeFromTheReleaseBeforeLots(Upgrade):
         d.restart()
         v = d.ctl_json("verify")
         self.assertEqual((v["ok"], v["breaches"]), (True, []))
+
+class UpgradeFromTheFirstReleaseWithLots(Upgrade):
+    """The same from the first release with credit lots (commit bdef9e9): its charges' entries keep what
+    they took from lots, and their delivery policies, in the form that release wrote; a refund and a
+    report after the upgrade read them, and its lots are drawn on as before."""
+    PREVIOUS = "bdef9e9"
+    LIBS = UpgradeFromTheJournallessRelease.LIBS
+
+    def test_a_store_of_the_previous_release_upgrades_in_place(self):
+        d = self.d
+        self.seed("1")
+        d.ctl_json("rate", "set", "refund", "sms", "256", "35", "UGX", "--on-failure", "refund")
+        d.ctl_json("credit", "acme", "0.01", "welcome", "--promo", "--expires-in", "30")
+        d.ctl_json("credit", "acme", "0.05", "paid", "--expires-in", "60")
+        d.ctl_json("charge", "acme", "sms", UG, "a")  # 0.0094 of the promo lot
+        d.ctl_json("charge", "acme", "sms", UG, "b")  # its last 0.0006, then 0.0088 of the paid one
+        d.ctl_json("wallet", "update", "acme", "--plan", "refund")
+        d.ctl_json("charge", "acme", "sms", UG, "c")  # 0.0094 of the paid one, refunded if it fails
+        lots = d.ctl_json("wallet", "get", "acme")["lots"]
+        self.assertEqual([x["remaining"] for x in lots], ["0.0318"])
+        digest = d.ctl_json("verify")["digest"]
+        self.reopen()
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["digest"], v["breaches"]), (True, digest, []))
+        self.assertEqual(d.ctl_json("wallet", "get", "acme")["lots"], lots)
+        d.ctl_json("refund", "acme", "--ref", "b", "--refund-ref", "r1")  # back to both lots, the last first
+        self.assertEqual([x["remaining"] for x in d.ctl_json("wallet", "get", "acme")["lots"]], ["0.0006", "0.0406"])
+        r = d.ctl_json("delivery", "acme", "c", "failed")
+        self.assertEqual(r["delivery"]["status"], "failed")
+        self.assertEqual([x["remaining"] for x in d.ctl_json("wallet", "get", "acme")["lots"]], ["0.0006", "0.05"])
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "1.0506")
+        d.ctl_json("charge", "acme", "sms", UG, "d")  # the promo lot's 0.0006, then the paid one
+        d.restart()
+        self.assertEqual([x["remaining"] for x in d.ctl_json("wallet", "get", "acme")["lots"]], ["0.0412"])
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["breaches"]), (True, []))
+

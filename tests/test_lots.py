@@ -100,6 +100,35 @@ class Lots(DaemonTest):
         v = d.ctl_json("verify")
         self.assertEqual((v["ok"], v["breaches"]), (True, []))
 
+    def test_a_lot_partly_spent_keeps_what_is_left_as_lots_come_refunds_return_and_walletd_restarts(self):
+        """A charge draws on the wallet's first lot as the wallet's record keeps it (README: Credit that
+        expires): what is left of it shows, survives a restart, and stays right when a lot that comes
+        before it arrives, a refund returns to a lot behind it, or it runs out."""
+        d = self.d
+        self.seed("0")
+        d.ctl_json("credit", "acme", "2", "paid, 30 days", "--expires-in", "30")
+        self.charge_sms(10)  # 0.094 of it
+        self.assertEqual(self.lots(), [("paid", "2", "1.906")])
+        d.restart()
+        self.assertEqual(self.lots(), [("paid", "2", "1.906")])
+        d.ctl_json("credit", "acme", "1", "paid, 7 days", "--expires-in", "7")  # drawn before it
+        self.assertEqual(self.lots(), [("paid", "1", "1"), ("paid", "2", "1.906")])
+        d.ctl_json("debit", "acme", "1.5", "x")  # the 7-day lot, then 0.5 of the other
+        self.assertEqual(self.lots(), [("paid", "2", "1.406")])
+        d.ctl_json("credit", "acme", "0.5", "welcome", "--promo")
+        d.ctl_json("charge", "acme", "sms", UG, "c1")  # 0.0094 of the promo lot
+        self.assertEqual(self.lots(), [("promo", "0.5", "0.4906"), ("paid", "2", "1.406")])
+        d.ctl_json("refund", "acme", "--ref", "m3", "--refund-ref", "r1")  # taken from the 30-day lot
+        self.assertEqual(self.lots(), [("promo", "0.5", "0.4906"), ("paid", "2", "1.4154")])
+        d.ctl_json("charge", "acme", "sms", UG, "c2")
+        self.assertEqual(self.lots(), [("promo", "0.5", "0.4812"), ("paid", "2", "1.4154")])
+        d.restart()
+        d.ctl_json("debit", "acme", "1.8966", "x")  # both, to the last unit
+        self.assertEqual(self.lots(), [])
+        self.assertEqual(d.ctl_json("balance", "acme")["balance"], "0")
+        v = d.ctl_json("verify")
+        self.assertEqual((v["ok"], v["breaches"]), (True, []))
+
     def test_a_topup_takes_the_wallets_credit_validity_and_bad_input_is_refused(self):
         d = self.d
         self.seed("0")
