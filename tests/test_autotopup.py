@@ -313,7 +313,11 @@ class AutoTopUp(DaemonTest):
         self.start_wallet()
         d.ctl_json("debit", "acme", "6", "x")
         self.wait_for(lambda: len(self.gw.charges) == 1)
-        retry = self.wait_for(lambda: [t for t in self.autos() if t["status"] == "pending"])[0]
+
+        def retry_made():  # with the decline's commit, which cancels the first (pending until then)
+            autos = self.autos()
+            return [t for t in autos if t["status"] == "pending"] if len(autos) == 2 else None
+        retry = self.wait_for(retry_made)[0]
         d.ctl_json("topup", "cancel", retry["ref"])  # staff stop it before its retry
         self.gw.mode = "success"
         time.sleep(5)
