@@ -1328,6 +1328,16 @@ struct auto_topup {
 };
 #define AUTO_NUMBERS offsetof(struct auto_topup, authorization)
 
+/*
+ * A credit lot: money credited with an expiry or as promo, kept in lots
+ * under its wallet's number, its class (LOT_PROMO first), its expires_at
+ * (LOT_NEVER last) and its id (the credit's transaction), the order
+ * charges draw them in.  An expiring one is also in holdexp, under its
+ * expires_at, wallet number, a NUL (no hold's ref has one), its class and
+ * id: the writer ends it there, at the second; and under the seconds 7
+ * days and 1 day before, the same and the days (a 27-byte key): the
+ * writer then records a reminder for the wallet's alert e-mails.
+ */
 enum { LOT_PROMO, LOT_PAID };
 #define LOT_NEVER INT64_MAX
 #define LOT_KEY   25
@@ -1341,7 +1351,6 @@ struct lot {
 	char wallet[WALLET_ID_MAX + 1];
 };
 #define LOT_FIELDS offsetof(struct lot, wallet) /* a wallet's head lot is stored without its wallet */
-
 
 struct wallet {
 	int64_t balance;
@@ -1394,16 +1403,6 @@ struct wallet {
 	} lots;
 };
 
-/*
- * A credit lot: money credited with an expiry or as promo, kept in lots
- * under its wallet's number, its class (LOT_PROMO first), its expires_at
- * (LOT_NEVER last) and its id (the credit's transaction), the order
- * charges draw them in.  An expiring one is also in holdexp, under its
- * expires_at, wallet number, a NUL (no hold's ref has one), its class and
- * id: the writer ends it there, at the second; and under the seconds 7
- * days and 1 day before, the same and the days (a 27-byte key): the
- * writer then records a reminder for the wallet's alert e-mails.
- */
 #define LOT_REMINDERS { 7, 1 }
 
 /* What a charge took from one lot, kept in its refs entry (up to LOT_DRAWS_MAX lots) for its refunds. */
