@@ -16067,34 +16067,63 @@ payload_read(char *buf, size_t size, size_t nmemb, void *arg)
 }
 
 /*
- * Builds the RFC 5322 message for notification n into buf (cap bytes): a
- * low-balance alert, or a receipt.
+ * Writes the head of notification n's (key) e-mail into buf (cap bytes):
+ * its Message-ID names kind, its subject is fmt's.  Returns its length.
  */
-static void
-alert_message(const struct config *cf, const struct note *n, const unsigned char key[16], char *buf, size_t cap)
+static size_t
+alert_head(char *buf, size_t cap, const struct config *cf, const struct note *n, const unsigned char key[16],
+    const char *kind, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+static size_t
+alert_head(char *buf, size_t cap, const struct config *cf, const struct note *n, const unsigned char key[16],
+    const char *kind, const char *fmt, ...)
 {
-	char date[64], bal[32], thr[32], amt[32], host[128] = "localhost";
+	char date[64], host[128] = "localhost", subject[512];
 	time_t now = time(NULL);
 	struct tm tm;
+	va_list ap;
+	int len;
 
 	gethostname(host, sizeof(host) - 1);
 	gmtime_r(&now, &tm);
 	strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S +0000", &tm);
+	va_start(ap, fmt);
+	vsnprintf(subject, sizeof(subject), fmt, ap);
+	va_end(ap);
+	len = snprintf(buf, cap,
+	    "Date: %s\r\n"
+	    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".%s.%s@%s>\r\n"
+	    "From: %s\r\n"
+	    "To: %s\r\n"
+	    "Subject: %s\r\n"
+	    "MIME-Version: 1.0\r\n"
+	    "Content-Type: text/plain; charset=UTF-8\r\n"
+	    "Content-Transfer-Encoding: 8bit\r\n"
+	    "Auto-Submitted: auto-generated\r\n"
+	    "\r\n",
+	    date, be64_get(key), be64_get(key + 8), kind, n->wallet, host, cf->smtp_from, n->emails, subject);
+	return len < 0 ? 0 : (size_t)len < cap ? (size_t)len : cap - 1;
+}
+
+/*
+ * Builds the RFC 5322 message for notification n into buf (cap bytes): a
+ * low-balance alert, a receipt, a payment problem, a paused range, credit
+ * about to expire, or automatic top-up turned off.
+ */
+static void
+alert_message(const struct config *cf, const struct note *n, const unsigned char key[16], char *buf, size_t cap)
+{
+	char bal[32], thr[32], amt[32], until[32], reminder[16];
+	size_t h;
+
 	amount_format(n->balance, bal, 2);
 	amount_format(n->threshold, thr, 2);
 	amount_format(n->amount, amt, 2);
-	if (n->kind == NK_PAYMENT_PROBLEM) {
-		snprintf(buf, cap,
-		    "Date: %s\r\n"
-		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".problem.%s@%s>\r\n"
-		    "From: %s\r\n"
-		    "To: %s\r\n"
-		    "Subject: Payment not credited: %s %s for wallet %s\r\n"
-		    "MIME-Version: 1.0\r\n"
-		    "Content-Type: text/plain; charset=UTF-8\r\n"
-		    "Content-Transfer-Encoding: 8bit\r\n"
-		    "Auto-Submitted: auto-generated\r\n"
-		    "\r\n"
+	time_format(n->until, until);
+	switch (n->kind) {
+	case NK_PAYMENT_PROBLEM:
+		h = alert_head(buf, cap, cf, n, key, "problem", "Payment not credited: %s %s for wallet %s", amt,
+		    n->currency, n->wallet);
+		snprintf(buf + h, cap - h,
 		    "A payment the gateway reported for wallet %s could not be credited.\r\n"
 		    "\r\n"
 		    "  Paid:      %s %s\r\n"
@@ -16106,24 +16135,12 @@ alert_message(const struct config *cf, const struct note *n, const unsigned char
 		    "\r\n"
 		    "-- \r\n"
 		    "walletd\r\n",
-		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails,
-		    amt, n->currency, n->wallet, n->wallet, amt, n->currency, n->provider_ref, n->wallet);
+		    n->wallet, amt, n->currency, n->provider_ref, n->wallet);
 		return;
-	}
-	if (n->kind == NK_SUSPENDED) {
-		char until[32];
-
-		snprintf(buf, cap,
-		    "Date: %s\r\n"
-		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".suspended.%s@%s>\r\n"
-		    "From: %s\r\n"
-		    "To: %s\r\n"
-		    "Subject: Messages to +%s paused for wallet %s\r\n"
-		    "MIME-Version: 1.0\r\n"
-		    "Content-Type: text/plain; charset=UTF-8\r\n"
-		    "Content-Transfer-Encoding: 8bit\r\n"
-		    "Auto-Submitted: auto-generated\r\n"
-		    "\r\n"
+	case NK_SUSPENDED:
+		h = alert_head(buf, cap, cf, n, key, "suspended", "Messages to +%s paused for wallet %s", n->prefix,
+		    n->wallet);
+		snprintf(buf + h, cap - h,
 		    "Hello,\r\n"
 		    "\r\n"
 		    "Wallet %s sent far more messages to numbers starting +%s than it\r\n"
@@ -16135,25 +16152,13 @@ alert_message(const struct config *cf, const struct note *n, const unsigned char
 		    "\r\n"
 		    "-- \r\n"
 		    "walletd\r\n",
-		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails, n->prefix, n->wallet,
 		    n->wallet, n->prefix, strcmp(n->reason, "range_max") == 0 ? "too many to one number range" :
-		    "a spike to one country", time_format(n->until, until));
+		    "a spike to one country", until);
 		return;
-	}
-	if (n->kind == NK_CREDIT_EXPIRING) {
-		char until[32];
-
-		snprintf(buf, cap,
-		    "Date: %s\r\n"
-		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".credit_expiring.%s@%s>\r\n"
-		    "From: %s\r\n"
-		    "To: %s\r\n"
-		    "Subject: %s %s of credit in wallet %s expire on %.10s\r\n"
-		    "MIME-Version: 1.0\r\n"
-		    "Content-Type: text/plain; charset=UTF-8\r\n"
-		    "Content-Transfer-Encoding: 8bit\r\n"
-		    "Auto-Submitted: auto-generated\r\n"
-		    "\r\n"
+	case NK_CREDIT_EXPIRING:
+		h = alert_head(buf, cap, cf, n, key, "credit_expiring", "%s %s of credit in wallet %s expire on %.10s", amt,
+		    n->currency, n->wallet, until);
+		snprintf(buf + h, cap - h,
 		    "Hello,\r\n"
 		    "\r\n"
 		    "%s %s of %s credit in wallet %s expire at %s (UTC).\r\n"
@@ -16161,22 +16166,11 @@ alert_message(const struct config *cf, const struct note *n, const unsigned char
 		    "\r\n"
 		    "-- \r\n"
 		    "walletd\r\n",
-		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails, amt, n->currency,
-		    n->wallet, time_format(n->until, until), amt, n->currency, n->reason, n->wallet, until);
+		    amt, n->currency, n->reason, n->wallet, until);
 		return;
-	}
-	if (n->kind == NK_AUTO_TOPUP_OFF) {
-		snprintf(buf, cap,
-		    "Date: %s\r\n"
-		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".auto_topup_off.%s@%s>\r\n"
-		    "From: %s\r\n"
-		    "To: %s\r\n"
-		    "Subject: Automatic top-up turned off for wallet %s\r\n"
-		    "MIME-Version: 1.0\r\n"
-		    "Content-Type: text/plain; charset=UTF-8\r\n"
-		    "Content-Transfer-Encoding: 8bit\r\n"
-		    "Auto-Submitted: auto-generated\r\n"
-		    "\r\n"
+	case NK_AUTO_TOPUP_OFF:
+		h = alert_head(buf, cap, cf, n, key, "auto_topup_off", "Automatic top-up turned off for wallet %s", n->wallet);
+		snprintf(buf + h, cap - h,
 		    "Hello,\r\n"
 		    "\r\n"
 		    "The automatic top-up of wallet %s (%s %s) failed %d times in a row,\r\n"
@@ -16187,22 +16181,12 @@ alert_message(const struct config *cf, const struct note *n, const unsigned char
 		    "\r\n"
 		    "-- \r\n"
 		    "walletd\r\n",
-		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails, n->wallet,
 		    n->wallet, amt, n->currency, AUTO_FAILURES_MAX, n->provider_ref, bal, n->currency);
 		return;
-	}
-	if (n->kind == NK_RECEIPT) {
-		snprintf(buf, cap,
-		    "Date: %s\r\n"
-		    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".receipt.%s@%s>\r\n"
-		    "From: %s\r\n"
-		    "To: %s\r\n"
-		    "Subject: Payment received: %s %s credited to %s\r\n"
-		    "MIME-Version: 1.0\r\n"
-		    "Content-Type: text/plain; charset=UTF-8\r\n"
-		    "Content-Transfer-Encoding: 8bit\r\n"
-		    "Auto-Submitted: auto-generated\r\n"
-		    "\r\n"
+	case NK_RECEIPT:
+		h = alert_head(buf, cap, cf, n, key, "receipt", "Payment received: %s %s credited to %s", amt, n->currency,
+		    n->wallet);
+		snprintf(buf + h, cap - h,
 		    "Hello,\r\n"
 		    "\r\n"
 		    "Thank you for your payment. We credited %s %s to wallet %s.\r\n"
@@ -16215,22 +16199,15 @@ alert_message(const struct config *cf, const struct note *n, const unsigned char
 		    "\r\n"
 		    "-- \r\n"
 		    "walletd\r\n",
-		    date, be64_get(key), be64_get(key + 8), n->wallet, host, cf->smtp_from, n->emails,
-		    amt, n->currency, n->wallet, amt, n->currency, n->wallet, n->provider_ref, n->txn_id,
-		    bal, n->currency);
+		    amt, n->currency, n->wallet, n->provider_ref, n->txn_id, bal, n->currency);
 		return;
+	default:
+		break;
 	}
-	snprintf(buf, cap,
-	    "Date: %s\r\n"
-	    "Message-ID: <walletd.%" PRIu64 ".%" PRIu64 ".%u.%s@%s>\r\n"
-	    "From: %s\r\n"
-	    "To: %s\r\n"
-	    "Subject: %sLow balance: %s is at %s %s (threshold %s %s)\r\n"
-	    "MIME-Version: 1.0\r\n"
-	    "Content-Type: text/plain; charset=UTF-8\r\n"
-	    "Content-Transfer-Encoding: 8bit\r\n"
-	    "Auto-Submitted: auto-generated\r\n"
-	    "\r\n"
+	snprintf(reminder, sizeof(reminder), "%u", n->reminder); /* its Message-ID's kind: which one */
+	h = alert_head(buf, cap, cf, n, key, reminder, "%sLow balance: %s is at %s %s (threshold %s %s)",
+	    n->reminder ? "Reminder: " : "", n->wallet, bal, n->currency, thr, n->currency);
+	snprintf(buf + h, cap - h,
 	    "Hello,\r\n"
 	    "\r\n"
 	    "The balance of wallet %s is %s %s, below your alert threshold of %s %s.\r\n"
@@ -16244,9 +16221,7 @@ alert_message(const struct config *cf, const struct note *n, const unsigned char
 	    "\r\n"
 	    "-- \r\n"
 	    "walletd\r\n",
-	    date, be64_get(key), be64_get(key + 8), n->reminder, n->wallet, host,
-	    cf->smtp_from, n->emails, n->reminder ? "Reminder: " : "", n->wallet, bal,
-	    n->currency, thr, n->currency, n->wallet, bal, n->currency, thr, n->currency);
+	    n->wallet, bal, n->currency, thr, n->currency);
 }
 
 /* Sends one notification's e-mail.  Returns 0, or -1 with the reason in err. */
