@@ -13,7 +13,7 @@ import time
 import walletd
 from harness import Daemon
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+NATS_SERVER = os.environ.get("NATS_SERVER") or shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 def free_ports(n):
