@@ -4229,7 +4229,7 @@ struct charge_fate {
 };
 #define CF_PENDING 1u          /* settle = delivery: held, waiting for its report */
 #define CF_RELEASE 2u          /* settle = delivery: released, not charged, if no report comes in time */
-#define CF_LOTS    4u          /* the entry ends with what the charge took from lots, and a byte: how many */
+#define CF_LOTS    4u          /* its tail holds what the charge took from lots (ref_write: when it took any) */
 enum { DS_NONE, DS_DELIVERED, DS_FAILED, DS_REJECTED, DS_EXPIRED, DS__COUNT };
 static const char *const delivery_status_names[] = { "", "delivered", "failed", "rejected", "expired" };
 #define DELIVERY_ERROR_MAX 256
@@ -4354,15 +4354,16 @@ static int
 ref_write(char buf[REF_VALUE_MAX], const struct ref_entry *e, MDB_val *v)
 {
 	const struct charge_fate *f = &e->fate;
-	uint64_t numbers[] = { f->on_failure, f->status, f->failed_parts, f->flags, (uint64_t)f->failure_fee,
+	uint32_t flags = (f->flags & ~CF_LOTS) | (e->lots.n ? CF_LOTS : 0);
+	uint64_t numbers[] = { f->on_failure, f->status, f->failed_parts, flags, (uint64_t)f->failure_fee,
 		(uint64_t)f->at, f->refund, e->error.n };
-	size_t n = 8 + e->fp.n, lots = (f->flags & CF_LOTS) ? e->lots.n : 0;
+	size_t n = 8 + e->fp.n, lots = e->lots.n;
 
 	if (n + 2 + 10 * (sizeof(numbers) / sizeof(numbers[0]) + 1 + 5 * lots) + e->error.n + e->record.n > REF_VALUE_MAX)
 		return ENOMEM;
 	memcpy(buf, &e->id, 8);
 	memmove(buf + 8, e->fp.p, e->fp.n);
-	if (f->on_failure || f->status || f->flags || e->record.n) {
+	if (f->on_failure || f->status || flags || e->record.n) {
 		buf[n++] = '\0';
 		buf[n++] = (char)REF_TAIL;
 		for (size_t i = 0; i < sizeof(numbers) / sizeof(numbers[0]); i++)
@@ -4370,7 +4371,7 @@ ref_write(char buf[REF_VALUE_MAX], const struct ref_entry *e, MDB_val *v)
 		if (e->error.n)
 			memmove(buf + n, e->error.p, e->error.n);
 		n += e->error.n;
-		if (f->flags & CF_LOTS)
+		if (lots)
 			n += uleb_put(buf + n, lots);
 		for (size_t i = 0; i < lots; i++) {
 			const struct lot_draw *d = &e->lots.d[i];
@@ -8620,8 +8621,6 @@ pending_settle(MDB_txn *txn, struct str wallet, struct str ref, struct ref_entry
 		if ((rc = lots_draw(txn, &w, -t.amount, &e->lots)) || (rc = txn_append(txn, &w, &t, &scratch)) ||
 		    (rc = note_on_crossing(&low, wallet, &w, before, t.id)))
 			return rc;
-		if (e->lots.n)
-			e->fate.flags |= CF_LOTS;
 		e->id = t.id;
 		*alert |= low.alert;
 	}
@@ -8986,10 +8985,7 @@ m_charge(struct call *c)
 		} else if ((rc = txn_append(c->txn, &w, &t, &scratch))) {
 			return store_error(c, rc);
 		}
-		if (drawn.n) { /* for its refunds */
-			e.fate.flags |= CF_LOTS;
-			e.lots = drawn;
-		}
+		e.lots = drawn; /* for its refunds */
 		e.id = t.id;
 		if ((rc = ref_write(val, &e, &v)) || (rc = captured_put(c->txn, store.refs, &k, &v, 0)))
 			return store_error(c, rc);
