@@ -1,9 +1,11 @@
 """Runs every end-to-end test (tests/test_*.py) against real walletd processes.
 
-With no file named, the files run in two lanes at once, each file in a process of its own whose
-output is printed whole when it ends: test_replication.py (most of the suite's time, three nodes
-on three nats-servers) in one lane, every other file after another in the other. E2E_LANES=1
-runs them one after another. A file named (e2e.py test_holds.py) runs alone, in this process."""
+With E2E_LANES=2 and no file named, the files run in two lanes at once, each file in a process of
+its own whose output is printed whole when it ends: test_replication.py (most of the suite's time,
+three nodes on three nats-servers) in one lane, every other file after another in the other.
+Without it they run one after another in this process, as a file named (e2e.py test_holds.py) does.
+Two lanes is not the default: beside the replication lane, test_ops.UnreadAcrossConnections stalled
+(a paused connection never resumed, 1 run in 4), a defect of walletd's not yet found."""
 import concurrent.futures
 import glob
 import os
@@ -58,7 +60,7 @@ def run_lanes():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 or os.environ.get("E2E_LANES") == "1":
+    if len(sys.argv) > 1 or os.environ.get("E2E_LANES") != "2":
         counts = run(sys.argv[1] if len(sys.argv) > 1 else "test_*.py")
     else:
         counts = run_lanes()
